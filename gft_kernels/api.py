@@ -1,0 +1,148 @@
+"""The public op: ``gft_loss`` and the ``GFTLoss`` module."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import reference, torch_backend
+from .fused import LinearLogProb
+from .head import GFTStats, gft_head, head_stats
+from .validation import check_backend, check_input_values, check_options, check_tensors, split_lm_head
+
+
+def _engine(backend: str):
+    if backend == "torch":
+        return torch_backend
+    from .triton_ops import launch  # imported lazily: triton reads TRITON_INTERPRET at import
+    return launch
+
+
+def gft_loss(
+    hidden: Tensor,
+    lm_head: Tensor | nn.Linear,
+    targets: Tensor,
+    adv: Tensor | float,
+    tau: float = 0.7,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: float | Tensor | None = None,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+    return_stats: bool = False,
+    check_values: bool = True,
+) -> Tensor | tuple[Tensor, GFTStats]:
+    """Group Fine-Tuning loss from hidden states, without materializing the ``[N x V]`` logits.
+
+    Args:
+        hidden [..., H]: final hidden states, aligned with ``targets`` (no shift inside).
+        lm_head [V, H]: output projection weight, or an ``nn.Linear`` (its bias is used).
+        targets [...]: int64 next-token ids; ``ignore_index`` marks tokens that do not count.
+        adv: advantage, broadcastable to ``targets``: a scalar, ``[B]`` (one per sequence of a
+            ``[B, T, H]`` input; this reading wins when ``B == T``), or per token.
+        tau: DCR threshold (paper: best near 0.7). 0 gives SFT / policy gradient, > 1 gives DFT.
+        reduction: ``"mean"`` over valid tokens (0 when none), ``"sum"``, or ``"none"`` (shape of
+            ``targets``, 0 at ignored tokens).
+        normalizer: explicit token count for ``"mean"`` (e.g. the global count over gradient
+            accumulation steps and processes), a number or a one-element tensor.
+        bias [V], temperature, softcap: logits are ``softcap * tanh(((h W^T + b) / T) / softcap)``.
+        backend: ``"triton"`` (fused kernels), ``"torch"`` (chunked PyTorch, bounded memory),
+            ``"reference"`` (materialized logits; float64-capable), ``"auto"`` (triton on CUDA,
+            torch otherwise).
+        return_stats: also return a :class:`GFTStats` (per-token fp32 log-probs and entropy, DCR
+            rectified fraction, mean target probability) from the same pass.
+        check_values: check target ids and advantages by value (one host sync on CUDA).
+
+    Returns:
+        The loss, fp32 (fp64 for fp64 inputs); ``(loss, stats)`` when ``return_stats``.
+
+    Exact PyTorch equivalent (what ``backend="reference"`` computes)::
+
+        z    = F.linear(hidden, W, bias).float() / temperature          # [..., V]
+        z    = softcap * torch.tanh(z / softcap)                        # if softcap
+        logp = z.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        p    = logp.detach().exp()
+        C    = torch.where(p < tau, p, 1.0)                             # DCR, Eq. 5
+        valid = targets != ignore_index
+        loss_t = torch.where(valid, -adv * C * logp, 0.0)
+        loss = loss_t.sum() / valid.sum().clamp_min(1)                  # reduction="mean"
+    """
+    tau, temperature, softcap, normalizer = check_options(
+        tau, reduction, normalizer, temperature, softcap, backend, ignore_index
+    )
+    weight, bias = split_lm_head(lm_head, bias)
+    targets, adv = check_tensors(hidden, weight, bias, targets, adv)
+    backend = check_backend(backend, hidden)
+    if check_values:
+        check_input_values(targets, adv, normalizer, weight.shape[0], ignore_index)
+
+    shape = targets.shape
+    h_dim = hidden.shape[-1]
+    hidden2d = hidden.reshape(-1, h_dim)
+    if hidden2d.numel() and hidden2d.stride(-1) != 1:
+        hidden2d = hidden2d.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    flat_targets = targets.reshape(-1)
+    valid = flat_targets != ignore_index
+    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+
+    if backend == "reference":
+        logp, entropy = reference.reference_logprobs(
+            hidden2d, weight, bias, safe_targets, valid, temperature, softcap
+        )
+    elif hidden2d.shape[0] == 0:
+        # No tokens: keep the graph so backward gives zero gradients of the right shapes.
+        logp = (hidden2d.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
+        entropy = logp.detach()
+    else:
+        logp, entropy = LinearLogProb.apply(
+            _engine(backend), hidden2d, weight, bias, safe_targets, valid,
+            temperature, softcap, return_stats,
+        )
+
+    loss = gft_head(logp, valid, adv.reshape(-1), tau, reduction, normalizer)
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    if not return_stats:
+        return loss
+    return loss, head_stats(logp, entropy, valid, tau, shape)
+
+
+class GFTLoss(nn.Module):
+    """``nn.Module`` form of :func:`gft_loss`; the same arguments in the same order.
+
+    ``forward(hidden, lm_head, targets, adv)`` calls ``gft_loss`` with the options given here.
+    """
+
+    def __init__(
+        self,
+        tau: float = 0.7,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        normalizer: float | Tensor | None = None,
+        bias: Tensor | None = None,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        backend: str = "auto",
+        return_stats: bool = False,
+        check_values: bool = True,
+    ):
+        super().__init__()
+        # Fail at construction, not at the first step.
+        check_options(tau, reduction, normalizer, temperature, softcap, backend, ignore_index)
+        self.tau = tau
+        self.options = dict(
+            ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, bias=bias,
+            temperature=temperature, softcap=softcap, backend=backend,
+            return_stats=return_stats, check_values=check_values,
+        )
+
+    def forward(self, hidden, lm_head, targets, adv):
+        return gft_loss(hidden, lm_head, targets, adv, self.tau, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "bias")

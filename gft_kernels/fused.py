@@ -1,0 +1,71 @@
+"""One ``torch.autograd.Function`` for both bounded-memory engines (Triton and chunked torch).
+
+An engine maps (hidden, lm_head, targets) to per-token fp32 log-probs without keeping the
+``[N x V]`` logits, and maps the per-token upstream gradient ``g = dL/dlogp`` back to
+dhidden / dlm_head / dbias by recomputing the logits. The GFT head (advantage, DCR, reduction)
+lives in ``head.py`` and reaches the engine only through ``g``.
+
+Engine contract (module-level functions):
+
+    forward(hidden [N,H], weight [V,H], bias [V]|None, targets [N], valid [N] bool,
+            temperature, softcap, with_entropy)
+        -> (logp [N] f32, lse [N] f32, q [N] f32, entropy [N] f32)
+    backward(hidden, weight, bias, targets, lse, q, g [N] f32, temperature, softcap,
+             need_dhidden, need_dweight, need_dbias) -> (dhidden|None, dweight|None, dbias|None)
+
+``q = 1 - p`` of the target is carried separately, computed as ``sigmoid(lse_excl - z_t)`` from
+the log-sum-exp of the *other* logits: ``1 - exp(logp)`` cancels catastrophically for confident
+tokens (p near 1), which is where the target column of ``onehot - softmax`` is decided. For the
+same reason ``logp = -softplus(lse_excl - z_t)`` keeps full relative precision near 0.
+
+Gradients come back in the inputs' dtypes. Rows with ``g == 0`` contribute nothing, so an
+engine may skip them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class LinearLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
+        logp, lse, q, entropy = engine.forward(
+            hidden, weight, bias, targets, valid, temperature, softcap, with_entropy
+        )
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, q)
+        ctx.engine = engine
+        ctx.temperature = temperature
+        ctx.softcap = softcap
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, dlogp, _dentropy):
+        hidden, weight, bias, targets, lse, q = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[1:4]
+        if dlogp is None:
+            dlogp = torch.zeros_like(lse)
+        dh, dw, db = ctx.engine.backward(
+            hidden, weight, bias, targets, lse, q, dlogp.float(),
+            ctx.temperature, ctx.softcap, need_dh, need_dw, need_db and bias is not None,
+        )
+        return None, dh, dw, db, None, None, None, None, None
+
+
+def finish_logprob(m, s_excl, z_t, s_all=None, t=None):
+    """Per-token results from the streamed statistics of one row (all fp32, any shape).
+
+    m: max logit; s_excl: sum over non-target columns of exp(z - m); z_t: target logit;
+    for entropy, s_all = sum over all columns of exp(z - m) and t = sum of exp(z - m) (z - m)
+    (shifted by m, so logits of 1e4 lose nothing), else None.
+    Returns (logp, lse, q = 1 - p, entropy or None). With V = 1, s_excl = 0 and p = 1 exactly.
+    """
+    d = s_excl.log() + m - z_t                    # lse_excl - z_t
+    logp = -F.softplus(d)
+    q = torch.sigmoid(d)
+    lse = z_t + F.softplus(d)
+    entropy = None
+    if t is not None:
+        entropy = s_all.log() - t / s_all
+    return logp, lse, q, entropy

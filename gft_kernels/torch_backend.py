@@ -1,0 +1,128 @@
+"""The chunked pure-PyTorch engine: bounded memory, any device, the CPU default.
+
+Rows are processed in chunks of ``C`` tokens; one ``[C x V]`` fp32 logits buffer (plus a
+``[C x V]`` half buffer for bf16/fp16 inputs) is allocated once and reused with ``out=`` and
+in-place ops, so the peak stays near ``C x V`` floats instead of ``N x V`` (with glibc malloc,
+allocating a fresh chunk per step lets the resident size creep up; see the README's memory
+numbers). Only valid rows (forward) and rows with ``g != 0`` (backward) are computed; on CUDA,
+where selecting them would cost a host sync, every row is processed instead.
+
+Precision: the logits product is done in the input dtype (as naive PyTorch does), the
+softmax in fp32; dlm_head is accumulated over chunks in fp32 from fp32 ``dz``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .fused import finish_logprob
+
+# Bytes of one fp32 [C x V] chunk buffer; C = max(1, CHUNK_BYTES // (4 V)).
+CHUNK_BYTES = 32 * 1024 * 1024
+
+
+def _chunk_rows(n: int, v: int) -> int:
+    return max(1, min(n, CHUNK_BYTES // (4 * max(v, 1))))
+
+
+def _selected_rows(mask: Tensor) -> Tensor | None:
+    """Indices of rows to compute, or None for 'all rows' (CUDA: no host sync)."""
+    if mask.is_cuda:
+        return None
+    return mask.nonzero().squeeze(1)
+
+
+class _LogitsChunk:
+    """Reusable buffers computing z = softcap((h W^T + b) / T) for a chunk of rows, in fp32."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int, temperature: float, softcap):
+        v = weight.shape[0]
+        self.weight, self.bias = weight, bias
+        self.temperature, self.softcap = temperature, softcap
+        self.z32 = torch.empty(rows, v, device=weight.device, dtype=torch.float32)
+        self.half = weight.dtype != torch.float32
+        self.zin = torch.empty(rows, v, device=weight.device, dtype=weight.dtype) if self.half else None
+
+    def __call__(self, h: Tensor) -> Tensor:
+        c = h.shape[0]
+        z = self.z32[:c]
+        out = self.zin[:c] if self.half else z
+        if self.bias is not None:
+            torch.addmm(self.bias, h, self.weight.t(), out=out)
+        else:
+            torch.mm(h, self.weight.t(), out=out)
+        if self.half:
+            z.copy_(out)
+        if self.temperature != 1.0:
+            z.mul_(1.0 / self.temperature)
+        if self.softcap is not None:
+            z.div_(self.softcap).tanh_().mul_(self.softcap)
+        return z
+
+
+def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
+    n, v = hidden.shape[0], weight.shape[0]
+    stats = torch.zeros(5, n, device=hidden.device, dtype=torch.float32)  # m, s_excl, z_t, s_all, t
+    rows = _selected_rows(valid)
+    count = n if rows is None else rows.numel()
+    c = _chunk_rows(count, v)
+    logits = _LogitsChunk(weight, bias, c, temperature, softcap)
+    for start in range(0, count, c):
+        idx = torch.arange(start, min(start + c, count), device=hidden.device) if rows is None else rows[start:start + c]
+        tgt = targets.index_select(0, idx)[:, None]
+        z = logits(hidden.index_select(0, idx))
+        m = z.amax(dim=1)
+        z_t = z.gather(1, tgt).squeeze(1)
+        e = z.sub_(m[:, None]).exp_()                           # exp(z - m), in place
+        if with_entropy:
+            # sum exp(z - m) (z - m) = -sum entr(e), entr(e) = -e ln e
+            stats[3].index_copy_(0, idx, e.sum(dim=1))
+            stats[4].index_copy_(0, idx, -torch.special.entr(e).sum(dim=1))
+        e.scatter_(1, tgt, 0.0)                                  # exclude the target column
+        stats[0].index_copy_(0, idx, m)
+        stats[1].index_copy_(0, idx, e.sum(dim=1))
+        stats[2].index_copy_(0, idx, z_t)
+    logp, lse, q, entropy = finish_logprob(*stats[:3], *(stats[3:] if with_entropy else (None, None)))
+    zero = torch.zeros_like(logp)
+    entropy = zero if entropy is None else entropy
+    return tuple(torch.where(valid, x, zero) for x in (logp, lse, q, entropy))
+
+
+def backward(hidden, weight, bias, targets, lse, q, g, temperature, softcap, need_dh, need_dw, need_db):
+    n, v = hidden.shape[0], weight.shape[0]
+    dh = torch.zeros_like(hidden) if need_dh else None
+    # dW accumulates over chunks: in fp32 for half inputs (one rounding at the end).
+    dw32 = None
+    if need_dw:
+        dw32 = torch.zeros_like(weight, dtype=torch.float32)
+    db32 = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_db else None
+    rows = _selected_rows(g != 0)
+    count = n if rows is None else rows.numel()
+    c = _chunk_rows(count, v)
+    logits = _LogitsChunk(weight, bias, c, temperature, softcap)
+    for start in range(0, count, c):
+        idx = torch.arange(start, min(start + c, count), device=hidden.device) if rows is None else rows[start:start + c]
+        h = hidden.index_select(0, idx)
+        z = logits(h)
+        g_c = g.index_select(0, idx)[:, None]
+        # dL/dz = g (onehot(y) - softmax(z)), built in place in the logits buffer; the target
+        # column is g (1 - p) with 1 - p = q from the forward (no cancellation near p = 1).
+        cap_grad = None
+        if softcap is not None:
+            cap_grad = 1.0 - (z / softcap).square()          # d softcap(u)/du at u = z_lin
+        dz = z.sub_(lse.index_select(0, idx)[:, None]).exp_().mul_(-g_c)
+        dz.scatter_(1, targets.index_select(0, idx)[:, None], g_c * q.index_select(0, idx)[:, None])
+        if cap_grad is not None:
+            dz.mul_(cap_grad)
+        if temperature != 1.0:
+            dz.mul_(1.0 / temperature)                       # dL/d(h W^T + b)
+        if db32 is not None:
+            db32 += dz.sum(dim=0)
+        if dw32 is not None:
+            dw32.addmm_(dz.t(), h.float())
+        if dh is not None:
+            dz_in = logits.zin[: dz.shape[0]].copy_(dz) if logits.half else dz
+            dh.index_copy_(0, idx, dz_in @ weight)
+    dw = None if dw32 is None else dw32.to(weight.dtype)
+    db = None if db32 is None else db32.to(bias.dtype)
+    return dh, dw, db

@@ -1,0 +1,102 @@
+"""Backward kernel: recompute a logits tile, form dz, add its products into fp32 accumulators.
+
+For a tile of rows (compacted: only rows with g != 0, so ignored and zero-advantage tokens cost
+nothing) and vocabulary columns:
+
+    z       = softcap((h W^T + b) / T)                  recomputed, fp32
+    dL/dz   = g * (onehot(y) - exp(z - lse))            per SPEC.md; at the target column
+                                                        g * q, with q = 1 - p from the forward
+    dz      = dL/dz * softcap'(.) / T                   gradient w.r.t. the raw logits h W^T + b
+    dH[r]  += dz @ W[cols]        (COMPUTE_DH)
+    dW[c]  += dz^T @ h[rows]      (COMPUTE_DW)
+    db[c]  += sum_r dz            (COMPUTE_DB)
+
+``dz`` is rounded to the input dtype before the two products (as naive PyTorch does); the
+products accumulate in fp32 inside the tile and are added with fp32 atomics into fp32
+accumulators, which the launcher keeps small by chunking (see launch.py).
+"""
+import triton
+import triton.language as tl
+
+from .common import logits_tile
+
+
+@triton.jit
+def gft_backward_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, q_ptr, g_ptr, order_ptr, n_active_ptr,
+    dh_ptr, dw_ptr, db_ptr,
+    # sizes and strides
+    V, H, stride_hn, stride_wv,
+    pos_begin, n_pos, col_begin, n_cols,
+    # scalars
+    inv_temp, softcap,
+    # features and tiles
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, DH_BY_ROW: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    n_active = tl.load(n_active_ptr)
+    first = pos_begin + pid_m * BLOCK_M
+    if first >= n_active:  # every remaining row has g == 0: skipped entirely
+        return
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # row index within this chunk
+    pos = pos_begin + local
+    row_mask = (pos < n_active) & (local < n_pos)
+    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    q = tl.load(q_ptr + rows, mask=row_mask, other=0.0)
+
+    local_col = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)      # column index within this chunk
+    cols = (col_begin + local_col).to(tl.int64)
+    col_mask = (local_col < n_cols) & (cols < V)
+    z = logits_tile(
+        h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
+        inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION,
+        BLOCK_M, BLOCK_V, BLOCK_K,
+    )
+    mask = row_mask[:, None] & col_mask[None, :]
+    p = tl.where(mask, tl.exp(z - lse[:, None]), 0.0)
+    dz = g[:, None] * tl.where(cols[None, :] == tgt[:, None], q[:, None], -p)
+    if HAS_SOFTCAP:
+        cap = z / softcap
+        dz = dz * (1.0 - cap * cap)
+    dz = tl.where(mask, dz * inv_temp, 0.0)
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+    if UPCAST:
+        dz_in = dz
+    else:
+        dz_in = dz.to(h_ptr.dtype.element_ty)
+
+    if COMPUTE_DH:
+        if DH_BY_ROW:
+            dh_row = dh_ptr + rows[:, None] * H
+        else:
+            dh_row = dh_ptr + local.to(tl.int64)[:, None] * H
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_mask = ks < H
+            w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :],
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+            part = tl.dot(dz_in, w, input_precision=INPUT_PRECISION)            # [BLOCK_M, BLOCK_H]
+            tl.atomic_add(dh_row + ks[None, :], part, mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
+    if COMPUTE_DW:
+        dz_t = tl.trans(dz_in)
+        dw_row = dw_ptr + local_col.to(tl.int64)[:, None] * H
+        for k0 in range(0, H, BLOCK_H):
+            ks = k0 + tl.arange(0, BLOCK_H)
+            k_mask = ks < H
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            part = tl.dot(dz_t, h, input_precision=INPUT_PRECISION)             # [BLOCK_V, BLOCK_H]
+            tl.atomic_add(dw_row + ks[None, :], part, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")

@@ -1,0 +1,38 @@
+"""Pieces shared by the forward and backward kernels."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logits_tile(
+    h_ptr, w_ptr, b_ptr,
+    rows, row_mask, cols, col_mask,
+    H, stride_hn, stride_wv,
+    inv_temp, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """z[BLOCK_M, BLOCK_V] = softcap((h[rows] @ W[cols]^T + b[cols]) * inv_temp), fp32.
+
+    ``rows``/``cols`` are int64 so row * stride never overflows. Out-of-range entries are
+    computed from zeros; callers mask them.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    h_row = h_ptr + rows[:, None] * stride_hn
+    w_col = w_ptr + cols[None, :] * stride_wv
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        a = tl.load(h_row + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_col + ks[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST:  # Triton's CPU interpreter miscomputes bf16 tl.dot; exact products either way
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    z = acc * inv_temp
+    if HAS_SOFTCAP:
+        # softcap * tanh(z / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1) (stable at both ends)
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    return z
