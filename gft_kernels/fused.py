@@ -9,9 +9,14 @@ Engine contract (module-level functions):
 
     forward(hidden [N,H], weight [V,H], bias [V]|None, targets [N], valid [N] bool,
             temperature, softcap, with_entropy)
-        -> (logp [N] f32, lse [N] f32, q [N] f32, entropy [N] f32)
-    backward(hidden, weight, bias, targets, lse, q, g [N] f32, temperature, softcap,
+        -> (logp [N] f32, m [N] f32, log_s [N] f32, q [N] f32, entropy [N] f32)
+    backward(hidden, weight, bias, targets, m, log_s, q, g [N] f32, temperature, softcap,
              need_dhidden, need_dweight, need_dbias) -> (dhidden|None, dweight|None, dbias|None)
+
+The log-sum-exp is carried in two parts, ``lse = m + log_s`` (``m`` the row's max logit,
+``log_s = log sum exp(z - m)``), and the backward forms ``p = exp((z - m) - log_s)``: one fp32
+``lse`` of a row with logits near 1e4 has an ulp of 1e-3, which would be a 1e-3 relative
+error in every probability of that row.
 
 ``q = 1 - p`` of the target is carried separately, computed as ``sigmoid(lse_excl - z_t)`` from
 the log-sum-exp of the *other* logits: ``1 - exp(logp)`` cancels catastrophically for confident
@@ -30,10 +35,10 @@ import torch.nn.functional as F
 class LinearLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
-        logp, lse, q, entropy = engine.forward(
+        logp, m, log_s, q, entropy = engine.forward(
             hidden, weight, bias, targets, valid, temperature, softcap, with_entropy
         )
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, q)
+        ctx.save_for_backward(hidden, weight, bias, targets, m, log_s, q)
         ctx.engine = engine
         ctx.temperature = temperature
         ctx.softcap = softcap
@@ -42,12 +47,12 @@ class LinearLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogp, _dentropy):
-        hidden, weight, bias, targets, lse, q = ctx.saved_tensors
+        hidden, weight, bias, targets, m, log_s, q = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[1:4]
         if dlogp is None:
-            dlogp = torch.zeros_like(lse)
+            dlogp = torch.zeros_like(q)
         dh, dw, db = ctx.engine.backward(
-            hidden, weight, bias, targets, lse, q, dlogp.float(),
+            hidden, weight, bias, targets, m, log_s, q, dlogp.float(),
             ctx.temperature, ctx.softcap, need_dh, need_dw, need_db and bias is not None,
         )
         return None, dh, dw, db, None, None, None, None, None
@@ -59,13 +64,14 @@ def finish_logprob(m, s_excl, z_t, s_all=None, t=None):
     m: max logit; s_excl: sum over non-target columns of exp(z - m); z_t: target logit;
     for entropy, s_all = sum over all columns of exp(z - m) and t = sum of exp(z - m) (z - m)
     (shifted by m, so logits of 1e4 lose nothing), else None.
-    Returns (logp, lse, q = 1 - p, entropy or None). With V = 1, s_excl = 0 and p = 1 exactly.
+    Returns (logp, log_s, q = 1 - p, entropy or None); lse = m + log_s.
+    With V = 1, s_excl = 0 and p = 1 exactly.
     """
     d = s_excl.log() + m - z_t                    # lse_excl - z_t
     logp = -F.softplus(d)
     q = torch.sigmoid(d)
-    lse = z_t + F.softplus(d)
+    log_s = torch.log(s_excl + torch.exp(z_t - m))  # >= 0: the max column adds exp(0) = 1
     entropy = None
     if t is not None:
         entropy = s_all.log() - t / s_all
-    return logp, lse, q, entropy
+    return logp, log_s, q, entropy

@@ -82,13 +82,13 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
         stats[0].index_copy_(0, idx, m)
         stats[1].index_copy_(0, idx, e.sum(dim=1))
         stats[2].index_copy_(0, idx, z_t)
-    logp, lse, q, entropy = finish_logprob(*stats[:3], *(stats[3:] if with_entropy else (None, None)))
+    logp, log_s, q, entropy = finish_logprob(*stats[:3], *(stats[3:] if with_entropy else (None, None)))
     zero = torch.zeros_like(logp)
     entropy = zero if entropy is None else entropy
-    return tuple(torch.where(valid, x, zero) for x in (logp, lse, q, entropy))
+    return tuple(torch.where(valid, x, zero) for x in (logp, stats[0], log_s, q, entropy))
 
 
-def backward(hidden, weight, bias, targets, lse, q, g, temperature, softcap, need_dh, need_dw, need_db):
+def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db):
     n, v = hidden.shape[0], weight.shape[0]
     dh = torch.zeros_like(hidden) if need_dh else None
     # dW accumulates over chunks: in fp32 for half inputs (one rounding at the end).
@@ -110,7 +110,8 @@ def backward(hidden, weight, bias, targets, lse, q, g, temperature, softcap, nee
         cap_grad = None
         if softcap is not None:
             cap_grad = 1.0 - (z / softcap).square()          # d softcap(u)/du at u = z_lin
-        dz = z.sub_(lse.index_select(0, idx)[:, None]).exp_().mul_(-g_c)
+        # p = exp((z - m) - log_s): the two-part lse keeps p exact-ish at logits of 1e4
+        dz = z.sub_(m.index_select(0, idx)[:, None]).sub_(log_s.index_select(0, idx)[:, None]).exp_().mul_(-g_c)
         dz.scatter_(1, targets.index_select(0, idx)[:, None], g_c * q.index_select(0, idx)[:, None])
         if cap_grad is not None:
             dz.mul_(cap_grad)

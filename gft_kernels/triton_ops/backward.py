@@ -4,7 +4,7 @@ For a tile of rows (compacted: only rows with g != 0, so ignored and zero-advant
 nothing) and vocabulary columns:
 
     z       = softcap((h W^T + b) / T)                  recomputed, fp32
-    dL/dz   = g * (onehot(y) - exp(z - lse))            per SPEC.md; at the target column
+    dL/dz   = g * (onehot(y) - exp((z - m) - log_s))    per SPEC.md (lse = m + log_s); at the target column
                                                         g * q, with q = 1 - p from the forward
     dz      = dL/dz * softcap'(.) / T                   gradient w.r.t. the raw logits h W^T + b
     dH[r]  += dz @ W[cols]        (COMPUTE_DH)
@@ -24,7 +24,7 @@ from .common import logits_tile
 @triton.jit
 def gft_backward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, q_ptr, g_ptr, order_ptr, n_active_ptr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, order_ptr, n_active_ptr,
     dh_ptr, dw_ptr, db_ptr,
     # sizes and strides
     V, H, stride_hn, stride_wv,
@@ -48,7 +48,8 @@ def gft_backward_kernel(
     row_mask = (pos < n_active) & (local < n_pos)
     rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
     tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+    log_s = tl.load(log_s_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     q = tl.load(q_ptr + rows, mask=row_mask, other=0.0)
 
@@ -61,7 +62,7 @@ def gft_backward_kernel(
         BLOCK_M, BLOCK_V, BLOCK_K,
     )
     mask = row_mask[:, None] & col_mask[None, :]
-    p = tl.where(mask, tl.exp(z - lse[:, None]), 0.0)
+    p = tl.where(mask, tl.exp((z - m[:, None]) - log_s[:, None]), 0.0)
     dz = g[:, None] * tl.where(cols[None, :] == tgt[:, None], q[:, None], -p)
     if HAS_SOFTCAP:
         cap = z / softcap

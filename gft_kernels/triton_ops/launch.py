@@ -112,16 +112,15 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
     if with_entropy:
         s_all = (part[3] * scale).sum(dim=0)
         t = (scale * (part[4] + (part[0] - m) * part[3])).sum(dim=0)
-    results = finish_logprob(m, s_excl, z_t, s_all, t)
+    logp, log_s, q, entropy = finish_logprob(m, s_excl, z_t, s_all, t)
     live = torch.arange(n, device=hidden.device) < n_active
     out = []
-    for x in results:
+    for x in (logp, m, log_s, q, entropy):
         row_x = torch.zeros_like(m)
         if x is not None:
             row_x[order] = torch.where(live, x, torch.zeros_like(x))
         out.append(row_x)
-    logp, lse, q, entropy = out
-    return logp, lse, q, entropy
+    return tuple(out)  # logp, m, log_s, q, entropy
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,7 @@ def plan_backward(n, v, h_dim, dtype, need_dh, need_dw, cfg: Config, scratch_fra
     return BackwardPlan(fused=fused, rows_per_chunk=min(rows, n), cols_per_chunk=min(cols, v))
 
 
-def backward(hidden, weight, bias, targets, lse, q, g, temperature, softcap, need_dh, need_dw, need_db,
+def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db,
              scratch_fraction=None):
     n, h_dim = hidden.shape
     v = weight.shape[0]
@@ -162,9 +161,9 @@ def backward(hidden, weight, bias, targets, lse, q, g, temperature, softcap, nee
 
     def launch(dh_acc, dh_by_row, dw_acc, do_db, pos_begin, n_pos, col_begin, n_cols):
         grid = (triton.cdiv(n_pos, cfg.block_m), triton.cdiv(n_cols, cfg.block_v))
-        dummy = lse
+        dummy = q
         gft_backward_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, lse, q, g, order, n_active,
+            hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g, order, n_active,
             dh_acc if dh_acc is not None else dummy, dw_acc if dw_acc is not None else dummy,
             db32 if do_db else dummy,
             v, h_dim, hidden.stride(0), weight.stride(0),
