@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 def _rss_bytes() -> int:
@@ -50,7 +51,7 @@ def measure(provider: str = "torch", n: int = 4096, v: int = 32000, h: int = 256
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.cpu_memory", "--inner", "--provider", provider,
          "--n", str(n), "--v", str(v), "--h", str(h)],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -1,0 +1,73 @@
+"""Mechanics of the bounded-memory engines: backward plans, scratch bounds, skipped rows."""
+import pytest
+import torch
+
+from gft_kernels import torch_backend
+from gft_kernels.triton_ops import launch
+from helpers import EPS, errors, make_case, run
+
+ENGINES = {"torch": torch_backend, "triton": launch}
+
+
+@pytest.mark.parametrize("fraction", [1e-9, 0.04, 100.0], ids=["chunked-split", "default", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_every_backward_plan_gives_the_same_gradients(fraction, dtype, monkeypatch):
+    monkeypatch.setattr(launch, "SCRATCH_FRACTION", fraction)
+    case = make_case((2, 33), vocab=130, hidden_dim=37, bias=True, ignore_frac=0.2, zero_adv_frac=0.3, seed=21)
+    truth = run(case.cast(dtype), torch.float64, "reference", tau=0.6)
+    errs = errors(run(case, dtype, "triton", tau=0.6), truth)
+    naive = errors(run(case, dtype, "reference", tau=0.6), truth)
+    if dtype == torch.float32:
+        assert max(errs.values()) < 1e-5, errs
+    else:
+        assert all(errs[k] <= 1.5 * naive[k] + EPS[dtype] for k in errs), (errs, naive)
+
+
+def test_plan_is_fused_only_when_the_dhidden_accumulator_fits():
+    cfg = launch.CUDA_BWD
+    small_n = launch.plan_backward(512, 151936, 1536, torch.bfloat16, True, True, cfg)
+    assert small_n.fused
+    big_n = launch.plan_backward(32768, 128256, 4096, torch.bfloat16, True, True, cfg)
+    assert not big_n.fused
+    fp32 = launch.plan_backward(32768, 128256, 4096, torch.float32, True, True, cfg)
+    assert fp32.fused and fp32.cols_per_chunk == 128256  # accumulates into the fp32 gradients
+
+
+@pytest.mark.parametrize("n,v,h", [(4096, 151936, 1536), (8192, 256000, 2304), (32768, 128256, 4096), (4096, 128256, 4096)])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["dh+dw", "dh", "dw"])
+def test_scratch_stays_within_budget_at_benchmark_shapes(n, v, h, need):
+    """The backward's fp32 scratch is at most SCRATCH_FRACTION of the gradients' own bytes
+    (plus one tile row block), so the op's peak stays near the lower bound."""
+    need_dh, need_dw = need
+    cfg = launch.CUDA_BWD
+    plan = launch.plan_backward(n, v, h, torch.bfloat16, need_dh, need_dw, cfg)
+    grad_bytes = 2 * h * ((n if need_dh else 0) + (v if need_dw else 0))
+    scratch = 0
+    if need_dw:
+        scratch += 4 * h * plan.cols_per_chunk
+    if need_dh:
+        scratch = scratch + 4 * h * n if plan.fused else max(scratch, 4 * h * plan.rows_per_chunk)
+    assert scratch <= launch.SCRATCH_FRACTION * grad_bytes + 4 * h * max(cfg.block_m, cfg.block_v), (plan, scratch / grad_bytes)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rows_with_zero_coefficient_are_skipped(engine):
+    """Rows whose g = dL/dlogp is 0 are never read by the backward: NaN hidden states there
+    would otherwise poison dW through 0 * NaN."""
+    mod = ENGINES[engine]
+    n, v, h = 40, 70, 24
+    hidden = torch.randn(n, h)
+    weight = torch.randn(v, h) * 0.2
+    bias = torch.randn(v)
+    targets = torch.randint(0, v, (n,))
+    valid = torch.ones(n, dtype=torch.bool)
+    _, m, log_s, q, _ = mod.forward(hidden, weight, bias, targets, valid, 1.0, None, False)
+    g = torch.randn(n)
+    skipped = torch.zeros(n, dtype=torch.bool)
+    skipped[::3] = True
+    skipped[10:20] = True
+    g[skipped] = 0.0
+    hidden[skipped] = float("nan")
+    dh, dw, db = mod.backward(hidden, weight, bias, targets, m, log_s, q, g, 1.0, None, True, True, True)
+    assert torch.isfinite(dw).all() and torch.isfinite(db).all()
+    assert torch.isfinite(dh[~skipped]).all() and torch.count_nonzero(dh[skipped].nan_to_num(1.0)) == 0
