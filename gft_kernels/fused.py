@@ -52,7 +52,7 @@ class LinearLogProb(torch.autograd.Function):
         if dlogp is None:
             dlogp = torch.zeros_like(q)
         dh, dw, db = ctx.engine.backward(
-            hidden, weight, bias, targets, m, log_s, q, dlogp.float(),
+            hidden, weight, bias, targets, m, log_s, q, dlogp.to(q.dtype),
             ctx.temperature, ctx.softcap, need_dh, need_dw, need_db and bias is not None,
         )
         return None, dh, dw, db, None, None, None, None, None

@@ -8,7 +8,8 @@ numbers). Only valid rows (forward) and rows with ``g != 0`` (backward) are comp
 where selecting them would cost a host sync, every row is processed instead.
 
 Precision: the logits product is done in the input dtype (as naive PyTorch does), the
-softmax in fp32; dlm_head is accumulated over chunks in fp32 from fp32 ``dz``.
+softmax in fp32 (float64 for float64 inputs); dlm_head is accumulated over chunks in that
+precision from ``dz`` in that precision.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ def _chunk_rows(n: int, v: int) -> int:
     return max(1, min(n, CHUNK_BYTES // (4 * max(v, 1))))
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _selected_rows(mask: Tensor) -> Tensor | None:
     """Indices of rows to compute, or None for 'all rows' (CUDA: no host sync)."""
     if mask.is_cuda:
@@ -33,14 +38,16 @@ def _selected_rows(mask: Tensor) -> Tensor | None:
 
 
 class _LogitsChunk:
-    """Reusable buffers computing z = softcap((h W^T + b) / T) for a chunk of rows, in fp32."""
+    """Reusable buffers computing z = softcap((h W^T + b) / T) for a chunk of rows, in fp32
+    (float64 for float64 inputs)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int, temperature: float, softcap):
         v = weight.shape[0]
         self.weight, self.bias = weight, bias
         self.temperature, self.softcap = temperature, softcap
-        self.z32 = torch.empty(rows, v, device=weight.device, dtype=torch.float32)
-        self.half = weight.dtype != torch.float32
+        acc = _acc_dtype(weight.dtype)
+        self.z32 = torch.empty(rows, v, device=weight.device, dtype=acc)
+        self.half = weight.dtype != acc
         self.zin = torch.empty(rows, v, device=weight.device, dtype=weight.dtype) if self.half else None
 
     def __call__(self, h: Tensor) -> Tensor:
@@ -62,7 +69,7 @@ class _LogitsChunk:
 
 def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
     n, v = hidden.shape[0], weight.shape[0]
-    stats = torch.zeros(5, n, device=hidden.device, dtype=torch.float32)  # m, s_excl, z_t, s_all, t
+    stats = torch.zeros(5, n, device=hidden.device, dtype=_acc_dtype(hidden.dtype))  # m, s_excl, z_t, s_all, t
     rows = _selected_rows(valid)
     count = n if rows is None else rows.numel()
     c = _chunk_rows(count, v)
@@ -92,10 +99,9 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
     n, v = hidden.shape[0], weight.shape[0]
     dh = torch.zeros_like(hidden) if need_dh else None
     # dW accumulates over chunks: in fp32 for half inputs (one rounding at the end).
-    dw32 = None
-    if need_dw:
-        dw32 = torch.zeros_like(weight, dtype=torch.float32)
-    db32 = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_db else None
+    acc = _acc_dtype(weight.dtype)
+    dw32 = torch.zeros_like(weight, dtype=acc) if need_dw else None
+    db32 = torch.zeros(v, device=weight.device, dtype=acc) if need_db else None
     rows = _selected_rows(g != 0)
     count = n if rows is None else rows.numel()
     c = _chunk_rows(count, v)
@@ -120,7 +126,7 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
         if db32 is not None:
             db32 += dz.sum(dim=0)
         if dw32 is not None:
-            dw32.addmm_(dz.t(), h.float())
+            dw32.addmm_(dz.t(), h.to(acc))
         if dh is not None:
             dz_in = logits.zin[: dz.shape[0]].copy_(dz) if logits.half else dz
             dh.index_copy_(0, idx, dz_in @ weight)

@@ -1,7 +1,19 @@
-"""Shared test set-up. Triton's interpreter must be on before anything imports triton."""
+"""Shared test set-up. Without a GPU, Triton's interpreter runs the kernels; it must be on
+before anything imports triton (with a GPU the real kernels run)."""
 import os
+import shutil
+import subprocess
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _has_cuda() -> bool:
+    # without importing torch first (torch may import triton)
+    if not shutil.which("nvidia-smi"):
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -9,6 +21,7 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("default", deadline=None, print_blob=True)
 settings.register_profile("thorough", deadline=None, print_blob=True, max_examples=200)
+settings.register_profile("gpu", deadline=None, print_blob=True, max_examples=30)  # the timed GPU check
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gft_kernels
-from helpers import Case, errors, make_case, rel_err, run
+from helpers import DEVICE, Case, errors, make_case, rel_err, run
 
 BACKENDS = ["reference", "torch", "triton"]
 FUSED = ["torch", "triton"]
@@ -34,7 +34,8 @@ def _confident_case(margin: float) -> Case:
     targets = torch.randint(0, v, (n,), generator=g)
     hidden = margin * torch.nn.functional.one_hot(targets, v).double() + 0.3 * torch.randn(n, v, generator=g, dtype=torch.float64)
     weight = torch.eye(v, dtype=torch.float64) + 0.01 * torch.randn(v, v, generator=g, dtype=torch.float64)
-    return Case(hidden, weight, None, targets, torch.ones(n, dtype=torch.float64))
+    return Case(*(x.to(DEVICE) for x in (hidden, weight)), None, targets.to(DEVICE),
+                torch.ones(n, dtype=torch.float64, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -57,13 +58,13 @@ def test_confident_tokens_keep_relative_precision(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_uniform_distribution(backend):
     n, v, h = 9, 37, 5
-    hidden = torch.randn(n, h, requires_grad=True)
-    weight = torch.zeros(v, h, requires_grad=True)
-    targets = torch.randint(0, v, (n,))
+    hidden = torch.randn(n, h, device=DEVICE, requires_grad=True)
+    weight = torch.zeros(v, h, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, v, (n,), device=DEVICE)
     loss, stats = gft_kernels.gft_loss(hidden, weight, targets, 1.0, tau=0.0, backend=backend, return_stats=True)
-    torch.testing.assert_close(stats.logp, torch.full((n,), -math.log(v)))
-    torch.testing.assert_close(stats.entropy, torch.full((n,), math.log(v)))
-    torch.testing.assert_close(loss, torch.tensor(math.log(v)))
+    torch.testing.assert_close(stats.logp, torch.full((n,), -math.log(v), device=DEVICE))
+    torch.testing.assert_close(stats.entropy, torch.full((n,), math.log(v), device=DEVICE))
+    torch.testing.assert_close(loss, torch.tensor(math.log(v), device=DEVICE))
     loss.backward()
     assert torch.count_nonzero(hidden.grad) == 0  # dz @ W with W = 0
     # dW = -(onehot - 1/V)^T h / n
@@ -73,9 +74,9 @@ def test_uniform_distribution(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_word_vocabulary_has_probability_one(backend):
-    hidden = torch.randn(6, 4, requires_grad=True)
-    weight = torch.randn(1, 4, requires_grad=True)
-    targets = torch.zeros(6, dtype=torch.long)
+    hidden = torch.randn(6, 4, device=DEVICE, requires_grad=True)
+    weight = torch.randn(1, 4, device=DEVICE, requires_grad=True)
+    targets = torch.zeros(6, dtype=torch.long, device=DEVICE)
     loss, stats = gft_kernels.gft_loss(hidden, weight, targets, 1.0, backend=backend, return_stats=True)
     assert stats.logp.abs().max() == 0 and stats.mean_prob == 1 and loss == 0
     loss.backward()
@@ -86,11 +87,11 @@ def test_single_word_vocabulary_has_probability_one(backend):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction, dtype):
-    hidden = torch.randn(2, 5, 8, dtype=dtype, requires_grad=True)
-    weight = torch.randn(33, 8, dtype=dtype, requires_grad=True)
-    bias = torch.randn(33, dtype=dtype, requires_grad=True)
-    targets = torch.full((2, 5), -100)
-    loss, stats = gft_kernels.gft_loss(hidden, weight, targets, torch.randn(2), bias=bias,
+    hidden = torch.randn(2, 5, 8, dtype=dtype, device=DEVICE, requires_grad=True)
+    weight = torch.randn(33, 8, dtype=dtype, device=DEVICE, requires_grad=True)
+    bias = torch.randn(33, dtype=dtype, device=DEVICE, requires_grad=True)
+    targets = torch.full((2, 5), -100, device=DEVICE)
+    loss, stats = gft_kernels.gft_loss(hidden, weight, targets, torch.randn(2, device=DEVICE), bias=bias,
                                        reduction=reduction, backend=backend, return_stats=True)
     assert torch.count_nonzero(loss) == 0 and torch.isfinite(loss).all()
     loss.sum().backward()
@@ -101,9 +102,9 @@ def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction, dt
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_tokens_at_all(backend):
-    hidden = torch.randn(0, 7, requires_grad=True)
-    weight = torch.randn(11, 7, requires_grad=True)
-    loss = gft_kernels.gft_loss(hidden, weight, torch.zeros(0, dtype=torch.long), 1.0, backend=backend)
+    hidden = torch.randn(0, 7, device=DEVICE, requires_grad=True)
+    weight = torch.randn(11, 7, device=DEVICE, requires_grad=True)
+    loss = gft_kernels.gft_loss(hidden, weight, torch.zeros(0, dtype=torch.long, device=DEVICE), 1.0, backend=backend)
     assert loss == 0
     loss.backward()
     assert weight.grad is not None and torch.count_nonzero(weight.grad) == 0

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import gft_kernels
-from helpers import make_case, rel_err
+from helpers import DEVICE, make_case, rel_err
 
 BACKENDS = ["reference", "torch", "triton"]
 TOL = 1e-5
@@ -83,7 +83,7 @@ def test_tau_zero_is_policy_gradient_and_matches_liger_grpo(backend):
 
     B, T, H, V = 4, 9, 32, 80
     case = make_case((B, T), vocab=V, hidden_dim=H, ignore_frac=0.0, adv_shape="sequence", seed=4)
-    mask = torch.ones(B, T, dtype=torch.long)
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
     mask[1, 6:] = 0
     mask[3, 2:] = 0
     targets = case.targets.masked_fill(mask == 0, -100)
@@ -139,7 +139,7 @@ def test_dcr_boundary_p_equal_tau_weighs_one(backend):
     below = p < tau
     torch.testing.assert_close(loss_tok[below], -(p * stats.logp)[below], rtol=0, atol=0)
     # one fp32 ulp above p (tau is compared in the log-probs' dtype): the coefficient becomes p
-    nudged = torch.nextafter(p[k].detach(), torch.tensor(2.0))
+    nudged = torch.nextafter(p[k].detach(), torch.tensor(2.0, device=p.device))
     loss_up = gft_kernels.gft_loss(h, w, case.targets, 1.0, tau=float(nudged), reduction="none", backend=backend)
     assert loss_up[k] == -(p[k] * stats.logp[k])
 

@@ -97,8 +97,10 @@ def test_value_checks_can_be_turned_off():
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_inputs_are_not_modified(backend):
-    hidden, weight, targets, adv = _inputs()
-    bias = torch.randn(20)
+    from helpers import DEVICE
+
+    hidden, weight, targets, adv = (x.to(DEVICE) for x in _inputs())
+    bias = torch.randn(20, device=DEVICE)
     targets[0, :2] = -100
     leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
     t_in, a_in = targets.clone(), adv.clone()

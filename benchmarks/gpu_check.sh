@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The project's GPU check (../shared/GPU.md), one prepared command:
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR          # on the GPU machine (no network)
+#   bash benchmarks/gpu_check.sh OUT_DIR --dry    # on a CPU: the same steps, small and quick (CI)
+#
+# 1. the kernel correctness suite on CUDA (bf16/fp16/fp32 against float64, small odd shapes and
+#    large ones), results as JUnit XML and a log;
+# 2. the benchmark against the baselines, rows (device, versions, date, shape, provider, time,
+#    memory, error) as CSV and plots;
+# 3. a short table last. Everything lands in OUT_DIR.
+#
+# Wheels the GPU machine lacks (liger-kernel, cut-cross-entropy) are prepared beforehand with
+# `bash benchmarks/prepare_wheels.sh` into ./wheels (git-ignored) and installed here offline.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:?usage: gpu_check.sh OUT_DIR [--dry]}"
+DRY="${2:-}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] && [ -n "$DRY" ] && PY=.venv/bin/python
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+start=$(date +%s)
+
+if [ -d wheels ] && ls wheels/*.whl >/dev/null 2>&1 && [ -z "$DRY" ]; then
+    "$PY" -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -2
+fi
+{
+    echo "date: $(date -u +%FT%TZ)"
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+    nvidia-smi -L 2>/dev/null || true
+} | tee "$OUT/environment.txt"
+
+echo "== 1. kernel tests =="
+if [ -n "$DRY" ]; then
+    TESTS=(tests/test_special_cases.py tests/test_gpu.py)
+    export HYPOTHESIS_PROFILE=default
+else
+    TESTS=(tests/test_gpu.py tests/test_special_cases.py tests/test_numerics.py tests/test_engines.py tests/test_backends_match_reference.py)
+    export HYPOTHESIS_PROFILE=gpu
+fi
+timeout 240 "$PY" -m pytest -q -x --junitxml="$OUT/tests.xml" -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT/tests.log" | tail -15
+echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
+
+echo "== 2. benchmark =="
+if [ -n "$DRY" ]; then
+    "$PY" -m benchmarks --quick --out "$OUT" 2>&1 | tee "$OUT/benchmark.log"
+else
+    # all providers at the focus shape and 4k-32k tokens of each model, within a time budget
+    timeout 330 "$PY" -m benchmarks --out "$OUT" --budget-s 240 2>&1 | tee "$OUT/benchmark.log"
+fi
+echo "== done in $(( $(date +%s) - start )) s; results in $OUT =="
+ls "$OUT"

@@ -1,0 +1,311 @@
+"""The benchmark: time, memory and precision of every provider, side by side, in one run.
+
+    python -m benchmarks [--quick] [--out DIR] [--providers a,b] [--models m1,m2] [--tokens 4096,8192]
+
+For each shape and provider: forward alone and forward+backward time (CUDA: triton's do_bench,
+median after warm-up; CPU: median of repeated runs), peak memory of the loss op beyond its
+inputs (CUDA only), that peak over the lower bound (the gradients themselves, in the inputs'
+dtype), and the time as a multiple of the FLOP floor (2 N H V per matrix product: 1 forward,
+4 forward+backward) at the matmul rate measured in the same run. At one shape, every
+provider's error against the float64 reference of the loss it computes. For the fused GFT
+providers, a sweep of the fraction of zero-advantage sequences (groups whose rewards are all
+equal). Rows go to ``DIR/<date>_<device>.csv``, a plot per shape next to it, and a table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gc
+import importlib.metadata as md
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import gft_kernels
+
+from .providers import BY_NAME, LOSS_SPECS, PROVIDERS
+from .shapes import CPU_FOCUS, CPU_SHAPES, GPU_FOCUS, MODELS, TOKENS, Shape
+
+SEQ_LEN = 512          # tokens per sequence: one response, one advantage
+PROMPT_FRAC = 0.1      # leading tokens of each sequence that are ignored (the prompt)
+FIELDS = [
+    "date", "device", "torch", "triton", "gft", "liger_kernel", "cut_cross_entropy",
+    "shape", "n", "h", "v", "dtype", "provider", "loss", "zero_adv_frac", "status",
+    "fwd_ms", "fwd_bwd_ms", "bwd_ms", "peak_mib", "lower_bound_mib", "peak_over_bound",
+    "floor_fwd_bwd_ms", "fwd_bwd_over_floor", "err_loss", "err_dhidden", "err_dweight", "note",
+]
+
+
+def _version(pkg: str) -> str:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return ""
+
+
+def environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    return dict(
+        date=dt.date.today().isoformat(), device=name, torch=torch.__version__, triton=_version("triton"),
+        gft=gft_kernels.__version__, liger_kernel=_version("liger-kernel"), cut_cross_entropy=_version("cut-cross-entropy"),
+    )
+
+
+def make_inputs(shape: Shape, dtype, device, zero_adv_frac=0.0, seed=0):
+    """Hidden states, lm_head, targets (prompt tokens ignored) and per-sequence advantages."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    seq = min(SEQ_LEN, shape.n)
+    n_seq = -(-shape.n // seq)
+    hidden = torch.randn(shape.n, shape.h, generator=g).to(device, dtype)
+    weight = (torch.randn(shape.v, shape.h, generator=g) * (2.0 / shape.h**0.5)).to(device, dtype)
+    targets = torch.randint(0, shape.v, (shape.n,), generator=g)
+    pos = torch.arange(shape.n) % seq
+    targets[pos < int(PROMPT_FRAC * seq)] = -100
+    adv_seq = torch.randn(n_seq, generator=g)
+    adv_seq[torch.randperm(n_seq, generator=g)[: int(round(zero_adv_frac * n_seq))]] = 0.0
+    adv = adv_seq.repeat_interleave(seq)[: shape.n]
+    return hidden, weight, targets.to(device), adv.to(device, torch.float32)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, quick=False) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
+    fn()  # warm-up
+    runs = []
+    for _ in range(3 if quick else 5):
+        start = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(runs)
+
+
+def matmul_tflops(device, dtype) -> float:
+    """The device's measured dense matmul rate in this dtype (the floor's denominator)."""
+    size = 8192 if device.type == "cuda" else 1024
+    dtype = dtype if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device)
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def _fmt(x):
+    """Four significant digits for floats (errors are 1e-7, times are 1e3)."""
+    return "" if x is None else (float(f"{x:.4g}") if isinstance(x, float) else x)
+
+
+def measure(provider, shape, dtype, device, tflops, zero_adv_frac=0.0, quick=False) -> dict:
+    row = dict(shape=shape.name, n=shape.n, h=shape.h, v=shape.v, dtype=str(dtype).replace("torch.", ""),
+               provider=provider.name, loss=provider.loss, zero_adv_frac=zero_adv_frac, note=provider.note)
+    try:
+        loss_fn = provider.build()
+    except Exception as err:  # not installed, or no such path on this platform
+        return dict(row, status=f"unavailable: {type(err).__name__}: {err}"[:200])
+    hidden, weight, targets, adv = make_inputs(shape, dtype, device, zero_adv_frac)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def fwd():
+        return loss_fn(hidden, weight, targets, adv)
+
+    def fwd_bwd():
+        hidden.grad = weight.grad = None
+        fwd().backward()
+
+    try:
+        peak = None
+        if device.type == "cuda":
+            fwd_bwd()  # compile / autotune outside the measured peak
+            hidden.grad = weight.grad = None
+            gc.collect()
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            fwd_bwd()
+            _sync(device)
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        t_fwd = time_ms(fwd, device, quick)
+        t_all = time_ms(fwd_bwd, device, quick)
+    except torch.OutOfMemoryError:
+        return dict(row, status="OOM")
+    finally:
+        hidden.grad = weight.grad = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bound = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
+    floor = 4 * 2 * shape.n * shape.h * shape.v / (tflops * 1e12) * 1e3
+    return dict(row, status="ok", fwd_ms=t_fwd, fwd_bwd_ms=t_all, bwd_ms=t_all - t_fwd,
+                peak_mib=peak, lower_bound_mib=bound, peak_over_bound=None if peak is None else peak / bound,
+                floor_fwd_bwd_ms=floor, fwd_bwd_over_floor=t_all / floor)
+
+
+def _rel(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
+
+
+def precision(provider, shape, dtype, device) -> dict:
+    """Error of the provider in ``dtype`` against float64 on the same rounded inputs. The truth
+    runs on the chunked torch engine in float64 (bounded memory even at 150k+ vocabularies)."""
+    try:
+        loss_fn = provider.build()
+    except Exception:
+        return {}
+    hidden, weight, targets, adv = make_inputs(shape, dtype, device)
+    tau, uses_adv = LOSS_SPECS[provider.loss]
+    if provider.loss == "pg":
+        seq = min(SEQ_LEN, shape.n)
+        adv = adv.reshape(-1, seq).mean(1).repeat_interleave(seq)  # one advantage per sequence
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    truth = gft_kernels.gft_loss(h64, w64, targets, adv.double() if uses_adv else 1.0, tau, backend="torch")
+    truth.backward()
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    try:
+        loss = loss_fn(h, w, targets, adv)
+        loss.backward()
+    except torch.OutOfMemoryError:
+        return {}
+    out = dict(err_dhidden=_rel(h.grad, h64.grad), err_dweight=_rel(w.grad, w64.grad))
+    if provider.loss != "pg":  # Liger's GRPO value at ratio 1 is -mean(A), not -mean(A log p)
+        out["err_loss"] = _rel(loss.detach(), truth.detach())
+    del h64, w64, truth
+    gc.collect()
+    return out
+
+
+def plot(rows, path: Path, shape_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["shape"] == shape_name and r["status"] == "ok" and r["zero_adv_frac"] == 0.0]
+    if not ok:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = [f"{r['provider']} ({r['loss']})" for r in ok]
+    axes[0].barh(names, [r["fwd_bwd_ms"] for r in ok], color="tab:blue", label="forward+backward")
+    axes[0].barh(names, [r["fwd_ms"] for r in ok], color="tab:orange", label="forward")
+    axes[0].axvline(ok[0]["floor_fwd_bwd_ms"], color="k", ls="--", label="FLOP floor (4 products)")
+    axes[0].set_xlabel("ms")
+    axes[0].legend(fontsize=7)
+    if any(r.get("peak_mib") is not None for r in ok):
+        axes[1].barh(names, [r.get("peak_mib") or 0 for r in ok], color="tab:green")
+        axes[1].axvline(ok[0]["lower_bound_mib"], color="k", ls="--", label="lower bound (the gradients)")
+        axes[1].set_xscale("log")
+        axes[1].set_xlabel("peak MiB beyond the inputs")
+        axes[1].legend(fontsize=7)
+    else:
+        axes[1].set_axis_off()
+        axes[1].text(0.5, 0.5, "memory: see benchmarks.cpu_memory on CPUs", ha="center")
+    for ax in axes:
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"{shape_name} (N={ok[0]['n']}, H={ok[0]['h']}, V={ok[0]['v']}, {ok[0]['dtype']}), {ok[0]['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(rows) -> None:
+    cols = [("shape", 22), ("provider", 19), ("loss", 4), ("zero_adv_frac", 5), ("status", 7), ("fwd_ms", 9),
+            ("fwd_bwd_ms", 10), ("peak_over_bound", 7), ("fwd_bwd_over_floor", 7), ("err_dweight", 9)]
+    heads = ["shape", "provider", "loss", "0adv", "status", "fwd ms", "fwd+bwd ms", "mem/LB", "t/floor", "err dW"]
+    print(" ".join(h.ljust(w) if i < 5 else h.rjust(w) for i, (h, (_, w)) in enumerate(zip(heads, cols))))
+    for r in rows:
+        cells = []
+        for i, (k, w) in enumerate(cols):
+            x = r.get(k)
+            if isinstance(x, float):
+                x = f"{x:.3g}" if k != "zero_adv_frac" else f"{x:.1f}"
+            x = "" if x is None else str(x)[:w]
+            cells.append(x.ljust(w) if i < 5 else x.rjust(w))
+        print(" ".join(cells))
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, fewer runs (CI)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the CSV and plots")
+    ap.add_argument("--providers", default="", help="comma-separated subset of: " + ",".join(BY_NAME))
+    ap.add_argument("--models", default="", help="comma-separated subset of: " + ",".join(MODELS))
+    ap.add_argument("--tokens", default="", help="comma-separated token counts (default 4096,8192,16384,32768)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--budget-s", type=float, default=0.0, help="stop starting measurements after this many seconds (0: none)")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
+    providers = [BY_NAME[p] for p in args.providers.split(",") if p] or PROVIDERS
+    providers = [p for p in providers if device.type in p.devices]
+    if device.type == "cuda":
+        tokens = [int(t) for t in args.tokens.split(",") if t] or list(TOKENS)
+        models = [m for m in args.models.split(",") if m] or list(MODELS)
+        shapes = [Shape(m, n, *MODELS[m]) for m in models for n in tokens]
+        focus = GPU_FOCUS
+    else:
+        shapes, focus = list(CPU_SHAPES), CPU_FOCUS
+        if args.quick:
+            shapes = [Shape("cpu-quick", 512, 64, 4000)]
+
+    env = environment(device)
+    started = time.time()
+    tflops = matmul_tflops(device, dtype)
+    print(f"{env['device']}: measured matmul rate {tflops:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
+    rows = []
+
+    def add(row):
+        rows.append({**env, **{k: _fmt(v) for k, v in row.items()}})
+
+    def over_budget():
+        return args.budget_s and time.time() - started > args.budget_s
+
+    for shape in shapes:
+        for provider in providers:
+            if over_budget():
+                add(dict(shape=shape.name, n=shape.n, h=shape.h, v=shape.v, provider=provider.name,
+                         loss=provider.loss, zero_adv_frac=0.0, status="skipped: time budget"))
+                continue
+            add(measure(provider, shape, dtype, device, tflops, quick=args.quick))
+    # zero-advantage sweep of the fused GFT providers, at the focus shape
+    for provider in [p for p in providers if p.name.startswith("gft_")]:
+        for frac in (0.5, 0.9) + ((0.0,) if focus not in shapes else ()):
+            if not over_budget():
+                add(measure(provider, focus, dtype, device, tflops, zero_adv_frac=frac, quick=args.quick))
+    # precision at one shape
+    prec_shape = focus if device.type == "cpu" else Shape("qwen2.5-1.5b", 4096, *MODELS["qwen2.5-1.5b"])
+    for provider in providers:
+        if over_budget():
+            break
+        errs = precision(provider, prec_shape, dtype, device)
+        if errs:
+            add(dict(shape=prec_shape.name, n=prec_shape.n, h=prec_shape.h, v=prec_shape.v, provider=provider.name,
+                     loss=provider.loss, zero_adv_frac=0.0, status="precision", dtype=str(dtype)[6:], **errs))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+    stem = f"{env['date']}_{slug}{'_quick' if args.quick else ''}"
+    csv_path = out / f"{stem}.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    for shape in shapes:
+        plot(rows, out / f"{stem}_{shape.name}.png", shape.name)
+    print_table(rows)
+    print(f"rows: {csv_path}  ({time.time() - started:.0f} s)")
+    return csv_path

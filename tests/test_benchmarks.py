@@ -1,0 +1,40 @@
+"""The benchmark harness runs on the CPU (quick mode), and the GPU check script in dry mode."""
+import csv
+import subprocess
+from pathlib import Path
+
+from benchmarks.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_benchmark_writes_rows_plots_and_precision(tmp_path):
+    csv_path = main(["--quick", "--out", str(tmp_path)])
+    rows = _rows(csv_path)
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert {"gft_torch", "naive_eager", "liger_grpo_chunked"} <= {r["provider"] for r in timed}
+    for r in timed:
+        assert float(r["fwd_bwd_ms"]) > 0 and float(r["fwd_bwd_over_floor"]) > 0
+        assert r["device"] and r["torch"] and r["date"] and int(r["v"]) > 0
+    sweep = {float(r["zero_adv_frac"]) for r in timed if r["provider"] == "gft_torch"}
+    assert {0.0, 0.5, 0.9} <= sweep
+    prec = {r["provider"]: r for r in rows if r["status"] == "precision"}
+    assert float(prec["gft_torch"]["err_dweight"]) < 1e-5       # fp32 on the CPU
+    assert float(prec["gft_torch"]["err_loss"]) < 1e-5
+    assert float(prec["liger_grpo_chunked"]["err_dhidden"]) < 1e-4
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_gpu_check_runs_dry(tmp_path):
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), "--dry"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "tests exit: 0" in (out / "tests.log").read_text()
+    assert (out / "tests.xml").exists() and (out / "environment.txt").exists()
+    assert list(out.glob("*.csv")) and list(out.glob("*.png"))

@@ -1,0 +1,85 @@
+"""What only a GPU can prove: the real bf16 tl.dot path at large shapes, and the op's memory.
+
+Skipped without CUDA (the CPU suite covers the same kernels through Triton's interpreter).
+Run by ``benchmarks/gpu_check.sh``.
+"""
+import pytest
+import torch
+
+import gft_kernels
+from helpers import EPS, rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# thousands of tokens, a 100k+ vocabulary, odd sizes on purpose
+LARGE = [(4099, 151936, 1536), (2048, 128257, 1000)]
+
+
+def _problem(n, v, h, seed=0, zero_adv=0.3, ignore=0.1):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * (2.0 / h**0.5)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignore] = -100
+    adv = torch.randn(n, generator=g)
+    adv[torch.rand(n, generator=g) < zero_adv] = 0.0
+    return [x.cuda() for x in (hidden, weight, targets, adv)]
+
+
+def _grads(hidden, weight, targets, adv, dtype, backend, tau=0.7):
+    h = hidden.to(dtype).requires_grad_()
+    w = weight.to(dtype).requires_grad_()
+    loss, stats = gft_kernels.gft_loss(h, w, targets, adv, tau, backend=backend, return_stats=True)
+    loss.backward()
+    return dict(loss=loss.detach().double(), logp=stats.logp.double(), dhidden=h.grad.double(), dweight=w.grad.double())
+
+
+@pytest.mark.parametrize("n,v,h", LARGE, ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_large_shapes_against_float64(n, v, h, dtype):
+    hidden, weight, targets, adv = _problem(n, v, h)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)          # the truth sees the same rounded inputs
+    truth = _grads(hidden.double(), weight.double(), targets, adv, torch.float64, "torch")  # chunked, float64
+    fused = _grads(hidden, weight, targets, adv, dtype, "triton")
+    errs = {k: rel_err(fused[k], truth[k]) for k in truth}
+    if dtype == torch.float32:
+        assert max(errs.values()) < 1e-5, errs
+        return
+    naive = _grads(hidden, weight, targets, adv, dtype, "reference")  # materialized, same dtype
+    naive_errs = {k: rel_err(naive[k], truth[k]) for k in truth}
+    print(f"\n{dtype} N={n} V={v} H={h}: triton {errs}\n  naive {naive_errs}")
+    over = {k: (errs[k], naive_errs[k]) for k in errs if errs[k] > 1.5 * naive_errs[k] + EPS[dtype] / 8}
+    assert not over, over
+
+
+@pytest.mark.parametrize("n,v,h", [(8192, 151936, 1536), (16384, 128256, 4096)], ids=lambda x: str(x))
+def test_peak_memory_is_near_the_gradients(n, v, h):
+    """The op's peak beyond its inputs is within 1.05x of the lower bound: the gradients."""
+    hidden, weight, targets, adv = _problem(n, v, h)
+    hidden = hidden.to(torch.bfloat16).requires_grad_()
+    weight = weight.to(torch.bfloat16).requires_grad_()
+    gft_kernels.gft_loss(hidden, weight, targets, adv, check_values=False).backward()  # compile first
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    gft_kernels.gft_loss(hidden, weight, targets, adv, check_values=False).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    bound = (hidden.numel() + weight.numel()) * 2
+    print(f"\npeak {peak / 2**20:.0f} MiB, lower bound {bound / 2**20:.0f} MiB, ratio {peak / bound:.3f}")
+    assert peak <= 1.05 * bound, peak / bound
+
+
+def test_no_host_sync_with_value_checks_off():
+    hidden, weight, targets, adv = _problem(1024, 32000, 512)
+    h = hidden.to(torch.bfloat16).requires_grad_()
+    w = weight.to(torch.bfloat16).requires_grad_()
+    gft_kernels.gft_loss(h, w, targets, adv, check_values=False).backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = gft_kernels.gft_loss(h, w, targets, adv, check_values=False)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
