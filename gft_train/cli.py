@@ -1,0 +1,100 @@
+"""``gft-train``: the command line.
+
+    gft-train                          # the embedded demo (same as `gft-train demo`)
+    gft-train build-groups --config c.yaml --groups-file groups.jsonl
+    gft-train train --config c.yaml [--method gft|sft|dft|grpo] [--no-dcr] [--no-gal] [--resume] ...
+    gft-train eval --model runs/gft/final --eval-file eval.jsonl [--base-model base]
+
+Under several processes: ``accelerate launch [--multi_gpu --num_processes N] -m gft_train.cli train ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as config_mod
+
+
+def _cmd_build_groups(cfg):
+    from .data import load_rows
+    from .groups import build_groups, group_metrics, save_groups
+    from .rewards import load_reward
+    from .rollout import make_engine
+    from .trainer import load_model
+
+    cfg = cfg.resolved()
+    if not cfg.groups_file:
+        raise ValueError("build-groups needs --groups-file (where to write the groups)")
+    rows = load_rows(cfg.train_file)
+    model, tokenizer = load_model(cfg.model)
+    engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=cfg.model, cfg=cfg) if cfg.n_self else None
+    teacher = None
+    if cfg.teacher_model:
+        t_model, t_tok = load_model(cfg.teacher_model)
+        teacher = make_engine(cfg.engine, model=t_model, tokenizer=t_tok, model_path=cfg.teacher_model, cfg=cfg)
+    groups = build_groups(rows, cfg, engine, load_reward(cfg.reward), teacher, seed=cfg.seed)
+    Path(cfg.groups_file).parent.mkdir(parents=True, exist_ok=True)
+    save_groups(groups, Path(cfg.groups_file))
+    print(json.dumps({"groups": len(groups), **group_metrics(groups)}, indent=1))
+
+
+def _cmd_train(cfg):
+    from .trainer import train
+
+    print(f"final model: {train(cfg)}")
+
+
+def _cmd_eval(cfg, base_model: str | None):
+    from .data import load_rows
+    from .evaluate import accuracy, kl_to_base
+    from .rewards import load_reward
+    from .rollout import make_engine
+    from .trainer import load_model
+
+    cfg = cfg.resolved()
+    rows = load_rows(cfg.eval_file)
+    if cfg.eval_max_prompts:
+        rows = rows[: cfg.eval_max_prompts]
+    model, tokenizer = load_model(cfg.model)
+    eval_cfg = config_mod.Config(**{**cfg.__dict__, "temperature": cfg.eval_temperature})
+    engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=cfg.model, cfg=eval_cfg)
+    out = accuracy(engine, rows, load_reward(cfg.reward), cfg.eval_n, cfg.eval_k, seed=cfg.seed)
+    if base_model:
+        base, _ = load_model(base_model)
+        out["kl_to_base"] = kl_to_base(model, base, tokenizer, rows, cfg.max_length)
+    print(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="gft-train", description="Group Fine-Tuning on accelerate.")
+    sub = parser.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="the embedded demo on a CPU (the default)")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a smaller demo (tests)")
+    for name, help_ in (("build-groups", "build groups once (offline) and save them"),
+                        ("train", "train a model"), ("eval", "evaluate a model on held-out prompts")):
+        p = sub.add_parser(name, help=help_)
+        config_mod.add_arguments(p)
+        if name == "eval":
+            p.add_argument("--base-model", help="also report KL(model || base) on the held-out responses")
+    args = parser.parse_args(argv or ["demo"])
+    if args.command in (None, "demo"):
+        from .demo.run import run_demo
+
+        run_demo(Path(getattr(args, "output_dir", "runs/demo")), quick=getattr(args, "quick", False))
+        return
+    cfg = config_mod.from_args(args)
+    if args.command == "build-groups":
+        _cmd_build_groups(cfg)
+    elif args.command == "train":
+        _cmd_train(cfg)
+    else:
+        _cmd_eval(cfg, args.base_model)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""The accelerate training loop: groups -> batches -> fused GFT loss -> optimizer steps.
+
+One optimizer step takes ``prompts_per_step`` groups (all their responses), split across the
+processes, in micro-batches of ``micro_batch_size`` sequences. The loss of every micro-batch is
+normalized by the *global* number of valid tokens of the step (all micro-batches, all
+processes), so 1 process and N processes on the same global batch give the same update.
+
+Groups are offline (built once, or read from ``groups_file``) or online (``refresh_every``:
+rebuilt from the next prompts with the current weights every N steps). Checkpoints
+(``save_every``) hold accelerate's state (model, optimizer, scheduler, RNG), the step and the
+current groups, written under a temporary name and renamed when complete; ``--resume`` continues
+from the newest complete one and reaches the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import config as config_mod
+from .data import load_rows
+from .groups import build_groups, group_metrics, load_groups, save_groups
+from .lm import causal_lm_gft_loss, encode
+from .rewards import load_reward
+from .rollout import make_engine
+
+
+class GFTPolicy(nn.Module):
+    """The causal LM plus the fused loss, as one module, so DDP/FSDP wrap the whole computation
+    (a loss computed from the backbone outside the wrapper's forward would skip gradient sync)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, adv, tau, normalizer):
+        loss, stats = causal_lm_gft_loss(self.model, input_ids, attention_mask, labels, adv, tau,
+                                         normalizer=normalizer, return_stats=True)
+        valid = (labels[:, 1:] != -100).float()
+        sums = torch.stack([
+            stats.rectified_frac * stats.n_valid, stats.mean_prob * stats.n_valid,
+            (stats.entropy * valid).sum(), stats.n_valid.float(),
+        ]).detach()
+        return loss, sums
+
+
+def _order(n: int, position: int, seed: int) -> int:
+    """Index of the item at ``position`` of an endless stream of per-epoch shuffles of n items
+    (stateless: the data position after a resume is just the step)."""
+    epoch, offset = divmod(position, n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=g)[offset])
+
+
+def load_model(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path)
+    if not path or not p.is_dir() or not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model path {path!r} is not a saved transformers model (no config.json there)")
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(p)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    done = [d for d in (out / "checkpoints").glob("step-*") if (d / "trainer_state.json").is_file()]
+    return max(done, key=lambda d: int(d.name.split("-")[1])) if done else None
+
+
+class Trainer:
+    def __init__(self, cfg: config_mod.Config):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg = cfg.resolved()
+        self.acc = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        set_seed(cfg.seed)
+        self.out = Path(cfg.output_dir)
+        model, self.tokenizer = load_model(cfg.model)
+        if not cfg.train_file and not cfg.groups_file:
+            raise ValueError("train needs train_file (prompts) or groups_file (offline groups)")
+        self.rows = load_rows(cfg.train_file) if cfg.train_file else None
+        if cfg.refresh_every and self.rows is None:
+            raise ValueError("online groups (refresh_every > 0) need train_file")
+        if not cfg.resume and _latest_checkpoint(self.out) is not None:
+            raise FileExistsError(f"{self.out} already has checkpoints: pass --resume, or another output_dir")
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        from transformers import get_scheduler
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                                  num_training_steps=cfg.max_steps)
+        self.policy, self.optimizer, self.scheduler = self.acc.prepare(GFTPolicy(model), optimizer, scheduler)
+        self.reward_fn = load_reward(cfg.reward)
+        self.engine = None
+        self.step = 0
+        self.pool = None          # the current groups
+        self.pool_start = 0       # the step at which the current online pool begins
+
+    # ---- groups -------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.acc.unwrap_model(self.policy).model
+
+    def _engine(self):
+        if self.engine is None:
+            self.engine = make_engine(self.cfg.engine, model=self.model, tokenizer=self.tokenizer,
+                                      model_path=self.cfg.model, cfg=self.cfg)
+        self.engine.load_weights(self.model)
+        return self.engine
+
+    def _teacher_engine(self):
+        if not self.cfg.teacher_model:
+            return None
+        model, tokenizer = load_model(self.cfg.teacher_model)
+        return make_engine(self.cfg.engine, model=model, tokenizer=tokenizer, model_path=self.cfg.teacher_model, cfg=self.cfg)
+
+    def _build(self, rows, seed):
+        """Groups built on the main process and shared with the others."""
+        from accelerate.utils import broadcast_object_list
+
+        box = [None]
+        if self.acc.is_main_process:
+            engine = self._engine() if self.cfg.n_self else None
+            box[0] = build_groups(rows, self.cfg, engine, self.reward_fn, self._teacher_engine(), seed=seed)
+        broadcast_object_list(box)
+        return box[0]
+
+    def _groups_for_step(self, step: int):
+        cfg = self.cfg
+        if not cfg.refresh_every:
+            if self.pool is None:
+                if cfg.groups_file:
+                    self.pool = load_groups(cfg.groups_file)
+                else:
+                    self.pool = self._build(self.rows, cfg.seed)
+                    if self.acc.is_main_process:
+                        self.out.mkdir(parents=True, exist_ok=True)
+                        save_groups(self.pool, self.out / "groups.jsonl")
+            n = len(self.pool)
+            return [self.pool[_order(n, step * cfg.prompts_per_step + j, cfg.seed)] for j in range(cfg.prompts_per_step)]
+        if self.pool is None or step - self.pool_start >= cfg.refresh_every:
+            self.pool_start = step - step % cfg.refresh_every
+            first = self.pool_start * cfg.prompts_per_step
+            count = cfg.refresh_every * cfg.prompts_per_step
+            rows = [self.rows[_order(len(self.rows), first + j, cfg.seed)] for j in range(count)]
+            self.pool = self._build(rows, cfg.seed + self.pool_start)
+        offset = (step - self.pool_start) * cfg.prompts_per_step
+        return self.pool[offset:offset + cfg.prompts_per_step]
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save_checkpoint(self):
+        final = self.out / "checkpoints" / f"step-{self.step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            save_groups(self.pool, tmp / "groups.jsonl")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "pool_start": self.pool_start}))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        self.acc.wait_for_everyone()
+
+    def maybe_resume(self):
+        if not self.cfg.resume:
+            return
+        latest = _latest_checkpoint(self.out)
+        if latest is None:
+            self.acc.print(f"--resume: no complete checkpoint in {self.out / 'checkpoints'}; starting at step 0")
+            return
+        self.acc.load_state(str(latest))
+        state = json.loads((latest / "trainer_state.json").read_text())
+        self.step, self.pool_start = state["step"], state["pool_start"]
+        self.pool = load_groups(latest / "groups.jsonl")
+        self.acc.print(f"resumed from {latest} (step {self.step})")
+
+    def save_final(self):
+        """The trained model and tokenizer in ``output_dir/final``, renamed into place when complete."""
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            final = self.out / "final"
+            tmp = self.out / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            config_mod.save(self.cfg, tmp / "gft_config.yaml")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        self.acc.wait_for_everyone()
+
+    # ---- the loop -----------------------------------------------------------------------
+    def train_step(self, groups) -> dict:
+        cfg, acc = self.cfg, self.acc
+        seqs = [(g.prompt, r.text, r.advantage) for g in groups for r in g.responses]
+        mine = seqs[acc.process_index::acc.num_processes]
+        batches = [encode(self.tokenizer, mine[i:i + cfg.micro_batch_size], cfg.max_length)
+                   for i in range(0, len(mine), cfg.micro_batch_size)]
+        n_local = torch.tensor(float(sum(b.n_valid for b in batches)), device=acc.device)
+        n_global = acc.reduce(n_local, reduction="sum")
+        # DDP averages gradients over processes: normalize by the global count / processes
+        normalizer = (n_global / acc.num_processes).clamp_min(1e-9)
+        loss_sum = torch.zeros((), device=acc.device)
+        sums = torch.zeros(4, device=acc.device)
+        for i, batch in enumerate(batches):
+            batch = batch.to(acc.device)
+            sync = i == len(batches) - 1
+            ctx = acc.no_sync(self.policy) if not sync else _null()
+            with ctx, acc.autocast():
+                loss, s = self.policy(batch.input_ids, batch.attention_mask, batch.labels, batch.adv,
+                                      cfg.tau, normalizer)
+            acc.backward(loss)
+            loss_sum += loss.detach()
+            sums += s
+        if not batches:  # this process got no sequence: still take part in the gradient sync
+            with acc.autocast():
+                dummy = sum(p.sum() * 0 for p in self.policy.parameters())
+            acc.backward(dummy)
+        grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_all = acc.reduce(loss_sum, reduction="mean")
+        sums = acc.reduce(sums, reduction="sum")
+        count = sums[3].clamp_min(1)
+        return {
+            "loss": loss_all.item(), "dcr/rectified_frac": (sums[0] / count).item(),
+            "dcr/mean_target_prob": (sums[1] / count).item(), "entropy": (sums[2] / count).item(),
+            "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+            "tokens": int(n_global.item()),
+        }
+
+    def train(self) -> Path:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        self.maybe_resume()
+        self.out.mkdir(parents=True, exist_ok=True)
+        writer = None
+        metrics_path = self.out / "metrics.jsonl"
+        if acc.is_main_process:
+            config_mod.save(cfg, self.out / "gft_config.yaml")
+            if self.step == 0 and metrics_path.exists():
+                metrics_path.unlink()
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                writer = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                writer = None
+        fault = int(os.environ.get("GFT_FAULT_AT_STEP", "0"))  # tests: a real SIGKILL mid-run
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=cfg.method)
+        self.policy.train()
+        while self.step < cfg.max_steps:
+            if fault and self.step + 1 == fault:
+                os.kill(os.getpid(), signal.SIGKILL)
+            start = time.perf_counter()
+            groups = self._groups_for_step(self.step)
+            metrics = self.train_step(groups)
+            self.step += 1
+            metrics.update(group_metrics(groups))
+            metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - start)
+            metrics["step"] = self.step
+            metrics["processes"] = acc.num_processes
+            if acc.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if writer is not None:
+                    for k, v in metrics.items():
+                        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                            writer.add_scalar(k, v, self.step)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", reward=f"{metrics.get('reward/self_mean', float('nan')):.2f}")
+            bar.update(1)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        self.save_final()
+        if acc.is_main_process:
+            plot_metrics(metrics_path, self.out / "training.png")
+        return self.out / "final"
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def plot_metrics(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    panels = [("loss", ["loss"]), ("reward", [k for k in rows[-1] if k.startswith("reward/") and k.endswith("_mean")]),
+              ("DCR", ["dcr/rectified_frac", "dcr/mean_target_prob", "groups/zero_variance_frac"]),
+              ("grad norm / entropy", ["grad_norm", "entropy"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+    steps = [r["step"] for r in rows]
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            ax.plot(steps, [r.get(k, float("nan")) for r in rows], label=k.split("/")[-1])
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: config_mod.Config) -> Path:
+    return Trainer(cfg).train()
