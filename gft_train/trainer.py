@@ -83,7 +83,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.cfg = cfg = cfg.resolved()
-        self.acc = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+        # cpu=True without CUDA: a multi-process launch on a CPU machine then runs real gloo DDP
+        # (without it, each process of `accelerate launch --multi_gpu` silently trains alone)
+        self.acc = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
         model, self.tokenizer = load_model(cfg.model)
@@ -101,7 +103,11 @@ class Trainer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=cfg.max_steps)
-        self.policy, self.optimizer, self.scheduler = self.acc.prepare(GFTPolicy(model), optimizer, scheduler)
+        self.policy, self.optimizer = self.acc.prepare(GFTPolicy(model), optimizer)
+        # The scheduler is not prepared: accelerate would step it once per process per optimizer
+        # step (it assumes a sharded dataloader); one step of ours is one global batch.
+        self.scheduler = scheduler
+        self.acc.register_for_checkpointing(self.scheduler)
         self.reward_fn = load_reward(cfg.reward)
         self.engine = None
         self.step = 0
