@@ -21,7 +21,8 @@ import triton.language as tl
 from .common import logits_tile
 
 
-@triton.jit
+# sizes are not specialized (each new shape would recompile); strides are, for vector loads
+@triton.jit(do_not_specialize=["V", "H", "pos_begin", "n_pos", "col_begin", "n_cols"])
 def gft_backward_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, order_ptr, n_active_ptr,

@@ -13,7 +13,8 @@ import triton.language as tl
 from .common import logits_tile
 
 
-@triton.jit
+# sizes are not specialized (each new shape would recompile); strides are, for vector loads
+@triton.jit(do_not_specialize=["N", "V", "H", "cols_per_split"])
 def gft_forward_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,
