@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-vllm_ok() { "$1/bin/python" -c "import vllm, math_verify, yaml" >/dev/null 2>&1; }
+vllm_ok() { "$1/bin/python" -c "import math_verify, yaml, xgrammar; from vllm import LLM, SamplingParams" >/dev/null 2>&1; }
 build_vllm_env() {
     # built under a temporary name and checked before it is moved into place
     local tmp=.venv-vllm.tmp

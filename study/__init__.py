@@ -1,0 +1,1 @@
+"""The paper's claims reproduced in miniature on the embedded arithmetic task (``python -m study``)."""
