@@ -13,6 +13,7 @@ from the newest complete one and reaches the same weights as an uninterrupted ru
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -224,7 +225,7 @@ class Trainer:
         for i, batch in enumerate(batches):
             batch = batch.to(acc.device)
             sync = i == len(batches) - 1
-            ctx = acc.no_sync(self.policy) if not sync else _null()
+            ctx = acc.no_sync(self.policy) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
                 loss, s = self.policy(batch.input_ids, batch.attention_mask, batch.labels, batch.adv,
                                       cfg.tau, normalizer)
@@ -298,14 +299,6 @@ class Trainer:
         if acc.is_main_process:
             plot_metrics(metrics_path, self.out / "training.png")
         return self.out / "final"
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:

@@ -15,7 +15,8 @@ import statistics as st
 from collections import defaultdict
 from pathlib import Path
 
-SEQS_PER_STEP = 128  # as study.run
+from .run import SEQS_PER_STEP
+
 
 
 def _agg(rows):

@@ -129,7 +129,7 @@ def run_one(spec: Spec, seed: int, out: Path, base: Path, budget: Budget) -> dic
     row = dict(name=spec.name, family=spec.family, x=spec.x, seed=seed,
                rectified=st.mean(m["dcr/rectified_frac"] for m in metrics),
                grad_cv=st.pstdev(grads) / max(st.mean(grads), 1e-12),
-               sequences=sum(1 for _ in range(cfg.max_steps)) * SEQS_PER_STEP,
+               sequences=cfg.max_steps * SEQS_PER_STEP,
                **evaluate(final, base, out, budget, seed), seconds=round(time.time() - start, 1))
     return row
 
