@@ -88,7 +88,7 @@ def _plots(agg, docs: Path, prefix: str) -> list[str]:
         ax2 = ax.twinx()
         ax2.plot(xs, [agg[n]["rectified"][0] for _, n in taus], color="tab:orange", marker="s", label="rectified fraction")
         ax2.set_ylabel("DCR-rectified fraction")
-        fig.legend(fontsize=7, loc="lower center")
+        fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.12, 0.97))
         fig.tight_layout()
         files.append(f"{prefix}tau.png")
         fig.savefig(docs / files[-1], dpi=110)
