@@ -92,6 +92,7 @@ def _error_scales(case: Case, tau, reduction, kwargs) -> dict:
     judged against the size of what was summed, not against its own tiny value.
     """
     from gft_kernels.head import gft_head
+    from gft_kernels.validation import broadcast_adv
     import torch.nn.functional as F
 
     h = case.hidden.reshape(-1, case.hidden.shape[-1])
@@ -103,9 +104,7 @@ def _error_scales(case: Case, tau, reduction, kwargs) -> dict:
         z = kwargs["softcap"] * torch.tanh(z / kwargs["softcap"])
     logp = z.log_softmax(-1).gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
-    adv = torch.broadcast_to(
-        case.adv.reshape(case.adv.shape[0], *[1] * (t.dim() and case.targets.dim() - 1))
-        if case.adv.dim() == 1 and case.targets.dim() >= 2 else case.adv, case.targets.shape).reshape(-1)
+    adv = broadcast_adv(case.adv, case.targets).reshape(-1)  # the API's own rule ([B] per sequence)
     terms = gft_head(logp, valid, adv.abs(), tau, "none", None).abs()
     loss = gft_head(logp, valid, adv, tau, reduction, kwargs.get("normalizer"))
     if reduction == "none":
