@@ -87,11 +87,11 @@ def _error_scales(case: Case, tau, reduction, kwargs) -> dict:
     """Condition-aware scales of the float64 truth (the bounds of floating-point dot products,
     |fl(a . b) - a . b| <~ n u |a| . |b|):
 
-    loss: the same reduction of |per-token terms|; dhidden: |dz| @ |W|; dweight: |dz|^T @ |h|;
+    loss: the same reduction of per-token |A| C max(|logp|, 1); dhidden: |dz| @ |W|; dweight: |dz|^T @ |h|;
     dbias: sum of |dz|; where dz = dL/d(h W^T + b). A result that cancels to nearly zero is
     judged against the size of what was summed, not against its own tiny value.
     """
-    from gft_kernels.head import gft_head
+    from gft_kernels.head import dcr_coefficient, gft_head
     from gft_kernels.validation import broadcast_adv
     import torch.nn.functional as F
 
@@ -105,13 +105,17 @@ def _error_scales(case: Case, tau, reduction, kwargs) -> dict:
     logp = z.log_softmax(-1).gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     adv = broadcast_adv(case.adv, case.targets).reshape(-1)  # the API's own rule ([B] per sequence)
-    terms = gft_head(logp, valid, adv.abs(), tau, "none", None).abs()
+    # per-token |A| C max(|logp|, 1 nat): as for logp itself, an absolute error e in logp is a
+    # relative error e in p, so a confident token's tiny -logp is not the scale of its rounding
+    coef = dcr_coefficient(logp.detach(), tau)
+    terms = torch.where(valid, adv.abs() * coef * logp.detach().abs().clamp_min(1.0), torch.zeros_like(coef))
     loss = gft_head(logp, valid, adv, tau, reduction, kwargs.get("normalizer"))
     if reduction == "none":
         objective = (loss * _upstream(case.targets.shape).to(loss.device).reshape(-1)).sum()
         loss_scale = terms.norm()
     else:
-        loss_scale = gft_head(logp.detach(), valid, adv.abs(), tau, reduction, kwargs.get("normalizer")).abs()
+        count = kwargs.get("normalizer") or valid.sum().clamp_min(1)
+        loss_scale = terms.sum() / (count if reduction == "mean" else 1)
         objective = loss
     (dlin,) = torch.autograd.grad(objective, lin)
     dlin = dlin.abs()

@@ -52,9 +52,11 @@ def _compare(prob, opts, dtype, backends):
 
 
 @given(prob=problems(), opts=options)
-def test_fp32_torch_and_reference_match_float64(prob, opts):
-    for backend, errs in _compare(prob, opts, torch.float32, ["reference", "torch"]).items():
-        assert max(errs.values()) < FP32_TOL, (backend, errs)
+def test_fp32_torch_matches_float64(prob, opts):
+    # Not the reference: in fp32 it is naive PyTorch, whose target column 1 - exp(logp) cancels
+    # for confident tokens (tests/test_numerics.py); it is proven in float64 and by the oracles.
+    errs = _compare(prob, opts, torch.float32, ["torch"])["torch"]
+    assert max(errs.values()) < FP32_TOL, errs
 
 
 @given(prob=problems(), opts=options)
