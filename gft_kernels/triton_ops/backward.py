@@ -21,8 +21,11 @@ import triton.language as tl
 from .common import logits_tile
 
 
-# sizes are not specialized (each new shape would recompile); strides are, for vector loads
-@triton.jit(do_not_specialize=["V", "H", "pos_begin", "n_pos", "col_begin", "n_cols"])
+# Triton specializes integers on divisibility by 16 (a few variants, not one per value). The
+# hidden size and the strides must be: a mask along H that is constant per 16 elements is what
+# lets the loads vectorize and the matmul loops pipeline (without it, no cp.async on sm_90; see
+# benchmarks/kernel_resources.py). Offsets that change every launch are left out.
+@triton.jit(do_not_specialize=["pos_begin", "n_pos", "col_begin", "n_cols"])
 def gft_backward_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, order_ptr, n_active_ptr,

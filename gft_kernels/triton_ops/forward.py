@@ -13,8 +13,9 @@ import triton.language as tl
 from .common import logits_tile
 
 
-# sizes are not specialized (each new shape would recompile); strides are, for vector loads
-@triton.jit(do_not_specialize=["N", "V", "H", "cols_per_split"])
+# H and the strides are specialized on divisibility by 16 (vector loads, pipelined loops; see
+# the backward kernel); the sizes that only bound rows and columns are not.
+@triton.jit(do_not_specialize=["N", "V", "cols_per_split"])
 def gft_forward_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,

@@ -17,6 +17,7 @@ decided on the device; programs read the active count and return early past it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -41,20 +42,60 @@ class Config:
     num_stages: int
 
 
-# A fixed default for CUDA (autotuning is future work, to be measured on the GPU), and small
-# tiles for the CPU interpreter so tests exercise many tiles, masks and splits.
+# A fixed default for CUDA, and small tiles for the CPU interpreter so tests exercise many tiles,
+# masks and splits. The CUDA tiles fit sm_90 without spilling and pipeline their loops
+# (`python -m benchmarks.kernel_resources`); which is fastest is for `benchmarks/tune.py` to
+# measure on the GPU, among the candidates below.
 CUDA_FWD = Config(block_m=128, block_v=128, block_k=64, block_h=0, num_warps=8, num_stages=3)
 CUDA_BWD = Config(block_m=128, block_v=128, block_k=64, block_h=64, num_warps=8, num_stages=3)
+# fp32 (ieee) products run on the FMA units with their operands in registers: the 16-bit tiles
+# would spill kilobytes per thread, these do not
+CUDA_FWD32 = Config(block_m=64, block_v=128, block_k=32, block_h=0, num_warps=8, num_stages=2)
+CUDA_BWD32 = Config(block_m=64, block_v=128, block_k=32, block_h=32, num_warps=8, num_stages=2)
 INTERP_FWD = Config(block_m=16, block_v=32, block_k=16, block_h=0, num_warps=1, num_stages=1)
 INTERP_BWD = Config(block_m=16, block_v=32, block_k=16, block_h=16, num_warps=1, num_stages=1)
+FWD_CANDIDATES = (
+    CUDA_FWD,
+    Config(block_m=128, block_v=128, block_k=64, block_h=0, num_warps=8, num_stages=4),
+    Config(block_m=128, block_v=128, block_k=32, block_h=0, num_warps=4, num_stages=4),
+    Config(block_m=64, block_v=128, block_k=64, block_h=0, num_warps=4, num_stages=3),
+    Config(block_m=256, block_v=128, block_k=64, block_h=0, num_warps=8, num_stages=3),
+)
+# The backward's fp32 atomics scale with 1/BLOCK_V (dH) and 1/BLOCK_M (dW): bigger tiles add
+# less, at the cost of registers.
+BWD_CANDIDATES = (
+    CUDA_BWD,
+    Config(block_m=128, block_v=128, block_k=64, block_h=128, num_warps=8, num_stages=3),
+    Config(block_m=128, block_v=128, block_k=64, block_h=64, num_warps=8, num_stages=2),
+    Config(block_m=64, block_v=128, block_k=64, block_h=64, num_warps=4, num_stages=3),
+    Config(block_m=256, block_v=128, block_k=64, block_h=32, num_warps=16, num_stages=2),
+    Config(block_m=128, block_v=256, block_k=64, block_h=32, num_warps=16, num_stages=2),
+)
+_cuda_override: tuple[Config, Config] | None = None
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(device: torch.device) -> tuple[Config, Config]:
-    return (CUDA_FWD, CUDA_BWD) if device.type == "cuda" else (INTERP_FWD, INTERP_BWD)
+@contextlib.contextmanager
+def cuda_configs(fwd: Config, bwd: Config):
+    """Launch with these CUDA tiles inside the block (for tuning; not thread-safe)."""
+    global _cuda_override
+    saved, _cuda_override = _cuda_override, (fwd, bwd)
+    try:
+        yield
+    finally:
+        _cuda_override = saved
+
+
+def tiles(device: torch.device, dtype: torch.dtype) -> tuple[Config, Config]:
+    """(forward, backward) tiles of a launch on this device with inputs of this dtype."""
+    if device.type != "cuda":
+        return INTERP_FWD, INTERP_BWD
+    if _cuda_override is not None:
+        return _cuda_override
+    return (CUDA_FWD32, CUDA_BWD32) if dtype == torch.float32 else (CUDA_FWD, CUDA_BWD)
 
 
 def _kernel_flags(weight: torch.Tensor) -> dict:
@@ -84,7 +125,7 @@ def _num_splits(n_blocks_m: int, n_blocks_v: int, device: torch.device) -> int:
 def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
     n, h_dim = hidden.shape
     v = weight.shape[0]
-    cfg, _ = _configs(hidden.device)
+    cfg, _ = tiles(hidden.device, weight.dtype)
     order, n_active = _active_order(valid)
     n_blocks_m = triton.cdiv(n, cfg.block_m)
     n_blocks_v = triton.cdiv(v, cfg.block_v)
@@ -150,7 +191,7 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
              scratch_fraction=None):
     n, h_dim = hidden.shape
     v = weight.shape[0]
-    _, cfg = _configs(hidden.device)
+    _, cfg = tiles(hidden.device, weight.dtype)
     order, n_active = _active_order(g != 0)
     plan = plan_backward(n, v, h_dim, weight.dtype, need_dh, need_dw, cfg, scratch_fraction)
     direct = weight.dtype == torch.float32  # accumulate straight into the fp32 gradients
