@@ -6,9 +6,11 @@
 #
 # 1. the kernel correctness suite on CUDA (bf16/fp16/fp32 against float64, small odd shapes and
 #    large ones), results as JUnit XML and a log;
-# 2. the benchmark against the baselines, rows (device, versions, date, shape, provider, time,
-#    memory, error) as CSV and plots;
-# 3. a short table last. Everything lands in OUT_DIR.
+# 2. the tile candidates timed at one shape (benchmarks/tune.py), to choose the defaults;
+# 3. the benchmark against the baselines, rows (device, versions, date, shape, provider, time,
+#    memory, error) as CSV and plots, and a short table last. Everything lands in OUT_DIR.
+# Budgets (about 6 minutes in all, under the 10-minute limit of one command): tests 150 s,
+# tuning 45 s, benchmark 150 s; each stage is cut at its budget and the next one still runs.
 #
 # Wheels the GPU machine lacks (liger-kernel, cut-cross-entropy) are prepared beforehand with
 # `bash benchmarks/prepare_wheels.sh` into ./wheels (git-ignored) and installed here offline.
@@ -39,15 +41,23 @@ else
     TESTS=(tests/test_gpu.py tests/test_special_cases.py tests/test_numerics.py tests/test_engines.py tests/test_backends_match_reference.py)
     export HYPOTHESIS_PROFILE=gpu
 fi
-timeout 240 "$PY" -m pytest -q -x --junitxml="$OUT/tests.xml" -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT/tests.log" | tail -15
+timeout 150 "$PY" -m pytest -q --junitxml="$OUT/tests.xml" -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT/tests.log" | tail -15
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 
-echo "== 2. benchmark =="
+echo "== 2. tiles =="
+if [ -n "$DRY" ]; then
+    TRITON_INTERPRET=1 "$PY" -m benchmarks.tune --smoke --out "$OUT" 2>&1 | tee "$OUT/tune.log"
+else
+    timeout 90 "$PY" -m benchmarks.tune --out "$OUT" --budget-s 45 2>&1 | tee "$OUT/tune.log"
+fi
+
+echo "== 3. benchmark =="
 if [ -n "$DRY" ]; then
     "$PY" -m benchmarks --quick --out "$OUT" 2>&1 | tee "$OUT/benchmark.log"
 else
-    # all providers at the focus shape and 4k-32k tokens of each model, within a time budget
-    timeout 330 "$PY" -m benchmarks --out "$OUT" --budget-s 240 2>&1 | tee "$OUT/benchmark.log"
+    # the focus shape, its zero-advantage sweep and precision first, then 4k-32k tokens of each
+    # model, within the time budget
+    timeout 240 "$PY" -m benchmarks --out "$OUT" --budget-s 150 2>&1 | tee "$OUT/benchmark.log"
 fi
 echo "== done in $(( $(date +%s) - start )) s; results in $OUT =="
 ls "$OUT"

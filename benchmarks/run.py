@@ -266,26 +266,40 @@ def main(argv=None) -> Path:
     tflops = matmul_tflops(device, dtype)
     print(f"{env['device']}: measured matmul rate {tflops:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+    stem = f"{env['date']}_{slug}{'_quick' if args.quick else ''}"
+    csv_path = out / f"{stem}.csv"
+    csv_file = csv_path.open("w", newline="")
+    writer = csv.DictWriter(csv_file, fieldnames=FIELDS, extrasaction="ignore")
+    writer.writeheader()
 
     def add(row):
+        # each row is on disk as soon as it is measured: a run cut by a timeout keeps its rows
         rows.append({**env, **{k: _fmt(v) for k, v in row.items()}})
+        writer.writerow(rows[-1])
+        csv_file.flush()
 
     def over_budget():
         return args.budget_s and time.time() - started > args.budget_s
 
-    for shape in shapes:
+    def run_shape(shape):
         for provider in providers:
             if over_budget():
                 add(dict(shape=shape.name, n=shape.n, h=shape.h, v=shape.v, provider=provider.name,
                          loss=provider.loss, zero_adv_frac=0.0, status="skipped: time budget"))
                 continue
             add(measure(provider, shape, dtype, device, tflops, quick=args.quick))
-    # zero-advantage sweep of the fused GFT providers, at the focus shape
+
+    # What every target needs comes first, so a time budget cuts only the extra shapes: the focus
+    # shape, its zero-advantage sweep (fused GFT providers) and the precision of every provider.
+    if focus in shapes:
+        run_shape(focus)
     for provider in [p for p in providers if p.name.startswith("gft_")]:
         for frac in (0.5, 0.9) + ((0.0,) if focus not in shapes else ()):
             if not over_budget():
                 add(measure(provider, focus, dtype, device, tflops, zero_adv_frac=frac, quick=args.quick))
-    # precision at one shape
     prec_shape = focus if device.type == "cpu" else Shape("qwen2.5-1.5b", 4096, *MODELS["qwen2.5-1.5b"])
     for provider in providers:
         if over_budget():
@@ -294,16 +308,11 @@ def main(argv=None) -> Path:
         if errs:
             add(dict(shape=prec_shape.name, n=prec_shape.n, h=prec_shape.h, v=prec_shape.v, provider=provider.name,
                      loss=provider.loss, zero_adv_frac=0.0, status="precision", dtype=str(dtype)[6:], **errs))
+    for shape in shapes:
+        if shape != focus:
+            run_shape(shape)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
-    stem = f"{env['date']}_{slug}{'_quick' if args.quick else ''}"
-    csv_path = out / f"{stem}.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_file.close()
     for shape in shapes:
         plot(rows, out / f"{stem}_{shape.name}.png", shape.name)
     print_table(rows)

@@ -23,7 +23,6 @@ MODELS = {
 }
 TOKENS = (4096, 8192, 16384, 32768)
 
-GPU_SHAPES = [Shape(m, n, h, v) for m, (h, v) in MODELS.items() for n in TOKENS]
 # The shape where every provider, the compiled one included, and the precision check run.
 GPU_FOCUS = Shape("gemma-2-2b", 8192, 2304, 256000)
 # Small enough for a 2-core CPU in seconds.

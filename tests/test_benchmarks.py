@@ -38,3 +38,5 @@ def test_gpu_check_runs_dry(tmp_path):
     assert "tests exit: 0" in (out / "tests.log").read_text()
     assert (out / "tests.xml").exists() and (out / "environment.txt").exists()
     assert list(out.glob("*.csv")) and list(out.glob("*.png"))
+    tune = list(out.glob("tune_*.csv"))
+    assert tune and "forward" in tune[0].read_text() and "backward" in tune[0].read_text()
