@@ -1,11 +1,19 @@
-"""Peak resident memory of the GFT loss on the CPU, forward + backward, in a fresh process.
+"""Memory of the GFT loss on the CPU: what a CPU user pays, and what the GPU launcher plans.
 
     python -m benchmarks.cpu_memory [--provider torch|reference] [--n 4096 --v 32000 --h 256]
+    python -m benchmarks.cpu_memory --launcher      # the Triton launcher's plan at the GPU shapes
 
 Peak RSS (``ru_maxrss``) is what a CPU user pays, allocator slack included. The "extra" memory
 is the peak minus the resident size after the inputs exist, minus the gradients themselves;
 it is reported in units of one ``N x V`` fp32 logits buffer. Each measurement runs in its own
 subprocess, since the peak of a process never goes down.
+
+``launcher_peak`` answers, without a GPU, whether the fused engine meets the memory target
+(peak within 1.05x of the gradients): it runs the Triton launcher on CPU tensors at the real
+shapes with the two kernels replaced by no-ops (they allocate nothing; every buffer around
+them is the launcher's) and the CUDA tiles, and follows every tensor storage the op creates
+from birth to death. That is the op's ``max_memory_allocated`` on a GPU, up to the caching
+allocator's 512-byte rounding. ``tests/test_gpu.py`` measures the real one.
 """
 from __future__ import annotations
 
@@ -15,7 +23,13 @@ import resource
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gft_kernels
 
 
 def _rss_bytes() -> int:
@@ -23,10 +37,6 @@ def _rss_bytes() -> int:
 
 
 def _measure_here(provider: str, n: int, v: int, h: int) -> dict:
-    import torch
-
-    import gft_kernels
-
     torch.manual_seed(0)
     hidden = torch.randn(n, h).requires_grad_()
     weight = (torch.randn(v, h) * h**-0.5).requires_grad_()
@@ -46,6 +56,59 @@ def _measure_here(provider: str, n: int, v: int, h: int) -> dict:
                 extra_over_logits=round(extra / logits_bytes, 3))
 
 
+class _StorageTracker(TorchDispatchMode):
+    """Live bytes of the storages created inside the mode (views and inputs not counted)."""
+
+    def __init__(self, *existing):
+        super().__init__()
+        self.sizes = {t.untyped_storage().data_ptr(): 0 for t in existing}
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.sizes and storage.nbytes():
+                    self.sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key)
+        return out
+
+    def _freed(self, key):
+        self.live -= self.sizes.pop(key)
+
+
+class _NoKernel:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: float = 0.0) -> dict:
+    """Peak bytes the Triton engine allocates for forward + backward at this shape (see above)."""
+    from gft_kernels.triton_ops import launch
+
+    hidden = torch.zeros(n, h, dtype=dtype, requires_grad=True)
+    weight = torch.zeros(v, h, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    adv = torch.randn(n)
+    adv[: int(zero_adv_frac * n)] = 0.0
+    cuda = torch.device("cuda")
+    saved = launch.gft_forward_kernel, launch.gft_backward_kernel, launch.tiles
+    launch.gft_forward_kernel = launch.gft_backward_kernel = _NoKernel()
+    launch.tiles = lambda device, dt: saved[2](cuda, dt)
+    try:
+        with _StorageTracker(hidden, weight, targets, adv) as tracker:
+            gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, backend="triton", check_values=False).backward()
+    finally:
+        launch.gft_forward_kernel, launch.gft_backward_kernel, launch.tiles = saved
+    bound = (hidden.numel() + weight.numel()) * hidden.element_size()
+    return dict(n=n, v=v, h=h, dtype=str(dtype).replace("torch.", ""), peak_mib=round(tracker.peak / 2**20, 1),
+                lower_bound_mib=round(bound / 2**20, 1), peak_over_bound=round(tracker.peak / bound, 4))
+
+
 def measure(provider: str = "torch", n: int = 4096, v: int = 32000, h: int = 256) -> dict:
     """Run one measurement in a fresh Python process; returns its row."""
     out = subprocess.run(
@@ -63,7 +126,15 @@ def main(argv=None) -> None:
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--h", type=int, default=256)
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--launcher", action="store_true", help="the Triton launcher's planned peak at the GPU shapes")
     args = ap.parse_args(argv)
+    if args.launcher:
+        from .shapes import MODELS, TOKENS
+
+        for model, (h, v) in MODELS.items():
+            for n in TOKENS:
+                print(json.dumps(dict(model=model, **launcher_peak(n, v, h))))
+        return
     if args.inner:
         print(json.dumps(_measure_here(args.provider, args.n, args.v, args.h)))
         return

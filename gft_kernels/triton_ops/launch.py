@@ -187,6 +187,14 @@ def plan_backward(n, v, h_dim, dtype, need_dh, need_dw, cfg: Config, scratch_fra
     return BackwardPlan(fused=fused, rows_per_chunk=min(rows, n), cols_per_chunk=min(cols, v))
 
 
+def _copy_rows(dst, index, src32, pieces=8):
+    """dst[index] = src32 in dst's dtype, in pieces: the rounded copy of the whole fp32 scratch
+    would be a temporary of half its size, beyond the memory budget."""
+    step = max(1, -(-src32.shape[0] // pieces))
+    for r0 in range(0, src32.shape[0], step):
+        dst.index_copy_(0, index[r0:r0 + step], src32[r0:r0 + step].to(dst.dtype))
+
+
 def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db,
              scratch_fraction=None):
     n, h_dim = hidden.shape
@@ -217,12 +225,10 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
         )
 
-    # Pass over the vocabulary: dW (and db; and dH too when fused), chunk by chunk.
-    vocab_pass = need_dw or need_db and not need_dh
-    dh_fused = None
-    if plan.fused and need_dh and need_dw:
-        dh_fused = dh if direct else torch.zeros(n, h_dim, device=hidden.device, dtype=torch.float32)
-    if vocab_pass:
+    # Each pass is a function so that its scratch (and every view of it) is freed on return,
+    # before the next pass allocates its own: the two never coexist in the peak.
+    def vocab_pass(dh_fused):
+        """dW (and db; and dH too when fused), vocabulary chunk by vocabulary chunk."""
         scratch_w = None
         if need_dw and not direct:
             scratch_w = torch.empty(plan.cols_per_chunk, h_dim, device=weight.device, dtype=torch.float32)
@@ -234,21 +240,30 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
             launch(dh_fused, direct, acc_w, need_db, 0, n, c0, nc)
             if need_dw and not direct:
                 dw[c0:c0 + nc].copy_(acc_w)
-        if dh_fused is not None and not direct:
-            dh.index_copy_(0, order, dh_fused.to(hidden.dtype))
 
-    # Pass over the tokens: dH when it was not fused into the vocabulary pass.
-    if need_dh and dh_fused is None:
-        do_db = need_db and not vocab_pass
+    def token_pass(do_db):
+        """dH, token chunk by token chunk (one launch when fp32 adds straight into dH)."""
         if direct:
             launch(dh, True, None, do_db, 0, n, 0, v)
+            return
+        scratch_h = torch.empty(plan.rows_per_chunk, h_dim, device=hidden.device, dtype=torch.float32)
+        for r0 in range(0, n, plan.rows_per_chunk):
+            nr = min(plan.rows_per_chunk, n - r0)
+            acc_h = scratch_h[:nr].zero_()
+            launch(acc_h, False, None, do_db, r0, nr, 0, v)
+            _copy_rows(dh, order[r0:r0 + nr], acc_h)
+
+    fused = plan.fused and need_dh and need_dw
+    if need_dw or need_db and not need_dh:
+        if fused and not direct:
+            dh_fused = torch.zeros(n, h_dim, device=hidden.device, dtype=torch.float32)
+            vocab_pass(dh_fused)
+            _copy_rows(dh, order, dh_fused)
+            del dh_fused
         else:
-            scratch_h = torch.empty(plan.rows_per_chunk, h_dim, device=hidden.device, dtype=torch.float32)
-            for r0 in range(0, n, plan.rows_per_chunk):
-                nr = min(plan.rows_per_chunk, n - r0)
-                acc_h = scratch_h[:nr].zero_()
-                launch(acc_h, False, None, do_db, r0, nr, 0, v)
-                dh.index_copy_(0, order[r0:r0 + nr], acc_h.to(hidden.dtype))
+            vocab_pass(dh if fused else None)
+    if need_dh and not fused:
+        token_pass(do_db=need_db and not need_dw)
 
     db = None if db32 is None else db32.to(bias.dtype)
     return dh, dw, db
