@@ -56,6 +56,11 @@ def environment(device: torch.device) -> dict:
     )
 
 
+def device_slug(env: dict) -> str:
+    """The device's name as a file name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+
+
 def make_inputs(shape: Shape, dtype, device, zero_adv_frac=0.0, seed=0):
     """Hidden states, lm_head, targets (prompt tokens ignored) and per-sequence advantages."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -268,8 +273,7 @@ def main(argv=None) -> Path:
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
-    stem = f"{env['date']}_{slug}{'_quick' if args.quick else ''}"
+    stem = f"{env['date']}_{device_slug(env)}{'_quick' if args.quick else ''}"
     csv_path = out / f"{stem}.csv"
     csv_file = csv_path.open("w", newline="")
     writer = csv.DictWriter(csv_file, fieldnames=FIELDS, extrasaction="ignore")

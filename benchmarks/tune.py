@@ -20,7 +20,7 @@ import torch
 
 from gft_kernels.triton_ops import launch
 
-from .run import environment, make_inputs, time_ms
+from .run import device_slug, environment, make_inputs, time_ms
 from .shapes import MODELS, Shape
 
 FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "default",
@@ -62,8 +62,7 @@ def main(argv=None) -> Path:
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")[:40]
-    path = out / f"tune_{env['date']}_{slug}.csv"
+    path = out / f"tune_{env['date']}_{device_slug(env)}.csv"
     csv_file = path.open("w", newline="")
     writer = csv.DictWriter(csv_file, fieldnames=FIELDS, extrasaction="ignore")
     writer.writeheader()
