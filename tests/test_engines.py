@@ -23,6 +23,29 @@ def test_every_backward_plan_gives_the_same_gradients(fraction, dtype, monkeypat
         assert all(errs[k] <= 1.5 * naive[k] + EPS[dtype] for k in errs), (errs, naive)
 
 
+_CUDA_TILES = sorted({*launch.FWD_CANDIDATES, *launch.BWD_CANDIDATES, launch.CUDA_FWD32, launch.CUDA_BWD32},
+                     key=lambda c: (c.block_h > 0, c.block_m, c.block_v, c.block_k, c.block_h, c.num_warps, c.num_stages))
+
+
+@pytest.mark.parametrize("tile", _CUDA_TILES, ids=lambda c: f"{c.block_m}x{c.block_v}x{c.block_k}h{c.block_h}w{c.num_warps}s{c.num_stages}")
+@pytest.mark.parametrize("fraction", [0.005, 100.0], ids=["chunked-split", "fused"])
+def test_every_cuda_tile_computes_the_same_loss(tile, fraction, monkeypatch):
+    """The GPU's tile sizes (defaults and tuning candidates), not just the interpreter's small
+    ones: partial row, column and H blocks at every size, through the interpreter on a CPU."""
+    monkeypatch.setattr(launch, "SCRATCH_FRACTION", fraction)
+    fwd = tile if tile.block_h == 0 else launch.CUDA_FWD
+    bwd = tile if tile.block_h > 0 else launch.CUDA_BWD
+    if DEVICE.type == "cuda":
+        monkeypatch.setattr(launch, "_cuda_override", (fwd, bwd))
+    else:
+        monkeypatch.setattr(launch, "tiles", lambda device, dtype: (fwd, bwd))
+    # 300 rows and 520 columns leave partial blocks of every candidate; H = 96 a partial K/H block
+    case = make_case((300,), vocab=520, hidden_dim=96, bias=True, ignore_frac=0.2, zero_adv_frac=0.3, seed=5)
+    truth = run(case, torch.float64, "reference")
+    errs = errors(run(case, torch.float32, "triton"), truth)
+    assert max(errs.values()) < 1e-5, errs
+
+
 def test_plan_is_fused_only_when_the_dhidden_accumulator_fits():
     cfg = launch.CUDA_BWD
     small_n = launch.plan_backward(512, 151936, 1536, torch.bfloat16, True, True, cfg)
