@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 
 from gft_kernels.triton_ops.backward import gft_backward_kernel
 from gft_kernels.triton_ops.forward import gft_forward_kernel
-from gft_kernels.triton_ops.launch import BWD_CANDIDATES, FWD_CANDIDATES, Config, tiles
+from gft_kernels.triton_ops.launch import BWD_CANDIDATES, BWD_GROUP_M, FWD_CANDIDATES, Config, tiles
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # H100/H200: the most shared memory one block may opt into
@@ -85,7 +85,7 @@ def compile_variant(v: Variant, arch: int = 90, aligned: bool = True):
     constexprs = dict(v.flags, UPCAST=False, INPUT_PRECISION="ieee",
                       BLOCK_M=c.block_m, BLOCK_V=c.block_v, BLOCK_K=c.block_k)
     if v.kernel == "backward":
-        constexprs["BLOCK_H"] = c.block_h
+        constexprs.update(BLOCK_H=c.block_h, GROUP_M=BWD_GROUP_M)
     inputs = {"h_ptr", "w_ptr", "b_ptr"}
     int64 = {"tgt_ptr", "order_ptr"}
     sig = {}

@@ -3,8 +3,9 @@
     python -m benchmarks.tune [--out DIR] [--model gemma-2-2b] [--tokens 8192] [--budget-s 60]
 
 Each forward candidate (``FWD_CANDIDATES`` in ``gft_kernels/triton_ops/launch.py``) is timed on
-the forward kernel alone, each backward candidate on the backward alone (the fused plan: dH and
-dW from one recomputed tile), both at one benchmark shape in bf16. Every candidate's outputs are
+the forward kernel alone, each backward candidate on the backward alone (its plan at this
+shape), both at one benchmark shape in bf16, and the backward's program grouping
+(``BWD_GROUP_M``) at a few values. Every candidate's outputs are
 compared with the default tiles' outputs, so a fast tile that computes something else shows up
 as a mismatch, not as a winner. Rows go to ``DIR/tune_<date>_<device>.csv`` and a table. The
 tiles were checked to compile and fit sm_90 beforehand (``python -m benchmarks.kernel_resources --sweep``).
@@ -23,7 +24,7 @@ from gft_kernels.triton_ops import launch
 from .run import device_slug, environment, make_inputs, time_ms
 from .shapes import MODELS, Shape
 
-FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "default",
+FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "group_m", "default",
           "status", "ms", "tflops", "err_vs_default"]
 
 
@@ -69,7 +70,8 @@ def main(argv=None) -> Path:
 
     def row(kernel, cfg, **kw):  # written at once: a run cut by a timeout keeps its rows
         writer.writerow(dict(env, shape=shape.name, n=shape.n, h=shape.h, v=shape.v, kernel=kernel, tiles=_tiles(cfg),
-                             default=cfg == (default_fwd if kernel == "forward" else default_bwd), **kw))
+                             default=cfg == (default_fwd if kernel == "forward" else default_bwd)
+                             and kw["group_m"] == launch.BWD_GROUP_M, **kw))
         csv_file.flush()
 
     def fwd():
@@ -81,31 +83,39 @@ def main(argv=None) -> Path:
         return launch.backward(hidden, weight, None, targets, m, log_s, q, g, 1.0, None, True, True, False)
 
     ref_dh, ref_dw, _ = bwd()
-    for kernel, candidates in (("forward", launch.FWD_CANDIDATES), ("backward", launch.BWD_CANDIDATES)):
-        for cfg in candidates:
-            if args.budget_s and time.time() - started > args.budget_s:
-                row(kernel, cfg, status="skipped: time budget")
-                continue
-            fwd_cfg, bwd_cfg = (cfg, default_bwd) if kernel == "forward" else (default_fwd, cfg)
-            try:
-                with launch.cuda_configs(fwd_cfg, bwd_cfg):
-                    if kernel == "forward":
-                        err = _rel(fwd()[0], ref_logp)
-                        ms = time_ms(fwd, device, quick=args.smoke)
-                        products = 1
-                    else:
-                        dh, dw, _ = bwd()
-                        err = max(_rel(dh, ref_dh), _rel(dw, ref_dw))
-                        ms = time_ms(bwd, device, quick=args.smoke)
-                        plan = launch.plan_backward(shape.n, shape.v, shape.h, dtype, True, True, bwd_cfg)
-                        products = 3 if plan.fused else 4
-            except Exception as e:  # a tile the device rejects (e.g. out of resources) is a result
-                row(kernel, cfg, status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
-                continue
-            status = "ok" if err < 1e-2 else "mismatch"
-            row(kernel, cfg, status=status, ms=round(ms, 3), tflops=round(products * flop / ms / 1e9, 1),
-                err_vs_default=float(f"{err:.3g}"))
-            print(f"{kernel:<8} {_tiles(cfg):<28} {status:<8} {ms:8.2f} ms  {products * flop / ms / 1e9:6.1f} TFLOP/s  err {err:.2g}")
+    # What to time, most telling first (a budget cuts the tail): the defaults, the backward's
+    # program order (row blocks per group; 1: programs running together share rows, 1 << 20:
+    # they share columns, the plain row-major order), then the other tiles.
+    gm0 = launch.BWD_GROUP_M
+    trials = [("forward", gm0, default_fwd), ("backward", gm0, default_bwd)]
+    trials += [("backward", gm, default_bwd) for gm in (1, 32, 1 << 20) if gm != gm0]
+    trials += [("forward", gm0, c) for c in launch.FWD_CANDIDATES if c != default_fwd]
+    trials += [("backward", gm0, c) for c in launch.BWD_CANDIDATES if c != default_bwd]
+    for kernel, group_m, cfg in trials:
+        if args.budget_s and time.time() - started > args.budget_s:
+            row(kernel, cfg, status="skipped: time budget", group_m=group_m)
+            continue
+        fwd_cfg, bwd_cfg = (cfg, default_bwd) if kernel == "forward" else (default_fwd, cfg)
+        try:
+            with launch.cuda_configs(fwd_cfg, bwd_cfg, group_m):
+                if kernel == "forward":
+                    err = _rel(fwd()[0], ref_logp)
+                    ms = time_ms(fwd, device, quick=args.smoke)
+                    products = 1
+                else:
+                    dh, dw, _ = bwd()
+                    err = max(_rel(dh, ref_dh), _rel(dw, ref_dw))
+                    ms = time_ms(bwd, device, quick=args.smoke)
+                    fused = launch.plan_backward(shape.n, shape.v, shape.h, dtype, True, True, bwd_cfg).fused
+                    products = 3 if fused else 4
+        except Exception as e:  # a tile the device rejects (e.g. out of resources) is a result
+            row(kernel, cfg, status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}", group_m=group_m)
+            continue
+        status = "ok" if err < 1e-2 else "mismatch"
+        tflops = products * flop / ms / 1e9
+        row(kernel, cfg, status=status, group_m=group_m, ms=round(ms, 3), tflops=round(tflops, 1),
+            err_vs_default=float(f"{err:.3g}"))
+        print(f"{kernel:<8} {_tiles(cfg):<28} group {group_m:<8} {status:<8} {ms:8.2f} ms  {tflops:6.1f} TFLOP/s  err {err:.2g}")
 
     csv_file.close()
     print(f"rows: {path}  ({time.time() - started:.0f} s)")

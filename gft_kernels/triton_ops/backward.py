@@ -40,9 +40,20 @@ def gft_backward_kernel(
     COMPUTE_DH: tl.constexpr, DH_BY_ROW: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Grouped order over a 1-D grid: consecutive programs cover GROUP_M row blocks x all column
+    # blocks, column-major within the group. Programs running at the same time then add into
+    # ~GROUP_M dH regions and ~(#SMs / GROUP_M) dW regions, instead of all of them into the same
+    # dW rows (row-major order), where same-address atomics would serialize.
+    pid = tl.program_id(0)
+    n_pm = tl.cdiv(n_pos, BLOCK_M)
+    n_pv = tl.cdiv(n_cols, BLOCK_V)
+    per_group = GROUP_M * n_pv
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_pm - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_v = (pid % per_group) // group_rows
     n_active = tl.load(n_active_ptr)
     first = pos_begin + pid_m * BLOCK_M
     if first >= n_active:  # every remaining row has g == 0: skipped entirely

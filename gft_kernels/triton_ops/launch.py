@@ -72,6 +72,8 @@ BWD_CANDIDATES = (
     Config(block_m=128, block_v=256, block_k=64, block_h=32, num_warps=16, num_stages=2),
 )
 _cuda_override: tuple[Config, Config] | None = None
+# row blocks per group in the backward's program order (see backward.py)
+BWD_GROUP_M = 8
 
 
 def interpreting() -> bool:
@@ -79,14 +81,17 @@ def interpreting() -> bool:
 
 
 @contextlib.contextmanager
-def cuda_configs(fwd: Config, bwd: Config):
-    """Launch with these CUDA tiles inside the block (for tuning; not thread-safe)."""
-    global _cuda_override
-    saved, _cuda_override = _cuda_override, (fwd, bwd)
+def cuda_configs(fwd: Config, bwd: Config, bwd_group_m: int | None = None):
+    """Launch with these CUDA tiles (and backward program grouping) inside the block, for
+    tuning; not thread-safe."""
+    global _cuda_override, BWD_GROUP_M
+    saved = _cuda_override, BWD_GROUP_M
+    _cuda_override = (fwd, bwd)
+    BWD_GROUP_M = BWD_GROUP_M if bwd_group_m is None else bwd_group_m
     try:
         yield
     finally:
-        _cuda_override = saved
+        _cuda_override, BWD_GROUP_M = saved
 
 
 def tiles(device: torch.device, dtype: torch.dtype) -> tuple[Config, Config]:
@@ -209,7 +214,7 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
     db32 = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_db else None
 
     def launch(dh_acc, dh_by_row, dw_acc, do_db, pos_begin, n_pos, col_begin, n_cols):
-        grid = (triton.cdiv(n_pos, cfg.block_m), triton.cdiv(n_cols, cfg.block_v))
+        grid = (triton.cdiv(n_pos, cfg.block_m) * triton.cdiv(n_cols, cfg.block_v),)
         dummy = q
         gft_backward_kernel[grid](
             hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g, order, n_active,
@@ -222,7 +227,7 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
             COMPUTE_DH=dh_acc is not None, DH_BY_ROW=dh_by_row, COMPUTE_DW=dw_acc is not None,
             COMPUTE_DB=do_db,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
+            GROUP_M=BWD_GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
         )
 
     # Each pass is a function so that its scratch (and every view of it) is freed on return,
