@@ -5,7 +5,7 @@
 Each forward candidate (``FWD_CANDIDATES`` in ``gft_kernels/triton_ops/launch.py``) is timed on
 the forward kernel alone, each backward candidate on the backward alone (its plan at this
 shape), both at one benchmark shape in bf16, and the backward's program grouping
-(``BWD_GROUP_M``) at a few values. Every candidate's outputs are
+(``BWD_GROUP_M``) and the forward's grid size (``FWD_PROGRAMS_PER_SM``) at a few values. Every candidate's outputs are
 compared with the default tiles' outputs, so a fast tile that computes something else shows up
 as a mismatch, not as a winner. Rows go to ``DIR/tune_<date>_<device>.csv`` and a table. The
 tiles were checked to compile and fit sm_90 beforehand (``python -m benchmarks.kernel_resources --sweep``).
@@ -24,7 +24,7 @@ from gft_kernels.triton_ops import launch
 from .run import device_slug, environment, make_inputs, time_ms
 from .shapes import MODELS, Shape
 
-FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "group_m", "default",
+FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "group_m", "programs_per_sm", "default",
           "status", "ms", "tflops", "err_vs_default"]
 
 
@@ -71,7 +71,8 @@ def main(argv=None) -> Path:
     def row(kernel, cfg, **kw):  # written at once: a run cut by a timeout keeps its rows
         writer.writerow(dict(env, shape=shape.name, n=shape.n, h=shape.h, v=shape.v, kernel=kernel, tiles=_tiles(cfg),
                              default=cfg == (default_fwd if kernel == "forward" else default_bwd)
-                             and kw["group_m"] == launch.BWD_GROUP_M, **kw))
+                             and kw["group_m"] == launch.BWD_GROUP_M
+                             and kw["programs_per_sm"] == launch.FWD_PROGRAMS_PER_SM, **kw))
         csv_file.flush()
 
     def fwd():
@@ -85,19 +86,21 @@ def main(argv=None) -> Path:
     ref_dh, ref_dw, _ = bwd()
     # What to time, most telling first (a budget cuts the tail): the defaults, the backward's
     # program order (row blocks per group; 1: programs running together share rows, 1 << 20:
-    # they share columns, the plain row-major order), then the other tiles.
-    gm0 = launch.BWD_GROUP_M
-    trials = [("forward", gm0, default_fwd), ("backward", gm0, default_bwd)]
-    trials += [("backward", gm, default_bwd) for gm in (1, 32, 1 << 20) if gm != gm0]
-    trials += [("forward", gm0, c) for c in launch.FWD_CANDIDATES if c != default_fwd]
-    trials += [("backward", gm0, c) for c in launch.BWD_CANDIDATES if c != default_bwd]
-    for kernel, group_m, cfg in trials:
+    # they share columns, the plain row-major order), the forward's grid size, the other tiles.
+    gm0, pps0 = launch.BWD_GROUP_M, launch.FWD_PROGRAMS_PER_SM
+    trials = [("forward", gm0, pps0, default_fwd), ("backward", gm0, pps0, default_bwd)]
+    trials += [("backward", gm, pps0, default_bwd) for gm in (1, 32, 1 << 20) if gm != gm0]
+    trials += [("forward", gm0, pps, default_fwd) for pps in (4, 64) if pps != pps0]
+    trials += [("forward", gm0, pps0, c) for c in launch.FWD_CANDIDATES if c != default_fwd]
+    trials += [("backward", gm0, pps0, c) for c in launch.BWD_CANDIDATES if c != default_bwd]
+    for kernel, group_m, programs_per_sm, cfg in trials:
+        knobs = dict(group_m=group_m, programs_per_sm=programs_per_sm)
         if args.budget_s and time.time() - started > args.budget_s:
-            row(kernel, cfg, status="skipped: time budget", group_m=group_m)
+            row(kernel, cfg, status="skipped: time budget", **knobs)
             continue
         fwd_cfg, bwd_cfg = (cfg, default_bwd) if kernel == "forward" else (default_fwd, cfg)
         try:
-            with launch.cuda_configs(fwd_cfg, bwd_cfg, group_m):
+            with launch.cuda_configs(fwd_cfg, bwd_cfg, group_m, programs_per_sm):
                 if kernel == "forward":
                     err = _rel(fwd()[0], ref_logp)
                     ms = time_ms(fwd, device, quick=args.smoke)
@@ -109,13 +112,13 @@ def main(argv=None) -> Path:
                     fused = launch.plan_backward(shape.n, shape.v, shape.h, dtype, True, True, bwd_cfg).fused
                     products = 3 if fused else 4
         except Exception as e:  # a tile the device rejects (e.g. out of resources) is a result
-            row(kernel, cfg, status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}", group_m=group_m)
+            row(kernel, cfg, status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}", **knobs)
             continue
         status = "ok" if err < 1e-2 else "mismatch"
         tflops = products * flop / ms / 1e9
-        row(kernel, cfg, status=status, group_m=group_m, ms=round(ms, 3), tflops=round(tflops, 1),
+        row(kernel, cfg, status=status, **knobs, ms=round(ms, 3), tflops=round(tflops, 1),
             err_vs_default=float(f"{err:.3g}"))
-        print(f"{kernel:<8} {_tiles(cfg):<28} group {group_m:<8} {status:<8} {ms:8.2f} ms  {tflops:6.1f} TFLOP/s  err {err:.2g}")
+        print(f"{kernel:<8} {_tiles(cfg):<28} group {group_m:<8} per-SM {programs_per_sm:<3} {status:<8} {ms:8.2f} ms  {tflops:6.1f} TFLOP/s  err {err:.2g}")
 
     csv_file.close()
     print(f"rows: {path}  ({time.time() - started:.0f} s)")

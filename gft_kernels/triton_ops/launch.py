@@ -74,6 +74,11 @@ BWD_CANDIDATES = (
 _cuda_override: tuple[Config, Config] | None = None
 # row blocks per group in the backward's program order (see backward.py)
 BWD_GROUP_M = 8
+# Forward programs per SM the vocabulary splits aim at. The 16-bit forward tile holds one
+# program per SM (255 registers x 256 threads), so the grid runs in waves of #SMs programs of
+# equal work; many waves make the last, partly idle one a small fraction. The merge costs
+# O(splits x N) floats.
+FWD_PROGRAMS_PER_SM = 16
 
 
 def interpreting() -> bool:
@@ -81,17 +86,18 @@ def interpreting() -> bool:
 
 
 @contextlib.contextmanager
-def cuda_configs(fwd: Config, bwd: Config, bwd_group_m: int | None = None):
-    """Launch with these CUDA tiles (and backward program grouping) inside the block, for
-    tuning; not thread-safe."""
-    global _cuda_override, BWD_GROUP_M
-    saved = _cuda_override, BWD_GROUP_M
+def cuda_configs(fwd: Config, bwd: Config, bwd_group_m: int | None = None, fwd_programs_per_sm: int | None = None):
+    """Launch with these CUDA tiles (and backward grouping, forward grid size) inside the
+    block, for tuning; not thread-safe."""
+    global _cuda_override, BWD_GROUP_M, FWD_PROGRAMS_PER_SM
+    saved = _cuda_override, BWD_GROUP_M, FWD_PROGRAMS_PER_SM
     _cuda_override = (fwd, bwd)
-    BWD_GROUP_M = BWD_GROUP_M if bwd_group_m is None else bwd_group_m
+    BWD_GROUP_M = bwd_group_m or BWD_GROUP_M
+    FWD_PROGRAMS_PER_SM = fwd_programs_per_sm or FWD_PROGRAMS_PER_SM
     try:
         yield
     finally:
-        _cuda_override, BWD_GROUP_M = saved
+        _cuda_override, BWD_GROUP_M, FWD_PROGRAMS_PER_SM = saved
 
 
 def tiles(device: torch.device, dtype: torch.dtype) -> tuple[Config, Config]:
@@ -119,12 +125,16 @@ def _active_order(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, n_active
 
 
+def _sm_count(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
 def _num_splits(n_blocks_m: int, n_blocks_v: int, device: torch.device) -> int:
     """Vocabulary splits so the forward grid fills the device (flash-decoding style)."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_blocks_v // 8, triton.cdiv(target, max(n_blocks_m, 1))))
-    return min(3, n_blocks_v)  # the interpreter: enough to test the merge
+    sms = _sm_count(device)
+    if sms is None:
+        return min(3, n_blocks_v)  # the interpreter: enough to test the merge
+    return max(1, min(n_blocks_v // 8, triton.cdiv(FWD_PROGRAMS_PER_SM * sms, max(n_blocks_m, 1))))
 
 
 def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
