@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference, torch_backend
-from .fused import LinearLogProb
+from .fused import fused_logprobs
 from .head import GFTStats, gft_head, head_stats
 from .validation import check_backend, check_input_values, check_options, check_tensors, split_lm_head
 
@@ -98,7 +98,7 @@ def gft_loss(
         logp = (hidden2d.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
         entropy = logp.detach()
     else:
-        logp, entropy = LinearLogProb.apply(
+        logp, entropy = fused_logprobs(
             _engine(backend), hidden2d, weight, bias, safe_targets, valid,
             temperature, softcap, return_stats,
         )

@@ -75,3 +75,12 @@ def finish_logprob(m, s_excl, z_t, s_all=None, t=None):
     if t is not None:
         entropy = s_all.log() - t / s_all
     return logp, log_s, q, entropy
+
+
+@torch.compiler.disable
+def fused_logprobs(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
+    """``LinearLogProb`` applied eagerly, also inside ``torch.compile``d code: dynamo graph-breaks
+    here instead of tracing the chunk loops and kernel launches (which it would unroll per
+    shape, or cannot trace at all through Triton's CPU interpreter). The model around the loss
+    still compiles; gradients flow through the break."""
+    return LinearLogProb.apply(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import gft_kernels
 from gft_kernels import torch_backend
 from gft_kernels.triton_ops import launch
 from helpers import DEVICE, EPS, errors, make_case, run
@@ -117,3 +118,28 @@ def test_torch_engine_computes_float64_in_float64():
     res = run(case, torch.float64, "torch", tau=0.7)
     assert res.stats.logp.dtype == torch.float64
     assert max(errors(res, truth).values()) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inside_torch_compile_the_loss_matches_eager(backend):
+    """Users compile the model around the loss: the fused op is a graph break (run eagerly),
+    the layers before it compile, and gradients flow through both."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 48).to(DEVICE)
+    weight = torch.randn(300, 48, device=DEVICE, requires_grad=True)
+    hidden = torch.randn(3, 20, 48, device=DEVICE)
+    targets = torch.randint(0, 300, (3, 20), device=DEVICE)
+    adv = torch.randn(3, device=DEVICE)
+
+    def step(h):
+        return gft_kernels.gft_loss(layer(h), weight, targets, adv, 0.7, backend=backend, check_values=False)
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=False)):
+        layer.zero_grad()
+        weight.grad = None
+        loss = fn(hidden)
+        loss.backward()
+        results.append((loss.detach(), weight.grad.clone(), layer.weight.grad.clone()))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
