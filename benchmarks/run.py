@@ -9,7 +9,7 @@ dtype), and the time as a multiple of the FLOP floor (2 N H V per matrix product
 4 forward+backward) at the matmul rate measured in the same run. At one shape, every
 provider's error against the float64 reference of the loss it computes. For the fused GFT
 providers, a sweep of the fraction of zero-advantage sequences (groups whose rewards are all
-equal). Rows go to ``DIR/<date>_<device>.csv``, a plot per shape next to it, and a table on stdout.
+equal). Rows go to ``DIR/<date>T<time>_<device>.csv``, a plot per shape next to it, and a table on stdout.
 """
 from __future__ import annotations
 
@@ -56,9 +56,11 @@ def environment(device: torch.device) -> dict:
     )
 
 
-def device_slug(env: dict) -> str:
-    """The device's name as a file name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+def result_stem(env: dict) -> str:
+    """File name stem of a run's results: UTC date and time, then the device's name
+    ('NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'); two runs on one day do not collide."""
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")[:40]
+    return f"{env['date']}T{dt.datetime.now(dt.timezone.utc):%H%M}_{slug}"
 
 
 def make_inputs(shape: Shape, dtype, device, zero_adv_frac=0.0, seed=0):
@@ -273,7 +275,7 @@ def main(argv=None) -> Path:
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{env['date']}_{device_slug(env)}{'_quick' if args.quick else ''}"
+    stem = f"{result_stem(env)}{'_quick' if args.quick else ''}"
     csv_path = out / f"{stem}.csv"
     csv_file = csv_path.open("w", newline="")
     writer = csv.DictWriter(csv_file, fieldnames=FIELDS, extrasaction="ignore")

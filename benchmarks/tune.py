@@ -7,7 +7,7 @@ the forward kernel alone, each backward candidate on the backward alone (its pla
 shape), both at one benchmark shape in bf16, and the backward's program grouping
 (``BWD_GROUP_M``) and the forward's grid size (``FWD_PROGRAMS_PER_SM``) at a few values. Every candidate's outputs are
 compared with the default tiles' outputs, so a fast tile that computes something else shows up
-as a mismatch, not as a winner. Rows go to ``DIR/tune_<date>_<device>.csv`` and a table. The
+as a mismatch, not as a winner. Rows go to ``DIR/tune_<date>T<time>_<device>.csv`` and a table. The
 tiles were checked to compile and fit sm_90 beforehand (``python -m benchmarks.kernel_resources --sweep``).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from gft_kernels.triton_ops import launch
 
-from .run import device_slug, environment, make_inputs, time_ms
+from .run import environment, make_inputs, result_stem, time_ms
 from .shapes import MODELS, Shape
 
 FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "group_m", "programs_per_sm", "default",
@@ -63,7 +63,7 @@ def main(argv=None) -> Path:
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"tune_{env['date']}_{device_slug(env)}.csv"
+    path = out / f"tune_{result_stem(env)}.csv"
     csv_file = path.open("w", newline="")
     writer = csv.DictWriter(csv_file, fieldnames=FIELDS, extrasaction="ignore")
     writer.writeheader()
