@@ -24,8 +24,8 @@ from gft_kernels.triton_ops import launch
 from .run import environment, make_inputs, result_stem, time_ms
 from .shapes import MODELS, Shape
 
-FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "group_m", "programs_per_sm", "default",
-          "status", "ms", "tflops", "err_vs_default"]
+FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "group_m", "programs_per_sm",
+          "scratch_fraction", "default", "status", "products", "ms", "tflops", "err_vs_default"]
 
 
 def _tiles(c: launch.Config) -> str:
@@ -72,7 +72,8 @@ def main(argv=None) -> Path:
         writer.writerow(dict(env, shape=shape.name, n=shape.n, h=shape.h, v=shape.v, kernel=kernel, tiles=_tiles(cfg),
                              default=cfg == (default_fwd if kernel == "forward" else default_bwd)
                              and kw["group_m"] == launch.BWD_GROUP_M
-                             and kw["programs_per_sm"] == launch.FWD_PROGRAMS_PER_SM, **kw))
+                             and kw["programs_per_sm"] == launch.FWD_PROGRAMS_PER_SM
+                             and kw["scratch_fraction"] == launch.SCRATCH_FRACTION, **kw))
         csv_file.flush()
 
     def fwd():
@@ -80,45 +81,51 @@ def main(argv=None) -> Path:
 
     ref_logp, m, log_s, q, _ = fwd()
 
-    def bwd():
-        return launch.backward(hidden, weight, None, targets, m, log_s, q, g, 1.0, None, True, True, False)
+    def bwd(scratch_fraction=None):
+        return launch.backward(hidden, weight, None, targets, m, log_s, q, g, 1.0, None, True, True, False,
+                               scratch_fraction=scratch_fraction)
 
     ref_dh, ref_dw, _ = bwd()
-    # What to time, most telling first (a budget cuts the tail): the defaults, the backward's
+    # What to time, most telling first (a budget cuts the tail): the defaults; the backward's
     # program order (row blocks per group; 1: programs running together share rows, 1 << 20:
-    # they share columns, the plain row-major order), the forward's grid size, the other tiles.
+    # they share columns, the plain row-major order); the fused backward plan forced (4 products
+    # instead of 5 where the default budget splits it; its fp32 dH accumulator breaks the memory
+    # target, so this prices that target); the forward's grid size; the other tiles.
     gm0, pps0 = launch.BWD_GROUP_M, launch.FWD_PROGRAMS_PER_SM
-    trials = [("forward", gm0, pps0, default_fwd), ("backward", gm0, pps0, default_bwd)]
-    trials += [("backward", gm, pps0, default_bwd) for gm in (1, 32, 1 << 20) if gm != gm0]
-    trials += [("forward", gm0, pps, default_fwd) for pps in (4, 64) if pps != pps0]
-    trials += [("forward", gm0, pps0, c) for c in launch.FWD_CANDIDATES if c != default_fwd]
-    trials += [("backward", gm0, pps0, c) for c in launch.BWD_CANDIDATES if c != default_bwd]
-    for kernel, group_m, programs_per_sm, cfg in trials:
-        knobs = dict(group_m=group_m, programs_per_sm=programs_per_sm)
+    base = dict(group_m=gm0, programs_per_sm=pps0, scratch_fraction=launch.SCRATCH_FRACTION)
+    trials = [("forward", default_fwd, base), ("backward", default_bwd, base)]
+    trials += [("backward", default_bwd, dict(base, group_m=gm)) for gm in (1, 32, 1 << 20) if gm != gm0]
+    trials += [("backward", default_bwd, dict(base, scratch_fraction=1.0))]
+    trials += [("forward", default_fwd, dict(base, programs_per_sm=pps)) for pps in (4, 64) if pps != pps0]
+    trials += [("forward", c, base) for c in launch.FWD_CANDIDATES if c != default_fwd]
+    trials += [("backward", c, base) for c in launch.BWD_CANDIDATES if c != default_bwd]
+    for kernel, cfg, knobs in trials:
         if args.budget_s and time.time() - started > args.budget_s:
             row(kernel, cfg, status="skipped: time budget", **knobs)
             continue
         fwd_cfg, bwd_cfg = (cfg, default_bwd) if kernel == "forward" else (default_fwd, cfg)
         try:
-            with launch.cuda_configs(fwd_cfg, bwd_cfg, group_m, programs_per_sm):
+            with launch.cuda_configs(fwd_cfg, bwd_cfg, knobs["group_m"], knobs["programs_per_sm"]):
                 if kernel == "forward":
                     err = _rel(fwd()[0], ref_logp)
                     ms = time_ms(fwd, device, quick=args.smoke)
                     products = 1
                 else:
-                    dh, dw, _ = bwd()
+                    fraction = knobs["scratch_fraction"]
+                    dh, dw, _ = bwd(fraction)
                     err = max(_rel(dh, ref_dh), _rel(dw, ref_dw))
-                    ms = time_ms(bwd, device, quick=args.smoke)
-                    fused = launch.plan_backward(shape.n, shape.v, shape.h, dtype, True, True, bwd_cfg).fused
-                    products = 3 if fused else 4
+                    ms = time_ms(lambda: bwd(fraction), device, quick=args.smoke)
+                    plan = launch.plan_backward(shape.n, shape.v, shape.h, dtype, True, True, bwd_cfg, fraction)
+                    products = 3 if plan.fused else 4
         except Exception as e:  # a tile the device rejects (e.g. out of resources) is a result
             row(kernel, cfg, status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}", **knobs)
             continue
         status = "ok" if err < 1e-2 else "mismatch"
         tflops = products * flop / ms / 1e9
-        row(kernel, cfg, status=status, **knobs, ms=round(ms, 3), tflops=round(tflops, 1),
+        row(kernel, cfg, status=status, products=products, **knobs, ms=round(ms, 3), tflops=round(tflops, 1),
             err_vs_default=float(f"{err:.3g}"))
-        print(f"{kernel:<8} {_tiles(cfg):<28} group {group_m:<8} per-SM {programs_per_sm:<3} {status:<8} {ms:8.2f} ms  {tflops:6.1f} TFLOP/s  err {err:.2g}")
+        print(f"{kernel:<8} {_tiles(cfg):<28} group {knobs['group_m']:<8} per-SM {knobs['programs_per_sm']:<3} "
+              f"scratch {knobs['scratch_fraction']:<5} {status:<8} {ms:8.2f} ms  {tflops:6.1f} TFLOP/s  err {err:.2g}")
 
     csv_file.close()
     print(f"rows: {path}  ({time.time() - started:.0f} s)")
