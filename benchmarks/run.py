@@ -63,6 +63,23 @@ def result_stem(env: dict) -> str:
     return f"{env['date']}T{dt.datetime.now(dt.timezone.utc):%H%M}_{slug}"
 
 
+class RowFile:
+    """A CSV written row by row, each row on disk as soon as it is measured: a run cut by a
+    timeout keeps its rows."""
+
+    def __init__(self, path: Path, fields: list[str]):
+        self._file = path.open("w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=fields, extrasaction="ignore")
+        self._writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def make_inputs(shape: Shape, dtype, device, zero_adv_frac=0.0, seed=0):
     """Hidden states, lm_head, targets (prompt tokens ignored) and per-sequence advantages."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -277,15 +294,11 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{result_stem(env)}{'_quick' if args.quick else ''}"
     csv_path = out / f"{stem}.csv"
-    csv_file = csv_path.open("w", newline="")
-    writer = csv.DictWriter(csv_file, fieldnames=FIELDS, extrasaction="ignore")
-    writer.writeheader()
+    csv_rows = RowFile(csv_path, FIELDS)
 
     def add(row):
-        # each row is on disk as soon as it is measured: a run cut by a timeout keeps its rows
         rows.append({**env, **{k: _fmt(v) for k, v in row.items()}})
-        writer.writerow(rows[-1])
-        csv_file.flush()
+        csv_rows.write(rows[-1])
 
     def over_budget():
         return args.budget_s and time.time() - started > args.budget_s
@@ -318,7 +331,7 @@ def main(argv=None) -> Path:
         if shape != focus:
             run_shape(shape)
 
-    csv_file.close()
+    csv_rows.close()
     for shape in shapes:
         plot(rows, out / f"{stem}_{shape.name}.png", shape.name)
     print_table(rows)

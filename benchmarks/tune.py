@@ -13,7 +13,6 @@ tiles were checked to compile and fit sm_90 beforehand (``python -m benchmarks.k
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from gft_kernels.triton_ops import launch
 
-from .run import environment, make_inputs, result_stem, time_ms
+from .run import RowFile, environment, make_inputs, result_stem, time_ms
 from .shapes import MODELS, Shape
 
 FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "group_m", "programs_per_sm",
@@ -64,17 +63,14 @@ def main(argv=None) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"tune_{result_stem(env)}.csv"
-    csv_file = path.open("w", newline="")
-    writer = csv.DictWriter(csv_file, fieldnames=FIELDS, extrasaction="ignore")
-    writer.writeheader()
+    csv_rows = RowFile(path, FIELDS)
 
-    def row(kernel, cfg, **kw):  # written at once: a run cut by a timeout keeps its rows
-        writer.writerow(dict(env, shape=shape.name, n=shape.n, h=shape.h, v=shape.v, kernel=kernel, tiles=_tiles(cfg),
+    def row(kernel, cfg, **kw):
+        csv_rows.write(dict(env, shape=shape.name, n=shape.n, h=shape.h, v=shape.v, kernel=kernel, tiles=_tiles(cfg),
                              default=cfg == (default_fwd if kernel == "forward" else default_bwd)
                              and kw["group_m"] == launch.BWD_GROUP_M
                              and kw["programs_per_sm"] == launch.FWD_PROGRAMS_PER_SM
                              and kw["scratch_fraction"] == launch.SCRATCH_FRACTION, **kw))
-        csv_file.flush()
 
     def fwd():
         return launch.forward(hidden, weight, None, targets, valid, 1.0, None, False)
@@ -127,7 +123,7 @@ def main(argv=None) -> Path:
         print(f"{kernel:<8} {_tiles(cfg):<28} group {knobs['group_m']:<8} per-SM {knobs['programs_per_sm']:<3} "
               f"scratch {knobs['scratch_fraction']:<5} {status:<8} {ms:8.2f} ms  {tflops:6.1f} TFLOP/s  err {err:.2g}")
 
-    csv_file.close()
+    csv_rows.close()
     print(f"rows: {path}  ({time.time() - started:.0f} s)")
     return path
 
