@@ -121,7 +121,7 @@ def resources(kernel) -> dict:
     ptx = kernel.asm["ptx"]
     return dict(
         regs=use.get("reg", -1), stack=use.get("stack", -1), shared=kernel.metadata.shared,
-        pipelined="cp.async" in ptx or "cp.async.bulk" in ptx,
+        pipelined="cp.async" in ptx,  # TMA copies are cp.async.bulk: also matched
         tensor_cores="wgmma" in ptx or "mma.sync" in ptx,
     )
 
