@@ -10,10 +10,28 @@ from helpers import DEVICE, EPS, errors, make_case, run
 ENGINES = {"torch": torch_backend, "triton": launch}
 
 
-@pytest.mark.parametrize("fraction", [1e-9, 0.04, 100.0], ids=["chunked-split", "default", "fused"])
+# launcher settings of each backward plan
+PLANS = {
+    "atomic-chunked": dict(BACKWARD_DESIGN="atomic", SCRATCH_FRACTION=1e-9),
+    "atomic-default": dict(BACKWARD_DESIGN="atomic"),
+    "atomic-fused": dict(BACKWARD_DESIGN="atomic", SCRATCH_FRACTION=100.0),
+    "split-one-chunk": dict(BACKWARD_DESIGN="split", SPLIT_COLS=1 << 20),
+    "split-partial-chunks": dict(BACKWARD_DESIGN="split", SPLIT_COLS=48),
+    # dH in its own sweep over row chunks: a budget too small for the whole dH accumulator
+    "split-two-sweeps": dict(BACKWARD_DESIGN="split", SPLIT_SCRATCH_FRACTION=0.3, SPLIT_MIN_COLS=16,
+                             SPLIT_MAX_COLS=64, SPLIT_MIN_ROWS=16, SPLIT_STEP=16),
+}
+
+
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_every_backward_plan_gives_the_same_gradients(fraction, dtype, monkeypatch):
-    monkeypatch.setattr(launch, "SCRATCH_FRACTION", fraction)
+def test_every_backward_plan_gives_the_same_gradients(plan, dtype, monkeypatch):
+    for name, value in PLANS[plan].items():
+        monkeypatch.setattr(launch, name, value)
+    if plan == "split-two-sweeps":
+        n_active = 2 * 33
+        split = launch.plan_split(2 * 33, n_active, 130, 37, dtype, True, True)
+        assert split is not None and not split.fused and split.rows_per_chunk < n_active, split
     case = make_case((2, 33), vocab=130, hidden_dim=37, bias=True, ignore_frac=0.2, zero_adv_frac=0.3, seed=21)
     truth = run(case.cast(dtype), torch.float64, "reference", tau=0.6)
     errs = errors(run(case, dtype, "triton", tau=0.6), truth)
@@ -58,6 +76,64 @@ def test_backward_program_groups_cover_every_tile_once(group_m, monkeypatch):
     truth = run(case, torch.float64, "reference")
     errs = errors(run(case, torch.float32, "triton"), truth)
     assert max(errs.values()) < 1e-5, errs
+
+
+def test_split_design_plans_within_its_budget():
+    """At the Gemma-2-2B 8k shape one sweep fits the budget with every row active and with 10%
+    of them skipped; at 32k tokens dH takes its own sweep; where nothing fits, None (the atomic
+    design runs)."""
+    for n_active in (8192, 7373):
+        plan = launch.plan_split(8192, n_active, 256000, 2304, torch.bfloat16, True, True)
+        assert plan is not None and plan.fused and plan.cols_per_chunk >= launch.SPLIT_MIN_COLS
+        grads = 2 * 2304 * (8192 + 256000)
+        assert plan.scratch_bytes <= launch.SPLIT_SCRATCH_FRACTION * grads
+        assert plan.gather == (n_active < 8192)
+    # 32k tokens: the whole fp32 dH accumulator is over the budget; dH gets its own sweep
+    plan = launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, True, True)
+    assert plan is not None and not plan.fused and plan.products == 5
+    assert plan.scratch_bytes <= launch.SPLIT_SCRATCH_FRACTION * 2 * 4096 * (32768 + 128256)
+    # only dW: no dH accumulator
+    assert launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, False, True).fused
+    # a budget nothing fits: the atomic design runs
+    assert launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, True, True, fraction=1e-4) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True), (False, False, True)],
+                         ids=["all", "dh", "dw+db", "db"])
+@pytest.mark.parametrize("active", ["all", "some", "none"])
+@pytest.mark.parametrize("sweeps", [1, 2])
+def test_split_design_matches_the_atomic_design(dtype, need, active, sweeps, monkeypatch):
+    """Both designs from the same forward statistics, every subset of gradients, with every,
+    some and no rows active (the split design gathers rows only when some are skipped), dH in
+    the vocabulary sweep or in its own."""
+    if sweeps == 1:
+        monkeypatch.setattr(launch, "SPLIT_COLS", 64)
+    else:
+        for name, value in PLANS["split-two-sweeps"].items():
+            monkeypatch.setattr(launch, name, value)
+    n, v, h = 70, 150, 40
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(n, h, generator=gen).to(DEVICE, dtype)
+    weight = (torch.randn(v, h, generator=gen) * 0.3).to(DEVICE, dtype)
+    bias = torch.randn(v, generator=gen).to(DEVICE, dtype)
+    targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    valid = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    _, m, log_s, q, _ = launch.forward(hidden, weight, bias, targets, valid, 0.9, 20.0, False)
+    g = torch.randn(n, generator=gen).to(DEVICE)
+    if active == "some":
+        g[::4] = 0.0
+    elif active == "none":
+        g.zero_()
+    args = (hidden, weight, bias, targets, m, log_s, q, g, 0.9, 20.0, *need)
+    split = launch.backward(*args, design="split")
+    atomic = launch.backward(*args, design="atomic")
+    for a, b in zip(split, atomic):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(b.float().abs().max().item(), 1e-6))
 
 
 def test_plan_is_fused_only_when_the_dhidden_accumulator_fits():

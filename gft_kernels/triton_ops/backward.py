@@ -1,4 +1,12 @@
-"""Backward kernel: recompute a logits tile, form dz, add its products into fp32 accumulators.
+"""Backward kernels: recompute a logits tile and form dz, the gradient w.r.t. the logits.
+
+Two designs (``launch.py`` chooses; ``BACKWARD_DESIGN``):
+
+* ``"split"`` (``gft_dlogits_kernel``): per vocabulary chunk, write dz in the input dtype to an
+  ``[active rows, Vc]`` buffer; two cuBLAS products then give dW[chunk] = dz^T h (written once)
+  and dH += dz W[chunk] (fp32 accumulator). 4 matrix products in all, no atomics, deterministic.
+* ``"atomic"`` (``gft_backward_kernel``): the tile's products are added with fp32 atomics into
+  dH and dW accumulators; bounded scratch at any size, at the cost of the atomics' traffic.
 
 For a tile of rows (compacted: only rows with g != 0, so ignored and zero-advantage tokens cost
 nothing) and vocabulary columns:
@@ -18,7 +26,7 @@ accumulators, which the launcher keeps small by chunking (see launch.py).
 import triton
 import triton.language as tl
 
-from .common import logits_tile
+from .common import dlogits_tile, logits_tile
 
 
 # Triton specializes integers on divisibility by 16 (a few variants, not one per value). The
@@ -40,7 +48,7 @@ def gft_backward_kernel(
     COMPUTE_DH: tl.constexpr, DH_BY_ROW: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, STORES_ONLY: tl.constexpr,
 ):
     # Grouped order over a 1-D grid: consecutive programs cover GROUP_M row blocks x all column
     # blocks, column-major within the group. Programs running at the same time then add into
@@ -77,12 +85,7 @@ def gft_backward_kernel(
         BLOCK_M, BLOCK_V, BLOCK_K,
     )
     mask = row_mask[:, None] & col_mask[None, :]
-    p = tl.where(mask, tl.exp((z - m[:, None]) - log_s[:, None]), 0.0)
-    dz = g[:, None] * tl.where(cols[None, :] == tgt[:, None], q[:, None], -p)
-    if HAS_SOFTCAP:
-        cap = z / softcap
-        dz = dz * (1.0 - cap * cap)
-    dz = tl.where(mask, dz * inv_temp, 0.0)
+    dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, inv_temp, softcap, HAS_SOFTCAP)
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     if UPCAST:
@@ -103,7 +106,10 @@ def gft_backward_kernel(
             if UPCAST:
                 w = w.to(tl.float32)
             part = tl.dot(dz_in, w, input_precision=INPUT_PRECISION)            # [BLOCK_M, BLOCK_H]
-            tl.atomic_add(dh_row + ks[None, :], part, mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
+            if STORES_ONLY:  # wrong sums: only to time the products without the atomics' cost
+                tl.store(dh_row + ks[None, :], part, mask=row_mask[:, None] & k_mask[None, :])
+            else:
+                tl.atomic_add(dh_row + ks[None, :], part, mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
     if COMPUTE_DW:
         dz_t = tl.trans(dz_in)
         dw_row = dw_ptr + local_col.to(tl.int64)[:, None] * H
@@ -115,4 +121,49 @@ def gft_backward_kernel(
             if UPCAST:
                 h = h.to(tl.float32)
             part = tl.dot(dz_t, h, input_precision=INPUT_PRECISION)             # [BLOCK_V, BLOCK_H]
-            tl.atomic_add(dw_row + ks[None, :], part, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+            if STORES_ONLY:
+                tl.store(dw_row + ks[None, :], part, mask=col_mask[:, None] & k_mask[None, :])
+            else:
+                tl.atomic_add(dw_row + ks[None, :], part, mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["n_pos", "col_begin", "n_cols"])
+def gft_dlogits_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, order_ptr, dz_ptr, db_ptr,
+    # sizes and strides
+    V, H, stride_hn, stride_wv, stride_dz, n_pos, col_begin, n_cols,
+    # scalars
+    inv_temp, softcap,
+    # features and tiles
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dz[pos, c] for positions ``pos < n_pos`` (row ``order[pos]``) and columns
+    ``col_begin + c``, ``c < n_cols``, rounded to dz's dtype (as naive PyTorch rounds its
+    logits' gradient); db (fp32) gets the unrounded column sums."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = pos < n_pos
+    rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+    m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+    log_s = tl.load(log_s_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    q = tl.load(q_ptr + rows, mask=row_mask, other=0.0)
+    local_col = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = (col_begin + local_col).to(tl.int64)
+    col_mask = (local_col < n_cols) & (cols < V)
+    z = logits_tile(
+        h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
+        inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION,
+        BLOCK_M, BLOCK_V, BLOCK_K,
+    )
+    mask = row_mask[:, None] & col_mask[None, :]
+    dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, inv_temp, softcap, HAS_SOFTCAP)
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+    out = dz_ptr + pos.to(tl.int64)[:, None] * stride_dz + local_col[None, :]
+    tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask)

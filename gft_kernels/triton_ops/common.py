@@ -36,3 +36,18 @@ def logits_tile(
         # softcap * tanh(z / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1) (stable at both ends)
         z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
     return z
+
+
+@triton.jit
+def dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+    """dL/d(h W^T + b) of a recomputed tile, fp32, 0 outside ``mask`` (see backward.py).
+
+    ``p = exp((z - m) - log_s)`` from the forward's two-part log-sum-exp; at the target column
+    ``1 - p`` is the forward's exact ``q`` (``1 - exp(.)`` would cancel for confident tokens).
+    """
+    p = tl.where(mask, tl.exp((z - m[:, None]) - log_s[:, None]), 0.0)
+    dz = g[:, None] * tl.where(cols[None, :] == tgt[:, None], q[:, None], -p)
+    if HAS_SOFTCAP:
+        cap = z / softcap
+        dz = dz * (1.0 - cap * cap)
+    return tl.where(mask, dz * inv_temp, 0.0)

@@ -1,7 +1,14 @@
 """Launchers of the fused Triton engine (the engine contract is in ``gft_kernels/fused.py``).
 
+The backward has two designs (``backward.py``). The default, "split", writes the logits'
+gradient dz one vocabulary chunk at a time and hands the two products to cuBLAS; its scratch
+(dz chunk, fp32 dH accumulator, gathered active rows) is planned against
+``SPLIT_SCRATCH_FRACTION`` of the gradients' bytes, and where it does not fit (many tokens, a
+small vocabulary) the "atomic" design runs. It makes one host sync, for the count of active
+rows. The atomic design, described next, makes none.
+
 Memory: beyond the inputs and the gradients, the forward needs O(splits x N) floats and the
-backward a bounded fp32 scratch:
+atomic backward a bounded fp32 scratch:
 
 * fp32 inputs: the kernel adds straight into the fp32 gradients; no scratch at all.
 * bf16/fp16 inputs: partial products are added in fp32 (adding them in bf16 would round
@@ -12,8 +19,9 @@ backward a bounded fp32 scratch:
   products from the same recomputed tile ("fused": 4 matrix products in all); otherwise dW and
   dH are separate passes that each recompute the logits (5 products).
 
-No host sync: which rows are active (valid in the forward, ``g != 0`` in the backward) is
-decided on the device; programs read the active count and return early past it.
+No host sync in the forward and the atomic backward: which rows are active (valid in the
+forward, ``g != 0`` in the backward) is decided on the device; programs read the active count
+and return early past it.
 """
 from __future__ import annotations
 
@@ -25,11 +33,26 @@ import torch
 import triton
 
 from ..fused import finish_logprob
-from .backward import gft_backward_kernel
+from .backward import gft_backward_kernel, gft_dlogits_kernel
 from .forward import gft_forward_kernel
 
-# Largest fp32 scratch of the backward, as a fraction of the gradients' bytes.
+# Largest fp32 scratch of the atomic backward, as a fraction of the gradients' bytes.
 SCRATCH_FRACTION = 0.04
+# The backward design (backward.py): "split" (dz chunks + cuBLAS products, 4 products, no
+# atomics) where its scratch fits SPLIT_SCRATCH_FRACTION of the gradients' bytes, else "atomic".
+# "atomic" forces the atomic design (bounded scratch at any size: users at the edge of memory).
+BACKWARD_DESIGN = "split"
+SPLIT_SCRATCH_FRACTION = 0.09
+# Vocabulary columns per split chunk: as many as the budget allows, within these bounds (fewer
+# columns make the products too thin to run at the matmul rate); SPLIT_COLS fixes it (tuning).
+SPLIT_MIN_COLS = 1024
+SPLIT_MAX_COLS = 8192
+SPLIT_MIN_ROWS = 512  # of the dH sweep's row chunks, when dH has its own sweep
+SPLIT_STEP = 256      # Vc is a multiple of it
+SPLIT_COLS: int | None = None
+# Timing only (benchmarks/tune.py): the atomic kernel stores its partial products instead of
+# adding them, which prices the atomics. The gradients are then wrong.
+_STORES_ONLY = False
 
 
 @dataclass(frozen=True)
@@ -210,12 +233,158 @@ def _copy_rows(dst, index, src32, pieces=8):
         dst.index_copy_(0, index[r0:r0 + step], src32[r0:r0 + step].to(dst.dtype))
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    fused: bool          # one vocabulary sweep gives dW and dH (4 products); else dH has its own (5)
+    cols_per_chunk: int  # Vc of the vocabulary sweep (dW, and dH when fused)
+    rows_per_chunk: int  # rows of the dH sweep's fp32 accumulator when not fused
+    cols_dh: int         # Vc of the dH sweep when not fused
+    gather: bool         # some rows are skipped: the active rows of h are gathered for dW
+    scratch_bytes: int
+
+    @property
+    def products(self) -> int:
+        """Matrix products of forward + backward (2 N H V FLOPs each, at full activity)."""
+        return 4 if self.fused else 5
+
+
+def plan_split(n, n_active, v, h_dim, dtype, need_dh, need_dw, fraction=None, cols=None) -> SplitPlan | None:
+    """The split design's chunking, or None when its scratch exceeds the budget.
+
+    Scratch: dz ``[rows, Vc]`` in the input dtype; the fp32 dH accumulator (``[n_active, H]``
+    when one sweep does both products, else ``[rows_per_chunk, H]`` in a second sweep over
+    row chunks that recomputes the logits); the gathered active rows of h ``[n_active, H]`` for
+    dW when some rows are skipped, unless dH is needed: then they are gathered into dH's own
+    storage, unused until the end. ``cols`` fixes Vc (tuning).
+    """
+    frac = SPLIT_SCRATCH_FRACTION if fraction is None else fraction
+    elem = torch.finfo(dtype).bits // 8
+    budget = frac * elem * h_dim * ((n if need_dh else 0) + (v if need_dw else 0))
+    gather = need_dw and n_active < n
+    gather_bytes = n_active * h_dim * elem * (gather and not need_dh)
+    n_rows = max(n_active, 1)
+
+    def fit_cols(rows, fixed):
+        if cols is not None:
+            return min(cols, v)
+        fit = int((budget - fixed) // (rows * elem)) // SPLIT_STEP * SPLIT_STEP
+        return min(fit, SPLIT_MAX_COLS, v) if fit >= min(SPLIT_MIN_COLS, v) else None
+
+    acc_all = n_rows * h_dim * 4 if need_dh else 0
+    one = fit_cols(n_rows, acc_all + gather_bytes)
+    if one is not None or not need_dh:
+        if one is None:
+            return None
+        return SplitPlan(True, one, n_rows, one, gather, gather_bytes + acc_all + n_rows * one * elem)
+    # dH in row chunks: [rows, H] fp32 + [rows, Vc] dz per chunk
+    cols_a = fit_cols(n_rows, gather_bytes) if need_dw else 0
+    cols_b = min(cols or SPLIT_MAX_COLS // 2, v)
+    rows_b = int(budget // (h_dim * 4 + cols_b * elem)) // 16 * 16
+    if cols_a is None or rows_b < min(SPLIT_MIN_ROWS, n_rows):
+        return None
+    scratch = max(gather_bytes + n_rows * cols_a * elem, rows_b * (h_dim * 4 + cols_b * elem))
+    return SplitPlan(False, cols_a, min(rows_b, n_rows), cols_b, gather, scratch)
+
+
+def _addmm_fp32(acc, a, b):
+    """acc += a @ b with fp32 accumulation and output, for 16-bit a and b, without an fp32 copy
+    of either operand."""
+    if a.dtype == torch.float32 or acc.device.type != "cuda":
+        acc.addmm_(a.float(), b.float())  # fp32, or the CPU (tests): exact either way
+    else:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_active, plan: SplitPlan,
+                    temperature, softcap, need_dh, need_dw, need_db):
+    n, h_dim = hidden.shape
+    v = weight.shape[0]
+    cfg, _ = tiles(hidden.device, weight.dtype)  # a forward-like tile: one product, then store
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw = torch.zeros_like(weight) if need_dw else None
+    db32 = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_db else None
+    if n_active == 0:
+        return dh, dw, None if db32 is None else db32.to(bias.dtype)
+
+    def dlogits(dz, rows, c0, do_db):
+        """dz = the logits' gradient of positions ``rows`` (a slice of ``order``), columns c0:."""
+        n_rows, nc = dz.shape
+        grid = (triton.cdiv(n_rows, cfg.block_m), triton.cdiv(nc, cfg.block_v))
+        gft_dlogits_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g, rows, dz,
+            db32 if do_db else q,
+            v, h_dim, hidden.stride(0), weight.stride(0), nc, n_rows, c0, nc,
+            1.0 / temperature, float(softcap) if softcap is not None else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_DB=do_db,
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
+        )
+
+    active = order[:n_active]
+    direct_dh = need_dh and plan.fused and hidden.dtype == torch.float32 and n_active == n
+
+    # Each sweep is a function so that its scratch is freed on return, before the next one.
+    def vocab_sweep(with_dh):
+        """dW (and db; and dH too when fused), vocabulary chunk by vocabulary chunk."""
+        # With every row active the stable order is the identity: h needs no gathering.
+        # Otherwise the active rows of h are gathered into dH's storage (unwritten until the end).
+        h_act = hidden
+        if plan.gather:
+            into = dh[:n_active] if need_dh else torch.empty(n_active, h_dim, device=hidden.device, dtype=hidden.dtype)
+            h_act = torch.index_select(hidden, 0, active, out=into)
+        dh_acc = None
+        if with_dh:
+            dh_acc = dh if direct_dh else torch.zeros(n_active, h_dim, device=hidden.device, dtype=torch.float32)
+        dz_buf = torch.empty(n_active * plan.cols_per_chunk, device=hidden.device, dtype=weight.dtype)
+        for c0 in range(0, v, plan.cols_per_chunk):
+            nc = min(plan.cols_per_chunk, v - c0)
+            dz = dz_buf[: n_active * nc].view(n_active, nc)
+            dlogits(dz, active, c0, need_db)
+            if need_dw:  # one product over every active row: fp32 inside the tensor cores, rounded once
+                torch.mm(dz.t(), h_act, out=dw[c0:c0 + nc])
+            if with_dh:
+                _addmm_fp32(dh_acc, dz, weight[c0:c0 + nc])
+        del dz_buf, h_act
+        if plan.gather and need_dh:
+            dh.zero_()  # held the gathered rows of h
+        if with_dh and not direct_dh:
+            _copy_rows(dh, active, dh_acc)
+
+    def row_sweep(do_db):
+        """dH, chunk of active rows by chunk of active rows (recomputing the logits)."""
+        acc = torch.empty(plan.rows_per_chunk, h_dim, device=hidden.device, dtype=torch.float32)
+        dz_buf = torch.empty(plan.rows_per_chunk * plan.cols_dh, device=hidden.device, dtype=weight.dtype)
+        for r0 in range(0, n_active, plan.rows_per_chunk):
+            nr = min(plan.rows_per_chunk, n_active - r0)
+            dh_acc = acc[:nr].zero_()
+            for c0 in range(0, v, plan.cols_dh):
+                nc = min(plan.cols_dh, v - c0)
+                dz = dz_buf[: nr * nc].view(nr, nc)
+                dlogits(dz, active[r0:r0 + nr], c0, do_db)
+                _addmm_fp32(dh_acc, dz, weight[c0:c0 + nc])
+            _copy_rows(dh, active[r0:r0 + nr], dh_acc)
+
+    if need_dw or plan.fused:
+        vocab_sweep(with_dh=need_dh and plan.fused)
+    if need_dh and not plan.fused:
+        row_sweep(do_db=need_db and not need_dw)
+    return dh, dw, None if db32 is None else db32.to(bias.dtype)
+
+
 def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db,
-             scratch_fraction=None):
+             scratch_fraction=None, design=None):
     n, h_dim = hidden.shape
     v = weight.shape[0]
     _, cfg = tiles(hidden.device, weight.dtype)
     order, n_active = _active_order(g != 0)
+    if (design or BACKWARD_DESIGN) == "split" and (need_dh or need_dw):
+        # One host sync: the products are sized to the active rows, so ignored and
+        # zero-advantage tokens cost nothing.
+        n_act = int(n_active)
+        split = plan_split(n, n_act, v, h_dim, weight.dtype, need_dh, need_dw, cols=SPLIT_COLS)
+        if split is not None:
+            return _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_act, split,
+                                   temperature, softcap, need_dh, need_dw, need_db)
     plan = plan_backward(n, v, h_dim, weight.dtype, need_dh, need_dw, cfg, scratch_fraction)
     direct = weight.dtype == torch.float32  # accumulate straight into the fp32 gradients
 
@@ -237,7 +406,8 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
             COMPUTE_DH=dh_acc is not None, DH_BY_ROW=dh_by_row, COMPUTE_DW=dw_acc is not None,
             COMPUTE_DB=do_db,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
-            GROUP_M=BWD_GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
+            GROUP_M=BWD_GROUP_M, STORES_ONLY=_STORES_ONLY,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
         )
 
     # Each pass is a function so that its scratch (and every view of it) is freed on return,
