@@ -89,8 +89,14 @@ class _NoKernel:
         return lambda *args, **kwargs: None
 
 
-def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: float = 0.0) -> dict:
-    """Peak bytes the Triton engine allocates for forward + backward at this shape (see above)."""
+def _no_product(*args):
+    pass
+
+
+def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: float = 0.0,
+                  design: str | None = None) -> dict:
+    """Peak bytes the Triton engine allocates for forward + backward at this shape (see above),
+    with the launcher's default backward design or ``design``."""
     from gft_kernels.triton_ops import launch
 
     hidden = torch.zeros(n, h, dtype=dtype, requires_grad=True)
@@ -99,16 +105,21 @@ def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: f
     adv = torch.randn(n)
     adv[: int(zero_adv_frac * n)] = 0.0
     cuda = torch.device("cuda")
-    saved = launch.gft_forward_kernel, launch.gft_backward_kernel, launch.tiles, launch._sm_count
-    launch.gft_forward_kernel = launch.gft_backward_kernel = _NoKernel()
-    launch.tiles = lambda device, dt: saved[2](cuda, dt)
+    patched = ("gft_forward_kernel", "gft_backward_kernel", "gft_dlogits_kernel", "tiles", "_sm_count",
+               "_mm_into", "_addmm_fp32", "BACKWARD_DESIGN")
+    saved = {name: getattr(launch, name) for name in patched}
+    launch.gft_forward_kernel = launch.gft_backward_kernel = launch.gft_dlogits_kernel = _NoKernel()
+    launch._mm_into = launch._addmm_fp32 = _no_product  # the split design's cuBLAS products
+    launch.tiles = lambda device, dt: saved["tiles"](cuda, dt)
     launch._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
+    launch.BACKWARD_DESIGN = design or saved["BACKWARD_DESIGN"]
     try:
         with _StorageTracker(hidden, weight, targets, adv) as tracker:
             gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, backend="triton", check_values=False,
                                  return_stats=True)[0].backward()  # entropy on: the forward's largest partials
     finally:
-        launch.gft_forward_kernel, launch.gft_backward_kernel, launch.tiles, launch._sm_count = saved
+        for name, value in saved.items():
+            setattr(launch, name, value)
     bound = (hidden.numel() + weight.numel()) * hidden.element_size()
     return dict(n=n, v=v, h=h, dtype=str(dtype).replace("torch.", ""), peak_mib=round(tracker.peak / 2**20, 1),
                 lower_bound_mib=round(bound / 2**20, 1), peak_over_bound=round(tracker.peak / bound, 4))

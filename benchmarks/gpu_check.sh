@@ -9,8 +9,9 @@
 # 2. the tile candidates timed at one shape (benchmarks/tune.py), to choose the defaults;
 # 3. the benchmark against the baselines, rows (device, versions, date, shape, provider, time,
 #    memory, error) as CSV and plots, and a short table last. Everything lands in OUT_DIR.
-# Budgets (under 5 minutes in all; one command may run 10): tests 110 s, tuning 50 s, benchmark
-# 120 s; each stage is cut at its budget and the next one still runs. The benchmark measures
+# Budgets (under 6 minutes in all, so a second run fits a 15-minute device session): tests
+# 120 s, atomics 20 s, designs and tiles 60 s, benchmark 90 s; each stage is cut at its budget
+# and the next one still runs. The benchmark measures
 # what the targets need first; the remaining shapes can follow in a second command:
 #   python -m benchmarks --out OUT_DIR --budget-s 450
 #
@@ -51,23 +52,30 @@ fi
 # process: with pytest-xdist (from wheels/) 8 workers compile in parallel on the GPU machine's cores.
 PARALLEL=()
 if [ -z "$DRY" ] && "$PY" -c "import xdist" 2>/dev/null; then PARALLEL=(-n 8); fi
-timeout 110 "$PY" -m pytest -q ${PARALLEL[@]+"${PARALLEL[@]}"} --junitxml="$OUT/tests.xml" -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT/tests.log" | tail -15
+timeout 120 "$PY" -m pytest -q ${PARALLEL[@]+"${PARALLEL[@]}"} --junitxml="$OUT/tests.xml" -p no:cacheprovider "${TESTS[@]}" 2>&1 | tee "$OUT/tests.log" | tail -15
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 
-echo "== 2. tiles =="
+echo "== 2. atomics (the atomic backward design's cost) =="
+if [ -n "$DRY" ]; then
+    "$PY" -m benchmarks.atomics --ptx 2>&1 | tee "$OUT/atomics.log"
+else
+    timeout 20 "$PY" -m benchmarks.atomics --out "$OUT" 2>&1 | tee "$OUT/atomics.log"
+fi
+
+echo "== 3. designs and tiles =="
 if [ -n "$DRY" ]; then
     TRITON_INTERPRET=1 "$PY" -m benchmarks.tune --smoke --out "$OUT" 2>&1 | tee "$OUT/tune.log"
 else
-    timeout 75 "$PY" -m benchmarks.tune --out "$OUT" --budget-s 50 2>&1 | tee "$OUT/tune.log"
+    timeout 90 "$PY" -m benchmarks.tune --out "$OUT" --budget-s 60 2>&1 | tee "$OUT/tune.log"
 fi
 
-echo "== 3. benchmark =="
+echo "== 4. benchmark =="
 if [ -n "$DRY" ]; then
     "$PY" -m benchmarks --quick --out "$OUT" 2>&1 | tee "$OUT/benchmark.log"
 else
     # the focus shape, its zero-advantage sweep and precision first, then 4k-32k tokens of each
     # model, within the time budget
-    timeout 150 "$PY" -m benchmarks --out "$OUT" --budget-s 120 2>&1 | tee "$OUT/benchmark.log"
+    timeout 120 "$PY" -m benchmarks --out "$OUT" --budget-s 90 2>&1 | tee "$OUT/benchmark.log"
 fi
 echo "== done in $(( $(date +%s) - start )) s; results in $OUT =="
 ls "$OUT"

@@ -26,22 +26,23 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gft_kernels.triton_ops.backward import gft_backward_kernel
+from gft_kernels.triton_ops.backward import gft_backward_kernel, gft_dlogits_kernel
 from gft_kernels.triton_ops.forward import gft_forward_kernel
 from gft_kernels.triton_ops.launch import BWD_CANDIDATES, BWD_GROUP_M, FWD_CANDIDATES, Config, tiles
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # H100/H200: the most shared memory one block may opt into
 MAX_SHARED = 227 * 1024
-_INT_ARGS = {"N", "V", "H", "stride_hn", "stride_wv", "cols_per_split", "pos_begin", "n_pos", "col_begin", "n_cols"}
+_INT_ARGS = {"N", "V", "H", "stride_hn", "stride_wv", "stride_dz", "cols_per_split", "pos_begin", "n_pos", "col_begin", "n_cols"}
 _FLOAT_ARGS = {"inv_temp", "softcap"}
 # integers Triton specializes as multiples of 16 at a typical launch (unless do_not_specialize)
-_ALIGNED_ARGS = {"stride_hn", "stride_wv", "H", "V", "N"}
+_ALIGNED_ARGS = {"stride_hn", "stride_wv", "stride_dz", "H", "V", "N"}
+_KERNELS = {"forward": gft_forward_kernel, "backward": gft_backward_kernel, "dlogits": gft_dlogits_kernel}
 
 
 @dataclass(frozen=True)
 class Variant:
-    kernel: str        # "forward" | "backward"
+    kernel: str        # "forward" | "backward" (atomic design) | "dlogits" (split design)
     dtype: str         # Triton's name of the input dtype: bf16 | fp16 | fp32
     cfg: Config
     flags: tuple       # constexpr feature flags, as (name, value) pairs
@@ -69,6 +70,9 @@ def default_variants() -> list[Variant]:
                                                           ("COMPUTE_DB", False), ("HAS_BIAS", False), ("HAS_SOFTCAP", False))))
         out.append(Variant("backward", dt, bwd_cfg, (("COMPUTE_DH", True), ("COMPUTE_DW", True), ("DH_BY_ROW", False),
                                                       ("COMPUTE_DB", True), ("HAS_BIAS", True), ("HAS_SOFTCAP", True))))
+        # the split design's dz kernel runs on the forward's tile
+        for extras in (False, True):
+            out.append(Variant("dlogits", dt, fwd_cfg, (("COMPUTE_DB", extras), ("HAS_BIAS", extras), ("HAS_SOFTCAP", extras))))
     return out
 
 
@@ -80,13 +84,13 @@ def sweep_variants(dtype="bf16") -> list[Variant]:
 
 
 def compile_variant(v: Variant, arch: int = 90, aligned: bool = True):
-    fn = gft_forward_kernel if v.kernel == "forward" else gft_backward_kernel
+    fn = _KERNELS[v.kernel]
     c = v.cfg
     constexprs = dict(v.flags, UPCAST=False, INPUT_PRECISION="ieee",
                       BLOCK_M=c.block_m, BLOCK_V=c.block_v, BLOCK_K=c.block_k)
     if v.kernel == "backward":
-        constexprs.update(BLOCK_H=c.block_h, GROUP_M=BWD_GROUP_M)
-    inputs = {"h_ptr", "w_ptr", "b_ptr"}
+        constexprs.update(BLOCK_H=c.block_h, GROUP_M=BWD_GROUP_M, STORES_ONLY=False)
+    inputs = {"h_ptr", "w_ptr", "b_ptr", "dz_ptr"}
     int64 = {"tgt_ptr", "order_ptr"}
     sig = {}
     for name in fn.arg_names:

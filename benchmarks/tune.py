@@ -13,6 +13,7 @@ tiles were checked to compile and fit sm_90 beforehand (``python -m benchmarks.k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from gft_kernels.triton_ops import launch
 from .run import RowFile, environment, make_inputs, result_stem, time_ms
 from .shapes import MODELS, Shape
 
-FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "tiles", "group_m", "programs_per_sm",
-          "scratch_fraction", "default", "status", "products", "ms", "tflops", "err_vs_default"]
+FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "design", "tiles", "group_m",
+          "programs_per_sm", "scratch_fraction", "split_cols", "zero_adv_frac", "stores_only", "default", "status",
+          "products", "ms", "tflops", "err_vs_default"]
 
 
 def _tiles(c: launch.Config) -> str:
@@ -33,6 +35,29 @@ def _tiles(c: launch.Config) -> str:
 
 def _rel(x, ref) -> float:
     return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+@contextlib.contextmanager
+def _launch_knobs(**values):
+    saved = {k: getattr(launch, k) for k in values}
+    for k, v in values.items():
+        setattr(launch, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(launch, k, v)
+
+
+def _backward_products(shape, dtype, cfg, knobs, n_active) -> float:
+    """Matrix products the backward computes, in units of 2 N H V (the active rows' share)."""
+    frac = n_active / shape.n
+    if knobs["design"] == "split":
+        plan = launch.plan_split(shape.n, n_active, shape.v, shape.h, dtype, True, True, cols=knobs["split_cols"])
+        if plan is not None:
+            return round((plan.products - 1) * frac, 3)
+    plan = launch.plan_backward(shape.n, shape.v, shape.h, dtype, True, True, cfg, knobs["scratch_fraction"])
+    return round((3 if plan.fused else 4) * frac, 3)
 
 
 def main(argv=None) -> Path:
@@ -67,52 +92,71 @@ def main(argv=None) -> Path:
 
     def row(kernel, cfg, **kw):
         csv_rows.write(dict(env, shape=shape.name, n=shape.n, h=shape.h, v=shape.v, kernel=kernel, tiles=_tiles(cfg),
-                             default=cfg == (default_fwd if kernel == "forward" else default_bwd)
-                             and kw["group_m"] == launch.BWD_GROUP_M
-                             and kw["programs_per_sm"] == launch.FWD_PROGRAMS_PER_SM
-                             and kw["scratch_fraction"] == launch.SCRATCH_FRACTION, **kw))
+                            default=cfg == (default_fwd if kernel == "forward" else default_bwd)
+                            and all(kw.get(k) == v for k, v in base.items()), **kw))
 
     def fwd():
         return launch.forward(hidden, weight, None, targets, valid, 1.0, None, False)
 
     ref_logp, m, log_s, q, _ = fwd()
 
-    def bwd(scratch_fraction=None):
-        return launch.backward(hidden, weight, None, targets, m, log_s, q, g, 1.0, None, True, True, False,
-                               scratch_fraction=scratch_fraction)
+    def upstream(zero_adv_frac):
+        """dL/dlogp of a GFT-like loss (C = 1) with this fraction of zero-advantage sequences."""
+        if not zero_adv_frac:
+            return g
+        _, _, t, a = make_inputs(shape, dtype, device, zero_adv_frac)
+        ok = t != -100
+        return torch.where(ok, -a / ok.sum(), 0.0).float()
 
-    ref_dh, ref_dw, _ = bwd()
-    # What to time, most telling first (a budget cuts the tail): the defaults; the backward's
-    # program order (row blocks per group; 1: programs running together share rows, 1 << 20:
-    # they share columns, the plain row-major order); the fused backward plan forced (4 products
-    # instead of 5 where the default budget splits it; its fp32 dH accumulator breaks the memory
-    # target, so this prices that target); the forward's grid size; the other tiles.
+    def bwd(knobs, g_=None):
+        return launch.backward(hidden, weight, None, targets, m, log_s, q, g if g_ is None else g_, 1.0, None,
+                               True, True, False, scratch_fraction=knobs["scratch_fraction"], design=knobs["design"])
+
     gm0, pps0 = launch.BWD_GROUP_M, launch.FWD_PROGRAMS_PER_SM
-    base = dict(group_m=gm0, programs_per_sm=pps0, scratch_fraction=launch.SCRATCH_FRACTION)
-    trials = [("forward", default_fwd, base), ("backward", default_bwd, base)]
-    trials += [("backward", default_bwd, dict(base, group_m=gm)) for gm in (1, 32, 1 << 20) if gm != gm0]
-    trials += [("backward", default_bwd, dict(base, scratch_fraction=1.0))]
+    base = dict(design=launch.BACKWARD_DESIGN, group_m=gm0, programs_per_sm=pps0,
+                scratch_fraction=launch.SCRATCH_FRACTION, split_cols=None, zero_adv_frac=0.0, stores_only=False)
+    ref_dh, ref_dw, _ = bwd(base)
+    # What to time, most telling first (a budget cuts the tail): the matmul rate at this shape;
+    # the defaults; the two backward designs head to head; the split design's chunk width; the
+    # atomic design with its atomics replaced by plain stores (prices the atomics); both designs
+    # at 90% zero-advantage sequences; the atomic design's program order and fused plan; the
+    # forward's grid size; the other tiles.
+    split, atomic = dict(base, design="split"), dict(base, design="atomic")
+    trials = [("matmul", default_fwd, base), ("forward", default_fwd, base)]
+    trials += [("backward", default_bwd, split), ("backward", default_bwd, atomic)]
+    trials += [("backward", default_bwd, dict(split, split_cols=c)) for c in (2048, 2560, 5120)]
+    trials += [("backward", default_bwd, dict(atomic, stores_only=True))]
+    trials += [("backward", default_bwd, dict(d, zero_adv_frac=0.9)) for d in (split, atomic)]
+    trials += [("backward", default_bwd, dict(atomic, group_m=gm)) for gm in (1, 32, 1 << 20) if gm != gm0]
+    trials += [("backward", default_bwd, dict(atomic, scratch_fraction=1.0))]
     trials += [("forward", default_fwd, dict(base, programs_per_sm=pps)) for pps in (4, 64) if pps != pps0]
     trials += [("forward", c, base) for c in launch.FWD_CANDIDATES if c != default_fwd]
-    trials += [("backward", c, base) for c in launch.BWD_CANDIDATES if c != default_bwd]
+    trials += [("backward", c, atomic) for c in launch.BWD_CANDIDATES if c != default_bwd]
     for kernel, cfg, knobs in trials:
         if args.budget_s and time.time() - started > args.budget_s:
             row(kernel, cfg, status="skipped: time budget", **knobs)
             continue
-        fwd_cfg, bwd_cfg = (cfg, default_bwd) if kernel == "forward" else (default_fwd, cfg)
+        fwd_cfg, bwd_cfg = (cfg, default_bwd) if kernel != "backward" else (default_fwd, cfg)
+        err = 0.0
         try:
-            with launch.cuda_configs(fwd_cfg, bwd_cfg, knobs["group_m"], knobs["programs_per_sm"]):
-                if kernel == "forward":
+            with launch.cuda_configs(fwd_cfg, bwd_cfg, knobs["group_m"], knobs["programs_per_sm"]), \
+                    _launch_knobs(SPLIT_COLS=knobs["split_cols"], _STORES_ONLY=knobs["stores_only"]):
+                if kernel == "matmul":  # one [N, H] x [H, V] product, the floor's unit, at this shape
+                    wt = weight.t()
+                    ms = time_ms(lambda: hidden @ wt, device, quick=args.smoke)
+                    products = 1
+                elif kernel == "forward":
                     err = _rel(fwd()[0], ref_logp)
                     ms = time_ms(fwd, device, quick=args.smoke)
                     products = 1
                 else:
-                    fraction = knobs["scratch_fraction"]
-                    dh, dw, _ = bwd(fraction)
-                    err = max(_rel(dh, ref_dh), _rel(dw, ref_dw))
-                    ms = time_ms(lambda: bwd(fraction), device, quick=args.smoke)
-                    plan = launch.plan_backward(shape.n, shape.v, shape.h, dtype, True, True, bwd_cfg, fraction)
-                    products = 3 if plan.fused else 4
+                    g_ = upstream(knobs["zero_adv_frac"])
+                    dh, dw, _ = bwd(knobs, g_)
+                    if not knobs["stores_only"] and not knobs["zero_adv_frac"]:
+                        err = max(_rel(dh, ref_dh), _rel(dw, ref_dw))
+                    del dh, dw
+                    ms = time_ms(lambda: bwd(knobs, g_), device, quick=args.smoke)
+                    products = _backward_products(shape, dtype, bwd_cfg, knobs, int((g_ != 0).sum()))
         except Exception as e:  # a tile the device rejects (e.g. out of resources) is a result
             row(kernel, cfg, status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}", **knobs)
             continue
@@ -120,8 +164,10 @@ def main(argv=None) -> Path:
         tflops = products * flop / ms / 1e9
         row(kernel, cfg, status=status, products=products, **knobs, ms=round(ms, 3), tflops=round(tflops, 1),
             err_vs_default=float(f"{err:.3g}"))
-        print(f"{kernel:<8} {_tiles(cfg):<28} group {knobs['group_m']:<8} per-SM {knobs['programs_per_sm']:<3} "
-              f"scratch {knobs['scratch_fraction']:<5} {status:<8} {ms:8.2f} ms  {tflops:6.1f} TFLOP/s  err {err:.2g}")
+        what = f"{knobs['design']} cols {knobs['split_cols']}" if kernel == "backward" else ""
+        print(f"{kernel:<8} {_tiles(cfg):<28} {what:<18} group {knobs['group_m']:<8} per-SM {knobs['programs_per_sm']:<3} "
+              f"0adv {knobs['zero_adv_frac']:<3} stores {knobs['stores_only']:<1} {status:<8} {ms:8.2f} ms "
+              f"{tflops:6.1f} TFLOP/s  err {err:.2g}")
 
     csv_rows.close()
     print(f"rows: {path}  ({time.time() - started:.0f} s)")

@@ -19,20 +19,26 @@ def test_the_probe_sees_materialized_logits():
     assert row["extra_over_logits"] > 1.5, row
 
 
-# The GPU memory target (issue 3): the fused op's peak is within 1.05x of the gradients at every
-# benchmark shape. Planned here, on CPU tensors with the kernels as no-ops; measured on a GPU
-# by tests/test_gpu.py. Each model's smallest and largest token count.
+# The GPU memory targets: the default (split) backward's peak within 1.10x of the gradients at
+# every benchmark shape, the atomic design's within 1.05x (for users at the edge of memory).
+# Planned here, on CPU tensors with the kernels and products as no-ops; measured on a GPU by
+# tests/test_gpu.py. Each model's smallest and largest token count.
+TARGET = {"split": 1.10, "atomic": 1.05}
+
+
+@pytest.mark.parametrize("design", list(TARGET))
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("n", [min(TOKENS), max(TOKENS)])
-def test_triton_launcher_peak_is_within_5_percent_of_the_gradients(model, n):
+def test_triton_launcher_peak_is_near_the_gradients(model, n, design):
     h, v = MODELS[model]
-    row = launcher_peak(n, v, h)
-    assert row["peak_over_bound"] <= 1.05, row
+    row = launcher_peak(n, v, h, design=design)
+    assert row["peak_over_bound"] <= TARGET[design], row
 
 
-def test_launcher_peak_with_zero_advantages_and_fp32():
-    assert launcher_peak(4096, 32000, 1024, zero_adv_frac=0.9)["peak_over_bound"] <= 1.05
-    assert launcher_peak(4096, 32000, 1024, dtype=torch.float32)["peak_over_bound"] <= 1.05
+@pytest.mark.parametrize("design", list(TARGET))
+def test_launcher_peak_with_zero_advantages_and_fp32(design):
+    assert launcher_peak(4096, 32000, 1024, zero_adv_frac=0.9, design=design)["peak_over_bound"] <= TARGET[design]
+    assert launcher_peak(4096, 32000, 1024, dtype=torch.float32, design=design)["peak_over_bound"] <= TARGET[design]
 
 
 def test_the_storage_tracker_follows_births_deaths_and_views():

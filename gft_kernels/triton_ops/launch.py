@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -286,13 +287,30 @@ def plan_split(n, n_active, v, h_dim, dtype, need_dh, need_dw, fraction=None, co
     return SplitPlan(False, cols_a, min(rows_b, n_rows), cols_b, gather, scratch)
 
 
+# How 16-bit products are added into fp32 accumulators (benchmarks report it).
+_ADDMM_PATH = "addmm_out_dtype"
+
+
+def _mm_into(out, a, b):
+    """out = a @ b (cuBLAS: fp32 accumulation inside, one rounding into out's dtype)."""
+    torch.mm(a, b, out=out)
+
+
 def _addmm_fp32(acc, a, b):
     """acc += a @ b with fp32 accumulation and output, for 16-bit a and b, without an fp32 copy
     of either operand."""
+    global _ADDMM_PATH
     if a.dtype == torch.float32 or acc.device.type != "cuda":
         acc.addmm_(a.float(), b.float())  # fp32, or the CPU (tests): exact either way
-    else:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return
+    if _ADDMM_PATH == "addmm_out_dtype":
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError) as err:  # an older torch: slower, same result
+            warnings.warn(f"torch.addmm(out_dtype=float32, out=) unavailable ({err}); using mm + add")
+            _ADDMM_PATH = "mm_then_add"
+    acc.add_(torch.mm(a, b, out_dtype=torch.float32))
 
 
 def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_active, plan: SplitPlan,
@@ -341,7 +359,7 @@ def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_acti
             dz = dz_buf[: n_active * nc].view(n_active, nc)
             dlogits(dz, active, c0, need_db)
             if need_dw:  # one product over every active row: fp32 inside the tensor cores, rounded once
-                torch.mm(dz.t(), h_act, out=dw[c0:c0 + nc])
+                _mm_into(dw[c0:c0 + nc], dz.t(), h_act)
             if with_dh:
                 _addmm_fp32(dh_acc, dz, weight[c0:c0 + nc])
         del dz_buf, h_act
