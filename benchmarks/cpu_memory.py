@@ -110,7 +110,7 @@ def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: f
     saved = {name: getattr(launch, name) for name in patched}
     launch.gft_forward_kernel = launch.gft_backward_kernel = launch.gft_dlogits_kernel = _NoKernel()
     launch._mm_into = launch._addmm_fp32 = _no_product  # the split design's cuBLAS products
-    launch.tiles = lambda device, dt: saved["tiles"](cuda, dt)
+    launch.tiles = lambda device, dt, plain=False: saved["tiles"](cuda, dt, plain)
     launch._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
     launch.BACKWARD_DESIGN = design or saved["BACKWARD_DESIGN"]
     try:

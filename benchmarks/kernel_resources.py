@@ -60,8 +60,10 @@ def default_variants() -> list[Variant]:
     out = []
     for dt in ("bf16", "fp16", "fp32"):
         fwd_cfg, bwd_cfg = tiles(torch.device("cuda"), _TORCH_DTYPE[dt])
+        plain_cfg, _ = tiles(torch.device("cuda"), _TORCH_DTYPE[dt], plain=True)
         for entropy in (False, True):
-            out.append(Variant("forward", dt, fwd_cfg, (("WITH_ENTROPY", entropy), ("HAS_BIAS", False), ("HAS_SOFTCAP", False))))
+            out.append(Variant("forward", dt, fwd_cfg if entropy else plain_cfg,
+                               (("WITH_ENTROPY", entropy), ("HAS_BIAS", False), ("HAS_SOFTCAP", False))))
         out.append(Variant("forward", dt, fwd_cfg, (("WITH_ENTROPY", False), ("HAS_BIAS", True), ("HAS_SOFTCAP", True))))
         # backward plans: fused dH+dW, dW (+db) alone, dH alone by chunk, dH by row (fp32 direct)
         plans = [(True, True, dt == "fp32"), (False, True, False), (True, False, dt == "fp32")]
@@ -72,7 +74,7 @@ def default_variants() -> list[Variant]:
                                                       ("COMPUTE_DB", True), ("HAS_BIAS", True), ("HAS_SOFTCAP", True))))
         # the split design's dz kernel runs on the forward's tile
         for extras in (False, True):
-            out.append(Variant("dlogits", dt, fwd_cfg, (("COMPUTE_DB", extras), ("HAS_BIAS", extras), ("HAS_SOFTCAP", extras))))
+            out.append(Variant("dlogits", dt, fwd_cfg if extras else plain_cfg, (("COMPUTE_DB", extras), ("HAS_BIAS", extras), ("HAS_SOFTCAP", extras))))
     return out
 
 

@@ -83,7 +83,7 @@ def main(argv=None) -> Path:
     valid = targets != -100
     g = torch.where(valid, -adv / valid.sum(), 0.0).float()  # a GFT-like dL/dlogp (C = 1)
     flop = 2 * shape.n * shape.h * shape.v  # one matrix product
-    default_fwd, default_bwd = launch.tiles(device, dtype)
+    default_fwd, default_bwd = launch.tiles(device, dtype, plain=True)
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -116,8 +116,12 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
         cap_grad = None
         if softcap is not None:
             cap_grad = 1.0 - (z / softcap).square()          # d softcap(u)/du at u = z_lin
-        # p = exp((z - m) - log_s): the two-part lse keeps p exact-ish at logits of 1e4
-        dz = z.sub_(m.index_select(0, idx)[:, None]).sub_(log_s.index_select(0, idx)[:, None]).exp_().mul_(-g_c)
+        # p = exp((z - m) - log_s): the two-part lse keeps p exact-ish at logits of 1e4. The
+        # exponent is clamped at 0 (p <= 1): rows that are computed but skipped (g = 0; on CUDA
+        # every row is computed) have m = log_s = 0, where exp(z) could overflow and 0 * inf
+        # would be NaN.
+        dz = z.sub_(m.index_select(0, idx)[:, None]).sub_(log_s.index_select(0, idx)[:, None])
+        dz = dz.clamp_max_(0.0).exp_().mul_(-g_c)
         dz.scatter_(1, targets.index_select(0, idx)[:, None], g_c * q.index_select(0, idx)[:, None])
         if cap_grad is not None:
             dz.mul_(cap_grad)

@@ -57,7 +57,7 @@ def test_every_cuda_tile_computes_the_same_loss(tile, fraction, monkeypatch):
     if DEVICE.type == "cuda":
         monkeypatch.setattr(launch, "_cuda_override", (fwd, bwd))
     else:
-        monkeypatch.setattr(launch, "tiles", lambda device, dtype: (fwd, bwd))
+        monkeypatch.setattr(launch, "tiles", lambda device, dtype, plain=False: (fwd, bwd))
     # 300 rows and 520 columns leave partial blocks of every candidate; H = 96 a partial K/H block
     case = make_case((300,), vocab=520, hidden_dim=96, bias=True, ignore_frac=0.2, zero_adv_frac=0.3, seed=5)
     truth = run(case, torch.float64, "reference")
