@@ -312,13 +312,9 @@ def main(argv=None) -> Path:
             add(measure(provider, shape, dtype, device, tflops, quick=args.quick))
 
     # What every target needs comes first, so a time budget cuts only the extra shapes: the focus
-    # shape, its zero-advantage sweep (fused GFT providers) and the precision of every provider.
+    # shape, the precision of every provider, the zero-advantage sweep (fused GFT providers).
     if focus in shapes:
         run_shape(focus)
-    for provider in [p for p in providers if p.name.startswith("gft_")]:
-        for frac in (0.5, 0.9) + ((0.0,) if focus not in shapes else ()):
-            if not over_budget():
-                add(measure(provider, focus, dtype, device, tflops, zero_adv_frac=frac, quick=args.quick))
     prec_shape = focus if device.type == "cpu" else Shape("qwen2.5-1.5b", 4096, *MODELS["qwen2.5-1.5b"])
     for provider in providers:
         if over_budget():
@@ -327,6 +323,10 @@ def main(argv=None) -> Path:
         if errs:
             add(dict(shape=prec_shape.name, n=prec_shape.n, h=prec_shape.h, v=prec_shape.v, provider=provider.name,
                      loss=provider.loss, zero_adv_frac=0.0, status="precision", dtype=str(dtype)[6:], **errs))
+    for provider in [p for p in providers if p.name.startswith("gft_")]:
+        for frac in (0.5, 0.9) + ((0.0,) if focus not in shapes else ()):
+            if not over_budget():
+                add(measure(provider, focus, dtype, device, tflops, zero_adv_frac=frac, quick=args.quick))
     for shape in shapes:
         if shape != focus:
             run_shape(shape)
