@@ -69,7 +69,10 @@ def _configs(model):
         return []
     out = [cfg]
     if hasattr(cfg, "get_text_config"):
-        text = cfg.get_text_config()
+        try:
+            text = cfg.get_text_config()
+        except ValueError:    # several text configs (an encoder's and a decoder's)
+            text = getattr(cfg, "decoder", cfg)
         if text is not cfg:
             out.append(text)
     return out
@@ -130,6 +133,7 @@ def logits_transform(model) -> LogitsTransform:
         else:
             v = _number(scaling)
             mul(None if v is None or v == 0 else 1.0 / v, "logits / logits_scaling")
+            found[-1] = f"logits / logits_scaling = {v:g}"
     multiplier = getattr(getattr(model, "model", None), "lm_head_multiplier", None)
     if multiplier is None:
         multiplier = _field(model, "lm_head_multiplier")
@@ -244,8 +248,9 @@ _VERDICTS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDicti
 PROBE_AMPLITUDE = 200.0   # largest |logit| of the amplified probe
 
 
-def _tolerance(dtype) -> float:
-    return {torch.float64: 1e-9, torch.float32: 2e-5}.get(dtype, 3e-2)
+def _tolerance(*dtypes) -> float:
+    """Agreement expected of two computations of the same logits: the coarser dtype's."""
+    return max({torch.float64: 1e-9, torch.float32: 2e-5}.get(d, 3e-2) for d in dtypes)
 
 
 def _logits_of(out):
@@ -266,7 +271,6 @@ def _probe(model, spec: LogitsTransform) -> None:
     input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
     mask = torch.ones_like(input_ids)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    tol = _tolerance(weight.dtype)
     state = {"x": None, "replace": None, "calls": 0}
 
     def hook(module, args, kw):
@@ -296,7 +300,7 @@ def _probe(model, spec: LogitsTransform) -> None:
         theirs = logits.to(acc)
         err = float((theirs - ours).abs().max())
         size = max(1.0, float(theirs.abs().max()))
-        if not err <= tol * size:
+        if not err <= _tolerance(weight.dtype, x.dtype, logits.dtype) * size:
             ratio = float((theirs * ours).sum() / ours.square().sum().clamp_min(1e-30))
             raise UnsupportedModelError(
                 f"{arch}: its logits are not the head's product after "
@@ -413,7 +417,8 @@ def _loss_probe(model):
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
             ce = F.cross_entropy(logits[:, :-1].to(acc).reshape(-1, logits.shape[-1]),
                                  labels[:, 1:].reshape(-1), ignore_index=-100)
-            if not abs(float(own) - float(ce)) <= _tolerance(weight.dtype) * max(1.0, abs(float(ce))):
+            tol = _tolerance(weight.dtype, logits.dtype, own.dtype)
+            if not abs(float(own) - float(ce)) <= tol * max(1.0, abs(float(ce))):
                 raise UnsupportedModelError(
                     f"{arch}: its own loss ({float(own):.6g}) is not the shifted cross-entropy of "
                     f"its logits ({float(ce):.6g}): it adds or changes terms (an auxiliary router "
