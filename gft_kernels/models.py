@@ -409,7 +409,12 @@ def _loss_probe(model):
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             kwargs = _forward_kwargs(model, input_ids, torch.ones_like(input_ids), {})
-            out = _original_forward(model)(labels=labels, **kwargs)
+            try:
+                out = _original_forward(model)(labels=labels, **kwargs)
+            except Exception as e:
+                raise UnsupportedModelError(
+                    f"{arch}: its own forward with labels fails on a text batch "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from e
             own = getattr(out, "loss", None)
             logits = _logits_of(out) if own is not None else None
             if own is None:

@@ -4,6 +4,8 @@ parameter's gradient of GFT computed from the model's own ``model(...).logits`` 
 heads; backends "torch" and "reference"), or refuses with ``UnsupportedModelError`` naming the
 architecture. Skipped only: architectures that cannot be built tiny, or whose own forward does
 not run on the tiny config (the reason is the skip message)."""
+import inspect
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -30,6 +32,32 @@ def test_exact_or_refused(model_type):
     # one verdict per model: the refusal does not depend on the backend
     assert len({v for (tie, _), v in verdicts.items() if tie}) == 1
     assert len({v for (tie, _), v in verdicts.items() if not tie}) == 1
+    if verdicts[False, "torch"] == "exact":
+        check_patched(model)
+
+
+def check_patched(model):
+    """The patched forward (no advantages, tau 0) gives the model's own loss, or refuses."""
+    ids, mask, labels, _ = batch(logits_transform(model).vocab or model.config.get_text_config(decoder=True).vocab_size)
+    kw = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    try:
+        with torch.no_grad():
+            own = model(input_ids=ids, attention_mask=mask, labels=labels, **kw).loss
+    except Exception:
+        own = None           # its own loss does not run on a text batch: the patch must refuse
+    try:
+        gft_kernels.patch(model, backend="torch")
+    except UnsupportedModelError as e:
+        assert type(model).__name__ in str(e)
+        return
+    assert own is not None
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, **kw)
+    finally:
+        gft_kernels.unpatch(model)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, own.to(out.loss.dtype), rtol=1e-6, atol=1e-7)
 
 
 def _tiny(config_cls, model_cls, **fields):
