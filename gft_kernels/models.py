@@ -394,7 +394,9 @@ def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *
 # ---- patching --------------------------------------------------------------------------------
 
 def _loss_probe(model):
-    """Refuse to patch a model whose own loss is not the shifted cross-entropy of its logits."""
+    """Whether the model's own loss shifts its labels (True: position t predicts label t + 1, as
+    most causal LMs; False: label t, as the decoders of encoder-decoder families). Refuses a model
+    whose own loss is neither cross-entropy of its logits."""
     arch = _arch(model)
     weight = _head(model).weight
     device = weight.device
@@ -420,14 +422,17 @@ def _loss_probe(model):
             if own is None:
                 raise UnsupportedModelError(f"{arch}: its forward computes no loss from labels")
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-            ce = F.cross_entropy(logits[:, :-1].to(acc).reshape(-1, logits.shape[-1]),
-                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+            flat = logits.to(acc)
+            shifted = F.cross_entropy(flat[:, :-1].reshape(-1, flat.shape[-1]), labels[:, 1:].reshape(-1))
+            unshifted = F.cross_entropy(flat.reshape(-1, flat.shape[-1]), labels.reshape(-1))
             tol = _tolerance(weight.dtype, logits.dtype, own.dtype)
-            if not abs(float(own) - float(ce)) <= tol * max(1.0, abs(float(ce))):
-                raise UnsupportedModelError(
-                    f"{arch}: its own loss ({float(own):.6g}) is not the shifted cross-entropy of "
-                    f"its logits ({float(ce):.6g}): it adds or changes terms (an auxiliary router "
-                    "loss, a z-loss, unshifted labels); a patched forward would silently differ")
+            for shift, ce in ((True, shifted), (False, unshifted)):
+                if abs(float(own) - float(ce)) <= tol * max(1.0, abs(float(ce))):
+                    return shift
+            raise UnsupportedModelError(
+                f"{arch}: its own loss ({float(own):.6g}) is not the cross-entropy of its logits, "
+                f"shifted ({float(shifted):.6g}) or not ({float(unshifted):.6g}): it adds or changes "
+                "terms (an auxiliary router loss, a z-loss); a patched forward would silently differ")
     finally:
         for m, training in modes:
             m.training = training
@@ -437,6 +442,7 @@ def _loss_probe(model):
 class _PatchOptions:
     tau: float
     backend: str
+    shift: bool = True
 
 
 def patch(model, *, tau: float = 0.0, backend: str = "auto"):
@@ -451,8 +457,9 @@ def patch(model, *, tau: float = 0.0, backend: str = "auto"):
                     return_gft_stats=False)     # out.gft_stats: a GFTStats
         out.loss
 
-    ``labels`` are the model's usual ones (shifted inside, -100 ignored; ``shift_labels`` is
-    accepted as transformers accepts it). With no advantages and ``tau=0`` the loss is the
+    ``labels`` are the model's usual ones (-100 ignored; shifted inside, or not for the models
+    whose own loss does not shift them, e.g. BartForCausalLM; ``shift_labels`` is accepted as
+    transformers accepts it). With no advantages and ``tau=0`` the loss is the
     model's own (shifted cross-entropy, summed over ``num_items_in_batch`` when given), so a
     patched model trains unchanged in ``transformers.Trainer``. ``out.logits`` is None when a
     loss is computed; without labels the original forward runs (generation is unchanged).
@@ -461,14 +468,15 @@ def patch(model, *, tau: float = 0.0, backend: str = "auto"):
     including models whose own loss adds terms (auxiliary router loss, z-loss).
     Returns the model; ``unpatch(model)`` restores the original forward.
     """
-    if "_gft_original_forward" in model.__dict__:
-        model.__dict__["_gft_options"] = _PatchOptions(float(tau), backend)
-        return model
     check_options(tau, "mean", None, 1.0, None, backend, -100)   # before touching the model
-    _loss_probe(model)
+    if "_gft_original_forward" in model.__dict__:
+        shift = model.__dict__["_gft_options"].shift
+        model.__dict__["_gft_options"] = _PatchOptions(float(tau), backend, shift)
+        return model
+    shift = _loss_probe(model)
     original = model.forward
     model.__dict__["_gft_original_forward"] = original
-    model.__dict__["_gft_options"] = _PatchOptions(float(tau), backend)
+    model.__dict__["_gft_options"] = _PatchOptions(float(tau), backend, shift)
 
     def forward(input_ids=None, attention_mask=None, labels=None, *, advantages=None, tau=None,
                 num_items_in_batch=None, return_gft_stats=False, shift_labels=None, **kwargs):
@@ -478,6 +486,8 @@ def patch(model, *, tau: float = 0.0, backend: str = "auto"):
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         options = model.__dict__["_gft_options"]
         tau_ = options.tau if tau is None else tau
+        if shift_labels is None and not options.shift:
+            shift_labels = labels       # this model's own loss reads label t at position t
         kwargs.pop("return_dict", None)
         ref = shift_labels if shift_labels is not None else labels
         adv = 1.0 if advantages is None else advantages

@@ -48,7 +48,7 @@ def check(model, backend):
             model(input_ids=ids, attention_mask=mask, **kw)
     except Exception as e:
         raise OwnForwardFails(f"its own forward fails on the tiny config: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                              f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}")
     try:
         loss = gft_kernels.causal_lm_gft_loss(model, ids, mask, labels, adv, TAU, backend=backend)
     except UnsupportedModelError as e:
