@@ -17,6 +17,12 @@ def _engine(backend: str):
     return launch
 
 
+def _autocast_cast(x, dtype):
+    if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.to(dtype)
+    return x
+
+
 def gft_loss(
     hidden: Tensor,
     lm_head: Tensor | nn.Linear,
@@ -55,6 +61,10 @@ def gft_loss(
             rectified fraction, mean target probability) from the same pass.
         check_values: check target ids and advantages by value (one host sync on CUDA).
 
+    Under ``torch.autocast`` the product's inputs are cast to the autocast dtype, as
+    ``nn.Linear`` would (float64 excepted); gradients come back in the inputs' own dtypes, and
+    a backward run inside or outside an autocast region gives the same gradients.
+
     Returns:
         The loss, fp32 (fp64 for fp64 inputs); ``(loss, stats)`` when ``return_stats``.
 
@@ -73,6 +83,16 @@ def gft_loss(
         tau, reduction, normalizer, temperature, softcap, backend, ignore_index
     )
     weight, bias = split_lm_head(lm_head, bias)
+    if isinstance(hidden, Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # What nn.Linear does under autocast: the product's inputs in the autocast dtype (float64
+        # is left alone), through differentiable casts, so the gradients come back in the
+        # parameters' own dtypes. The rest runs with autocast off (custom_fwd(cast_inputs=...)).
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight, bias = (_autocast_cast(x, dtype) for x in (hidden, weight, bias))
+        with torch.autocast(hidden.device.type, enabled=False):
+            return gft_loss(hidden, weight, targets, adv, tau, ignore_index=ignore_index, reduction=reduction,
+                            normalizer=normalizer, bias=bias, temperature=temperature, softcap=softcap,
+                            backend=backend, return_stats=return_stats, check_values=check_values)
     targets, adv = check_tensors(hidden, weight, bias, targets, adv)
     backend = check_backend(backend, hidden)
     if check_values:

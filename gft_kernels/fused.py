@@ -51,10 +51,13 @@ class LinearLogProb(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[1:4]
         if dlogp is None:
             dlogp = torch.zeros_like(q)
-        dh, dw, db = ctx.engine.backward(
-            hidden, weight, bias, targets, m, log_s, q, dlogp.to(q.dtype),
-            ctx.temperature, ctx.softcap, need_dh, need_dw, need_db and bias is not None,
-        )
+        # A backward run inside an autocast region must not recast the engine's products
+        # (custom_bwd's treatment: the forward ran with autocast off, so does the backward).
+        with torch.autocast(hidden.device.type, enabled=False):
+            dh, dw, db = ctx.engine.backward(
+                hidden, weight, bias, targets, m, log_s, q, dlogp.to(q.dtype),
+                ctx.temperature, ctx.softcap, need_dh, need_dw, need_db and bias is not None,
+            )
         return None, dh, dw, db, None, None, None, None, None
 
 

@@ -1,8 +1,7 @@
-"""From a transformers causal LM and a batch to the GFT loss, with no [tokens x vocab] logits.
+"""Prompts and responses to batches for the trainer.
 
-``causal_lm_gft_loss`` is public: users of other trainers can call it with any
-``AutoModelForCausalLM`` and a batch of (input_ids, attention_mask, labels, per-sequence
-advantages).
+The model-to-loss path lives in the library, ``gft_kernels.models``: ``causal_lm_gft_loss`` is
+re-exported here (and as ``gft_train.causal_lm_gft_loss``) for existing callers.
 """
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-import gft_kernels
+from gft_kernels.models import causal_lm_gft_loss  # noqa: F401  (re-exported)
 
 
 def format_prompt(tokenizer, prompt: str) -> str:
@@ -55,49 +54,3 @@ def encode(tokenizer, items: list[tuple[str, str, float]], max_length: int) -> B
     lab_t = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
     adv = torch.tensor([a for _, _, a in items], dtype=torch.float32)
     return Batch(input_ids, mask, lab_t, adv)
-
-
-def _full_weight(module):
-    """The lm_head weight as one tensor the loss can read in forward and backward."""
-    weight = module.weight
-    if hasattr(weight, "ds_id"):
-        raise NotImplementedError(
-            "DeepSpeed ZeRO-3 partitions the lm_head weight; gathering it across the fused loss's "
-            "backward is not supported yet: use ZeRO-2, DDP or FSDP2")
-    if type(weight).__name__ == "DTensor" or hasattr(weight, "full_tensor"):
-        return weight.full_tensor()   # FSDP2 / tensor parallel: differentiable all-gather
-    if weight.dim() != 2:
-        raise NotImplementedError(
-            f"the lm_head weight has shape {tuple(weight.shape)} (a flattened FSDP1 shard?); "
-            "use FSDP2 (fully_shard) or DDP")
-    return weight
-
-
-def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *, normalizer=None,
-                       reduction="mean", return_stats=False, backend="auto"):
-    """GFT loss of a causal LM on a batch, through the fused kernel.
-
-    Runs the model's backbone to its last hidden states ``[B, T, H]``, shifts them against
-    ``labels`` (position t predicts token t + 1; -100 marks prompt and padding tokens) and calls
-    ``gft_kernels.gft_loss`` with the output embedding's weight (and bias, and the model's final
-    logit softcap, if any). ``adv`` is ``[B]`` (per sequence) or ``[B, T - 1]``.
-    Under autocast, hidden states and weight meet in the autocast dtype, as ``nn.Linear`` would.
-    """
-    backbone = model.get_decoder()
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state[:, :-1]
-    targets = labels[:, 1:]
-    head = model.get_output_embeddings()
-    weight = _full_weight(head)
-    bias = getattr(head, "bias", None)
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-    else:
-        dtype = weight.dtype
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    with torch.autocast(hidden.device.type, enabled=False):
-        return gft_kernels.gft_loss(hidden, weight, targets, adv, tau, bias=bias, normalizer=normalizer,
-                                    reduction=reduction, softcap=softcap, backend=backend,
-                                    return_stats=return_stats, check_values=False)

@@ -1,0 +1,530 @@
+"""From a transformers causal LM to the GFT loss, with no ``[tokens x vocab]`` logits.
+
+Two entry points:
+
+- ``causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau)``: the functional op.
+- ``patch(model)``: the model's own ``forward(input_ids, labels=..., advantages=..., tau=...,
+  num_items_in_batch=...)`` returns the GFT loss (the model's own loss when there are no
+  advantages and ``tau=0``), like Liger's ``apply_liger_kernel_to_*`` or CCE's ``cce_patch``.
+
+How the hidden states are found: the model's own forward runs until it calls its output
+embedding (``model.get_output_embeddings()``, a linear layer); a forward pre-hook takes the
+layer's input and stops the forward there. So whatever the model does before its head (a
+final norm, a rescaling of the hidden state, a prediction transform with its own parameters)
+is part of the captured input, with its autograd graph, and the head's product is never made.
+
+What comes after the head's product (logit scales and multipliers, final softcaps, a
+vocabulary cut) is read from a table of known configuration fields (``logits_transform``) and
+checked once per model by a probe (``check_model``): on a few tokens the model's own
+``model(...).logits`` are compared with the transform applied to the head's product, at the
+model's natural logits and at logits amplified to about 200 (where a cap shows). A model the
+table does not describe exactly is refused with ``UnsupportedModelError`` (a
+``NotImplementedError``) naming the architecture and what differs: never a silently different
+loss.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import gft_loss
+from .validation import check_options
+
+
+class UnsupportedModelError(NotImplementedError):
+    """The model's logits cannot be reproduced exactly from its hidden states and head."""
+
+
+@dataclass(frozen=True)
+class LogitsTransform:
+    """``logits = softcap * tanh(scale * (x W^T + b) / softcap)``, then the first ``vocab`` columns."""
+
+    arch: str
+    scale: float = 1.0
+    softcap: float | None = None
+    vocab: int | None = None
+    found: tuple[str, ...] = field(default=())   # what the table read, for messages
+
+    def apply(self, raw: Tensor) -> Tensor:
+        z = raw * self.scale if self.scale != 1.0 else raw
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z if self.vocab is None else z[..., : self.vocab]
+
+
+def _arch(model) -> str:
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    return f"{type(model).__name__} (model_type {mt!r})" if mt else type(model).__name__
+
+
+def _configs(model):
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return []
+    out = [cfg]
+    if hasattr(cfg, "get_text_config"):
+        try:
+            text = cfg.get_text_config()
+        except ValueError:    # several text configs (an encoder's and a decoder's)
+            text = getattr(cfg, "decoder", cfg)
+        if text is not cfg:
+            out.append(text)
+    return out
+
+
+def _field(model, name):
+    for cfg in _configs(model):
+        value = getattr(cfg, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _number(value):
+    if isinstance(value, Tensor):
+        return float(value.detach().reshape(-1)[0]) if value.numel() == 1 else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+# Logit transforms after the head's product, as transformers' causal LMs apply them.
+# ``logits_scaling`` divides in Granite's family and multiplies in HyperCLOVAX; MiniCPM3 and
+# Inkling divide the hidden state before the head (captured with the head's input, nothing to do).
+_SCALING_MULTIPLIES = {"hyperclovax"}
+_SCALING_BEFORE_HEAD = {"minicpm3"}
+_SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+
+
+def logits_transform(model) -> LogitsTransform:
+    """What the model does to ``x W^T + b`` to make its logits, from the table of known fields.
+
+    Not a guarantee on its own: ``check_model`` probes the model against it.
+    """
+    arch = _arch(model)
+    model_type = getattr(model.config, "model_type", "")
+    scale, softcap, vocab, found = 1.0, None, None, []
+
+    def mul(value, what):
+        nonlocal scale
+        v = _number(value)
+        if v is None or v <= 0 or not math.isfinite(v):
+            raise UnsupportedModelError(f"{arch}: {what} = {value!r} is not a positive number")
+        scale *= v
+        found.append(f"{what} = {v:g}")
+
+    logit_scale = getattr(model, "logit_scale", None)
+    if logit_scale is None:
+        logit_scale = _field(model, "logit_scale")
+    if logit_scale is not None and not isinstance(logit_scale, nn.Module):
+        if isinstance(logit_scale, nn.Parameter):
+            raise UnsupportedModelError(f"{arch}: its logit scale is a trained parameter (not supported)")
+        mul(logit_scale, "logits * logit_scale")
+    scaling = _field(model, "logits_scaling")
+    if scaling is not None and model_type not in _SCALING_BEFORE_HEAD:
+        if model_type in _SCALING_MULTIPLIES:
+            mul(scaling, "logits * logits_scaling")
+        else:
+            v = _number(scaling)
+            mul(None if v is None or v == 0 else 1.0 / v, "logits / logits_scaling")
+            found[-1] = f"logits / logits_scaling = {v:g}"
+    multiplier = getattr(getattr(model, "model", None), "lm_head_multiplier", None)
+    if multiplier is None:
+        multiplier = _field(model, "lm_head_multiplier")
+    if multiplier is not None:
+        mul(multiplier, "logits * lm_head_multiplier")
+    out_mult = _field(model, "output_multiplier")
+    if out_mult is not None:
+        mul(out_mult, "logits * output_multiplier")
+    for name in _SOFTCAP_FIELDS:
+        cap = _field(model, name)
+        if cap is not None:
+            v = _number(cap)
+            if v is None or v <= 0:
+                raise UnsupportedModelError(f"{arch}: {name} = {cap!r} is not a positive number")
+            softcap = v
+            found.append(f"softcap {name} = {v:g}")
+            break
+    unpadded = _field(model, "unpadded_vocab_size")
+    if unpadded is not None:
+        vocab = int(unpadded)
+        found.append(f"logits cut to unpadded_vocab_size = {vocab}")
+    return LogitsTransform(arch, scale, softcap, vocab, tuple(found))
+
+
+def _head(model):
+    arch = _arch(model)
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise UnsupportedModelError(f"{arch}: get_output_embeddings() returns no output head")
+    if not isinstance(head, nn.Module):
+        raise UnsupportedModelError(f"{arch}: its output head is a {type(head).__name__}, not a linear layer")
+    names = sorted(n for n, _ in head.named_parameters())
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or names not in (["weight"], ["bias", "weight"]):
+        raise UnsupportedModelError(
+            f"{arch}: its output head {type(head).__name__} has parameters {names}; only a linear "
+            "layer (weight [V, H] and an optional bias) can be fused")
+    if weight.dim() != 2 and not hasattr(weight, "ds_id"):
+        raise UnsupportedModelError(
+            f"{arch}: its output head's weight has shape {tuple(weight.shape)}, not [V, H] "
+            "(a flattened FSDP1 shard? use FSDP2 (fully_shard) or DDP)")
+    return head
+
+
+def _full_weight(weight):
+    """The head weight as one tensor the loss can read in forward and backward."""
+    if hasattr(weight, "ds_id"):
+        raise NotImplementedError(
+            "DeepSpeed ZeRO-3 partitions the lm_head weight; gathering it across the fused loss's "
+            "backward is not supported yet: use ZeRO-2, DDP or FSDP2")
+    if type(weight).__name__ == "DTensor" or hasattr(weight, "full_tensor"):
+        return weight.full_tensor()   # FSDP2 / tensor parallel: differentiable all-gather
+    return weight
+
+
+class _Stop(Exception):
+    pass
+
+
+def _original_forward(model):
+    return model.__dict__.get("_gft_original_forward") or model
+
+
+def _forward_kwargs(model, input_ids, attention_mask, extra):
+    kwargs = dict(extra)
+    kwargs["input_ids"] = input_ids
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    fwd = _original_forward(model)
+    fwd = fwd.forward if isinstance(fwd, nn.Module) else fwd
+    params = inspect.signature(fwd).parameters
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def head_input(model, input_ids, attention_mask=None, **kwargs) -> Tensor:
+    """The input of the model's output head, ``[B, T, H]``: the model's forward run up to its head.
+
+    Keyword arguments go to the model's forward (``position_ids``, ``token_type_ids``, ...).
+    """
+    head = _head(model)
+    captured = []
+
+    def hook(module, args, kw):
+        captured.append(args[0] if args else next(iter(kw.values())))
+        raise _Stop
+
+    handle = head.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        _original_forward(model)(**_forward_kwargs(model, input_ids, attention_mask, kwargs))
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise UnsupportedModelError(
+            f"{_arch(model)}: its forward does not call its output head {type(head).__name__} "
+            "(it reads the weight directly or uses another head)")
+    x = captured[0]
+    if x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
+        raise UnsupportedModelError(
+            f"{_arch(model)}: its output head's input has shape {tuple(x.shape)}, not "
+            f"[batch, tokens, hidden] = [{input_ids.shape[0]}, {input_ids.shape[1]}, H]")
+    return x
+
+
+# ---- the probe -----------------------------------------------------------------------------
+
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+PROBE_AMPLITUDE = 200.0   # largest |logit| of the amplified probe
+
+
+def _tolerance(*dtypes) -> float:
+    """Agreement expected of two computations of the same logits: the coarser dtype's."""
+    return max({torch.float64: 1e-9, torch.float32: 2e-5}.get(d, 3e-2) for d in dtypes)
+
+
+def _logits_of(out):
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        logits = out[0]
+    return logits
+
+
+def _probe(model, spec: LogitsTransform) -> None:
+    arch = _arch(model)
+    head = _head(model)
+    weight = _full_weight(head.weight)
+    bias = getattr(head, "bias", None)
+    device = weight.device
+    vocab = min(weight.shape[0], spec.vocab or weight.shape[0])
+    g = torch.Generator().manual_seed(1234)
+    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
+    mask = torch.ones_like(input_ids)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    state = {"x": None, "replace": None, "calls": 0}
+
+    def hook(module, args, kw):
+        state["calls"] += 1
+        if state["replace"] is not None and args:
+            return (state["replace"],) + tuple(args[1:]), kw
+        state["x"] = args[0] if args else next(iter(kw.values()), None)
+        return None
+
+    def run():
+        state["calls"] = 0
+        out = _original_forward(model)(**_forward_kwargs(model, input_ids, mask, {}))
+        logits = _logits_of(out)
+        if logits is None:
+            raise UnsupportedModelError(f"{arch}: its forward returns no logits to compare with")
+        if state["calls"] != 1:
+            raise UnsupportedModelError(
+                f"{arch}: its forward calls its output head {state['calls']} times (one expected)")
+        return logits
+
+    def compare(x, logits, what):
+        ours = spec.apply(F.linear(x, weight, bias).to(acc))
+        if tuple(ours.shape) != tuple(logits.shape):
+            raise UnsupportedModelError(
+                f"{arch}: its logits have shape {tuple(logits.shape)}, the head's product after "
+                f"{', '.join(spec.found) or 'no transform'} has {tuple(ours.shape)}")
+        theirs = logits.to(acc)
+        err = float((theirs - ours).abs().max())
+        size = max(1.0, float(theirs.abs().max()))
+        if not err <= _tolerance(weight.dtype, x.dtype, logits.dtype) * size:
+            ratio = float((theirs * ours).sum() / ours.square().sum().clamp_min(1e-30))
+            raise UnsupportedModelError(
+                f"{arch}: its logits are not the head's product after "
+                f"{', '.join(spec.found) or 'no transform (plain x @ W.T + b)'}: at {what} logits "
+                f"(largest {size:.3g}) they differ by {err:.3g} (best scalar fit x{ratio:.4g}); "
+                "it transforms its logits in a way this library does not know")
+
+    modes = [(m, m.training) for m in model.modules()]
+    handle = head.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, enabled=False), \
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            logits = run()
+            x = state["x"]
+            if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
+                raise UnsupportedModelError(
+                    f"{arch}: its output head's input is not [batch, tokens, hidden] "
+                    f"(got {None if not isinstance(x, Tensor) else tuple(x.shape)})")
+            compare(x, logits, "natural")
+            synth = torch.randn(x.shape, generator=g, dtype=acc).to(device)
+            peak = float(F.linear(synth, weight.to(acc)).abs().max())
+            if peak > 0:
+                state["replace"] = (synth * (PROBE_AMPLITUDE / peak)).to(x.dtype)
+                logits = run()
+                compare(state["replace"], logits, "amplified")
+    finally:
+        handle.remove()
+        for m, training in modes:
+            m.training = training
+
+
+def check_model(model, *, force: bool = False) -> LogitsTransform:
+    """The model's logits transform, probed once per model (the verdict is cached).
+
+    Raises ``UnsupportedModelError`` (a ``NotImplementedError``) naming the architecture and
+    what it does when the fused path cannot reproduce the model's own logits.
+    """
+    if not force and model in _VERDICTS:
+        verdict = _VERDICTS[model]
+        if isinstance(verdict, Exception):
+            raise verdict
+        return verdict
+    try:
+        _head(model)
+        spec = logits_transform(model)
+        _probe(model, spec)
+    except UnsupportedModelError as e:
+        _VERDICTS[model] = e
+        raise
+    _VERDICTS[model] = spec
+    return spec
+
+
+# ---- the functional op ---------------------------------------------------------------------
+
+def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *, normalizer=None,
+                       reduction="mean", return_stats=False, backend="auto", ignore_index=-100,
+                       shift_labels=None, check=True, **forward_kwargs):
+    """GFT loss of a transformers causal LM on a batch, through the fused op.
+
+    Runs the model's forward up to its output head, shifts the head's input against ``labels``
+    (position t predicts token t + 1; ``ignore_index`` marks prompt and padding tokens), or takes
+    ``shift_labels`` ``[B, T]`` already aligned, and calls ``gft_loss`` with the head's weight and
+    bias and the model's logits transform (scale, softcap, vocabulary cut). ``adv`` is a scalar,
+    ``[B]`` (per sequence), or per token ``[B, T - 1]`` (``[B, T]`` with ``shift_labels``).
+
+    The first call probes the model (``check_model``; ``check=False`` skips it and trusts the
+    table). Under autocast the head's product runs in the autocast dtype, as ``nn.Linear``'s
+    would. Extra keyword arguments go to the model's forward.
+    """
+    spec = check_model(model) if check else logits_transform(model)
+    head = _head(model)
+    x = head_input(model, input_ids, attention_mask, **forward_kwargs)
+    if shift_labels is None:
+        x, targets = x[:, :-1], labels[:, 1:]
+    else:
+        targets = shift_labels
+    weight = _full_weight(head.weight)
+    bias = getattr(head, "bias", None)
+    if spec.vocab is not None and spec.vocab < weight.shape[0]:
+        weight = weight[: spec.vocab]
+        bias = None if bias is None else bias[: spec.vocab]
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        x = x.to(weight.dtype)        # as models that cast before the head (Mamba, xLSTM) do
+    return gft_loss(x, weight, targets, adv, tau, bias=bias, normalizer=normalizer, reduction=reduction,
+                    temperature=1.0 / spec.scale, softcap=spec.softcap, backend=backend,
+                    ignore_index=ignore_index, return_stats=return_stats, check_values=False)
+
+
+# ---- patching --------------------------------------------------------------------------------
+
+def _loss_probe(model):
+    """Whether the model's own loss shifts its labels (True: position t predicts label t + 1, as
+    most causal LMs; False: label t, as the decoders of encoder-decoder families). Refuses a model
+    whose own loss is neither cross-entropy of its logits."""
+    arch = _arch(model)
+    weight = _head(model).weight
+    device = weight.device
+    g = torch.Generator().manual_seed(4321)
+    spec = check_model(model)
+    vocab = min(weight.shape[0], spec.vocab or weight.shape[0])
+    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
+    labels = input_ids.clone()
+    labels[0, :2] = -100
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            kwargs = _forward_kwargs(model, input_ids, torch.ones_like(input_ids), {})
+            try:
+                out = _original_forward(model)(labels=labels, **kwargs)
+            except Exception as e:
+                raise UnsupportedModelError(
+                    f"{arch}: its own forward with labels fails on a text batch "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from e
+            own = getattr(out, "loss", None)
+            logits = _logits_of(out) if own is not None else None
+            if own is None:
+                raise UnsupportedModelError(f"{arch}: its forward computes no loss from labels")
+            acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            flat = logits.to(acc)
+            shifted = F.cross_entropy(flat[:, :-1].reshape(-1, flat.shape[-1]), labels[:, 1:].reshape(-1))
+            unshifted = F.cross_entropy(flat.reshape(-1, flat.shape[-1]), labels.reshape(-1))
+            tol = _tolerance(weight.dtype, logits.dtype, own.dtype)
+            for shift, ce in ((True, shifted), (False, unshifted)):
+                if abs(float(own) - float(ce)) <= tol * max(1.0, abs(float(ce))):
+                    return shift
+            raise UnsupportedModelError(
+                f"{arch}: its own loss ({float(own):.6g}) is not the cross-entropy of its logits, "
+                f"shifted ({float(shifted):.6g}) or not ({float(unshifted):.6g}): it adds or changes "
+                "terms (an auxiliary router loss, a z-loss); a patched forward would silently differ")
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@dataclass
+class _PatchOptions:
+    tau: float
+    backend: str
+    shift: bool = True
+
+
+def patch(model, *, tau: float = 0.0, backend: str = "auto"):
+    """Make ``model.forward`` return the GFT loss when given labels, without materializing logits.
+
+    After ``patch(model)``::
+
+        out = model(input_ids, attention_mask=..., labels=labels,
+                    advantages=None,            # scalar, [B] or per token [B, T]; None: 1
+                    tau=None,                   # None: the patch's tau (default 0)
+                    num_items_in_batch=None,    # the normalizer across accumulation / processes
+                    return_gft_stats=False)     # out.gft_stats: a GFTStats
+        out.loss
+
+    ``labels`` are the model's usual ones (-100 ignored; shifted inside, or not for the models
+    whose own loss does not shift them, e.g. BartForCausalLM; ``shift_labels`` is accepted as
+    transformers accepts it). With no advantages and ``tau=0`` the loss is the
+    model's own (shifted cross-entropy, summed over ``num_items_in_batch`` when given), so a
+    patched model trains unchanged in ``transformers.Trainer``. ``out.logits`` is None when a
+    loss is computed; without labels the original forward runs (generation is unchanged).
+
+    Probes the model first and refuses (``UnsupportedModelError``) what it cannot reproduce,
+    including models whose own loss adds terms (auxiliary router loss, z-loss).
+    Returns the model; ``unpatch(model)`` restores the original forward.
+    """
+    check_options(tau, "mean", None, 1.0, None, backend, -100)   # before touching the model
+    if "_gft_original_forward" in model.__dict__:
+        shift = model.__dict__["_gft_options"].shift
+        model.__dict__["_gft_options"] = _PatchOptions(float(tau), backend, shift)
+        return model
+    shift = _loss_probe(model)
+    original = model.forward
+    model.__dict__["_gft_original_forward"] = original
+    model.__dict__["_gft_options"] = _PatchOptions(float(tau), backend, shift)
+
+    def forward(input_ids=None, attention_mask=None, labels=None, *, advantages=None, tau=None,
+                num_items_in_batch=None, return_gft_stats=False, shift_labels=None, **kwargs):
+        if labels is None and shift_labels is None:
+            if advantages is not None or return_gft_stats:
+                raise ValueError("advantages / return_gft_stats need labels")
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        options = model.__dict__["_gft_options"]
+        tau_ = options.tau if tau is None else tau
+        if shift_labels is None and not options.shift:
+            shift_labels = labels       # this model's own loss reads label t at position t
+        kwargs.pop("return_dict", None)
+        ref = shift_labels if shift_labels is not None else labels
+        adv = 1.0 if advantages is None else advantages
+        if isinstance(adv, Tensor) and adv.dim() == 2 and shift_labels is None and adv.shape[-1] == ref.shape[-1]:
+            adv = adv[:, 1:]
+        result = causal_lm_gft_loss(
+            model, input_ids, attention_mask, labels, adv, tau_, normalizer=num_items_in_batch,
+            return_stats=return_gft_stats, backend=options.backend, shift_labels=shift_labels,
+            **kwargs)
+        loss, stats = result if return_gft_stats else (result, None)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        out = CausalLMOutputWithPast(loss=loss)
+        if return_gft_stats:
+            out.gft_stats = stats
+        return out
+
+    forward.__signature__ = inspect.Signature([
+        inspect.Parameter("input_ids", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        inspect.Parameter("attention_mask", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        inspect.Parameter("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        *(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in (
+            ("advantages", None), ("tau", None), ("num_items_in_batch", None),
+            ("return_gft_stats", False), ("shift_labels", None))),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ])
+    model.forward = forward
+    return model
+
+
+def unpatch(model):
+    """Restore the forward ``patch`` replaced."""
+    original = model.__dict__.pop("_gft_original_forward", None)
+    model.__dict__.pop("_gft_options", None)
+    if original is not None:
+        if getattr(original, "__self__", None) is model and original.__func__ is type(model).forward:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = original
+    return model
