@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused import finish_logprob
+from .fused import RowStats, finish_logprob
 
 # Bytes of one fp32 [C x V] chunk buffer; C = max(1, CHUNK_BYTES // (4 V)).
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -89,20 +89,22 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
         stats[0].index_copy_(0, idx, m)
         stats[1].index_copy_(0, idx, e.sum(dim=1))
         stats[2].index_copy_(0, idx, z_t)
-    logp, log_s, q, entropy = finish_logprob(*stats[:3], *(stats[3:] if with_entropy else (None, None)))
+    logp, log_s, q, entropy, is_max = finish_logprob(*stats[:3], *(stats[3:] if with_entropy else (None, None)))
     zero = torch.zeros_like(logp)
     entropy = zero if entropy is None else entropy
-    return tuple(torch.where(valid, x, zero) for x in (logp, stats[0], log_s, q, entropy))
+    return RowStats(*(torch.where(valid, x, zero) for x in (logp, stats[0], log_s, q, entropy)), is_max & valid)
 
 
-def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db):
+def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db, *,
+             entropy=None, g_entropy=None):
     n, v = hidden.shape[0], weight.shape[0]
     dh = torch.zeros_like(hidden) if need_dh else None
     # dW accumulates over chunks: in fp32 for half inputs (one rounding at the end).
     acc = _acc_dtype(weight.dtype)
     dw32 = torch.zeros_like(weight, dtype=acc) if need_dw else None
     db32 = torch.zeros(v, device=weight.device, dtype=acc) if need_db else None
-    rows = _selected_rows(g != 0)
+    active = g != 0 if g_entropy is None else (g != 0) | (g_entropy != 0)
+    rows = _selected_rows(active)
     count = n if rows is None else rows.numel()
     c = _chunk_rows(count, v)
     logits = _LogitsChunk(weight, bias, c, temperature, softcap)
@@ -120,9 +122,21 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
         # exponent is clamped at 0 (p <= 1): rows that are computed but skipped (g = 0; on CUDA
         # every row is computed) have m = log_s = 0, where exp(z) could overflow and 0 * inf
         # would be NaN.
-        dz = z.sub_(m.index_select(0, idx)[:, None]).sub_(log_s.index_select(0, idx)[:, None])
-        dz = dz.clamp_max_(0.0).exp_().mul_(-g_c)
-        dz.scatter_(1, targets.index_select(0, idx)[:, None], g_c * q.index_select(0, idx)[:, None])
+        lp = z.sub_(m.index_select(0, idx)[:, None]).sub_(log_s.index_select(0, idx)[:, None]).clamp_max_(0.0)
+        tgt = targets.index_select(0, idx)[:, None]
+        target_value = g_c * q.index_select(0, idx)[:, None]
+        if g_entropy is None:
+            dz = lp.exp_().mul_(-g_c)
+        else:
+            # the entropy term, dL/dz_j += g_H (-p_j (log p_j + H)): dz = -p (g + g_H (log p + H))
+            g_h = g_entropy.index_select(0, idx)[:, None]
+            ent = entropy.index_select(0, idx)[:, None]
+            p = lp.exp()                                   # the one extra [C, V] buffer
+            lp_h = lp.add_(ent)                            # log p + H, in place
+            target_value = target_value - g_h * p.gather(1, tgt) * lp_h.gather(1, tgt)
+            dz = lp_h.mul_(g_h).add_(g_c).mul_(p).neg_()
+            del p
+        dz.scatter_(1, tgt, target_value)
         if cap_grad is not None:
             dz.mul_(cap_grad)
         if temperature != 1.0:
