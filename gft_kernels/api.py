@@ -1,12 +1,14 @@
 """The public op: ``gft_loss`` and the ``GFTLoss`` module."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
 from . import reference, torch_backend
-from .fused import fused_logprobs
-from .head import GFTStats, head_stats, per_token_loss, reduce_loss
+from .fused import fused_logprobs, precomputed_loss
+from .head import GFTStats, head_stats, per_token_loss, reduce_loss, reduction_weights
 from .validation import (
     check_backend, check_input_values, check_options, check_policy_terms, check_scalar_policy_options, check_tensors,
     split_lm_head,
@@ -18,6 +20,10 @@ def _engine(backend: str):
         return torch_backend
     from .triton_ops import launch  # imported lazily: triton reads TRITON_INTERPRET at import
     return launch
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _autocast_cast(x, dtype):
@@ -148,6 +154,28 @@ def gft_loss(
     valid = flat_targets != ignore_index
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
 
+    with_entropy = return_stats or terms.needs_entropy
+    leaves = [x for x in (hidden2d, weight, bias) if x is not None]
+    if (backend == "torch" and reduction != "none" and hidden2d.shape[0] and torch.is_grad_enabled()
+            and any(x.requires_grad for x in leaves)):
+        # A scalar loss that will be differentiated: the chunked engine forms the gradients in
+        # the same pass (3 products, no recompute) and the backward only scales them.
+        flat_adv = adv.reshape(-1)
+
+        def token_loss(lp, ent, idx):
+            sliced = dataclasses.replace(
+                terms, old_logp=None if terms.old_logp is None else terms.old_logp.index_select(0, idx),
+                ref_logp=None if terms.ref_logp is None else terms.ref_logp.index_select(0, idx))
+            return per_token_loss(lp, ent, valid.index_select(0, idx), flat_adv.index_select(0, idx), tau, sliced)[0]
+
+        weights = reduction_weights(valid, reduction, normalizer, shape, _acc_dtype(hidden2d.dtype))
+        loss, rows = precomputed_loss(torch_backend, hidden2d, weight, bias, safe_targets, valid, temperature,
+                                      softcap, with_entropy, token_loss, weights)
+        if not return_stats:
+            return loss
+        _, aux = per_token_loss(rows.logp, rows.entropy, valid, flat_adv, tau, terms)
+        return loss, head_stats(rows.logp, rows.entropy, rows.target_is_max, valid, tau, aux, shape)
+
     if backend == "reference":
         logp, entropy, target_is_max = reference.reference_logprobs(
             hidden2d, weight, bias, safe_targets, valid, temperature, softcap
@@ -160,7 +188,7 @@ def gft_loss(
     else:
         logp, entropy, target_is_max = fused_logprobs(
             _engine(backend), hidden2d, weight, bias, safe_targets, valid,
-            temperature, softcap, return_stats or terms.needs_entropy,
+            temperature, softcap, with_entropy,
         )
 
     loss_tok, aux = per_token_loss(logp, entropy, valid, adv.reshape(-1), tau, terms)

@@ -110,3 +110,36 @@ def fused_logprobs(engine, hidden, weight, bias, targets, valid, temperature, so
     shape, or cannot trace at all through Triton's CPU interpreter). The model around the loss
     still compiles; gradients flow through the break."""
     return LinearLogProb.apply(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy)
+
+
+class _PrecomputedGrads(torch.autograd.Function):
+    """A scalar loss whose gradients were formed in the forward: backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loss, dh, dw, db):
+        ctx.grads = (dh, dw, db)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grads is None:
+            raise RuntimeError("the chunked engine formed this loss's gradients in its forward: they can be "
+                               "taken once (for retain_graph or double backward, use backend='reference')")
+        dh, dw, db = ctx.grads
+        ctx.grads = None  # scaled in place: no second copy of the gradients
+
+        def scaled(x):
+            return None if x is None else x.mul_(grad.to(x.dtype))
+        return scaled(dh), scaled(dw), scaled(db), None, None, None, None
+
+
+@torch.compiler.disable
+def precomputed_loss(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy,
+                     token_loss, token_weight):
+    """(loss, RowStats) of ``engine.loss_and_grads``, differentiable to first order (the
+    gradients come from the forward; a double backward is not supported on this path)."""
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    with torch.no_grad():  # the head inside differentiates itself (enable_grad)
+        loss, rows, (dh, dw, db) = engine.loss_and_grads(
+            hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, token_loss, token_weight, *need)
+    return _PrecomputedGrads.apply(hidden, weight, bias, loss, dh, dw, db), rows

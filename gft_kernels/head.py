@@ -151,6 +151,21 @@ def reduce_loss(loss_tok: Tensor, valid: Tensor, reduction: str, normalizer, sha
     return per_seq.sum() / _denominator((counts > 0).sum(), normalizer, loss_tok)
 
 
+def reduction_weights(valid: Tensor, reduction: str, normalizer, shape: torch.Size, dtype) -> Tensor:
+    """Per-token weights w_t with ``reduce_loss(loss_t) = sum_t w_t loss_t`` (every reduction
+    but "none"), flat."""
+    ones = valid.to(dtype)
+    if reduction == "sum":
+        return ones
+    if reduction == "mean":
+        return ones / _denominator(valid.sum(), normalizer, ones)
+    counts = valid.reshape(shape[0], -1).sum(dim=1, keepdim=True)
+    per_seq = valid.reshape(shape[0], -1).to(dtype)
+    if reduction == "seq-mean-token-mean":
+        per_seq = per_seq / counts.clamp_min(1).to(dtype)
+    return (per_seq / _denominator((counts > 0).sum(), normalizer, ones)).reshape(-1)
+
+
 def head_stats(logp: Tensor, entropy: Tensor, target_is_max: Tensor, valid: Tensor, tau: float, aux: dict,
                shape: torch.Size) -> GFTStats:
     logp = logp.detach()

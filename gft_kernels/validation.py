@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -209,9 +210,48 @@ def check_input_values(targets: Tensor, adv: Tensor, normalizer, vocab: int, ign
     raise ValueError(f"normalizer must be > 0, got {normalizer.reshape(()).item()}")
 
 
+# What the Triton engine is built and checked for: NVIDIA GPUs of compute capability 8.0 or
+# later whose blocks can opt into the shared memory of its largest default tile (144 KiB: the
+# A100, H100, H200 and later data-centre parts; not the 99-KiB consumer cards), and Triton 3.x.
+TRITON_MIN_CAPABILITY = (8, 0)
+TRITON_MIN_SHARED_BYTES = 144 * 1024
+TRITON_MIN_VERSION = (3, 0)
+_auto_warned: set = set()
+
+
+def triton_unsupported_reason(device: torch.device) -> str | None:
+    """Why ``backend="auto"`` does not take the Triton engine on this CUDA device, or None."""
+    if getattr(torch.version, "hip", None):
+        return "ROCm GPUs are not a target the Triton engine is checked on"
+    try:
+        import triton
+    except ImportError:
+        return "the triton package is not installed"
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
+    if version < TRITON_MIN_VERSION:
+        return f"triton {triton.__version__} is older than {'.'.join(map(str, TRITON_MIN_VERSION))}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < TRITON_MIN_CAPABILITY:
+        return f"compute capability {capability[0]}.{capability[1]} is below {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}"
+    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", TRITON_MIN_SHARED_BYTES)
+    if shared < TRITON_MIN_SHARED_BYTES:
+        return f"blocks can use {shared // 1024} KiB of shared memory, the kernels' tiles need {TRITON_MIN_SHARED_BYTES // 1024}"
+    return None
+
+
 def check_backend(backend: str, hidden: Tensor) -> str:
     if backend == "auto":
-        return "triton" if hidden.is_cuda and hidden.dtype != torch.float64 else "torch"
+        if not hidden.is_cuda or hidden.dtype == torch.float64:
+            return "torch"
+        reason = triton_unsupported_reason(hidden.device)
+        if reason is None:
+            return "triton"
+        key = (str(hidden.device), reason)
+        if key not in _auto_warned:
+            _auto_warned.add(key)
+            warnings.warn(f"gft_loss(backend='auto') uses the chunked torch engine on {hidden.device}: {reason} "
+                          "(backend='triton' forces the Triton engine)", stacklevel=3)
+        return "torch"
     if backend == "triton":
         if hidden.dtype == torch.float64:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs, got float64 (use backend='reference')")
