@@ -106,13 +106,14 @@ def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: f
     adv[: int(zero_adv_frac * n)] = 0.0
     cuda = torch.device("cuda")
     patched = ("gft_forward_kernel", "gft_backward_kernel", "gft_dlogits_kernel", "tiles", "_sm_count",
-               "_mm_into", "_addmm_fp32", "BACKWARD_DESIGN")
+               "_mm_into", "_addmm_fp32", "DEFAULT_OPTIONS")
     saved = {name: getattr(launch, name) for name in patched}
     launch.gft_forward_kernel = launch.gft_backward_kernel = launch.gft_dlogits_kernel = _NoKernel()
     launch._mm_into = launch._addmm_fp32 = _no_product  # the split design's cuBLAS products
-    launch.tiles = lambda device, dt, plain=False: saved["tiles"](cuda, dt, plain)
+    launch.tiles = lambda device, dt, plain=False, options=launch.DEFAULT_OPTIONS: saved["tiles"](cuda, dt, plain, options)
     launch._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
-    launch.BACKWARD_DESIGN = design or saved["BACKWARD_DESIGN"]
+    if design is not None:
+        launch.DEFAULT_OPTIONS = launch.LaunchOptions(backward_design=design)
     try:
         with _StorageTracker(hidden, weight, targets, adv) as tracker:
             gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, backend="triton", check_values=False,

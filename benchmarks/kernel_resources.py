@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 
 from gft_kernels.triton_ops.backward import gft_backward_kernel, gft_dlogits_kernel
 from gft_kernels.triton_ops.forward import gft_forward_kernel
-from gft_kernels.triton_ops.launch import BWD_CANDIDATES, BWD_GROUP_M, FWD_CANDIDATES, Config, tiles
+from gft_kernels.triton_ops.launch import BWD_CANDIDATES, DEFAULT_OPTIONS, FWD_CANDIDATES, Config, tiles
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # H100/H200: the most shared memory one block may opt into
@@ -99,7 +99,7 @@ def compile_variant(v: Variant, arch: int = 90, aligned: bool = True):
     if v.kernel != "forward":
         constexprs.setdefault("HAS_ENT_GRAD", False)
     if v.kernel == "backward":
-        constexprs.update(BLOCK_H=c.block_h, GROUP_M=BWD_GROUP_M, STORES_ONLY=False)
+        constexprs.update(BLOCK_H=c.block_h, GROUP_M=DEFAULT_OPTIONS.bwd_group_m, STORES_ONLY=False)
     inputs = {"h_ptr", "w_ptr", "b_ptr", "dz_ptr"}
     int64 = {"tgt_ptr", "order_ptr"}
     sig = {}

@@ -31,44 +31,16 @@ class Provider:
 
 def _gft(backend, design=None):
     def build():
-        def loss_fn(h, w, t, a):
-            if design is None:
-                return gft_kernels.gft_loss(h, w, t, a, TAU, backend=backend, check_values=False)
-            from gft_kernels.triton_ops import launch
+        options = None
+        if design is not None:
+            from gft_kernels.triton_ops import LaunchOptions
 
-            saved, launch.BACKWARD_DESIGN = launch.BACKWARD_DESIGN, design
-            try:  # the design is read at the backward, inside autograd: patched around it
-                return _DesignedLoss.apply(h, w, t, a, design)
-            finally:
-                launch.BACKWARD_DESIGN = saved
+            options = LaunchOptions(backward_design=design)
+
+        def loss_fn(h, w, t, a):
+            return gft_kernels.gft_loss(h, w, t, a, TAU, backend=backend, launch_options=options, check_values=False)
         return loss_fn
     return build
-
-
-class _DesignedLoss(torch.autograd.Function):
-    """gft_loss with the Triton backward design fixed for its backward too (benchmark only)."""
-
-    @staticmethod
-    def forward(ctx, h, w, t, a, design):
-        ctx.design = design
-        with torch.enable_grad():
-            h_, w_ = h.detach().requires_grad_(), w.detach().requires_grad_()
-            loss = gft_kernels.gft_loss(h_, w_, t, a, TAU, backend="triton", check_values=False)
-        ctx.save_for_backward(h_, w_)
-        ctx.loss = loss
-        return loss.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        from gft_kernels.triton_ops import launch
-
-        h_, w_ = ctx.saved_tensors
-        saved, launch.BACKWARD_DESIGN = launch.BACKWARD_DESIGN, ctx.design
-        try:
-            dh, dw = torch.autograd.grad(ctx.loss, (h_, w_), grad)
-        finally:
-            launch.BACKWARD_DESIGN = saved
-        return dh, dw, None, None, None
 
 
 def _naive_gft(h, w, t, a):

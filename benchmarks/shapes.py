@@ -26,5 +26,5 @@ TOKENS = (4096, 8192, 16384, 32768)
 # The shape where every provider, the compiled one included, and the precision check run.
 GPU_FOCUS = Shape("gemma-2-2b", 8192, 2304, 256000)
 # Small enough for a 2-core CPU in seconds.
-CPU_SHAPES = [Shape("cpu-small", 1024, 256, 16000)]
+CPU_SHAPES = [Shape("cpu-small", 1024, 256, 16000), Shape("cpu-4k", 4096, 256, 32000)]
 CPU_FOCUS = Shape("cpu-tiny", 256, 64, 4000)

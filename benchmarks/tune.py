@@ -5,7 +5,7 @@
 Each forward candidate (``FWD_CANDIDATES`` in ``gft_kernels/triton_ops/launch.py``) is timed on
 the forward kernel alone, each backward candidate on the backward alone (its plan at this
 shape), both at one benchmark shape in bf16, and the backward's program grouping
-(``BWD_GROUP_M``) and the forward's grid size (``FWD_PROGRAMS_PER_SM``) at a few values. Every candidate's outputs are
+(``LaunchOptions.bwd_group_m``) and the forward's grid size (``fwd_programs_per_sm``) at a few values. Every candidate's outputs are
 compared with the default tiles' outputs, so a fast tile that computes something else shows up
 as a mismatch, not as a winner. Rows go to ``DIR/tune_<date>T<time>_<device>.csv`` and a table. The
 tiles were checked to compile and fit sm_90 beforehand (``python -m benchmarks.kernel_resources --sweep``).
@@ -13,7 +13,6 @@ tiles were checked to compile and fit sm_90 beforehand (``python -m benchmarks.k
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from pathlib import Path
 
@@ -37,26 +36,14 @@ def _rel(x, ref) -> float:
     return ((x.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-@contextlib.contextmanager
-def _launch_knobs(**values):
-    saved = {k: getattr(launch, k) for k in values}
-    for k, v in values.items():
-        setattr(launch, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(launch, k, v)
-
-
-def _backward_products(shape, dtype, cfg, knobs, n_active) -> float:
+def _backward_products(shape, dtype, cfg, options, n_active) -> float:
     """Matrix products the backward computes, in units of 2 N H V (the active rows' share)."""
     frac = n_active / shape.n
-    if knobs["design"] == "split":
-        plan = launch.plan_split(shape.n, n_active, shape.v, shape.h, dtype, True, True, cols=knobs["split_cols"])
+    if options.backward_design == "split":
+        plan = launch.plan_split(shape.n, n_active, shape.v, shape.h, dtype, True, True, options)
         if plan is not None:
             return round((plan.products - 1) * frac, 3)
-    plan = launch.plan_backward(shape.n, shape.v, shape.h, dtype, True, True, cfg, knobs["scratch_fraction"])
+    plan = launch.plan_backward(shape.n, shape.v, shape.h, dtype, True, True, cfg, options.scratch_fraction)
     return round((3 if plan.fused else 4) * frac, 3)
 
 
@@ -95,8 +82,8 @@ def main(argv=None) -> Path:
                             default=cfg == (default_fwd if kernel == "forward" else default_bwd)
                             and all(kw.get(k) == v for k, v in base.items()), **kw))
 
-    def fwd():
-        return launch.forward(hidden, weight, None, targets, valid, 1.0, None, False)
+    def fwd(options=None):
+        return launch.forward(hidden, weight, None, targets, valid, 1.0, None, False, options)
 
     ref_logp, m, log_s, q, *_ = fwd()
 
@@ -108,14 +95,21 @@ def main(argv=None) -> Path:
         ok = t != -100
         return torch.where(ok, -a / ok.sum(), 0.0).float()
 
-    def bwd(knobs, g_=None):
-        return launch.backward(hidden, weight, None, targets, m, log_s, q, g if g_ is None else g_, 1.0, None,
-                               True, True, False, scratch_fraction=knobs["scratch_fraction"], design=knobs["design"])
+    def options_of(knobs, tiles=None):
+        return launch.LaunchOptions(
+            backward_design=knobs["design"], scratch_fraction=knobs["scratch_fraction"], split_cols=knobs["split_cols"],
+            bwd_group_m=knobs["group_m"], fwd_programs_per_sm=knobs["programs_per_sm"], stores_only=knobs["stores_only"],
+            cuda_tiles=tiles)
 
-    gm0, pps0 = launch.BWD_GROUP_M, launch.FWD_PROGRAMS_PER_SM
-    base = dict(design=launch.BACKWARD_DESIGN, group_m=gm0, programs_per_sm=pps0,
-                scratch_fraction=launch.SCRATCH_FRACTION, split_cols=None, zero_adv_frac=0.0, stores_only=False)
-    ref_dh, ref_dw, _ = bwd(base)
+    def bwd(options, g_=None):
+        return launch.backward(hidden, weight, None, targets, m, log_s, q, g if g_ is None else g_, 1.0, None,
+                               True, True, False, options=options)
+
+    d = launch.DEFAULT_OPTIONS
+    gm0, pps0 = d.bwd_group_m, d.fwd_programs_per_sm
+    base = dict(design=d.backward_design, group_m=gm0, programs_per_sm=pps0,
+                scratch_fraction=d.scratch_fraction, split_cols=None, zero_adv_frac=0.0, stores_only=False)
+    ref_dh, ref_dw, _ = bwd(options_of(base))
     # What to time, most telling first (a budget cuts the tail): the matmul rate at this shape;
     # the defaults; the two backward designs head to head; the split design's chunk width; the
     # atomic design with its atomics replaced by plain stores (prices the atomics); both designs
@@ -139,24 +133,23 @@ def main(argv=None) -> Path:
         fwd_cfg, bwd_cfg = (cfg, default_bwd) if kernel != "backward" else (default_fwd, cfg)
         err = 0.0
         try:
-            with launch.cuda_configs(fwd_cfg, bwd_cfg, knobs["group_m"], knobs["programs_per_sm"]), \
-                    _launch_knobs(SPLIT_COLS=knobs["split_cols"], _STORES_ONLY=knobs["stores_only"]):
-                if kernel == "matmul":  # one [N, H] x [H, V] product, the floor's unit, at this shape
-                    wt = weight.t()
-                    ms = time_ms(lambda: hidden @ wt, device, quick=args.smoke)
-                    products = 1
-                elif kernel == "forward":
-                    err = _rel(fwd()[0], ref_logp)
-                    ms = time_ms(fwd, device, quick=args.smoke)
-                    products = 1
-                else:
-                    g_ = upstream(knobs["zero_adv_frac"])
-                    dh, dw, _ = bwd(knobs, g_)
-                    if not knobs["stores_only"] and not knobs["zero_adv_frac"]:
-                        err = max(_rel(dh, ref_dh), _rel(dw, ref_dw))
-                    del dh, dw
-                    ms = time_ms(lambda: bwd(knobs, g_), device, quick=args.smoke)
-                    products = _backward_products(shape, dtype, bwd_cfg, knobs, int((g_ != 0).sum()))
+            options = options_of(knobs, (fwd_cfg, bwd_cfg) if device.type == "cuda" else None)
+            if kernel == "matmul":  # one [N, H] x [H, V] product, the floor's unit, at this shape
+                wt = weight.t()
+                ms = time_ms(lambda: hidden @ wt, device, quick=args.smoke)
+                products = 1
+            elif kernel == "forward":
+                err = _rel(fwd(options)[0], ref_logp)
+                ms = time_ms(lambda: fwd(options), device, quick=args.smoke)
+                products = 1
+            else:
+                g_ = upstream(knobs["zero_adv_frac"])
+                dh, dw, _ = bwd(options, g_)
+                if not knobs["stores_only"] and not knobs["zero_adv_frac"]:
+                    err = max(_rel(dh, ref_dh), _rel(dw, ref_dw))
+                del dh, dw
+                ms = time_ms(lambda: bwd(options, g_), device, quick=args.smoke)
+                products = _backward_products(shape, dtype, bwd_cfg, options, int((g_ != 0).sum()))
         except Exception as e:  # a tile the device rejects (e.g. out of resources) is a result
             row(kernel, cfg, status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}", **knobs)
             continue

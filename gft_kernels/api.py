@@ -54,6 +54,7 @@ def gft_loss(
     kl: str = "k3",
     entropy_coef: float = 0.0,
     backend: str = "auto",
+    launch_options=None,
     return_stats: bool = False,
     check_values: bool = True,
 ) -> Tensor | tuple[Tensor, GFTStats]:
@@ -88,6 +89,8 @@ def gft_loss(
         backend: ``"triton"`` (fused kernels), ``"torch"`` (chunked PyTorch, bounded memory),
             ``"reference"`` (materialized logits; float64-capable), ``"auto"`` (triton on CUDA,
             torch otherwise).
+        launch_options: the Triton engine's ``gft_kernels.triton_ops.LaunchOptions`` (e.g.
+            ``LaunchOptions(backward_design="atomic")``: the tightest memory); None: defaults.
         return_stats: also return a :class:`GFTStats` (per-token log-probs and entropy, DCR
             rectified fraction, mean target probability, accuracy, ratio, clip fraction, KL)
             from the same pass.
@@ -123,6 +126,7 @@ def gft_loss(
     options = dict(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, temperature=temperature,
                    softcap=softcap, old_logp=old_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                    ref_logp=ref_logp, beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend,
+                   launch_options=launch_options,
                    return_stats=return_stats, check_values=check_values)
     tau, temperature, softcap, normalizer = check_options(
         tau, reduction, normalizer, temperature, softcap, backend, ignore_index
@@ -140,6 +144,11 @@ def gft_loss(
     terms, per_token = check_policy_terms(targets, reduction, normalizer, old_logp, clip_low, clip_high, dual_clip,
                                           ref_logp, beta, kl, entropy_coef)
     backend = check_backend(backend, hidden)
+    if launch_options is not None:
+        from .triton_ops import LaunchOptions
+        if not isinstance(launch_options, LaunchOptions):
+            raise TypeError(f"launch_options must be a gft_kernels.triton_ops.LaunchOptions or None, "
+                            f"got {type(launch_options).__name__}")
     if check_values:
         check_input_values(targets, adv, normalizer, weight.shape[0], ignore_index, per_token)
 
@@ -188,7 +197,7 @@ def gft_loss(
     else:
         logp, entropy, target_is_max = fused_logprobs(
             _engine(backend), hidden2d, weight, bias, safe_targets, valid,
-            temperature, softcap, with_entropy,
+            temperature, softcap, with_entropy, launch_options if backend == "triton" else None,
         )
 
     loss_tok, aux = per_token_loss(logp, entropy, valid, adv.reshape(-1), tau, terms)

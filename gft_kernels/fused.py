@@ -8,10 +8,13 @@ lives in ``head.py`` and reaches the engine only through ``g``.
 Engine contract (module-level functions):
 
     forward(hidden [N,H], weight [V,H], bias [V]|None, targets [N], valid [N] bool,
-            temperature, softcap, with_entropy) -> RowStats
+            temperature, softcap, with_entropy, options=None) -> RowStats
     backward(hidden, weight, bias, targets, m, log_s, q, g [N] f32, temperature, softcap,
-             need_dhidden, need_dweight, need_dbias, *, entropy=None, g_entropy=None)
+             need_dhidden, need_dweight, need_dbias, *, entropy=None, g_entropy=None, options=None)
         -> (dhidden|None, dweight|None, dbias|None)
+
+``options`` are the engine's own launch options (the Triton engine's ``LaunchOptions``; the
+chunked engine has none and ignores them).
 
 ``g = dL/dlogp`` per row; ``g_entropy = dL/dentropy`` per row (with the forward's ``entropy``)
 when the loss has an entropy term, else None. For entropy ``H = -sum p log p`` the logits'
@@ -54,8 +57,9 @@ class LinearLogProb(torch.autograd.Function):
     """(logp, entropy, target_is_max) per row; entropy carries a gradient when asked for."""
 
     @staticmethod
-    def forward(ctx, engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
-        rows = engine.forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy)
+    def forward(ctx, engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options):
+        rows = engine.forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options)
+        ctx.options = options
         ctx.save_for_backward(hidden, weight, bias, targets, rows.m, rows.log_s, rows.q, rows.entropy)
         ctx.engine = engine
         ctx.temperature = temperature
@@ -79,9 +83,9 @@ class LinearLogProb(torch.autograd.Function):
                 hidden, weight, bias, targets, m, log_s, q, dlogp.to(q.dtype),
                 ctx.temperature, ctx.softcap, need_dh, need_dw, need_db and bias is not None,
                 entropy=entropy if dentropy is not None else None,
-                g_entropy=dentropy.to(q.dtype) if dentropy is not None else None,
+                g_entropy=dentropy.to(q.dtype) if dentropy is not None else None, options=ctx.options,
             )
-        return None, dh, dw, db, None, None, None, None, None
+        return None, dh, dw, db, None, None, None, None, None, None
 
 
 def finish_logprob(m, s_excl, z_t, s_all=None, t=None):
@@ -104,12 +108,12 @@ def finish_logprob(m, s_excl, z_t, s_all=None, t=None):
 
 
 @torch.compiler.disable
-def fused_logprobs(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
+def fused_logprobs(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None):
     """``LinearLogProb`` applied eagerly, also inside ``torch.compile``d code: dynamo graph-breaks
     here instead of tracing the chunk loops and kernel launches (which it would unroll per
     shape, or cannot trace at all through Triton's CPU interpreter). The model around the loss
     still compiles; gradients flow through the break."""
-    return LinearLogProb.apply(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy)
+    return LinearLogProb.apply(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options)
 
 
 class _PrecomputedGrads(torch.autograd.Function):

@@ -67,7 +67,7 @@ class _LogitsChunk:
         return z
 
 
-def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
+def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None):
     n, v = hidden.shape[0], weight.shape[0]
     stats = torch.zeros(5, n, device=hidden.device, dtype=_acc_dtype(hidden.dtype))  # m, s_excl, z_t, s_all, t
     rows = _selected_rows(valid)
@@ -96,7 +96,7 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
 
 
 def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db, *,
-             entropy=None, g_entropy=None):
+             entropy=None, g_entropy=None, options=None):
     n, v = hidden.shape[0], weight.shape[0]
     dh = torch.zeros_like(hidden) if need_dh else None
     # dW accumulates over chunks: in fp32 for half inputs (one rounding at the end).

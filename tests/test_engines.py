@@ -10,31 +10,31 @@ from helpers import DEVICE, EPS, errors, make_case, run
 ENGINES = {"torch": torch_backend, "triton": launch}
 
 
-# launcher settings of each backward plan
+Options = launch.LaunchOptions
+# the launch options of each backward plan
 PLANS = {
-    "atomic-chunked": dict(BACKWARD_DESIGN="atomic", SCRATCH_FRACTION=1e-9),
-    "atomic-default": dict(BACKWARD_DESIGN="atomic"),
-    "atomic-fused": dict(BACKWARD_DESIGN="atomic", SCRATCH_FRACTION=100.0),
-    "split-one-chunk": dict(BACKWARD_DESIGN="split", SPLIT_COLS=1 << 20),
-    "split-partial-chunks": dict(BACKWARD_DESIGN="split", SPLIT_COLS=48),
+    "atomic-chunked": Options(backward_design="atomic", scratch_fraction=1e-9),
+    "atomic-default": Options(backward_design="atomic"),
+    "atomic-fused": Options(backward_design="atomic", scratch_fraction=100.0),
+    "split-one-chunk": Options(backward_design="split", split_cols=1 << 20),
+    "split-partial-chunks": Options(backward_design="split", split_cols=48),
     # dH in its own sweep over row chunks: a budget too small for the whole dH accumulator
-    "split-two-sweeps": dict(BACKWARD_DESIGN="split", SPLIT_SCRATCH_FRACTION=0.3, SPLIT_MIN_COLS=16,
-                             SPLIT_MAX_COLS=64, SPLIT_MIN_ROWS=16, SPLIT_STEP=16),
+    "split-two-sweeps": Options(backward_design="split", split_scratch_fraction=0.3, split_min_cols=16,
+                                split_max_cols=64, split_min_rows=16, split_step=16),
 }
 
 
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_every_backward_plan_gives_the_same_gradients(plan, dtype, monkeypatch):
-    for name, value in PLANS[plan].items():
-        monkeypatch.setattr(launch, name, value)
+def test_every_backward_plan_gives_the_same_gradients(plan, dtype):
+    options = PLANS[plan]
     if plan == "split-two-sweeps":
         n_active = 2 * 33
-        split = launch.plan_split(2 * 33, n_active, 130, 37, dtype, True, True)
+        split = launch.plan_split(2 * 33, n_active, 130, 37, dtype, True, True, options)
         assert split is not None and not split.fused and split.rows_per_chunk < n_active, split
     case = make_case((2, 33), vocab=130, hidden_dim=37, bias=True, ignore_frac=0.2, zero_adv_frac=0.3, seed=21)
     truth = run(case.cast(dtype), torch.float64, "reference", tau=0.6)
-    errs = errors(run(case, dtype, "triton", tau=0.6), truth)
+    errs = errors(run(case, dtype, "triton", tau=0.6, launch_options=options), truth)
     naive = errors(run(case, dtype, "reference", tau=0.6), truth)
     if dtype == torch.float32:
         assert max(errs.values()) < 1e-5, errs
@@ -51,30 +51,28 @@ _CUDA_TILES = sorted({*launch.FWD_CANDIDATES, *launch.BWD_CANDIDATES, launch.CUD
 def test_every_cuda_tile_computes_the_same_loss(tile, fraction, monkeypatch):
     """The GPU's tile sizes (defaults and tuning candidates), not just the interpreter's small
     ones: partial row, column and H blocks at every size, through the interpreter on a CPU."""
-    monkeypatch.setattr(launch, "SCRATCH_FRACTION", fraction)
     fwd = tile if tile.block_h == 0 else launch.CUDA_FWD
     bwd = tile if tile.block_h > 0 else launch.CUDA_BWD
-    if DEVICE.type == "cuda":
-        monkeypatch.setattr(launch, "_cuda_override", (fwd, bwd))
-    else:
-        monkeypatch.setattr(launch, "tiles", lambda device, dtype, plain=False: (fwd, bwd))
+    options = Options(backward_design="atomic", scratch_fraction=fraction, cuda_tiles=(fwd, bwd))
+    if DEVICE.type != "cuda":  # the interpreter would take its own small tiles
+        monkeypatch.setattr(launch, "tiles", lambda device, dtype, plain=False, options=None: (fwd, bwd))
     # 300 rows and 520 columns leave partial blocks of every candidate; H = 96 a partial K/H block
     case = make_case((300,), vocab=520, hidden_dim=96, bias=True, ignore_frac=0.2, zero_adv_frac=0.3, seed=5)
     truth = run(case, torch.float64, "reference")
-    errs = errors(run(case, torch.float32, "triton"), truth)
+    errs = errors(run(case, torch.float32, "triton", launch_options=options), truth)
     assert max(errs.values()) < 1e-5, errs
 
 
 @pytest.mark.parametrize("group_m", [1, 3, 8, 1 << 20])
-def test_backward_program_groups_cover_every_tile_once(group_m, monkeypatch):
+def test_backward_program_groups_cover_every_tile_once(group_m):
     """The backward's grouped program order is a bijection onto (row block, column block),
     partial last group included: a tile computed twice or never shows in the gradients."""
-    monkeypatch.setattr(launch, "BWD_GROUP_M", group_m)
-    monkeypatch.setattr(launch, "SCRATCH_FRACTION", 100.0)  # one launch over every tile
+    # one launch over every tile
+    options = Options(backward_design="atomic", bwd_group_m=group_m, scratch_fraction=100.0)
     fwd, bwd = launch.tiles(DEVICE, torch.float32)
     case = make_case((19 * bwd.block_m - 5,), vocab=7 * bwd.block_v + 3, hidden_dim=40, ignore_frac=0.0, seed=8)
     truth = run(case, torch.float64, "reference")
-    errs = errors(run(case, torch.float32, "triton"), truth)
+    errs = errors(run(case, torch.float32, "triton", launch_options=options), truth)
     assert max(errs.values()) < 1e-5, errs
 
 
@@ -84,18 +82,19 @@ def test_split_design_plans_within_its_budget():
     design runs)."""
     for n_active in (8192, 7373):
         plan = launch.plan_split(8192, n_active, 256000, 2304, torch.bfloat16, True, True)
-        assert plan is not None and plan.fused and plan.cols_per_chunk >= launch.SPLIT_MIN_COLS
+        assert plan is not None and plan.fused and plan.cols_per_chunk >= launch.DEFAULT_OPTIONS.split_min_cols
         grads = 2 * 2304 * (8192 + 256000)
-        assert plan.scratch_bytes <= launch.SPLIT_SCRATCH_FRACTION * grads
+        assert plan.scratch_bytes <= launch.DEFAULT_OPTIONS.split_scratch_fraction * grads
         assert plan.gather == (n_active < 8192)
     # 32k tokens: the whole fp32 dH accumulator is over the budget; dH gets its own sweep
     plan = launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, True, True)
     assert plan is not None and not plan.fused and plan.products == 5
-    assert plan.scratch_bytes <= launch.SPLIT_SCRATCH_FRACTION * 2 * 4096 * (32768 + 128256)
+    assert plan.scratch_bytes <= launch.DEFAULT_OPTIONS.split_scratch_fraction * 2 * 4096 * (32768 + 128256)
     # only dW: no dH accumulator
     assert launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, False, True).fused
     # a budget nothing fits: the atomic design runs
-    assert launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, True, True, fraction=1e-4) is None
+    assert launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, True, True,
+                             Options(split_scratch_fraction=1e-4)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
@@ -103,15 +102,11 @@ def test_split_design_plans_within_its_budget():
                          ids=["all", "dh", "dw+db", "db"])
 @pytest.mark.parametrize("active", ["all", "some", "none"])
 @pytest.mark.parametrize("sweeps", [1, 2])
-def test_split_design_matches_the_atomic_design(dtype, need, active, sweeps, monkeypatch):
+def test_split_design_matches_the_atomic_design(dtype, need, active, sweeps):
     """Both designs from the same forward statistics, every subset of gradients, with every,
     some and no rows active (the split design gathers rows only when some are skipped), dH in
     the vocabulary sweep or in its own."""
-    if sweeps == 1:
-        monkeypatch.setattr(launch, "SPLIT_COLS", 64)
-    else:
-        for name, value in PLANS["split-two-sweeps"].items():
-            monkeypatch.setattr(launch, name, value)
+    split_options = Options(split_cols=64) if sweeps == 1 else PLANS["split-two-sweeps"]
     n, v, h = 70, 150, 40
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(n, h, generator=gen).to(DEVICE, dtype)
@@ -126,8 +121,8 @@ def test_split_design_matches_the_atomic_design(dtype, need, active, sweeps, mon
     elif active == "none":
         g.zero_()
     args = (hidden, weight, bias, targets, m, log_s, q, g, 0.9, 20.0, *need)
-    split = launch.backward(*args, design="split")
-    atomic = launch.backward(*args, design="atomic")
+    split = launch.backward(*args, options=split_options)
+    atomic = launch.backward(*args, options=Options(backward_design="atomic"))
     for a, b in zip(split, atomic):
         assert (a is None) == (b is None)
         if a is not None:
@@ -149,7 +144,7 @@ def test_plan_is_fused_only_when_the_dhidden_accumulator_fits():
 @pytest.mark.parametrize("n,v,h", [(4096, 151936, 1536), (8192, 256000, 2304), (32768, 128256, 4096), (4096, 128256, 4096)])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["dh+dw", "dh", "dw"])
 def test_scratch_stays_within_budget_at_benchmark_shapes(n, v, h, need):
-    """The backward's fp32 scratch is at most SCRATCH_FRACTION of the gradients' own bytes
+    """The atomic backward's fp32 scratch is at most its scratch_fraction of the gradients' own bytes
     (plus one tile row block), so the op's peak stays near the lower bound."""
     need_dh, need_dw = need
     cfg = launch.CUDA_BWD
@@ -160,7 +155,7 @@ def test_scratch_stays_within_budget_at_benchmark_shapes(n, v, h, need):
         scratch += 4 * h * plan.cols_per_chunk
     if need_dh:
         scratch = scratch + 4 * h * n if plan.fused else max(scratch, 4 * h * plan.rows_per_chunk)
-    assert scratch <= launch.SCRATCH_FRACTION * grad_bytes + 4 * h * max(cfg.block_m, cfg.block_v), (plan, scratch / grad_bytes)
+    assert scratch <= launch.DEFAULT_OPTIONS.scratch_fraction * grad_bytes + 4 * h * max(cfg.block_m, cfg.block_v), (plan, scratch / grad_bytes)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -219,3 +214,21 @@ def test_inside_torch_compile_the_loss_matches_eager(backend):
         results.append((loss.detach(), weight.grad.clone(), layer.weight.grad.clone()))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_engine_forward_gradients_are_taken_once_and_only_when_needed():
+    """The chunked engine's one-pass path (gradients formed in the forward) serves a scalar loss
+    under autograd; a second backward through it is a clear error, and without grad mode or
+    with reduction='none' (a per-token upstream gradient) the recomputing path runs."""
+    case = make_case((40,), vocab=90, hidden_dim=24, bias=True, seed=9)
+    h = case.hidden.clone().requires_grad_()
+    loss = gft_kernels.gft_loss(h, case.weight, case.targets, case.adv, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="can be taken once"):
+        loss.backward()
+    with torch.no_grad():
+        no_grad = gft_kernels.gft_loss(h, case.weight, case.targets, case.adv, backend="torch")
+    torch.testing.assert_close(no_grad, loss.detach(), rtol=1e-12, atol=0)
+    per_token = gft_kernels.gft_loss(h, case.weight, case.targets, case.adv, backend="torch", reduction="none")
+    (g1,) = torch.autograd.grad(per_token.sum() / (case.targets != -100).sum(), h)
+    torch.testing.assert_close(g1, h.grad, rtol=1e-12, atol=1e-14)

@@ -42,7 +42,7 @@ def _grads(hidden, weight, targets, adv, dtype, backend, tau=0.7):
 @pytest.mark.parametrize("n,v,h", LARGE, ids=lambda x: str(x))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_large_shapes_against_float64(n, v, h, dtype, design, monkeypatch):
-    monkeypatch.setattr(launch, "BACKWARD_DESIGN", design)
+    monkeypatch.setattr(launch, "DEFAULT_OPTIONS", launch.LaunchOptions(backward_design=design))
     hidden, weight, targets, adv = _problem(n, v, h)
     hidden, weight = hidden.to(dtype), weight.to(dtype)          # the truth sees the same rounded inputs
     truth = _grads(hidden.double(), weight.double(), targets, adv, torch.float64, "torch")  # chunked, float64
@@ -66,7 +66,7 @@ TARGET = {"split": 1.10, "atomic": 1.05}
 def test_peak_memory_is_near_the_gradients(n, v, h, design, monkeypatch):
     """The op's peak beyond its inputs is within 1.10x of the lower bound, the gradients (the
     split design), or 1.05x (the atomic design)."""
-    monkeypatch.setattr(launch, "BACKWARD_DESIGN", design)
+    monkeypatch.setattr(launch, "DEFAULT_OPTIONS", launch.LaunchOptions(backward_design=design))
     hidden, weight, targets, adv = _problem(n, v, h)
     hidden = hidden.to(torch.bfloat16).requires_grad_()
     weight = weight.to(torch.bfloat16).requires_grad_()
@@ -85,7 +85,7 @@ def test_peak_memory_is_near_the_gradients(n, v, h, design, monkeypatch):
 
 def test_no_host_sync_with_value_checks_off(monkeypatch):
     """The atomic design makes no host sync (the split design makes one, for the active count)."""
-    monkeypatch.setattr(launch, "BACKWARD_DESIGN", "atomic")
+    monkeypatch.setattr(launch, "DEFAULT_OPTIONS", launch.LaunchOptions(backward_design="atomic"))
     hidden, weight, targets, adv = _problem(1024, 32000, 512)
     h = hidden.to(torch.bfloat16).requires_grad_()
     w = weight.to(torch.bfloat16).requires_grad_()

@@ -1,6 +1,6 @@
 """Backward kernels: recompute a logits tile and form dz, the gradient w.r.t. the logits.
 
-Two designs (``launch.py`` chooses; ``BACKWARD_DESIGN``):
+Two designs (``launch.py`` chooses; ``LaunchOptions.backward_design``):
 
 * ``"split"`` (``gft_dlogits_kernel``): per vocabulary chunk, write dz in the input dtype to an
   ``[active rows, Vc]`` buffer; two cuBLAS products then give dW[chunk] = dz^T h (written once)

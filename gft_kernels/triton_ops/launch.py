@@ -3,7 +3,7 @@
 The backward has two designs (``backward.py``). The default, "split", writes the logits'
 gradient dz one vocabulary chunk at a time and hands the two products to cuBLAS; its scratch
 (dz chunk, fp32 dH accumulator, gathered active rows) is planned against
-``SPLIT_SCRATCH_FRACTION`` of the gradients' bytes, and where it does not fit (many tokens, a
+``LaunchOptions.split_scratch_fraction`` of the gradients' bytes, and where it does not fit (many tokens, a
 small vocabulary) the "atomic" design runs. It makes one host sync, for the count of active
 rows. The atomic design, described next, makes none.
 
@@ -13,7 +13,7 @@ atomic backward a bounded fp32 scratch:
 * fp32 inputs: the kernel adds straight into the fp32 gradients; no scratch at all.
 * bf16/fp16 inputs: partial products are added in fp32 (adding them in bf16 would round
   thousands of times per element and fail the precision rule), into scratch buffers of at most
-  ``SCRATCH_FRACTION`` of the gradients' own size. dW is built vocabulary chunk by chunk
+  ``LaunchOptions.scratch_fraction`` of the gradients' own size. dW is built vocabulary chunk by chunk
   (``[Vc, H]`` fp32, rounded once into dW), dH token chunk by token chunk (``[Nc, H]`` fp32).
   When the whole dH accumulator fits the budget, one launch per vocabulary chunk does both
   products from the same recomputed tile ("fused": 4 matrix products in all); otherwise dW and
@@ -25,7 +25,6 @@ and return early past it.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -36,25 +35,6 @@ import triton
 from ..fused import RowStats, finish_logprob
 from .backward import gft_backward_kernel, gft_dlogits_kernel
 from .forward import gft_forward_kernel
-
-# Largest fp32 scratch of the atomic backward, as a fraction of the gradients' bytes.
-SCRATCH_FRACTION = 0.04
-# The backward design (backward.py): "split" (dz chunks + cuBLAS products, 4 products, no
-# atomics) where its scratch fits SPLIT_SCRATCH_FRACTION of the gradients' bytes, else "atomic".
-# "atomic" forces the atomic design (bounded scratch at any size: users at the edge of memory).
-BACKWARD_DESIGN = "split"
-SPLIT_SCRATCH_FRACTION = 0.09
-# Vocabulary columns per split chunk: as many as the budget allows, within these bounds (fewer
-# columns make the products too thin to run at the matmul rate); SPLIT_COLS fixes it (tuning).
-SPLIT_MIN_COLS = 1024
-SPLIT_MAX_COLS = 8192
-SPLIT_MIN_ROWS = 512  # of the dH sweep's row chunks, when dH has its own sweep
-SPLIT_STEP = 256      # Vc is a multiple of it
-SPLIT_COLS: int | None = None
-# Timing only (benchmarks/tune.py): the atomic kernel stores its partial products instead of
-# adding them, which prices the atomics. The gradients are then wrong.
-_STORES_ONLY = False
-
 
 @dataclass(frozen=True)
 class Config:
@@ -99,42 +79,61 @@ BWD_CANDIDATES = (
     Config(block_m=256, block_v=128, block_k=64, block_h=32, num_warps=16, num_stages=2),
     Config(block_m=128, block_v=256, block_k=64, block_h=32, num_warps=16, num_stages=2),
 )
-_cuda_override: tuple[Config, Config] | None = None
-# row blocks per group in the backward's program order (see backward.py)
-BWD_GROUP_M = 8
-# Forward programs per SM the vocabulary splits aim at. The 16-bit forward tile holds one
-# program per SM (255 registers x 256 threads), so the grid runs in waves of #SMs programs of
-# equal work; many waves make the last, partly idle one a small fraction. The merge costs
-# O(splits x N) floats.
-FWD_PROGRAMS_PER_SM = 16
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How the Triton engine plans and launches (``gft_loss(..., launch_options=...)``; tuning
+    and tests hand in others). The defaults are the measured choices (README, "Measured")."""
+
+    # The backward design (backward.py): "split" (dz chunks + cuBLAS products, 4 products, no
+    # atomics) where its scratch fits split_scratch_fraction of the gradients' bytes, else
+    # "atomic"; "atomic" forces the atomic design (bounded scratch at any size: users at the
+    # edge of memory).
+    backward_design: str = "split"
+    # Largest fp32 scratch of the atomic design, as a fraction of the gradients' bytes.
+    scratch_fraction: float = 0.04
+    split_scratch_fraction: float = 0.09
+    # Vocabulary columns per split chunk: as many as the budget allows, within these bounds
+    # (fewer columns make the products too thin to run at the matmul rate), a multiple of
+    # split_step; split_cols fixes it (tuning).
+    split_min_cols: int = 1024
+    split_max_cols: int = 8192
+    split_min_rows: int = 512   # of the dH sweep's row chunks, when dH has its own sweep
+    split_step: int = 256
+    split_cols: int | None = None
+    # Row blocks per group in the atomic backward's program order (see backward.py).
+    bwd_group_m: int = 8
+    # Forward programs per SM the vocabulary splits aim at. The 16-bit forward tile holds one
+    # program per SM, so the grid runs in waves of #SMs programs of equal work; many waves make
+    # the last, partly idle one a small fraction. The merge costs O(splits x N) floats.
+    fwd_programs_per_sm: int = 16
+    # CUDA tiles (forward-like, atomic backward) instead of the defaults by dtype and features.
+    cuda_tiles: tuple[Config, Config] | None = None
+    # Timing only (benchmarks/tune.py): the atomic kernel stores its partial products instead
+    # of adding them, which prices the atomics. The gradients are then wrong.
+    stores_only: bool = False
+
+    def __post_init__(self):
+        if self.backward_design not in ("split", "atomic"):
+            raise ValueError(f"backward_design must be 'split' or 'atomic', got {self.backward_design!r}")
+
+
+DEFAULT_OPTIONS = LaunchOptions()
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@contextlib.contextmanager
-def cuda_configs(fwd: Config, bwd: Config, bwd_group_m: int | None = None, fwd_programs_per_sm: int | None = None):
-    """Launch with these CUDA tiles (and backward grouping, forward grid size) inside the
-    block, for tuning; not thread-safe."""
-    global _cuda_override, BWD_GROUP_M, FWD_PROGRAMS_PER_SM
-    saved = _cuda_override, BWD_GROUP_M, FWD_PROGRAMS_PER_SM
-    _cuda_override = (fwd, bwd)
-    BWD_GROUP_M = bwd_group_m or BWD_GROUP_M
-    FWD_PROGRAMS_PER_SM = fwd_programs_per_sm or FWD_PROGRAMS_PER_SM
-    try:
-        yield
-    finally:
-        _cuda_override, BWD_GROUP_M, FWD_PROGRAMS_PER_SM = saved
-
-
-def tiles(device: torch.device, dtype: torch.dtype, plain: bool = False) -> tuple[Config, Config]:
+def tiles(device: torch.device, dtype: torch.dtype, plain: bool = False,
+          options: LaunchOptions = DEFAULT_OPTIONS) -> tuple[Config, Config]:
     """(forward, backward) tiles of a launch on this device with inputs of this dtype; ``plain``:
     the forward-like kernel has no entropy, bias or softcap."""
     if device.type != "cuda":
         return INTERP_FWD, INTERP_BWD
-    if _cuda_override is not None:
-        return _cuda_override
+    if options.cuda_tiles is not None:
+        return options.cuda_tiles
     if dtype == torch.float32:
         return CUDA_FWD32, CUDA_BWD32
     return (CUDA_FWD_PLAIN if plain else CUDA_FWD), CUDA_BWD
@@ -160,22 +159,23 @@ def _sm_count(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def _num_splits(n_blocks_m: int, n_blocks_v: int, device: torch.device) -> int:
+def _num_splits(n_blocks_m: int, n_blocks_v: int, device: torch.device, programs_per_sm: int) -> int:
     """Vocabulary splits so the forward grid fills the device (flash-decoding style)."""
     sms = _sm_count(device)
     if sms is None:
         return min(3, n_blocks_v)  # the interpreter: enough to test the merge
-    return max(1, min(n_blocks_v // 8, triton.cdiv(FWD_PROGRAMS_PER_SM * sms, max(n_blocks_m, 1))))
+    return max(1, min(n_blocks_v // 8, triton.cdiv(programs_per_sm * sms, max(n_blocks_m, 1))))
 
 
-def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
+def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None):
+    options = options or DEFAULT_OPTIONS
     n, h_dim = hidden.shape
     v = weight.shape[0]
-    cfg, _ = tiles(hidden.device, weight.dtype, plain=not with_entropy and bias is None and softcap is None)
+    cfg, _ = tiles(hidden.device, weight.dtype, not with_entropy and bias is None and softcap is None, options)
     order, n_active = _active_order(valid)
     n_blocks_m = triton.cdiv(n, cfg.block_m)
     n_blocks_v = triton.cdiv(v, cfg.block_v)
-    splits = _num_splits(n_blocks_m, n_blocks_v, hidden.device)
+    splits = _num_splits(n_blocks_m, n_blocks_v, hidden.device, options.fwd_programs_per_sm)
     cols_per_split = triton.cdiv(n_blocks_v, splits) * cfg.block_v
     splits = triton.cdiv(v, cols_per_split)  # every split has at least one column
     # partial statistics of each split: m, s_excl, z_t (and s_all, t for entropy)
@@ -218,9 +218,10 @@ class BackwardPlan:
 
 
 def plan_backward(n, v, h_dim, dtype, need_dh, need_dw, cfg: Config, scratch_fraction=None) -> BackwardPlan:
+    """The atomic design's chunking within ``scratch_fraction`` of the gradients' bytes."""
     if dtype == torch.float32:
         return BackwardPlan(fused=True, rows_per_chunk=n, cols_per_chunk=v)
-    frac = SCRATCH_FRACTION if scratch_fraction is None else scratch_fraction
+    frac = DEFAULT_OPTIONS.scratch_fraction if scratch_fraction is None else scratch_fraction
     elem = torch.finfo(dtype).bits // 8
     grad_bytes = elem * h_dim * ((n if need_dh else 0) + (v if need_dw else 0))
     budget = frac * grad_bytes
@@ -256,16 +257,17 @@ class SplitPlan:
         return 4 if self.fused else 5
 
 
-def plan_split(n, n_active, v, h_dim, dtype, need_dh, need_dw, fraction=None, cols=None) -> SplitPlan | None:
+def plan_split(n, n_active, v, h_dim, dtype, need_dh, need_dw, options: LaunchOptions = DEFAULT_OPTIONS
+               ) -> SplitPlan | None:
     """The split design's chunking, or None when its scratch exceeds the budget.
 
     Scratch: dz ``[rows, Vc]`` in the input dtype; the fp32 dH accumulator (``[n_active, H]``
     when one sweep does both products, else ``[rows_per_chunk, H]`` in a second sweep over
     row chunks that recomputes the logits); the gathered active rows of h ``[n_active, H]`` for
     dW when some rows are skipped, unless dH is needed: then they are gathered into dH's own
-    storage, unused until the end. ``cols`` fixes Vc (tuning).
+    storage, unused until the end. ``options.split_cols`` fixes Vc (tuning).
     """
-    frac = SPLIT_SCRATCH_FRACTION if fraction is None else fraction
+    frac, cols = options.split_scratch_fraction, options.split_cols
     elem = torch.finfo(dtype).bits // 8
     budget = frac * elem * h_dim * ((n if need_dh else 0) + (v if need_dw else 0))
     gather = need_dw and n_active < n
@@ -275,8 +277,8 @@ def plan_split(n, n_active, v, h_dim, dtype, need_dh, need_dw, fraction=None, co
     def fit_cols(rows, fixed):
         if cols is not None:
             return min(cols, v)
-        fit = int((budget - fixed) // (rows * elem)) // SPLIT_STEP * SPLIT_STEP
-        return min(fit, SPLIT_MAX_COLS, v) if fit >= min(SPLIT_MIN_COLS, v) else None
+        fit = int((budget - fixed) // (rows * elem)) // options.split_step * options.split_step
+        return min(fit, options.split_max_cols, v) if fit >= min(options.split_min_cols, v) else None
 
     acc_all = n_rows * h_dim * 4 if need_dh else 0
     one = fit_cols(n_rows, acc_all + gather_bytes)
@@ -286,9 +288,9 @@ def plan_split(n, n_active, v, h_dim, dtype, need_dh, need_dw, fraction=None, co
         return SplitPlan(True, one, n_rows, one, gather, gather_bytes + acc_all + n_rows * one * elem)
     # dH in row chunks: [rows, H] fp32 + [rows, Vc] dz per chunk
     cols_a = fit_cols(n_rows, gather_bytes) if need_dw else 0
-    cols_b = min(cols or SPLIT_MAX_COLS // 2, v)
+    cols_b = min(cols or options.split_max_cols // 2, v)
     rows_b = int(budget // (h_dim * 4 + cols_b * elem)) // 16 * 16
-    if cols_a is None or rows_b < min(SPLIT_MIN_ROWS, n_rows):
+    if cols_a is None or rows_b < min(options.split_min_rows, n_rows):
         return None
     scratch = max(gather_bytes + n_rows * cols_a * elem, rows_b * (h_dim * 4 + cols_b * elem))
     return SplitPlan(False, cols_a, min(rows_b, n_rows), cols_b, gather, scratch)
@@ -321,11 +323,11 @@ def _addmm_fp32(acc, a, b):
 
 
 def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_active, plan: SplitPlan,
-                    temperature, softcap, need_dh, need_dw, need_db, entropy, g_entropy):
+                    temperature, softcap, need_dh, need_dw, need_db, entropy, g_entropy, options: LaunchOptions):
     n, h_dim = hidden.shape
     v = weight.shape[0]
     # a forward-like tile: one product, then a store
-    cfg, _ = tiles(hidden.device, weight.dtype, plain=bias is None and softcap is None)
+    cfg, _ = tiles(hidden.device, weight.dtype, bias is None and softcap is None, options)
     dh = torch.zeros_like(hidden) if need_dh else None
     dw = torch.zeros_like(weight) if need_dw else None
     db32 = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_db else None
@@ -399,21 +401,22 @@ def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_acti
     return dh, dw, None if db32 is None else db32.to(bias.dtype)
 
 
-def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db,
-             scratch_fraction=None, design=None, *, entropy=None, g_entropy=None):
+def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db, *,
+             entropy=None, g_entropy=None, options=None):
+    options = options or DEFAULT_OPTIONS
     n, h_dim = hidden.shape
     v = weight.shape[0]
-    _, cfg = tiles(hidden.device, weight.dtype)
+    _, cfg = tiles(hidden.device, weight.dtype, options=options)
     order, n_active = _active_order(g != 0 if g_entropy is None else (g != 0) | (g_entropy != 0))
-    if (design or BACKWARD_DESIGN) == "split" and (need_dh or need_dw):
+    if options.backward_design == "split" and (need_dh or need_dw):
         # One host sync: the products are sized to the active rows, so ignored and
         # zero-advantage tokens cost nothing.
         n_act = int(n_active)
-        split = plan_split(n, n_act, v, h_dim, weight.dtype, need_dh, need_dw, cols=SPLIT_COLS)
+        split = plan_split(n, n_act, v, h_dim, weight.dtype, need_dh, need_dw, options)
         if split is not None:
             return _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_act, split,
-                                   temperature, softcap, need_dh, need_dw, need_db, entropy, g_entropy)
-    plan = plan_backward(n, v, h_dim, weight.dtype, need_dh, need_dw, cfg, scratch_fraction)
+                                   temperature, softcap, need_dh, need_dw, need_db, entropy, g_entropy, options)
+    plan = plan_backward(n, v, h_dim, weight.dtype, need_dh, need_dw, cfg, options.scratch_fraction)
     direct = weight.dtype == torch.float32  # accumulate straight into the fp32 gradients
 
     dh = torch.zeros_like(hidden) if need_dh else None
@@ -435,7 +438,7 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
             COMPUTE_DH=dh_acc is not None, DH_BY_ROW=dh_by_row, COMPUTE_DW=dw_acc is not None,
             COMPUTE_DB=do_db,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
-            GROUP_M=BWD_GROUP_M, STORES_ONLY=_STORES_ONLY,
+            GROUP_M=options.bwd_group_m, STORES_ONLY=options.stores_only,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
         )
 
