@@ -1,7 +1,7 @@
 """The GFT head: the few elementwise lines every backend shares.
 
 Every backend turns (hidden, lm_head, targets) into per-token log-probs ``logp [N]``; the
-loss is then the same function of ``logp`` for all of them (SPEC.md):
+loss is then the same function of ``logp`` for all of them (docs/spec.md):
 
     p      = exp(logp)
     C      = sg(p) if p < tau else 1          # Dynamic Coefficient Rectification, Eq. 5
