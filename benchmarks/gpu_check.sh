@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's GPU check (../shared/GPU.md), one prepared command:
+# The project's GPU check (the kernels on a real GPU: correctness, tiles, the benchmark), one prepared command:
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR          # on the GPU machine (no network)
 #   bash benchmarks/gpu_check.sh OUT_DIR --dry    # on a CPU: the same steps, small and quick (CI)

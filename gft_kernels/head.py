@@ -2,7 +2,7 @@
 
 Every backend turns (hidden, lm_head, targets) into per-token log-probs ``logp [N]`` (and the
 entropy of each token's distribution); the loss is then the same function of them for all
-(docs and ``gft_loss``'s docstring give the formulas):
+(docs/spec.md and ``gft_loss``'s docstring give the formulas):
 
     C      = sg(p) if p < tau else 1                    # Dynamic Coefficient Rectification
     pg_t   = -A_t * logp_t                              # on-policy (no old_logp)

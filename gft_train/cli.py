@@ -14,7 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from . import config as config_mod
+try:
+    from . import config as config_mod
+except ModuleNotFoundError as e:   # `pip install gft` is the kernel library alone
+    raise SystemExit(f"gft-train needs the trainer's dependencies ({e.name} is not installed): "
+                     "pip install 'gft[train]'") from e
 
 
 def _cmd_build_groups(cfg):
@@ -70,17 +74,21 @@ def _cmd_eval(cfg, base_model: str | None):
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="gft-train", description="Group Fine-Tuning on accelerate.")
-    sub = parser.add_subparsers(dest="command")
+    parser = argparse.ArgumentParser(
+        prog="gft-train", description="Group Fine-Tuning on accelerate. With no command: the embedded demo.",
+        epilog="`gft-train COMMAND --help` lists the command's flags, each with its help and default. Every "
+               "config field is a flag and a YAML key (--config); flags given override the YAML.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="the embedded demo on a CPU (the default)")
-    demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("--quick", action="store_true", help="a smaller demo (tests)")
-    for name, help_ in (("build-groups", "build groups once (offline) and save them"),
+    demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a smaller demo, as the tests run it (default: off)")
+    for name, help_ in (("build-groups", "build groups once (offline) and save them to --groups-file"),
                         ("train", "train a model"), ("eval", "evaluate a model on held-out prompts")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=help_ + ".")
         config_mod.add_arguments(p)
         if name == "eval":
-            p.add_argument("--base-model", help="also report KL(model || base) on the held-out responses")
+            p.add_argument("--base-model", help="also report KL(model || base) on the held-out responses "
+                                                "(default: none)")
     args = parser.parse_args(argv or ["demo"])
     if args.command in (None, "demo"):
         from .demo.run import run_demo

@@ -1,13 +1,17 @@
 """The run configuration: one dataclass, read from YAML, overridden from the command line.
 
-Every field is also a command-line flag (``--max-steps 50``; booleans as ``--dcr/--no-dcr``).
-Fields left at ``None`` are filled by the method's preset (``METHODS``).
+Every field is also a command-line flag (``--max-steps 50``; booleans as ``--resume``,
+``--bf16 false``, ``--no-dcr``), built by transformers' ``HfArgumentParser`` from the field's type
+and its ``help`` metadata; ``gft-train train --help`` lists them with their defaults. Fields left at
+``None`` are filled by the method's preset (``METHODS``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import yaml
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 # method -> (n_expert, n_teacher, n_self, tau, advantage from the group?) ; the paper's baselines
-# are settings of the same loss (SPEC.md): SFT tau = 0, A = 1; DFT tau > 1, A = 1; GRPO tau = 0
+# are settings of the same loss (docs/spec.md): SFT tau = 0, A = 1; DFT tau > 1, A = 1; GRPO tau = 0
 # on self-samples only.
 METHODS = {
     "gft": (1, 3, 4, 0.7, True),
@@ -29,54 +33,63 @@ METHODS = {
 }
 
 
+def _opt(default=None, help: str = "", **kw):
+    """A config field with its ``--help`` text (transformers' ``HfArgumentParser`` reads it)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass
 class Config:
     # what to train
-    method: str = "gft"              # gft | sft | dft | grpo
-    dcr: bool = True                 # --no-dcr: tau = 0 (the ablation "GFT without DCR")
-    gal: bool = True                 # --no-gal: A = 1 for every response ("GFT without GAL")
-    model: str = ""                  # a transformers causal LM saved on disk
-    train_file: str = ""             # JSONL or Parquet rows: prompt, answer, expert[, teachers]
-    eval_file: str = ""
-    output_dir: str = "runs/gft"
+    method: str = _opt("gft", "gft | sft | dft | grpo: the loss and group preset (METHODS in gft_train/config.py)")
+    dcr: bool = _opt(True, "Dynamic Coefficient Rectification; --no-dcr sets tau = 0 (the ablation 'GFT without DCR')")
+    gal: bool = _opt(True, "Group Advantage Learning; --no-gal gives A = 1 to every response ('GFT without GAL')")
+    model: str = _opt("", "the transformers causal LM to train, a directory on disk (required for train)")
+    train_file: str = _opt("", "JSONL or Parquet rows with prompt, answer, expert[, teachers]")
+    eval_file: str = _opt("", "held-out rows (same format) for gft-train eval")
+    output_dir: str = _opt("runs/gft", "where checkpoints, metrics.jsonl, tensorboard logs and final/ are written")
     # groups
-    n_expert: int | None = None      # per prompt; None: the method's preset
-    n_teacher: int | None = None
-    n_self: int | None = None
-    teacher_model: str = ""          # generates teacher responses a row lacks (else: an error)
-    reward: str = "math"             # "math" (math-verify) or "package.module:function"
-    adv_eps: float = 1e-6            # A = (R - mean) / (sample std + eps), as the authors' code
-    groups_file: str = ""            # offline: groups built once (build-groups) and trained on
-    refresh_every: int = 0           # online: rebuild groups with the current weights every N steps
+    n_expert: int | None = _opt(None, "expert demonstrations per prompt; None: the method's preset (gft: 1)")
+    n_teacher: int | None = _opt(None, "teacher responses per prompt; None: the method's preset (gft: 3)")
+    n_self: int | None = _opt(None, "self-generated samples per prompt; None: the method's preset (gft: 4)")
+    teacher_model: str = _opt("", "a model that generates the teacher responses a row lacks (else: an error)")
+    reward: str = _opt("math", "'math' (math-verify against the row's answer) or 'package.module:function'")
+    adv_eps: float = _opt(1e-6, "eps of the group advantage A = (R - mean) / (sample std + eps), as the authors' code")
+    groups_file: str = _opt("", "offline groups: written by build-groups, trained on by train")
+    refresh_every: int = _opt(0, "online: rebuild groups with the current weights every N steps (0: never)")
     # rollout
-    engine: str = "auto"             # auto (vLLM if installed) | vllm | transformers
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    vllm_memory: float = 0.3         # vLLM gpu_memory_utilization (on CPU: share of RAM)
+    engine: str = _opt("auto", "rollout engine: auto (vLLM if installed) | vllm | transformers")
+    max_new_tokens: int = _opt(256, "tokens per generated response")
+    temperature: float = _opt(1.0, "sampling temperature of the self-samples")
+    top_p: float = _opt(1.0, "nucleus sampling of the self-samples")
+    vllm_memory: float = _opt(0.3, "vLLM gpu_memory_utilization (on a CPU: its share of RAM)")
     # optimization
-    tau: float | None = None         # DCR threshold; None: the method's preset (gft: 0.7)
-    loss_aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
-    entropy_coef: float = 0.0        # entropy bonus: loss_t -= entropy_coef * H_t
-    lr: float = 1e-5
-    lr_scheduler: str = "cosine"     # any transformers scheduler name
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_steps: int = 100
-    prompts_per_step: int = 8        # groups per optimizer step, over all processes
-    micro_batch_size: int = 8        # sequences per forward/backward on one process
-    max_grad_norm: float = 1.0
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    max_length: int = 1024
-    seed: int = 0
+    tau: float | None = _opt(None, "DCR threshold: C = p below tau, 1 at or above; None: the method's preset "
+    loss_aggregation: str = _opt("token-mean", "how the global batch's per-token losses combine: token-mean | "
+                                 "seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm (LOSS_AGGREGATIONS)")
+    entropy_coef: float = _opt(0.0, "entropy bonus: loss_t -= entropy_coef * H_t")
+                                   "(gft 0.7, sft/grpo 0, dft inf)")
+    lr: float = _opt(1e-5, "peak learning rate (AdamW)")
+    lr_scheduler: str = _opt("cosine", "any transformers scheduler name (cosine, linear, constant, ...)")
+    warmup_steps: int = _opt(0, "learning-rate warm-up steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_steps: int = _opt(100, "optimizer steps")
+    prompts_per_step: int = _opt(8, "groups (prompts) per optimizer step, over all processes")
+    micro_batch_size: int = _opt(8, "sequences per forward/backward on one process")
+    max_grad_norm: float = _opt(1.0, "gradient-norm clipping")
+    bf16: bool = _opt(False, "bf16 mixed precision (accelerate's mixed_precision='bf16')")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, slower)")
+    max_length: int = _opt(1024, "prompt + response tokens per training sequence (the rest is cut off)")
+    seed: int = _opt(0, "seed of the data order and the sampling")
     # checkpoints, logs, evaluation
-    save_every: int = 0              # steps between checkpoints (0: only at the end)
-    resume: bool = False
-    eval_n: int = 4                  # samples per held-out prompt (mean pass@1, pass@k)
-    eval_k: list[int] = field(default_factory=lambda: [1, 4])
-    eval_max_prompts: int = 0        # 0: all
-    eval_temperature: float = 1.0
+    save_every: int = _opt(0, "steps between checkpoints (0: only the final model)")
+    resume: bool = _opt(False, "continue from the last complete checkpoint in output_dir (without it, existing checkpoints are refused)")
+    eval_n: int = _opt(4, "samples per held-out prompt (mean pass@1 and pass@k)")
+    eval_k: list[int] = _opt([1, 4], "the k of pass@k, as '1 4' or '1,4'")
+    eval_max_prompts: int = _opt(0, "held-out prompts to evaluate (0: all)")
+    eval_temperature: float = _opt(1.0, "sampling temperature at evaluation")
 
     def resolved(self) -> "Config":
         """A copy with the method's preset filled in and everything checked."""
@@ -113,18 +126,39 @@ class Config:
         return METHODS[self.method][4] and self.gal
 
 
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "''" if value == "" else str(value)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field (default None, so only what was given overrides the YAML)."""
-    parser.add_argument("--config", help="YAML file of fields; flags override it")
+    """One flag per field, built by transformers' ``HfArgumentParser`` from the field's type and
+    help (``--max-steps`` and ``--max_steps``; booleans as ``--x [true|false]``, ``--no-x`` for
+    those on by default). Each help ends with the field's default. The parsed value is absent
+    unless the flag is given, so only what was given overrides the YAML."""
+    from transformers import HfArgumentParser
+
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML file of config fields; flags given override it (default: none)")
+    hints = typing.get_type_hints(Config)
+    defaults = dataclasses.asdict(Config())
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool",):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name == "eval_k":
-            parser.add_argument(flag, type=lambda s: [int(x) for x in s.split(",")], default=None)
-        else:
-            kind = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float}[f.type]
-            parser.add_argument(flag, type=kind, default=None)
+        f = copy.copy(f)            # HfArgumentParser narrows field.type in place; Config's stay intact
+        f.type = hints[f.name]
+        before = len(parser._actions)
+        HfArgumentParser._parse_dataclass_field(parser, f)
+        for action in parser._actions[before:]:
+            negated = action.option_strings[0].startswith("--no_")
+            action.help = (f"the same as --{f.name.replace('_', '-')} false" if negated else
+                           f"{f.metadata['help']} (default: {_shown(defaults[f.name])})")
+            action.default = argparse.SUPPRESS
+            if f.name == "eval_k":      # '1 4' (transformers' list form) or '1,4'
+                action.type = _int_list
 
 
 def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -139,8 +173,10 @@ def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
             raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
         values.update(loaded)
     for f in dataclasses.fields(Config):
-        given = getattr(args, f.name, None)
-        if given is not None:
+        if hasattr(args, f.name):
+            given = getattr(args, f.name)
+            if f.name == "eval_k":
+                given = [k for part in given for k in part]
             values[f.name] = given
     return Config(**values)
 

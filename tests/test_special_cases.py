@@ -1,4 +1,4 @@
-"""The special cases of SPEC.md, each checked against an implementation that is not ours.
+"""The special cases of docs/spec.md, each checked against an implementation that is not ours.
 
 - tau = 0, A = 1, mean: plain SFT, ``F.cross_entropy`` (value and gradients)
 - tau > 1, A = 1: DFT, ``-mean(sg(p) log p)``; also Liger Kernel's fused linear cross entropy

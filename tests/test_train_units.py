@@ -96,6 +96,67 @@ def test_config_presets_flags_and_yaml(tmp_path):
         config_mod.from_args(p.parse_args(["--config", str(tmp_path / "bad.yaml")]))
 
 
+def _shown_default(value):
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "''" if value == "" else str(value)
+
+
+@pytest.mark.parametrize("command", ["train", "build-groups", "eval"])
+def test_cli_help_lists_every_field_with_help_and_default(command, capsys, monkeypatch):
+    import dataclasses
+
+    from gft_train.cli import main
+
+    monkeypatch.setenv("COLUMNS", "1000")   # no wrapping: one line per flag
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    entries = []   # one per option: its flags, then its help (argparse may put the help on the next line)
+    for line in out.split("options:")[1].splitlines():
+        if line.strip().startswith("-"):
+            entries.append(line.strip())
+        elif line.strip() and entries:
+            entries[-1] += " " + line.strip()
+    lines = {e.split("  ")[0]: e for e in entries}
+    defaults = dataclasses.asdict(config_mod.Config())
+    for f in dataclasses.fields(config_mod.Config):
+        dashed = "--" + f.name.replace("_", "-")
+        line = next((v for k, v in lines.items() if dashed in k.replace(",", " ").split()), None)
+        assert line is not None, f"{dashed} missing from `gft-train {command} --help`"
+        assert f.metadata["help"] and f.metadata["help"] in line, line
+        assert line.rstrip().endswith(f"(default: {_shown_default(defaults[f.name])})"), line
+    assert "--config" in out and "--no-dcr" in out and "--no-gal" in out
+
+
+def test_cli_top_level_help_names_the_commands(capsys):
+    from gft_train.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("demo", "build-groups", "train", "eval", "--help"):
+        assert command in out
+
+
+def test_cli_flag_forms(tmp_path):
+    import argparse
+    import dataclasses
+
+    p = argparse.ArgumentParser()
+    config_mod.add_arguments(p)
+    parse = lambda *argv: config_mod.from_args(p.parse_args(list(argv)))  # noqa: E731
+    assert parse("--eval-k", "1,8").eval_k == [1, 8] == parse("--eval_k", "1", "8").eval_k
+    assert (parse("--bf16").bf16, parse("--bf16", "false").bf16, parse("--no-gal").gal) == (True, False, False)
+    assert parse("--tau", "inf").tau == math.inf and parse("--n-self", "2").n_self == 2
+    assert parse() == config_mod.Config()
+    (tmp_path / "c.yaml").write_text("bf16: true\neval_k: [2]\n")
+    cfg = parse("--config", str(tmp_path / "c.yaml"))
+    assert (cfg.bf16, cfg.eval_k) == (True, [2])          # defaults of unset flags never override the YAML
+    assert dataclasses.fields(config_mod.Config)[0].type == "str"   # the parser left Config's fields alone
+
+
 def test_math_reward_and_user_reward(tmp_path, monkeypatch):
     reward = MathReward()
     try:

@@ -12,7 +12,7 @@ For a tile of rows (compacted: only rows with g != 0, so ignored and zero-advant
 nothing) and vocabulary columns:
 
     z       = softcap((h W^T + b) / T)                  recomputed, fp32
-    dL/dz   = g * (onehot(y) - exp((z - m) - log_s))    per SPEC.md (lse = m + log_s); at the target column
+    dL/dz   = g * (onehot(y) - exp((z - m) - log_s))    per docs/spec.md (lse = m + log_s); at the target column
                                                         g * q, with q = 1 - p from the forward
     dL/dz  += -g_H * p * (log p + H)                    with an entropy term (g_H = dL/dH per row)
     dz      = dL/dz * softcap'(.) / T                   gradient w.r.t. the raw logits h W^T + b
