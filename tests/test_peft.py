@@ -100,3 +100,21 @@ def test_lora_through_the_trl_trainer_equals_the_reference_loss(tmp_path, model_
     for n in trained:
         torch.testing.assert_close(trained[n], runs["reference"][1][n], rtol=1e-5, atol=1e-6, msg=n)
     assert losses == pytest.approx(runs["reference"][2], rel=1e-5, abs=1e-7)
+
+
+def test_readme_peft_snippet_runs(model_dir):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# tested: peft")]
+    assert len(blocks) == 1
+    input_ids = torch.randint(2, 19, (2, 10))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    namespace = {"model": AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                 "input_ids": input_ids, "labels": labels, "adv": torch.tensor([1.0, -1.0])}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    model = namespace["model"]
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)

@@ -175,3 +175,22 @@ def test_unsupported_settings_and_bad_rows_are_refused(tmp_path, model_dir):
                     train_dataset=Dataset.from_list(bad))
     with pytest.raises(ValueError, match="teacher responses in 'teachers'"):
         tr.train()
+
+
+def test_readme_trl_snippet_runs(tmp_path, model_dir, monkeypatch):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# tested: trl")]
+    assert len(blocks) == 1
+    code = blocks[0]
+    for old, new in (('"Qwen/Qwen2.5-0.5B-Instruct"', repr(model_dir)), ("max_steps=500", "max_steps=2"),
+                     ("max_completion_length=64", "max_completion_length=6"),
+                     ('output_dir="gft-trl"', f"output_dir={str(tmp_path / 'gft-trl')!r}, report_to=[], use_cpu=True, bf16=False")):
+        assert old in code
+        code = code.replace(old, new)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 2
+    assert any("gft/reward/expert" in h for h in namespace["trainer"].state.log_history)
