@@ -75,6 +75,12 @@ def default_variants() -> list[Variant]:
         # the split design's dz kernel runs on the forward's tile
         for extras in (False, True):
             out.append(Variant("dlogits", dt, fwd_cfg if extras else plain_cfg, (("COMPUTE_DB", extras), ("HAS_BIAS", extras), ("HAS_SOFTCAP", extras))))
+        # an entropy bonus in the loss: its gradient through both designs
+        out.append(Variant("dlogits", dt, plain_cfg, (("COMPUTE_DB", False), ("HAS_BIAS", False), ("HAS_SOFTCAP", False),
+                                                      ("HAS_ENT_GRAD", True))))
+        out.append(Variant("backward", dt, bwd_cfg, (("COMPUTE_DH", True), ("COMPUTE_DW", True), ("DH_BY_ROW", dt == "fp32"),
+                                                      ("COMPUTE_DB", False), ("HAS_BIAS", False), ("HAS_SOFTCAP", False),
+                                                      ("HAS_ENT_GRAD", True))))
     return out
 
 
@@ -90,6 +96,8 @@ def compile_variant(v: Variant, arch: int = 90, aligned: bool = True):
     c = v.cfg
     constexprs = dict(v.flags, UPCAST=False, INPUT_PRECISION="ieee",
                       BLOCK_M=c.block_m, BLOCK_V=c.block_v, BLOCK_K=c.block_k)
+    if v.kernel != "forward":
+        constexprs.setdefault("HAS_ENT_GRAD", False)
     if v.kernel == "backward":
         constexprs.update(BLOCK_H=c.block_h, GROUP_M=BWD_GROUP_M, STORES_ONLY=False)
     inputs = {"h_ptr", "w_ptr", "b_ptr", "dz_ptr"}

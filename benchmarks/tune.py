@@ -98,7 +98,7 @@ def main(argv=None) -> Path:
     def fwd():
         return launch.forward(hidden, weight, None, targets, valid, 1.0, None, False)
 
-    ref_logp, m, log_s, q, _ = fwd()
+    ref_logp, m, log_s, q, *_ = fwd()
 
     def upstream(zero_adv_frac):
         """dL/dlogp of a GFT-like loss (C = 1) with this fraction of zero-advantage sequences."""

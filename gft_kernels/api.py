@@ -1,13 +1,18 @@
 """The public op: ``gft_loss`` and the ``GFTLoss`` module."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
 from . import reference, torch_backend
-from .fused import fused_logprobs
-from .head import GFTStats, gft_head, head_stats
-from .validation import check_backend, check_input_values, check_options, check_tensors, split_lm_head
+from .fused import fused_logprobs, precomputed_loss
+from .head import GFTStats, head_stats, per_token_loss, reduce_loss, reduction_weights
+from .validation import (
+    check_backend, check_input_values, check_options, check_policy_terms, check_scalar_policy_options, check_tensors,
+    split_lm_head,
+)
 
 
 def _engine(backend: str):
@@ -15,6 +20,10 @@ def _engine(backend: str):
         return torch_backend
     from .triton_ops import launch  # imported lazily: triton reads TRITON_INTERPRET at import
     return launch
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _autocast_cast(x, dtype):
@@ -36,6 +45,14 @@ def gft_loss(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
+    old_logp: Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logp: Tensor | None = None,
+    beta: float = 0.0,
+    kl: str = "k3",
+    entropy_coef: float = 0.0,
     backend: str = "auto",
     return_stats: bool = False,
     check_values: bool = True,
@@ -49,17 +66,32 @@ def gft_loss(
         adv: advantage, broadcastable to ``targets``: a scalar, ``[B]`` (one per sequence of a
             ``[B, T, H]`` input; this reading wins when ``B == T``), or per token.
         tau: DCR threshold (paper: best near 0.7). 0 gives SFT / policy gradient, > 1 gives DFT.
-        reduction: ``"mean"`` over valid tokens (0 when none), ``"sum"``, or ``"none"`` (shape of
-            ``targets``, 0 at ignored tokens).
-        normalizer: explicit token count for ``"mean"`` (e.g. the global count over gradient
-            accumulation steps and processes), a number or a one-element tensor.
+        reduction: ``"mean"`` over valid tokens (0 when none), ``"sum"``, ``"none"`` (shape of
+            ``targets``, 0 at ignored tokens), ``"seq-mean-token-mean"`` (each sequence's mean
+            over its valid tokens, then the mean over sequences with a valid token),
+            ``"seq-mean-token-sum"`` (each sequence's sum, then that mean); sequences are the
+            leading dim of ``targets``. Dr. GRPO's constant normalizer is ``"mean"`` with
+            ``normalizer`` = that constant.
+        normalizer: explicit denominator for ``"mean"`` (e.g. the global token count over gradient
+            accumulation steps and processes) or for the ``"seq-"`` reductions (the global
+            number of sequences), a number or a one-element tensor.
         bias [V], temperature, softcap: logits are ``softcap * tanh(((h W^T + b) / T) / softcap)``.
+        old_logp: behaviour policy's per-token log-probs (broadcast like ``adv``): the importance
+            ratio ``r = exp(logp - old_logp)`` with PPO clipping to ``[1 - clip_low, 1 + clip_high]``
+            (``clip_high`` defaults to ``clip_low``; DAPO's "clip higher" sets it larger) and,
+            with ``dual_clip = c > 1``, the dual clip ``-c A`` for ``A < 0``.
+        ref_logp: reference model's per-token log-probs: a KL penalty ``beta * KL_t``, estimator
+            ``kl`` in ``"k1"`` (``logp - ref``), ``"k2"`` (``(logp - ref)^2 / 2``), ``"k3"``
+            (``exp(ref - logp) - (ref - logp) - 1``).
+        entropy_coef: entropy bonus, ``- entropy_coef * H_t``; its gradient flows through the
+            fused backward.
         backend: ``"triton"`` (fused kernels), ``"torch"`` (chunked PyTorch, bounded memory),
             ``"reference"`` (materialized logits; float64-capable), ``"auto"`` (triton on CUDA,
             torch otherwise).
-        return_stats: also return a :class:`GFTStats` (per-token fp32 log-probs and entropy, DCR
-            rectified fraction, mean target probability) from the same pass.
-        check_values: check target ids and advantages by value (one host sync on CUDA).
+        return_stats: also return a :class:`GFTStats` (per-token log-probs and entropy, DCR
+            rectified fraction, mean target probability, accuracy, ratio, clip fraction, KL)
+            from the same pass.
+        check_values: check target ids, advantages and log-probs by value (one host sync on CUDA).
 
     Under ``torch.autocast`` the product's inputs are cast to the autocast dtype, as
     ``nn.Linear`` would (float64 excepted); gradients come back in the inputs' own dtypes, and
@@ -68,7 +100,16 @@ def gft_loss(
     Returns:
         The loss, fp32 (fp64 for fp64 inputs); ``(loss, stats)`` when ``return_stats``.
 
-    Exact PyTorch equivalent (what ``backend="reference"`` computes)::
+    Per valid token (``C`` the DCR coefficient, detached)::
+
+        pg_t   = -A logp                                               without old_logp
+               = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))    with it; dual clip: for A < 0,
+                                                                       min(that, -dual_clip * A)
+        loss_t = C * pg_t + beta * KL_t - entropy_coef * H_t
+
+    At ``old_logp = logp.detach()`` (r = 1) the gradient is the on-policy one, ``-A C grad logp``.
+
+    Exact PyTorch equivalent of the default (what ``backend="reference"`` computes)::
 
         z    = F.linear(hidden, W, bias).float() / temperature          # [..., V]
         z    = softcap * torch.tanh(z / softcap)                        # if softcap
@@ -79,6 +120,10 @@ def gft_loss(
         loss_t = torch.where(valid, -adv * C * logp, 0.0)
         loss = loss_t.sum() / valid.sum().clamp_min(1)                  # reduction="mean"
     """
+    options = dict(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, temperature=temperature,
+                   softcap=softcap, old_logp=old_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                   ref_logp=ref_logp, beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend,
+                   return_stats=return_stats, check_values=check_values)
     tau, temperature, softcap, normalizer = check_options(
         tau, reduction, normalizer, temperature, softcap, backend, ignore_index
     )
@@ -90,13 +135,13 @@ def gft_loss(
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight, bias = (_autocast_cast(x, dtype) for x in (hidden, weight, bias))
         with torch.autocast(hidden.device.type, enabled=False):
-            return gft_loss(hidden, weight, targets, adv, tau, ignore_index=ignore_index, reduction=reduction,
-                            normalizer=normalizer, bias=bias, temperature=temperature, softcap=softcap,
-                            backend=backend, return_stats=return_stats, check_values=check_values)
+            return gft_loss(hidden, weight, targets, adv, tau, bias=bias, **options)
     targets, adv = check_tensors(hidden, weight, bias, targets, adv)
+    terms, per_token = check_policy_terms(targets, reduction, normalizer, old_logp, clip_low, clip_high, dual_clip,
+                                          ref_logp, beta, kl, entropy_coef)
     backend = check_backend(backend, hidden)
     if check_values:
-        check_input_values(targets, adv, normalizer, weight.shape[0], ignore_index)
+        check_input_values(targets, adv, normalizer, weight.shape[0], ignore_index, per_token)
 
     shape = targets.shape
     h_dim = hidden.shape[-1]
@@ -109,32 +154,55 @@ def gft_loss(
     valid = flat_targets != ignore_index
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
 
+    with_entropy = return_stats or terms.needs_entropy
+    leaves = [x for x in (hidden2d, weight, bias) if x is not None]
+    if (backend == "torch" and reduction != "none" and hidden2d.shape[0] and torch.is_grad_enabled()
+            and any(x.requires_grad for x in leaves)):
+        # A scalar loss that will be differentiated: the chunked engine forms the gradients in
+        # the same pass (3 products, no recompute) and the backward only scales them.
+        flat_adv = adv.reshape(-1)
+
+        def token_loss(lp, ent, idx):
+            sliced = dataclasses.replace(
+                terms, old_logp=None if terms.old_logp is None else terms.old_logp.index_select(0, idx),
+                ref_logp=None if terms.ref_logp is None else terms.ref_logp.index_select(0, idx))
+            return per_token_loss(lp, ent, valid.index_select(0, idx), flat_adv.index_select(0, idx), tau, sliced)[0]
+
+        weights = reduction_weights(valid, reduction, normalizer, shape, _acc_dtype(hidden2d.dtype))
+        loss, rows = precomputed_loss(torch_backend, hidden2d, weight, bias, safe_targets, valid, temperature,
+                                      softcap, with_entropy, token_loss, weights)
+        if not return_stats:
+            return loss
+        _, aux = per_token_loss(rows.logp, rows.entropy, valid, flat_adv, tau, terms)
+        return loss, head_stats(rows.logp, rows.entropy, rows.target_is_max, valid, tau, aux, shape)
+
     if backend == "reference":
-        logp, entropy = reference.reference_logprobs(
+        logp, entropy, target_is_max = reference.reference_logprobs(
             hidden2d, weight, bias, safe_targets, valid, temperature, softcap
         )
     elif hidden2d.shape[0] == 0:
         # No tokens: keep the graph so backward gives zero gradients of the right shapes.
         logp = (hidden2d.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
-        entropy = logp.detach()
+        entropy = logp * 0
+        target_is_max = valid
     else:
-        logp, entropy = fused_logprobs(
+        logp, entropy, target_is_max = fused_logprobs(
             _engine(backend), hidden2d, weight, bias, safe_targets, valid,
-            temperature, softcap, return_stats,
+            temperature, softcap, with_entropy,
         )
 
-    loss = gft_head(logp, valid, adv.reshape(-1), tau, reduction, normalizer)
-    if reduction == "none":
-        loss = loss.reshape(shape)
+    loss_tok, aux = per_token_loss(logp, entropy, valid, adv.reshape(-1), tau, terms)
+    loss = reduce_loss(loss_tok, valid, reduction, normalizer, shape)
     if not return_stats:
         return loss
-    return loss, head_stats(logp, entropy, valid, tau, shape)
+    return loss, head_stats(logp, entropy, target_is_max, valid, tau, aux, shape)
 
 
 class GFTLoss(nn.Module):
-    """``nn.Module`` form of :func:`gft_loss`; the same arguments in the same order.
+    """``nn.Module`` form of :func:`gft_loss`; the same options in the same order.
 
-    ``forward(hidden, lm_head, targets, adv)`` calls ``gft_loss`` with the options given here.
+    ``forward(hidden, lm_head, targets, adv, old_logp=None, ref_logp=None)`` calls ``gft_loss``
+    with the options given here and the per-batch log-probs given there.
     """
 
     def __init__(
@@ -147,6 +215,12 @@ class GFTLoss(nn.Module):
         bias: Tensor | None = None,
         temperature: float = 1.0,
         softcap: float | None = None,
+        clip_low: float = 0.2,
+        clip_high: float | None = None,
+        dual_clip: float | None = None,
+        beta: float = 0.0,
+        kl: str = "k3",
+        entropy_coef: float = 0.0,
         backend: str = "auto",
         return_stats: bool = False,
         check_values: bool = True,
@@ -154,15 +228,18 @@ class GFTLoss(nn.Module):
         super().__init__()
         # Fail at construction, not at the first step.
         check_options(tau, reduction, normalizer, temperature, softcap, backend, ignore_index)
+        check_scalar_policy_options(clip_low, clip_high, dual_clip, beta, kl, entropy_coef)
         self.tau = tau
         self.options = dict(
             ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, bias=bias,
-            temperature=temperature, softcap=softcap, backend=backend,
+            temperature=temperature, softcap=softcap, clip_low=clip_low, clip_high=clip_high,
+            dual_clip=dual_clip, beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend,
             return_stats=return_stats, check_values=check_values,
         )
 
-    def forward(self, hidden, lm_head, targets, adv):
-        return gft_loss(hidden, lm_head, targets, adv, self.tau, **self.options)
+    def forward(self, hidden, lm_head, targets, adv, old_logp=None, ref_logp=None):
+        return gft_loss(hidden, lm_head, targets, adv, self.tau, old_logp=old_logp, ref_logp=ref_logp,
+                        **self.options)
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "bias")

@@ -8,10 +8,14 @@ lives in ``head.py`` and reaches the engine only through ``g``.
 Engine contract (module-level functions):
 
     forward(hidden [N,H], weight [V,H], bias [V]|None, targets [N], valid [N] bool,
-            temperature, softcap, with_entropy)
-        -> (logp [N] f32, m [N] f32, log_s [N] f32, q [N] f32, entropy [N] f32)
+            temperature, softcap, with_entropy) -> RowStats
     backward(hidden, weight, bias, targets, m, log_s, q, g [N] f32, temperature, softcap,
-             need_dhidden, need_dweight, need_dbias) -> (dhidden|None, dweight|None, dbias|None)
+             need_dhidden, need_dweight, need_dbias, *, entropy=None, g_entropy=None)
+        -> (dhidden|None, dweight|None, dbias|None)
+
+``g = dL/dlogp`` per row; ``g_entropy = dL/dentropy`` per row (with the forward's ``entropy``)
+when the loss has an entropy term, else None. For entropy ``H = -sum p log p`` the logits'
+gradient is ``dH/dz_j = -p_j (log p_j + H)``.
 
 The log-sum-exp is carried in two parts, ``lse = m + log_s`` (``m`` the row's max logit,
 ``log_s = log sum exp(z - m)``), and the backward forms ``p = exp((z - m) - log_s)``: one fp32
@@ -23,31 +27,48 @@ the log-sum-exp of the *other* logits: ``1 - exp(logp)`` cancels catastrophicall
 tokens (p near 1), which is where the target column of ``onehot - softmax`` is decided. For the
 same reason ``logp = -softplus(lse_excl - z_t)`` keeps full relative precision near 0.
 
-Gradients come back in the inputs' dtypes. Rows with ``g == 0`` contribute nothing, so an
-engine may skip them.
+Gradients come back in the inputs' dtypes. Rows with ``g == 0`` (and ``g_entropy == 0``)
+contribute nothing, so an engine may skip them.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+
+class RowStats(NamedTuple):
+    """Per-row results of an engine's forward, all ``[N]``, 0 at rows that were not valid."""
+
+    logp: Tensor            # log-prob of the target, fp32 (fp64 for fp64 inputs)
+    m: Tensor               # the row's max logit
+    log_s: Tensor           # log sum exp(z - m): lse = m + log_s
+    q: Tensor               # 1 - p of the target, without cancellation
+    entropy: Tensor         # of the row's distribution; 0 unless asked for
+    target_is_max: Tensor   # bool: the target's logit is a maximum of the row (argmax accuracy)
 
 
 class LinearLogProb(torch.autograd.Function):
+    """(logp, entropy, target_is_max) per row; entropy carries a gradient when asked for."""
+
     @staticmethod
     def forward(ctx, engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy):
-        logp, m, log_s, q, entropy = engine.forward(
-            hidden, weight, bias, targets, valid, temperature, softcap, with_entropy
-        )
-        ctx.save_for_backward(hidden, weight, bias, targets, m, log_s, q)
+        rows = engine.forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, rows.m, rows.log_s, rows.q, rows.entropy)
         ctx.engine = engine
         ctx.temperature = temperature
         ctx.softcap = softcap
-        ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+        ctx.set_materialize_grads(False)  # an unused entropy gets None: no entropy term
+        if not with_entropy:
+            ctx.mark_non_differentiable(rows.entropy)
+        ctx.mark_non_differentiable(rows.target_is_max)
+        return rows.logp, rows.entropy, rows.target_is_max
 
     @staticmethod
-    def backward(ctx, dlogp, _dentropy):
-        hidden, weight, bias, targets, m, log_s, q = ctx.saved_tensors
+    def backward(ctx, dlogp, dentropy, _dmax):
+        hidden, weight, bias, targets, m, log_s, q, entropy = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[1:4]
         if dlogp is None:
             dlogp = torch.zeros_like(q)
@@ -57,6 +78,8 @@ class LinearLogProb(torch.autograd.Function):
             dh, dw, db = ctx.engine.backward(
                 hidden, weight, bias, targets, m, log_s, q, dlogp.to(q.dtype),
                 ctx.temperature, ctx.softcap, need_dh, need_dw, need_db and bias is not None,
+                entropy=entropy if dentropy is not None else None,
+                g_entropy=dentropy.to(q.dtype) if dentropy is not None else None,
             )
         return None, dh, dw, db, None, None, None, None, None
 
@@ -67,7 +90,7 @@ def finish_logprob(m, s_excl, z_t, s_all=None, t=None):
     m: max logit; s_excl: sum over non-target columns of exp(z - m); z_t: target logit;
     for entropy, s_all = sum over all columns of exp(z - m) and t = sum of exp(z - m) (z - m)
     (shifted by m, so logits of 1e4 lose nothing), else None.
-    Returns (logp, log_s, q = 1 - p, entropy or None); lse = m + log_s.
+    Returns (logp, log_s, q = 1 - p, entropy or None, target_is_max); lse = m + log_s.
     With V = 1, s_excl = 0 and p = 1 exactly.
     """
     d = s_excl.log() + m - z_t                    # lse_excl - z_t
@@ -77,7 +100,7 @@ def finish_logprob(m, s_excl, z_t, s_all=None, t=None):
     entropy = None
     if t is not None:
         entropy = s_all.log() - t / s_all
-    return logp, log_s, q, entropy
+    return logp, log_s, q, entropy, z_t >= m
 
 
 @torch.compiler.disable
@@ -87,3 +110,36 @@ def fused_logprobs(engine, hidden, weight, bias, targets, valid, temperature, so
     shape, or cannot trace at all through Triton's CPU interpreter). The model around the loss
     still compiles; gradients flow through the break."""
     return LinearLogProb.apply(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy)
+
+
+class _PrecomputedGrads(torch.autograd.Function):
+    """A scalar loss whose gradients were formed in the forward: backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, loss, dh, dw, db):
+        ctx.grads = (dh, dw, db)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.grads is None:
+            raise RuntimeError("the chunked engine formed this loss's gradients in its forward: they can be "
+                               "taken once (for retain_graph or double backward, use backend='reference')")
+        dh, dw, db = ctx.grads
+        ctx.grads = None  # scaled in place: no second copy of the gradients
+
+        def scaled(x):
+            return None if x is None else x.mul_(grad.to(x.dtype))
+        return scaled(dh), scaled(dw), scaled(db), None, None, None, None
+
+
+@torch.compiler.disable
+def precomputed_loss(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy,
+                     token_loss, token_weight):
+    """(loss, RowStats) of ``engine.loss_and_grads``, differentiable to first order (the
+    gradients come from the forward; a double backward is not supported on this path)."""
+    need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    with torch.no_grad():  # the head inside differentiates itself (enable_grad)
+        loss, rows, (dh, dw, db) = engine.loss_and_grads(
+            hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, token_loss, token_weight, *need)
+    return _PrecomputedGrads.apply(hidden, weight, bias, loss, dh, dw, db), rows

@@ -1,15 +1,20 @@
 """The GFT head: the few elementwise lines every backend shares.
 
-Every backend turns (hidden, lm_head, targets) into per-token log-probs ``logp [N]``; the
-loss is then the same function of ``logp`` for all of them (SPEC.md):
+Every backend turns (hidden, lm_head, targets) into per-token log-probs ``logp [N]`` (and the
+entropy of each token's distribution); the loss is then the same function of them for all
+(docs and ``gft_loss``'s docstring give the formulas):
 
-    p      = exp(logp)
-    C      = sg(p) if p < tau else 1          # Dynamic Coefficient Rectification, Eq. 5
-    loss_t = -A_t * C_t * logp_t              # 0 at ignored tokens
+    C      = sg(p) if p < tau else 1                    # Dynamic Coefficient Rectification
+    pg_t   = -A_t * logp_t                              # on-policy (no old_logp)
+           = max(-A_t r_t, -A_t clip(r_t, 1 - eps_low, 1 + eps_high))   # r_t = exp(logp_t - old_logp_t)
+             (dual clip c, where A_t < 0: min(that, -c A_t))
+    loss_t = C_t * pg_t + beta * KL_t(logp_t, ref_logp_t) - entropy_coef * H_t
 
-Autograd through these lines hands the backends exactly ``g_t = dL/dlogp_t``; a zero ``g_t``
-(ignored token, zero advantage) is a row the fused backward skips. SFT, DFT and on-policy
-policy gradient are settings of this head (tau = 0, tau > 1, tau = 0 with any A).
+Autograd through these lines hands the engines exactly ``g_t = dL/dlogp_t`` (and
+``dL/dH_t`` for an entropy term); a row where both are zero (ignored token, zero advantage and
+no KL or entropy term) is a row the fused backward skips. SFT, DFT and on-policy policy gradient
+are settings of this head (tau = 0, tau > 1, tau = 0 with any A); at ``old_logp = sg(logp)``
+(r = 1) the clipped objective's gradient is the on-policy one.
 """
 from __future__ import annotations
 
@@ -18,6 +23,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# Per-token KL estimators of KL(model || ref), with d = ref_logp - logp (Schulman's k1, k2, k3).
+KL_ESTIMATORS = ("k1", "k2", "k3")
+# Reductions of the per-token losses; the "seq-" ones need targets of shape [B, T, ...].
+REDUCTIONS = ("mean", "sum", "none", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+@dataclass(frozen=True)
+class PolicyTerms:
+    """The GRPO-family terms of the per-token loss beyond GFT (all optional; flat ``[N]`` tensors)."""
+
+    old_logp: Tensor | None = None   # behaviour policy's log-probs: importance ratio and clipping
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    ref_logp: Tensor | None = None   # reference model's log-probs: KL penalty
+    beta: float = 0.0
+    kl: str = "k3"
+    entropy_coef: float = 0.0
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.entropy_coef != 0.0
+
 
 @dataclass(frozen=True)
 class GFTStats:
@@ -25,11 +53,17 @@ class GFTStats:
 
     logp:           per-token log-prob of the target, fp32 (fp64 for fp64 inputs), shape of
                     ``targets``; 0 at ignored tokens.
-    entropy:        per-token entropy of the (temperature/softcap-scaled) distribution, same shape;
-                    0 at ignored tokens. Forward-only: it carries no gradient.
+    entropy:        per-token entropy of the (temperature/softcap-scaled) distribution, same
+                    shape; 0 at ignored tokens.
     rectified_frac: 0-dim, fraction of valid tokens whose coefficient is sg(p), i.e. p < tau.
     mean_prob:      0-dim, mean target probability over valid tokens.
     n_valid:        0-dim int64, number of valid (non-ignored) tokens.
+    accuracy:       0-dim, fraction of valid tokens whose target has the largest logit.
+    ratio_mean:     0-dim, mean importance ratio exp(logp - old_logp) over valid tokens (1 without old_logp).
+    clip_frac:      0-dim, fraction of valid tokens where clipping zeroes the gradient (the ratio
+                    is past 1 + eps_high with A > 0, or below 1 - eps_low with A < 0, or the dual
+                    clip holds).
+    kl_mean:        0-dim, mean per-token KL estimate over valid tokens (0 without ref_logp).
     """
 
     logp: Tensor
@@ -37,6 +71,10 @@ class GFTStats:
     rectified_frac: Tensor
     mean_prob: Tensor
     n_valid: Tensor
+    accuracy: Tensor
+    ratio_mean: Tensor
+    clip_frac: Tensor
+    kl_mean: Tensor
 
 
 def dcr_coefficient(logp: Tensor, tau: float) -> Tensor:
@@ -45,43 +83,108 @@ def dcr_coefficient(logp: Tensor, tau: float) -> Tensor:
     return torch.where(p < tau, p, torch.ones_like(p))
 
 
-def gft_head(
-    logp: Tensor,
-    valid: Tensor,
-    adv: Tensor,
-    tau: float,
-    reduction: str,
-    normalizer: float | Tensor | None,
-) -> Tensor:
-    """Loss from per-token log-probs. ``logp``, ``valid``, ``adv`` are flat ``[N]``."""
-    coef = dcr_coefficient(logp, tau)
-    weight = torch.where(valid, adv.to(logp.dtype) * coef, torch.zeros_like(coef))
-    loss_tok = -(weight * logp)
-    if reduction == "none":
-        return loss_tok
-    total = loss_tok.sum()
-    if reduction == "sum":
-        return total
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
+    """Per-token estimate of KL(model || ref) from the sampled token's log-probs."""
+    d = ref_logp.to(logp.dtype) - logp
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    return torch.expm1(d) - d  # k3 = exp(d) - d - 1, unbiased and >= 0
+
+
+def _policy_gradient_term(logp: Tensor, adv: Tensor, terms: PolicyTerms):
+    """(pg_t, ratio, clipped) per token: -A logp on-policy, the (dual-)clipped surrogate off-policy."""
+    if terms.old_logp is None:
+        return -adv * logp, None, None
+    ratio = torch.exp(logp - terms.old_logp.to(logp.dtype))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - terms.clip_low, 1.0 + terms.clip_high)
+    pg = torch.maximum(unclipped, clipped)
+    is_clipped = clipped > unclipped
+    if terms.dual_clip is not None:
+        floor = -adv * terms.dual_clip
+        dual = (adv < 0) & (floor < pg)
+        pg = torch.where(adv < 0, torch.minimum(pg, floor), pg)
+        is_clipped = is_clipped | dual
+    return pg, ratio, is_clipped
+
+
+def per_token_loss(logp, entropy, valid, adv, tau, terms: PolicyTerms):
+    """``loss_t`` for flat ``[N]`` inputs (0 at ignored tokens), and what the stats need."""
+    adv = adv.to(logp.dtype)
+    pg, ratio, clipped = _policy_gradient_term(logp, adv, terms)
+    loss = dcr_coefficient(logp, tau) * pg
+    kl = None
+    if terms.ref_logp is not None:
+        kl = kl_estimate(logp, terms.ref_logp, terms.kl)
+        if terms.beta:
+            loss = loss + terms.beta * kl
+    if terms.entropy_coef:
+        loss = loss - terms.entropy_coef * entropy
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss, dict(ratio=ratio, clipped=clipped, kl=kl)
+
+
+def _denominator(count: Tensor, normalizer, like: Tensor) -> Tensor:
     if normalizer is None:
-        # All tokens ignored: 0 / 1 = 0, and every gradient is 0 (never 0 / 0 = NaN).
-        denom = valid.sum().clamp_min(1).to(logp.dtype)
-    elif isinstance(normalizer, Tensor):
-        denom = normalizer.to(device=logp.device, dtype=logp.dtype).reshape(())
-    else:
-        denom = torch.tensor(float(normalizer), device=logp.device, dtype=logp.dtype)
-    return total / denom
+        # nothing to count: 0 / 1 = 0, and every gradient is 0 (never 0 / 0 = NaN)
+        return count.clamp_min(1).to(like.dtype)
+    if isinstance(normalizer, Tensor):
+        return normalizer.to(device=like.device, dtype=like.dtype).reshape(())
+    return torch.tensor(float(normalizer), device=like.device, dtype=like.dtype)
 
 
-def head_stats(logp: Tensor, entropy: Tensor, valid: Tensor, tau: float, shape: torch.Size) -> GFTStats:
+def reduce_loss(loss_tok: Tensor, valid: Tensor, reduction: str, normalizer, shape: torch.Size) -> Tensor:
+    """The reductions of ``gft_loss`` (``loss_tok``, ``valid`` flat; ``shape`` the targets')."""
+    if reduction == "none":
+        return loss_tok.reshape(shape)
+    if reduction == "sum":
+        return loss_tok.sum()
+    if reduction == "mean":
+        return loss_tok.sum() / _denominator(valid.sum(), normalizer, loss_tok)
+    # per sequence (the leading dim), then the mean over sequences with a valid token
+    per_seq = loss_tok.reshape(shape[0], -1).sum(dim=1)
+    counts = valid.reshape(shape[0], -1).sum(dim=1)
+    if reduction == "seq-mean-token-mean":
+        per_seq = per_seq / counts.clamp_min(1).to(per_seq.dtype)
+    return per_seq.sum() / _denominator((counts > 0).sum(), normalizer, loss_tok)
+
+
+def reduction_weights(valid: Tensor, reduction: str, normalizer, shape: torch.Size, dtype) -> Tensor:
+    """Per-token weights w_t with ``reduce_loss(loss_t) = sum_t w_t loss_t`` (every reduction
+    but "none"), flat."""
+    ones = valid.to(dtype)
+    if reduction == "sum":
+        return ones
+    if reduction == "mean":
+        return ones / _denominator(valid.sum(), normalizer, ones)
+    counts = valid.reshape(shape[0], -1).sum(dim=1, keepdim=True)
+    per_seq = valid.reshape(shape[0], -1).to(dtype)
+    if reduction == "seq-mean-token-mean":
+        per_seq = per_seq / counts.clamp_min(1).to(dtype)
+    return (per_seq / _denominator((counts > 0).sum(), normalizer, ones)).reshape(-1)
+
+
+def head_stats(logp: Tensor, entropy: Tensor, target_is_max: Tensor, valid: Tensor, tau: float, aux: dict,
+               shape: torch.Size) -> GFTStats:
     logp = logp.detach()
     n_valid = valid.sum()
     count = n_valid.clamp_min(1).to(logp.dtype)
+
+    def mean(x):
+        return torch.where(valid, x.detach().to(logp.dtype), torch.zeros_like(logp)).sum() / count
+
     p = torch.where(valid, logp.exp(), torch.zeros_like(logp))
-    rectified = (valid & (p < tau)).sum().to(logp.dtype)
+    zero = torch.zeros((), device=logp.device, dtype=logp.dtype)
     return GFTStats(
         logp=logp.reshape(shape),
         entropy=torch.where(valid, entropy.detach(), torch.zeros_like(logp)).reshape(shape),
-        rectified_frac=rectified / count,
+        rectified_frac=(valid & (p < tau)).sum().to(logp.dtype) / count,
         mean_prob=p.sum() / count,
         n_valid=n_valid,
+        accuracy=mean(target_is_max),
+        ratio_mean=mean(aux["ratio"]) if aux["ratio"] is not None else (n_valid > 0).to(logp.dtype),
+        clip_frac=mean(aux["clipped"]) if aux["clipped"] is not None else zero,
+        kl_mean=mean(aux["kl"]) if aux["kl"] is not None else zero,
     )

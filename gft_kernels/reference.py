@@ -22,8 +22,8 @@ def reference_logprobs(
     valid: Tensor,           # [N] bool
     temperature: float,
     softcap: float | None,
-) -> tuple[Tensor, Tensor]:
-    """Per-token (logp, entropy), both ``[N]``; logp carries the autograd graph, entropy does not."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token (logp, entropy, target_is_max), ``[N]``; logp and entropy carry the autograd graph."""
     logits = F.linear(hidden, weight, bias)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
@@ -33,6 +33,8 @@ def reference_logprobs(
     logprobs = z.log_softmax(dim=-1)
     logp = logprobs.gather(1, targets[:, None]).squeeze(1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
+    entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
-    return logp, entropy
+        target_is_max = (z.gather(1, targets[:, None]).squeeze(1) >= z.amax(dim=-1)) & valid
+    return logp, entropy, target_is_max

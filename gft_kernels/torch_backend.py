@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused import finish_logprob
+from .fused import RowStats, finish_logprob
 
 # Bytes of one fp32 [C x V] chunk buffer; C = max(1, CHUNK_BYTES // (4 V)).
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -89,20 +89,22 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
         stats[0].index_copy_(0, idx, m)
         stats[1].index_copy_(0, idx, e.sum(dim=1))
         stats[2].index_copy_(0, idx, z_t)
-    logp, log_s, q, entropy = finish_logprob(*stats[:3], *(stats[3:] if with_entropy else (None, None)))
+    logp, log_s, q, entropy, is_max = finish_logprob(*stats[:3], *(stats[3:] if with_entropy else (None, None)))
     zero = torch.zeros_like(logp)
     entropy = zero if entropy is None else entropy
-    return tuple(torch.where(valid, x, zero) for x in (logp, stats[0], log_s, q, entropy))
+    return RowStats(*(torch.where(valid, x, zero) for x in (logp, stats[0], log_s, q, entropy)), is_max & valid)
 
 
-def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db):
+def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db, *,
+             entropy=None, g_entropy=None):
     n, v = hidden.shape[0], weight.shape[0]
     dh = torch.zeros_like(hidden) if need_dh else None
     # dW accumulates over chunks: in fp32 for half inputs (one rounding at the end).
     acc = _acc_dtype(weight.dtype)
     dw32 = torch.zeros_like(weight, dtype=acc) if need_dw else None
     db32 = torch.zeros(v, device=weight.device, dtype=acc) if need_db else None
-    rows = _selected_rows(g != 0)
+    active = g != 0 if g_entropy is None else (g != 0) | (g_entropy != 0)
+    rows = _selected_rows(active)
     count = n if rows is None else rows.numel()
     c = _chunk_rows(count, v)
     logits = _LogitsChunk(weight, bias, c, temperature, softcap)
@@ -120,9 +122,21 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
         # exponent is clamped at 0 (p <= 1): rows that are computed but skipped (g = 0; on CUDA
         # every row is computed) have m = log_s = 0, where exp(z) could overflow and 0 * inf
         # would be NaN.
-        dz = z.sub_(m.index_select(0, idx)[:, None]).sub_(log_s.index_select(0, idx)[:, None])
-        dz = dz.clamp_max_(0.0).exp_().mul_(-g_c)
-        dz.scatter_(1, targets.index_select(0, idx)[:, None], g_c * q.index_select(0, idx)[:, None])
+        lp = z.sub_(m.index_select(0, idx)[:, None]).sub_(log_s.index_select(0, idx)[:, None]).clamp_max_(0.0)
+        tgt = targets.index_select(0, idx)[:, None]
+        target_value = g_c * q.index_select(0, idx)[:, None]
+        if g_entropy is None:
+            dz = lp.exp_().mul_(-g_c)
+        else:
+            # the entropy term, dL/dz_j += g_H (-p_j (log p_j + H)): dz = -p (g + g_H (log p + H))
+            g_h = g_entropy.index_select(0, idx)[:, None]
+            ent = entropy.index_select(0, idx)[:, None]
+            p = lp.exp()                                   # the one extra [C, V] buffer
+            lp_h = lp.add_(ent)                            # log p + H, in place
+            target_value = target_value - g_h * p.gather(1, tgt) * lp_h.gather(1, tgt)
+            dz = lp_h.mul_(g_h).add_(g_c).mul_(p).neg_()
+            del p
+        dz.scatter_(1, tgt, target_value)
         if cap_grad is not None:
             dz.mul_(cap_grad)
         if temperature != 1.0:
@@ -137,3 +151,83 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
     dw = None if dw32 is None else dw32.to(weight.dtype)
     db = None if db32 is None else db32.to(bias.dtype)
     return dh, dw, db
+
+
+def loss_and_grads(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, token_loss, token_weight,
+                   need_dh, need_dw, need_db):
+    """The loss and its gradients in one chunked pass, for a scalar loss that will be
+    differentiated: 3 matrix products (logits, dW, dH) instead of 4, since the logits are not
+    recomputed in a backward.
+
+    ``token_loss(logp, entropy, idx) -> loss_t`` is the per-token loss of the rows ``idx`` (a
+    differentiable function of their log-probs and entropies); the loss is
+    ``sum_t token_weight_t * loss_t``. Returns (loss, RowStats, (dhidden, dweight, dbias)); the
+    gradients are those of the loss (scaled by the upstream gradient in backward).
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(weight.dtype)
+    dh = torch.zeros_like(hidden) if need_dh else None
+    dw32 = torch.zeros_like(weight, dtype=acc) if need_dw else None
+    db32 = torch.zeros(v, device=weight.device, dtype=acc) if need_db else None
+    stats = torch.zeros(6, n, device=hidden.device, dtype=acc)   # logp, m, log_s, q, entropy, is_max
+    loss = torch.zeros((), device=hidden.device, dtype=acc)
+    rows = _selected_rows(valid)
+    count = n if rows is None else rows.numel()
+    c = max(1, _chunk_rows(count, v) // 2)                       # two [C x V] buffers: same peak
+    logits = _LogitsChunk(weight, bias, c, temperature, softcap)
+    probs = torch.empty(c, v, device=hidden.device, dtype=acc)
+    for start in range(0, count, c):
+        idx = torch.arange(start, min(start + c, count), device=hidden.device) if rows is None else rows[start:start + c]
+        h = hidden.index_select(0, idx)
+        tgt = targets.index_select(0, idx)[:, None]
+        z = logits(h)
+        cap_grad = None if softcap is None else 1.0 - (z / softcap).square()
+        m = z.amax(dim=1)
+        z_t = z.gather(1, tgt).squeeze(1)
+        zm = z.sub_(m[:, None])                                  # z - m, in place
+        e = torch.exp(zm, out=probs[: idx.numel()])              # exp(z - m)
+        s_all = t = None
+        if with_entropy:
+            s_all, t = e.sum(dim=1), (e * zm).sum(dim=1)
+        e_t = e.gather(1, tgt)
+        s_excl = e.scatter_(1, tgt, 0.0).sum(dim=1)
+        logp, log_s, q, entropy, is_max = finish_logprob(m, s_excl, z_t, s_all, t)
+        if entropy is None:
+            entropy = torch.zeros_like(logp)
+        p = e.scatter_(1, tgt, e_t).mul_(torch.exp(-log_s)[:, None])   # softmax
+        # the head, differentiated per token: g = dL/dlogp, g_H = dL/dH
+        with torch.enable_grad():
+            lp_leaf = logp.detach().requires_grad_()
+            ent_leaf = entropy.detach().requires_grad_(with_entropy)
+            weighted = token_loss(lp_leaf, ent_leaf, idx) * token_weight.index_select(0, idx)
+            leaves = (lp_leaf, ent_leaf) if with_entropy else (lp_leaf,)
+            grads = torch.autograd.grad(weighted.sum(), leaves, allow_unused=True)
+        loss += weighted.detach().sum()
+        g = grads[0] if grads[0] is not None else torch.zeros_like(logp)
+        g_h = grads[1] if with_entropy else None
+        target_value = (g * q)[:, None]
+        if g_h is None:
+            dz = p.mul_(-g[:, None])
+        else:
+            lp_h = zm.sub_(log_s[:, None]).add_(entropy[:, None])          # log p + H, in z's buffer
+            target_value = target_value - g_h[:, None] * p.gather(1, tgt) * lp_h.gather(1, tgt)
+            dz = lp_h.mul_(g_h[:, None]).add_(g[:, None]).mul_(p).neg_()
+        dz.scatter_(1, tgt, target_value)
+        if cap_grad is not None:
+            dz.mul_(cap_grad)
+        if temperature != 1.0:
+            dz.mul_(1.0 / temperature)
+        if db32 is not None:
+            db32 += dz.sum(dim=0)
+        if dw32 is not None:
+            dw32.addmm_(dz.t(), h.to(acc))
+        if dh is not None:
+            dz_in = logits.zin[: dz.shape[0]].copy_(dz) if logits.half else dz
+            dh.index_copy_(0, idx, dz_in @ weight)
+        for k, x in enumerate((logp, m, log_s, q, entropy, is_max)):
+            stats[k].index_copy_(0, idx, x.to(acc))
+    if rows is None:  # every row was computed: rows that are not valid report 0
+        stats.mul_(valid.to(acc))
+    out = RowStats(*stats[:5], stats[5].bool())
+    grads = (dh, None if dw32 is None else dw32.to(weight.dtype), None if db32 is None else db32.to(bias.dtype))
+    return loss, out, grads

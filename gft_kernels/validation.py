@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 
 import torch
 from torch import Tensor, nn
 
-REDUCTIONS = ("mean", "sum", "none")
+from .head import KL_ESTIMATORS, REDUCTIONS, PolicyTerms
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,8 +60,8 @@ def check_options(tau, reduction, normalizer, temperature, softcap, backend, ign
         if softcap <= 0:
             raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     if normalizer is not None:
-        if reduction != "mean":
-            raise ValueError(f"normalizer only applies to reduction='mean', got reduction={reduction!r}")
+        if reduction in ("sum", "none"):
+            raise ValueError(f"normalizer applies to reduction='mean' and the 'seq-' reductions, got reduction={reduction!r}")
         if isinstance(normalizer, Tensor):
             if normalizer.numel() != 1:
                 raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
@@ -106,16 +108,69 @@ def check_tensors(hidden, weight, bias, targets, adv) -> tuple[Tensor, Tensor]:
     return targets.long(), broadcast_adv(adv, targets)
 
 
-def broadcast_adv(adv, targets: Tensor) -> Tensor:
+def check_scalar_policy_options(clip_low, clip_high, dual_clip, beta, kl, entropy_coef) -> tuple:
+    """The GRPO-family scalars; returns (clip_low, clip_high, dual_clip, beta, entropy_coef) as floats."""
+    clip_low = _real("clip_low", clip_low)
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"clip_low must be in [0, 1) (the ratio is clipped below at 1 - clip_low), got {clip_low}")
+    clip_high = clip_low if clip_high is None else _real("clip_high", clip_high, allow_inf=True)
+    if clip_high < 0:
+        raise ValueError(f"clip_high must be >= 0 (the ratio is clipped above at 1 + clip_high), got {clip_high}")
+    if dual_clip is not None:
+        dual_clip = _real("dual_clip", dual_clip)
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
+    beta = _real("beta", beta)
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if kl not in KL_ESTIMATORS:
+        raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
+    entropy_coef = _real("entropy_coef", entropy_coef)
+    return clip_low, clip_high, dual_clip, beta, entropy_coef
+
+
+def _per_token(name: str, x, targets: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a float tensor of per-token log-probs or None, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    if x.device != targets.device:
+        raise ValueError(f"{name} must be on the targets' device {targets.device}, got {x.device}")
+    return broadcast_adv(x, targets, name)
+
+
+def check_policy_terms(targets, reduction, normalizer, old_logp, clip_low, clip_high, dual_clip, ref_logp, beta, kl,
+                       entropy_coef) -> tuple[PolicyTerms, dict]:
+    """The GRPO-family options as a ``PolicyTerms`` (log-probs flat), and the per-token tensors
+    by name (for the value checks)."""
+    clip_low, clip_high, dual_clip, beta, entropy_coef = check_scalar_policy_options(
+        clip_low, clip_high, dual_clip, beta, kl, entropy_coef)
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} needs ref_logp (the reference model's per-token log-probs)")
+    if reduction.startswith("seq-") and targets.dim() < 2:
+        raise ValueError(f"reduction={reduction!r} needs targets of shape [B, T, ...] (sequences first), "
+                         f"got shape {tuple(targets.shape)}")
+    per_token = {}
+    if old_logp is not None:
+        per_token["old_logp"] = _per_token("old_logp", old_logp, targets)
+    if ref_logp is not None:
+        per_token["ref_logp"] = _per_token("ref_logp", ref_logp, targets)
+    flat = {k: v.reshape(-1) for k, v in per_token.items()}
+    terms = PolicyTerms(old_logp=flat.get("old_logp"), clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                        ref_logp=flat.get("ref_logp"), beta=beta, kl=kl, entropy_coef=entropy_coef)
+    return terms, per_token
+
+
+def broadcast_adv(adv, targets: Tensor, name: str = "adv") -> Tensor:
     """adv as a float tensor of targets' shape: a scalar, one value per sequence [B], or per token."""
     if isinstance(adv, bool) or not isinstance(adv, (Tensor, numbers.Real)):
-        raise TypeError(f"adv must be a number or a float tensor, got {type(adv).__name__}")
+        raise TypeError(f"{name} must be a number or a float tensor, got {type(adv).__name__}")
     if not isinstance(adv, Tensor):
         adv = torch.tensor(float(adv), device=targets.device)
     if not adv.dtype.is_floating_point:
-        raise TypeError(f"adv must be a floating tensor, got {adv.dtype}")
+        raise TypeError(f"{name} must be a floating tensor, got {adv.dtype}")
     if adv.device != targets.device:
-        raise ValueError(f"adv must be on the targets' device {targets.device}, got {adv.device}")
+        raise ValueError(f"{name} must be on the targets' device {targets.device}, got {adv.device}")
     if adv.dim() == 1 and targets.dim() >= 2 and adv.shape[0] == targets.shape[0]:
         # [B] for [B, T]: one advantage per sequence (this reading wins over trailing-dim broadcasting)
         adv = adv.reshape(adv.shape[0], *([1] * (targets.dim() - 1)))
@@ -123,16 +178,21 @@ def broadcast_adv(adv, targets: Tensor) -> Tensor:
         return torch.broadcast_to(adv, targets.shape)
     except RuntimeError:
         raise ValueError(
-            f"adv of shape {tuple(adv.shape)} does not broadcast to targets' shape {tuple(targets.shape)} "
+            f"{name} of shape {tuple(adv.shape)} does not broadcast to targets' shape {tuple(targets.shape)} "
             f"(expected a scalar, [B] = ({targets.shape[0] if targets.dim() else 1},), or per token)"
         ) from None
 
 
-def check_input_values(targets: Tensor, adv: Tensor, normalizer, vocab: int, ignore_index: int) -> None:
-    """Content checks, one host sync for all of them; details are computed only on failure."""
-    bad_target = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+def check_input_values(targets: Tensor, adv: Tensor, normalizer, vocab: int, ignore_index: int,
+                       per_token: dict | None = None) -> None:
+    """Content checks, one host sync for all of them; details are computed only on failure.
+    Per-token log-probs (``per_token``: name -> tensor of targets' shape) must be finite and
+    <= 0 at valid tokens (anything at ignored ones)."""
+    valid = targets != ignore_index
+    bad_target = valid & ((targets < 0) | (targets >= vocab))
     bad_adv = ~torch.isfinite(adv)
-    flags = [bad_target.any(), bad_adv.any()]
+    bad_logp = {name: valid & ~(torch.isfinite(x) & (x <= 0)) for name, x in (per_token or {}).items()}
+    flags = [bad_target.any(), bad_adv.any(), *(b.any() for b in bad_logp.values())]
     if isinstance(normalizer, Tensor):
         flags.append(~(normalizer.reshape(()) > 0))
     if not torch.stack(flags).any().item():
@@ -143,12 +203,55 @@ def check_input_values(targets: Tensor, adv: Tensor, normalizer, vocab: int, ign
     if flags[1]:
         seen = adv[bad_adv].unique()[:8].tolist()
         raise ValueError(f"adv must be finite; found {seen}")
+    for name, bad in bad_logp.items():
+        if bad.any():
+            seen = per_token[name][bad].unique()[:8].tolist()
+            raise ValueError(f"{name} must be finite log-probs (<= 0) at valid tokens; found {seen}")
     raise ValueError(f"normalizer must be > 0, got {normalizer.reshape(()).item()}")
+
+
+# What the Triton engine is built and checked for: NVIDIA GPUs of compute capability 8.0 or
+# later whose blocks can opt into the shared memory of its largest default tile (144 KiB: the
+# A100, H100, H200 and later data-centre parts; not the 99-KiB consumer cards), and Triton 3.x.
+TRITON_MIN_CAPABILITY = (8, 0)
+TRITON_MIN_SHARED_BYTES = 144 * 1024
+TRITON_MIN_VERSION = (3, 0)
+_auto_warned: set = set()
+
+
+def triton_unsupported_reason(device: torch.device) -> str | None:
+    """Why ``backend="auto"`` does not take the Triton engine on this CUDA device, or None."""
+    if getattr(torch.version, "hip", None):
+        return "ROCm GPUs are not a target the Triton engine is checked on"
+    try:
+        import triton
+    except ImportError:
+        return "the triton package is not installed"
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
+    if version < TRITON_MIN_VERSION:
+        return f"triton {triton.__version__} is older than {'.'.join(map(str, TRITON_MIN_VERSION))}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < TRITON_MIN_CAPABILITY:
+        return f"compute capability {capability[0]}.{capability[1]} is below {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}"
+    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", TRITON_MIN_SHARED_BYTES)
+    if shared < TRITON_MIN_SHARED_BYTES:
+        return f"blocks can use {shared // 1024} KiB of shared memory, the kernels' tiles need {TRITON_MIN_SHARED_BYTES // 1024}"
+    return None
 
 
 def check_backend(backend: str, hidden: Tensor) -> str:
     if backend == "auto":
-        return "triton" if hidden.is_cuda and hidden.dtype != torch.float64 else "torch"
+        if not hidden.is_cuda or hidden.dtype == torch.float64:
+            return "torch"
+        reason = triton_unsupported_reason(hidden.device)
+        if reason is None:
+            return "triton"
+        key = (str(hidden.device), reason)
+        if key not in _auto_warned:
+            _auto_warned.add(key)
+            warnings.warn(f"gft_loss(backend='auto') uses the chunked torch engine on {hidden.device}: {reason} "
+                          "(backend='triton' forces the Triton engine)", stacklevel=3)
+        return "torch"
     if backend == "triton":
         if hidden.dtype == torch.float64:
             raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs, got float64 (use backend='reference')")

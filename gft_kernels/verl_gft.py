@@ -19,9 +19,8 @@ backbone's hidden states and the lm_head weight: per-token fp32 log-probs and en
 without the vocabulary logits. ``install_fused_kernel()`` (or importing
 ``gft_kernels.verl_fused_kernel``, e.g. as ``actor_rollout_ref.model.external_lib``) puts it in
 that place. On CUDA it runs this library's Triton kernels, on a CPU the chunked engine.
-Log-probs carry gradients; the entropy is computed in the same pass but carries none: a loss
-that backpropagates a non-zero entropy gradient (``entropy_coeff != 0``) is refused in the
-backward with a clear error (verl's default ``entropy_coeff`` is 0).
+Log-probs and entropies both carry gradients (verl's ``entropy_coeff`` works), computed by
+recomputing the logits in the backward.
 """
 from __future__ import annotations
 
@@ -38,24 +37,6 @@ DEFAULT_TAU = 0.7
 
 # ---- the fused log-prob + entropy op ----------------------------------------------------------
 
-class _EntropyNoGrad(torch.autograd.Function):
-    """The entropy as a graph node whose gradient must be zero (the engines have no entropy
-    backward): a silent zero would train a different loss than the one written."""
-
-    @staticmethod
-    def forward(ctx, entropy, anchor):
-        return entropy.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        if grad is not None and bool((grad != 0).any()):
-            raise NotImplementedError(
-                "gft_kernels' fused op computes the entropy without a gradient; a loss with a "
-                "non-zero entropy term (verl: actor.entropy_coeff != 0) cannot be trained through it. "
-                "Set entropy_coeff=0 (verl's default) or use verl's own fused kernel")
-        return None, None
-
-
 def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
                            reduction: str = "none", dist_process_group=None, *, backend: str = "auto",
                            bias: Tensor | None = None):
@@ -63,8 +44,8 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempe
 
     verl's ``linear_cross_entropy`` signature: ``hidden [..., H]``, ``weight [V, H]``, ``labels [...]``
     (every id valid), ``temperature`` a float, ``reduction`` ``"none"``. Both outputs are fp32 in
-    the shape of ``labels``. ``dist_process_group`` (a vocabulary split across ranks) is not
-    supported.
+    the shape of ``labels``, and both carry gradients. ``dist_process_group`` (a vocabulary split
+    across ranks) is not supported.
     """
     if dist_process_group is not None:
         raise NotImplementedError("linear_logprob_entropy: a vocabulary split across ranks "
@@ -97,14 +78,12 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempe
             logp = (hidden2d.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
             entropy = logp.detach()
         elif backend == "reference":
-            logp, entropy = reference.reference_logprobs(hidden2d, weight, bias, targets, valid, temperature, None)
+            logp, entropy, _ = reference.reference_logprobs(hidden2d, weight, bias, targets, valid, temperature,
+                                                            None)
         else:
-            logp, entropy = fused_logprobs(_engine(backend), hidden2d, weight, bias, targets, valid,
-                                           temperature, None, True)
-    entropy = entropy.detach().float()
-    if logp.requires_grad:
-        entropy = _EntropyNoGrad.apply(entropy, logp)
-    return logp.float().reshape(shape), entropy.reshape(shape)
+            logp, entropy, _ = fused_logprobs(_engine(backend), hidden2d, weight, bias, targets, valid,
+                                              temperature, None, True)
+    return logp.float().reshape(shape), entropy.float().reshape(shape)
 
 
 def install_fused_kernel():

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import yaml
 
+# How the per-token losses of a global batch are combined (verl's names): the mean over all
+# tokens (DAPO); the mean over sequences of each one's token mean (GRPO) or token sum; the token
+# sum over sequences x max_length (Dr. GRPO's constant normalizer).
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
 # method -> (n_expert, n_teacher, n_self, tau, advantage from the group?) ; the paper's baselines
 # are settings of the same loss (SPEC.md): SFT tau = 0, A = 1; DFT tau > 1, A = 1; GRPO tau = 0
 # on self-samples only.
@@ -51,6 +56,8 @@ class Config:
     vllm_memory: float = 0.3         # vLLM gpu_memory_utilization (on CPU: share of RAM)
     # optimization
     tau: float | None = None         # DCR threshold; None: the method's preset (gft: 0.7)
+    loss_aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    entropy_coef: float = 0.0        # entropy bonus: loss_t -= entropy_coef * H_t
     lr: float = 1e-5
     lr_scheduler: str = "cosine"     # any transformers scheduler name
     warmup_steps: int = 0
@@ -88,6 +95,8 @@ class Config:
                              f"teacher={cfg.n_teacher} self={cfg.n_self}")
         if cfg.tau < 0:
             raise ValueError(f"tau must be >= 0, got {cfg.tau}")
+        if cfg.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {cfg.loss_aggregation!r}")
         if cfg.engine not in ("auto", "vllm", "transformers"):
             raise ValueError(f"engine must be auto, vllm or transformers, got {cfg.engine!r}")
         for name in ("max_steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "eval_n"):

@@ -34,6 +34,11 @@ class Batch:
     def n_valid(self) -> int:
         return int((self.labels[:, 1:] != -100).sum())
 
+    @property
+    def n_seqs(self) -> int:
+        """Sequences with at least one token that counts."""
+        return int((self.labels[:, 1:] != -100).any(dim=1).sum())
+
 
 def encode(tokenizer, items: list[tuple[str, str, float]], max_length: int) -> Batch:
     """(prompt, response, advantage) triples -> a right-padded batch; prompt tokens are masked."""

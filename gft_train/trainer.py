@@ -41,15 +41,26 @@ class GFTPolicy(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, adv, tau, normalizer):
+    def forward(self, input_ids, attention_mask, labels, adv, tau, normalizer, reduction="mean", entropy_coef=0.0):
         loss, stats = causal_lm_gft_loss(self.model, input_ids, attention_mask, labels, adv, tau,
-                                         normalizer=normalizer, return_stats=True)
+                                         normalizer=normalizer, reduction=reduction, return_stats=True,
+                                         loss_options=dict(entropy_coef=entropy_coef))
         valid = (labels[:, 1:] != -100).float()
         sums = torch.stack([
             stats.rectified_frac * stats.n_valid, stats.mean_prob * stats.n_valid,
-            (stats.entropy * valid).sum(), stats.n_valid.float(),
+            (stats.entropy * valid).sum(), stats.n_valid.float(), stats.accuracy * stats.n_valid,
         ]).detach()
         return loss, sums
+
+
+def aggregation(name: str, n_tokens: float, n_seqs: float, max_length: int) -> tuple[str, float]:
+    """(gft_loss reduction, normalizer) of a trainer loss aggregation, given the global batch's
+    valid tokens and sequences per process (DDP averages gradients over processes)."""
+    if name == "token-mean":
+        return "mean", max(n_tokens, 1e-9)
+    if name == "seq-mean-token-sum-norm":
+        return "mean", max(n_seqs, 1e-9) * max_length
+    return name, max(n_seqs, 1e-9)
 
 
 def _order(n: int, position: int, seed: int) -> int:
@@ -216,19 +227,22 @@ class Trainer:
         mine = seqs[acc.process_index::acc.num_processes]
         batches = [encode(self.tokenizer, mine[i:i + cfg.micro_batch_size], cfg.max_length)
                    for i in range(0, len(mine), cfg.micro_batch_size)]
-        n_local = torch.tensor(float(sum(b.n_valid for b in batches)), device=acc.device)
-        n_global = acc.reduce(n_local, reduction="sum")
-        # DDP averages gradients over processes: normalize by the global count / processes
-        normalizer = (n_global / acc.num_processes).clamp_min(1e-9)
+        counts = torch.tensor([float(sum(b.n_valid for b in batches)), float(sum(b.n_seqs for b in batches))],
+                              device=acc.device)
+        counts = acc.reduce(counts, reduction="sum")
+        n_global = counts[0]
+        # DDP averages gradients over processes: normalize by the global counts / processes
+        reduction, normalizer = aggregation(cfg.loss_aggregation, counts[0].item() / acc.num_processes,
+                                            counts[1].item() / acc.num_processes, cfg.max_length)
         loss_sum = torch.zeros((), device=acc.device)
-        sums = torch.zeros(4, device=acc.device)
+        sums = torch.zeros(5, device=acc.device)
         for i, batch in enumerate(batches):
             batch = batch.to(acc.device)
             sync = i == len(batches) - 1
             ctx = acc.no_sync(self.policy) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
                 loss, s = self.policy(batch.input_ids, batch.attention_mask, batch.labels, batch.adv,
-                                      cfg.tau, normalizer)
+                                      cfg.tau, normalizer, reduction, cfg.entropy_coef)
             acc.backward(loss)
             loss_sum += loss.detach()
             sums += s
@@ -246,6 +260,7 @@ class Trainer:
         return {
             "loss": loss_all.item(), "dcr/rectified_frac": (sums[0] / count).item(),
             "dcr/mean_target_prob": (sums[1] / count).item(), "entropy": (sums[2] / count).item(),
+            "mean_token_accuracy": (sums[4] / count).item(),
             "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
             "tokens": int(n_global.item()),
         }

@@ -91,9 +91,9 @@ def _error_scales(case: Case, tau, reduction, kwargs) -> dict:
     dbias: sum of |dz|; where dz = dL/d(h W^T + b). A result that cancels to nearly zero is
     judged against the size of what was summed, not against its own tiny value.
     """
-    from gft_kernels.head import dcr_coefficient, gft_head
-    from gft_kernels.validation import broadcast_adv
     import torch.nn.functional as F
+
+    from truth import _per_token
 
     h = case.hidden.reshape(-1, case.hidden.shape[-1])
     t = case.targets.reshape(-1)
@@ -104,12 +104,19 @@ def _error_scales(case: Case, tau, reduction, kwargs) -> dict:
         z = kwargs["softcap"] * torch.tanh(z / kwargs["softcap"])
     logp = z.log_softmax(-1).gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
-    adv = broadcast_adv(case.adv, case.targets).reshape(-1)  # the API's own rule ([B] per sequence)
+    adv = _per_token(case.adv, case.targets).reshape(-1)  # [B] per sequence (tests/truth.py's own rule)
     # per-token |A| C max(|logp|, 1 nat): as for logp itself, an absolute error e in logp is a
     # relative error e in p, so a confident token's tiny -logp is not the scale of its rounding
-    coef = dcr_coefficient(logp.detach(), tau)
+    p = logp.detach().exp()
+    coef = torch.where(p >= tau, torch.ones_like(p), p)
     terms = torch.where(valid, adv.abs() * coef * logp.detach().abs().clamp_min(1.0), torch.zeros_like(coef))
-    loss = gft_head(logp, valid, adv, tau, reduction, kwargs.get("normalizer"))
+    loss_t = torch.where(valid, -adv * coef * logp, torch.zeros_like(logp))
+    if reduction == "none":
+        loss = loss_t
+    elif reduction == "sum":
+        loss = loss_t.sum()
+    else:
+        loss = loss_t.sum() / (kwargs.get("normalizer") or valid.sum().clamp_min(1))
     if reduction == "none":
         objective = (loss * _upstream(case.targets.shape).to(loss.device).reshape(-1)).sum()
         loss_scale = terms.norm()

@@ -119,7 +119,7 @@ def test_split_design_matches_the_atomic_design(dtype, need, active, sweeps, mon
     bias = torch.randn(v, generator=gen).to(DEVICE, dtype)
     targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
     valid = torch.ones(n, dtype=torch.bool, device=DEVICE)
-    _, m, log_s, q, _ = launch.forward(hidden, weight, bias, targets, valid, 0.9, 20.0, False)
+    _, m, log_s, q, *_ = launch.forward(hidden, weight, bias, targets, valid, 0.9, 20.0, False)
     g = torch.randn(n, generator=gen).to(DEVICE)
     if active == "some":
         g[::4] = 0.0
@@ -176,7 +176,7 @@ def test_rows_with_zero_coefficient_are_skipped(engine):
     bias = torch.randn(v, device=DEVICE)
     targets = torch.randint(0, v, (n,), device=DEVICE)
     valid = torch.ones(n, dtype=torch.bool, device=DEVICE)
-    _, m, log_s, q, _ = mod.forward(hidden, weight, bias, targets, valid, 1.0, None, False)
+    _, m, log_s, q, *_ = mod.forward(hidden, weight, bias, targets, valid, 1.0, None, False)
     g = torch.randn(n, device=DEVICE)
     skipped = torch.zeros(n, dtype=torch.bool, device=DEVICE)
     skipped[::3] = True

@@ -142,3 +142,38 @@ def test_causal_lm_helper_equals_gft_on_the_model_logits(tmp_path):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
     assert batch.labels[0, :5].eq(-100).all()   # prompt tokens are masked
     assert isinstance(gft_kernels.GFTLoss(), torch.nn.Module)
+
+
+@pytest.mark.parametrize("name", config_mod.LOSS_AGGREGATIONS)
+def test_trainer_loss_aggregations_on_the_model_logits(tmp_path, name):
+    """Each trainer aggregation equals its definition computed from the model's own logits, with
+    the global counts the trainer passes (one process here)."""
+    from gft_train.demo.model import build_model
+    from gft_train.lm import encode
+    from gft_train.trainer import GFTPolicy, aggregation, load_model
+
+    model, tok = load_model(str(build_model(tmp_path / "m")))
+    batch = encode(tok, [("12+7=", "19", 1.5), ("3+4=", "8", -0.7), ("20+20=", "40", 0.3)], 16)
+    reduction, normalizer = aggregation(name, batch.n_valid, batch.n_seqs, 16)
+    loss, sums = GFTPolicy(model)(batch.input_ids, batch.attention_mask, batch.labels, batch.adv, 0.7, normalizer,
+                                  reduction, 0.01)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    targets = batch.labels[:, 1:]
+    log_probs = logits.log_softmax(-1)
+    logp = log_probs.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    p = logp.detach().exp()
+    valid = targets != -100
+    per_tok = torch.where(valid, -batch.adv[:, None] * torch.where(p < 0.7, p, 1.0) * logp - 0.01 * entropy, 0.0)
+    seq_sum, seq_n = per_tok.sum(1), valid.sum(1)
+    want = {"token-mean": per_tok.sum() / valid.sum(),
+            "seq-mean-token-mean": (seq_sum / seq_n).mean(),
+            "seq-mean-token-sum": seq_sum.mean(),
+            "seq-mean-token-sum-norm": per_tok.sum() / (3 * 16)}[name]
+    torch.testing.assert_close(loss, want)
+    assert 0.0 <= float(sums[4] / sums[3]) <= 1.0   # token accuracy
+
+
+def test_unknown_loss_aggregation_is_refused():
+    with pytest.raises(ValueError, match="loss_aggregation must be one of"):
+        config_mod.Config(model="m", train_file="t", loss_aggregation="mean").resolved()

@@ -1,5 +1,7 @@
 """Bad input gets a ValueError/TypeError naming the argument and the value seen, before any
 kernel runs; nothing the caller passed is modified."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -139,3 +141,34 @@ def test_normalizer_replaces_the_local_count():
     mt = gft_kernels.gft_loss(hidden, weight, targets, adv, normalizer=torch.tensor(37), backend="torch")
     torch.testing.assert_close(m, s / 37)
     torch.testing.assert_close(mt, s / 37)
+
+
+class _FakeCudaTensor:
+    """Stands in for a CUDA tensor in check_backend (no GPU here)."""
+
+    is_cuda = True
+    dtype = torch.bfloat16
+    device = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("capability,shared,expect", [
+    ((9, 0), 227 * 1024, "triton"),          # H100 / H200
+    ((8, 0), 163 * 1024, "triton"),          # A100
+    ((8, 9), 99 * 1024, "torch"),            # a consumer card: too little shared memory
+    ((7, 0), 96 * 1024, "torch"),            # V100: no bf16 tensor cores
+])
+def test_auto_takes_triton_only_on_hardware_it_is_checked_for(capability, shared, expect, monkeypatch):
+    from gft_kernels import validation
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("P", (), {"shared_memory_per_block_optin": shared})())
+    monkeypatch.setattr(validation, "_auto_warned", set())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert validation.check_backend("auto", _FakeCudaTensor()) == expect
+        assert validation.check_backend("auto", _FakeCudaTensor()) == expect
+    says_why = [w for w in seen if "uses the chunked torch engine" in str(w.message)]
+    assert len(says_why) == (1 if expect == "torch" else 0)  # once, naming the reason
+    if says_why:
+        assert "capability" in str(says_why[0].message) or "shared memory" in str(says_why[0].message)

@@ -14,6 +14,7 @@ nothing) and vocabulary columns:
     z       = softcap((h W^T + b) / T)                  recomputed, fp32
     dL/dz   = g * (onehot(y) - exp((z - m) - log_s))    per SPEC.md (lse = m + log_s); at the target column
                                                         g * q, with q = 1 - p from the forward
+    dL/dz  += -g_H * p * (log p + H)                    with an entropy term (g_H = dL/dH per row)
     dz      = dL/dz * softcap'(.) / T                   gradient w.r.t. the raw logits h W^T + b
     dH[r]  += dz @ W[cols]        (COMPUTE_DH)
     dW[c]  += dz^T @ h[rows]      (COMPUTE_DW)
@@ -36,7 +37,7 @@ from .common import dlogits_tile, logits_tile
 @triton.jit(do_not_specialize=["pos_begin", "n_pos", "col_begin", "n_cols"])
 def gft_backward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, order_ptr, n_active_ptr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, ge_ptr, ent_ptr, order_ptr, n_active_ptr,
     dh_ptr, dw_ptr, db_ptr,
     # sizes and strides
     V, H, stride_hn, stride_wv,
@@ -44,7 +45,7 @@ def gft_backward_kernel(
     # scalars
     inv_temp, softcap,
     # features and tiles
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
     COMPUTE_DH: tl.constexpr, DH_BY_ROW: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -75,6 +76,8 @@ def gft_backward_kernel(
     log_s = tl.load(log_s_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     q = tl.load(q_ptr + rows, mask=row_mask, other=0.0)
+    ge = tl.load(ge_ptr + rows, mask=row_mask & HAS_ENT_GRAD, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=row_mask & HAS_ENT_GRAD, other=0.0)
 
     local_col = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)      # column index within this chunk
     cols = (col_begin + local_col).to(tl.int64)
@@ -85,7 +88,7 @@ def gft_backward_kernel(
         BLOCK_M, BLOCK_V, BLOCK_K,
     )
     mask = row_mask[:, None] & col_mask[None, :]
-    dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, inv_temp, softcap, HAS_SOFTCAP)
+    dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, ge, ent, inv_temp, softcap, HAS_SOFTCAP, HAS_ENT_GRAD)
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     if UPCAST:
@@ -130,13 +133,13 @@ def gft_backward_kernel(
 @triton.jit(do_not_specialize=["n_pos", "col_begin", "n_cols"])
 def gft_dlogits_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, order_ptr, dz_ptr, db_ptr,
+    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, ge_ptr, ent_ptr, order_ptr, dz_ptr, db_ptr,
     # sizes and strides
     V, H, stride_hn, stride_wv, stride_dz, n_pos, col_begin, n_cols,
     # scalars
     inv_temp, softcap,
     # features and tiles
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, COMPUTE_DB: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -153,6 +156,8 @@ def gft_dlogits_kernel(
     log_s = tl.load(log_s_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     q = tl.load(q_ptr + rows, mask=row_mask, other=0.0)
+    ge = tl.load(ge_ptr + rows, mask=row_mask & HAS_ENT_GRAD, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=row_mask & HAS_ENT_GRAD, other=0.0)
     local_col = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = (col_begin + local_col).to(tl.int64)
     col_mask = (local_col < n_cols) & (cols < V)
@@ -162,7 +167,7 @@ def gft_dlogits_kernel(
         BLOCK_M, BLOCK_V, BLOCK_K,
     )
     mask = row_mask[:, None] & col_mask[None, :]
-    dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, inv_temp, softcap, HAS_SOFTCAP)
+    dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, ge, ent, inv_temp, softcap, HAS_SOFTCAP, HAS_ENT_GRAD)
     if COMPUTE_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     out = dz_ptr + pos.to(tl.int64)[:, None] * stride_dz + local_col[None, :]

@@ -39,14 +39,20 @@ def logits_tile(
 
 
 @triton.jit
-def dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
+def dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, ge, ent, inv_temp, softcap,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr):
     """dL/d(h W^T + b) of a recomputed tile, fp32, 0 outside ``mask`` (see backward.py).
 
     ``p = exp((z - m) - log_s)`` from the forward's two-part log-sum-exp; at the target column
     ``1 - p`` is the forward's exact ``q`` (``1 - exp(.)`` would cancel for confident tokens).
+    With an entropy term (``ge = dL/dH`` per row, ``ent = H``), each column also gets
+    ``ge * dH/dz_j = -ge p_j (log p_j + H)``.
     """
-    p = tl.where(mask, tl.exp((z - m[:, None]) - log_s[:, None]), 0.0)
+    log_p = tl.minimum((z - m[:, None]) - log_s[:, None], 0.0)
+    p = tl.where(mask, tl.exp(log_p), 0.0)
     dz = g[:, None] * tl.where(cols[None, :] == tgt[:, None], q[:, None], -p)
+    if HAS_ENT_GRAD:
+        dz -= ge[:, None] * p * (log_p + ent[:, None])
     if HAS_SOFTCAP:
         cap = z / softcap
         dz = dz * (1.0 - cap * cap)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..fused import finish_logprob
+from ..fused import RowStats, finish_logprob
 from .backward import gft_backward_kernel, gft_dlogits_kernel
 from .forward import gft_forward_kernel
 
@@ -199,15 +199,15 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
     if with_entropy:
         s_all = (part[3] * scale).sum(dim=0)
         t = (scale * (part[4] + (part[0] - m) * part[3])).sum(dim=0)
-    logp, log_s, q, entropy = finish_logprob(m, s_excl, z_t, s_all, t)
+    logp, log_s, q, entropy, is_max = finish_logprob(m, s_excl, z_t, s_all, t)
     live = torch.arange(n, device=hidden.device) < n_active
     out = []
-    for x in (logp, m, log_s, q, entropy):
-        row_x = torch.zeros_like(m)
+    for x in (logp, m, log_s, q, entropy, is_max):
+        row_x = torch.zeros_like(m, dtype=torch.bool if x is is_max else m.dtype)
         if x is not None:
             row_x[order] = torch.where(live, x, torch.zeros_like(x))
         out.append(row_x)
-    return tuple(out)  # logp, m, log_s, q, entropy
+    return RowStats(*out)
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ def _addmm_fp32(acc, a, b):
 
 
 def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_active, plan: SplitPlan,
-                    temperature, softcap, need_dh, need_dw, need_db):
+                    temperature, softcap, need_dh, need_dw, need_db, entropy, g_entropy):
     n, h_dim = hidden.shape
     v = weight.shape[0]
     # a forward-like tile: one product, then a store
@@ -337,11 +337,13 @@ def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_acti
         n_rows, nc = dz.shape
         grid = (triton.cdiv(n_rows, cfg.block_m), triton.cdiv(nc, cfg.block_v))
         gft_dlogits_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g, rows, dz,
+            hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g,
+            g_entropy if g_entropy is not None else q, entropy if entropy is not None else q, rows, dz,
             db32 if do_db else q,
             v, h_dim, hidden.stride(0), weight.stride(0), nc, n_rows, c0, nc,
             1.0 / temperature, float(softcap) if softcap is not None else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, COMPUTE_DB=do_db,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENT_GRAD=g_entropy is not None,
+            COMPUTE_DB=do_db,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
         )
@@ -398,11 +400,11 @@ def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_acti
 
 
 def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db,
-             scratch_fraction=None, design=None):
+             scratch_fraction=None, design=None, *, entropy=None, g_entropy=None):
     n, h_dim = hidden.shape
     v = weight.shape[0]
     _, cfg = tiles(hidden.device, weight.dtype)
-    order, n_active = _active_order(g != 0)
+    order, n_active = _active_order(g != 0 if g_entropy is None else (g != 0) | (g_entropy != 0))
     if (design or BACKWARD_DESIGN) == "split" and (need_dh or need_dw):
         # One host sync: the products are sized to the active rows, so ignored and
         # zero-advantage tokens cost nothing.
@@ -410,7 +412,7 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
         split = plan_split(n, n_act, v, h_dim, weight.dtype, need_dh, need_dw, cols=SPLIT_COLS)
         if split is not None:
             return _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_act, split,
-                                   temperature, softcap, need_dh, need_dw, need_db)
+                                   temperature, softcap, need_dh, need_dw, need_db, entropy, g_entropy)
     plan = plan_backward(n, v, h_dim, weight.dtype, need_dh, need_dw, cfg, scratch_fraction)
     direct = weight.dtype == torch.float32  # accumulate straight into the fp32 gradients
 
@@ -422,13 +424,14 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
         grid = (triton.cdiv(n_pos, cfg.block_m) * triton.cdiv(n_cols, cfg.block_v),)
         dummy = q
         gft_backward_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g, order, n_active,
+            hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g,
+            g_entropy if g_entropy is not None else q, entropy if entropy is not None else q, order, n_active,
             dh_acc if dh_acc is not None else dummy, dw_acc if dw_acc is not None else dummy,
             db32 if do_db else dummy,
             v, h_dim, hidden.stride(0), weight.stride(0),
             pos_begin, n_pos, col_begin, n_cols,
             1.0 / temperature, float(softcap) if softcap is not None else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENT_GRAD=g_entropy is not None,
             COMPUTE_DH=dh_acc is not None, DH_BY_ROW=dh_by_row, COMPUTE_DW=dw_acc is not None,
             COMPUTE_DB=do_db,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
