@@ -359,7 +359,8 @@ def check_model(model, *, force: bool = False) -> LogitsTransform:
 
 def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *, normalizer=None,
                        reduction="mean", return_stats=False, backend="auto", ignore_index=-100,
-                       shift_labels=None, check=True, loss_options: dict | None = None, **forward_kwargs):
+                       shift_labels=None, check=True, temperature=1.0, loss_options: dict | None = None,
+                       **forward_kwargs):
     """GFT loss of a transformers causal LM on a batch, through the fused op.
 
     Runs the model's forward up to its output head, shifts the head's input against ``labels``
@@ -370,7 +371,10 @@ def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *
 
     The first call probes the model (``check_model``; ``check=False`` skips it and trusts the
     table). Under autocast the head's product runs in the autocast dtype, as ``nn.Linear``'s
-    would. ``loss_options`` go to ``gft_loss`` (e.g. ``old_logp``, ``ref_logp``, ``beta``,
+    would. ``temperature`` divides the model's final logits (after its own scale and softcap),
+    as samplers and RL trainers (TRL, verl) score their samples: ``cap_c(scale * z) / T`` equals
+    ``cap_{c/T}(z * scale / T)``, so the op's own temperature and softcap carry it exactly.
+    ``loss_options`` go to ``gft_loss`` (e.g. ``old_logp``, ``ref_logp``, ``beta``,
     ``entropy_coef``); extra keyword arguments go to the model's forward.
     """
     spec = check_model(model) if check else logits_transform(model)
@@ -388,8 +392,10 @@ def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *
     if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         x = x.to(weight.dtype)        # as models that cast before the head (Mamba, xLSTM) do
     return gft_loss(x, weight, targets, adv, tau, bias=bias, normalizer=normalizer, reduction=reduction,
-                    temperature=1.0 / spec.scale, softcap=spec.softcap, backend=backend,
-                    ignore_index=ignore_index, return_stats=return_stats, check_values=False, **(loss_options or {}))
+                    temperature=temperature / spec.scale,
+                    softcap=None if spec.softcap is None else spec.softcap / temperature, backend=backend,
+                    ignore_index=ignore_index, return_stats=return_stats, check_values=False,
+                    **(loss_options or {}))
 
 
 # ---- patching --------------------------------------------------------------------------------
