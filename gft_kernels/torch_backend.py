@@ -173,9 +173,10 @@ def loss_and_grads(hidden, weight, bias, targets, valid, temperature, softcap, w
     loss = torch.zeros((), device=hidden.device, dtype=acc)
     rows = _selected_rows(valid)
     count = n if rows is None else rows.numel()
-    c = max(1, _chunk_rows(count, v) // 2)                       # two [C x V] buffers: same peak
+    c = _chunk_rows(count, v)  # as the forward: the same chunks give bit-identical log-probs
     logits = _LogitsChunk(weight, bias, c, temperature, softcap)
-    probs = torch.empty(c, v, device=hidden.device, dtype=acc)
+    # a second [C x V] buffer only with entropy (its value and gradient need z - m beside exp(z - m))
+    probs = torch.empty(c, v, device=hidden.device, dtype=acc) if with_entropy else None
     for start in range(0, count, c):
         idx = torch.arange(start, min(start + c, count), device=hidden.device) if rows is None else rows[start:start + c]
         h = hidden.index_select(0, idx)
@@ -185,7 +186,7 @@ def loss_and_grads(hidden, weight, bias, targets, valid, temperature, softcap, w
         m = z.amax(dim=1)
         z_t = z.gather(1, tgt).squeeze(1)
         zm = z.sub_(m[:, None])                                  # z - m, in place
-        e = torch.exp(zm, out=probs[: idx.numel()])              # exp(z - m)
+        e = torch.exp(zm, out=probs[: idx.numel()]) if with_entropy else zm.exp_()   # exp(z - m)
         s_all = t = None
         if with_entropy:
             s_all, t = e.sum(dim=1), (e * zm).sum(dim=1)
