@@ -67,10 +67,10 @@ class Config:
     vllm_memory: float = _opt(0.3, "vLLM gpu_memory_utilization (on a CPU: its share of RAM)")
     # optimization
     tau: float | None = _opt(None, "DCR threshold: C = p below tau, 1 at or above; None: the method's preset "
-    loss_aggregation: str = _opt("token-mean", "how the global batch's per-token losses combine: token-mean | "
-                                 "seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm (LOSS_AGGREGATIONS)")
-    entropy_coef: float = _opt(0.0, "entropy bonus: loss_t -= entropy_coef * H_t")
                                    "(gft 0.7, sft/grpo 0, dft inf)")
+    loss_aggregation: str = _opt("token-mean", "how the global batch's per-token losses combine: token-mean | "
+                                 "seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
+    entropy_coef: float = _opt(0.0, "entropy bonus: loss_t -= entropy_coef * H_t")
     lr: float = _opt(1e-5, "peak learning rate (AdamW)")
     lr_scheduler: str = _opt("cosine", "any transformers scheduler name (cosine, linear, constant, ...)")
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
