@@ -223,7 +223,8 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def train_step(self, groups) -> dict:
         cfg, acc = self.cfg, self.acc
-        seqs = [(g.prompt, r.text, r.advantage) for g in groups for r in g.responses]
+        # self-samples as the token ids the engine sampled; expert and teacher texts tokenized
+        seqs = [(g.prompt, r.train_input, r.advantage) for g in groups for r in g.responses]
         mine = seqs[acc.process_index::acc.num_processes]
         batches = [encode(self.tokenizer, mine[i:i + cfg.micro_batch_size], cfg.max_length)
                    for i in range(0, len(mine), cfg.micro_batch_size)]
