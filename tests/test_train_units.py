@@ -400,3 +400,37 @@ def test_cli_demo_and_study_share_one_evaluation_function(tmp_path, monkeypatch,
     assert ["id", "ood", "sub"] in callers and ["id"] in callers         # the study
     assert callers.count(["in-distribution", "harder (OOD)"]) == 2       # the demo: base and GFT
     assert {c[2] for c in calls} == {0.5}
+
+
+def test_kl_to_base_both_ways(tmp_path):
+    """KL(model || base) on expert answers and KL(base || model) on the base's own samples: 0 for
+    the base itself, positive and different for a moved model; the latter equals its definition
+    on the base's sampled ids."""
+    import copy
+
+    from gft_train.data import PromptRow
+    from gft_train.demo.model import build_model
+    from gft_train.evaluate import kl_base_to_model, kl_to_base
+    from gft_train.lm import encode
+    from gft_train.rollout import TransformersEngine
+    from gft_train.trainer import load_model
+
+    base, tok = load_model(str(build_model(tmp_path / "m")))
+    rows = [PromptRow("12+7=", "19", "19"), PromptRow("3+4=", "7", "7")]
+    assert kl_to_base(base, base, tok, rows) == 0.0
+    assert abs(kl_base_to_model(base, base, tok, rows, n=2, max_new_tokens=4)) < 1e-6
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    forward = kl_to_base(model, base, tok, rows)
+    backward = kl_base_to_model(model, base, tok, rows, n=2, max_new_tokens=4, seed=3)
+    assert forward > 0 and backward > 0 and forward != backward
+    samples = TransformersEngine(base, tok, max_new_tokens=4, temperature=1.0).sample([r.prompt for r in rows], 2, seed=3)
+    batch = encode(tok, [(r.prompt, s.token_ids, 1.0) for r, ss in zip(rows, samples) for s in ss], 64)
+    with torch.no_grad():
+        lb = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].log_softmax(-1)
+        lm = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].log_softmax(-1)
+    mask = batch.labels[:, 1:] != -100
+    want = (lb.exp() * (lb - lm)).sum(-1)[mask].mean().item()
+    assert math.isclose(backward, want, rel_tol=1e-5)
