@@ -51,23 +51,11 @@ def _cmd_train(cfg):
 
 
 def _cmd_eval(cfg, base_model: str | None):
-    from .data import load_rows
-    from .evaluate import accuracy, kl_to_base
-    from .rewards import load_reward
-    from .rollout import make_engine
-    from .trainer import load_model
+    from .evaluate import evaluate_model
 
     cfg = cfg.resolved()
-    rows = load_rows(cfg.eval_file)
-    if cfg.eval_max_prompts:
-        rows = rows[: cfg.eval_max_prompts]
-    model, tokenizer = load_model(cfg.model)
-    eval_cfg = config_mod.Config(**{**cfg.__dict__, "temperature": cfg.eval_temperature})
-    engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=cfg.model, cfg=eval_cfg)
-    out = accuracy(engine, rows, load_reward(cfg.reward), cfg.eval_n, cfg.eval_k, seed=cfg.seed)
-    if base_model:
-        base, _ = load_model(base_model)
-        out["kl_to_base"] = kl_to_base(model, base, tokenizer, rows, cfg.max_length)
+    result = evaluate_model(cfg.model, {"eval": cfg.eval_file}, cfg, base_dir=base_model or None)
+    out = {**result.pop("eval"), **result}
     print(json.dumps(out, indent=1))
     return out
 
@@ -87,8 +75,8 @@ def main(argv=None) -> None:
         p = sub.add_parser(name, help=help_, description=help_ + ".")
         config_mod.add_arguments(p)
         if name == "eval":
-            p.add_argument("--base-model", help="also report KL(model || base) on the held-out responses "
-                                                "(default: none)")
+            p.add_argument("--base-model", help="also report KL(model || base) on the held-out expert answers "
+                                                "and KL(base || model) on the base's own samples (default: none)")
     args = parser.parse_args(argv or ["demo"])
     if args.command in (None, "demo"):
         from .demo.run import run_demo

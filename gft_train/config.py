@@ -45,7 +45,8 @@ class Config:
     # what to train
     method: str = _opt("gft", "gft | sft | dft | grpo: the loss and group preset (METHODS in gft_train/config.py)")
     dcr: bool = _opt(True, "Dynamic Coefficient Rectification; --no-dcr sets tau = 0 (the ablation 'GFT without DCR')")
-    gal: bool = _opt(True, "Group Advantage Learning; --no-gal gives A = 1 to every response ('GFT without GAL')")
+    gal: bool = _opt(True, "Group Advantage Learning; --no-gal is the paper's 'GFT w/o GAL': no group, the "
+                     "expert demonstrations alone with A = 1 and DCR (teachers only if --n-teacher is given; no self-samples)")
     model: str = _opt("", "the transformers causal LM to train, a directory on disk (required for train)")
     train_file: str = _opt("", "JSONL or Parquet rows with prompt, answer, expert[, teachers]")
     eval_file: str = _opt("", "held-out rows (same format) for gft-train eval")
@@ -58,12 +59,15 @@ class Config:
     reward: str = _opt("math", "'math' (math-verify against the row's answer) or 'package.module:function'")
     adv_eps: float = _opt(1e-6, "eps of the group advantage A = (R - mean) / (sample std + eps), as the authors' code")
     groups_file: str = _opt("", "offline groups: written by build-groups, trained on by train")
-    refresh_every: int = _opt(0, "online: rebuild groups with the current weights every N steps (0: never)")
+    refresh_every: int | None = _opt(None, "online groups: rebuild them from the next prompts with the current weights "
+                                     "every N steps (0: offline, built once); None: 1 (every step, as the authors' "
+                                     "trainer) for a mix with self-samples and no groups_file, else 0")
     # rollout
     engine: str = _opt("auto", "rollout engine: auto (vLLM if installed) | vllm | transformers")
     max_new_tokens: int = _opt(256, "tokens per generated response")
     temperature: float = _opt(1.0, "sampling temperature of the self-samples")
     top_p: float = _opt(1.0, "nucleus sampling of the self-samples")
+    rollout_batch_size: int = _opt(64, "transformers engine: sequences per generate call")
     vllm_memory: float = _opt(0.3, "vLLM gpu_memory_utilization (on a CPU: its share of RAM)")
     # optimization
     tau: float | None = _opt(None, "DCR threshold: C = p below tau, 1 at or above; None: the method's preset "
@@ -89,13 +93,23 @@ class Config:
     eval_n: int = _opt(4, "samples per held-out prompt (mean pass@1 and pass@k)")
     eval_k: list[int] = _opt([1, 4], "the k of pass@k, as '1 4' or '1,4'")
     eval_max_prompts: int = _opt(0, "held-out prompts to evaluate (0: all)")
-    eval_temperature: float = _opt(1.0, "sampling temperature at evaluation")
+    eval_temperature: float = _opt(0.5, "sampling temperature at evaluation (the paper's 0.5)")
+    eval_greedy: bool = _opt(True, "also report greedy pass@1 (one greedy completion per prompt)")
+    eval_kl_samples: int = _opt(1, "samples of the base model per prompt for KL(base || model) (with a base model)")
 
     def resolved(self) -> "Config":
         """A copy with the method's preset filled in and everything checked."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         n_expert, n_teacher, n_self, tau, _ = METHODS[self.method]
+        if not self.gal:
+            # the paper's ablation without GAL: no group to standardize rewards in, so the
+            # demonstrations alone, A = 1, with DCR (removing DCR too gives SFT)
+            n_teacher, n_self = 0, 0
+            n_expert = n_expert or 1
+            if self.n_self:
+                raise ValueError(f"--no-gal trains on demonstrations only (A = 1 needs no reward): n_self must be 0, "
+                                 f"got {self.n_self}; self-samples need group advantages")
         cfg = dataclasses.replace(
             self,
             n_expert=n_expert if self.n_expert is None else self.n_expert,
@@ -103,6 +117,8 @@ class Config:
             n_self=n_self if self.n_self is None else self.n_self,
             tau=(tau if self.tau is None else self.tau) if self.dcr else 0.0,
         )
+        if cfg.refresh_every is None:
+            cfg.refresh_every = 1 if cfg.n_self and not cfg.groups_file else 0
         if min(cfg.n_expert, cfg.n_teacher, cfg.n_self) < 0 or cfg.group_size == 0:
             raise ValueError(f"group mix must be >= 0 and not all 0, got expert={cfg.n_expert} "
                              f"teacher={cfg.n_teacher} self={cfg.n_self}")
@@ -112,7 +128,10 @@ class Config:
             raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {cfg.loss_aggregation!r}")
         if cfg.engine not in ("auto", "vllm", "transformers"):
             raise ValueError(f"engine must be auto, vllm or transformers, got {cfg.engine!r}")
-        for name in ("max_steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "eval_n"):
+        if cfg.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0, got {cfg.refresh_every}")
+        for name in ("max_steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "eval_n", "eval_kl_samples",
+                     "rollout_batch_size"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         return cfg

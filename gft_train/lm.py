@@ -20,6 +20,11 @@ def format_prompt(tokenizer, prompt: str) -> str:
     return prompt
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as the trainer scores them and the rollout engines continue them."""
+    return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor       # [B, T]
@@ -40,14 +45,25 @@ class Batch:
         return int((self.labels[:, 1:] != -100).any(dim=1).sum())
 
 
-def encode(tokenizer, items: list[tuple[str, str, float]], max_length: int) -> Batch:
-    """(prompt, response, advantage) triples -> a right-padded batch; prompt tokens are masked."""
+def response_ids(tokenizer, response: str | list[int]) -> list[int]:
+    """A response's training ids: sampled ids (a list) exactly as the engine sampled them (an EOS
+    only if it sampled one; a truncated sample ends without); a text (expert, teacher) tokenized
+    and ended with EOS."""
+    if isinstance(response, str):
+        return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return [int(t) for t in response]
+
+
+def encode(tokenizer, items: list[tuple[str, str | list[int], float]], max_length: int) -> Batch:
+    """(prompt, response, advantage) triples -> a right-padded batch; prompt tokens are masked.
+    A response is a text (tokenized, EOS appended) or the token ids a rollout engine sampled
+    (trained as they are: ``response_ids``)."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     rows, labels = [], []
     for prompt, response, _ in items:
-        p_ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        p_ids = prompt_ids(tokenizer, prompt)
+        r_ids = response_ids(tokenizer, response)
         ids = (p_ids + r_ids)[:max_length]
         lab = ([-100] * len(p_ids) + r_ids)[:max_length]
         rows.append(ids)

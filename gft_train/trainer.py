@@ -5,8 +5,11 @@ processes, in micro-batches of ``micro_batch_size`` sequences. The loss of every
 normalized by the *global* number of valid tokens of the step (all micro-batches, all
 processes), so 1 process and N processes on the same global batch give the same update.
 
-Groups are offline (built once, or read from ``groups_file``) or online (``refresh_every``:
-rebuilt from the next prompts with the current weights every N steps). Checkpoints
+Groups are online (``refresh_every`` N: rebuilt from the next prompts with the current weights
+every N steps; N = 1, every step as the authors' trainer, is the default for a mix with
+self-samples) or offline (``refresh_every`` 0: built once, or read from ``groups_file``).
+Self-samples are trained on the token ids the rollout engine sampled (``Response.train_input``).
+Checkpoints
 (``save_every``) hold accelerate's state (model, optimizer, scheduler, RNG), the step and the
 current groups, written under a temporary name and renamed when complete; ``--resume`` continues
 from the newest complete one and reaches the same weights as an uninterrupted run.
@@ -223,7 +226,8 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def train_step(self, groups) -> dict:
         cfg, acc = self.cfg, self.acc
-        seqs = [(g.prompt, r.text, r.advantage) for g in groups for r in g.responses]
+        # self-samples as the token ids the engine sampled; expert and teacher texts tokenized
+        seqs = [(g.prompt, r.train_input, r.advantage) for g in groups for r in g.responses]
         mine = seqs[acc.process_index::acc.num_processes]
         batches = [encode(self.tokenizer, mine[i:i + cfg.micro_batch_size], cfg.max_length)
                    for i in range(0, len(mine), cfg.micro_batch_size)]

@@ -6,9 +6,11 @@ One base model (a tiny Qwen2-style model after an SFT warm-up on addition *and* 
 each configuration fine-tunes it on addition for the same number of optimizer steps and the same
 number of sequences per step (128: SFT sees 128 prompts x 1 expert answer per step, GFT 16
 prompts x 8 responses, the paper's "a tenth of the prompts"), with the same learning rate, for
-several seeds. Measured per run: held-out in-distribution and harder (OOD) mean pass@1 over 8
-samples, pass@32 (diversity), subtraction accuracy (a skill the fine-tuning data does not train:
-forgetting), KL to the base model, the DCR-rectified fraction, and the gradient-norm volatility.
+several seeds. Measured per run (by ``gft_train.evaluate.evaluate_model``, the function the CLI and
+the demo use): held-out in-distribution and harder (OOD) mean pass@1 over 8 samples at
+temperature 0.5 and greedy pass@1, pass@k up to 32 and distinct correct answers (diversity),
+subtraction accuracy (a skill the fine-tuning data does not train: forgetting), KL to the base
+model both ways, the DCR-rectified fraction, and the gradient-norm volatility.
 Results append to ``OUT/results.jsonl`` (a rerun skips finished runs); ``docs/reproduction.md``
 and its plots are regenerated from them, with a verdict per claim from fixed rules.
 """
@@ -35,7 +37,7 @@ class Spec:
 
 
 SEQS_PER_STEP = 128
-ONLINE = dict(prompts_per_step=16, refresh_every=4)
+ONLINE = dict(prompts_per_step=16)   # self-sample groups are online, refreshed every step (the default)
 
 
 def specs(quick: bool) -> list[Spec]:
@@ -46,7 +48,8 @@ def specs(quick: bool) -> list[Spec]:
         Spec("GRPO", "methods", dict(method="grpo", **ONLINE)),
         Spec("GFT", "methods", dict(method="gft", **ONLINE), x=0.7),
         Spec("GFT w/o DCR", "methods", dict(method="gft", dcr=False, **ONLINE), x=0.0),
-        Spec("GFT w/o GAL", "methods", dict(method="gft", gal=False, **ONLINE)),
+        # the paper's ablation without GAL: the expert demonstrations alone, A = 1, with DCR
+        Spec("GFT w/o GAL", "methods", dict(method="gft", gal=False, prompts_per_step=SEQS_PER_STEP)),
     ]
     if quick:
         return [methods[0], methods[4]]
@@ -92,28 +95,36 @@ def make_base(out: Path, budget: Budget) -> Path:
                         prompts_per_step=128, micro_batch_size=128, max_length=16, max_new_tokens=4))
 
 
+def eval_config(n: int, seed: int, greedy: bool = True) -> Config:
+    """The study's evaluation settings (``gft_train.evaluate.evaluate_model`` reads them): the
+    paper's temperature (0.5, the default), n samples per prompt, greedy pass@1 beside."""
+    return Config(max_new_tokens=4, max_length=16, engine="transformers", rollout_batch_size=256, eval_n=n,
+                  eval_k=[], eval_greedy=greedy, seed=seed)
+
+
 def evaluate(model_dir: Path, base_dir: Path, out: Path, budget: Budget, seed: int) -> dict:
     from gft_train.data import load_rows
-    from gft_train.evaluate import accuracy, kl_to_base
+    from gft_train.evaluate import evaluate_model
     from gft_train.rewards import load_reward
-    from gft_train.rollout import TransformersEngine
-    from gft_train.trainer import load_model
 
-    model, tok = load_model(str(model_dir))
-    engine = TransformersEngine(model, tok, max_new_tokens=4, temperature=1.0, batch_size=256)
     reward = load_reward("math")
-    rows = {k: load_rows(out / "data" / f"{k}.jsonl") for k in ("eval_id", "eval_ood", "eval_sub")}
-    n = budget.eval_n
-    res = {
-        "id": accuracy(engine, rows["eval_id"], reward, n, seed=seed)["pass@1"],
-        "ood": accuracy(engine, rows["eval_ood"], reward, n, seed=seed)["pass@1"],
-        "sub": accuracy(engine, rows["eval_sub"], reward, n, seed=seed)["pass@1"],
-        f"pass@{budget.passk_n}": accuracy(engine, rows["eval_id"][: budget.passk_prompts], reward, budget.passk_n,
-                                            ks=(budget.passk_n,), seed=seed).get(f"pass@{budget.passk_n}", 0.0),
-    }
+    rows = {k: load_rows(out / "data" / f"eval_{k}.jsonl") for k in ("id", "ood", "sub")}
+    main = evaluate_model(model_dir, rows, eval_config(budget.eval_n, seed), base_dir=base_dir, kl_split="id",
+                          reward_fn=reward)
+    k = budget.passk_n
+    wide = evaluate_model(model_dir, {"id": rows["id"][: budget.passk_prompts]}, eval_config(k, seed, greedy=False),
+                          reward_fn=reward)["id"]
+    reward.close()
+    res = {}
+    for split in rows:
+        res[split] = main[split]["pass@1"]
+        res[f"{split}_greedy"] = main[split]["greedy_pass@1"]
+    res[f"pass@{k}"] = wide.get(f"pass@{k}", wide["pass@1"])
+    res["passk_curve"] = {key: v for key, v in wide.items() if key.startswith("pass@")}
+    res["distinct"] = wide["distinct_correct"]
     if base_dir is not None:
-        base, _ = load_model(str(base_dir))
-        res["kl"] = kl_to_base(model, base, tok, rows["eval_id"])
+        res["kl"] = main["kl_to_base"]
+        res["kl_base"] = main["kl_base_model"]
     return res
 
 
@@ -160,7 +171,7 @@ def main(argv=None) -> Path:
             with results_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"[study] {spec.name} seed {seed}: id {row['id']:.3f} ood {row['ood']:.3f} sub {row['sub']:.3f} "
-                  f"kl {row['kl']:.3f} ({row['seconds']} s)", flush=True)
+                  f"kl {row['kl']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)", flush=True)
     from .report import write_report
 
     return write_report(out, Path(args.docs), budget, quick=args.quick)

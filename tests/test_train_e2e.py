@@ -69,6 +69,10 @@ def test_groups_have_the_paper_mix_and_standardized_advantages(setup):
     for g in groups:
         assert [r.source for r in g.responses] == ["expert"] + ["teacher"] * 3 + ["self"] * 2
         assert g.responses[0].reward == 1.0
+        for r in g.responses:   # self-samples keep the ids the engine sampled; the rest are texts
+            assert (r.token_ids is not None) == (r.source == "self")
+            assert r.token_ids is None or r.truncated == (r.token_ids[-1] != 1)   # 1: <eos>, the end unless cut off
+            assert r.token_ids is None or (len(r.token_ids) <= 4 and 1 not in r.token_ids[:-1])
         advs = [r.advantage for r in g.responses]
         assert abs(sum(advs)) < 1e-6  # standardized within the group
 
@@ -113,23 +117,38 @@ def test_killed_run_resumes_to_the_same_weights(setup, tmp_path):
     assert steps[-2:] == [5, 6]
 
 
-def test_online_training_with_rollouts_and_eval(setup, tmp_path, capsys):
+def test_online_training_with_rollouts_and_eval(setup, tmp_path, capsys, monkeypatch):
+    import gft_train.trainer
+
+    seen = []   # what the trainer encodes: sampled ids for self-samples, texts for the rest
+    encode = gft_train.trainer.encode
+    monkeypatch.setattr(gft_train.trainer, "encode", lambda tok, items, n: seen.extend(items) or encode(tok, items, n))
     out = tmp_path / "online"
     cli_main(["train", "--model", str(setup["model"]), "--train-file", str(setup["train"]), "--output-dir", str(out),
-              "--max-steps", "2", "--refresh-every", "1", "--prompts-per-step", "3", "--n-self", "2",
+              "--max-steps", "2", "--prompts-per-step", "3", "--n-self", "2",
               "--max-new-tokens", "4", "--max-length", "16", "--engine", "transformers"])
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     for key in ("dcr/rectified_frac", "entropy", "grad_norm", "lr", "tokens_per_s", "reward/self_mean",
-                "reward/teacher_mean", "groups/zero_variance_frac", "completions/self_mean_chars"):
+                "reward/teacher_mean", "groups/zero_variance_frac", "completions/self_mean_chars",
+                "completions/self_mean_tokens", "completions/self_truncated_frac"):
         assert key in metrics[-1], key
     assert (out / "training.png").exists() and (out / "final" / "config.json").exists()
     assert list((out / "tensorboard").iterdir())
+    # online by default: each step sampled its own 3 prompts x 2 with the current weights
+    assert not (out / "groups.jsonl").exists()
+    sampled = [r for _, r, _ in seen if isinstance(r, list)]
+    assert len(seen) == 2 * 3 * (1 + 3 + 2) and len(sampled) == 2 * 3 * 2
+    _, tok = load_model(str(setup["model"]))
+    eos = tok.eos_token_id
+    assert all(len(ids) <= 4 and eos not in ids[:-1] and (len(ids) == 4 or ids[-1] == eos) for ids in sampled)
     capsys.readouterr()
     cli_main(["eval", "--model", str(out / "final"), "--eval-file", str(setup["eval"]), "--eval-n", "3",
               "--eval-k", "1,3", "--max-new-tokens", "4", "--engine", "transformers", "--base-model", str(setup["model"])])
     result = json.loads(capsys.readouterr().out)
-    assert 0 <= result["pass@1"] <= result["pass@3"] <= 1 and result["kl_to_base"] >= 0
+    assert 0 <= result["pass@1"] <= result["pass@3"] <= 1 and 0 <= result["greedy_pass@1"] <= 1
+    assert 0 <= result["distinct_correct"] <= 3
+    assert result["kl_to_base"] >= 0 and result["kl_base_model"] >= 0
 
 
 def test_bad_data_row_stops_the_run_and_leaves_no_final(setup, tmp_path):
@@ -166,6 +185,9 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "base pass@1" in printed and "GFT pass@1" in printed
     assert set(result["before"]) == {"in-distribution", "harder (OOD)"}
+    for split in result["before"].values():
+        assert {"pass@1", "greedy_pass@1", "pass@2", "distinct_correct"} <= set(split)
+    assert "greedy" in printed and "KL(base || GFT)" in printed and result["after"]["kl_base_model"] >= 0
     assert (tmp_path / "demo" / "gft" / "training.png").exists()
     losses = [json.loads(line)["loss"] for line in (tmp_path / "demo" / "gft" / "metrics.jsonl").read_text().splitlines()]
     assert losses and all(abs(x) < 1e3 for x in losses)

@@ -83,7 +83,20 @@ def test_config_presets_flags_and_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text("method: gft\nlr: 0.001\nmax_steps: 7\n")
     cfg = config_mod.from_args(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--max-steps", "9", "--no-dcr"])).resolved()
     assert (cfg.lr, cfg.max_steps, cfg.tau, cfg.n_expert, cfg.n_teacher, cfg.n_self) == (0.001, 9, 0.0, 1, 3, 4)
-    assert config_mod.Config(gal=False).resolved().uses_group_advantage is False
+    no_gal = config_mod.Config(gal=False).resolved()
+    assert (no_gal.uses_group_advantage, no_gal.n_expert, no_gal.n_teacher, no_gal.n_self, no_gal.tau) == \
+        (False, 1, 0, 0, 0.7)                       # the paper's w/o GAL: demonstrations with DCR
+    assert config_mod.Config(gal=False, n_teacher=3).resolved().n_teacher == 3
+    with pytest.raises(ValueError, match="n_self must be 0"):
+        config_mod.Config(gal=False, n_self=4).resolved()
+    # online groups refreshed every step are the default with self-samples; offline stays available
+    assert config_mod.Config().resolved().refresh_every == 1
+    assert config_mod.Config(method="grpo").resolved().refresh_every == 1
+    assert config_mod.Config(method="sft").resolved().refresh_every == 0
+    assert config_mod.Config(groups_file="g.jsonl").resolved().refresh_every == 0
+    assert config_mod.Config(refresh_every=0).resolved().refresh_every == 0
+    assert config_mod.Config(refresh_every=4).resolved().refresh_every == 4
+    assert config_mod.Config().eval_temperature == 0.5   # the paper's evaluation temperature
     sft = config_mod.Config(method="sft").resolved()
     assert (sft.tau, sft.n_self, sft.uses_group_advantage) == (0.0, 0, False)
     assert math.isinf(config_mod.Config(method="dft").resolved().tau)
@@ -175,7 +188,8 @@ def test_math_reward_and_user_reward(tmp_path, monkeypatch):
 
 
 def test_groups_round_trip(tmp_path):
-    groups = [Group("1+1=", "2", [Response("2", "expert", 1.0, 0.5), Response("3", "self", 0.0, -0.5)], "f:0")]
+    groups = [Group("1+1=", "2", [Response("2", "expert", 1.0, 0.5), Response("3", "self", 0.0, -0.5, [5, 1], False),
+                                  Response("33", "self", 0.0, -0.5, [5, 5], True)], "f:0")]
     save_groups(groups, tmp_path / "g.jsonl")
     assert load_groups(tmp_path / "g.jsonl") == groups
 
@@ -238,3 +252,185 @@ def test_trainer_loss_aggregations_on_the_model_logits(tmp_path, name):
 def test_unknown_loss_aggregation_is_refused():
     with pytest.raises(ValueError, match="loss_aggregation must be one of"):
         config_mod.Config(model="m", train_file="t", loss_aggregation="mean").resolved()
+
+
+# ---- rollouts: the sampled token ids go to the batches as they are ------------------------------
+
+class _FakeGenerateModel(torch.nn.Module):
+    """Stands in for a causal LM in ``TransformersEngine``: ``generate`` appends fixed rows."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def generate(self, input_ids, attention_mask, **kw):
+        assert kw["max_new_tokens"] == 4
+        new = torch.tensor([self.rows[i % len(self.rows)] for i in range(input_ids.shape[0])])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def _tiny_tokenizer():
+    from gft_train.demo.model import build_tokenizer
+
+    return build_tokenizer()
+
+
+def test_transformers_engine_returns_the_sampled_ids_cut_at_eos():
+    from gft_train.rollout import TransformersEngine
+
+    tok = _tiny_tokenizer()
+    one, nine, pad, eos = (tok.convert_tokens_to_ids(t) for t in ("1", "9", "<pad>", "<eos>"))
+    # row 0 ends with a sampled EOS (generate pads after it); row 1 is cut off at max_new_tokens,
+    # and holds a pad id the model sampled, which a decode + re-encode would lose
+    model = _FakeGenerateModel([[one, nine, eos, pad], [one, pad, nine, nine]])
+    samples = TransformersEngine(model, tok, max_new_tokens=4).sample(["12+7="], 2, seed=0)[0]
+    assert (samples[0].token_ids, samples[0].text, samples[0].truncated) == ([one, nine, eos], "19", False)
+    assert (samples[1].token_ids, samples[1].text, samples[1].truncated) == ([one, pad, nine, nine], "199", True)
+    assert tok("199", add_special_tokens=False)["input_ids"] != samples[1].token_ids
+
+
+def test_self_samples_are_trained_on_the_sampled_ids_without_an_added_eos():
+    from gft_train.data import PromptRow
+    from gft_train.groups import build_groups
+    from gft_train.lm import encode, prompt_ids
+    from gft_train.rollout import TransformersEngine
+
+    tok = _tiny_tokenizer()
+    one, nine, pad, eos = (tok.convert_tokens_to_ids(t) for t in ("1", "9", "<pad>", "<eos>"))
+    engine = TransformersEngine(_FakeGenerateModel([[one, nine, eos, pad], [one, pad, nine, nine]]), tok,
+                                max_new_tokens=4)
+    cfg = config_mod.Config(n_teacher=1, n_self=2).resolved()
+    rows = [PromptRow("12+7=", "19", "19", ["18"], "t:0")]
+    group = build_groups(rows, cfg, engine, lambda p, c, a: [float(x == y) for x, y in zip(c, a)])[0]
+    assert [r.source for r in group.responses] == ["expert", "teacher", "self", "self"]
+    assert [r.train_input for r in group.responses] == ["19", "18", [one, nine, eos], [one, pad, nine, nine]]
+    assert [r.truncated for r in group.responses] == [False, False, False, True]
+    # the trainer's batch: prompt ids masked, then the response ids; texts get EOS, sampled ids as sampled
+    batch = encode(tok, [(group.prompt, r.train_input, r.advantage) for r in group.responses], 32)
+    p = prompt_ids(tok, "12+7=")
+    responses = []
+    for ids, labels in zip(batch.input_ids.tolist(), batch.labels.tolist()):
+        n = sum(1 for x in labels if x != -100)
+        assert labels[:len(p)] == [-100] * len(p) and ids[:len(p)] == p
+        responses.append(labels[len(p):len(p) + n])
+    assert responses == [[one, nine, eos], [one, tok.convert_tokens_to_ids("8"), eos], [one, nine, eos],
+                         [one, pad, nine, nine]]                        # the truncated sample: no EOS
+
+
+def test_without_gal_the_groups_hold_only_demonstrations():
+    from gft_train.data import PromptRow
+    from gft_train.groups import build_groups
+
+    cfg = config_mod.Config(method="gft", gal=False).resolved()
+    rows = [PromptRow("12+7=", "19", "19", ["18", "19", "20"], "t:0"), PromptRow("3+4=", "7", "7", ["7"], "t:1")]
+    groups = build_groups(rows, cfg, None, lambda p, c, a: [float(x == y) for x, y in zip(c, a)])
+    for g, row in zip(groups, rows):
+        assert [(r.source, r.text, r.advantage) for r in g.responses] == [("expert", row.expert, 1.0)]
+    assert cfg.tau == 0.7 and cfg.refresh_every == 0
+
+
+# ---- evaluation: one function, the paper's metrics --------------------------------------------
+
+class _ListEngine:
+    def __init__(self, outs):
+        self.outs, self.calls = outs, []
+
+    def generate(self, prompts, n, *, seed=0, temperature=None):
+        self.calls.append((n, temperature))
+        return [self.outs[p][:n] for p in prompts]
+
+
+def test_accuracy_reports_pass_at_k_and_distinct_correct_answers():
+    from gft_train.data import PromptRow
+    from gft_train.evaluate import accuracy, pass_ks
+
+    rows = [PromptRow("a", "1", "1"), PromptRow("b", "2", "2")]
+    engine = _ListEngine({"a": ["1", "1 ", "x", "y"], "b": ["2", "z", "2", "w"]})
+    reward = lambda p, c, a: [float(x.strip() == y) for x, y in zip(c, a)]  # noqa: E731
+    out = accuracy(engine, rows, reward, 4, ks=(3,), seed=0, temperature=0.5)
+    assert pass_ks(4, (3,)) == [1, 2, 3, 4] and pass_ks(6) == [1, 2, 4, 6]
+    assert math.isclose(out["pass@1"], 0.5)
+    for k in (2, 3, 4):
+        assert math.isclose(out[f"pass@{k}"], pass_at_k(4, 2, k))
+    assert out["distinct_correct"] == 1.0    # "1" and "1 " are one answer; "2" twice is one
+    assert engine.calls == [(4, 0.5)]
+
+
+def test_cli_demo_and_study_share_one_evaluation_function(tmp_path, monkeypatch, capsys):
+    """gft-train eval, the demo and the study all evaluate through gft_train.evaluate.evaluate_model."""
+    import gft_train.evaluate
+    import gft_train.trainer
+    from gft_train.cli import main
+    from gft_train.demo.model import build_model
+    from gft_train.demo.run import run_demo
+    from gft_train.demo.task import make_splits, write_jsonl
+    from study.run import QUICK, evaluate
+
+    calls = []
+
+    def fake(model_dir, splits, cfg, *, base_dir=None, kl_split=None, reward_fn=None):
+        calls.append((str(model_dir), list(splits), cfg.eval_temperature))
+        out = {s: {"pass@1": 0.5, "greedy_pass@1": 0.25, f"pass@{cfg.eval_n}": 0.75, "distinct_correct": 1.0}
+               for s in splits}
+        if base_dir is not None:
+            out.update(kl_to_base=0.1, kl_base_model=0.2)
+        return out
+
+    monkeypatch.setattr(gft_train.evaluate, "evaluate_model", fake)
+    model = build_model(tmp_path / "m")
+    splits = make_splits(seed=0, n_train=8, n_eval=4)
+    data = {k: write_jsonl(v, tmp_path / "data" / f"{k}.jsonl") for k, v in splits.items()}
+    main(["eval", "--model", str(model), "--eval-file", str(data["eval_id"]), "--base-model", str(model)])
+    assert json.loads(capsys.readouterr().out)["kl_base_model"] == 0.2
+    for name in ("id", "ood"):
+        write_jsonl(splits[f"eval_{name}"], tmp_path / "data" / f"eval_{name}.jsonl")
+    write_jsonl(splits["eval_id"], tmp_path / "data" / "eval_sub.jsonl")
+    row = evaluate(model, model, tmp_path, QUICK, seed=0)
+    assert (row["id_greedy"], row["kl_base"]) == (0.25, 0.2)
+    monkeypatch.setattr(gft_train.trainer, "train", lambda cfg: model)
+    result = run_demo(tmp_path / "demo", quick=True)
+    assert result["after"]["kl_base_model"] == 0.2
+    callers = [c[1] for c in calls]
+    assert callers[0] == ["eval"]                                        # the CLI
+    assert ["id", "ood", "sub"] in callers and ["id"] in callers         # the study
+    assert callers.count(["in-distribution", "harder (OOD)"]) == 2       # the demo: base and GFT
+    assert {c[2] for c in calls} == {0.5}
+
+
+def test_kl_to_base_both_ways(tmp_path):
+    """KL(model || base) on expert answers and KL(base || model) on the base's own samples: 0 for
+    the base itself, positive and different for a moved model; the latter equals its definition
+    on the base's sampled ids."""
+    import copy
+
+    from gft_train.data import PromptRow
+    from gft_train.demo.model import build_model
+    from gft_train.evaluate import kl_base_to_model, kl_to_base
+    from gft_train.lm import encode
+    from gft_train.rollout import TransformersEngine
+    from gft_train.trainer import load_model
+
+    base, tok = load_model(str(build_model(tmp_path / "m")))
+    rows = [PromptRow("12+7=", "19", "19"), PromptRow("3+4=", "7", "7")]
+    assert kl_to_base(base, base, tok, rows) == 0.0
+    assert abs(kl_base_to_model(base, base, tok, rows, n=2, max_new_tokens=4)) < 1e-6
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    forward = kl_to_base(model, base, tok, rows)
+    backward = kl_base_to_model(model, base, tok, rows, n=2, max_new_tokens=4, seed=3)
+    assert forward > 0 and backward > 0 and forward != backward
+    samples = TransformersEngine(base, tok, max_new_tokens=4, temperature=1.0).sample([r.prompt for r in rows], 2, seed=3)
+    batch = encode(tok, [(r.prompt, s.token_ids, 1.0) for r, ss in zip(rows, samples) for s in ss], 64)
+    with torch.no_grad():
+        lb = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].log_softmax(-1)
+        lm = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].log_softmax(-1)
+    mask = batch.labels[:, 1:] != -100
+    want = (lb.exp() * (lb - lm)).sum(-1)[mask].mean().item()
+    assert math.isclose(backward, want, rel_tol=1e-5)

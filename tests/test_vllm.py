@@ -27,8 +27,16 @@ def test_vllm_engine_generates_a_group_and_takes_the_trainers_weights(tmp_path):
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     probe = json.loads(lines[-1][len("PROBE "):])
     assert probe["engine"] == "VLLMEngine"
-    for group in probe["groups"]:
+    eos = probe["eos"]
+    for group, decoded in zip(probe["groups"], probe["decoded"]):
         assert [r[0] for r in group] == ["expert", "teacher"] + ["self"] * 4
         assert group[0][2] == 1.0                         # the expert's answer is right
         assert all(isinstance(r[1], str) for r in group)
-    assert probe["sync_equal"], probe["greedy"]
+        for (source, text, _, _, ids, truncated), back in zip(group, decoded):
+            if source != "self":
+                assert ids is None
+                continue
+            # the ids vLLM sampled: at most max_new_tokens, an EOS only at the end, none if cut off
+            assert ids and len(ids) <= 5 and eos not in ids[:-1] and truncated == (ids[-1] != eos), (ids, truncated)
+            assert back == text
+    assert probe["sync_equal"], (probe["greedy_ids"], probe["hf_ids"])

@@ -31,10 +31,16 @@ if __name__ == "__main__":  # vLLM spawns processes
             p.add_(torch.randn_like(p) * 0.5)
     engine.load_weights(model)
     engine.temperature = 0.0
-    greedy_vllm = engine.generate([r.prompt for r in rows], 1)
-    greedy_hf = TransformersEngine(model, tok, max_new_tokens=5, temperature=0.0).generate([r.prompt for r in rows], 1)
+    greedy_vllm = engine.sample([r.prompt for r in rows], 1)
+    greedy_hf = TransformersEngine(model, tok, max_new_tokens=5, temperature=0.0).sample([r.prompt for r in rows], 1)
+    as_ids = lambda ss: [[(s.token_ids, s.truncated) for s in x] for x in ss]  # noqa: E731
     print("PROBE " + json.dumps({
         "engine": type(engine).__name__,
-        "groups": [[(r.source, r.text, r.reward, r.advantage) for r in g.responses] for g in groups],
-        "sync_equal": greedy_vllm == greedy_hf, "greedy": greedy_vllm,
+        "groups": [[(r.source, r.text, r.reward, r.advantage, r.token_ids, r.truncated) for r in g.responses]
+                   for g in groups],
+        "decoded": [[tok.decode(r.token_ids, skip_special_tokens=True) if r.token_ids else None for r in g.responses]
+                    for g in groups],
+        "eos": tok.eos_token_id,
+        "sync_equal": as_ids(greedy_vllm) == as_ids(greedy_hf),
+        "greedy": [[s.text for s in x] for x in greedy_vllm], "greedy_ids": as_ids(greedy_vllm), "hf_ids": as_ids(greedy_hf),
     }))

@@ -32,33 +32,18 @@ def configs(out: Path, size: DemoSize) -> tuple[Config, Config]:
                  lr=2e-3, lr_scheduler="cosine", warmup_steps=20, prompts_per_step=128, **common)
     gft = Config(method="gft", model=str(out / "sft" / "final"), output_dir=str(out / "gft"),
                  max_steps=size.gft_steps, lr=1e-4, lr_scheduler="constant", prompts_per_step=16,
-                 refresh_every=4, temperature=1.0, **common)
+                 temperature=1.0, **common)   # online groups, refreshed every step (the default)
     return sft, gft
 
 
-def evaluate_model(model_dir: Path, rows_by_split: dict, n: int, base_dir: Path | None = None) -> dict:
-    from ..data import load_rows
-    from ..evaluate import accuracy, kl_to_base
-    from ..rewards import load_reward
-    from ..rollout import make_engine
-    from ..trainer import load_model
-
-    cfg = Config(max_new_tokens=4, temperature=1.0, engine="auto", vllm_memory=0.3)
-    model, tokenizer = load_model(str(model_dir))
-    engine = make_engine("auto", model=model, tokenizer=tokenizer, model_path=str(model_dir), cfg=cfg)
-    reward = load_reward("math")
-    out = {}
-    for split, path in rows_by_split.items():
-        rows = load_rows(path)
-        out[split] = accuracy(engine, rows, reward, n, ks=(n,), seed=1)
-    if base_dir is not None:
-        base, _ = load_model(str(base_dir))
-        out["kl_to_base"] = kl_to_base(model, base, tokenizer, load_rows(rows_by_split["eval_id"]))
-    reward.close()
-    return out
+def eval_config(size: DemoSize) -> Config:
+    """The demo's evaluation settings (``gft_train.evaluate.evaluate_model`` reads them)."""
+    return Config(max_new_tokens=4, max_length=16, engine="auto", vllm_memory=0.3, eval_n=size.eval_n,
+                  eval_k=[size.eval_n], seed=1)
 
 
 def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict:
+    from ..evaluate import evaluate_model
     from ..trainer import train
 
     size = QUICK if quick else FULL
@@ -71,18 +56,23 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict:
     sft_cfg, gft_cfg = configs(out, size)
     print(f"[demo] SFT warm-up ({size.warmup_steps} steps) makes the base model", flush=True)
     base = train(sft_cfg)
-    before = evaluate_model(base, evals, size.eval_n)
+    ecfg = eval_config(size)
+    before = evaluate_model(base, evals, ecfg)
     print(f"[demo] GFT ({size.gft_steps} steps; groups of 1 expert + 3 teacher + 4 self-samples, "
-          f"refreshed every {gft_cfg.refresh_every} steps)", flush=True)
+          f"refreshed every step)", flush=True)
     tuned = train(gft_cfg)
-    after = evaluate_model(tuned, {**evals, "eval_id": paths["eval_id"]}, size.eval_n, base_dir=base)
-    after.pop("eval_id", None)
+    after = evaluate_model(tuned, evals, ecfg, base_dir=base, kl_split="in-distribution")
     k = size.eval_n
-    lines = [f"{'held-out split':<18}{'base pass@1':>12}{'GFT pass@1':>12}{f'base pass@{k}':>13}{f'GFT pass@{k}':>12}"]
+    t = ecfg.eval_temperature
+    lines = [f"pass@1: mean over {k} samples at temperature {t}; greedy: one greedy completion per prompt",
+             f"{'held-out split':<18}{'base pass@1':>12}{'GFT pass@1':>12}{'base greedy':>12}{'GFT greedy':>12}"
+             f"{f'base pass@{k}':>13}{f'GFT pass@{k}':>12}"]
     for split in evals:
         b, a = before[split], after[split]
-        lines.append(f"{split:<18}{b['pass@1']:>12.3f}{a['pass@1']:>12.3f}{b.get(f'pass@{k}', 0):>13.3f}{a.get(f'pass@{k}', 0):>12.3f}")
+        lines.append(f"{split:<18}{b['pass@1']:>12.3f}{a['pass@1']:>12.3f}{b['greedy_pass@1']:>12.3f}"
+                     f"{a['greedy_pass@1']:>12.3f}{b.get(f'pass@{k}', 0):>13.3f}{a.get(f'pass@{k}', 0):>12.3f}")
     lines.append(f"KL(GFT || base) per response token on held-out expert answers: {after['kl_to_base']:.4f}")
+    lines.append(f"KL(base || GFT) per response token on the base model's own samples: {after['kl_base_model']:.4f}")
     table = "\n".join(lines)
     print(table)
     result = {"before": before, "after": after, "seconds": round(time.time() - start, 1), "size": size.__dict__}
