@@ -2,6 +2,7 @@
 
     python -m benchmarks.cpu_memory [--provider torch|reference] [--n 4096 --v 32000 --h 256]
     python -m benchmarks.cpu_memory --launcher      # the Triton launcher's plan at the GPU shapes
+    python -m benchmarks.cpu_memory --vocab-parallel   # per rank, the lm_head split over 2 and 4 ranks
 
 Peak RSS (``ru_maxrss``) is what a CPU user pays, allocator slack included. The "extra" memory
 is the peak minus the resident size after the inputs exist, minus the gradients themselves;
@@ -93,14 +94,49 @@ def _no_product(*args):
     pass
 
 
+class _FakeGroup:
+    """Stands for a process group of ``ranks`` in the probe: this process is rank 0, holding the
+    first (largest, as ``torch.tensor_split`` gives) of the vocabulary shards."""
+
+    def __init__(self, v: int, ranks: int):
+        self.ranks = ranks
+        self.sizes = [len(x) for x in torch.tensor_split(torch.arange(v), ranks)]
+
+
+def _fake_collectives(group: _FakeGroup) -> dict:
+    """torch.distributed functions the vocabulary-parallel op calls, as single-process stand-ins:
+    the all-reduces run in place and allocate nothing here (on a GPU, NCCL's own buffers are
+    outside PyTorch's allocator); the shard-layout all-gather reports every rank's shard."""
+    import torch.distributed as dist
+
+    starts = [sum(group.sizes[:r]) for r in range(group.ranks)]
+
+    def all_gather(out, tensor, group=None):
+        for o, s0, n in zip(out, starts, group.sizes):
+            o.copy_(torch.tensor([s0 if tensor[0] >= 0 else -1, n]))
+
+    return dict(all_reduce=lambda tensor, op=None, group=None: None, all_gather=all_gather,
+                get_backend=lambda group=None: "fake", get_world_size=lambda group=None: group.ranks,
+                get_rank=lambda group=None: 0), dist
+
+
 def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: float = 0.0,
-                  design: str | None = None) -> dict:
+                  design: str | None = None, shards: int = 1, gathered: bool = False) -> dict:
     """Peak bytes the Triton engine allocates for forward + backward at this shape (see above),
-    with the launcher's default backward design or ``design``."""
+    with the launcher's default backward design or ``design``.
+
+    ``shards > 1``: one rank of an lm_head split by vocabulary over ``shards`` ranks (the largest
+    shard, ``ceil(v / shards)`` rows), with ``vocab_parallel_group`` (the collectives are
+    single-process stand-ins, ``_fake_collectives``) or, with ``gathered``, the baseline that
+    all-gathers the full weight, runs the unsharded op on it and reduce-scatters its full dW into
+    the shard's gradient (both buffers counted in the peak). ``resident_mib`` is the inputs the
+    rank holds (hidden states and its weight shard); ``rank_total_mib`` adds the op's peak."""
     from gft_kernels.triton_ops import launch
 
+    group = _FakeGroup(v, shards) if shards > 1 else None
+    rows = group.sizes[0] if group else v
     hidden = torch.zeros(n, h, dtype=dtype, requires_grad=True)
-    weight = torch.zeros(v, h, dtype=dtype, requires_grad=True)
+    weight = torch.zeros(rows, h, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, v, (n,))
     adv = torch.randn(n)
     adv[: int(zero_adv_frac * n)] = 0.0
@@ -114,16 +150,44 @@ def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: f
     launch._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
     if design is not None:
         launch.DEFAULT_OPTIONS = launch.LaunchOptions(backward_design=design)
+    fakes, dist = _fake_collectives(group) if group and not gathered else ({}, None)
+    saved_dist = {name: getattr(dist, name) for name in fakes}
+    for name, fn in fakes.items():
+        setattr(dist, name, fn)
+    options = dict(backend="triton", check_values=False, return_stats=True)  # entropy on: the largest partials
     try:
         with _StorageTracker(hidden, weight, targets, adv) as tracker:
-            gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, backend="triton", check_values=False,
-                                 return_stats=True)[0].backward()  # entropy on: the forward's largest partials
+            if group and gathered:
+                full = torch.empty(v, h, dtype=dtype, requires_grad=True)   # the all-gather's output
+                gft_kernels.gft_loss(hidden, full, targets, adv, 0.7, **options)[0].backward()
+                weight.grad = torch.empty_like(weight)                      # the reduce-scatter's output
+                del full
+            else:
+                extra = dict(vocab_parallel_group=group, vocab_start=0) if group else {}
+                gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, **options, **extra)[0].backward()
     finally:
         for name, value in saved.items():
             setattr(launch, name, value)
+        for name, value in saved_dist.items():
+            setattr(dist, name, value)
     bound = (hidden.numel() + weight.numel()) * hidden.element_size()
-    return dict(n=n, v=v, h=h, dtype=str(dtype).replace("torch.", ""), peak_mib=round(tracker.peak / 2**20, 1),
-                lower_bound_mib=round(bound / 2**20, 1), peak_over_bound=round(tracker.peak / bound, 4))
+    return dict(n=n, v=v, h=h, dtype=str(dtype).replace("torch.", ""), shards=shards,
+                mode="gathered" if group and gathered else "vocab-parallel" if group else "unsharded",
+                peak_mib=round(tracker.peak / 2**20, 1),
+                lower_bound_mib=round(bound / 2**20, 1), peak_over_bound=round(tracker.peak / bound, 4),
+                resident_mib=round(bound / 2**20, 1), rank_total_mib=round((bound + tracker.peak) / 2**20, 1))
+
+
+def vocab_parallel_rows(model: str = "llama-3.1-8b", n: int = 8192, ranks=(2, 4)) -> list[dict]:
+    """Per-rank peaks at a model's shape: unsharded, and over each rank count vocabulary-parallel
+    and the gathered-weight baseline."""
+    from .shapes import MODELS
+
+    h, v = MODELS[model]
+    rows = [launcher_peak(n, v, h)]
+    for k in ranks:
+        rows += [launcher_peak(n, v, h, shards=k), launcher_peak(n, v, h, shards=k, gathered=True)]
+    return [dict(model=model, **row) for row in rows]
 
 
 def measure(provider: str = "torch", n: int = 4096, v: int = 32000, h: int = 256) -> dict:
@@ -144,7 +208,17 @@ def main(argv=None) -> None:
     ap.add_argument("--h", type=int, default=256)
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--launcher", action="store_true", help="the Triton launcher's planned peak at the GPU shapes")
+    ap.add_argument("--vocab-parallel", action="store_true",
+                    help="per-rank planned peaks at Llama-3.1-8B, N=8192: unsharded, vocab-parallel and gathered-weight "
+                         "over 2 and 4 ranks")
     args = ap.parse_args(argv)
+    if args.launcher or args.vocab_parallel:
+        import os
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the op's check (the kernels are no-ops)
+    if args.vocab_parallel:
+        for row in vocab_parallel_rows():
+            print(json.dumps(row))
+        return
     if args.launcher:
         from .shapes import MODELS, TOKENS
 

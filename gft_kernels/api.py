@@ -57,6 +57,8 @@ def gft_loss(
     launch_options=None,
     return_stats: bool = False,
     check_values: bool = True,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
 ) -> Tensor | tuple[Tensor, GFTStats]:
     """Group Fine-Tuning loss from hidden states, without materializing the ``[N x V]`` logits.
 
@@ -95,6 +97,18 @@ def gft_loss(
             rectified fraction, mean target probability, accuracy, ratio, clip fraction, KL)
             from the same pass.
         check_values: check target ids, advantages and log-probs by value (one host sync on CUDA).
+        vocab_parallel_group: a ``torch.distributed`` process group over which the lm_head is
+            split by vocabulary rows (tensor / vocabulary parallelism): ``lm_head`` (and ``bias``)
+            are this rank's rows ``[vocab_start, vocab_start + V_local)`` of the full ``[V, H]``
+            head; every other input (hidden, targets as *global* ids, adv, log-probs) and every
+            option is the same on every rank of the group. The loss, the stats and ``dhidden``
+            are those of the unsharded op on every rank; the lm_head's (and bias's) gradient is
+            this shard's rows. The weight is never gathered: the forward all-reduces O(N)
+            per-token statistics, the backward all-reduces ``dhidden`` ``[N, H]``. Engines
+            ``"torch"`` and ``"triton"``. Every rank must call the op (collectives inside).
+        vocab_start: the first global vocabulary row of this rank's shard; None derives it from
+            the shards' sizes in group-rank order (rank 0 holds the first rows) with one small
+            all-gather, which also checks that the shards tile ``[0, V)``.
 
     Under ``torch.autocast`` the product's inputs are cast to the autocast dtype, as
     ``nn.Linear`` would (float64 excepted); gradients come back in the inputs' own dtypes, and
@@ -126,8 +140,8 @@ def gft_loss(
     options = dict(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, temperature=temperature,
                    softcap=softcap, old_logp=old_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
                    ref_logp=ref_logp, beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend,
-                   launch_options=launch_options,
-                   return_stats=return_stats, check_values=check_values)
+                   launch_options=launch_options, return_stats=return_stats, check_values=check_values,
+                   vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start)
     tau, temperature, softcap, normalizer = check_options(
         tau, reduction, normalizer, temperature, softcap, backend, ignore_index
     )
@@ -149,8 +163,14 @@ def gft_loss(
         if not isinstance(launch_options, LaunchOptions):
             raise TypeError(f"launch_options must be a gft_kernels.triton_ops.LaunchOptions or None, "
                             f"got {type(launch_options).__name__}")
+    vocab_size = weight.shape[0]
+    if vocab_parallel_group is not None:
+        if backend == "reference":
+            raise ValueError("vocab_parallel_group needs backend 'torch' or 'triton' (the reference materializes "
+                             "the full logits)")
+        vocab_start, vocab_size = vocab_shard(vocab_parallel_group, weight.shape[0], vocab_start, hidden.device)
     if check_values:
-        check_input_values(targets, adv, normalizer, weight.shape[0], ignore_index, per_token)
+        check_input_values(targets, adv, normalizer, vocab_size, ignore_index, per_token)
 
     shape = targets.shape
     h_dim = hidden.shape[-1]
@@ -163,9 +183,17 @@ def gft_loss(
     valid = flat_targets != ignore_index
     safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
 
+    engine_targets = safe_targets
+    if vocab_parallel_group is not None:
+        # local column of the target where this rank owns it, else -1 (matches no column)
+        local = flat_targets - vocab_start
+        owned = valid & (local >= 0) & (local < weight.shape[0])
+        engine_targets = torch.where(owned, local, torch.full_like(local, -1))
+
     with_entropy = return_stats or terms.needs_entropy
     leaves = [x for x in (hidden2d, weight, bias) if x is not None]
-    if (backend == "torch" and reduction != "none" and hidden2d.shape[0] and torch.is_grad_enabled()
+    if (backend == "torch" and vocab_parallel_group is None and reduction != "none" and hidden2d.shape[0]
+            and torch.is_grad_enabled()
             and any(x.requires_grad for x in leaves)):
         # A scalar loss that will be differentiated: the chunked engine forms the gradients in
         # the same pass (3 products, no recompute) and the backward only scales them.
@@ -196,8 +224,9 @@ def gft_loss(
         target_is_max = valid
     else:
         logp, entropy, target_is_max = fused_logprobs(
-            _engine(backend), hidden2d, weight, bias, safe_targets, valid,
+            _engine(backend), hidden2d, weight, bias, engine_targets, valid,
             temperature, softcap, with_entropy, launch_options if backend == "triton" else None,
+            vocab_parallel_group,
         )
 
     loss_tok, aux = per_token_loss(logp, entropy, valid, adv.reshape(-1), tau, terms)
@@ -205,6 +234,37 @@ def gft_loss(
     if not return_stats:
         return loss
     return loss, head_stats(logp, entropy, target_is_max, valid, tau, aux, shape)
+
+
+def vocab_shard(group, rows: int, start: int | None, device) -> tuple[int, int]:
+    """(first global row of this rank's shard, full vocabulary size V) of an lm_head split by
+    vocabulary over ``group``, where this rank holds ``rows`` rows starting at ``start`` (None:
+    after the shards of the lower group ranks). One all-gather of two integers per rank; checks
+    that the shards tile ``[0, V)`` without gaps or overlaps."""
+    import torch.distributed as dist
+
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+        raise ValueError(f"vocab_start must be an int >= 0 or None, got {start!r}")
+    on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    mine = torch.tensor([-1 if start is None else start, rows], dtype=torch.int64, device=on)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    every = torch.stack(every).tolist()
+    given = [s for s, _ in every if s >= 0]
+    if 0 < len(given) < len(every):
+        raise ValueError("vocab_start must be given on every rank of vocab_parallel_group or on none")
+    if not given:
+        starts, acc = [], 0
+        for _, n in every:
+            starts.append(acc)
+            acc += n
+        every = [[s0, n] for s0, (_, n) in zip(starts, every)]
+    vocab = sum(n for _, n in every)
+    ends = sorted((s0, s0 + n) for s0, n in every)
+    if ends[0][0] != 0 or any(a[1] != b[0] for a, b in zip(ends, ends[1:])):
+        raise ValueError(f"the lm_head shards of vocab_parallel_group must tile [0, V) without gaps or overlaps; "
+                         f"got rows [start, end) = {ends}")
+    return every[dist.get_rank(group)][0], vocab
 
 
 class GFTLoss(nn.Module):
@@ -233,6 +293,8 @@ class GFTLoss(nn.Module):
         backend: str = "auto",
         return_stats: bool = False,
         check_values: bool = True,
+        vocab_parallel_group=None,
+        vocab_start: int | None = None,
     ):
         super().__init__()
         # Fail at construction, not at the first step.
@@ -244,6 +306,7 @@ class GFTLoss(nn.Module):
             temperature=temperature, softcap=softcap, clip_low=clip_low, clip_high=clip_high,
             dual_clip=dual_clip, beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend,
             return_stats=return_stats, check_values=check_values,
+            vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
         )
 
     def forward(self, hidden, lm_head, targets, adv, old_logp=None, ref_logp=None):

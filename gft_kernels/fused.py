@@ -7,11 +7,24 @@ lives in ``head.py`` and reaches the engine only through ``g``.
 
 Engine contract (module-level functions):
 
-    forward(hidden [N,H], weight [V,H], bias [V]|None, targets [N], valid [N] bool,
-            temperature, softcap, with_entropy, options=None) -> RowStats
+    partials(hidden [N,H], weight [V,H], bias [V]|None, targets [N], valid [N] bool,
+             temperature, softcap, with_entropy, options=None, *, outside=False)
+        -> Tensor [3 | 5, S, N]: per-row statistics of S disjoint sets of columns, unmerged
+    forward(<the same arguments>) -> RowStats          (rows_from_partials of the above)
     backward(hidden, weight, bias, targets, m, log_s, q, g [N] f32, temperature, softcap,
-             need_dhidden, need_dweight, need_dbias, *, entropy=None, g_entropy=None, options=None)
+             need_dhidden, need_dweight, need_dbias, *, entropy=None, g_entropy=None, options=None,
+             outside=False)
         -> (dhidden|None, dweight|None, dbias|None)
+
+The partial statistics of a row over a set of columns are its max ``m``, ``s_excl`` = the sum
+over the non-target columns of ``exp(z - m)``, the target logit ``z_t`` (0 when the target is
+not among the columns) and, for entropy, ``s_all = sum exp(z - m)`` and ``t = sum exp(z - m)
+(z - m)``; rows that are not valid hold zeros. ``merge_partials`` merges them, exactly and in
+O(N) per set, whether the sets are the Triton forward's vocabulary splits or the vocabulary
+shards of the ranks of a process group (``gft_loss(..., vocab_parallel_group=...)``); then
+``finish_logprob`` gives the per-token results. ``outside=True``: some targets are -1, a token
+whose target lies in another rank's shard; it matches no column (its ``z_t`` partial is 0 and
+its backward has no target column here).
 
 ``options`` are the engine's own launch options (the Triton engine's ``LaunchOptions``; the
 chunked engine has none and ignores them).
@@ -38,6 +51,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -54,12 +68,23 @@ class RowStats(NamedTuple):
 
 
 class LinearLogProb(torch.autograd.Function):
-    """(logp, entropy, target_is_max) per row; entropy carries a gradient when asked for."""
+    """(logp, entropy, target_is_max) per row; entropy carries a gradient when asked for.
+
+    With a process ``group`` (vocabulary parallelism), ``weight``/``bias`` are this rank's rows of
+    the lm_head and ``targets`` are local (-1 where another rank owns the target): the forward
+    merges the ranks' partial statistics (two all-reduces of O(N) floats), the backward forms
+    this shard's dW/db and all-reduces dH, the sum of every shard's contribution.
+    """
 
     @staticmethod
-    def forward(ctx, engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options):
-        rows = engine.forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options)
+    def forward(ctx, engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options,
+                group=None):
+        extra = {} if group is None else dict(outside=True)
+        part = engine.partials(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options,
+                               **extra)
+        rows = rows_from_partials(part, valid, group)
         ctx.options = options
+        ctx.group = group
         ctx.save_for_backward(hidden, weight, bias, targets, rows.m, rows.log_s, rows.q, rows.entropy)
         ctx.engine = engine
         ctx.temperature = temperature
@@ -76,6 +101,7 @@ class LinearLogProb(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[1:4]
         if dlogp is None:
             dlogp = torch.zeros_like(q)
+        extra = {} if ctx.group is None else dict(outside=True)
         # A backward run inside an autocast region must not recast the engine's products
         # (custom_bwd's treatment: the forward ran with autocast off, so does the backward).
         with torch.autocast(hidden.device.type, enabled=False):
@@ -83,9 +109,45 @@ class LinearLogProb(torch.autograd.Function):
                 hidden, weight, bias, targets, m, log_s, q, dlogp.to(q.dtype),
                 ctx.temperature, ctx.softcap, need_dh, need_dw, need_db and bias is not None,
                 entropy=entropy if dentropy is not None else None,
-                g_entropy=dentropy.to(q.dtype) if dentropy is not None else None, options=ctx.options,
+                g_entropy=dentropy.to(q.dtype) if dentropy is not None else None, options=ctx.options, **extra,
             )
-        return None, dh, dw, db, None, None, None, None, None, None
+        if ctx.group is not None and dh is not None:
+            dist.all_reduce(dh, group=ctx.group)  # every shard's dz @ W_shard, summed
+        return None, dh, dw, db, None, None, None, None, None, None, None
+
+
+def merge_partials(part, group=None):
+    """Merge per-row partial statistics ``part [3 | 5, S, N]`` of S disjoint column sets (see
+    the module docstring) onto the rows' common max: returns ``(m, s_excl, z_t, s_all, t)``,
+    each ``[N]`` (s_all and t None without entropy). With a process ``group`` the sets of every
+    rank are merged too: an all-reduce (max) of ``m``, then one (sum) of the rescaled sums, so
+    every rank ends with the statistics of the whole vocabulary."""
+    m = part[0].amax(dim=0)
+    if group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    shift = part[0] - m                          # <= 0
+    scale = torch.exp(shift)
+    merged = [(part[1] * scale).sum(dim=0),
+              part[2].sum(dim=0)]                # only the set holding the target adds a nonzero z_t
+    if part.shape[0] == 5:
+        merged.append((part[3] * scale).sum(dim=0))
+        merged.append((scale * (part[4] + shift * part[3])).sum(dim=0))   # t re-centred on m
+    if group is not None:
+        merged = torch.stack(merged)
+        dist.all_reduce(merged, group=group)
+        merged = list(merged)
+    s_excl, z_t, *ent = merged
+    s_all, t = ent if ent else (None, None)
+    return m, s_excl, z_t, s_all, t
+
+
+def rows_from_partials(part, valid, group=None) -> "RowStats":
+    """RowStats of the merged partial statistics (``merge_partials``), 0 at rows not valid."""
+    m, s_excl, z_t, s_all, t = merge_partials(part, group)
+    logp, log_s, q, entropy, is_max = finish_logprob(m, s_excl, z_t, s_all, t)
+    zero = torch.zeros_like(logp)
+    entropy = zero if entropy is None else entropy
+    return RowStats(*(torch.where(valid, x, zero) for x in (logp, m, log_s, q, entropy)), is_max & valid)
 
 
 def finish_logprob(m, s_excl, z_t, s_all=None, t=None):
@@ -108,12 +170,14 @@ def finish_logprob(m, s_excl, z_t, s_all=None, t=None):
 
 
 @torch.compiler.disable
-def fused_logprobs(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None):
+def fused_logprobs(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None,
+                   group=None):
     """``LinearLogProb`` applied eagerly, also inside ``torch.compile``d code: dynamo graph-breaks
     here instead of tracing the chunk loops and kernel launches (which it would unroll per
     shape, or cannot trace at all through Triton's CPU interpreter). The model around the loss
     still compiles; gradients flow through the break."""
-    return LinearLogProb.apply(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options)
+    return LinearLogProb.apply(engine, hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options,
+                               group)
 
 
 class _PrecomputedGrads(torch.autograd.Function):

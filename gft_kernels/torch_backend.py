@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .fused import RowStats, finish_logprob
+from .fused import RowStats, finish_logprob, rows_from_partials
 
 # Bytes of one fp32 [C x V] chunk buffer; C = max(1, CHUNK_BYTES // (4 V)).
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -67,9 +67,11 @@ class _LogitsChunk:
         return z
 
 
-def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None):
+def partials(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None, *,
+             outside=False):
+    """Per-row partial statistics ``[3 | 5, 1, N]`` over this weight's columns (fused.py)."""
     n, v = hidden.shape[0], weight.shape[0]
-    stats = torch.zeros(5, n, device=hidden.device, dtype=_acc_dtype(hidden.dtype))  # m, s_excl, z_t, s_all, t
+    stats = torch.zeros(5 if with_entropy else 3, n, device=hidden.device, dtype=_acc_dtype(hidden.dtype))
     rows = _selected_rows(valid)
     count = n if rows is None else rows.numel()
     c = _chunk_rows(count, v)
@@ -77,26 +79,35 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
     for start in range(0, count, c):
         idx = torch.arange(start, min(start + c, count), device=hidden.device) if rows is None else rows[start:start + c]
         tgt = targets.index_select(0, idx)[:, None]
+        own = None
+        if outside:  # -1: the target is in another rank's shard
+            own = tgt >= 0
+            tgt = tgt.clamp_min(0)
         z = logits(hidden.index_select(0, idx))
         m = z.amax(dim=1)
         z_t = z.gather(1, tgt).squeeze(1)
+        if own is not None:
+            z_t = torch.where(own.squeeze(1), z_t, 0.0)
         e = z.sub_(m[:, None]).exp_()                           # exp(z - m), in place
         if with_entropy:
             # sum exp(z - m) (z - m) = -sum entr(e), entr(e) = -e ln e
             stats[3].index_copy_(0, idx, e.sum(dim=1))
             stats[4].index_copy_(0, idx, -torch.special.entr(e).sum(dim=1))
-        e.scatter_(1, tgt, 0.0)                                  # exclude the target column
+        # exclude the target column (a column of another shard's target keeps its value)
+        e.scatter_(1, tgt, 0.0 if own is None else torch.where(own, 0.0, e.gather(1, tgt)))
         stats[0].index_copy_(0, idx, m)
         stats[1].index_copy_(0, idx, e.sum(dim=1))
         stats[2].index_copy_(0, idx, z_t)
-    logp, log_s, q, entropy, is_max = finish_logprob(*stats[:3], *(stats[3:] if with_entropy else (None, None)))
-    zero = torch.zeros_like(logp)
-    entropy = zero if entropy is None else entropy
-    return RowStats(*(torch.where(valid, x, zero) for x in (logp, stats[0], log_s, q, entropy)), is_max & valid)
+    return stats[:, None]
+
+
+def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None, *, outside=False):
+    part = partials(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options, outside=outside)
+    return rows_from_partials(part, valid)
 
 
 def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db, *,
-             entropy=None, g_entropy=None, options=None):
+             entropy=None, g_entropy=None, options=None, outside=False):
     n, v = hidden.shape[0], weight.shape[0]
     dh = torch.zeros_like(hidden) if need_dh else None
     # dW accumulates over chunks: in fp32 for half inputs (one rounding at the end).
@@ -124,6 +135,10 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
         # would be NaN.
         lp = z.sub_(m.index_select(0, idx)[:, None]).sub_(log_s.index_select(0, idx)[:, None]).clamp_max_(0.0)
         tgt = targets.index_select(0, idx)[:, None]
+        own = None
+        if outside:  # -1: the target is in another rank's shard (no target column here)
+            own = tgt >= 0
+            tgt = tgt.clamp_min(0)
         target_value = g_c * q.index_select(0, idx)[:, None]
         if g_entropy is None:
             dz = lp.exp_().mul_(-g_c)
@@ -136,6 +151,8 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
             target_value = target_value - g_h * p.gather(1, tgt) * lp_h.gather(1, tgt)
             dz = lp_h.mul_(g_h).add_(g_c).mul_(p).neg_()
             del p
+        if own is not None:
+            target_value = torch.where(own, target_value, dz.gather(1, tgt))
         dz.scatter_(1, tgt, target_value)
         if cap_grad is not None:
             dz.mul_(cap_grad)

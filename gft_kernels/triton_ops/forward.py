@@ -5,7 +5,8 @@ its share of the vocabulary in BLOCK_V tiles and keeps, per row, an online max `
 ``s_excl = sum over non-target columns of exp(z - m)`` and the target logit ``z_t`` (and for
 entropy ``s_all`` and ``t = sum exp(z - m) (z - m)``). Excluding the target from the sum is
 what gives ``logp`` and ``1 - p`` full precision for confident tokens (``fused.finish_logprob``).
-The splits' partial results are merged by the launcher in O(splits x N) floats.
+The splits' partial results, stored at each row's own index, are merged by ``fused.merge_partials``
+in O(splits x N) floats.
 """
 import triton
 import triton.language as tl
@@ -69,7 +70,7 @@ def gft_forward_kernel(
             s_all = s_all * alpha + tl.sum(e, axis=1)
         m = m_new
 
-    out = pid_s * N + pos
+    out = pid_s * N + rows  # row order: the merge needs no permutation (rows past n_active masked)
     tl.store(m_part_ptr + out, m, mask=row_mask)
     tl.store(s_excl_part_ptr + out, s_excl, mask=row_mask)
     tl.store(zt_part_ptr + out, z_t, mask=row_mask)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..fused import RowStats, finish_logprob
+from ..fused import rows_from_partials
 from .backward import gft_backward_kernel, gft_dlogits_kernel
 from .forward import gft_forward_kernel
 
@@ -167,7 +167,11 @@ def _num_splits(n_blocks_m: int, n_blocks_v: int, device: torch.device, programs
     return max(1, min(n_blocks_v // 8, triton.cdiv(programs_per_sm * sms, max(n_blocks_m, 1))))
 
 
-def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None):
+def partials(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None, *,
+             outside=False):
+    """Per-row partial statistics ``[3 | 5, splits, N]`` of the forward's vocabulary splits
+    (fused.py), in row order, zeros at rows that are not valid. Targets of -1 (``outside``)
+    match no column: the kernels compare columns with the target id."""
     options = options or DEFAULT_OPTIONS
     n, h_dim = hidden.shape
     v = weight.shape[0]
@@ -178,8 +182,9 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
     splits = _num_splits(n_blocks_m, n_blocks_v, hidden.device, options.fwd_programs_per_sm)
     cols_per_split = triton.cdiv(n_blocks_v, splits) * cfg.block_v
     splits = triton.cdiv(v, cols_per_split)  # every split has at least one column
-    # partial statistics of each split: m, s_excl, z_t (and s_all, t for entropy)
-    part = torch.empty(5 if with_entropy else 3, splits, n, device=hidden.device, dtype=torch.float32)
+    # partial statistics of each split: m, s_excl, z_t (and s_all, t for entropy); the kernel
+    # writes the valid rows only
+    part = torch.zeros(5 if with_entropy else 3, splits, n, device=hidden.device, dtype=torch.float32)
     gft_forward_kernel[(n_blocks_m, splits)](
         hidden, weight, bias if bias is not None else hidden, targets, order, n_active,
         part[0], part[1], part[2], *((part[3], part[4]) if with_entropy else (part[0], part[0])),
@@ -189,25 +194,12 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
         BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
     )
-    # Merge the splits onto the common max m. Positions past n_active were never written
-    # (garbage); they are masked out before scattering back to the original rows.
-    m = part[0].amax(dim=0)
-    scale = torch.exp(part[0] - m)
-    s_excl = (part[1] * scale).sum(dim=0)
-    z_t = part[2].sum(dim=0)  # only the split holding the target adds a nonzero value
-    s_all = t = None
-    if with_entropy:
-        s_all = (part[3] * scale).sum(dim=0)
-        t = (scale * (part[4] + (part[0] - m) * part[3])).sum(dim=0)
-    logp, log_s, q, entropy, is_max = finish_logprob(m, s_excl, z_t, s_all, t)
-    live = torch.arange(n, device=hidden.device) < n_active
-    out = []
-    for x in (logp, m, log_s, q, entropy, is_max):
-        row_x = torch.zeros_like(m, dtype=torch.bool if x is is_max else m.dtype)
-        if x is not None:
-            row_x[order] = torch.where(live, x, torch.zeros_like(x))
-        out.append(row_x)
-    return RowStats(*out)
+    return part
+
+
+def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None, *, outside=False):
+    part = partials(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options, outside=outside)
+    return rows_from_partials(part, valid)
 
 
 @dataclass(frozen=True)
@@ -402,7 +394,7 @@ def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_acti
 
 
 def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db, *,
-             entropy=None, g_entropy=None, options=None):
+             entropy=None, g_entropy=None, options=None, outside=False):
     options = options or DEFAULT_OPTIONS
     n, h_dim = hidden.shape
     v = weight.shape[0]
