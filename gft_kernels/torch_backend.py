@@ -106,6 +106,22 @@ def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_ent
     return rows_from_partials(part, valid)
 
 
+def _add_products(dz, h, idx, cap_grad, temperature, logits, dh, dw32, db32):
+    """dz (the gradient w.r.t. the capped, scaled logits of rows ``idx``) through the softcap and
+    temperature, then into db, dW (accumulated in their precision) and the rows of dH."""
+    if cap_grad is not None:
+        dz.mul_(cap_grad)
+    if temperature != 1.0:
+        dz.mul_(1.0 / temperature)                       # dL/d(h W^T + b)
+    if db32 is not None:
+        db32 += dz.sum(dim=0)
+    if dw32 is not None:
+        dw32.addmm_(dz.t(), h.to(dw32.dtype))
+    if dh is not None:
+        dz_in = logits.zin[: dz.shape[0]].copy_(dz) if logits.half else dz
+        dh.index_copy_(0, idx, dz_in @ logits.weight)
+
+
 def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db, *,
              entropy=None, g_entropy=None, options=None, outside=False):
     n, v = hidden.shape[0], weight.shape[0]
@@ -154,17 +170,7 @@ def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap
         if own is not None:
             target_value = torch.where(own, target_value, dz.gather(1, tgt))
         dz.scatter_(1, tgt, target_value)
-        if cap_grad is not None:
-            dz.mul_(cap_grad)
-        if temperature != 1.0:
-            dz.mul_(1.0 / temperature)                       # dL/d(h W^T + b)
-        if db32 is not None:
-            db32 += dz.sum(dim=0)
-        if dw32 is not None:
-            dw32.addmm_(dz.t(), h.to(acc))
-        if dh is not None:
-            dz_in = logits.zin[: dz.shape[0]].copy_(dz) if logits.half else dz
-            dh.index_copy_(0, idx, dz_in @ weight)
+        _add_products(dz, h, idx, cap_grad, temperature, logits, dh, dw32, db32)
     dw = None if dw32 is None else dw32.to(weight.dtype)
     db = None if db32 is None else db32.to(bias.dtype)
     return dh, dw, db
@@ -231,17 +237,7 @@ def loss_and_grads(hidden, weight, bias, targets, valid, temperature, softcap, w
             target_value = target_value - g_h[:, None] * p.gather(1, tgt) * lp_h.gather(1, tgt)
             dz = lp_h.mul_(g_h[:, None]).add_(g[:, None]).mul_(p).neg_()
         dz.scatter_(1, tgt, target_value)
-        if cap_grad is not None:
-            dz.mul_(cap_grad)
-        if temperature != 1.0:
-            dz.mul_(1.0 / temperature)
-        if db32 is not None:
-            db32 += dz.sum(dim=0)
-        if dw32 is not None:
-            dw32.addmm_(dz.t(), h.to(acc))
-        if dh is not None:
-            dz_in = logits.zin[: dz.shape[0]].copy_(dz) if logits.half else dz
-            dh.index_copy_(0, idx, dz_in @ weight)
+        _add_products(dz, h, idx, cap_grad, temperature, logits, dh, dw32, db32)
         for k, x in enumerate((logp, m, log_s, q, entropy, is_max)):
             stats[k].index_copy_(0, idx, x.to(acc))
     if rows is None:  # every row was computed: rows that are not valid report 0
