@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,13 +127,21 @@ def _worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+def _in_fresh_process(*args) -> str:
+    """Run this file's ``__main__`` with ``args`` in a new Python: its workers are forked from a
+    process that has started no thread pool yet (forking the test runner, whose earlier tests
+    started OpenMP and gloo threads, can deadlock the children). Forked, not spawned: a spawned
+    worker spends most of its time importing torch and triton again."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, __file__, *args], cwd=ROOT / "tests", env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_equals_one_process(world, tmp_path):
-    # forked, not spawned: the workers inherit the imported torch, triton and gft_kernels (a
-    # spawned worker spends most of its time importing them again)
-    import gft_kernels.triton_ops.launch  # noqa: F401  (imported here, under TRITON_INTERPRET=1)
-    mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-                       start_method="fork")
+    _in_fresh_process("ranks", str(world), str(tmp_path))
     for rank in range(world):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert results.pop("refuses-overlap") == 1.0
@@ -141,13 +151,26 @@ def test_vocab_parallel_equals_one_process(world, tmp_path):
             assert errs and max(errs.values()) <= tol, (rank, name, errs)
 
 
-def test_readme_vocab_parallel_example_runs(capfd):
-    """The README's multi-process example: its ``main`` on 2 forked processes (its
-    ``mp.spawn`` would import torch again in each, the most of a minute on a busy CI machine)."""
+def _readme_block() -> str:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     [block] = [b for b in blocks if b.startswith("# tested: tests/test_vocab_parallel.py")]
-    assert 'if __name__ == "__main__":\n    mp.spawn(main, args=(2,), nprocs=2)' in block
-    namespace = {"__name__": "readme_example"}
-    exec(compile(block, "README.md", "exec"), namespace)
-    mp.start_processes(namespace["main"], args=(2,), nprocs=2, start_method="fork")
-    assert "same as one process" in capfd.readouterr().out
+    return block
+
+
+def test_readme_vocab_parallel_example_runs():
+    """The README's multi-process example: its ``main`` on 2 forked processes (its ``mp.spawn``
+    would import torch again in each, the most of a minute on a busy CI machine)."""
+    assert 'if __name__ == "__main__":\n    mp.spawn(main, args=(2,), nprocs=2)' in _readme_block()
+    assert "same as one process" in _in_fresh_process("readme")
+
+
+if __name__ == "__main__":
+    import gft_kernels.triton_ops.launch  # noqa: F401  (imported before the fork, under TRITON_INTERPRET=1)
+
+    if sys.argv[1] == "ranks":
+        world, out = int(sys.argv[2]), sys.argv[3]
+        mp.start_processes(_worker, args=(world, str(Path(out) / "init"), out), nprocs=world, start_method="fork")
+    else:
+        namespace = {"__name__": "readme_example"}
+        exec(compile(_readme_block(), "README.md", "exec"), namespace)
+        mp.start_processes(namespace["main"], args=(2,), nprocs=2, start_method="fork")
