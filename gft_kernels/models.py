@@ -159,6 +159,8 @@ def logits_transform(model) -> LogitsTransform:
 
 
 def _head(model):
+    """The output head as the model calls it: the linear layer itself, or the FSDP1 unit that
+    wraps it (``_linear`` gives the layer inside)."""
     arch = _arch(model)
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -166,28 +168,86 @@ def _head(model):
         raise UnsupportedModelError(f"{arch}: get_output_embeddings() returns no output head")
     if not isinstance(head, nn.Module):
         raise UnsupportedModelError(f"{arch}: its output head is a {type(head).__name__}, not a linear layer")
-    names = sorted(n for n, _ in head.named_parameters())
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or names not in (["weight"], ["bias", "weight"]):
+    linear = _linear(head)
+    names = sorted(n.replace(_FSDP1_PREFIX, "") for n, _ in head.named_parameters())
+    if names == [_FSDP1_FLAT]:      # FSDP1 without use_orig_params: checked inside the call
+        return head
+    if not isinstance(getattr(linear, "weight", None), Tensor) or names not in (["weight"], ["bias", "weight"]):
         raise UnsupportedModelError(
-            f"{arch}: its output head {type(head).__name__} has parameters {names}; only a linear "
+            f"{arch}: its output head {type(linear).__name__} has parameters {names}; only a linear "
             "layer (weight [V, H] and an optional bias) can be fused")
-    if weight.dim() != 2 and not hasattr(weight, "ds_id"):
-        raise UnsupportedModelError(
-            f"{arch}: its output head's weight has shape {tuple(weight.shape)}, not [V, H] "
-            "(a flattened FSDP1 shard? use FSDP2 (fully_shard) or DDP)")
     return head
 
 
-def _full_weight(weight):
-    """The head weight as one tensor the loss can read in forward and backward."""
-    if hasattr(weight, "ds_id"):
-        raise NotImplementedError(
-            "DeepSpeed ZeRO-3 partitions the lm_head weight; gathering it across the fused loss's "
-            "backward is not supported yet: use ZeRO-2, DDP or FSDP2")
-    if type(weight).__name__ == "DTensor" or hasattr(weight, "full_tensor"):
-        return weight.full_tensor()   # FSDP2 / tensor parallel: differentiable all-gather
-    return weight
+_FSDP1_PREFIX = "_fsdp_wrapped_module."
+_FSDP1_FLAT = "_flat_param"
+
+
+def _linear(head):
+    """The linear layer of a head: itself, or the module an FSDP1 unit wraps."""
+    return getattr(head, "_fsdp_wrapped_module", head)
+
+
+def _call_head(head, fn, x):
+    """``fn(weight, bias, x)`` run as the head's own forward: ``head(x)`` with the linear layer's
+    forward swapped for ``fn``. Whatever a sharding framework hooks onto the head's call then
+    happens as for its usual product: FSDP1 and FSDP2 units and DeepSpeed ZeRO-3 gather the
+    weight for the forward, release it after, gather it again for the backward (the fused
+    backward recomputes the logits) and reduce its gradient into the sharded parameter. On an
+    unsharded head this is just ``fn(head.weight, head.bias, x)``. (A forward hook a user put on
+    the head sees ``fn``'s result in place of logits.)"""
+    linear = _linear(head)
+    had = "forward" in linear.__dict__
+    own = linear.__dict__.get("forward")
+    linear.forward = lambda inp: fn(linear.weight, getattr(linear, "bias", None), inp)
+    try:
+        return head(x)
+    finally:
+        if had:
+            linear.forward = own
+        else:
+            del linear.forward
+
+
+def _uses_fsdp2(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _whole(weight, bias, fsdp2: bool = False):
+    """(weight, bias, vocabulary-parallel group): the head's parameters as the loss reads them.
+
+    Inside the head's call the frameworks have gathered them; a DTensor still sharded on the
+    vocabulary dimension (tensor parallelism: every rank of its mesh holds the same tokens) is
+    taken shard by shard by the vocabulary-parallel op, and any other DTensor is gathered. Under
+    FSDP2 (``fsdp2``) a DTensor here is a data-parallel shard the framework failed to gather (each
+    rank holds other tokens): an error, never the vocabulary-parallel path."""
+    if type(weight).__name__ == "DTensor":
+        from torch.distributed.tensor import Replicate, Shard
+
+        placements = tuple(weight.placements)
+        mesh = weight.device_mesh
+        if fsdp2:
+            raise UnsupportedModelError(
+                "the output head's weight is still an FSDP2 shard inside its call: compute the loss "
+                "inside the forward of the FSDP root module (as gft_train's GFTPolicy does), where "
+                "FSDP2 gathers it")
+        if mesh.ndim == 1 and placements == (Shard(0),) and (
+                bias is None or tuple(getattr(bias, "placements", ())) == (Shard(0),)):
+            return weight.to_local(), None if bias is None else bias.to_local(), mesh.get_group()
+        if all(isinstance(p, (Replicate, Shard)) for p in placements):
+            full = weight.full_tensor()
+            b = bias.full_tensor() if type(bias).__name__ == "DTensor" else bias
+            return full, b, None
+        raise NotImplementedError(f"an lm_head weight DTensor with placements {placements} is not supported")
+    if weight.dim() != 2:
+        raise UnsupportedModelError(
+            f"the output head's weight has shape {tuple(weight.shape)} inside its own call, not [V, H]: "
+            "a sharding framework did not gather it")
+    return weight, bias, None
 
 
 class _Stop(Exception):
@@ -223,7 +283,9 @@ def head_input(model, input_ids, attention_mask=None, **kwargs) -> Tensor:
         captured.append(args[0] if args else next(iter(kw.values())))
         raise _Stop
 
-    handle = head.register_forward_pre_hook(hook, with_kwargs=True)
+    # prepended: it stops the forward before a sharding framework's own pre-forward hook would
+    # gather the head's weight (the loss's call of the head gathers it)
+    handle = head.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         _original_forward(model)(**_forward_kwargs(model, input_ids, attention_mask, kwargs))
     except _Stop:
@@ -260,25 +322,43 @@ def _logits_of(out):
     return logits
 
 
+def _probe_vocab(model, spec: LogitsTransform, weight: Tensor) -> int:
+    """How many token ids a probe may draw from (a sharded head's weight is no guide)."""
+    if weight.dim() == 2:
+        return min(weight.shape[0], spec.vocab or weight.shape[0])
+    return int(spec.vocab or _number(_field(model, "vocab_size")) or 2)
+
+
 def _probe(model, spec: LogitsTransform) -> None:
     arch = _arch(model)
-    head = _head(model)
-    weight = _full_weight(head.weight)
-    bias = getattr(head, "bias", None)
+    linear = _linear(_head(model))
+    weight = linear.weight
     device = weight.device
-    vocab = min(weight.shape[0], spec.vocab or weight.shape[0])
     g = torch.Generator().manual_seed(1234)
-    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
-    mask = torch.ones_like(input_ids)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    state = {"x": None, "replace": None, "calls": 0}
+    # The head's product is formed by hooks on the linear layer, where a sharding framework has
+    # gathered its weight (its pre-hook runs after the framework's; its forward hook before).
+    state = {"x": None, "ours": None, "amplify": False, "calls": 0}
 
-    def hook(module, args, kw):
+    def pre_hook(module, args, kw):
         state["calls"] += 1
-        if state["replace"] is not None and args:
-            return (state["replace"],) + tuple(args[1:]), kw
-        state["x"] = args[0] if args else next(iter(kw.values()), None)
-        return None
+        x = args[0] if args else next(iter(kw.values()), None)
+        if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
+            raise UnsupportedModelError(
+                f"{arch}: its output head's input is not [batch, tokens, hidden] "
+                f"(got {None if not isinstance(x, Tensor) else tuple(x.shape)})")
+        w, b, group = _whole(module.weight, getattr(module, "bias", None))
+        if group is not None:
+            raise UnsupportedModelError(f"{arch}: the probe cannot check a vocabulary-sharded head; "
+                                        "check the model before sharding it (check_model)")
+        if state["amplify"]:
+            synth = torch.randn(x.shape, generator=g, dtype=acc).to(device)
+            peak = float(F.linear(synth, w.to(acc)).abs().max())
+            x = (synth * (PROBE_AMPLITUDE / max(peak, 1e-30))).to(x.dtype)
+        state["x"] = x
+        state["ours"] = F.linear(x, w, b)
+        state["dtypes"] = (w.dtype, x.dtype)
+        return ((x,) + tuple(args[1:]), kw) if args else None
 
     def run():
         state["calls"] = 0
@@ -291,8 +371,8 @@ def _probe(model, spec: LogitsTransform) -> None:
                 f"{arch}: its forward calls its output head {state['calls']} times (one expected)")
         return logits
 
-    def compare(x, logits, what):
-        ours = spec.apply(F.linear(x, weight, bias).to(acc))
+    def compare(logits, what):
+        ours = spec.apply(state["ours"].to(acc))
         if tuple(ours.shape) != tuple(logits.shape):
             raise UnsupportedModelError(
                 f"{arch}: its logits have shape {tuple(logits.shape)}, the head's product after "
@@ -300,7 +380,7 @@ def _probe(model, spec: LogitsTransform) -> None:
         theirs = logits.to(acc)
         err = float((theirs - ours).abs().max())
         size = max(1.0, float(theirs.abs().max()))
-        if not err <= _tolerance(weight.dtype, x.dtype, logits.dtype) * size:
+        if not err <= _tolerance(*state["dtypes"], logits.dtype) * size:
             ratio = float((theirs * ours).sum() / ours.square().sum().clamp_min(1e-30))
             raise UnsupportedModelError(
                 f"{arch}: its logits are not the head's product after "
@@ -308,25 +388,18 @@ def _probe(model, spec: LogitsTransform) -> None:
                 f"(largest {size:.3g}) they differ by {err:.3g} (best scalar fit x{ratio:.4g}); "
                 "it transforms its logits in a way this library does not know")
 
+    vocab = _probe_vocab(model, spec, weight)
+    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
+    mask = torch.ones_like(input_ids)
     modes = [(m, m.training) for m in model.modules()]
-    handle = head.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = linear.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, enabled=False), \
                 torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            logits = run()
-            x = state["x"]
-            if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
-                raise UnsupportedModelError(
-                    f"{arch}: its output head's input is not [batch, tokens, hidden] "
-                    f"(got {None if not isinstance(x, Tensor) else tuple(x.shape)})")
-            compare(x, logits, "natural")
-            synth = torch.randn(x.shape, generator=g, dtype=acc).to(device)
-            peak = float(F.linear(synth, weight.to(acc)).abs().max())
-            if peak > 0:
-                state["replace"] = (synth * (PROBE_AMPLITUDE / peak)).to(x.dtype)
-                logits = run()
-                compare(state["replace"], logits, "amplified")
+            compare(run(), "natural")
+            state["amplify"] = True
+            compare(run(), "amplified")
     finally:
         handle.remove()
         for m, training in modes:
@@ -384,18 +457,24 @@ def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *
         x, targets = x[:, :-1], labels[:, 1:]
     else:
         targets = shift_labels
-    weight = _full_weight(head.weight)
-    bias = getattr(head, "bias", None)
-    if spec.vocab is not None and spec.vocab < weight.shape[0]:
-        weight = weight[: spec.vocab]
-        bias = None if bias is None else bias[: spec.vocab]
-    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-        x = x.to(weight.dtype)        # as models that cast before the head (Mamba, xLSTM) do
-    return gft_loss(x, weight, targets, adv, tau, bias=bias, normalizer=normalizer, reduction=reduction,
-                    temperature=temperature / spec.scale,
-                    softcap=None if spec.softcap is None else spec.softcap / temperature, backend=backend,
-                    ignore_index=ignore_index, return_stats=return_stats, check_values=False,
-                    **(loss_options or {}))
+
+    def loss_of(weight, bias, x):
+        weight, bias, group = _whole(weight, bias, fsdp2=_uses_fsdp2(model))
+        if spec.vocab is not None and group is not None:
+            raise NotImplementedError(f"{_arch(model)}: a vocabulary cut ({spec.vocab}) on a "
+                                      "vocabulary-sharded head is not supported")
+        if spec.vocab is not None and spec.vocab < weight.shape[0]:
+            weight = weight[: spec.vocab]
+            bias = None if bias is None else bias[: spec.vocab]
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight.dtype)        # as models that cast before the head (Mamba, xLSTM) do
+        return gft_loss(x, weight, targets, adv, tau, bias=bias, normalizer=normalizer, reduction=reduction,
+                        temperature=temperature / spec.scale,
+                        softcap=None if spec.softcap is None else spec.softcap / temperature, backend=backend,
+                        ignore_index=ignore_index, return_stats=return_stats, check_values=False,
+                        vocab_parallel_group=group, **(loss_options or {}))
+
+    return _call_head(head, loss_of, x)
 
 
 # ---- patching --------------------------------------------------------------------------------
@@ -405,11 +484,11 @@ def _loss_probe(model):
     most causal LMs; False: label t, as the decoders of encoder-decoder families). Refuses a model
     whose own loss is neither cross-entropy of its logits."""
     arch = _arch(model)
-    weight = _head(model).weight
+    weight = _linear(_head(model)).weight
     device = weight.device
     g = torch.Generator().manual_seed(4321)
     spec = check_model(model)
-    vocab = min(weight.shape[0], spec.vocab or weight.shape[0])
+    vocab = _probe_vocab(model, spec, weight)
     input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
     labels = input_ids.clone()
     labels[0, :2] = -100

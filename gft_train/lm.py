@@ -35,6 +35,11 @@ class Batch:
     def to(self, device):
         return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.labels, self.adv)))
 
+    def masked(self) -> "Batch":
+        """The same sequences with every label ignored and no advantage: a forward that adds
+        nothing to the loss or the gradients."""
+        return Batch(self.input_ids, self.attention_mask, torch.full_like(self.labels, -100), torch.zeros_like(self.adv))
+
     @property
     def n_valid(self) -> int:
         return int((self.labels[:, 1:] != -100).sum())

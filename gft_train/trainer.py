@@ -17,6 +17,7 @@ from the newest complete one and reaches the same weights as an uninterrupted ru
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -92,15 +93,53 @@ def _latest_checkpoint(out: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.split("-")[1])) if done else None
 
 
+def _launch_asks(name: str) -> bool:
+    """Whether ``accelerate launch`` was configured for FSDP or DeepSpeed (it says so in the env)."""
+    return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true")
+
+
+def make_accelerator(mixed_precision: str):
+    """The Accelerator for this launch, with the distribution its config asked for.
+
+    On a machine without CUDA, accelerate quietly turns an FSDP launch into DDP (or into N
+    processes training alone), and under DeepSpeed counts one process on every rank. Here a CPU
+    launch gets what it asked for, over gloo: FSDP is set on the state as accelerate would set it
+    on GPUs, and DeepSpeed's process count is read from torch.distributed. Anything else that
+    was asked for and not given is an error, never a silent fallback."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if torch.cuda.is_available():
+        acc = Accelerator(mixed_precision=mixed_precision)
+    elif _launch_asks("DEEPSPEED"):
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=False)
+        if torch.distributed.is_initialized():
+            state = PartialState()
+            state.num_processes = torch.distributed.get_world_size()
+            state.process_index = torch.distributed.get_rank()
+            state.local_process_index = int(os.environ.get("LOCAL_RANK", state.process_index))
+    else:
+        # cpu=True: a multi-process launch runs real gloo DDP (without it, each process of
+        # `accelerate launch --multi_gpu` silently trains alone)
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=True)
+        if _launch_asks("FSDP") and acc.num_processes > 1:
+            acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+            for state in (acc.state, PartialState()):   # a new AcceleratorState copies PartialState's
+                state.distributed_type = DistributedType.FSDP
+                state.device = torch.device("cpu")
+    for name, kind in (("FSDP", DistributedType.FSDP), ("DEEPSPEED", DistributedType.DEEPSPEED)):
+        if _launch_asks(name) and acc.num_processes > 1 and acc.distributed_type != kind:
+            raise RuntimeError(f"the launch asked for {name} but accelerate set up {acc.distributed_type}")
+    return acc
+
+
 class Trainer:
     def __init__(self, cfg: config_mod.Config):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.cfg = cfg = cfg.resolved()
-        # cpu=True without CUDA: a multi-process launch on a CPU machine then runs real gloo DDP
-        # (without it, each process of `accelerate launch --multi_gpu` silently trains alone)
-        self.acc = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+        self.acc = make_accelerator("bf16" if cfg.bf16 else "no")
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
         model, self.tokenizer = load_model(cfg.model)
@@ -115,6 +154,9 @@ class Trainer:
             model.gradient_checkpointing_enable()
         from transformers import get_scheduler
 
+        # sharded weights cannot generate on one process: it samples from a whole copy,
+        # refreshed from the gathered weights before each rollout
+        self.sampler = copy.deepcopy(model) if self.sharded and self.acc.is_main_process else None
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=cfg.max_steps)
@@ -134,11 +176,49 @@ class Trainer:
     def model(self):
         return self.acc.unwrap_model(self.policy).model
 
-    def _engine(self):
+    @property
+    def sharded(self) -> bool:
+        """Whether the weights are split across processes (FSDP, DeepSpeed ZeRO-3)."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.FSDP:
+            return True
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+            return self.acc.state.deepspeed_plugin.zero_stage == 3
+        return False
+
+    def full_state_dict(self) -> dict:
+        """The model's whole state dict on the main process (every process must call it)."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.DEEPSPEED and self.sharded:
+            import deepspeed
+
+            model = self.model
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if not self.sharded:
+            return self.model.state_dict()
+        if not self.acc.is_fsdp2:
+            # FSDP1 (accelerate's get_state_dict, offloading to the CPU, crashes on a CPU run)
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            with FSDP.summon_full_params(self.policy, writeback=False):
+                state = self.acc.unwrap_model(self.policy).state_dict()
+                state = {k.replace("_fsdp_wrapped_module.", ""): v.detach().clone() for k, v in state.items()}
+        else:
+            state = self.acc.get_state_dict(self.policy)
+        return {k.removeprefix("model."): v for k, v in state.items()}
+
+    def _engine(self, state=None):
+        model = self.model
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state)
+            model = self.sampler
         if self.engine is None:
-            self.engine = make_engine(self.cfg.engine, model=self.model, tokenizer=self.tokenizer,
+            self.engine = make_engine(self.cfg.engine, model=model, tokenizer=self.tokenizer,
                                       model_path=self.cfg.model, cfg=self.cfg)
-        self.engine.load_weights(self.model)
+        self.engine.load_weights(model)
         return self.engine
 
     def _teacher_engine(self):
@@ -152,8 +232,9 @@ class Trainer:
         from accelerate.utils import broadcast_object_list
 
         box = [None]
+        state = self.full_state_dict() if self.cfg.n_self and self.sharded else None
         if self.acc.is_main_process:
-            engine = self._engine() if self.cfg.n_self else None
+            engine = self._engine(state) if self.cfg.n_self else None
             box[0] = build_groups(rows, self.cfg, engine, self.reward_fn, self._teacher_engine(), seed=seed)
         broadcast_object_list(box)
         return box[0]
@@ -212,11 +293,12 @@ class Trainer:
     def save_final(self):
         """The trained model and tokenizer in ``output_dir/final``, renamed into place when complete."""
         self.acc.wait_for_everyone()
+        state = self.full_state_dict()
         if self.acc.is_main_process:
             final = self.out / "final"
             tmp = self.out / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=state)
             self.tokenizer.save_pretrained(tmp)
             config_mod.save(self.cfg, tmp / "gft_config.yaml")
             shutil.rmtree(final, ignore_errors=True)
@@ -224,7 +306,16 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     # ---- the loop -----------------------------------------------------------------------
+    def _max_over_processes(self, n: int) -> int:
+        if self.acc.num_processes == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64, device=self.acc.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
     def train_step(self, groups) -> dict:
+        from accelerate.utils import DistributedType
+
         cfg, acc = self.cfg, self.acc
         # self-samples as the token ids the engine sampled; expert and teacher texts tokenized
         seqs = [(g.prompt, r.train_input, r.advantage) for g in groups for r in g.responses]
@@ -235,6 +326,12 @@ class Trainer:
                               device=acc.device)
         counts = acc.reduce(counts, reduction="sum")
         n_global = counts[0]
+        # Every process runs as many micro-batches as the busiest one: FSDP and ZeRO-3 gather
+        # weights in every forward, a collective all processes must join, and DDP syncs once.
+        # The extra ones are a sequence with every label masked: no loss, zero gradients.
+        n_micro = self._max_over_processes(len(batches))
+        while len(batches) < n_micro:
+            batches.append(encode(self.tokenizer, seqs[:1], cfg.max_length).masked())
         # DDP averages gradients over processes: normalize by the global counts / processes
         reduction, normalizer = aggregation(cfg.loss_aggregation, counts[0].item() / acc.num_processes,
                                             counts[1].item() / acc.num_processes, cfg.max_length)
@@ -247,13 +344,13 @@ class Trainer:
             with ctx, acc.autocast():
                 loss, s = self.policy(batch.input_ids, batch.attention_mask, batch.labels, batch.adv,
                                       cfg.tau, normalizer, reduction, cfg.entropy_coef)
-            acc.backward(loss)
+            if acc.distributed_type == DistributedType.DEEPSPEED:   # the engine steps at the last one
+                acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=sync)
+            else:
+                acc.backward(loss)
             loss_sum += loss.detach()
             sums += s
-        if not batches:  # this process got no sequence: still take part in the gradient sync
-            with acc.autocast():
-                dummy = sum(p.sum() * 0 for p in self.policy.parameters())
-            acc.backward(dummy)
+        # (DeepSpeed clips inside its step, by its config's gradient_clipping, and reports the norm)
         grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -265,7 +362,7 @@ class Trainer:
             "loss": loss_all.item(), "dcr/rectified_frac": (sums[0] / count).item(),
             "dcr/mean_target_prob": (sums[1] / count).item(), "entropy": (sums[2] / count).item(),
             "mean_token_accuracy": (sums[4] / count).item(),
-            "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
             "tokens": int(n_global.item()),
         }
 

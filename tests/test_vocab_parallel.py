@@ -127,6 +127,51 @@ def _worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+def _tensor_parallel_worker(rank, world, init_file, out_dir):
+    """A transformers model whose lm_head weight is a DTensor sharded on the vocabulary (tensor
+    parallelism: every rank holds the same tokens): ``causal_lm_gft_loss`` takes the shards through
+    the vocabulary-parallel op, and the loss, every other parameter's gradient and this rank's
+    shard of the head's gradient equal the unsharded model's."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from gft_kernels.models import causal_lm_gft_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).double()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 37, (3, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    adv = torch.randn(3, generator=g, dtype=torch.float64)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_gft_loss(model, ids, torch.ones_like(ids), labels, adv, 0.7, backend="torch")
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    want_loss, want = run()
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Shard(0)]))
+
+    def no_gather(self, **kwargs):
+        raise AssertionError("the sharded head was gathered")
+    DTensor.full_tensor = no_gather
+    got_loss, got = run()
+    local = got.pop("lm_head.weight").to_local()
+    rows = want.pop("lm_head.weight").chunk(world)[rank]
+    errs = dict(loss=_rel(got_loss, want_loss), head=_rel(local, rows), local_rows=float(local.shape[0] < 37),
+                **{n: _rel(got[n], want[n]) for n in want})
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(errs))
+    dist.destroy_process_group()
+
+
 def _in_fresh_process(*args) -> str:
     """Run this file's ``__main__`` with ``args`` in a new Python: its workers are forked from a
     process that has started no thread pool yet (forking the test runner, whose earlier tests
@@ -151,6 +196,14 @@ def test_vocab_parallel_equals_one_process(world, tmp_path):
             assert errs and max(errs.values()) <= tol, (rank, name, errs)
 
 
+def test_tensor_parallel_lm_head_takes_the_vocabulary_parallel_path(tmp_path):
+    _in_fresh_process("tensor-parallel", "2", str(tmp_path))
+    for rank in range(2):
+        errs = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert errs.pop("local_rows") == 1.0          # the head really was sharded
+        assert len(errs) > 5 and max(errs.values()) <= 1e-12, (rank, errs)
+
+
 def _readme_block() -> str:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     [block] = [b for b in blocks if b.startswith("# tested: tests/test_vocab_parallel.py")]
@@ -167,9 +220,10 @@ def test_readme_vocab_parallel_example_runs():
 if __name__ == "__main__":
     import gft_kernels.triton_ops.launch  # noqa: F401  (imported before the fork, under TRITON_INTERPRET=1)
 
-    if sys.argv[1] == "ranks":
+    if sys.argv[1] in ("ranks", "tensor-parallel"):
         world, out = int(sys.argv[2]), sys.argv[3]
-        mp.start_processes(_worker, args=(world, str(Path(out) / "init"), out), nprocs=world, start_method="fork")
+        worker = _worker if sys.argv[1] == "ranks" else _tensor_parallel_worker
+        mp.start_processes(worker, args=(world, str(Path(out) / "init"), out), nprocs=world, start_method="fork")
     else:
         namespace = {"__name__": "readme_example"}
         exec(compile(_readme_block(), "README.md", "exec"), namespace)
