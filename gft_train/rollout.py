@@ -79,6 +79,9 @@ class TransformersEngine:
                     input_ids=input_ids, attention_mask=mask, do_sample=temperature > 0,
                     temperature=temperature or None, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                     pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                    # one process samples: transformers would otherwise wait on the other
+                    # ranks at every token under ZeRO-3 / FSDP (its synced_gpus default)
+                    synced_gpus=False,
                 )
                 for row in out[:, width:].tolist():
                     # generate fills a finished row with padding after its EOS: keep up to the EOS

@@ -17,7 +17,6 @@ from the newest complete one and reaches the same weights as an uninterrupted ru
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -88,6 +87,23 @@ def load_model(path: str):
     return model, tokenizer
 
 
+def _unpartitioned(build):
+    """``build()`` with transformers' DeepSpeed ZeRO-3 hook off: a model loaded while accelerate's
+    ZeRO-3 config is active is created partitioned (empty on this rank)."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        return build()
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref   # no public getter of the config object
+    active = active() if active is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        return build()
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
     done = [d for d in (out / "checkpoints").glob("step-*") if (d / "trainer_state.json").is_file()]
     return max(done, key=lambda d: int(d.name.split("-")[1])) if done else None
@@ -156,7 +172,9 @@ class Trainer:
 
         # sharded weights cannot generate on one process: it samples from a whole copy,
         # refreshed from the gathered weights before each rollout
-        self.sampler = copy.deepcopy(model) if self.sharded and self.acc.is_main_process else None
+        self.sampler = None
+        if self.sharded and self.acc.is_main_process and cfg.n_self:
+            self.sampler = _unpartitioned(lambda: load_model(cfg.model)[0])
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=cfg.max_steps)
@@ -378,6 +396,10 @@ class Trainer:
             config_mod.save(cfg, self.out / "gft_config.yaml")
             if self.step == 0 and metrics_path.exists():
                 metrics_path.unlink()
+            elif metrics_path.exists():   # resumed: drop the rows of steps after the checkpoint
+                rows = [r for r in metrics_path.read_text().splitlines()
+                        if r.strip() and json.loads(r)["step"] <= self.step]
+                metrics_path.write_text("".join(r + "\n" for r in rows))
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 writer = SummaryWriter(str(self.out / "tensorboard"))
