@@ -170,7 +170,9 @@ def _head(model):
         raise UnsupportedModelError(f"{arch}: its output head is a {type(head).__name__}, not a linear layer")
     linear = _linear(head)
     names = sorted(n.replace(_FSDP1_PREFIX, "") for n, _ in head.named_parameters())
-    if names == [_FSDP1_FLAT]:      # FSDP1 without use_orig_params: checked inside the call
+    if names == [_FSDP1_FLAT] or (names == [] and isinstance(getattr(linear, "weight", None), Tensor)):
+        # FSDP1 without use_orig_params: the head's unit holds a flat parameter, or the head in
+        # an outer unit has plain tensor views for weights; the weight is checked inside the call
         return head
     if not isinstance(getattr(linear, "weight", None), Tensor) or names not in (["weight"], ["bias", "weight"]):
         raise UnsupportedModelError(

@@ -152,7 +152,7 @@ def make_accelerator(mixed_precision: str):
 
 class Trainer:
     def __init__(self, cfg: config_mod.Config):
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedType, set_seed
 
         self.cfg = cfg = cfg.resolved()
         self.acc = make_accelerator("bf16" if cfg.bf16 else "no")
@@ -175,10 +175,21 @@ class Trainer:
         self.sampler = None
         if self.sharded and self.acc.is_main_process and cfg.n_self:
             self.sampler = _unpartitioned(lambda: load_model(cfg.model)[0])
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def adamw(params):
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        if self.acc.distributed_type == DistributedType.FSDP and not self.acc.is_fsdp2:
+            # FSDP1 replaces the parameters (flat ones without use_orig_params): the optimizer
+            # must hold the wrapped model's, or it steps weights the model no longer uses
+            self.policy = self.acc.prepare(GFTPolicy(model))
+            optimizer = adamw(self.policy.parameters())
+            self.optimizer = self.acc.prepare(optimizer)
+        else:   # FSDP2 and DeepSpeed take both at once (they rebuild the optimizer's groups)
+            optimizer = adamw(model.parameters())
+            self.policy, self.optimizer = self.acc.prepare(GFTPolicy(model), optimizer)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                                   num_training_steps=cfg.max_steps)
-        self.policy, self.optimizer = self.acc.prepare(GFTPolicy(model), optimizer)
         # The scheduler is not prepared: accelerate would step it once per process per optimizer
         # step (it assumes a sharded dataloader); one step of ours is one global batch.
         self.scheduler = scheduler

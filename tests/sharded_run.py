@@ -10,6 +10,7 @@ import json
 import sys
 
 import torch
+from safetensors.torch import load_file
 
 torch.set_num_threads(1)
 try:   # DeepSpeed on the CPU would first compile a shared-memory all-reduce (a speed-up, about
@@ -42,13 +43,17 @@ def main():
     weight = head.weight
     # this rank's storage of the head weight: a DTensor's local shard (FSDP2), ZeRO-3's partition,
     # or the parameter itself (FSDP1's view into this rank's flat shard, or a whole replica)
-    local = weight.to_local() if hasattr(weight, "to_local") else getattr(weight, "ds_tensor", weight)
+    def stored(p):
+        return (p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)).numel()
     report = {
         "distributed_type": str(t.acc.distributed_type), "processes": t.acc.num_processes,
         "wrapper": type(t.policy).__name__, "sharded": t.sharded,
         # the head is an FSDP unit of its own (FSDP1 wraps it, FSDP2 changes its class)
         "head_unit": type(head).__name__.startswith(("FullyShardedDataParallel", "FSDP")),
-        "head_local_numel": local.numel(), "head_numel": t.model.config.vocab_size * t.model.config.hidden_size,
+        "head_local_numel": stored(weight), "head_numel": t.model.config.vocab_size * t.model.config.hidden_size,
+        # and of all the weights (FSDP1's flat parameters, where the head's own attribute is a view)
+        "local_numel": sum(stored(p) for p in t.policy.parameters()),
+        "numel": sum(v.numel() for v in load_file(f"{cfg.model}/model.safetensors").values()),
     }
     t.train()
     report["sequences"] = seen
