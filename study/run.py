@@ -85,9 +85,9 @@ def specs(quick: bool) -> list[Spec]:
 
 @dataclass(frozen=True)
 class Budget:
-    base_steps: int = 2000          # pre-training (the base); cosine, lr 3e-3
+    base_steps: int = 3000          # pre-training (the base); cosine, lr 3e-3
     expert_steps: int = 600
-    teacher_steps: int = 150
+    teacher_steps: int = 400
     steps: int = 150                # fine-tuning optimizer steps per run
     curve_points: tuple = (10, 25, 50, 100)   # and the last step
     lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)
@@ -300,17 +300,19 @@ def main(argv=None) -> Path:
     ap.add_argument("--quick", action="store_true", help="two methods, one seed, one rate, a few steps (CI)")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--docs", default="docs")
-    ap.add_argument("--workers", type=int, default=2, help="runs side by side, one thread each (1: in this process)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="runs side by side, one thread each; 1: in this process (default: 2, --quick 1)")
     args = ap.parse_args(argv)
     budget = QUICK if args.quick else FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _threads_one()
     pool = None
-    if args.workers > 1:
+    workers = args.workers or (1 if args.quick else 2)
+    if workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1)
+        pool = mp.get_context("spawn").Pool(workers, maxtasksperchild=1)
     started = time.time()
     try:
         setup = make_setup(out, budget, pool)
@@ -342,7 +344,7 @@ def main(argv=None) -> Path:
     timing = out / "wall_seconds.json"
     if jobs or not timing.exists():
         prior = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
-        timing.write_text(json.dumps({"seconds": round(prior + time.time() - started, 1)}))
+        timing.write_text(json.dumps({"seconds": round(prior + time.time() - started, 1), "workers": workers}))
     from .report import write_report
 
     return write_report(out, Path(args.docs), budget, quick=args.quick)

@@ -22,7 +22,7 @@ from ..trainer import Trainer
 
 REWARD = "gft_train.demo.sums:reward"
 BASE_SHAPE = dict(hidden_size=64, layers=2)
-MAX_NEW_TOKENS, MAX_LENGTH = 20, 40
+MAX_NEW_TOKENS, MAX_LENGTH = 16, 32
 N_TEACHERS = 7
 
 

@@ -20,7 +20,7 @@ SEQS_PER_STEP = 64
 class DemoSize:
     base_steps: int = 1200       # pre-training steps that make the base model
     expert_steps: int = 300
-    teacher_steps: int = 100
+    teacher_steps: int = 200
     steps: int = 100             # SFT and GFT fine-tuning steps, 64 sequences each
     sft_lr: float = 1e-3
     gft_lr: float = 1e-3
