@@ -158,17 +158,19 @@ def _setup_lines(setup: dict, budget, k: str) -> list[str]:
         "## Set-up",
         "",
         "- **Task** (`gft_train.demo.sums`): the sum of three numbers from 0 to 19 (answers 0-57), "
-        "written as a scratchpad of partial sums, `3+17+8=` -> `3+17=20 20+8=28`. The addends can be "
+        "written as a scratchpad of partial sums, `3+17+8=` -> `3+17=20+8=28`. The addends can be "
         "combined in any of 6 orders, all correct: the reward reads only the final number. "
-        "Held-out: unseen triples (in-distribution), triples from 10 to 29 with at least one above 19 "
-        "(harder, OOD: answers up to 87, partial sums the fine-tuning data never reach), and the "
+        "Held-out: unseen triples (in-distribution), triples from 0 to 29 with at least one above 19 "
+        "(harder, OOD: answers up to 87, numbers the fine-tuning data never shows), and the "
         "forgetting probe, digit reversal `(3817)=` -> `7183`: a pre-training skill no fine-tuning "
         "data trains. Every prompt set (pre-training, expert, teacher, fine-tuning, validation, "
         "test) is disjoint from the others.",
-        f"- **Base** (recipe fixed in `study/setup.py`): a tiny Qwen2-style model ({setup.get('shape', '2 layers, 64 wide')}, "
+        f"- **Base** (recipe fixed in `gft_train/demo/recipe.py` and `study/run.py`): a tiny Qwen2-style model ({setup.get('shape', '2 layers, 64 wide')}, "
         f"character tokenizer), {budget.base_steps} SFT steps of 64 sequences, lr 3e-3 cosine, on a "
         "pre-training mix: every single addition a+b with a <= 59, b <= 29 (both orders), 3000 digit "
-        "reversals and 1000 three-number sums in left-to-right order (a little of the target task). "
+        "reversals, and a little of the target task in left-to-right order: 500 three-number sums "
+        "in the fine-tuning range and 100 harder ones (so the base is not at zero on the harder split, "
+        "which the fine-tuning data never shows). "
         f"Greedy accuracy on the validation split along the way (step: accuracy): {curve}.",
         "- **Expert**: the base, SFT for "
         f"{budget.expert_steps} steps on 1500 other prompts written largest-addend-first (one canonical "
@@ -265,6 +267,10 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
             r = next((g for g in grid if g["name"] == n and g["lr"] == x), None)
             cells.append("" if r is None else (f"**{r['val']:.3f}**" if lrs.get(n) == x else f"{r['val']:.3f}"))
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {lrs.get(n, float('nan')):g} |")
+    edge = [n for n in own if lrs.get(n) in (min(budget.lrs), max(budget.lrs))]
+    if edge and len(budget.lrs) > 1:
+        lines += ["", f"At the edge of the grid: {', '.join(f'{n} ({lrs[n]:g})' for n in edge)}; a rate beyond "
+                  "it was not tried, so for these the grid bounds the best rate on one side only."]
     lines += [
         "",
         f"Metrics (`gft_train.evaluate.evaluate_model`): mean pass@1 over {budget.eval_n} samples at "
@@ -342,8 +348,8 @@ LIMITS = [
     "learning rates come from a grid on a validation split, not from one shared value, and the "
     "curves show whether the runs had flattened.",
     "",
-    "It cannot say what happens at the paper's scale: a model of about 0.1M parameters with a "
-    "20-symbol vocabulary, a synthetic task whose 'reasoning' is two additions, a few hundred "
+    "It cannot say what happens at the paper's scale: a model of 0.13M parameters with a "
+    "19-token vocabulary, a synthetic task whose 'reasoning' is two additions, a few hundred "
     "fine-tuning steps, on a CPU. Effects that rest on a large model's prior (a broad, "
     "pre-trained distribution over solution styles, long chains where one low-probability token "
     "derails a proof) are present here only in small form, so a verdict here is about this "

@@ -2,7 +2,7 @@
 
     python -m study [--quick] [--out runs/study] [--docs docs] [--workers 2]
 
-Set-up (``study/setup.py``, built once and cached): a task with several solution paths (the sum
+Set-up (``gft_train/demo/recipe.py``, built once and cached under OUT/setup): a task with several solution paths (the sum
 of three numbers as a scratchpad of partial sums, any order), a base model pre-trained to
 convergence, a real expert model (one canonical style the base rarely writes) and a real teacher
 model (diverse orders, real errors, sampled offline).

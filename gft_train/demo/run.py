@@ -18,12 +18,12 @@ SEQS_PER_STEP = 64
 
 @dataclass(frozen=True)
 class DemoSize:
-    base_steps: int = 1200       # pre-training steps that make the base model
+    base_steps: int = 1500       # pre-training steps that make the base model (the study: 3000)
     expert_steps: int = 300
     teacher_steps: int = 200
     steps: int = 100             # SFT and GFT fine-tuning steps, 64 sequences each
-    sft_lr: float = 1e-3
-    gft_lr: float = 1e-3
+    sft_lr: float = 1e-3         # each method's rate as the study's grid chose it
+    gft_lr: float = 1e-4
     eval_n: int = 8
     sizes: tuple = (("train", 800), ("test", 200), ("ood", 200), ("probe", 200))
 
