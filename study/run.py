@@ -2,9 +2,9 @@
 
     python -m study [--quick] [--out runs/study] [--docs docs] [--workers 2]
 
-Set-up (``gft_train/demo/recipe.py``, built once and cached under OUT/setup): a task with several solution paths (the sum
-of three numbers as a scratchpad of partial sums, any order), a base model pre-trained to
-convergence, a real expert model (one canonical style the base rarely writes) and a real teacher
+Set-up (``gft_train/demo/recipe.py``, built once and cached under ``OUT/setup``): a task with
+several solution paths (the sum of three numbers as a scratchpad of partial sums, any order), a
+base model pre-trained to convergence, a real expert model (one canonical style the base rarely writes) and a real teacher
 model (diverse orders, real errors, sampled offline).
 
 Then, at equal sequences per optimizer step (64: SFT and DFT see 64 prompts x 1 demonstration,
@@ -88,8 +88,8 @@ class Budget:
     base_steps: int = 3000          # pre-training (the base); cosine, lr 3e-3
     expert_steps: int = 600
     teacher_steps: int = 400
-    steps: int = 150                # fine-tuning optimizer steps per run
-    curve_points: tuple = (10, 25, 50, 100)   # and the last step
+    steps: int = 400                # fine-tuning optimizer steps per run (150 left SFT's curve rising)
+    curve_points: tuple = (25, 50, 100, 200, 300)   # and the last step
     lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)
     seeds: int = 3
     sweep_seeds: int = 2
@@ -126,6 +126,7 @@ def make_setup(out: Path, budget: Budget, pool=None) -> dict:
     path = out / "setup.json"
     if path.exists():
         return json.loads(path.read_text())
+    started = time.time()
     s = out / "setup"
     data = make_data(seed=0, sizes=dict(budget.data_sizes))
     files = {name: str(write_rows(rows, s / "data" / f"{name}.jsonl")) for name, rows in data.items()}
@@ -160,6 +161,7 @@ def make_setup(out: Path, budget: Budget, pool=None) -> dict:
                           for step, d in snapshot_dirs(s / "base", budget.base_steps).items()}
     info["expert_style_in_base"] = style_share(base, data["val"], "descending")
     info["expert_style_in_expert"] = style_share(expert, data["val"], "descending")
+    info["seconds"] = round(time.time() - started, 1)
     path.write_text(json.dumps(info, indent=1))
     return info
 
@@ -327,12 +329,14 @@ def main(argv=None) -> Path:
             print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)", flush=True)
         lrs = choose_lrs(_read(grid_path), [s.name for s in own])
         done = {(r["name"], r["seed"]) for r in _read(results_path)}
-        jobs = []
-        for s in chosen:
-            lr = lrs[s.name] if s.own_lr else lrs["GFT"]
-            n_seeds = budget.seeds if s.family in ("methods", "ablation") else budget.sweep_seeds
-            jobs += [("run", dict(spec=s, seed=seed, lr=lr, out=out, budget=budget, setup=setup))
-                     for seed in range(n_seeds) if (s.name, seed) not in done]
+        # the main methods and ablations with all their seeds first, then the sweeps seed by seed
+        # (a study cut short then has every sweep point at one seed rather than some at none)
+        main = [(s, seed) for s in chosen if s.family in ("methods", "ablation") for seed in range(budget.seeds)]
+        sweeps = [(s, seed) for seed in range(budget.sweep_seeds) for s in chosen
+                  if s.family not in ("methods", "ablation")]
+        jobs = [("run", dict(spec=s, seed=seed, lr=lrs[s.name] if s.own_lr else lrs["GFT"], out=out, budget=budget,
+                             setup=setup))
+                for s, seed in main + sweeps if (s.name, seed) not in done]
         for row in _imap(pool, jobs):
             _append(results_path, row)
             print(f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "

@@ -21,7 +21,7 @@ class DemoSize:
     base_steps: int = 1500       # pre-training steps that make the base model (the study: 3000)
     expert_steps: int = 300
     teacher_steps: int = 200
-    steps: int = 100             # SFT and GFT fine-tuning steps, 64 sequences each
+    steps: int = 200             # SFT and GFT fine-tuning steps, 64 sequences each (the study: 400)
     sft_lr: float = 1e-3         # each method's rate as the study's grid chose it
     gft_lr: float = 1e-4
     eval_n: int = 8
