@@ -329,9 +329,9 @@ def main(argv=None) -> Path:
             print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)", flush=True)
         lrs = choose_lrs(_read(grid_path), [s.name for s in own])
         done = {(r["name"], r["seed"]) for r in _read(results_path)}
-        # the main methods and ablations with all their seeds first, then the sweeps seed by seed
-        # (a study cut short then has every sweep point at one seed rather than some at none)
-        main = [(s, seed) for s in chosen if s.family in ("methods", "ablation") for seed in range(budget.seeds)]
+        # the main methods and ablations first, then the sweeps, each seed by seed (a study cut short
+        # then has every configuration at the same number of seeds rather than some at none)
+        main = [(s, seed) for seed in range(budget.seeds) for s in chosen if s.family in ("methods", "ablation")]
         sweeps = [(s, seed) for seed in range(budget.sweep_seeds) for s in chosen
                   if s.family not in ("methods", "ablation")]
         jobs = [("run", dict(spec=s, seed=seed, lr=lrs[s.name] if s.own_lr else lrs["GFT"], out=out, budget=budget,
