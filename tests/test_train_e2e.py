@@ -191,5 +191,6 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "greedy" in printed and "KL(base || GFT)" in printed and result["results"]["GFT"]["kl_base_model"] >= 0
     for method in ("sft", "gft"):
         assert (tmp_path / "demo" / method / "training.png").exists()
-        losses = [json.loads(line)["loss"] for line in (tmp_path / "demo" / method / "metrics.jsonl").read_text().splitlines()]
+        metrics = (tmp_path / "demo" / method / "metrics.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["loss"] for line in metrics]
         assert losses and all(abs(x) < 1e3 for x in losses)

@@ -77,11 +77,11 @@ def make_data(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict]]
 
     pretrain: all single additions a+b (a <= 59, b <= 29, both orders), digit reversals and a
     little of the target task in the base's style (500 in-distribution sums, 100 harder ones, so
-    the base is not at zero on the harder split the fine-tuning data never shows); expert_train / teacher_train: the prompts
-    the expert and teacher models learn their styles on; train: the fine-tuning prompts;
-    val: to choose learning rates; test / ood / probe: held out."""
-    s = dict(pretrain_sums=500, pretrain_hard_sums=100, expert_train=1500, teacher_train=1500, train=2000, val=200, test=300, ood=300,
-             pretrain_reversal=3000, probe=300)
+    the base is not at zero on the harder split the fine-tuning data never shows);
+    expert_train / teacher_train: the prompts the expert and teacher models learn their styles
+    on; train: the fine-tuning prompts; val: to choose learning rates; test / ood / probe: held out."""
+    s = dict(pretrain_sums=500, pretrain_hard_sums=100, expert_train=1500, teacher_train=1500, train=2000, val=200,
+             test=300, ood=300, pretrain_reversal=3000, probe=300)
     s.update(sizes or {})
     rng = random.Random(seed)
     triples = [(a, b, c) for a in range(ADDEND_MAX + 1) for b in range(ADDEND_MAX + 1) for c in range(ADDEND_MAX + 1)]
