@@ -387,7 +387,8 @@ def test_cli_demo_and_study_share_one_evaluation_function(tmp_path, monkeypatch,
     data = {k: write_jsonl(v, tmp_path / "data" / f"{k}.jsonl") for k, v in splits.items()}
     main(["eval", "--model", str(model), "--eval-file", str(data["eval_id"]), "--base-model", str(model)])
     assert json.loads(capsys.readouterr().out)["kl_base_model"] == 0.2
-    files = {name: write_jsonl(splits["eval_id"], tmp_path / "data" / f"{name}.jsonl") for name in ("test", "ood", "probe")}
+    files = {name: write_jsonl(splits["eval_id"], tmp_path / "data" / f"{name}.jsonl")
+             for name in ("test", "ood", "probe")}
     row = evaluate(model, model, files, QUICK, seed=0)
     assert (row["id_greedy"], row["kl_base"]) == (0.25, 0.2)
     monkeypatch.setattr(gft_train.trainer, "train", lambda cfg: model)
