@@ -15,8 +15,7 @@ import statistics as st
 from collections import defaultdict
 from pathlib import Path
 
-from .run import SEQS_PER_STEP
-
+from .run import SEQS_PER_STEP, choose_lrs
 
 
 def _agg(rows):
@@ -25,12 +24,26 @@ def _agg(rows):
         by[r["name"]].append(r)
     out = {}
     for name, rs in by.items():
-        keys = [k for k in rs[0] if isinstance(rs[0][k], (int, float)) and k not in ("seed", "x")]
+        keys = [k for k in rs[0] if isinstance(rs[0][k], (int, float)) and k not in ("seed", "x")
+                and all(k in r for r in rs)]
         out[name] = {k: (st.mean(r[k] for r in rs), st.pstdev([r[k] for r in rs]) if len(rs) > 1 else 0.0) for k in keys}
         out[name]["n"] = len(rs)
         out[name]["family"] = rs[0]["family"]
         out[name]["x"] = rs[0]["x"]
+        if "curve" in rs[0]:
+            steps = sorted({int(s) for r in rs for s in r["curve"]})
+            out[name]["curve"] = {s: (st.mean(r["curve"][str(s)] for r in rs),
+                                      st.pstdev([r["curve"][str(s)] for r in rs]) if len(rs) > 1 else 0.0)
+                                  for s in steps if all(str(s) in r["curve"] for r in rs)}
+            out[name]["auc"] = _auc(rs)
     return out
+
+
+def _auc(rs):
+    """(mean, sd) over seeds of the mean accuracy over the curve's points: a learning curve as
+    one number (higher: more accuracy for the same sequences, i.e. more data-efficient)."""
+    vals = [st.mean(r["curve"].values()) for r in rs]
+    return st.mean(vals), st.pstdev(vals) if len(vals) > 1 else 0.0
 
 
 def compare(agg, a, b, metric, higher_is_better=True):
@@ -61,6 +74,8 @@ def _fmt(agg, name, metric):
     if name not in agg or metric not in agg[name]:
         return ""
     m, s = agg[name][metric]
+    if metric == "lr":
+        return f"{m:g}"
     return f"{m:.3f} ± {s:.3f}"
 
 
@@ -76,13 +91,30 @@ def _plots(agg, docs: Path, prefix: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     files = []
+    curves = [n for n in agg if agg[n]["family"] in ("methods", "ablation") and agg[n].get("curve")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6.2, 3.8))
+        for n in curves:
+            pts = sorted(agg[n]["curve"].items())
+            xs, ms, ss = [p for p, _ in pts], [v[0] for _, v in pts], [v[1] for _, v in pts]
+            line, = ax.plot(xs, ms, marker="o", ms=3, label=n, ls="--" if agg[n]["family"] == "ablation" else "-")
+            ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)],
+                            color=line.get_color(), alpha=0.15)
+        ax.set_xlabel(f"optimizer steps ({SEQS_PER_STEP} sequences each)")
+        ax.set_ylabel("held-out pass@1 (temperature 0.5)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files.append(f"{prefix}curves.png")
+        fig.savefig(docs / files[-1], dpi=110)
+        plt.close(fig)
     taus = sorted([(agg[n]["x"], n) for n in agg if agg[n]["x"] is not None and not isinstance(agg[n]["x"], str)
                    and (agg[n]["family"] == "tau" or n in ("GFT", "GFT w/o DCR"))])
     if len(taus) >= 3:
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         xs = list(range(len(taus)))
-        ax.errorbar(xs, [agg[n]["id"][0] for _, n in taus], yerr=[agg[n]["id"][1] for _, n in taus], marker="o", label="held-out pass@1")
-        ax.set_xticks(xs, [("> 1" if t > 1 else str(t)) for t, _ in taus])
+        ax.errorbar(xs, [agg[n]["id"][0] for _, n in taus], yerr=[agg[n]["id"][1] for _, n in taus], marker="o",
+                    label="held-out pass@1")
+        ax.set_xticks(xs, [str(t) for t, _ in taus])
         ax.set_xlabel("tau")
         ax.set_ylabel("pass@1")
         ax2 = ax.twinx()
@@ -93,11 +125,12 @@ def _plots(agg, docs: Path, prefix: str) -> list[str]:
         files.append(f"{prefix}tau.png")
         fig.savefig(docs / files[-1], dpi=110)
         plt.close(fig)
-    methods = [n for n in agg if agg[n]["family"] == "methods"]
+    methods = [n for n in agg if agg[n]["family"] in ("methods", "ablation")]
     if methods:
         fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
         for ax, (title, m) in zip(axes, [("held-out pass@1", "id"), ("harder (OOD) pass@1", "ood"),
-                                         ("subtraction (forgetting probe)", "sub"), ("KL(base || model)", "kl_base")]):
+                                         ("digit reversal (forgetting probe)", "probe"),
+                                         ("KL(base || model)", "kl_base")]):
             ax.bar(range(len(methods)), [agg[n][m][0] for n in methods], yerr=[agg[n][m][1] for n in methods])
             ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=7)
             ax.set_title(title, fontsize=9)
@@ -108,112 +141,272 @@ def _plots(agg, docs: Path, prefix: str) -> list[str]:
     return files
 
 
+def _curve_reading(agg, names, base_id: float) -> list[str]:
+    """Plain facts about each curve: where it starts and ends against the base, whether it was
+    still rising at the end, whether it peaked early."""
+    out = []
+    for n in names:
+        pts = sorted(agg[n]["curve"].items())
+        (first, (m0, _)), (prev, (mp, sp)), (last, (ml, sl)) = pts[0], pts[-2], pts[-1]
+        peak_step, (peak, _) = max(pts, key=lambda p: p[1][0])
+        facts = [f"step {first} {m0:.3f}, step {last} {ml:.3f} (base {base_id:.3f})"]
+        if ml - mp > max(0.02, sp, sl):
+            facts.append(f"still rising at the end (+{ml - mp:.3f} from step {prev}): not flat")
+        if peak - ml > max(0.02, sl):
+            facts.append(f"best at step {peak_step} ({peak:.3f}), lower since")
+        facts.append("ends below the base" if ml < base_id - 0.02 else "ends at or above the base")
+        out.append(f"{n}: " + "; ".join(facts) + ".")
+    return out
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _setup_lines(setup: dict, budget, k: str) -> list[str]:
+    acc = setup["accuracy"]
+
+    def row(name):
+        a = acc[name]
+        return (f"| {name} | {a['id']:.3f} | {a['id_greedy']:.3f} | {a['ood']:.3f} | {a['ood_greedy']:.3f} | "
+                f"{a['probe']:.3f} | {a['probe_greedy']:.3f} |")
+
+    curve = ", ".join(f"{int(s)}: {v:.3f}" for s, v in sorted(setup["base_curve"].items(), key=lambda x: int(x[0])))
+    return [
+        "## Set-up",
+        "",
+        "- **Task** (`gft_train.demo.sums`): the sum of three numbers from 0 to 19 (answers 0-57), "
+        "written as a scratchpad of partial sums, `3+17+8=` -> `3+17=20+8=28`. The addends can be "
+        "combined in any of 6 orders, all correct: the reward reads only the final number. "
+        "Held-out: unseen triples (in-distribution), triples from 0 to 29 with at least one above 19 "
+        "(harder, OOD: answers up to 87, numbers the fine-tuning data never shows), and the "
+        "forgetting probe, digit reversal `(3817)=` -> `7183`: a pre-training skill no fine-tuning "
+        "data trains. Every prompt set (pre-training, expert, teacher, fine-tuning, validation, "
+        "test) is disjoint from the others.",
+        "- **Base** (recipe fixed in `gft_train/demo/recipe.py` and `study/run.py`): a tiny "
+        f"Qwen2-style model (2 layers, 64 wide, 0.13M parameters, character tokenizer), {budget.base_steps} SFT "
+        "steps of 64 sequences, lr 3e-3 cosine, on a "
+        "pre-training mix: every single addition a+b with a <= 59, b <= 29 (both orders), 3000 digit "
+        "reversals, and a little of the target task in left-to-right order: 500 three-number sums "
+        "in the fine-tuning range and 100 harder ones (so the base is not at zero on the harder split, "
+        "which the fine-tuning data never shows). "
+        f"Greedy accuracy on the validation split along the way (step: accuracy): {curve}.",
+        "- **Expert**: the base, SFT for "
+        f"{budget.expert_steps} steps on 1500 other prompts written largest-addend-first (one canonical "
+        f"order). The base writes that order on {setup['expert_style_in_base']:.1%} of the validation "
+        f"prompts where it differs from the prompt's order; the expert on {setup['expert_style_in_expert']:.1%}. "
+        f"Its greedy answer is each fine-tuning row's demonstration: right on {setup['expert_train_acc']:.1%} "
+        "of them (its errors stay in the data, as a real expert's would).",
+        f"- **Teacher**: the base, SFT for {budget.teacher_steps} steps on 1500 other prompts written in "
+        "random orders; 7 samples per fine-tuning prompt at temperature 1, offline: right "
+        f"{setup['teacher_train_acc']:.1%} of the time, {setup['teacher_distinct']:.1f} distinct responses "
+        f"per prompt. SFT on filtered teacher data trains on the {setup['filtered_rows']} correct ones.",
+        "",
+        "Accuracy of the set-up's models (pass@1: mean over "
+        f"{budget.eval_n} samples at temperature 0.5; greedy: one greedy completion):",
+        "",
+        "| model | held-out pass@1 | greedy | OOD pass@1 | OOD greedy | probe pass@1 | probe greedy |",
+        "|---|---|---|---|---|---|---|",
+        row("base"), row("expert"), row("teacher"),
+        "",
+    ]
+
+
 def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    base = json.loads((out / "base_eval.json").read_text())
+    rows = _read(out / "results.jsonl")
+    grid = _read(out / "grid.jsonl")
+    setup = json.loads((out / "setup.json").read_text())
+    timing = json.loads((out / "wall_seconds.json").read_text()) if (out / "wall_seconds.json").exists() else {}
+    wall, workers = timing.get("seconds"), timing.get("workers", 1)
     agg = _agg(rows)
     docs.mkdir(parents=True, exist_ok=True)
     prefix = "reproduction_quick_" if quick else "reproduction_"
     plots = _plots(agg, docs, prefix)
     k = f"pass@{budget.passk_n}"
     seeds = max(a["n"] for a in agg.values())
+    base = setup["accuracy"]["base"]
 
     claims = []
-    c1 = [compare(agg, "GFT", b, "id") for b in ("SFT", "SFT(mix)", "DFT")]
-    claims.append(("GFT beats SFT and its variants with a tenth of the prompts (Table 1)", c1))
+    c1 = [compare(agg, "GFT", b, "id") for b in ("SFT", "SFT(filtered teacher)", "DFT", "GRPO")]
+    claims.append(("GFT beats SFT, SFT on filtered teacher data, DFT and GRPO (Table 1): held-out pass@1", c1))
+    c1b = [compare(agg, "GFT", b, "ood") for b in ("SFT", "SFT(filtered teacher)", "DFT", "GRPO")]
+    claims.append(("... and on the harder (OOD) split", c1b))
+    c_eff = [compare(agg, "GFT", b, "auc") for b in ("SFT", "SFT(filtered teacher)", "DFT")]
+    claims.append(("GFT is more data-efficient: more accuracy along the curve at equal sequences, with 1/8 "
+                   "of the prompts (Figure 1, Table 1)", c_eff))
     c2 = [compare(agg, "GFT", "GFT w/o GAL", "id"), compare(agg, "GFT", "GFT w/o DCR", "id")]
     claims.append(("Both GAL and DCR matter (Table 2, Figure 3)", c2))
-    c3 = [compare(agg, "GFT", "SFT", "kl_base", higher_is_better=False), compare(agg, "GFT", "SFT", "sub")]
-    claims.append(("GFT drifts less from the base model and forgets less (Table 3, Figure 5)", c3))
+    c3 = [compare(agg, "GFT", "SFT", "kl_base", higher_is_better=False), compare(agg, "GFT", "SFT", "probe")]
+    claims.append(("GFT drifts less from the base model and forgets less than SFT (Table 3, Figure 5)", c3))
     c4 = [compare(agg, "GFT", "GRPO", k), compare(agg, "GFT", "SFT", k)]
-    claims.append((f"GFT keeps diversity: higher {k} (Table 4)", c4))
+    claims.append((f"GFT keeps diversity: higher {k} than GRPO and SFT (Table 4)", c4))
     ratio_names = [n for n in agg if agg[n]["family"] == "ratio"] + (["GFT"] if "GFT" in agg else [])
-    if len(ratio_names) >= 3:
+    not_run = []
+    if len(ratio_names) >= 5:          # all four ratios and the default 4:4
         others = [n for n in ratio_names if n != "GFT 2:6"]
         c5 = [compare(agg, "GFT 2:6", n, "id") for n in others]
-        claims.append(("Demo:sample 2:6 is the best group ratio (Table 5; our 4:4 is the default GFT)", c5))
+        claims.append(("Demo:sample 2:6 is the best group ratio (Table 5; the default GFT is 4:4)", c5))
+    elif not quick:
+        not_run.append("Demo:sample 2:6 is the best group ratio (Table 5)")
     tau_names = [n for n in agg if agg[n]["family"] == "tau"] + [n for n in ("GFT", "GFT w/o DCR") if n in agg]
-    if len(tau_names) >= 3:
+    if len(tau_names) >= 7:            # all five swept taus, GFT (0.7) and GFT w/o DCR (0)
         c6 = [compare(agg, "GFT", "GFT w/o DCR", "id"), compare(agg, "GFT", "GFT tau=1.5", "id")]
         best = max(tau_names, key=lambda n: agg[n]["id"][0])
-        c6.append(("reproduced" if best in ("GFT", "GFT tau=0.5", "GFT tau=0.9") else "inconclusive",
+        c6.append(("reproduced" if best in ("GFT", "GFT tau=0.5", "GFT tau=0.9") else "not reproduced",
                    f"best tau by mean: {best}"))
         claims.append(("Accuracy is an inverted U in tau, best near 0.7 (Figure 6)", c6))
+    elif not quick:
+        not_run.append("Accuracy is an inverted U in tau, best near 0.7 (Figure 6)")
 
+    own = list(dict.fromkeys(g["name"] for g in grid))     # the grid's methods, in the order run
+    lrs = choose_lrs(grid, own)
     lines = [
-        "# The paper's claims, reproduced in miniature",
+        "# The paper's claims, reproduced in a fair miniature",
         "",
         f"Generated by `python -m study{' --quick' if quick else ''}` on {dt.date.today().isoformat()}, "
-        f"on {platform.machine()} CPU ({seeds} seed(s) per configuration). Regenerate everything with "
-        "`bash scripts/repro.sh`.",
+        f"on {platform.machine()} CPU ({seeds} seed(s) per main configuration"
+        + (f"; {(wall + setup.get('seconds', 0)) / 60:.0f} min of wall time, {setup.get('seconds', 0) / 60:.0f} of "
+           f"them for the set-up, {workers} one-thread process(es) side by side" if wall else "")
+        + "). Regenerate everything with `bash scripts/repro.sh`.",
         "",
-        "## Set-up",
+    ] + _setup_lines(setup, budget, k) + [
+        "## Optimization",
         "",
-        "- Task: sums of two numbers below 30, verified with math-verify. Held-out: unseen pairs "
-        "(in-distribution) and pairs from 30 to 59 (harder, OOD). The teacher responses are right "
-        "70% of the time; 7 per prompt, so every group ratio can be built.",
-        "- Forgetting probe: subtraction. The base model learns it in its warm-up, and no "
-        "fine-tuning data trains it.",
-        f"- Base model: a tiny Qwen2-style model (2 layers, 128 wide, character tokenizer), "
-        f"{budget.warmup_steps} SFT steps on addition and subtraction. Base accuracy: held-out "
-        f"{base['id']:.3f} (greedy {base['id_greedy']:.3f}), OOD {base['ood']:.3f}, subtraction "
-        f"{base['sub']:.3f}, {k} {base[k]:.3f}.",
-        f"- Every configuration: {budget.steps} optimizer steps of {SEQS_PER_STEP} sequences, Adam "
-        "lr 1e-4 constant, same base. SFT and DFT see 128 prompts x 1 expert answer per step; "
-        "SFT(mix) 32 x (1 expert + 3 teacher); GFT 16 x (1 + 3 + 4 self-samples, sampled every "
-        "step with the current weights and trained on the sampled token ids); GRPO 16 x 8 "
-        "self-samples; GFT w/o GAL (the paper's ablation: the expert demonstrations with DCR, "
-        "A = 1) 128 x 1. So the group methods see 1/8 of the prompts at equal tokens, as in the "
-        "paper's 10k x 8 vs 100k.",
-        f"- Metrics (`gft_train.evaluate.evaluate_model`): mean pass@1 over {budget.eval_n} samples at "
-        "temperature 0.5 (the paper's) and greedy pass@1, "
+        f"Every run: {budget.steps} optimizer steps of {SEQS_PER_STEP} sequences, AdamW at a constant "
+        "rate, from the same base. SFT and DFT see 64 prompts x 1 demonstration per step; SFT on "
+        "filtered teacher data 64 correct teacher responses; GRPO 8 prompts x 8 self-samples; GFT 8 x "
+        "(1 expert + 3 teacher + 4 self-samples, sampled every step with the current weights); GFT w/o "
+        "GAL (the paper's ablation: the demonstrations with DCR, A = 1) 64 x 1. The group methods see "
+        "1/8 of the prompts at equal sequences, as in the paper's 10k x 8 vs 100k.",
+        "",
+        f"Learning rate: each main method tried {', '.join(f'{x:g}' for x in budget.lrs)} (seed 0, "
+        "scored by pass@1 on the validation split at the last step) and keeps its best; the "
+        "ablations and sweeps use GFT's.",
+        "",
+        "| method | " + " | ".join(f"lr {x:g}" for x in budget.lrs) + " | chosen |",
+        "|---|" + "---|" * (len(budget.lrs) + 1),
+    ]
+    for n in own:
+        cells = []
+        for x in budget.lrs:
+            r = next((g for g in grid if g["name"] == n and g["lr"] == x), None)
+            cells.append("" if r is None else (f"**{r['val']:.3f}**" if lrs.get(n) == x else f"{r['val']:.3f}"))
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {lrs.get(n, float('nan')):g} |")
+    edge = [n for n in own if lrs.get(n) in (min(budget.lrs), max(budget.lrs))]
+    if edge and len(budget.lrs) > 1:
+        lines += ["", f"At the edge of the grid: {', '.join(f'{n} ({lrs[n]:g})' for n in edge)}; a rate beyond "
+                  "it was not tried, so for these the grid bounds the best rate on one side only."]
+    lines += [
+        "",
+        f"Metrics (`gft_train.evaluate.evaluate_model`): mean pass@1 over {budget.eval_n} samples at "
+        "temperature 0.5 (the paper's) and greedy pass@1; "
         f"{k} over {budget.passk_n} samples on {budget.passk_prompts} prompts with the number of "
-        "distinct correct answers among them, KL(base || model) per token on the base model's own "
-        "samples (the paper's forgetting measure) and KL(model || base) per token on held-out expert "
-        "answers, the DCR-rectified fraction during training, and gradient-norm volatility (std / "
-        "mean over steps). Values are mean ± std over seeds.",
+        "distinct correct scratchpads among them; KL(base || model) per token on the base model's own "
+        "samples (the paper's forgetting measure) and KL(model || base) on held-out expert-style "
+        "answers; the DCR-rectified fraction during training; gradient-norm volatility (std / mean "
+        f"over steps). Curves: held-out pass@1 over {budget.curve_n} samples at steps "
+        f"{', '.join(map(str, budget.curve_points))} and {budget.steps}. Values are mean ± std over seeds.",
         "",
         "## Verdicts",
         "",
         "Rule (from `study/report.py`): a gap larger than the seeds' noise, `sqrt(sd_a^2 + sd_b^2)` "
         "(at least 0.01), in the claimed direction is *reproduced*; larger than the noise the other "
         "way is *not reproduced*; otherwise *inconclusive*. A claim with several comparisons is "
-        "reproduced only if all of them are.",
+        "reproduced only if all of them are, and not reproduced if any is.",
         "",
         "| claim | verdict | evidence |",
         "|---|---|---|",
     ]
     for claim, verdicts in claims:
         lines.append(f"| {claim} | **{_combine(verdicts)}** | " + "; ".join(f"{v}: {t}" for v, t in verdicts) + " |")
-    method_names = [n for n in agg if agg[n]["family"] == "methods"]
-    lines += ["", "## Methods at equal compute (Tables 1-3)", "",
-              _table(agg, method_names, [("held-out pass@1", "id"), ("greedy", "id_greedy"), ("OOD pass@1", "ood"),
-                                         ("subtraction", "sub"), ("KL(base‖model)", "kl_base"),
+    for claim in not_run:
+        lines.append(f"| {claim} | **not tested** | its sweep did not finish in this round (see the last section) |")
+    method_names = [n for n in agg if agg[n]["family"] in ("methods", "ablation")]
+    lines += ["", "## Methods at equal compute (Tables 1-4)", "",
+              _table(agg, method_names, [("lr", "lr"), ("held-out pass@1", "id"), ("greedy", "id_greedy"),
+                                         ("OOD pass@1", "ood"), ("OOD greedy", "ood_greedy"),
+                                         ("probe pass@1", "probe"), ("KL(base‖model)", "kl_base"),
                                          ("KL(model‖base)", "kl"), (k, k), ("distinct correct", "distinct"),
-                                         ("grad-norm volatility", "grad_cv")]),
+                                         ("curve mean", "auc"), ("grad-norm volatility", "grad_cv")]),
+              f"Base model: held-out {base['id']:.3f} (greedy {base['id_greedy']:.3f}), OOD {base['ood']:.3f}, "
+              f"probe {base['probe']:.3f}.",
+              "",
               "The paper (Qwen2.5-Math / Llama, NuminaMath) reports GFT above SFT, SFT(mix), DFT "
               "and GRPO on seven benchmarks. Table 3 (Llama-3.2-3B) has base / +SFT / +GRPO / +GFT "
               "at 96.06 / 91.97 / 94.60 / 95.79 on MAWPS: SFT forgets, GFT barely. Table 4's "
               "pass@128 average is 24.52 for the base, 49.87 for GRPO and 62.16 for GFT.", ""]
+    curve_names = [n for n in method_names if agg[n].get("curve")]
+    if curve_names:
+        steps = sorted({s for n in curve_names for s in agg[n]["curve"]})
+        lines += ["### Held-out pass@1 along training", "",
+                  "| configuration | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for n in curve_names:
+            c = agg[n]["curve"]
+            cells = [f"{c[s][0]:.3f} ± {c[s][1]:.3f}" if s in c else "" for s in steps]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += ["", "Reading the curves (computed from the table: a change counts when it exceeds 0.02 and the "
+                  "seeds' spread):", ""] + [f"- {line}" for line in _curve_reading(agg, curve_names, base["id"])] + [""]
     if len(tau_names) >= 3:
         taus = sorted(tau_names, key=lambda n: agg[n]["x"])
         lines += ["## tau sweep (Figure 6)", "",
-                  _table(agg, taus, [("held-out pass@1", "id"), ("DCR-rectified fraction", "rectified"),
+                  _table(agg, taus, [("held-out pass@1", "id"), ("OOD pass@1", "ood"),
+                                     ("DCR-rectified fraction", "rectified"),
                                      ("KL(base‖model)", "kl_base"), ("grad-norm volatility", "grad_cv")]),
                   "The paper finds an inverted U with the best accuracy near tau = 0.7, and a rectified "
-                  "fraction that rises with tau.", ""]
+                  "fraction that rises with tau. (`GFT` is tau = 0.7; `GFT w/o DCR` is tau = 0.)", ""]
     if len(ratio_names) >= 3:
         lines += ["## Group ratio demo:sample (Table 5)", "",
                   _table(agg, ratio_names, [("held-out pass@1", "id"), ("OOD pass@1", "ood"),
                                             ("KL(base‖model)", "kl_base")]),
                   "The paper (Qwen2.5-Math-1.5B, average of three benchmarks): 8:0 24.84, 6:2 43.60, "
-                  "4:4 43.13, 2:6 45.59, 0:8 30.84. (`GFT` here is 4:4.)", ""]
-    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [
-        "", "## Limits of this miniature", "",
-        "A 0.5M-parameter model on a synthetic task with a 19-token vocabulary, 60 steps, CPU. "
-        "The paper's effects at 1.5B-8B on real math may not transfer either way, so a verdict here "
-        "is about this scale only. Learning rates were not tuned per method: all share 1e-4, which "
-        "is stable for every method here (3e-4 collapsed GFT and GRPO in the demo's tuning).", ""]
+                  "4:4 43.13, 2:6 45.59, 0:8 30.84. (`GFT` here is 4:4; demonstrations are 1 expert + "
+                  "the rest teacher responses.)", ""]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + ["", "## What this miniature can and cannot say", ""]
+    lines += LIMITS
+    if "GFT" in agg and "SFT" in agg and agg["GFT"].get("curve") and agg["SFT"].get("curve"):
+        g, f = sorted(agg["GFT"]["curve"].items()), sorted(agg["SFT"]["curve"].items())
+        if g[0][1][0] > g[-1][1][0] and f[0][1][0] < f[-1][1][0]:
+            lines += ["", "The data-efficiency verdict reads the curve mean, and here it rewards keeping the "
+                      f"base's accuracy: GFT starts near the base ({g[0][1][0]:.3f} at step {g[0][0]}) and declines "
+                      f"({g[-1][1][0]:.3f} at step {g[-1][0]}), while SFT starts low (the switch to the expert's "
+                      f"style costs accuracy first: {f[0][1][0]:.3f}) and rises ({f[-1][1][0]:.3f}). So it says GFT "
+                      "loses less on the way, not that it learns more from fewer prompts."]
+    acc = setup["accuracy"]
+    if acc["expert"]["id"] <= acc["base"]["id"] + 0.02:
+        lines += ["", f"The expert is not more accurate than the base on held-out sums ({acc['expert']['id']:.3f} vs "
+                  f"{acc['base']['id']:.3f} pass@1): it differs in style, not in skill, and it lost the harder split "
+                  f"({acc['expert']['ood']:.3f}) and the probe ({acc['expert']['probe']:.3f}) while learning its style. "
+                  "So imitating it cannot raise in-distribution accuracy much above the base; here the methods are "
+                  "told apart mostly by how much of the base's accuracy, harder-split skill and probe skill they keep, "
+                  "and by what rewards (self-samples) add. The paper's experts (strong-model solutions) are more "
+                  "accurate than its bases; this miniature does not test that regime."]
+    from .run import sweep_specs
+
+    missing = [sp.name for sp in sweep_specs() if sp.name not in agg]
+    if missing and not quick:
+        lines += ["", f"Not run in this round: {', '.join(missing)} (`sweep_specs` in `study/run.py`); the main "
+                  "methods and ablations took the time budget first. `bash scripts/repro.sh` adds them (finished "
+                  "runs are reused)."]
     path = docs / ("reproduction_quick.md" if quick else "reproduction.md")
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + "\n")
     return path
+
+
+LIMITS = [
+    "It can say how the methods compare when each is tuned, on a task where the claims have "
+    "something to act on: several correct scratchpads per prompt (diversity, group learning), an "
+    "expert style the base starts at low probability (what DCR rectifies), a harder split the base "
+    "is not at zero on (generalization), and a pre-training skill to lose (forgetting). The "
+    "learning rates come from a grid on a validation split, not from one shared value, and the "
+    "curves show whether the runs had flattened.",
+    "",
+    "It cannot say what happens at the paper's scale: a model of 0.13M parameters with a "
+    "19-token vocabulary, a synthetic task whose 'reasoning' is two additions, a few hundred "
+    "fine-tuning steps, on a CPU. Effects that rest on a large model's prior (a broad, "
+    "pre-trained distribution over solution styles, long chains where one low-probability token "
+    "derails a proof) are present here only in small form, so a verdict here is about this "
+    "scale and this task only. The learning-rate grid has one seed and four points; the sweeps "
+    "fewer seeds than the main methods; the noise rule counts a gap as real only when it "
+    "exceeds the spread of the seeds, which with 2-3 seeds is itself a rough estimate.",
+]

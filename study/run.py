@@ -1,23 +1,34 @@
-"""The reproduction study: every method and sweep of the paper's section 4, in miniature.
+"""The reproduction study: the paper's section 4 claims, in a fair miniature.
 
-    python -m study [--quick] [--seeds 3] [--out runs/study] [--docs docs]
+    python -m study [--quick] [--out runs/study] [--docs docs] [--workers 2]
 
-One base model (a tiny Qwen2-style model after an SFT warm-up on addition *and* subtraction), then
-each configuration fine-tunes it on addition for the same number of optimizer steps and the same
-number of sequences per step (128: SFT sees 128 prompts x 1 expert answer per step, GFT 16
-prompts x 8 responses, the paper's "a tenth of the prompts"), with the same learning rate, for
-several seeds. Measured per run (by ``gft_train.evaluate.evaluate_model``, the function the CLI and
-the demo use): held-out in-distribution and harder (OOD) mean pass@1 over 8 samples at
-temperature 0.5 and greedy pass@1, pass@k up to 32 and distinct correct answers (diversity),
-subtraction accuracy (a skill the fine-tuning data does not train: forgetting), KL to the base
-model both ways, the DCR-rectified fraction, and the gradient-norm volatility.
-Results append to ``OUT/results.jsonl`` (a rerun skips finished runs); ``docs/reproduction.md``
-and its plots are regenerated from them, with a verdict per claim from fixed rules.
+Set-up (``gft_train/demo/recipe.py``, built once and cached under ``OUT/setup``): a task with
+several solution paths (the sum of three numbers as a scratchpad of partial sums, any order), a
+base model pre-trained to convergence, a real expert model (one canonical style the base rarely writes) and a real teacher
+model (diverse orders, real errors, sampled offline).
+
+Then, at equal sequences per optimizer step (64: SFT and DFT see 64 prompts x 1 demonstration,
+GRPO and GFT 8 prompts x 8 responses) and equal steps:
+
+1. learning-rate grid: each main method (SFT, SFT on filtered teacher data, DFT, GRPO, GFT) at
+   every rate of ``Budget.lrs``, seed 0, scored on the validation split; each keeps its best;
+2. the main methods at their own rate and the ablations (GFT without DCR / without GAL) at
+   GFT's, ``Budget.seeds`` seeds each, with held-out accuracy at several steps (the curves);
+3. the tau and group-ratio sweeps at GFT's rate.
+
+Each run is one process with one thread; ``--workers`` runs side by side. Measured by
+``gft_train.evaluate.evaluate_model``: mean pass@1 over n samples at temperature 0.5 and greedy
+on held-out in-distribution, harder (OOD) and probe (digit reversal, never fine-tuned: forgetting)
+prompts, pass@k and distinct correct scratchpads (diversity), KL to the base both ways.
+Results append to ``OUT/grid.jsonl`` and ``OUT/results.jsonl`` (a rerun skips finished runs);
+``docs/reproduction.md`` and its plots are regenerated from them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics as st
 import time
 from dataclasses import dataclass, field
@@ -25,153 +36,319 @@ from pathlib import Path
 
 from gft_train.config import Config
 
-from .tasks import make_data
+from gft_train.demo.recipe import BASE_SHAPE, MAX_LENGTH, MAX_NEW_TOKENS, REWARD
+
+SEQS_PER_STEP = 64
 
 
 @dataclass(frozen=True)
 class Spec:
     name: str
-    family: str                      # methods | tau | ratio
+    family: str                      # methods | ablation | tau | ratio
     overrides: dict = field(default_factory=dict)
     x: float | str | None = None     # the swept value (tau, or "demo:sample")
+    data: str = "train"              # train | filtered (SFT on the correct teacher responses)
+    own_lr: bool = False             # chooses its learning rate on the grid (else: GFT's)
 
 
-SEQS_PER_STEP = 128
-ONLINE = dict(prompts_per_step=16)   # self-sample groups are online, refreshed every step (the default)
+GROUPS = dict(prompts_per_step=SEQS_PER_STEP // 8)   # groups of 8, online (refreshed every step)
+
+
+def main_specs() -> list[Spec]:
+    return [
+        Spec("SFT", "methods", dict(method="sft", prompts_per_step=SEQS_PER_STEP), own_lr=True),
+        Spec("SFT(filtered teacher)", "methods", dict(method="sft", prompts_per_step=SEQS_PER_STEP), data="filtered",
+             own_lr=True),
+        Spec("DFT", "methods", dict(method="dft", prompts_per_step=SEQS_PER_STEP), own_lr=True),
+        Spec("GRPO", "methods", dict(method="grpo", **GROUPS), own_lr=True),
+        Spec("GFT", "methods", dict(method="gft", **GROUPS), x=0.7, own_lr=True),
+        Spec("GFT w/o DCR", "ablation", dict(method="gft", dcr=False, **GROUPS), x=0.0),
+        # the paper's ablation without GAL: the expert demonstrations alone, A = 1, with DCR
+        Spec("GFT w/o GAL", "ablation", dict(method="gft", gal=False, prompts_per_step=SEQS_PER_STEP)),
+    ]
+
+
+def sweep_specs() -> list[Spec]:
+    taus = [Spec(f"GFT tau={t}", "tau", dict(method="gft", tau=t, **GROUPS), x=t) for t in (0.1, 0.3, 0.5, 0.9, 1.5)]
+    ratios = [Spec(f"GFT {d}:{8 - d}", "ratio", dict(method="gft", n_expert=min(d, 1), n_teacher=max(d - 1, 0),
+                                                      n_self=8 - d, **GROUPS), x=f"{d}:{8 - d}")
+              for d in (8, 6, 2, 0)]
+    return taus + ratios
 
 
 def specs(quick: bool) -> list[Spec]:
-    methods = [
-        Spec("SFT", "methods", dict(method="sft", prompts_per_step=128)),
-        Spec("SFT(mix)", "methods", dict(method="sft", n_teacher=3, prompts_per_step=32)),
-        Spec("DFT", "methods", dict(method="dft", prompts_per_step=128)),
-        Spec("GRPO", "methods", dict(method="grpo", **ONLINE)),
-        Spec("GFT", "methods", dict(method="gft", **ONLINE), x=0.7),
-        Spec("GFT w/o DCR", "methods", dict(method="gft", dcr=False, **ONLINE), x=0.0),
-        # the paper's ablation without GAL: the expert demonstrations alone, A = 1, with DCR
-        Spec("GFT w/o GAL", "methods", dict(method="gft", gal=False, prompts_per_step=SEQS_PER_STEP)),
-    ]
+    main = main_specs()
     if quick:
-        return [methods[0], methods[4]]
-    taus = [Spec(f"GFT tau={t}", "tau", dict(method="gft", tau=t, **ONLINE), x=t) for t in (0.1, 0.3, 0.5, 0.9, 1.5)]
-    ratios = [Spec(f"GFT {d}:{8 - d}", "ratio", dict(method="gft", n_expert=min(d, 1), n_teacher=max(d - 1, 0),
-                                                      n_self=8 - d, **ONLINE), x=f"{d}:{8 - d}")
-              for d in (8, 6, 2, 0)]
-    return methods + taus + ratios
+        return [main[0], main[4]]
+    return main + sweep_specs()
 
 
 @dataclass(frozen=True)
 class Budget:
-    warmup_steps: int = 250
-    steps: int = 60
+    base_steps: int = 3000          # pre-training (the base); cosine, lr 3e-3
+    expert_steps: int = 600
+    teacher_steps: int = 400
+    steps: int = 400                # fine-tuning optimizer steps per run (150 left SFT's curve rising)
+    curve_points: tuple = (25, 50, 100, 200, 300)   # and the last step
+    lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)
+    seeds: int = 3
+    sweep_seeds: int = 2
     eval_n: int = 8
+    curve_n: int = 4
     passk_n: int = 32
     passk_prompts: int = 40
+    data_sizes: tuple = ()          # overrides of make_data's split sizes, as (name, size) pairs
 
 
-FULL, QUICK = Budget(), Budget(warmup_steps=15, steps=2, eval_n=2, passk_n=4, passk_prompts=4)
+FULL = Budget()
+QUICK = Budget(base_steps=30, expert_steps=10, teacher_steps=5, steps=3, curve_points=(2,), lrs=(1e-3,), seeds=1,
+               sweep_seeds=1, eval_n=2, curve_n=1, passk_n=4, passk_prompts=4,
+               data_sizes=(("pretrain_sums", 64), ("expert_train", 64), ("teacher_train", 64), ("train", 48),
+                           ("val", 8), ("test", 12), ("ood", 8), ("pretrain_reversal", 64), ("probe", 8)))
 
 
-def _common(out: Path, budget: Budget) -> dict:
-    return dict(train_file=str(out / "data" / "train.jsonl"), max_new_tokens=4, max_length=16,
-                micro_batch_size=SEQS_PER_STEP, lr=1e-4, lr_scheduler="constant", max_steps=budget.steps,
-                temperature=1.0, engine="auto")
+def _threads_one():
+    # several runs side by side on a small CPU: one thread each (more oversubscribes the cores)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
-def make_base(out: Path, budget: Budget) -> Path:
+# ---- the set-up ---------------------------------------------------------------------------
+def make_setup(out: Path, budget: Budget, pool=None) -> dict:
+    """Builds (or reads back) data, base, expert, teacher and the fine-tuning rows."""
     from gft_train.demo.model import build_model
-    from gft_train.demo.task import write_jsonl
-    from gft_train.trainer import train
+    from gft_train.demo.sums import make_data
 
-    final = out / "base" / "final"
-    if final.exists():
-        return final
-    for name, rows in make_data().items():
-        write_jsonl(rows, out / "data" / f"{name}.jsonl")
-    build_model(out / "init")
-    return train(Config(method="sft", model=str(out / "init"), output_dir=str(out / "base"),
-                        train_file=str(out / "data" / "warmup.jsonl"), max_steps=budget.warmup_steps, lr=2e-3,
-                        lr_scheduler="cosine", warmup_steps=min(20, budget.warmup_steps // 2),
-                        prompts_per_step=128, micro_batch_size=128, max_length=16, max_new_tokens=4))
+    from gft_train.demo.recipe import build_finetune_rows, sft, style_share, write_rows
+
+    path = out / "setup.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    started = time.time()
+    s = out / "setup"
+    data = make_data(seed=0, sizes=dict(budget.data_sizes))
+    files = {name: str(write_rows(rows, s / "data" / f"{name}.jsonl")) for name, rows in data.items()}
+    build_model(s / "init", **BASE_SHAPE)
+    points = sorted({budget.base_steps // 8, budget.base_steps // 4, budget.base_steps // 2,
+                     3 * budget.base_steps // 4} - {0})
+    base = sft(s / "init", Path(files["pretrain"]), s / "base", budget.base_steps, 3e-3, snapshots=points)
+    jobs = [("sft", dict(model=base, train_file=Path(files["expert_train"]), out=s / "expert",
+                         steps=budget.expert_steps, lr=1e-3)),
+            ("sft", dict(model=base, train_file=Path(files["teacher_train"]), out=s / "teacher",
+                         steps=budget.teacher_steps, lr=1e-3))]
+    expert, teacher = _map(pool, jobs)
+    rows, filtered = build_finetune_rows(expert, teacher, data["train"])
+    files["train"] = str(write_rows(rows, s / "data" / "train.jsonl"))
+    files["filtered"] = str(write_rows(filtered or rows[:1], s / "data" / "filtered.jsonl"))
+    from gft_train.demo.sums import reward
+
+    teacher_ok = [reward([], r["teachers"], [r["answer"]] * len(r["teachers"])) for r in rows]
+    info = dict(files=files, base=str(base), expert=str(expert), teacher=str(teacher),
+                expert_train_acc=st.mean(reward([], [r["expert"] for r in rows], [r["answer"] for r in rows])),
+                teacher_train_acc=st.mean(x for ok in teacher_ok for x in ok),
+                teacher_distinct=st.mean(len(set(r["teachers"])) for r in rows),
+                filtered_rows=len(filtered), train_rows=len(rows))
+    from gft_train.demo.recipe import snapshot_dirs
+
+    models = {"base": base, "expert": expert, "teacher": teacher}
+    evals = _map(pool, [("evaluate", dict(model_dir=m, base_dir=None, files=files, budget=budget, seed=0, full=False))
+                        for m in models.values()])
+    info["accuracy"] = dict(zip(models, evals))
+    info["base_curve"] = {step: _map(None, [("evaluate", dict(model_dir=d, base_dir=None, files=files, budget=budget,
+                                                              seed=0, full=False, splits=("val",)))])[0]["val_greedy"]
+                          for step, d in snapshot_dirs(s / "base", budget.base_steps).items()}
+    info["expert_style_in_base"] = style_share(base, data["val"], "descending")
+    info["expert_style_in_expert"] = style_share(expert, data["val"], "descending")
+    info["seconds"] = round(time.time() - started, 1)
+    path.write_text(json.dumps(info, indent=1))
+    return info
 
 
+# ---- one run ------------------------------------------------------------------------------
 def eval_config(n: int, seed: int, greedy: bool = True) -> Config:
     """The study's evaluation settings (``gft_train.evaluate.evaluate_model`` reads them): the
     paper's temperature (0.5, the default), n samples per prompt, greedy pass@1 beside."""
-    return Config(max_new_tokens=4, max_length=16, engine="transformers", rollout_batch_size=256, eval_n=n,
-                  eval_k=[], eval_greedy=greedy, seed=seed)
+    return Config(max_new_tokens=MAX_NEW_TOKENS, max_length=MAX_LENGTH, engine="transformers",
+                  rollout_batch_size=512, eval_n=n, eval_k=[], eval_greedy=greedy, seed=seed, reward=REWARD)
 
 
-def evaluate(model_dir: Path, base_dir: Path, out: Path, budget: Budget, seed: int) -> dict:
+def evaluate(model_dir, base_dir, files: dict, budget: Budget, seed: int, full: bool = True,
+             splits=("test", "ood", "probe")) -> dict:
+    """pass@1 (n samples, temperature 0.5) and greedy per split; with ``full``, also pass@k,
+    distinct correct answers and KL to the base."""
     from gft_train.data import load_rows
+    from gft_train.demo.sums import reward
     from gft_train.evaluate import evaluate_model
-    from gft_train.rewards import load_reward
 
-    reward = load_reward("math")
-    rows = {k: load_rows(out / "data" / f"eval_{k}.jsonl") for k in ("id", "ood", "sub")}
-    main = evaluate_model(model_dir, rows, eval_config(budget.eval_n, seed), base_dir=base_dir, kl_split="id",
-                          reward_fn=reward)
-    k = budget.passk_n
-    wide = evaluate_model(model_dir, {"id": rows["id"][: budget.passk_prompts]}, eval_config(k, seed, greedy=False),
-                          reward_fn=reward)["id"]
-    reward.close()
+    names = {"test": "id", "ood": "ood", "probe": "probe", "val": "val"}
+    rows = {names[k]: load_rows(files[k]) for k in splits}
+    main = evaluate_model(model_dir, rows, eval_config(budget.eval_n, seed), base_dir=base_dir if full else None,
+                          kl_split="id", reward_fn=reward)
     res = {}
     for split in rows:
         res[split] = main[split]["pass@1"]
         res[f"{split}_greedy"] = main[split]["greedy_pass@1"]
-    res[f"pass@{k}"] = wide.get(f"pass@{k}", wide["pass@1"])
-    res["passk_curve"] = {key: v for key, v in wide.items() if key.startswith("pass@")}
-    res["distinct"] = wide["distinct_correct"]
-    if base_dir is not None:
-        res["kl"] = main["kl_to_base"]
-        res["kl_base"] = main["kl_base_model"]
+    if full:
+        k = budget.passk_n
+        wide = evaluate_model(model_dir, {"id": rows["id"][: budget.passk_prompts]},
+                              eval_config(k, seed, greedy=False), reward_fn=reward)["id"]
+        res[f"pass@{k}"] = wide.get(f"pass@{k}", wide["pass@1"])
+        res["passk_curve"] = {key: v for key, v in wide.items() if key.startswith("pass@")}
+        res["distinct"] = wide["distinct_correct"]
+        if base_dir is not None:
+            res["kl"] = main["kl_to_base"]
+            res["kl_base"] = main["kl_base_model"]
     return res
 
 
-def run_one(spec: Spec, seed: int, out: Path, base: Path, budget: Budget) -> dict:
-    from gft_train.trainer import train
+def curve_accuracy(model_dir, files, budget: Budget, seed: int, split: str = "test") -> float:
+    from gft_train.data import load_rows
+    from gft_train.demo.sums import reward
+    from gft_train.evaluate import evaluate_model
 
-    run_dir = out / "runs" / f"{spec.name.replace(' ', '_').replace('/', '')}_seed{seed}"
-    cfg = Config(model=str(base), output_dir=str(run_dir), seed=seed, **{**_common(out, budget), **spec.overrides})
+    res = evaluate_model(model_dir, {split: load_rows(files[split])}, eval_config(budget.curve_n, seed, greedy=False),
+                         reward_fn=reward)
+    return res[split]["pass@1"]
+
+
+def run_dir_for(out: Path, spec: Spec, seed: int, lr: float, grid: bool) -> Path:
+    slug = spec.name.replace(" ", "_").replace("/", "").replace("(", "_").replace(")", "").replace(":", "-")
+    return out / ("grid" if grid else "runs") / f"{slug}_lr{lr:g}_seed{seed}"
+
+
+def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: dict, grid: bool = False) -> dict:
+    from gft_train.demo.recipe import snapshot_dirs, train_with_snapshots
+
+    files = setup["files"]
+    run_dir = run_dir_for(out, spec, seed, lr, grid)
+    shutil.rmtree(run_dir, ignore_errors=True)    # a run cut off earlier starts over
+    cfg = Config(model=setup["base"], output_dir=str(run_dir), seed=seed, train_file=files[spec.data],
+                 max_new_tokens=MAX_NEW_TOKENS, max_length=MAX_LENGTH, micro_batch_size=SEQS_PER_STEP, lr=lr,
+                 lr_scheduler="constant", max_steps=budget.steps, temperature=1.0, engine="transformers",
+                 rollout_batch_size=512, reward=REWARD, **spec.overrides)
     start = time.time()
-    final = train(cfg)
+    points = () if grid else [p for p in budget.curve_points if p < budget.steps]
+    final = train_with_snapshots(cfg, points)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grads = [m["grad_norm"] for m in metrics]
-    row = dict(name=spec.name, family=spec.family, x=spec.x, seed=seed,
+    row = dict(name=spec.name, family=spec.family, x=spec.x, seed=seed, lr=lr,
                rectified=st.mean(m["dcr/rectified_frac"] for m in metrics),
                grad_cv=st.pstdev(grads) / max(st.mean(grads), 1e-12),
-               sequences=cfg.max_steps * SEQS_PER_STEP,
-               **evaluate(final, base, out, budget, seed), seconds=round(time.time() - start, 1))
+               sequences=cfg.max_steps * SEQS_PER_STEP)
+    selfs = [m["reward/self_mean"] for m in metrics if "reward/self_mean" in m]
+    if selfs:
+        tail = max(1, len(selfs) // 10)
+        row["self_reward_first"], row["self_reward_last"] = st.mean(selfs[:tail]), st.mean(selfs[-tail:])
+    if grid:
+        row["val"] = curve_accuracy(final, files, budget, seed, split="val")
+    else:
+        row["curve"] = {str(step): curve_accuracy(d, files, budget, seed) for step, d in
+                        snapshot_dirs(run_dir, budget.steps).items() if step < budget.steps}
+        row.update(evaluate(final, setup["base"], files, budget, seed))
+        row["curve"][str(budget.steps)] = row["id"]
+        shutil.rmtree(run_dir / "at", ignore_errors=True)   # snapshots served their purpose
+    row["seconds"] = round(time.time() - start, 1)
     return row
+
+
+# ---- jobs, side by side -------------------------------------------------------------------
+def _job(job):
+    kind, kw = job
+    _threads_one()
+    from gft_train.demo.recipe import sft
+
+    if kind == "sft":
+        return sft(**kw)
+    if kind == "evaluate":
+        return evaluate(**kw)
+    if kind == "run":
+        return run_one(**kw)
+    raise ValueError(kind)
+
+
+def _map(pool, jobs):
+    return pool.map(_job, jobs, chunksize=1) if pool is not None else [_job(j) for j in jobs]
+
+
+def _imap(pool, jobs):
+    if pool is None:
+        return (_job(j) for j in jobs)
+    return pool.imap(_job, jobs, chunksize=1)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _append(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def choose_lrs(grid_rows: list[dict], names) -> dict[str, float]:
+    """Each method's rate with the best validation pass@1 (ties: the smaller rate)."""
+    best = {}
+    for name in names:
+        rows = sorted((r for r in grid_rows if r["name"] == name), key=lambda r: (-r["val"], r["lr"]))
+        if rows:
+            best[name] = rows[0]["lr"]
+    return best
 
 
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(prog="python -m study", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="two configurations, one seed, a few steps (CI)")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="two methods, one seed, one rate, a few steps (CI)")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--docs", default="docs")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="runs side by side, one thread each; 1: in this process (default: 2, --quick 1)")
     args = ap.parse_args(argv)
     budget = QUICK if args.quick else FULL
-    seeds = range(1 if args.quick else args.seeds)
     out = Path(args.out)
-    base = make_base(out, budget)
-    results_path = out / "results.jsonl"
-    done = set()
-    if results_path.exists():
-        done = {(r["name"], r["seed"]) for r in map(json.loads, results_path.read_text().splitlines())}
-    base_row_path = out / "base_eval.json"
-    if not base_row_path.exists():
-        base_row_path.write_text(json.dumps(evaluate(base, None, out, budget, 0)))
-    for spec in specs(args.quick):
-        for seed in seeds:
-            if (spec.name, seed) in done:
-                continue
-            row = run_one(spec, seed, out, base, budget)
-            with results_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(f"[study] {spec.name} seed {seed}: id {row['id']:.3f} ood {row['ood']:.3f} sub {row['sub']:.3f} "
-                  f"kl {row['kl']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _threads_one()
+    pool = None
+    workers = args.workers or (1 if args.quick else 2)
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers, maxtasksperchild=1)
+    started = time.time()
+    try:
+        setup = make_setup(out, budget, pool)
+        chosen = specs(args.quick)
+        own = [s for s in chosen if s.own_lr]
+        grid_path, results_path = out / "grid.jsonl", out / "results.jsonl"
+        done = {(r["name"], r["lr"]) for r in _read(grid_path)}
+        jobs = [("run", dict(spec=s, seed=0, lr=lr, out=out, budget=budget, setup=setup, grid=True))
+                for s in own for lr in budget.lrs if (s.name, lr) not in done]
+        for row in _imap(pool, jobs):
+            _append(grid_path, row)
+            print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)", flush=True)
+        lrs = choose_lrs(_read(grid_path), [s.name for s in own])
+        done = {(r["name"], r["seed"]) for r in _read(results_path)}
+        # the main methods and ablations first, then the sweeps, each seed by seed (a study cut short
+        # then has every configuration at the same number of seeds rather than some at none)
+        main = [(s, seed) for seed in range(budget.seeds) for s in chosen if s.family in ("methods", "ablation")]
+        sweeps = [(s, seed) for seed in range(budget.sweep_seeds) for s in chosen
+                  if s.family not in ("methods", "ablation")]
+        jobs = [("run", dict(spec=s, seed=seed, lr=lrs[s.name] if s.own_lr else lrs["GFT"], out=out, budget=budget,
+                             setup=setup))
+                for s, seed in main + sweeps if (s.name, seed) not in done]
+        for row in _imap(pool, jobs):
+            _append(results_path, row)
+            print(f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "
+                  f"probe {row['probe']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)", flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    timing = out / "wall_seconds.json"
+    if jobs or not timing.exists():
+        prior = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+        timing.write_text(json.dumps({"seconds": round(prior + time.time() - started, 1), "workers": workers}))
     from .report import write_report
 
     return write_report(out, Path(args.docs), budget, quick=args.quick)

@@ -8,16 +8,24 @@ def test_quick_study_writes_the_report_with_verdicts(tmp_path):
     report = main(["--quick", "--out", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")])
     text = report.read_text()
     assert "## Verdicts" in text and "| GFT |" in text and "| SFT |" in text
-    for claim in ("GFT beats SFT", "GAL and DCR", "forgets less", "diversity"):
+    for claim in ("GFT beats SFT", "GAL and DCR", "forgets less", "diversity", "data-efficient"):
         assert claim in text
+    for section in ("## Set-up", "## Optimization", "what this miniature can and cannot say"):
+        assert section.lower() in text.lower(), section
     assert any(w in text for w in ("**reproduced**", "**not reproduced**", "**inconclusive**"))
     assert (tmp_path / "docs" / "reproduction_quick_methods.png").exists()
+    assert (tmp_path / "docs" / "reproduction_quick_curves.png").exists()
     rows = (tmp_path / "study" / "results.jsonl").read_text().splitlines()
     assert len(rows) == 2
     for row in map(json.loads, rows):   # the paper's metrics, from gft_train.evaluate.evaluate_model
-        for key in ("id", "id_greedy", "ood_greedy", "sub_greedy", "pass@4", "distinct", "kl", "kl_base"):
+        for key in ("id", "id_greedy", "ood_greedy", "probe_greedy", "pass@4", "distinct", "kl", "kl_base"):
             assert key in row, key
         assert sorted(row["passk_curve"]) == ["pass@1", "pass@2", "pass@4"]
+        assert sorted(row["curve"], key=int) == ["2", "3"]   # accuracy along training, the last step included
+    grid = [json.loads(line) for line in (tmp_path / "study" / "grid.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in grid) == ["GFT", "SFT"] and all("val" in r for r in grid)
+    setup = json.loads((tmp_path / "study" / "setup.json").read_text())
+    assert set(setup["accuracy"]) == {"base", "expert", "teacher"}
     assert "KL(base‖model)" in text and "greedy" in text
     # a rerun skips finished runs and regenerates the report
     main(["--quick", "--out", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")])
@@ -46,3 +54,36 @@ def test_without_gal_is_the_papers_ablation():
     assert cfg.prompts_per_step * cfg.group_size == SEQS_PER_STEP
     gft = Config(**next(s for s in specs(False) if s.name == "GFT").overrides).resolved()
     assert gft.refresh_every == 1 and gft.prompts_per_step * gft.group_size == SEQS_PER_STEP
+
+
+def test_every_configuration_trains_on_equal_sequences_per_step():
+    from gft_train.config import Config
+    from study.run import SEQS_PER_STEP, specs
+
+    for spec in specs(False):
+        cfg = Config(**spec.overrides).resolved()
+        assert cfg.prompts_per_step * cfg.group_size == SEQS_PER_STEP, spec.name
+
+
+def test_learning_rate_choice_is_per_method_on_validation():
+    from study.run import choose_lrs
+
+    grid = [dict(name="SFT", lr=1e-4, val=0.2), dict(name="SFT", lr=1e-3, val=0.5), dict(name="SFT", lr=3e-3, val=0.5),
+            dict(name="GRPO", lr=1e-4, val=0.4), dict(name="GRPO", lr=1e-3, val=0.1)]
+    assert choose_lrs(grid, ["SFT", "GRPO"]) == {"SFT": 1e-3, "GRPO": 1e-4}   # a tie goes to the smaller rate
+
+
+def test_sum_task_has_several_correct_paths_and_disjoint_splits():
+    import itertools
+
+    from gft_train.demo.sums import make_data, reward, write
+
+    paths = {write((3, 17, 8), "shuffled", __import__("random").Random(i)) for i in range(50)}
+    assert len(paths) == 6 and reward([""] * 6, sorted(paths), ["28"] * 6) == [1.0] * 6
+    assert write((3, 17, 8), "descending") == "17+8=25+3=28" and write((3, 17, 8), "left_to_right") == "3+17=20+8=28"
+    assert reward(["", "", ""], ["3+17=20+8=29", "3+17=20+8=", "28"], ["28"] * 3) == [0.0, 0.0, 1.0]
+    data = make_data()
+    prompts = {name: {r["prompt"] for r in rows} for name, rows in data.items()}
+    for a, b in itertools.combinations(prompts, 2):
+        assert not prompts[a] & prompts[b], (a, b)
+    assert max(int(r["answer"]) for r in data["ood"]) > max(int(r["answer"]) for r in data["test"])

@@ -179,15 +179,18 @@ def test_missing_model_and_unknown_method_are_clear_errors(setup, tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    from gft_train.demo.run import run_demo
+    from gft_train.demo.run import SPLITS, run_demo
 
     result = run_demo(tmp_path / "demo", quick=True)
     printed = capsys.readouterr().out
-    assert "base pass@1" in printed and "GFT pass@1" in printed
-    assert set(result["before"]) == {"in-distribution", "harder (OOD)"}
-    for split in result["before"].values():
-        assert {"pass@1", "greedy_pass@1", "pass@2", "distinct_correct"} <= set(split)
-    assert "greedy" in printed and "KL(base || GFT)" in printed and result["after"]["kl_base_model"] >= 0
-    assert (tmp_path / "demo" / "gft" / "training.png").exists()
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "demo" / "gft" / "metrics.jsonl").read_text().splitlines()]
-    assert losses and all(abs(x) < 1e3 for x in losses)
+    assert "base pass@1" in printed and "SFT pass@1" in printed and "GFT pass@1" in printed
+    assert set(result["results"]) == {"base", "SFT", "GFT"}
+    for model in result["results"].values():
+        for split in SPLITS:
+            assert {"pass@1", "greedy_pass@1", "pass@2", "distinct_correct"} <= set(model[split])
+    assert "greedy" in printed and "KL(base || GFT)" in printed and result["results"]["GFT"]["kl_base_model"] >= 0
+    for method in ("sft", "gft"):
+        assert (tmp_path / "demo" / method / "training.png").exists()
+        metrics = (tmp_path / "demo" / method / "metrics.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["loss"] for line in metrics]
+        assert losses and all(abs(x) < 1e3 for x in losses)

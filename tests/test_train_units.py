@@ -367,7 +367,7 @@ def test_cli_demo_and_study_share_one_evaluation_function(tmp_path, monkeypatch,
     import gft_train.trainer
     from gft_train.cli import main
     from gft_train.demo.model import build_model
-    from gft_train.demo.run import run_demo
+    from gft_train.demo.run import SPLITS, run_demo
     from gft_train.demo.task import make_splits, write_jsonl
     from study.run import QUICK, evaluate
 
@@ -387,18 +387,17 @@ def test_cli_demo_and_study_share_one_evaluation_function(tmp_path, monkeypatch,
     data = {k: write_jsonl(v, tmp_path / "data" / f"{k}.jsonl") for k, v in splits.items()}
     main(["eval", "--model", str(model), "--eval-file", str(data["eval_id"]), "--base-model", str(model)])
     assert json.loads(capsys.readouterr().out)["kl_base_model"] == 0.2
-    for name in ("id", "ood"):
-        write_jsonl(splits[f"eval_{name}"], tmp_path / "data" / f"eval_{name}.jsonl")
-    write_jsonl(splits["eval_id"], tmp_path / "data" / "eval_sub.jsonl")
-    row = evaluate(model, model, tmp_path, QUICK, seed=0)
+    files = {name: write_jsonl(splits["eval_id"], tmp_path / "data" / f"{name}.jsonl")
+             for name in ("test", "ood", "probe")}
+    row = evaluate(model, model, files, QUICK, seed=0)
     assert (row["id_greedy"], row["kl_base"]) == (0.25, 0.2)
     monkeypatch.setattr(gft_train.trainer, "train", lambda cfg: model)
     result = run_demo(tmp_path / "demo", quick=True)
-    assert result["after"]["kl_base_model"] == 0.2
+    assert result["results"]["GFT"]["kl_base_model"] == 0.2
     callers = [c[1] for c in calls]
     assert callers[0] == ["eval"]                                        # the CLI
-    assert ["id", "ood", "sub"] in callers and ["id"] in callers         # the study
-    assert callers.count(["in-distribution", "harder (OOD)"]) == 2       # the demo: base and GFT
+    assert ["id", "ood", "probe"] in callers and ["id"] in callers       # the study
+    assert callers.count(list(SPLITS)) == 3                              # the demo: base, SFT and GFT
     assert {c[2] for c in calls} == {0.5}
 
 
