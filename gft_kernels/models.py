@@ -219,20 +219,20 @@ def _uses_fsdp2(model) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _whole(weight, bias, fsdp2: bool = False):
+def _whole(weight, bias, model=None):
     """(weight, bias, vocabulary-parallel group): the head's parameters as the loss reads them.
 
     Inside the head's call the frameworks have gathered them; a DTensor still sharded on the
     vocabulary dimension (tensor parallelism: every rank of its mesh holds the same tokens) is
-    taken shard by shard by the vocabulary-parallel op, and any other DTensor is gathered. Under
-    FSDP2 (``fsdp2``) a DTensor here is a data-parallel shard the framework failed to gather (each
-    rank holds other tokens): an error, never the vocabulary-parallel path."""
+    taken shard by shard by the vocabulary-parallel op, and any other DTensor is gathered. If
+    ``model`` uses FSDP2, a DTensor here is a data-parallel shard the framework failed to gather
+    (each rank holds other tokens): an error, never the vocabulary-parallel path."""
     if type(weight).__name__ == "DTensor":
         from torch.distributed.tensor import Replicate, Shard
 
         placements = tuple(weight.placements)
         mesh = weight.device_mesh
-        if fsdp2:
+        if model is not None and _uses_fsdp2(model):
             raise UnsupportedModelError(
                 "the output head's weight is still an FSDP2 shard inside its call: compute the loss "
                 "inside the forward of the FSDP root module (as gft_train's GFTPolicy does), where "
@@ -340,7 +340,7 @@ def _probe(model, spec: LogitsTransform) -> None:
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     # The head's product is formed by hooks on the linear layer, where a sharding framework has
     # gathered its weight (its pre-hook runs after the framework's; its forward hook before).
-    state = {"x": None, "ours": None, "amplify": False, "calls": 0}
+    state = {"ours": None, "amplify": False, "calls": 0}
 
     def pre_hook(module, args, kw):
         state["calls"] += 1
@@ -357,7 +357,6 @@ def _probe(model, spec: LogitsTransform) -> None:
             synth = torch.randn(x.shape, generator=g, dtype=acc).to(device)
             peak = float(F.linear(synth, w.to(acc)).abs().max())
             x = (synth * (PROBE_AMPLITUDE / max(peak, 1e-30))).to(x.dtype)
-        state["x"] = x
         state["ours"] = F.linear(x, w, b)
         state["dtypes"] = (w.dtype, x.dtype)
         return ((x,) + tuple(args[1:]), kw) if args else None
@@ -461,7 +460,7 @@ def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *
         targets = shift_labels
 
     def loss_of(weight, bias, x):
-        weight, bias, group = _whole(weight, bias, fsdp2=_uses_fsdp2(model))
+        weight, bias, group = _whole(weight, bias, model)
         if spec.vocab is not None and group is not None:
             raise NotImplementedError(f"{_arch(model)}: a vocabulary cut ({spec.vocab}) on a "
                                       "vocabulary-sharded head is not supported")
