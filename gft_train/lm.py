@@ -22,7 +22,15 @@ def format_prompt(tokenizer, prompt: str) -> str:
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt's token ids as the trainer scores them and the rollout engines continue them."""
-    return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return prompts_ids(tokenizer, [prompt])[0]
+
+
+def prompts_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """``prompt_ids`` of each prompt, in one tokenizer call (a call per text cost a quarter of a
+    small model's training step)."""
+    if not prompts:
+        return []
+    return tokenizer([format_prompt(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
 
 
 @dataclass
@@ -65,10 +73,13 @@ def encode(tokenizer, items: list[tuple[str, str | list[int], float]], max_lengt
     (trained as they are: ``response_ids``)."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    all_p_ids = prompts_ids(tokenizer, [prompt for prompt, _, _ in items])
+    texts = [response for _, response, _ in items if isinstance(response, str)]
+    text_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     rows, labels = [], []
-    for prompt, response, _ in items:
-        p_ids = prompt_ids(tokenizer, prompt)
-        r_ids = response_ids(tokenizer, response)
+    for p_ids, (_, response, _) in zip(all_p_ids, items):
+        # a text response: its ids from the one batched call, as ``response_ids`` would make them
+        r_ids = next(text_ids) + [tokenizer.eos_token_id] if isinstance(response, str) else response_ids(tokenizer, response)
         ids = (p_ids + r_ids)[:max_length]
         lab = ([-100] * len(p_ids) + r_ids)[:max_length]
         rows.append(ids)

@@ -9,7 +9,7 @@ sampled is among them; a sample cut off at ``max_new_tokens`` ends without one),
 decoded text for the reward. The trainer trains self-samples on these ids as they are, never on a
 re-encoding of the text (``lm.encode``).
 
-Both engines start from the same prompt token ids as the trainer (``lm.prompt_ids``: the prompt
+Both engines start from the same prompt token ids as the trainer (``lm.prompts_ids``: the prompt
 through its chat template, no special tokens added), so sampled ids continue exactly the
 sequence the trainer scores.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lm import prompt_ids
+from .lm import prompts_ids
 
 
 @dataclass
@@ -64,7 +64,7 @@ class TransformersEngine:
         was_training = model.training
         model.eval()
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        ids = [prompt_ids(tok, p) for p in prompts for _ in range(n)]
+        ids = [ids for ids in prompts_ids(tok, prompts) for _ in range(n)]
         eos = _eos_ids(tok)
         pad = tok.pad_token_id
         outputs = []
@@ -116,7 +116,7 @@ class VLLMEngine:
 
         temperature = self.temperature if temperature is None else temperature
         # token ids in, so vLLM adds no special tokens the trainer does not see
-        inputs = [{"prompt_token_ids": prompt_ids(self.tokenizer, p)} for p in prompts]
+        inputs = [{"prompt_token_ids": ids} for ids in prompts_ids(self.tokenizer, prompts)]
 
         def done(c):
             ids = list(c.token_ids)

@@ -92,15 +92,21 @@ def _plots(agg, docs: Path, prefix: str) -> list[str]:
 
     files = []
     curves = [n for n in agg if agg[n]["family"] in ("methods", "ablation") and agg[n].get("curve")]
+    longer = {n.split(",")[0]: n for n in agg if agg[n]["family"] == "long" and agg[n].get("curve")}
     if curves:
         fig, ax = plt.subplots(figsize=(6.2, 3.8))
         for n in curves:
             pts = sorted(agg[n]["curve"].items())
             xs, ms, ss = [p for p, _ in pts], [v[0] for _, v in pts], [v[1] for _, v in pts]
             line, = ax.plot(xs, ms, marker="o", ms=3, label=n, ls="--" if agg[n]["family"] == "ablation" else "-")
+            if n in longer:     # its longer run (one seed), dotted in the same colour
+                pts = sorted(agg[longer[n]]["curve"].items())
+                ax.plot([p for p, _ in pts], [v[0] for _, v in pts], ls=":", color=line.get_color(), lw=1)
             ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)],
                             color=line.get_color(), alpha=0.15)
         ax.set_xlabel(f"optimizer steps ({SEQS_PER_STEP} sequences each)")
+        if longer:
+            ax.set_title("dotted: the same method, a longer run (one seed)", fontsize=8)
         ax.set_ylabel("held-out pass@1 (temperature 0.5)")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -260,6 +266,7 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
 
     own = list(dict.fromkeys(g["name"] for g in grid))     # the grid's methods, in the order run
     lrs = choose_lrs(grid, own)
+    tried = sorted({g["lr"] for g in grid})
     lines = [
         "# The paper's claims, reproduced in a fair miniature",
         "",
@@ -280,22 +287,25 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
         "1/8 of the prompts at equal sequences, as in the paper's 10k x 8 vs 100k.",
         "",
         f"Learning rate: each main method tried {', '.join(f'{x:g}' for x in budget.lrs)} (seed 0, "
-        "scored by pass@1 on the validation split at the last step) and keeps its best; the "
-        "ablations and sweeps use GFT's.",
+        "scored by pass@1 on the validation split at the last step); a method whose best was the lowest "
+        "or highest rate it had tried went on one step (x3) further that way, until its best was inside "
+        "the rates it tried. Each keeps its best; the ablations and sweeps use GFT's.",
         "",
-        "| method | " + " | ".join(f"lr {x:g}" for x in budget.lrs) + " | chosen |",
-        "|---|" + "---|" * (len(budget.lrs) + 1),
+        "| method | " + " | ".join(f"lr {x:g}" for x in tried) + " | chosen |",
+        "|---|" + "---|" * (len(tried) + 1),
     ]
     for n in own:
         cells = []
-        for x in budget.lrs:
+        for x in tried:
             r = next((g for g in grid if g["name"] == n and g["lr"] == x), None)
             cells.append("" if r is None else (f"**{r['val']:.3f}**" if lrs.get(n) == x else f"{r['val']:.3f}"))
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {lrs.get(n, float('nan')):g} |")
-    edge = [n for n in own if lrs.get(n) in (min(budget.lrs), max(budget.lrs))]
-    if edge and len(budget.lrs) > 1:
-        lines += ["", f"At the edge of the grid: {', '.join(f'{n} ({lrs[n]:g})' for n in edge)}; a rate beyond "
-                  "it was not tried, so for these the grid bounds the best rate on one side only."]
+    edge = [n for n in own if lrs.get(n) in (min(g["lr"] for g in grid if g["name"] == n),
+                                             max(g["lr"] for g in grid if g["name"] == n))]
+    if edge and len(tried) > 1:
+        lines += ["", f"Still at the edge of what was tried: {', '.join(f'{n} ({lrs[n]:g})' for n in edge)} "
+                  "(the rate ladder `study.run.LR_LADDER` ends there), so for these the grid bounds the best rate "
+                  "on one side only."]
     lines += [
         "",
         f"Metrics (`gft_train.evaluate.evaluate_model`): mean pass@1 over {budget.eval_n} samples at "
@@ -347,6 +357,21 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines += ["", "Reading the curves (computed from the table: a change counts when it exceeds 0.02 and the "
                   "seeds' spread):", ""] + [f"- {line}" for line in _curve_reading(agg, curve_names, base["id"])] + [""]
+    long_names = [n for n in agg if agg[n]["family"] == "long" and agg[n].get("curve")]
+    if long_names:
+        steps = sorted({s for n in long_names for s in agg[n]["curve"]})
+        lines += [f"### Longer runs: {budget.long_steps} steps instead of {budget.steps} (one seed)", "",
+                  f"{', '.join(n.split(',')[0] for n in long_names)} again at their chosen rates for "
+                  f"{budget.long_steps} steps (seed 0): did the curves flatten, and does the ranking at "
+                  f"{budget.steps} steps hold with more training?", "",
+                  "| configuration | " + " | ".join(f"step {s}" for s in steps) + " | OOD | probe | KL(base‖model) |",
+                  "|---|" + "---|" * (len(steps) + 3)]
+        for n in long_names:
+            c = agg[n]["curve"]
+            lines.append(f"| {n} | " + " | ".join(f"{c[s][0]:.3f}" if s in c else "" for s in steps)
+                         + f" | {agg[n]['ood'][0]:.3f} | {agg[n]['probe'][0]:.3f} | {agg[n]['kl_base'][0]:.3f} |")
+        lines += ["", "Reading them (one seed: a change counts when it exceeds 0.02):", ""]
+        lines += [f"- {line}" for line in _curve_reading(agg, long_names, base["id"])] + [""]
     if len(tau_names) >= 3:
         taus = sorted(tau_names, key=lambda n: agg[n]["x"])
         lines += ["## tau sweep (Figure 6)", "",
@@ -406,7 +431,7 @@ LIMITS = [
     "fine-tuning steps, on a CPU. Effects that rest on a large model's prior (a broad, "
     "pre-trained distribution over solution styles, long chains where one low-probability token "
     "derails a proof) are present here only in small form, so a verdict here is about this "
-    "scale and this task only. The learning-rate grid has one seed and four points; the sweeps "
+    "scale and this task only. The learning-rate grid has one seed per rate, about x3 apart; the sweeps "
     "fewer seeds than the main methods; the noise rule counts a gap as real only when it "
     "exceeds the spread of the seeds, which with 2-3 seeds is itself a rough estimate.",
 ]

@@ -11,10 +11,13 @@ Then, at equal sequences per optimizer step (64: SFT and DFT see 64 prompts x 1 
 GRPO and GFT 8 prompts x 8 responses) and equal steps:
 
 1. learning-rate grid: each main method (SFT, SFT on filtered teacher data, DFT, GRPO, GFT) at
-   every rate of ``Budget.lrs``, seed 0, scored on the validation split; each keeps its best;
+   every rate of ``Budget.lrs``, seed 0, scored on the validation split; a method whose best rate
+   is the lowest or highest it tried goes on one rung of ``LR_LADDER`` beyond it, until its best
+   is inside what it tried (or the ladder ends); each keeps its best;
 2. the main methods at their own rate and the ablations (GFT without DCR / without GAL) at
    GFT's, ``Budget.seeds`` seeds each, with held-out accuracy at several steps (the curves);
-3. the tau and group-ratio sweeps at GFT's rate.
+3. SFT, DFT and GFT once more at twice the steps (one seed): whether the curves had flattened;
+4. the tau and group-ratio sweeps at GFT's rate.
 
 Each run is one process with one thread; ``--workers`` runs side by side. Measured by
 ``gft_train.evaluate.evaluate_model``: mean pass@1 over n samples at temperature 0.5 and greedy
@@ -31,7 +34,7 @@ import os
 import shutil
 import statistics as st
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gft_train.config import Config
@@ -44,7 +47,7 @@ SEQS_PER_STEP = 64
 @dataclass(frozen=True)
 class Spec:
     name: str
-    family: str                      # methods | ablation | tau | ratio
+    family: str                      # methods | ablation | long | tau | ratio
     overrides: dict = field(default_factory=dict)
     x: float | str | None = None     # the swept value (tau, or "demo:sample")
     data: str = "train"              # train | filtered (SFT on the correct teacher responses)
@@ -90,9 +93,11 @@ class Budget:
     teacher_steps: int = 400
     steps: int = 400                # fine-tuning optimizer steps per run (150 left SFT's curve rising)
     curve_points: tuple = (25, 50, 100, 200, 300)   # and the last step
-    lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)
+    lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)   # the grid every method starts from (extended: LR_LADDER)
     seeds: int = 3
     sweep_seeds: int = 2
+    long_methods: tuple = ("SFT", "DFT", "GFT")   # run again at long_steps, seed 0, their own rates
+    long_steps: int = 800
     eval_n: int = 8
     curve_n: int = 4
     passk_n: int = 32
@@ -100,9 +105,13 @@ class Budget:
     data_sizes: tuple = ()          # overrides of make_data's split sizes, as (name, size) pairs
 
 
+# The rates a grid may extend to, about x3 apart (a best rate still at one of its ends after the
+# extension is reported as such).
+LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
 FULL = Budget()
 QUICK = Budget(base_steps=30, expert_steps=10, teacher_steps=5, steps=3, curve_points=(2,), lrs=(1e-3,), seeds=1,
-               sweep_seeds=1, eval_n=2, curve_n=1, passk_n=4, passk_prompts=4,
+               sweep_seeds=1, long_methods=("SFT",), long_steps=4, eval_n=2, curve_n=1, passk_n=4, passk_prompts=4,
                data_sizes=(("pretrain_sums", 64), ("expert_train", 64), ("teacher_train", 64), ("train", 48),
                            ("val", 8), ("test", 12), ("ood", 8), ("pretrain_reversal", 64), ("probe", 8)))
 
@@ -214,22 +223,28 @@ def curve_accuracy(model_dir, files, budget: Budget, seed: int, split: str = "te
 
 
 def run_dir_for(out: Path, spec: Spec, seed: int, lr: float, grid: bool) -> Path:
-    slug = spec.name.replace(" ", "_").replace("/", "").replace("(", "_").replace(")", "").replace(":", "-")
+    slug = spec.name.replace(" ", "_").replace("/", "").replace(",", "").replace("(", "_").replace(")", "").replace(":", "-")
     return out / ("grid" if grid else "runs") / f"{slug}_lr{lr:g}_seed{seed}"
 
 
-def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: dict, grid: bool = False) -> dict:
+def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: dict, grid: bool = False,
+            steps: int | None = None) -> dict:
+    """One fine-tuning run from the base (``steps``: ``budget.steps`` unless given), then its
+    evaluation: validation pass@1 for a grid run; otherwise the curve and ``evaluate``."""
     from gft_train.demo.recipe import snapshot_dirs, train_with_snapshots
 
     files = setup["files"]
+    steps = steps or budget.steps
     run_dir = run_dir_for(out, spec, seed, lr, grid)
     shutil.rmtree(run_dir, ignore_errors=True)    # a run cut off earlier starts over
     cfg = Config(model=setup["base"], output_dir=str(run_dir), seed=seed, train_file=files[spec.data],
                  max_new_tokens=MAX_NEW_TOKENS, max_length=MAX_LENGTH, micro_batch_size=SEQS_PER_STEP, lr=lr,
-                 lr_scheduler="constant", max_steps=budget.steps, temperature=1.0, engine="transformers",
+                 lr_scheduler="constant", max_steps=steps, temperature=1.0, engine="transformers",
                  rollout_batch_size=512, reward=REWARD, **spec.overrides)
     start = time.time()
-    points = () if grid else [p for p in budget.curve_points if p < budget.steps]
+    # a longer run: the same points, then every half of budget.steps
+    points = () if grid else sorted(p for p in {*budget.curve_points, *range(budget.steps, steps, budget.steps // 2)}
+                                    if p < steps)
     final = train_with_snapshots(cfg, points)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grads = [m["grad_norm"] for m in metrics]
@@ -245,9 +260,9 @@ def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: 
         row["val"] = curve_accuracy(final, files, budget, seed, split="val")
     else:
         row["curve"] = {str(step): curve_accuracy(d, files, budget, seed) for step, d in
-                        snapshot_dirs(run_dir, budget.steps).items() if step < budget.steps}
+                        snapshot_dirs(run_dir, steps).items() if step < steps}
         row.update(evaluate(final, setup["base"], files, budget, seed))
-        row["curve"][str(budget.steps)] = row["id"]
+        row["curve"][str(steps)] = row["id"]
         shutil.rmtree(run_dir / "at", ignore_errors=True)   # snapshots served their purpose
     row["seconds"] = round(time.time() - start, 1)
     return row
@@ -287,6 +302,10 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def long_name(name: str, budget: Budget) -> str:
+    return f"{name}, {budget.long_steps} steps"
+
+
 def choose_lrs(grid_rows: list[dict], names) -> dict[str, float]:
     """Each method's rate with the best validation pass@1 (ties: the smaller rate)."""
     best = {}
@@ -295,6 +314,23 @@ def choose_lrs(grid_rows: list[dict], names) -> dict[str, float]:
         if rows:
             best[name] = rows[0]["lr"]
     return best
+
+
+def grid_extensions(grid_rows: list[dict], names, ladder=LR_LADDER) -> dict[str, float]:
+    """The next rate to try per method whose best is the lowest or highest rate it tried: the
+    ladder's rung beyond that edge (none where the ladder ends, or where it only tried one rate)."""
+    best = choose_lrs(grid_rows, names)
+    nxt = {}
+    for name, lr in best.items():
+        tried = sorted(r["lr"] for r in grid_rows if r["name"] == name)
+        if len(tried) < 2 or lr not in ladder:
+            continue
+        i = ladder.index(lr)
+        if lr == tried[0] and i > 0:
+            nxt[name] = ladder[i - 1]
+        elif lr == tried[-1] and i + 1 < len(ladder):
+            nxt[name] = ladder[i + 1]
+    return nxt
 
 
 def main(argv=None) -> Path:
@@ -324,9 +360,15 @@ def main(argv=None) -> Path:
         done = {(r["name"], r["lr"]) for r in _read(grid_path)}
         jobs = [("run", dict(spec=s, seed=0, lr=lr, out=out, budget=budget, setup=setup, grid=True))
                 for s in own for lr in budget.lrs if (s.name, lr) not in done]
-        for row in _imap(pool, jobs):
-            _append(grid_path, row)
-            print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)", flush=True)
+        while jobs:
+            for row in _imap(pool, jobs):
+                _append(grid_path, row)
+                print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)",
+                      flush=True)
+            # a best rate at the edge of the grid: one rung further (rounds, all methods at once)
+            beyond = grid_extensions(_read(grid_path), [s.name for s in own])
+            jobs = [("run", dict(spec=s, seed=0, lr=beyond[s.name], out=out, budget=budget, setup=setup, grid=True))
+                    for s in own if s.name in beyond]
         lrs = choose_lrs(_read(grid_path), [s.name for s in own])
         done = {(r["name"], r["seed"]) for r in _read(results_path)}
         # the main methods and ablations first, then the sweeps, each seed by seed (a study cut short
@@ -336,7 +378,15 @@ def main(argv=None) -> Path:
                   if s.family not in ("methods", "ablation")]
         jobs = [("run", dict(spec=s, seed=seed, lr=lrs[s.name] if s.own_lr else lrs["GFT"], out=out, budget=budget,
                              setup=setup))
-                for s, seed in main + sweeps if (s.name, seed) not in done]
+                for s, seed in main if (s.name, seed) not in done]
+        jobs += [("run", dict(spec=long, seed=0, lr=lrs[s.name], out=out, budget=budget, setup=setup,
+                              steps=budget.long_steps))
+                 for s in chosen if s.name in budget.long_methods
+                 for long in [replace(s, name=long_name(s.name, budget), family="long", own_lr=False)]
+                 if (long.name, 0) not in done]
+        jobs += [("run", dict(spec=s, seed=seed, lr=lrs[s.name] if s.own_lr else lrs["GFT"], out=out, budget=budget,
+                              setup=setup))
+                 for s, seed in sweeps if (s.name, seed) not in done]
         for row in _imap(pool, jobs):
             _append(results_path, row)
             print(f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "

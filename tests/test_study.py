@@ -16,8 +16,12 @@ def test_quick_study_writes_the_report_with_verdicts(tmp_path):
     assert (tmp_path / "docs" / "reproduction_quick_methods.png").exists()
     assert (tmp_path / "docs" / "reproduction_quick_curves.png").exists()
     rows = (tmp_path / "study" / "results.jsonl").read_text().splitlines()
-    assert len(rows) == 2
-    for row in map(json.loads, rows):   # the paper's metrics, from gft_train.evaluate.evaluate_model
+    assert [json.loads(r)["name"] for r in rows] == ["SFT", "GFT", "SFT, 4 steps"]
+    longer = json.loads(rows[2])
+    assert longer["family"] == "long" and longer["sequences"] == 4 * 64 and sorted(longer["curve"], key=int) == [
+        "2", "3", "4"]
+    assert "### Longer runs: 4 steps instead of 3 (one seed)" in text and "| SFT, 4 steps |" in text
+    for row in map(json.loads, rows[:2]):   # the paper's metrics, from gft_train.evaluate.evaluate_model
         for key in ("id", "id_greedy", "ood_greedy", "probe_greedy", "pass@4", "distinct", "kl", "kl_base"):
             assert key in row, key
         assert sorted(row["passk_curve"]) == ["pass@1", "pass@2", "pass@4"]
@@ -29,7 +33,7 @@ def test_quick_study_writes_the_report_with_verdicts(tmp_path):
     assert "KL(base‖model)" in text and "greedy" in text
     # a rerun skips finished runs and regenerates the report
     main(["--quick", "--out", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")])
-    assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == 3
 
 
 def test_verdict_rule():
@@ -87,3 +91,16 @@ def test_sum_task_has_several_correct_paths_and_disjoint_splits():
     for a, b in itertools.combinations(prompts, 2):
         assert not prompts[a] & prompts[b], (a, b)
     assert max(int(r["answer"]) for r in data["ood"]) > max(int(r["answer"]) for r in data["test"])
+
+
+def test_grid_goes_one_rung_beyond_a_best_rate_at_its_edge():
+    from study.run import LR_LADDER, grid_extensions
+
+    grid = [dict(name="GFT", lr=x, val=v) for x, v in ((1e-4, 0.8), (3e-4, 0.7), (1e-3, 0.3))]
+    grid += [dict(name="DFT", lr=x, val=v) for x, v in ((1e-4, 0.2), (3e-4, 0.3), (1e-3, 0.5))]
+    grid += [dict(name="SFT", lr=x, val=v) for x, v in ((1e-4, 0.2), (3e-4, 0.6), (1e-3, 0.5))]
+    assert grid_extensions(grid, ["GFT", "DFT", "SFT"]) == {"GFT": 3e-5, "DFT": 3e-3}   # SFT's best is inside
+    at_ends = [dict(name="A", lr=LR_LADDER[0], val=0.9), dict(name="A", lr=LR_LADDER[1], val=0.1),
+               dict(name="B", lr=LR_LADDER[-1], val=0.9), dict(name="B", lr=LR_LADDER[-2], val=0.1),
+               dict(name="C", lr=1e-3, val=0.5)]
+    assert grid_extensions(at_ends, ["A", "B", "C"]) == {}   # the ladder ends; one rate tried is no edge

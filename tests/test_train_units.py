@@ -433,3 +433,21 @@ def test_kl_to_base_both_ways(tmp_path):
     mask = batch.labels[:, 1:] != -100
     want = (lb.exp() * (lb - lm)).sum(-1)[mask].mean().item()
     assert math.isclose(backward, want, rel_tol=1e-5)
+
+
+def test_encode_tokenizes_like_one_text_at_a_time_with_a_chat_template():
+    from gft_train.lm import encode, format_prompt
+
+    tok = _tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}={% endif %}"
+    items = [("12+7", "19", 1.0), ("3+4", [5, 6, 1], -0.5), ("1+1", "2", 0.0)]
+    batch = encode(tok, items, 32)
+    for row, labels, (prompt, response, _) in zip(batch.input_ids.tolist(), batch.labels.tolist(), items):
+        p = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] if isinstance(response, str) \
+            else response
+        n = len(p) + len(r)
+        assert format_prompt(tok, prompt) == f"({prompt})="
+        assert row[:n] == p + r and labels[:n] == [-100] * len(p) + r
+        assert set(row[n:]) <= {tok.pad_token_id} and set(labels[n:]) <= {-100}
+    assert batch.adv.tolist() == [1.0, -0.5, 0.0]
