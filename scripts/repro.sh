@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the reproduction study: the set-up (base, expert and teacher models), the
 # learning-rate grid, every run (3 seeds per main configuration, 2 per sweep point; two
-# one-thread processes side by side, about 40-60 minutes on a 2-core CPU), docs/reproduction.md
+# one-thread processes side by side: 47 minutes on a 2-core CPU, 2026-11-27), docs/reproduction.md
 # and its plots. Finished runs in runs/study are reused; delete that folder to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -168,6 +168,7 @@ def make_setup(out: Path, budget: Budget, pool=None) -> dict:
     info["base_curve"] = {step: _map(None, [("evaluate", dict(model_dir=d, base_dir=None, files=files, budget=budget,
                                                               seed=0, full=False, splits=("val",)))])[0]["val_greedy"]
                           for step, d in snapshot_dirs(s / "base", budget.base_steps).items()}
+    info["base_val"] = curve_accuracy(base, files, budget, 0, split="val")   # the grid's measure, before fine-tuning
     info["expert_style_in_base"] = style_share(base, data["val"], "descending")
     info["expert_style_in_expert"] = style_share(expert, data["val"], "descending")
     info["seconds"] = round(time.time() - started, 1)

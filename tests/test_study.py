@@ -29,7 +29,7 @@ def test_quick_study_writes_the_report_with_verdicts(tmp_path):
     grid = [json.loads(line) for line in (tmp_path / "study" / "grid.jsonl").read_text().splitlines()]
     assert sorted(r["name"] for r in grid) == ["GFT", "SFT"] and all("val" in r for r in grid)
     setup = json.loads((tmp_path / "study" / "setup.json").read_text())
-    assert set(setup["accuracy"]) == {"base", "expert", "teacher"}
+    assert set(setup["accuracy"]) == {"base", "expert", "teacher"} and 0 <= setup["base_val"] <= 1
     assert "KL(base‖model)" in text and "greedy" in text
     # a rerun skips finished runs and regenerates the report
     main(["--quick", "--out", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")])
