@@ -23,7 +23,7 @@ class DemoSize:
     teacher_steps: int = 200
     steps: int = 200             # SFT and GFT fine-tuning steps, 64 sequences each (the study: 400)
     sft_lr: float = 1e-3         # each method's rate as the study's grid chose it
-    gft_lr: float = 1e-4
+    gft_lr: float = 1e-5
     eval_n: int = 8
     sizes: tuple = (("train", 800), ("test", 200), ("ood", 200), ("probe", 200))
 
