@@ -56,7 +56,7 @@ def _cmd_eval(cfg, base_model: str | None):
     cfg = cfg.resolved()
     result = evaluate_model(cfg.model, {"eval": cfg.eval_file}, cfg, base_dir=base_model or None)
     out = {**result.pop("eval"), **result}
-    print(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "per_prompt"}, indent=1))   # the summary
     return out
 
 

@@ -9,7 +9,9 @@ rollout engine and reports, per split (metrics as the paper defines them):
 - ``pass@k`` for k in ``cfg.eval_k``, the powers of two and n itself, k <= n: the unbiased
   estimator ``1 - C(n - c, k) / C(n, k)`` (c correct of n), averaged over prompts (a pass@k curve);
 - ``distinct_correct``: the number of distinct correct completions (solution paths, compared
-  after collapsing whitespace) among the n samples, averaged over prompts (diversity).
+  after collapsing whitespace) among the n samples, averaged over prompts (diversity);
+- ``per_prompt``: each prompt's pass@1 (its share of correct samples), in the split's order:
+  what paired comparisons between models resample (a bootstrap over prompts).
 
 With a base model, also KL to the base both ways, per response token, full vocabulary:
 
@@ -59,6 +61,7 @@ def accuracy(engine, rows, reward_fn, n: int, ks=(1,), seed: int = 0, temperatur
         if k > 1:
             out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(rows)
     out["distinct_correct"] = sum(distinct) / len(rows)
+    out["per_prompt"] = [c / n for c in correct]
     return out
 
 

@@ -200,6 +200,7 @@ def evaluate(model_dir, base_dir, files: dict, budget: Budget, seed: int, full: 
     for split in rows:
         res[split] = main[split]["pass@1"]
         res[f"{split}_greedy"] = main[split]["greedy_pass@1"]
+        res[f"{split}_per_prompt"] = main[split]["per_prompt"]   # for the report's paired bootstrap
     if full:
         k = budget.passk_n
         wide = evaluate_model(model_dir, {"id": rows["id"][: budget.passk_prompts]},

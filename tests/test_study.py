@@ -46,6 +46,31 @@ def test_verdict_rule():
     assert compare(agg, "B", "A", "id", higher_is_better=False)[0] == "reproduced"
 
 
+def test_verdict_pairs_by_seed_and_prompt_with_a_bootstrap_interval():
+    from study.report import compare, paired_gap
+
+    # A beats B by 0.1 on every prompt of both seeds: a tight interval above zero
+    a = {0: [0.6, 0.9, 0.3, 0.7] * 25, 1: [0.5, 0.8, 0.4, 0.7] * 25}
+    b = {s: [x - 0.1 for x in v] for s, v in a.items()}
+    agg = {"A": {"id": (0.625, 0.02), "per_prompt": {"id": a}}, "B": {"id": (0.525, 0.02), "per_prompt": {"id": b}}}
+    gap, low, high, n = paired_gap(agg, "A", "B", "id")
+    assert n == 100 and abs(gap - 0.1) < 1e-9 and abs(low - 0.1) < 1e-9 and abs(high - 0.1) < 1e-9
+    verdict, text = compare(agg, "A", "B", "id")
+    assert verdict == "reproduced" and "95% CI" in text
+    # the same means, but A ahead on 2 prompts by a lot and behind on the rest: the gap beats the
+    # seeds' noise, the interval over prompts straddles zero -> inconclusive
+    a2 = {s: [1.0, 1.0] + [0.0] * 98 for s in (0, 1)}
+    b2 = {s: [0.0, 0.0] + [0.01] * 98 for s in (0, 1)}
+    agg2 = {"A": {"id": (0.02, 0.0), "per_prompt": {"id": a2}}, "B": {"id": (0.0098, 0.0), "per_prompt": {"id": b2}}}
+    assert compare({k: {"id": v["id"]} for k, v in agg2.items()}, "A", "B", "id")[0] == "reproduced"   # noise only
+    low2, high2 = paired_gap(agg2, "A", "B", "id")[1:3]
+    assert low2 < 0 < high2 and compare(agg2, "A", "B", "id")[0] == "inconclusive"
+    # only the seeds both ran are paired
+    agg3 = {"A": {"id": (0.6, 0.0), "per_prompt": {"id": {0: [1.0, 0.0], 1: [0.0, 0.0]}}},
+            "B": {"id": (0.5, 0.0), "per_prompt": {"id": {1: [0.0, 1.0], 2: [1.0, 1.0]}}}}
+    assert paired_gap(agg3, "A", "B", "id")[0] == -0.5
+
+
 def test_without_gal_is_the_papers_ablation():
     """GFT w/o GAL trains on the expert demonstrations with DCR (A = 1), at the study's equal
     sequences per step: no teacher or self-samples with A = 1."""

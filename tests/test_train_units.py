@@ -358,6 +358,7 @@ def test_accuracy_reports_pass_at_k_and_distinct_correct_answers():
     for k in (2, 3, 4):
         assert math.isclose(out[f"pass@{k}"], pass_at_k(4, 2, k))
     assert out["distinct_correct"] == 1.0    # "1" and "1 " are one answer; "2" twice is one
+    assert out["per_prompt"] == [0.5, 0.5]   # each prompt's own pass@1, in the rows' order
     assert engine.calls == [(4, 0.5)]
 
 
@@ -375,8 +376,8 @@ def test_cli_demo_and_study_share_one_evaluation_function(tmp_path, monkeypatch,
 
     def fake(model_dir, splits, cfg, *, base_dir=None, kl_split=None, reward_fn=None):
         calls.append((str(model_dir), list(splits), cfg.eval_temperature))
-        out = {s: {"pass@1": 0.5, "greedy_pass@1": 0.25, f"pass@{cfg.eval_n}": 0.75, "distinct_correct": 1.0}
-               for s in splits}
+        out = {s: {"pass@1": 0.5, "greedy_pass@1": 0.25, f"pass@{cfg.eval_n}": 0.75, "distinct_correct": 1.0,
+                   "per_prompt": [0.5]} for s in splits}
         if base_dir is not None:
             out.update(kl_to_base=0.1, kl_base_model=0.2)
         return out
@@ -386,7 +387,9 @@ def test_cli_demo_and_study_share_one_evaluation_function(tmp_path, monkeypatch,
     splits = make_splits(seed=0, n_train=8, n_eval=4)
     data = {k: write_jsonl(v, tmp_path / "data" / f"{k}.jsonl") for k, v in splits.items()}
     main(["eval", "--model", str(model), "--eval-file", str(data["eval_id"]), "--base-model", str(model)])
-    assert json.loads(capsys.readouterr().out)["kl_base_model"] == 0.2
+    printed = capsys.readouterr().out    # a library's log line may come first (DeepSpeed's, on stdout)
+    summary = json.loads(printed[printed.index("{"):] if printed.startswith("{") else printed[printed.index("\n{") + 1:])
+    assert summary["kl_base_model"] == 0.2 and "per_prompt" not in summary
     files = {name: write_jsonl(splits["eval_id"], tmp_path / "data" / f"{name}.jsonl")
              for name in ("test", "ood", "probe")}
     row = evaluate(model, model, files, QUICK, seed=0)
