@@ -36,6 +36,9 @@ def _agg(rows):
         # each prompt's score per seed, where the runs kept them: metric -> {seed: [score per prompt]}
         out[name]["per_prompt"] = {k[:-len("_per_prompt")]: {r["seed"]: r[k] for r in rs} for k in rs[0]
                                    if k.endswith("_per_prompt") and all(k in r for r in rs)}
+        if all("passk_curve" in r for r in rs):    # pass@k for k = 1, 2, 4, ..., mean over seeds
+            ks = sorted(rs[0]["passk_curve"], key=lambda k: int(k.split("@")[1]))
+            out[name]["passk"] = {k: st.mean(r["passk_curve"][k] for r in rs) for k in ks}
         if "curve" in rs[0]:
             steps = sorted({int(s) for r in rs for s in r["curve"]})
             out[name]["curve"] = {s: (st.mean(r["curve"][str(s)] for r in rs),
@@ -385,7 +388,15 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
                                          ("curve mean", "auc"), ("grad-norm volatility", "grad_cv")]),
               f"Base model: held-out {base['id']:.3f} (greedy {base['id_greedy']:.3f}), OOD {base['ood']:.3f}, "
               f"probe {base['probe']:.3f}.",
-              "",
+              ""]
+    passk_names = [n for n in method_names if agg[n].get("passk")]
+    if passk_names:
+        ks = list(agg[passk_names[0]]["passk"])
+        lines += [f"pass@k on the first {budget.passk_prompts} held-out prompts ({budget.passk_n} samples each at "
+                  "temperature 0.5, the unbiased estimator; mean over seeds):", "",
+                  "| configuration | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
+        lines += [f"| {n} | " + " | ".join(f"{agg[n]['passk'][k]:.3f}" for k in ks) + " |" for n in passk_names]
+    lines += ["",
               "The paper (Qwen2.5-Math / Llama, NuminaMath) reports GFT above SFT, SFT(mix), DFT "
               "and GRPO on seven benchmarks. Table 3 (Llama-3.2-3B) has base / +SFT / +GRPO / +GFT "
               "at 96.06 / 91.97 / 94.60 / 95.79 on MAWPS: SFT forgets, GFT barely. Table 4's "

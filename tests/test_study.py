@@ -31,6 +31,7 @@ def test_quick_study_writes_the_report_with_verdicts(tmp_path):
     setup = json.loads((tmp_path / "study" / "setup.json").read_text())
     assert set(setup["accuracy"]) == {"base", "expert", "teacher"} and 0 <= setup["base_val"] <= 1
     assert "KL(base‖model)" in text and "greedy" in text
+    assert "| configuration | pass@1 | pass@2 | pass@4 |" in text   # the pass@k curves (Table 4)
     # a rerun skips finished runs and regenerates the report
     main(["--quick", "--out", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")])
     assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == 3
