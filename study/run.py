@@ -245,8 +245,8 @@ def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: 
                  rollout_batch_size=512, reward=REWARD, **spec.overrides)
     start = time.time()
     # a longer run: the same points, then every half of budget.steps
-    points = () if grid else sorted(p for p in {*budget.curve_points, *range(budget.steps, steps, budget.steps // 2)}
-                                    if p < steps)
+    later = range(budget.steps, steps, max(1, budget.steps // 2))
+    points = () if grid else sorted(p for p in {*budget.curve_points, *later} if p < steps)
     final = train_with_snapshots(cfg, points)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grads = [m["grad_norm"] for m in metrics]
@@ -308,6 +308,16 @@ def long_name(name: str, budget: Budget) -> str:
     return f"{name}, {budget.long_steps} steps"
 
 
+def rate_for(name: str, family: str, lrs: dict[str, float]) -> float:
+    """The rate a configuration runs at: a main method its own, a longer run its method's, the
+    ablations and sweeps GFT's."""
+    if family == "methods":
+        return lrs[name]
+    if family == "long":
+        return lrs[name.split(",")[0]]
+    return lrs["GFT"]
+
+
 def choose_lrs(grid_rows: list[dict], names) -> dict[str, float]:
     """Each method's rate with the best validation pass@1 (ties: the smaller rate)."""
     best = {}
@@ -362,34 +372,35 @@ def main(argv=None) -> Path:
         done = {(r["name"], r["lr"]) for r in _read(grid_path)}
         jobs = [("run", dict(spec=s, seed=0, lr=lr, out=out, budget=budget, setup=setup, grid=True))
                 for s in own for lr in budget.lrs if (s.name, lr) not in done]
-        while jobs:
+        ran = 0
+        while True:
             for row in _imap(pool, jobs):
+                ran += 1
                 _append(grid_path, row)
                 print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)",
                       flush=True)
-            # a best rate at the edge of the grid: one rung further (rounds, all methods at once)
+            # a best rate at the edge of the grid: one rung further (rounds, all methods at once);
+            # also where a resumed study finds the starting grid done
             beyond = grid_extensions(_read(grid_path), [s.name for s in own])
             jobs = [("run", dict(spec=s, seed=0, lr=beyond[s.name], out=out, budget=budget, setup=setup, grid=True))
                     for s in own if s.name in beyond]
+            if not jobs:
+                break
         lrs = choose_lrs(_read(grid_path), [s.name for s in own])
-        done = {(r["name"], r["seed"]) for r in _read(results_path)}
-        # the main methods and ablations first, then the sweeps, each seed by seed (a study cut short
-        # then has every configuration at the same number of seeds rather than some at none)
+        # a finished run counts only at the rate it would get now (a grid that moved reruns it)
+        done = {(r["name"], r["seed"], r["lr"]) for r in _read(results_path)}
+        # the main methods and ablations first, then the longer runs and the sweeps, each seed by
+        # seed (a study cut short then has every configuration at the same number of seeds)
         main = [(s, seed) for seed in range(budget.seeds) for s in chosen if s.family in ("methods", "ablation")]
+        longer = [(replace(s, name=long_name(s.name, budget), family="long", own_lr=False), 0)
+                  for s in chosen if s.name in budget.long_methods]
         sweeps = [(s, seed) for seed in range(budget.sweep_seeds) for s in chosen
                   if s.family not in ("methods", "ablation")]
-        jobs = [("run", dict(spec=s, seed=seed, lr=lrs[s.name] if s.own_lr else lrs["GFT"], out=out, budget=budget,
-                             setup=setup))
-                for s, seed in main if (s.name, seed) not in done]
-        jobs += [("run", dict(spec=long, seed=0, lr=lrs[s.name], out=out, budget=budget, setup=setup,
-                              steps=budget.long_steps))
-                 for s in chosen if s.name in budget.long_methods
-                 for long in [replace(s, name=long_name(s.name, budget), family="long", own_lr=False)]
-                 if (long.name, 0) not in done]
-        jobs += [("run", dict(spec=s, seed=seed, lr=lrs[s.name] if s.own_lr else lrs["GFT"], out=out, budget=budget,
-                              setup=setup))
-                 for s, seed in sweeps if (s.name, seed) not in done]
+        jobs = [("run", dict(spec=s, seed=seed, lr=rate_for(s.name, s.family, lrs), out=out, budget=budget,
+                             setup=setup, steps=budget.long_steps if s.family == "long" else None))
+                for s, seed in main + longer + sweeps if (s.name, seed, rate_for(s.name, s.family, lrs)) not in done]
         for row in _imap(pool, jobs):
+            ran += 1
             _append(results_path, row)
             print(f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "
                   f"probe {row['probe']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)", flush=True)
@@ -398,7 +409,7 @@ def main(argv=None) -> Path:
             pool.close()
             pool.join()
     timing = out / "wall_seconds.json"
-    if jobs or not timing.exists():
+    if ran or not timing.exists():
         prior = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
         timing.write_text(json.dumps({"seconds": round(prior + time.time() - started, 1), "workers": workers}))
     from .report import write_report

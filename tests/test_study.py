@@ -1,5 +1,6 @@
 """The reproduction study's quick version: the whole pipeline (base model, runs, report)."""
 import json
+import math
 
 from study.run import main
 
@@ -130,3 +131,50 @@ def test_grid_goes_one_rung_beyond_a_best_rate_at_its_edge():
                dict(name="B", lr=LR_LADDER[-1], val=0.9), dict(name="B", lr=LR_LADDER[-2], val=0.1),
                dict(name="C", lr=1e-3, val=0.5)]
     assert grid_extensions(at_ends, ["A", "B", "C"]) == {}   # the ladder ends; one rate tried is no edge
+
+
+def test_grid_extends_on_resume_and_runs_follow_the_rate_it_chooses(tmp_path, monkeypatch):
+    """The study's loop with a stand-in for training: the grid steps past an edge best (also when a
+    resumed study finds the starting grid done), and a run at a rate the grid no longer gives is
+    run again at the new one; the report keeps only runs at the current rates."""
+    from dataclasses import replace
+
+    import study.report
+    import study.run as run
+
+    best = {"SFT": 1e-3, "GFT": 1e-5}         # validation peaks here (GFT: the ladder's low end)
+
+    def fake_run(spec, seed, lr, out, budget, setup, grid=False, steps=None):
+        peak = best[spec.name.split(",")[0]]
+        row = dict(name=spec.name, family=spec.family, x=spec.x, seed=seed, lr=lr, seconds=0.0)
+        if grid:
+            return {**row, "val": 1.0 - abs(math.log10(lr / peak))}
+        return {**row, "id": 0.5, "ood": 0.1, "probe": 0.9, "kl_base": 0.2}
+
+    monkeypatch.setattr(run, "run_one", fake_run)
+    monkeypatch.setattr(run, "make_setup", lambda out, budget, pool=None: {})
+    monkeypatch.setattr(study.report, "write_report", lambda out, docs, budget, quick=False: out)
+    monkeypatch.setattr(run, "QUICK", replace(run.QUICK, lrs=(1e-4, 3e-4), long_methods=()))
+    out = tmp_path / "study"
+    run.main(["--quick", "--out", str(out), "--workers", "1"])
+    grid = run._read(out / "grid.jsonl")
+    tried = {n: sorted(g["lr"] for g in grid if g["name"] == n) for n in best}
+    assert tried == {"SFT": [1e-4, 3e-4, 1e-3, 3e-3], "GFT": [1e-5, 3e-5, 1e-4, 3e-4]}
+    assert {(r["name"], r["lr"]) for r in run._read(out / "results.jsonl")} == {("SFT", 1e-3), ("GFT", 1e-5)}
+    # resumed from a grid cut off after its starting rates: it extends again, runs nothing twice
+    first = [g for g in grid if g["lr"] in (1e-4, 3e-4)]
+    (out / "grid.jsonl").write_text("".join(json.dumps(g) + "\n" for g in first))
+    run.main(["--quick", "--out", str(out), "--workers", "1"])
+    assert sorted((g["name"], g["lr"]) for g in run._read(out / "grid.jsonl")) == sorted(
+        (g["name"], g["lr"]) for g in grid)
+    assert len(run._read(out / "results.jsonl")) == 2
+    # a grid row that moves SFT's best (to 1e-2, at the edge: 3e-2 is tried and loses): SFT's run
+    # is redone at the new rate, GFT's kept
+    with (out / "grid.jsonl").open("a") as f:
+        f.write(json.dumps(dict(name="SFT", family="methods", x=None, seed=0, lr=1e-2, val=2.0)) + "\n")
+    run.main(["--quick", "--out", str(out), "--workers", "1"])
+    assert max(g["lr"] for g in run._read(out / "grid.jsonl") if g["name"] == "SFT") == 3e-2
+    rows = run._read(out / "results.jsonl")
+    assert [(r["name"], r["lr"]) for r in rows] == [("SFT", 1e-3), ("GFT", 1e-5), ("SFT", 1e-2)]
+    lrs = run.choose_lrs(run._read(out / "grid.jsonl"), ["SFT", "GFT"])
+    assert [r["lr"] == run.rate_for(r["name"], r["family"], lrs) for r in rows] == [False, True, True]
