@@ -151,6 +151,16 @@ def test_online_training_with_rollouts_and_eval(setup, tmp_path, capsys, monkeyp
     assert result["kl_to_base"] >= 0 and result["kl_base_model"] >= 0
 
 
+def test_cli_eval_prints_only_json_on_stdout(setup):
+    """`gft-train eval ... | jq` works: in a fresh process stdout carries the JSON alone (progress
+    bars and library warnings go to stderr)."""
+    proc = _run(["eval", "--model", str(setup["model"]), "--eval-file", str(setup["eval"]), "--eval-n", "2",
+                 "--max-new-tokens", "4", "--engine", "transformers"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert 0 <= result["pass@1"] <= 1 and "per_prompt" not in result
+
+
 def test_bad_data_row_stops_the_run_and_leaves_no_final(setup, tmp_path):
     rows = [json.loads(line) for line in Path(setup["train"]).read_text().splitlines()[:5]]
     rows[3]["expert"] = 42
