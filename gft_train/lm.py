@@ -26,8 +26,8 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def prompts_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """``prompt_ids`` of each prompt, in one tokenizer call (a call per text cost a quarter of a
-    small model's training step)."""
+    """``prompt_ids`` of each prompt, in one tokenizer call (a call per text is a visible share of
+    a small model's training step)."""
     if not prompts:
         return []
     return tokenizer([format_prompt(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
@@ -58,28 +58,26 @@ class Batch:
         return int((self.labels[:, 1:] != -100).any(dim=1).sum())
 
 
-def response_ids(tokenizer, response: str | list[int]) -> list[int]:
-    """A response's training ids: sampled ids (a list) exactly as the engine sampled them (an EOS
-    only if it sampled one; a truncated sample ends without); a text (expert, teacher) tokenized
-    and ended with EOS."""
-    if isinstance(response, str):
-        return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return [int(t) for t in response]
+def responses_ids(tokenizer, responses: list[str | list[int]]) -> list[list[int]]:
+    """Each response's training ids: sampled ids (a list) exactly as the engine sampled them (an
+    EOS only if it sampled one; a truncated sample ends without); a text (expert, teacher)
+    tokenized and ended with EOS. The texts go through the tokenizer in one call."""
+    texts = [r for r in responses if isinstance(r, str)]
+    text_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    return [next(text_ids) + [tokenizer.eos_token_id] if isinstance(r, str) else [int(t) for t in r]
+            for r in responses]
 
 
 def encode(tokenizer, items: list[tuple[str, str | list[int], float]], max_length: int) -> Batch:
     """(prompt, response, advantage) triples -> a right-padded batch; prompt tokens are masked.
     A response is a text (tokenized, EOS appended) or the token ids a rollout engine sampled
-    (trained as they are: ``response_ids``)."""
+    (trained as they are: ``responses_ids``)."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     all_p_ids = prompts_ids(tokenizer, [prompt for prompt, _, _ in items])
-    texts = [response for _, response, _ in items if isinstance(response, str)]
-    text_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    all_r_ids = responses_ids(tokenizer, [response for _, response, _ in items])
     rows, labels = [], []
-    for p_ids, (_, response, _) in zip(all_p_ids, items):
-        # a text response: its ids from the one batched call, as ``response_ids`` would make them
-        r_ids = next(text_ids) + [tokenizer.eos_token_id] if isinstance(response, str) else response_ids(tokenizer, response)
+    for p_ids, r_ids in zip(all_p_ids, all_r_ids):
         ids = (p_ids + r_ids)[:max_length]
         lab = ([-100] * len(p_ids) + r_ids)[:max_length]
         rows.append(ids)

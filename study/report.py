@@ -18,7 +18,7 @@ import statistics as st
 from collections import defaultdict
 from pathlib import Path
 
-from .run import LR_LADDER, SEQS_PER_STEP, choose_lrs, rate_for
+from .run import LR_LADDER, SEQS_PER_STEP, choose_lrs, method_of, rate_for
 
 
 def _agg(rows):
@@ -124,7 +124,7 @@ def _plots(agg, docs: Path, prefix: str) -> list[str]:
 
     files = []
     curves = [n for n in agg if agg[n]["family"] in ("methods", "ablation") and agg[n].get("curve")]
-    longer = {n.split(",")[0]: n for n in agg if agg[n]["family"] == "long" and agg[n].get("curve")}
+    longer = {method_of(n): n for n in agg if agg[n]["family"] == "long" and agg[n].get("curve")}
     if curves:
         fig, ax = plt.subplots(figsize=(6.2, 3.8))
         for n in curves:
@@ -418,7 +418,7 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
     if long_names:
         steps = sorted({s for n in long_names for s in agg[n]["curve"]})
         lines += [f"### Longer runs: {budget.long_steps} steps instead of {budget.steps} (one seed)", "",
-                  f"{', '.join(n.split(',')[0] for n in long_names)} again at their chosen rates for "
+                  f"{', '.join(method_of(n) for n in long_names)} again at their chosen rates for "
                   f"{budget.long_steps} steps (seed 0): did the curves flatten, and does the ranking at "
                   f"{budget.steps} steps hold with more training?", "",
                   "| configuration | " + " | ".join(f"step {s}" for s in steps) + " | OOD | probe | KL(base‖model) |",
@@ -432,7 +432,7 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
 
         def order(step):
             ranked = sorted(long_names, key=lambda n: -agg[n]["curve"][step][0])
-            return " > ".join(f"{n.split(',')[0]} {agg[n]['curve'][step][0]:.3f}" for n in ranked)
+            return " > ".join(f"{method_of(n)} {agg[n]['curve'][step][0]:.3f}" for n in ranked)
 
         if all(budget.steps in agg[n]["curve"] and budget.long_steps in agg[n]["curve"] for n in long_names):
             lines += [f"- Order at step {budget.steps}: {order(budget.steps)}; at step {budget.long_steps}: "

@@ -305,7 +305,13 @@ def _append(path: Path, row: dict) -> None:
 
 
 def long_name(name: str, budget: Budget) -> str:
+    """A longer run's name: its method's, then its steps (``method_of`` reads it back)."""
     return f"{name}, {budget.long_steps} steps"
+
+
+def method_of(name: str) -> str:
+    """The method a configuration's name starts with: ``SFT, 800 steps`` -> ``SFT``."""
+    return name.split(",")[0]
 
 
 def rate_for(name: str, family: str, lrs: dict[str, float]) -> float:
@@ -314,7 +320,7 @@ def rate_for(name: str, family: str, lrs: dict[str, float]) -> float:
     if family == "methods":
         return lrs[name]
     if family == "long":
-        return lrs[name.split(",")[0]]
+        return lrs[method_of(name)]
     return lrs["GFT"]
 
 
