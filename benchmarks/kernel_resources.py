@@ -33,7 +33,7 @@ from gft_kernels.triton_ops.launch import BWD_CANDIDATES, DEFAULT_OPTIONS, FWD_C
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # H100/H200: the most shared memory one block may opt into
 MAX_SHARED = 227 * 1024
-_INT_ARGS = {"N", "V", "H", "stride_hn", "stride_wv", "stride_dz", "cols_per_split", "pos_begin", "n_pos", "col_begin", "n_cols"}
+_INT_ARGS = {"N", "V", "H", "stride_hn", "stride_wv", "stride_dz", "stride_db", "cols_per_split", "pos_begin", "n_pos", "col_begin", "n_cols"}
 _FLOAT_ARGS = {"inv_temp", "softcap"}
 # integers Triton specializes as multiples of 16 at a typical launch (unless do_not_specialize)
 _ALIGNED_ARGS = {"stride_hn", "stride_wv", "stride_dz", "H", "V", "N"}

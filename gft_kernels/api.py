@@ -10,7 +10,7 @@ from . import reference, torch_backend
 from .fused import fused_logprobs, precomputed_loss
 from .head import GFTStats, head_stats, per_token_loss, reduce_loss, reduction_weights
 from .validation import (
-    check_backend, check_input_values, check_options, check_policy_terms, check_scalar_policy_options, check_tensors,
+    check_backend, check_input_values, check_launch_options, check_options, check_policy_terms, check_scalar_policy_options, check_tensors,
     split_lm_head,
 )
 
@@ -158,11 +158,7 @@ def gft_loss(
     terms, per_token = check_policy_terms(targets, reduction, normalizer, old_logp, clip_low, clip_high, dual_clip,
                                           ref_logp, beta, kl, entropy_coef)
     backend = check_backend(backend, hidden)
-    if launch_options is not None:
-        from .triton_ops import LaunchOptions
-        if not isinstance(launch_options, LaunchOptions):
-            raise TypeError(f"launch_options must be a gft_kernels.triton_ops.LaunchOptions or None, "
-                            f"got {type(launch_options).__name__}")
+    check_launch_options(launch_options)
     vocab_size = weight.shape[0]
     if vocab_parallel_group is not None:
         if backend == "reference":
@@ -291,6 +287,7 @@ class GFTLoss(nn.Module):
         kl: str = "k3",
         entropy_coef: float = 0.0,
         backend: str = "auto",
+        launch_options=None,
         return_stats: bool = False,
         check_values: bool = True,
         vocab_parallel_group=None,
@@ -300,18 +297,25 @@ class GFTLoss(nn.Module):
         # Fail at construction, not at the first step.
         check_options(tau, reduction, normalizer, temperature, softcap, backend, ignore_index)
         check_scalar_policy_options(clip_low, clip_high, dual_clip, beta, kl, entropy_coef)
+        check_launch_options(launch_options)
         self.tau = tau
+        # a parameter stays one (trained with the module); a tensor is a buffer: .to() moves it and
+        # it is in the state_dict
+        if isinstance(bias, nn.Parameter):
+            self.bias = bias
+        else:
+            self.register_buffer("bias", bias)
         self.options = dict(
-            ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, bias=bias,
+            ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
             temperature=temperature, softcap=softcap, clip_low=clip_low, clip_high=clip_high,
             dual_clip=dual_clip, beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend,
-            return_stats=return_stats, check_values=check_values,
+            launch_options=launch_options, return_stats=return_stats, check_values=check_values,
             vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
         )
 
     def forward(self, hidden, lm_head, targets, adv, old_logp=None, ref_logp=None):
         return gft_loss(hidden, lm_head, targets, adv, self.tau, old_logp=old_logp, ref_logp=ref_logp,
-                        **self.options)
+                        bias=self.bias, **self.options)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "bias")
+        return f"tau={self.tau}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

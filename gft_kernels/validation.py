@@ -72,6 +72,14 @@ def check_options(tau, reduction, normalizer, temperature, softcap, backend, ign
     return tau, temperature, softcap, normalizer
 
 
+def check_launch_options(launch_options) -> None:
+    if launch_options is not None:
+        from .triton_ops import LaunchOptions
+        if not isinstance(launch_options, LaunchOptions):
+            raise TypeError(f"launch_options must be a gft_kernels.triton_ops.LaunchOptions or None, "
+                            f"got {type(launch_options).__name__}")
+
+
 def check_tensors(hidden, weight, bias, targets, adv) -> tuple[Tensor, Tensor]:
     """Shapes, dtypes, devices. Returns (targets as int64, adv broadcast to targets' shape)."""
     if not isinstance(hidden, Tensor):
@@ -212,10 +220,11 @@ def check_input_values(targets: Tensor, adv: Tensor, normalizer, vocab: int, ign
 
 # What the Triton engine is built and checked for: NVIDIA GPUs of compute capability 8.0 or
 # later whose blocks can opt into the shared memory of its largest default tile (144 KiB: the
-# A100, H100, H200 and later data-centre parts; not the 99-KiB consumer cards), and Triton 3.x.
+# A100, H100, H200 and later data-centre parts; not the 99-KiB consumer cards), and the Triton
+# the package requires (pyproject.toml: triton>=3.2; tests/test_validation.py keeps them equal).
 TRITON_MIN_CAPABILITY = (8, 0)
 TRITON_MIN_SHARED_BYTES = 144 * 1024
-TRITON_MIN_VERSION = (3, 0)
+TRITON_MIN_VERSION = (3, 2)
 _auto_warned: set = set()
 
 
@@ -233,7 +242,9 @@ def triton_unsupported_reason(device: torch.device) -> str | None:
     capability = torch.cuda.get_device_capability(device)
     if capability < TRITON_MIN_CAPABILITY:
         return f"compute capability {capability[0]}.{capability[1]} is below {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}"
-    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", TRITON_MIN_SHARED_BYTES)
+    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+    if shared is None:  # an unknown amount is not a pass: the kernels would fail at launch
+        return "this torch does not report the shared memory a block can use (shared_memory_per_block_optin)"
     if shared < TRITON_MIN_SHARED_BYTES:
         return f"blocks can use {shared // 1024} KiB of shared memory, the kernels' tiles need {TRITON_MIN_SHARED_BYTES // 1024}"
     return None

@@ -232,3 +232,50 @@ def test_torch_engine_forward_gradients_are_taken_once_and_only_when_needed():
     per_token = gft_kernels.gft_loss(h, case.weight, case.targets, case.adv, backend="torch", reduction="none")
     (g1,) = torch.autograd.grad(per_token.sum() / (case.targets != -100).sum(), h)
     torch.testing.assert_close(g1, h.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_an_out_of_memory_error_in_a_product_is_raised_and_switches_nothing(monkeypatch):
+    """How 16-bit products reach fp32 accumulators is decided once, from torch's operator schema;
+    an error in a product (a CUDA out-of-memory, say) is the caller's, and the next call takes
+    the same path."""
+    path = launch._ADDMM_PATH
+    assert path == launch._addmm_path()
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(torch, "addmm", oom)
+    monkeypatch.setattr(torch, "mm", oom)
+    acc, a = torch.zeros(4, 3), torch.ones(4, 5, dtype=torch.bfloat16)
+    with pytest.raises(torch.OutOfMemoryError):
+        launch._addmm_fp32_cuda(acc, a, torch.ones(5, 3, dtype=torch.bfloat16), path="addmm_out_dtype")
+    assert launch._ADDMM_PATH == path
+
+
+def test_the_split_backward_adds_no_atomics_the_bias_gradient_included():
+    """The split design is documented deterministic: its dz kernel stores, the launcher sums
+    the row blocks' bias-gradient rows in a fixed order. (The atomic design says it is not.)"""
+    import inspect
+
+    from gft_kernels.triton_ops import backward
+
+    source = inspect.getsource(backward.gft_dlogits_kernel.fn)
+    assert "atomic_add" not in source
+    assert "not bitwise deterministic" in backward.__doc__
+    n, v, h = 70, 150, 40
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(n, h, generator=gen).to(DEVICE)
+    weight = (torch.randn(v, h, generator=gen) * 0.3).to(DEVICE)
+    bias = torch.randn(v, generator=gen).to(DEVICE)
+    targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+
+    def db():
+        b = bias.clone().requires_grad_()
+        gft_kernels.gft_loss(hidden, weight, targets, 1.0, bias=b, backend="triton",
+                             launch_options=Options(split_cols=64)).backward()
+        return b.grad
+    first = db()
+    assert torch.equal(first, db())
+    want = bias.clone().requires_grad_()
+    gft_kernels.gft_loss(hidden.double(), weight.double(), targets, 1.0, bias=want.double(),
+                         backend="reference").backward()
+    torch.testing.assert_close(first, want.grad, rtol=1e-5, atol=1e-6)

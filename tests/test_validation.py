@@ -172,3 +172,25 @@ def test_auto_takes_triton_only_on_hardware_it_is_checked_for(capability, shared
     assert len(says_why) == (1 if expect == "torch" else 0)  # once, naming the reason
     if says_why:
         assert "capability" in str(says_why[0].message) or "shared memory" in str(says_why[0].message)
+
+
+def test_auto_refuses_triton_when_the_shared_memory_is_not_reported(monkeypatch):
+    """A torch whose device properties lack ``shared_memory_per_block_optin`` tells nothing about
+    the tiles fitting: that is a reason not to take Triton, not a pass."""
+    from gft_kernels import validation
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {})())
+    reason = validation.triton_unsupported_reason(torch.device("cuda", 0))
+    assert reason is not None and "shared memory" in reason
+
+
+def test_the_minimum_triton_version_is_the_packages_requirement():
+    import re
+    from pathlib import Path
+
+    from gft_kernels import validation
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    required = re.findall(r'"triton>=(\d+)\.(\d+)', pyproject)
+    assert required and {tuple(map(int, r)) for r in required} == {validation.TRITON_MIN_VERSION}

@@ -4,9 +4,11 @@ Two designs (``launch.py`` chooses; ``LaunchOptions.backward_design``):
 
 * ``"split"`` (``gft_dlogits_kernel``): per vocabulary chunk, write dz in the input dtype to an
   ``[active rows, Vc]`` buffer; two cuBLAS products then give dW[chunk] = dz^T h (written once)
-  and dH += dz W[chunk] (fp32 accumulator). 4 matrix products in all, no atomics, deterministic.
+  and dH += dz W[chunk] (fp32 accumulator). 4 matrix products in all, no atomics, deterministic
+  (db too: each row block stores its column sums, which the launcher adds in a fixed order).
 * ``"atomic"`` (``gft_backward_kernel``): the tile's products are added with fp32 atomics into
-  dH and dW accumulators; bounded scratch at any size, at the cost of the atomics' traffic.
+  dH, dW and db accumulators; bounded scratch at any size, at the cost of the atomics' traffic.
+  The order of the atomic adds varies between runs: this design is not bitwise deterministic.
 
 For a tile of rows (compacted: only rows with g != 0, so ignored and zero-advantage tokens cost
 nothing) and vocabulary columns:
@@ -135,7 +137,7 @@ def gft_dlogits_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, ge_ptr, ent_ptr, order_ptr, dz_ptr, db_ptr,
     # sizes and strides
-    V, H, stride_hn, stride_wv, stride_dz, n_pos, col_begin, n_cols,
+    V, H, stride_hn, stride_wv, stride_dz, stride_db, n_pos, col_begin, n_cols,
     # scalars
     inv_temp, softcap,
     # features and tiles
@@ -145,7 +147,8 @@ def gft_dlogits_kernel(
 ):
     """dz[pos, c] for positions ``pos < n_pos`` (row ``order[pos]``) and columns
     ``col_begin + c``, ``c < n_cols``, rounded to dz's dtype (as naive PyTorch rounds its
-    logits' gradient); db (fp32) gets the unrounded column sums."""
+    logits' gradient); row ``pid_m`` of db (fp32 ``[row blocks, n_cols]``) gets this row block's
+    unrounded column sums (the launcher adds them up: no atomics, deterministic)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,6 +172,6 @@ def gft_dlogits_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, ge, ent, inv_temp, softcap, HAS_SOFTCAP, HAS_ENT_GRAD)
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
+        tl.store(db_ptr + pid_m.to(tl.int64) * stride_db + local_col, tl.sum(dz, axis=0), mask=col_mask)
     out = dz_ptr + pos.to(tl.int64)[:, None] * stride_dz + local_col[None, :]
     tl.store(out, dz.to(dz_ptr.dtype.element_ty), mask=mask)

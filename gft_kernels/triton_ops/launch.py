@@ -26,7 +26,6 @@ and return early past it.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -288,8 +287,18 @@ def plan_split(n, n_active, v, h_dim, dtype, need_dh, need_dw, options: LaunchOp
     return SplitPlan(False, cols_a, min(rows_b, n_rows), cols_b, gather, scratch)
 
 
-# How 16-bit products are added into fp32 accumulators (benchmarks report it).
-_ADDMM_PATH = "addmm_out_dtype"
+def _addmm_path() -> str:
+    """How 16-bit products are added into fp32 accumulators (benchmarks report it), decided once
+    from the operator's schema: never switched by an exception, which could be an out-of-memory
+    error that says nothing about what the torch build supports."""
+    if "dtype_out" in torch.ops.aten.addmm.overloads():
+        return "addmm_out_dtype"
+    if "dtype" in torch.ops.aten.mm.overloads():
+        return "mm_then_add"
+    return "fp32_copies"   # a torch too old for out_dtype: fp32 copies of the operands
+
+
+_ADDMM_PATH = _addmm_path()
 
 
 def _mm_into(out, a, b):
@@ -300,18 +309,20 @@ def _mm_into(out, a, b):
 def _addmm_fp32(acc, a, b):
     """acc += a @ b with fp32 accumulation and output, for 16-bit a and b, without an fp32 copy
     of either operand."""
-    global _ADDMM_PATH
     if a.dtype == torch.float32 or acc.device.type != "cuda":
         acc.addmm_(a.float(), b.float())  # fp32, or the CPU (tests): exact either way
         return
-    if _ADDMM_PATH == "addmm_out_dtype":
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError) as err:  # an older torch: slower, same result
-            warnings.warn(f"torch.addmm(out_dtype=float32, out=) unavailable ({err}); using mm + add")
-            _ADDMM_PATH = "mm_then_add"
-    acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    _addmm_fp32_cuda(acc, a, b)
+
+
+def _addmm_fp32_cuda(acc, a, b, path=None):
+    path = path or _ADDMM_PATH
+    if path == "addmm_out_dtype":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif path == "mm_then_add":
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_active, plan: SplitPlan,
@@ -330,17 +341,22 @@ def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_acti
         """dz = the logits' gradient of positions ``rows`` (a slice of ``order``), columns c0:."""
         n_rows, nc = dz.shape
         grid = (triton.cdiv(n_rows, cfg.block_m), triton.cdiv(nc, cfg.block_v))
+        # db: one row of column sums per row block, added up here in a fixed order (deterministic,
+        # unlike atomics); [row blocks, Vc] fp32 is under 1/64 of the dz chunk's bytes
+        db_rows = torch.empty(grid[0], nc, device=hidden.device, dtype=torch.float32) if do_db else q
         gft_dlogits_kernel[grid](
             hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g,
             g_entropy if g_entropy is not None else q, entropy if entropy is not None else q, rows, dz,
-            db32 if do_db else q,
-            v, h_dim, hidden.stride(0), weight.stride(0), nc, n_rows, c0, nc,
+            db_rows,
+            v, h_dim, hidden.stride(0), weight.stride(0), nc, nc, n_rows, c0, nc,
             1.0 / temperature, float(softcap) if softcap is not None else 1.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENT_GRAD=g_entropy is not None,
             COMPUTE_DB=do_db,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
         )
+        if do_db:
+            db32[c0:c0 + nc] += db_rows.sum(dim=0)
 
     active = order[:n_active]
     direct_dh = need_dh and plan.fused and hidden.dtype == torch.float32 and n_active == n
