@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from gft_kernels.engine import BackwardRequest, ForwardRequest, KernelOptions, Needs, forward
 from gft_kernels.triton_ops import launch
 
 from .run import RowFile, environment, make_inputs, result_stem, time_ms
@@ -82,10 +83,13 @@ def main(argv=None) -> Path:
                             default=cfg == (default_fwd if kernel == "forward" else default_bwd)
                             and all(kw.get(k) == v for k, v in base.items()), **kw))
 
-    def fwd(options=None):
-        return launch.forward(hidden, weight, None, targets, valid, 1.0, None, False, options)
+    inputs = ForwardRequest(hidden, weight, None, targets, valid)
 
-    ref_logp, m, log_s, q, *_ = fwd()
+    def fwd(options=None):
+        return forward(launch.ENGINE, inputs, KernelOptions(launch=options))
+
+    rows = fwd()
+    ref_logp = rows.logp
 
     def upstream(zero_adv_frac):
         """dL/dlogp of a GFT-like loss (C = 1) with this fraction of zero-advantage sequences."""
@@ -102,8 +106,8 @@ def main(argv=None) -> Path:
             cuda_tiles=tiles)
 
     def bwd(options, g_=None):
-        return launch.backward(hidden, weight, None, targets, m, log_s, q, g if g_ is None else g_, 1.0, None,
-                               True, True, False, options=options)
+        request = BackwardRequest(inputs, rows, g if g_ is None else g_, None, Needs(True, True, False))
+        return launch.ENGINE.backward(request, KernelOptions(launch=options))
 
     d = launch.DEFAULT_OPTIONS
     gm0, pps0 = d.bwd_group_m, d.fwd_programs_per_sm

@@ -4,14 +4,16 @@
     loss = gft_kernels.causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7)
     gft_kernels.patch(model)   # model(input_ids, labels=..., advantages=..., tau=...).loss
 
-See ``api.gft_loss`` for the arguments and the exact PyTorch equivalent, ``head.py`` for the
-loss math every backend shares, ``reference.py`` for the specification, ``torch_backend.py``
-for the chunked CPU path and ``triton_ops/`` for the fused kernels.
+See ``api.gft_loss`` for the arguments and the exact PyTorch equivalent, ``options.py`` for the
+typed options, ``head.py`` for the loss math every backend shares, ``engine.py`` for the engine
+contract, ``reference.py`` for the specification, ``torch_backend.py`` for the chunked CPU
+engine and ``triton_ops/`` for the fused kernels; docs/architecture.md draws them.
 """
 from .api import GFTLoss, gft_loss
 from .head import GFTStats, dcr_coefficient
+from .options import IGNORE_INDEX, check_tau
 from .models import UnsupportedModelError, causal_lm_gft_loss, check_model, patch, unpatch
 
-__all__ = ["gft_loss", "GFTLoss", "GFTStats", "dcr_coefficient", "causal_lm_gft_loss", "patch", "unpatch",
+__all__ = ["gft_loss", "GFTLoss", "GFTStats", "dcr_coefficient", "IGNORE_INDEX", "check_tau", "causal_lm_gft_loss", "patch", "unpatch",
            "check_model", "UnsupportedModelError"]
 __version__ = "0.1.0"

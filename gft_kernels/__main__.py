@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import gft_loss
+from . import IGNORE_INDEX, gft_loss
 
 
 def _run(hidden, weight, targets, adv, backend, dtype):
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     hidden = torch.randn(args.n, args.h, device=device, dtype=torch.float64)
     weight = torch.randn(args.v, args.h, device=device, dtype=torch.float64) * args.h**-0.5
     targets = torch.randint(0, args.v, (args.n,), device=device)
-    targets[::5] = -100
+    targets[::5] = IGNORE_INDEX
     adv = torch.randn(args.n, device=device, dtype=torch.float64)
     truth = _run(hidden, weight, targets, adv, "reference", torch.float64)
     print(f"device {device}, N={args.n} V={args.v} H={args.h}, tau=0.7; relative errors vs the float64 "

@@ -1,35 +1,24 @@
-"""The public op: ``gft_loss`` and the ``GFTLoss`` module."""
+"""The public op: ``gft_loss`` and the ``GFTLoss`` module.
+
+``gft_loss`` is a keyword facade: it builds the typed options (``options.py``, each group checked
+once, where it is built) and hands them to ``_loss``, which checks the tensors, picks the engine
+(``engine.py``), runs it through the custom ops (``fused.py``) and applies the head (``head.py``).
+"""
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from . import reference, torch_backend
+from . import reference, torch_backend  # noqa: F401  (the CPU engines register themselves)
+from .engine import ForwardRequest, RowStats
 from .fused import fused_logprobs, precomputed_loss
-from .head import GFTStats, head_stats, per_token_loss, reduce_loss, reduction_weights
-from .validation import (
-    check_backend, check_input_values, check_launch_options, check_options, check_policy_terms, check_scalar_policy_options, check_tensors,
-    split_lm_head,
-)
-
-
-def _engine(backend: str):
-    if backend == "torch":
-        return torch_backend
-    from .triton_ops import launch  # imported lazily: triton reads TRITON_INTERPRET at import
-    return launch
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _autocast_cast(x, dtype):
-    if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64:
-        return x.to(dtype)
-    return x
+from .head import GFTStats, PolicyTerms, head_stats, per_token_loss, reduce_loss, reduction_weights
+from .options import IGNORE_INDEX, GFTOptions, LogitOptions, LossOptions, PolicyOptions, RunOptions
+from .validation import check_backend, check_input_values, check_policy_tensors, check_tensors, split_lm_head
 
 
 def gft_loss(
@@ -39,7 +28,7 @@ def gft_loss(
     adv: Tensor | float,
     tau: float = 0.7,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     normalizer: float | Tensor | None = None,
     bias: Tensor | None = None,
@@ -137,99 +126,134 @@ def gft_loss(
         loss_t = torch.where(valid, -adv * C * logp, 0.0)
         loss = loss_t.sum() / valid.sum().clamp_min(1)                  # reduction="mean"
     """
-    options = dict(ignore_index=ignore_index, reduction=reduction, normalizer=normalizer, temperature=temperature,
-                   softcap=softcap, old_logp=old_logp, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                   ref_logp=ref_logp, beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend,
-                   launch_options=launch_options, return_stats=return_stats, check_values=check_values,
-                   vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start)
-    tau, temperature, softcap, normalizer = check_options(
-        tau, reduction, normalizer, temperature, softcap, backend, ignore_index
+    options = GFTOptions(
+        LossOptions.build(tau, reduction, normalizer, ignore_index),
+        PolicyOptions.build(clip_low, clip_high, dual_clip, beta, kl, entropy_coef),
+        LogitOptions.build(temperature, softcap),
+        RunOptions.build(backend, launch_options, vocab_parallel_group, vocab_start, return_stats, check_values),
     )
     weight, bias = split_lm_head(lm_head, bias)
-    if isinstance(hidden, Tensor) and torch.is_autocast_enabled(hidden.device.type):
-        # What nn.Linear does under autocast: the product's inputs in the autocast dtype (float64
-        # is left alone), through differentiable casts, so the gradients come back in the
-        # parameters' own dtypes. The rest runs with autocast off (custom_fwd(cast_inputs=...)).
+    return _loss(hidden, weight, bias, targets, adv, options, old_logp, ref_logp)
+
+
+def _autocast_cast(x, dtype):
+    if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.to(dtype)
+    return x
+
+
+def _autocast_like_linear(fn):
+    """What ``nn.Linear`` does under autocast: the product's inputs (hidden, weight, bias) in the
+    autocast dtype (float64 is left alone), through differentiable casts, so the gradients come
+    back in the parameters' own dtypes; the rest runs with autocast off (as
+    ``custom_fwd(cast_inputs=...)`` would; the ops' backward turns it off too)."""
+    @functools.wraps(fn)
+    def wrapper(hidden, weight, bias, *args):
+        if not (isinstance(hidden, Tensor) and torch.is_autocast_enabled(hidden.device.type)):
+            return fn(hidden, weight, bias, *args)
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight, bias = (_autocast_cast(x, dtype) for x in (hidden, weight, bias))
         with torch.autocast(hidden.device.type, enabled=False):
-            return gft_loss(hidden, weight, targets, adv, tau, bias=bias, **options)
-    targets, adv = check_tensors(hidden, weight, bias, targets, adv)
-    terms, per_token = check_policy_terms(targets, reduction, normalizer, old_logp, clip_low, clip_high, dual_clip,
-                                          ref_logp, beta, kl, entropy_coef)
-    backend = check_backend(backend, hidden)
-    check_launch_options(launch_options)
-    vocab_size = weight.shape[0]
-    if vocab_parallel_group is not None:
-        if backend == "reference":
-            raise ValueError("vocab_parallel_group needs backend 'torch' or 'triton' (the reference materializes "
-                             "the full logits)")
-        vocab_start, vocab_size = vocab_shard(vocab_parallel_group, weight.shape[0], vocab_start, hidden.device)
-    if check_values:
-        check_input_values(targets, adv, normalizer, vocab_size, ignore_index, per_token)
+            return fn(hidden, weight, bias, *args)
+    return wrapper
 
-    shape = targets.shape
-    h_dim = hidden.shape[-1]
-    hidden2d = hidden.reshape(-1, h_dim)
+
+class _Flat(NamedTuple):
+    """One call's tensors, flat ``[N]`` rows (``hidden`` ``[N, H]``), and the targets' shape."""
+
+    request: ForwardRequest   # the engine's view: targets are safe ids (local ids when vocab-parallel)
+    targets: Tensor           # the original ids
+    adv: Tensor
+    shape: torch.Size
+
+
+def _flatten(hidden, weight, bias, targets, adv, ignore_index, vocab_start) -> _Flat:
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if hidden2d.numel() and hidden2d.stride(-1) != 1:
         hidden2d = hidden2d.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     flat_targets = targets.reshape(-1)
     valid = flat_targets != ignore_index
-    safe_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
-
-    engine_targets = safe_targets
-    if vocab_parallel_group is not None:
+    engine_targets = torch.where(valid, flat_targets, torch.zeros_like(flat_targets))
+    if vocab_start is not None:
         # local column of the target where this rank owns it, else -1 (matches no column)
         local = flat_targets - vocab_start
         owned = valid & (local >= 0) & (local < weight.shape[0])
         engine_targets = torch.where(owned, local, torch.full_like(local, -1))
+    request = ForwardRequest(hidden2d, weight, bias, engine_targets, valid)
+    return _Flat(request, flat_targets, adv.reshape(-1), targets.shape)
 
-    with_entropy = return_stats or terms.needs_entropy
-    leaves = [x for x in (hidden2d, weight, bias) if x is not None]
-    if (backend == "torch" and vocab_parallel_group is None and reduction != "none" and hidden2d.shape[0]
-            and torch.is_grad_enabled()
-            and any(x.requires_grad for x in leaves)):
-        # A scalar loss that will be differentiated: the chunked engine forms the gradients in
-        # the same pass (3 products, no recompute) and the backward only scales them.
-        flat_adv = adv.reshape(-1)
 
-        def token_loss(lp, ent, idx):
-            sliced = dataclasses.replace(
-                terms, old_logp=None if terms.old_logp is None else terms.old_logp.index_select(0, idx),
-                ref_logp=None if terms.ref_logp is None else terms.ref_logp.index_select(0, idx))
-            return per_token_loss(lp, ent, valid.index_select(0, idx), flat_adv.index_select(0, idx), tau, sliced)[0]
-
-        weights = reduction_weights(valid, reduction, normalizer, shape, _acc_dtype(hidden2d.dtype))
-        loss, rows = precomputed_loss(torch_backend, hidden2d, weight, bias, safe_targets, valid, temperature,
-                                      softcap, with_entropy, token_loss, weights)
-        if not return_stats:
+@_autocast_like_linear
+def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None, ref_logp=None):
+    """The op on checked options: tensor checks, then the engine, then the head."""
+    loss_options, run = options.loss, options.run
+    targets, adv = check_tensors(hidden, weight, bias, targets, adv)
+    per_token = check_policy_tensors(targets, loss_options.reduction, old_logp, ref_logp)
+    terms = options.policy.bind(*(per_token[k].reshape(-1) if k in per_token else None
+                                  for k in ("old_logp", "ref_logp")))
+    backend = check_backend(run.backend, hidden, options.kernel(run.backend))
+    vocab_start, vocab_size = None, weight.shape[0]
+    if run.vocab_parallel_group is not None:
+        vocab_start, vocab_size = vocab_shard(run.vocab_parallel_group, weight.shape[0], run.vocab_start,
+                                              hidden.device)
+    if run.check_values:
+        check_input_values(targets, adv, loss_options.normalizer, vocab_size, loss_options.ignore_index, per_token)
+    flat = _flatten(hidden, weight, bias, targets, adv, loss_options.ignore_index, vocab_start)
+    if _one_pass(backend, flat, options):
+        loss, rows = _one_pass_loss(flat, terms, options)
+        if not run.return_stats:
             return loss
-        _, aux = per_token_loss(rows.logp, rows.entropy, valid, flat_adv, tau, terms)
-        return loss, head_stats(rows.logp, rows.entropy, rows.target_is_max, valid, tau, aux, shape)
-
-    if backend == "reference":
-        logp, entropy, target_is_max = reference.reference_logprobs(
-            hidden2d, weight, bias, safe_targets, valid, temperature, softcap
-        )
-    elif hidden2d.shape[0] == 0:
-        # No tokens: keep the graph so backward gives zero gradients of the right shapes.
-        logp = (hidden2d.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
-        entropy = logp * 0
-        target_is_max = valid
     else:
-        logp, entropy, target_is_max = fused_logprobs(
-            _engine(backend), hidden2d, weight, bias, engine_targets, valid,
-            temperature, softcap, with_entropy, launch_options if backend == "triton" else None,
-            vocab_parallel_group,
-        )
+        rows = _rows(backend, flat, options)
+        loss_tok, _ = per_token_loss(rows.logp, rows.entropy, flat.request.valid, flat.adv, loss_options.tau, terms)
+        loss = reduce_loss(loss_tok, flat.request.valid, loss_options.reduction, loss_options.normalizer, flat.shape)
+        if not run.return_stats:
+            return loss
+    _, aux = per_token_loss(rows.logp, rows.entropy, flat.request.valid, flat.adv, loss_options.tau, terms)
+    return loss, head_stats(rows.logp, rows.entropy, rows.target_is_max, flat.request.valid, loss_options.tau,
+                            aux, flat.shape)
 
-    loss_tok, aux = per_token_loss(logp, entropy, valid, adv.reshape(-1), tau, terms)
-    loss = reduce_loss(loss_tok, valid, reduction, normalizer, shape)
-    if not return_stats:
-        return loss
-    return loss, head_stats(logp, entropy, target_is_max, valid, tau, aux, shape)
+
+def _one_pass(backend: str, flat: _Flat, options: GFTOptions) -> bool:
+    """A scalar loss that will be differentiated, on the chunked engine: it forms the gradients
+    in the same pass (3 products, no recompute) and the backward only scales them. Eager only:
+    under torch.compile the ops run (the head here is a Python callable)."""
+    hidden, weight, bias = flat.request.hidden, flat.request.weight, flat.request.bias
+    return (backend == "torch" and options.run.vocab_parallel_group is None and options.loss.reduction != "none"
+            and hidden.shape[0] > 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(x is not None and x.requires_grad for x in (hidden, weight, bias)))
+
+
+def _one_pass_loss(flat: _Flat, terms: PolicyTerms, options: GFTOptions):
+    valid, tau = flat.request.valid, options.loss.tau
+
+    def token_loss(lp, ent, idx):
+        sliced = dataclasses.replace(
+            terms, old_logp=None if terms.old_logp is None else terms.old_logp.index_select(0, idx),
+            ref_logp=None if terms.ref_logp is None else terms.ref_logp.index_select(0, idx))
+        return per_token_loss(lp, ent, valid.index_select(0, idx), flat.adv.index_select(0, idx), tau, sliced)[0]
+
+    acc = torch.float64 if flat.request.hidden.dtype == torch.float64 else torch.float32
+    weights = reduction_weights(valid, options.loss.reduction, options.loss.normalizer, flat.shape, acc)
+    return precomputed_loss("torch", flat.request, options.kernel("torch"), token_loss, weights)
+
+
+def _rows(backend: str, flat: _Flat, options: GFTOptions) -> RowStats:
+    """Per-row (logp, entropy, target_is_max, ...) of the engine; logp (and entropy with an
+    entropy term) differentiable."""
+    hidden, weight, bias, targets, valid = flat.request
+    if backend == "reference":
+        logits = options.logits
+        logp, entropy, is_max = reference.reference_logprobs(hidden, weight, bias, targets, valid,
+                                                             logits.temperature, logits.softcap)
+        return RowStats(logp, None, None, None, entropy, is_max)
+    if hidden.shape[0] == 0:
+        # No tokens: keep the graph so backward gives zero gradients of the right shapes.
+        logp = (hidden.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
+        return RowStats(logp, None, None, None, logp * 0, valid)
+    return fused_logprobs(backend, flat.request, options.kernel(backend), options.run.vocab_parallel_group)
 
 
 def vocab_shard(group, rows: int, start: int | None, device) -> tuple[int, int]:
@@ -239,8 +263,6 @@ def vocab_shard(group, rows: int, start: int | None, device) -> tuple[int, int]:
     that the shards tile ``[0, V)`` without gaps or overlaps."""
     import torch.distributed as dist
 
-    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
-        raise ValueError(f"vocab_start must be an int >= 0 or None, got {start!r}")
     on = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     mine = torch.tensor([-1 if start is None else start, rows], dtype=torch.int64, device=on)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -274,7 +296,7 @@ class GFTLoss(nn.Module):
         self,
         tau: float = 0.7,
         *,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         normalizer: float | Tensor | None = None,
         bias: Tensor | None = None,
@@ -294,28 +316,28 @@ class GFTLoss(nn.Module):
         vocab_start: int | None = None,
     ):
         super().__init__()
-        # Fail at construction, not at the first step.
-        check_options(tau, reduction, normalizer, temperature, softcap, backend, ignore_index)
-        check_scalar_policy_options(clip_low, clip_high, dual_clip, beta, kl, entropy_coef)
-        check_launch_options(launch_options)
-        self.tau = tau
+        # Built (and checked) once, at construction: not at the first step, not on every call.
+        self.options = GFTOptions(
+            LossOptions.build(tau, reduction, normalizer, ignore_index),
+            PolicyOptions.build(clip_low, clip_high, dual_clip, beta, kl, entropy_coef),
+            LogitOptions.build(temperature, softcap),
+            RunOptions.build(backend, launch_options, vocab_parallel_group, vocab_start, return_stats, check_values),
+        )
         # a parameter stays one (trained with the module); a tensor is a buffer: .to() moves it and
         # it is in the state_dict
         if isinstance(bias, nn.Parameter):
             self.bias = bias
         else:
             self.register_buffer("bias", bias)
-        self.options = dict(
-            ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
-            temperature=temperature, softcap=softcap, clip_low=clip_low, clip_high=clip_high,
-            dual_clip=dual_clip, beta=beta, kl=kl, entropy_coef=entropy_coef, backend=backend,
-            launch_options=launch_options, return_stats=return_stats, check_values=check_values,
-            vocab_parallel_group=vocab_parallel_group, vocab_start=vocab_start,
-        )
+
+    @property
+    def tau(self) -> float:
+        return self.options.loss.tau
 
     def forward(self, hidden, lm_head, targets, adv, old_logp=None, ref_logp=None):
-        return gft_loss(hidden, lm_head, targets, adv, self.tau, old_logp=old_logp, ref_logp=ref_logp,
-                        bias=self.bias, **self.options)
+        weight, bias = split_lm_head(lm_head, self.bias)
+        return _loss(hidden, weight, bias, targets, adv, self.options, old_logp, ref_logp)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        groups = (self.options.loss, self.options.policy, self.options.logits, self.options.run)
+        return ", ".join(f"{f.name}={getattr(g, f.name)!r}" for g in groups for f in dataclasses.fields(g))

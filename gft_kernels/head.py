@@ -135,35 +135,28 @@ def _denominator(count: Tensor, normalizer, like: Tensor) -> Tensor:
     return torch.tensor(float(normalizer), device=like.device, dtype=like.dtype)
 
 
-def reduce_loss(loss_tok: Tensor, valid: Tensor, reduction: str, normalizer, shape: torch.Size) -> Tensor:
-    """The reductions of ``gft_loss`` (``loss_tok``, ``valid`` flat; ``shape`` the targets')."""
-    if reduction == "none":
-        return loss_tok.reshape(shape)
-    if reduction == "sum":
-        return loss_tok.sum()
-    if reduction == "mean":
-        return loss_tok.sum() / _denominator(valid.sum(), normalizer, loss_tok)
-    # per sequence (the leading dim), then the mean over sequences with a valid token
-    per_seq = loss_tok.reshape(shape[0], -1).sum(dim=1)
-    counts = valid.reshape(shape[0], -1).sum(dim=1)
-    if reduction == "seq-mean-token-mean":
-        per_seq = per_seq / counts.clamp_min(1).to(per_seq.dtype)
-    return per_seq.sum() / _denominator((counts > 0).sum(), normalizer, loss_tok)
-
-
 def reduction_weights(valid: Tensor, reduction: str, normalizer, shape: torch.Size, dtype) -> Tensor:
-    """Per-token weights w_t with ``reduce_loss(loss_t) = sum_t w_t loss_t`` (every reduction
-    but "none"), flat."""
+    """Per-token weights w_t, flat, with the loss ``sum_t w_t loss_t``: the one definition of
+    every reduction but "none" (``reduce_loss`` applies it; the chunked engine's one-pass path
+    weights its tokens with it). ``shape`` is the targets'; sequences are its leading dim."""
     ones = valid.to(dtype)
     if reduction == "sum":
         return ones
     if reduction == "mean":
         return ones / _denominator(valid.sum(), normalizer, ones)
+    # per sequence, then the mean over sequences with a valid token
     counts = valid.reshape(shape[0], -1).sum(dim=1, keepdim=True)
     per_seq = valid.reshape(shape[0], -1).to(dtype)
     if reduction == "seq-mean-token-mean":
         per_seq = per_seq / counts.clamp_min(1).to(dtype)
     return (per_seq / _denominator((counts > 0).sum(), normalizer, ones)).reshape(-1)
+
+
+def reduce_loss(loss_tok: Tensor, valid: Tensor, reduction: str, normalizer, shape: torch.Size) -> Tensor:
+    """The reductions of ``gft_loss`` (``loss_tok``, ``valid`` flat; ``shape`` the targets')."""
+    if reduction == "none":
+        return loss_tok.reshape(shape)
+    return (loss_tok * reduction_weights(valid, reduction, normalizer, shape, loss_tok.dtype)).sum()
 
 
 def head_stats(logp: Tensor, entropy: Tensor, target_is_max: Tensor, valid: Tensor, tau: float, aux: dict,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import gft_loss
-from .validation import check_options
+from .options import IGNORE_INDEX, check_backend_name, check_tau
 
 
 class UnsupportedModelError(NotImplementedError):
@@ -432,7 +432,7 @@ def check_model(model, *, force: bool = False) -> LogitsTransform:
 # ---- the functional op ---------------------------------------------------------------------
 
 def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *, normalizer=None,
-                       reduction="mean", return_stats=False, backend="auto", ignore_index=-100,
+                       reduction="mean", return_stats=False, backend="auto", ignore_index=IGNORE_INDEX,
                        shift_labels=None, check=True, temperature=1.0, loss_options: dict | None = None,
                        **forward_kwargs):
     """GFT loss of a transformers causal LM on a batch, through the fused op.
@@ -492,7 +492,7 @@ def _loss_probe(model):
     vocab = _probe_vocab(model, spec, weight)
     input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
     labels = input_ids.clone()
-    labels[0, :2] = -100
+    labels[0, :2] = IGNORE_INDEX
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -555,7 +555,8 @@ def patch(model, *, tau: float = 0.0, backend: str = "auto"):
     including models whose own loss adds terms (auxiliary router loss, z-loss).
     Returns the model; ``unpatch(model)`` restores the original forward.
     """
-    check_options(tau, "mean", None, 1.0, None, backend, -100)   # before touching the model
+    check_tau(tau)   # before touching the model
+    check_backend_name(backend)
     if "_gft_original_forward" in model.__dict__:
         shift = model.__dict__["_gft_options"].shift
         model.__dict__["_gft_options"] = _PatchOptions(float(tau), backend, shift)

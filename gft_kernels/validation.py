@@ -6,27 +6,15 @@ single ``.item()``; ``check_values=False`` skips them.
 """
 from __future__ import annotations
 
-import math
 import numbers
-import os
 import warnings
 
 import torch
 from torch import Tensor, nn
 
-from .head import KL_ESTIMATORS, REDUCTIONS, PolicyTerms
+from .engine import KernelOptions, get_engine
 
-BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _real(name: str, value, *, allow_inf: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or (math.isinf(value) and not allow_inf):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def split_lm_head(lm_head, bias):
@@ -40,44 +28,6 @@ def split_lm_head(lm_head, bias):
     if not isinstance(lm_head, Tensor):
         raise TypeError(f"lm_head must be a [V, H] tensor or an nn.Linear, got {type(lm_head).__name__}")
     return lm_head, bias
-
-
-def check_options(tau, reduction, normalizer, temperature, softcap, backend, ignore_index):
-    tau = _real("tau", tau, allow_inf=True)
-    if tau < 0:
-        raise ValueError(f"tau must be >= 0 (0: plain SFT/policy gradient, > 1: DFT), got {tau}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    temperature = _real("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if softcap is not None:
-        softcap = _real("softcap", softcap)
-        if softcap <= 0:
-            raise ValueError(f"softcap must be > 0 or None, got {softcap}")
-    if normalizer is not None:
-        if reduction in ("sum", "none"):
-            raise ValueError(f"normalizer applies to reduction='mean' and the 'seq-' reductions, got reduction={reduction!r}")
-        if isinstance(normalizer, Tensor):
-            if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
-        else:
-            normalizer = _real("normalizer", normalizer)
-            if normalizer <= 0:
-                raise ValueError(f"normalizer must be > 0, got {normalizer}")
-    return tau, temperature, softcap, normalizer
-
-
-def check_launch_options(launch_options) -> None:
-    if launch_options is not None:
-        from .triton_ops import LaunchOptions
-        if not isinstance(launch_options, LaunchOptions):
-            raise TypeError(f"launch_options must be a gft_kernels.triton_ops.LaunchOptions or None, "
-                            f"got {type(launch_options).__name__}")
 
 
 def check_tensors(hidden, weight, bias, targets, adv) -> tuple[Tensor, Tensor]:
@@ -116,27 +66,6 @@ def check_tensors(hidden, weight, bias, targets, adv) -> tuple[Tensor, Tensor]:
     return targets.long(), broadcast_adv(adv, targets)
 
 
-def check_scalar_policy_options(clip_low, clip_high, dual_clip, beta, kl, entropy_coef) -> tuple:
-    """The GRPO-family scalars; returns (clip_low, clip_high, dual_clip, beta, entropy_coef) as floats."""
-    clip_low = _real("clip_low", clip_low)
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(f"clip_low must be in [0, 1) (the ratio is clipped below at 1 - clip_low), got {clip_low}")
-    clip_high = clip_low if clip_high is None else _real("clip_high", clip_high, allow_inf=True)
-    if clip_high < 0:
-        raise ValueError(f"clip_high must be >= 0 (the ratio is clipped above at 1 + clip_high), got {clip_high}")
-    if dual_clip is not None:
-        dual_clip = _real("dual_clip", dual_clip)
-        if dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip}")
-    beta = _real("beta", beta)
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if kl not in KL_ESTIMATORS:
-        raise ValueError(f"kl must be one of {KL_ESTIMATORS}, got {kl!r}")
-    entropy_coef = _real("entropy_coef", entropy_coef)
-    return clip_low, clip_high, dual_clip, beta, entropy_coef
-
-
 def _per_token(name: str, x, targets: Tensor) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a float tensor of per-token log-probs or None, got {type(x).__name__}")
@@ -147,14 +76,8 @@ def _per_token(name: str, x, targets: Tensor) -> Tensor:
     return broadcast_adv(x, targets, name)
 
 
-def check_policy_terms(targets, reduction, normalizer, old_logp, clip_low, clip_high, dual_clip, ref_logp, beta, kl,
-                       entropy_coef) -> tuple[PolicyTerms, dict]:
-    """The GRPO-family options as a ``PolicyTerms`` (log-probs flat), and the per-token tensors
-    by name (for the value checks)."""
-    clip_low, clip_high, dual_clip, beta, entropy_coef = check_scalar_policy_options(
-        clip_low, clip_high, dual_clip, beta, kl, entropy_coef)
-    if beta > 0 and ref_logp is None:
-        raise ValueError(f"beta={beta} needs ref_logp (the reference model's per-token log-probs)")
+def check_policy_tensors(targets, reduction, old_logp, ref_logp) -> dict:
+    """The per-token log-probs by name, broadcast to targets' shape (for the value checks)."""
     if reduction.startswith("seq-") and targets.dim() < 2:
         raise ValueError(f"reduction={reduction!r} needs targets of shape [B, T, ...] (sequences first), "
                          f"got shape {tuple(targets.shape)}")
@@ -163,10 +86,7 @@ def check_policy_terms(targets, reduction, normalizer, old_logp, clip_low, clip_
         per_token["old_logp"] = _per_token("old_logp", old_logp, targets)
     if ref_logp is not None:
         per_token["ref_logp"] = _per_token("ref_logp", ref_logp, targets)
-    flat = {k: v.reshape(-1) for k, v in per_token.items()}
-    terms = PolicyTerms(old_logp=flat.get("old_logp"), clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-                        ref_logp=flat.get("ref_logp"), beta=beta, kl=kl, entropy_coef=entropy_coef)
-    return terms, per_token
+    return per_token
 
 
 def broadcast_adv(adv, targets: Tensor, name: str = "adv") -> Tensor:
@@ -218,61 +138,38 @@ def check_input_values(targets: Tensor, adv: Tensor, normalizer, vocab: int, ign
     raise ValueError(f"normalizer must be > 0, got {normalizer.reshape(()).item()}")
 
 
-# What the Triton engine is built and checked for: NVIDIA GPUs of compute capability 8.0 or
-# later whose blocks can opt into the shared memory of its largest default tile (144 KiB: the
-# A100, H100, H200 and later data-centre parts; not the 99-KiB consumer cards), and the Triton
-# the package requires (pyproject.toml: triton>=3.2; tests/test_validation.py keeps them equal).
-TRITON_MIN_CAPABILITY = (8, 0)
-TRITON_MIN_SHARED_BYTES = 144 * 1024
-TRITON_MIN_VERSION = (3, 2)
 _auto_warned: set = set()
 
 
-def triton_unsupported_reason(device: torch.device) -> str | None:
-    """Why ``backend="auto"`` does not take the Triton engine on this CUDA device, or None."""
-    if getattr(torch.version, "hip", None):
-        return "ROCm GPUs are not a target the Triton engine is checked on"
-    try:
-        import triton
-    except ImportError:
-        return "the triton package is not installed"
-    version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
-    if version < TRITON_MIN_VERSION:
-        return f"triton {triton.__version__} is older than {'.'.join(map(str, TRITON_MIN_VERSION))}"
-    capability = torch.cuda.get_device_capability(device)
-    if capability < TRITON_MIN_CAPABILITY:
-        return f"compute capability {capability[0]}.{capability[1]} is below {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}"
-    shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
-    if shared is None:  # an unknown amount is not a pass: the kernels would fail at launch
-        return "this torch does not report the shared memory a block can use (shared_memory_per_block_optin)"
-    if shared < TRITON_MIN_SHARED_BYTES:
-        return f"blocks can use {shared // 1024} KiB of shared memory, the kernels' tiles need {TRITON_MIN_SHARED_BYTES // 1024}"
-    return None
-
-
-def check_backend(backend: str, hidden: Tensor) -> str:
+def check_backend(backend: str, hidden: Tensor, options: KernelOptions = KernelOptions()) -> str:
+    """The engine that runs: ``"auto"`` takes Triton on the CUDA devices it is checked for, else
+    the chunked torch engine (once warning why); a named engine must support the inputs."""
     if backend == "auto":
         if not hidden.is_cuda or hidden.dtype == torch.float64:
             return "torch"
-        reason = triton_unsupported_reason(hidden.device)
+        try:
+            triton_engine = get_engine("triton")
+        except ImportError:
+            reason = "the triton package is not installed"
+        else:
+            reason = triton_engine.supports(hidden, options) or triton_engine.unsuitable_hardware(hidden.device)
         if reason is None:
             return "triton"
         key = (str(hidden.device), reason)
         if key not in _auto_warned:
             _auto_warned.add(key)
             warnings.warn(f"gft_loss(backend='auto') uses the chunked torch engine on {hidden.device}: {reason} "
-                          "(backend='triton' forces the Triton engine)", stacklevel=3)
+                          "(backend='triton' forces the Triton engine)", stacklevel=4)
         return "torch"
-    if backend == "triton":
-        if hidden.dtype == torch.float64:
-            raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs, got float64 (use backend='reference')")
-        if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (got device {hidden.device}); on a CPU it runs only "
-                "under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)"
-            )
-        try:
-            import triton  # noqa: F401
-        except ImportError as err:
-            raise ValueError("backend='triton' needs the triton package (pip install 'gft[triton]')") from err
+    try:
+        engine = get_engine(backend)
+    except ImportError as err:
+        raise ValueError(f"backend={backend!r} needs the {err.name} package (pip install 'gft[triton]')") from err
+    if hidden.dtype not in engine.dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in engine.dtypes)
+        raise TypeError(f"backend={backend!r} supports {names} inputs, got {str(hidden.dtype).replace('torch.', '')}"
+                        + (" (use backend='reference')" if hidden.dtype == torch.float64 else ""))
+    reason = engine.supports(hidden, options)
+    if reason is not None:
+        raise ValueError(reason)
     return backend

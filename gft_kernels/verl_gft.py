@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .head import dcr_coefficient
+from .options import check_tau
 from .validation import check_backend
 
 DEFAULT_TAU = 0.7
@@ -54,12 +55,11 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempe
         raise ValueError(f"linear_logprob_entropy: reduction must be 'none' (as verl's fused forward "
                          f"passes it), got {reduction!r}")
     from . import reference
-    from .api import _engine
+    from .engine import ForwardRequest, KernelOptions
     from .fused import fused_logprobs
+    from .options import LogitOptions
 
-    temperature = float(temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature = LogitOptions.build(temperature).temperature
     shape = labels.shape
     if tuple(hidden.shape[:-1]) != tuple(shape):
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(shape)} do not match")
@@ -72,7 +72,9 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempe
         hidden2d = hidden2d.contiguous()
     targets = labels.reshape(-1).to(torch.int64)
     valid = torch.ones_like(targets, dtype=torch.bool)
-    backend = check_backend(backend, hidden2d)
+    # both outputs carry gradients: entropy is computed and differentiated
+    options = KernelOptions(temperature=temperature, with_entropy=True, entropy_grad=True)
+    backend = check_backend(backend, hidden2d, options)
     with torch.autocast(hidden.device.type, enabled=False):
         if hidden2d.shape[0] == 0:
             logp = (hidden2d.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
@@ -81,8 +83,8 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempe
             logp, entropy, _ = reference.reference_logprobs(hidden2d, weight, bias, targets, valid, temperature,
                                                             None)
         else:
-            logp, entropy, _ = fused_logprobs(_engine(backend), hidden2d, weight, bias, targets, valid,
-                                              temperature, None, True)
+            rows = fused_logprobs(backend, ForwardRequest(hidden2d, weight, bias, targets, valid), options)
+            logp, entropy = rows.logp, rows.entropy
     return logp.float().reshape(shape), entropy.float().reshape(shape)
 
 
@@ -114,8 +116,7 @@ def gft_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, 
     """
     from verl.trainer.ppo.core_algos import agg_loss
 
-    if tau is None:
-        tau = float(os.environ.get("GFT_TAU", DEFAULT_TAU))
+    tau = check_tau(float(os.environ.get("GFT_TAU", DEFAULT_TAU)) if tau is None else tau)
     detached = log_prob.detach()
     if detached.dtype not in (torch.float32, torch.float64):
         detached = detached.float()       # p and the tau comparison never in 16 bits
@@ -140,8 +141,8 @@ def register_gft_policy_loss(name: str = "gft", tau: float | None = None):
     """Register ``gft_policy_loss`` under ``name`` with a fixed ``tau`` (None: ``GFT_TAU`` or 0.7)."""
     from verl.trainer.ppo.core_algos import register_policy_loss
 
-    if tau is not None and not tau >= 0:
-        raise ValueError(f"tau must be >= 0, got {tau}")
+    if tau is not None:
+        check_tau(tau)
 
     def loss_fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
                 rollout_is_weights=None):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from gft_kernels.options import check_tau
+
 # How the per-token losses of a global batch are combined (verl's names): the mean over all
 # tokens (DAPO); the mean over sequences of each one's token mean (GRPO) or token sum; the token
 # sum over sequences x max_length (Dr. GRPO's constant normalizer).
@@ -122,8 +124,7 @@ class Config:
         if min(cfg.n_expert, cfg.n_teacher, cfg.n_self) < 0 or cfg.group_size == 0:
             raise ValueError(f"group mix must be >= 0 and not all 0, got expert={cfg.n_expert} "
                              f"teacher={cfg.n_teacher} self={cfg.n_self}")
-        if cfg.tau < 0:
-            raise ValueError(f"tau must be >= 0, got {cfg.tau}")
+        check_tau(cfg.tau)
         if cfg.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {cfg.loss_aggregation!r}")
         if cfg.engine not in ("auto", "vllm", "transformers"):

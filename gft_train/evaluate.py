@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from gft_kernels.options import IGNORE_INDEX
+
 from .lm import encode
 
 
@@ -73,7 +75,7 @@ def mean_token_kl(p_model, q_model, tokenizer, items, max_length=1024, batch_siz
     device = next(p_model.parameters()).device
     for i in range(0, len(items), batch_size):
         batch = encode(tokenizer, [(p, r, 1.0) for p, r in items[i:i + batch_size]], max_length).to(device)
-        mask = batch.labels[:, 1:] != -100
+        mask = batch.labels[:, 1:] != IGNORE_INDEX
         lp = p_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float().log_softmax(-1)
         lq = q_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float().log_softmax(-1)
         kl = (lp.exp() * (lp - lq)).sum(-1)

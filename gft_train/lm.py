@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from gft_kernels.models import causal_lm_gft_loss  # noqa: F401  (re-exported)
+from gft_kernels.options import IGNORE_INDEX
 
 
 def format_prompt(tokenizer, prompt: str) -> str:
@@ -37,7 +38,7 @@ def prompts_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
 class Batch:
     input_ids: torch.Tensor       # [B, T]
     attention_mask: torch.Tensor  # [B, T]
-    labels: torch.Tensor          # [B, T], -100 on prompt and padding tokens
+    labels: torch.Tensor          # [B, T], IGNORE_INDEX (-100) on prompt and padding tokens
     adv: torch.Tensor             # [B], the advantage of each sequence's response
 
     def to(self, device):
@@ -46,16 +47,16 @@ class Batch:
     def masked(self) -> "Batch":
         """The same sequences with every label ignored and no advantage: a forward that adds
         nothing to the loss or the gradients."""
-        return Batch(self.input_ids, self.attention_mask, torch.full_like(self.labels, -100), torch.zeros_like(self.adv))
+        return Batch(self.input_ids, self.attention_mask, torch.full_like(self.labels, IGNORE_INDEX), torch.zeros_like(self.adv))
 
     @property
     def n_valid(self) -> int:
-        return int((self.labels[:, 1:] != -100).sum())
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     @property
     def n_seqs(self) -> int:
         """Sequences with at least one token that counts."""
-        return int((self.labels[:, 1:] != -100).any(dim=1).sum())
+        return int((self.labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
 
 
 def responses_ids(tokenizer, responses: list[str | list[int]]) -> list[list[int]]:
@@ -79,13 +80,13 @@ def encode(tokenizer, items: list[tuple[str, str | list[int], float]], max_lengt
     rows, labels = [], []
     for p_ids, r_ids in zip(all_p_ids, all_r_ids):
         ids = (p_ids + r_ids)[:max_length]
-        lab = ([-100] * len(p_ids) + r_ids)[:max_length]
+        lab = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
         rows.append(ids)
         labels.append(lab)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    lab_t = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+    lab_t = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels])
     adv = torch.tensor([a for _, _, a in items], dtype=torch.float32)
     return Batch(input_ids, mask, lab_t, adv)

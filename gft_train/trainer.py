@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gft_kernels.options import IGNORE_INDEX
+
 from . import config as config_mod
 from .data import load_rows
 from .groups import build_groups, group_metrics, load_groups, save_groups
@@ -48,7 +50,7 @@ class GFTPolicy(nn.Module):
         loss, stats = causal_lm_gft_loss(self.model, input_ids, attention_mask, labels, adv, tau,
                                          normalizer=normalizer, reduction=reduction, return_stats=True,
                                          loss_options=dict(entropy_coef=entropy_coef))
-        valid = (labels[:, 1:] != -100).float()
+        valid = (labels[:, 1:] != IGNORE_INDEX).float()
         sums = torch.stack([
             stats.rectified_frac * stats.n_valid, stats.mean_prob * stats.n_valid,
             (stats.entropy * valid).sum(), stats.n_valid.float(), stats.accuracy * stats.n_valid,

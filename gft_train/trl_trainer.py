@@ -34,6 +34,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from gft_kernels.models import causal_lm_gft_loss, check_model
+from gft_kernels.options import IGNORE_INDEX, check_tau
 
 SOURCES = ("self", "expert", "teacher")
 _LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo")
@@ -56,8 +57,7 @@ class GFTConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (isinstance(self.tau, (int, float)) and self.tau >= 0):
-            raise ValueError(f"tau must be a number >= 0, got {self.tau!r}")
+        check_tau(self.tau)
         for name in ("n_expert", "n_teacher"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -295,8 +295,8 @@ class GFTTrainer(GRPOTrainer):
             advantages = advantages.unsqueeze(1)
         adv = advantages.float() * self._token_weights(inputs, mask, mode)
         # position t predicts token t + 1: the completion's tokens are predicted at P - 1 ... P + C - 2
-        targets = torch.full((B, P + C), -100, dtype=torch.long, device=input_ids.device)
-        targets[:, P - 1:P + C - 1] = completion_ids.masked_fill(mask == 0, -100)
+        targets = torch.full((B, P + C), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
+        targets[:, P - 1:P + C - 1] = completion_ids.masked_fill(mask == 0, IGNORE_INDEX)
         adv_full = torch.zeros((B, P + C), dtype=adv.dtype, device=adv.device)
         adv_full[:, P - 1:P + C - 1] = adv.expand(B, C)
 
@@ -311,7 +311,7 @@ class GFTTrainer(GRPOTrainer):
         loss, stats = out["loss"], out["gft_stats"]
 
         # metrics, as TRL's global token means
-        valid = (targets != -100).float()
+        valid = (targets != IGNORE_INDEX).float()
         totals = self.accelerator.reduce(torch.stack([
             (stats.entropy.float() * valid).sum(), stats.rectified_frac.float() * stats.n_valid,
             stats.mean_prob.float() * stats.n_valid, valid.sum()]).detach(), reduction="sum")

@@ -4,6 +4,7 @@ import torch
 
 import gft_kernels
 from gft_kernels import torch_backend
+from gft_kernels.engine import BackwardRequest, ForwardRequest, KernelOptions, Needs, forward
 from gft_kernels.triton_ops import launch
 from helpers import DEVICE, EPS, errors, make_case, run
 
@@ -114,15 +115,16 @@ def test_split_design_matches_the_atomic_design(dtype, need, active, sweeps):
     bias = torch.randn(v, generator=gen).to(DEVICE, dtype)
     targets = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
     valid = torch.ones(n, dtype=torch.bool, device=DEVICE)
-    _, m, log_s, q, *_ = launch.forward(hidden, weight, bias, targets, valid, 0.9, 20.0, False)
+    inputs = ForwardRequest(hidden, weight, bias, targets, valid)
+    rows = forward(launch.ENGINE, inputs, KernelOptions(0.9, 20.0))
     g = torch.randn(n, generator=gen).to(DEVICE)
     if active == "some":
         g[::4] = 0.0
     elif active == "none":
         g.zero_()
-    args = (hidden, weight, bias, targets, m, log_s, q, g, 0.9, 20.0, *need)
-    split = launch.backward(*args, options=split_options)
-    atomic = launch.backward(*args, options=Options(backward_design="atomic"))
+    request = BackwardRequest(inputs, rows, g, None, Needs(*need))
+    split = launch.ENGINE.backward(request, KernelOptions(0.9, 20.0, launch=split_options))
+    atomic = launch.ENGINE.backward(request, KernelOptions(0.9, 20.0, launch=Options(backward_design="atomic")))
     for a, b in zip(split, atomic):
         assert (a is None) == (b is None)
         if a is not None:
@@ -171,14 +173,16 @@ def test_rows_with_zero_coefficient_are_skipped(engine):
     bias = torch.randn(v, device=DEVICE)
     targets = torch.randint(0, v, (n,), device=DEVICE)
     valid = torch.ones(n, dtype=torch.bool, device=DEVICE)
-    _, m, log_s, q, *_ = mod.forward(hidden, weight, bias, targets, valid, 1.0, None, False)
+    inputs = ForwardRequest(hidden, weight, bias, targets, valid)
+    rows = forward(mod.ENGINE, inputs, KernelOptions())
     g = torch.randn(n, device=DEVICE)
     skipped = torch.zeros(n, dtype=torch.bool, device=DEVICE)
     skipped[::3] = True
     skipped[10:20] = True
     g[skipped] = 0.0
     hidden[skipped] = float("nan")
-    dh, dw, db = mod.backward(hidden, weight, bias, targets, m, log_s, q, g, 1.0, None, True, True, True)
+    dh, dw, db = mod.ENGINE.backward(BackwardRequest(inputs._replace(hidden=hidden), rows, g, None, Needs(True, True, True)),
+                                     KernelOptions())
     assert torch.isfinite(dw).all() and torch.isfinite(db).all()
     assert torch.isfinite(dh[~skipped]).all() and torch.count_nonzero(dh[skipped].nan_to_num(1.0)) == 0
 
@@ -193,8 +197,8 @@ def test_torch_engine_computes_float64_in_float64():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_inside_torch_compile_the_loss_matches_eager(backend):
-    """Users compile the model around the loss: the fused op is a graph break (run eagerly),
-    the layers before it compile, and gradients flow through both."""
+    """Users compile the model around the loss: the engines' launches are custom ops the graph
+    holds (tests/test_compile.py: one graph, fullgraph=True), and gradients flow through them."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 48).to(DEVICE)
     weight = torch.randn(300, 48, device=DEVICE, requires_grad=True)
@@ -279,3 +283,57 @@ def test_the_split_backward_adds_no_atomics_the_bias_gradient_included():
     gft_kernels.gft_loss(hidden.double(), weight.double(), targets, 1.0, bias=want.double(),
                          backend="reference").backward()
     torch.testing.assert_close(first, want.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_every_engine_implements_the_contract():
+    from gft_kernels.engine import Engine, get_engine
+
+    for name in ("torch", "triton", "reference"):
+        engine = get_engine(name)
+        assert isinstance(engine, Engine) and engine.name == name
+        assert engine.supports(torch.zeros(2, 3, device=DEVICE), KernelOptions()) is None
+
+
+class _NewEngine:
+    """An engine written against the contract alone (engine.py), as a new file would hold it:
+    here the reference engine's math under another name."""
+
+    name = "contract-check"
+    launch_options = None
+
+    def __init__(self):
+        from gft_kernels.reference import ENGINE
+
+        self.inner = ENGINE
+        self.dtypes = ENGINE.dtypes
+        self.calls = []
+
+    def supports(self, hidden, options):
+        return None
+
+    def partials(self, request, options):
+        self.calls.append("partials")
+        return self.inner.partials(request, options)
+
+    def backward(self, request, options):
+        self.calls.append("backward")
+        return self.inner.backward(request, options)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_new_engine_needs_only_the_contract(reduction):
+    """Registered, a contract-only engine runs as ``backend=<its name>`` through the same op and
+    autograd as the built-in ones, and gives the float64 reference's loss, stats and gradients
+    (entropy term, bias, temperature and softcap included)."""
+    from gft_kernels.engine import register_engine
+
+    engine = register_engine(_NewEngine())
+    case = make_case((3, 7), vocab=50, hidden_dim=12, bias=True, ignore_frac=0.2, zero_adv_frac=0.3, seed=4)
+    options = dict(reduction=reduction, entropy_coef=0.05, temperature=0.8, softcap=6.0)
+    truth = run(case, torch.float64, "reference", **options)
+    got = run(case, torch.float64, engine.name, **options)
+    assert engine.calls == ["partials", "backward"]
+    assert max(errors(got, truth).values()) < 1e-12
+    torch.testing.assert_close(got.stats.entropy, truth.stats.entropy, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="contract-check"):
+        gft_kernels.gft_loss(case.hidden, case.weight, case.targets, case.adv, backend="no-such-engine")

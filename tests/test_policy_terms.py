@@ -230,7 +230,7 @@ def test_module_registers_its_bias_and_takes_launch_options():
     assert [name for name, _ in trained.named_parameters()] == ["bias"]
     options = LaunchOptions(backward_design="atomic")
     launched = gft_kernels.GFTLoss(0.7, bias=bias, backend="triton", launch_options=options)
-    assert launched.options["launch_options"] is options
+    assert launched.options.run.launch is options
     h = hidden.float().requires_grad_()
     got = launched.float()(h, weight.float(), targets, adv.float())
     got.backward()

@@ -20,8 +20,10 @@ def no_kernel(monkeypatch):
     """Fail loudly if any engine is reached: errors must come before a launch."""
     def boom(*a, **k):
         raise AssertionError("an engine ran before the input was rejected")
-    for mod in (launch, gft_kernels.torch_backend):
-        monkeypatch.setattr(mod, "forward", boom)
+    for mod in (launch, gft_kernels.torch_backend, gft_kernels.reference):
+        for method in ("partials", "backward", "loss_and_grads"):
+            if hasattr(mod.ENGINE, method):
+                monkeypatch.setattr(mod.ENGINE, method, boom)
     monkeypatch.setattr(gft_kernels.reference, "reference_logprobs", boom)
 
 
@@ -177,11 +179,9 @@ def test_auto_takes_triton_only_on_hardware_it_is_checked_for(capability, shared
 def test_auto_refuses_triton_when_the_shared_memory_is_not_reported(monkeypatch):
     """A torch whose device properties lack ``shared_memory_per_block_optin`` tells nothing about
     the tiles fitting: that is a reason not to take Triton, not a pass."""
-    from gft_kernels import validation
-
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {})())
-    reason = validation.triton_unsupported_reason(torch.device("cuda", 0))
+    reason = launch.ENGINE.unsuitable_hardware(torch.device("cuda", 0))
     assert reason is not None and "shared memory" in reason
 
 
@@ -189,8 +189,6 @@ def test_the_minimum_triton_version_is_the_packages_requirement():
     import re
     from pathlib import Path
 
-    from gft_kernels import validation
-
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     required = re.findall(r'"triton>=(\d+)\.(\d+)', pyproject)
-    assert required and {tuple(map(int, r)) for r in required} == {validation.TRITON_MIN_VERSION}
+    assert required and {tuple(map(int, r)) for r in required} == {launch.MIN_VERSION}

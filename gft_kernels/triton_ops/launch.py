@@ -1,4 +1,4 @@
-"""Launchers of the fused Triton engine (the engine contract is in ``gft_kernels/fused.py``).
+"""The fused Triton engine: its launchers (the engine contract is in ``gft_kernels/engine.py``).
 
 The backward has two designs (``backward.py``). The default, "split", writes the logits'
 gradient dz one vocabulary chunk at a time and hands the two products to cuBLAS; its scratch
@@ -26,12 +26,12 @@ and return early past it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import triton
 
-from ..fused import rows_from_partials
+from ..engine import BackwardRequest, ForwardRequest, Grads, KernelOptions, RowPartials, parse_value, register_engine
 from .backward import gft_backward_kernel, gft_dlogits_kernel
 from .forward import gft_forward_kernel
 
@@ -113,12 +113,28 @@ class LaunchOptions:
     # of adding them, which prices the atomics. The gradients are then wrong.
     stores_only: bool = False
 
+    def key(self) -> str:
+        """Every field, as text (``KernelOptions.key``)."""
+        tiles = "" if self.cuda_tiles is None else ";".join(
+            ",".join(str(getattr(c, f)) for f in _CONFIG_FIELDS) for c in self.cuda_tiles)
+        return ",".join(str(getattr(self, f)) for f in _LAUNCH_FIELDS) + f",{tiles}"
+
+    @classmethod
+    def from_key(cls, key: str) -> LaunchOptions:
+        *values, tiles = key.split(",", len(_LAUNCH_FIELDS))
+        cuda_tiles = None
+        if tiles:
+            cuda_tiles = tuple(Config(*map(int, c.split(","))) for c in tiles.split(";"))
+        return cls(**dict(zip(_LAUNCH_FIELDS, map(parse_value, values))), cuda_tiles=cuda_tiles)
+
     def __post_init__(self):
         if self.backward_design not in ("split", "atomic"):
             raise ValueError(f"backward_design must be 'split' or 'atomic', got {self.backward_design!r}")
 
 
 DEFAULT_OPTIONS = LaunchOptions()
+_CONFIG_FIELDS = tuple(f.name for f in fields(Config))
+_LAUNCH_FIELDS = tuple(f.name for f in fields(LaunchOptions) if f.name != "cuda_tiles")
 
 
 def interpreting() -> bool:
@@ -164,41 +180,6 @@ def _num_splits(n_blocks_m: int, n_blocks_v: int, device: torch.device, programs
     if sms is None:
         return min(3, n_blocks_v)  # the interpreter: enough to test the merge
     return max(1, min(n_blocks_v // 8, triton.cdiv(programs_per_sm * sms, max(n_blocks_m, 1))))
-
-
-def partials(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None, *,
-             outside=False):
-    """Per-row partial statistics ``[3 | 5, splits, N]`` of the forward's vocabulary splits
-    (fused.py), in row order, zeros at rows that are not valid. Targets of -1 (``outside``)
-    match no column: the kernels compare columns with the target id."""
-    options = options or DEFAULT_OPTIONS
-    n, h_dim = hidden.shape
-    v = weight.shape[0]
-    cfg, _ = tiles(hidden.device, weight.dtype, not with_entropy and bias is None and softcap is None, options)
-    order, n_active = _active_order(valid)
-    n_blocks_m = triton.cdiv(n, cfg.block_m)
-    n_blocks_v = triton.cdiv(v, cfg.block_v)
-    splits = _num_splits(n_blocks_m, n_blocks_v, hidden.device, options.fwd_programs_per_sm)
-    cols_per_split = triton.cdiv(n_blocks_v, splits) * cfg.block_v
-    splits = triton.cdiv(v, cols_per_split)  # every split has at least one column
-    # partial statistics of each split: m, s_excl, z_t (and s_all, t for entropy); the kernel
-    # writes the valid rows only
-    part = torch.zeros(5 if with_entropy else 3, splits, n, device=hidden.device, dtype=torch.float32)
-    gft_forward_kernel[(n_blocks_m, splits)](
-        hidden, weight, bias if bias is not None else hidden, targets, order, n_active,
-        part[0], part[1], part[2], *((part[3], part[4]) if with_entropy else (part[0], part[0])),
-        n, v, h_dim, hidden.stride(0), weight.stride(0), cols_per_split,
-        1.0 / temperature, float(softcap) if softcap is not None else 1.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_entropy,
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
-    )
-    return part
-
-
-def forward(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options=None, *, outside=False):
-    part = partials(hidden, weight, bias, targets, valid, temperature, softcap, with_entropy, options, outside=outside)
-    return rows_from_partials(part, valid)
 
 
 @dataclass(frozen=True)
@@ -325,170 +306,265 @@ def _addmm_fp32_cuda(acc, a, b, path=None):
         acc.addmm_(a.float(), b.float())
 
 
-def _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_active, plan: SplitPlan,
-                    temperature, softcap, need_dh, need_dw, need_db, entropy, g_entropy, options: LaunchOptions):
-    n, h_dim = hidden.shape
-    v = weight.shape[0]
-    # a forward-like tile: one product, then a store
-    cfg, _ = tiles(hidden.device, weight.dtype, bias is None and softcap is None, options)
-    dh = torch.zeros_like(hidden) if need_dh else None
-    dw = torch.zeros_like(weight) if need_dw else None
-    db32 = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_db else None
-    if n_active == 0:
-        return dh, dw, None if db32 is None else db32.to(bias.dtype)
+class _Backward:
+    """One backward launch plan's shared state: the request, the kernels' tile and flags, the
+    gradient buffers (dW in the input dtype, db summed in fp32)."""
 
-    def dlogits(dz, rows, c0, do_db):
+    def __init__(self, request: BackwardRequest, options: KernelOptions, cfg: Config, order, n_active):
+        (self.hidden, self.weight, self.bias, self.targets, _), self.rows, self.g, self.g_entropy, need = request
+        self.need_dh, self.need_dw, self.need_db = need
+        self.launch = options.launch or DEFAULT_OPTIONS
+        self.options, self.cfg, self.order, self.n_active = options, cfg, order, n_active
+        self.n, self.h_dim = self.hidden.shape
+        self.v = self.weight.shape[0]
+        self.dh = torch.zeros_like(self.hidden) if self.need_dh else None
+        self.dw = torch.zeros_like(self.weight) if self.need_dw else None
+        self.db32 = torch.zeros(self.v, device=self.weight.device, dtype=torch.float32) if self.need_db else None
+
+    def common_args(self):
+        """The kernels' leading pointer arguments (dummies where a feature is off)."""
+        q = self.rows.q
+        return (self.hidden, self.weight, self.bias if self.bias is not None else self.hidden, self.targets,
+                self.rows.m, self.rows.log_s, q, self.g, self.g_entropy if self.g_entropy is not None else q,
+                self.rows.entropy if self.g_entropy is not None else q)
+
+    def scalars(self):
+        softcap = self.options.softcap
+        return 1.0 / self.options.temperature, float(softcap) if softcap is not None else 1.0
+
+    def flags(self):
+        return dict(HAS_BIAS=self.bias is not None, HAS_SOFTCAP=self.options.softcap is not None,
+                    HAS_ENT_GRAD=self.g_entropy is not None, BLOCK_M=self.cfg.block_m, BLOCK_V=self.cfg.block_v,
+                    BLOCK_K=self.cfg.block_k, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages,
+                    **_kernel_flags(self.weight))
+
+    def result(self) -> Grads:
+        return Grads(self.dh, self.dw, None if self.db32 is None else self.db32.to(self.bias.dtype))
+
+
+class _SplitBackward(_Backward):
+    """The split design: dz chunks by the dz kernel, the products by cuBLAS (backward.py)."""
+
+    def dlogits(self, dz, rows, c0, do_db):
         """dz = the logits' gradient of positions ``rows`` (a slice of ``order``), columns c0:."""
         n_rows, nc = dz.shape
-        grid = (triton.cdiv(n_rows, cfg.block_m), triton.cdiv(nc, cfg.block_v))
+        grid = (triton.cdiv(n_rows, self.cfg.block_m), triton.cdiv(nc, self.cfg.block_v))
         # db: one row of column sums per row block, added up here in a fixed order (deterministic,
         # unlike atomics); [row blocks, Vc] fp32 is under 1/64 of the dz chunk's bytes
-        db_rows = torch.empty(grid[0], nc, device=hidden.device, dtype=torch.float32) if do_db else q
+        db_rows = torch.empty(grid[0], nc, device=dz.device, dtype=torch.float32) if do_db else self.rows.q
         gft_dlogits_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g,
-            g_entropy if g_entropy is not None else q, entropy if entropy is not None else q, rows, dz,
-            db_rows,
-            v, h_dim, hidden.stride(0), weight.stride(0), nc, nc, n_rows, c0, nc,
-            1.0 / temperature, float(softcap) if softcap is not None else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENT_GRAD=g_entropy is not None,
-            COMPUTE_DB=do_db,
-            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
+            *self.common_args(), rows, dz, db_rows,
+            self.v, self.h_dim, self.hidden.stride(0), self.weight.stride(0), nc, nc, n_rows, c0, nc,
+            *self.scalars(), COMPUTE_DB=do_db, **self.flags(),
         )
         if do_db:
-            db32[c0:c0 + nc] += db_rows.sum(dim=0)
+            self.db32[c0:c0 + nc] += db_rows.sum(dim=0)
 
-    active = order[:n_active]
-    direct_dh = need_dh and plan.fused and hidden.dtype == torch.float32 and n_active == n
-
-    # Each sweep is a function so that its scratch is freed on return, before the next one.
-    def vocab_sweep(with_dh):
-        """dW (and db; and dH too when fused), vocabulary chunk by vocabulary chunk."""
+    def vocab_sweep(self, plan: SplitPlan, with_dh: bool):
+        """dW (and db; and dH too when fused), vocabulary chunk by vocabulary chunk. A method, so
+        that its scratch is freed on return, before the next sweep allocates its own."""
+        n_active, h_dim, hidden = self.n_active, self.h_dim, self.hidden
+        active = self.order[:n_active]
+        direct_dh = with_dh and hidden.dtype == torch.float32 and n_active == self.n
         # With every row active the stable order is the identity: h needs no gathering.
         # Otherwise the active rows of h are gathered into dH's storage (unwritten until the end).
         h_act = hidden
         if plan.gather:
-            into = dh[:n_active] if need_dh else torch.empty(n_active, h_dim, device=hidden.device, dtype=hidden.dtype)
+            into = self.dh[:n_active] if self.need_dh else torch.empty(n_active, h_dim, device=hidden.device,
+                                                                       dtype=hidden.dtype)
             h_act = torch.index_select(hidden, 0, active, out=into)
         dh_acc = None
         if with_dh:
-            dh_acc = dh if direct_dh else torch.zeros(n_active, h_dim, device=hidden.device, dtype=torch.float32)
-        dz_buf = torch.empty(n_active * plan.cols_per_chunk, device=hidden.device, dtype=weight.dtype)
-        for c0 in range(0, v, plan.cols_per_chunk):
-            nc = min(plan.cols_per_chunk, v - c0)
+            dh_acc = self.dh if direct_dh else torch.zeros(n_active, h_dim, device=hidden.device, dtype=torch.float32)
+        dz_buf = torch.empty(n_active * plan.cols_per_chunk, device=hidden.device, dtype=self.weight.dtype)
+        for c0 in range(0, self.v, plan.cols_per_chunk):
+            nc = min(plan.cols_per_chunk, self.v - c0)
             dz = dz_buf[: n_active * nc].view(n_active, nc)
-            dlogits(dz, active, c0, need_db)
-            if need_dw:  # one product over every active row: fp32 inside the tensor cores, rounded once
-                _mm_into(dw[c0:c0 + nc], dz.t(), h_act)
+            self.dlogits(dz, active, c0, self.need_db)
+            if self.need_dw:  # one product over every active row: fp32 inside the tensor cores, rounded once
+                _mm_into(self.dw[c0:c0 + nc], dz.t(), h_act)
             if with_dh:
-                _addmm_fp32(dh_acc, dz, weight[c0:c0 + nc])
+                _addmm_fp32(dh_acc, dz, self.weight[c0:c0 + nc])
         del dz_buf, h_act
-        if plan.gather and need_dh:
-            dh.zero_()  # held the gathered rows of h
+        if plan.gather and self.need_dh:
+            self.dh.zero_()  # held the gathered rows of h
         if with_dh and not direct_dh:
-            _copy_rows(dh, active, dh_acc)
+            _copy_rows(self.dh, active, dh_acc)
 
-    def row_sweep(do_db):
+    def row_sweep(self, plan: SplitPlan, do_db: bool):
         """dH, chunk of active rows by chunk of active rows (recomputing the logits)."""
-        acc = torch.empty(plan.rows_per_chunk, h_dim, device=hidden.device, dtype=torch.float32)
-        dz_buf = torch.empty(plan.rows_per_chunk * plan.cols_dh, device=hidden.device, dtype=weight.dtype)
-        for r0 in range(0, n_active, plan.rows_per_chunk):
-            nr = min(plan.rows_per_chunk, n_active - r0)
+        active = self.order[:self.n_active]
+        acc = torch.empty(plan.rows_per_chunk, self.h_dim, device=self.hidden.device, dtype=torch.float32)
+        dz_buf = torch.empty(plan.rows_per_chunk * plan.cols_dh, device=self.hidden.device, dtype=self.weight.dtype)
+        for r0 in range(0, self.n_active, plan.rows_per_chunk):
+            nr = min(plan.rows_per_chunk, self.n_active - r0)
             dh_acc = acc[:nr].zero_()
-            for c0 in range(0, v, plan.cols_dh):
-                nc = min(plan.cols_dh, v - c0)
+            for c0 in range(0, self.v, plan.cols_dh):
+                nc = min(plan.cols_dh, self.v - c0)
                 dz = dz_buf[: nr * nc].view(nr, nc)
-                dlogits(dz, active[r0:r0 + nr], c0, do_db)
-                _addmm_fp32(dh_acc, dz, weight[c0:c0 + nc])
-            _copy_rows(dh, active[r0:r0 + nr], dh_acc)
+                self.dlogits(dz, active[r0:r0 + nr], c0, do_db)
+                _addmm_fp32(dh_acc, dz, self.weight[c0:c0 + nc])
+            _copy_rows(self.dh, active[r0:r0 + nr], dh_acc)
 
-    if need_dw or plan.fused:
-        vocab_sweep(with_dh=need_dh and plan.fused)
-    if need_dh and not plan.fused:
-        row_sweep(do_db=need_db and not need_dw)
-    return dh, dw, None if db32 is None else db32.to(bias.dtype)
+    def run(self, plan: SplitPlan) -> Grads:
+        if self.n_active == 0:
+            return self.result()
+        if self.need_dw or plan.fused:
+            self.vocab_sweep(plan, with_dh=self.need_dh and plan.fused)
+        if self.need_dh and not plan.fused:
+            self.row_sweep(plan, do_db=self.need_db and not self.need_dw)
+        return self.result()
 
 
-def backward(hidden, weight, bias, targets, m, log_s, q, g, temperature, softcap, need_dh, need_dw, need_db, *,
-             entropy=None, g_entropy=None, options=None, outside=False):
-    options = options or DEFAULT_OPTIONS
-    n, h_dim = hidden.shape
-    v = weight.shape[0]
-    _, cfg = tiles(hidden.device, weight.dtype, options=options)
-    order, n_active = _active_order(g != 0 if g_entropy is None else (g != 0) | (g_entropy != 0))
-    if options.backward_design == "split" and (need_dh or need_dw):
-        # One host sync: the products are sized to the active rows, so ignored and
-        # zero-advantage tokens cost nothing.
-        n_act = int(n_active)
-        split = plan_split(n, n_act, v, h_dim, weight.dtype, need_dh, need_dw, options)
-        if split is not None:
-            return _split_backward(hidden, weight, bias, targets, m, log_s, q, g, order, n_act, split,
-                                   temperature, softcap, need_dh, need_dw, need_db, entropy, g_entropy, options)
-    plan = plan_backward(n, v, h_dim, weight.dtype, need_dh, need_dw, cfg, options.scratch_fraction)
-    direct = weight.dtype == torch.float32  # accumulate straight into the fp32 gradients
+class _AtomicBackward(_Backward):
+    """The atomic design: the tile's products added with fp32 atomics (backward.py)."""
 
-    dh = torch.zeros_like(hidden) if need_dh else None
-    dw = torch.zeros_like(weight) if need_dw else None
-    db32 = torch.zeros(v, device=weight.device, dtype=torch.float32) if need_db else None
-
-    def launch(dh_acc, dh_by_row, dw_acc, do_db, pos_begin, n_pos, col_begin, n_cols):
-        grid = (triton.cdiv(n_pos, cfg.block_m) * triton.cdiv(n_cols, cfg.block_v),)
-        dummy = q
+    def kernel(self, dh_acc, dh_by_row, dw_acc, do_db, positions: tuple[int, int], columns: tuple[int, int]):
+        (pos_begin, n_pos), (col_begin, n_cols) = positions, columns
+        grid = (triton.cdiv(n_pos, self.cfg.block_m) * triton.cdiv(n_cols, self.cfg.block_v),)
+        dummy = self.rows.q
         gft_backward_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, m, log_s, q, g,
-            g_entropy if g_entropy is not None else q, entropy if entropy is not None else q, order, n_active,
+            *self.common_args(), self.order, self.n_active,
             dh_acc if dh_acc is not None else dummy, dw_acc if dw_acc is not None else dummy,
-            db32 if do_db else dummy,
-            v, h_dim, hidden.stride(0), weight.stride(0),
-            pos_begin, n_pos, col_begin, n_cols,
-            1.0 / temperature, float(softcap) if softcap is not None else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENT_GRAD=g_entropy is not None,
-            COMPUTE_DH=dh_acc is not None, DH_BY_ROW=dh_by_row, COMPUTE_DW=dw_acc is not None,
-            COMPUTE_DB=do_db,
-            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, BLOCK_H=cfg.block_h,
-            GROUP_M=options.bwd_group_m, STORES_ONLY=options.stores_only,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
+            self.db32 if do_db else dummy,
+            self.v, self.h_dim, self.hidden.stride(0), self.weight.stride(0), pos_begin, n_pos, col_begin, n_cols,
+            *self.scalars(), COMPUTE_DH=dh_acc is not None, DH_BY_ROW=dh_by_row, COMPUTE_DW=dw_acc is not None,
+            COMPUTE_DB=do_db, BLOCK_H=self.cfg.block_h, GROUP_M=self.launch.bwd_group_m,
+            STORES_ONLY=self.launch.stores_only, **self.flags(),
         )
 
-    # Each pass is a function so that its scratch (and every view of it) is freed on return,
-    # before the next pass allocates its own: the two never coexist in the peak.
-    def vocab_pass(dh_fused):
-        """dW (and db; and dH too when fused), vocabulary chunk by vocabulary chunk."""
+    def vocab_pass(self, plan: BackwardPlan, dh_fused, direct: bool):
+        """dW (and db; and dH too when fused), vocabulary chunk by vocabulary chunk. A method, so
+        that its scratch (and every view of it) is freed on return: the passes' scratch never
+        coexist in the peak."""
         scratch_w = None
-        if need_dw and not direct:
-            scratch_w = torch.empty(plan.cols_per_chunk, h_dim, device=weight.device, dtype=torch.float32)
-        for c0 in range(0, v, plan.cols_per_chunk):
-            nc = min(plan.cols_per_chunk, v - c0)
+        if self.need_dw and not direct:
+            scratch_w = torch.empty(plan.cols_per_chunk, self.h_dim, device=self.weight.device, dtype=torch.float32)
+        for c0 in range(0, self.v, plan.cols_per_chunk):
+            nc = min(plan.cols_per_chunk, self.v - c0)
             acc_w = None
-            if need_dw:
-                acc_w = dw[c0:c0 + nc] if direct else scratch_w[:nc].zero_()
-            launch(dh_fused, direct, acc_w, need_db, 0, n, c0, nc)
-            if need_dw and not direct:
-                dw[c0:c0 + nc].copy_(acc_w)
+            if self.need_dw:
+                acc_w = self.dw[c0:c0 + nc] if direct else scratch_w[:nc].zero_()
+            self.kernel(dh_fused, direct, acc_w, self.need_db, (0, self.n), (c0, nc))
+            if self.need_dw and not direct:
+                self.dw[c0:c0 + nc].copy_(acc_w)
 
-    def token_pass(do_db):
+    def token_pass(self, plan: BackwardPlan, do_db: bool, direct: bool):
         """dH, token chunk by token chunk (one launch when fp32 adds straight into dH)."""
         if direct:
-            launch(dh, True, None, do_db, 0, n, 0, v)
+            self.kernel(self.dh, True, None, do_db, (0, self.n), (0, self.v))
             return
-        scratch_h = torch.empty(plan.rows_per_chunk, h_dim, device=hidden.device, dtype=torch.float32)
-        for r0 in range(0, n, plan.rows_per_chunk):
-            nr = min(plan.rows_per_chunk, n - r0)
+        scratch_h = torch.empty(plan.rows_per_chunk, self.h_dim, device=self.hidden.device, dtype=torch.float32)
+        for r0 in range(0, self.n, plan.rows_per_chunk):
+            nr = min(plan.rows_per_chunk, self.n - r0)
             acc_h = scratch_h[:nr].zero_()
-            launch(acc_h, False, None, do_db, r0, nr, 0, v)
-            _copy_rows(dh, order[r0:r0 + nr], acc_h)
+            self.kernel(acc_h, False, None, do_db, (r0, nr), (0, self.v))
+            _copy_rows(self.dh, self.order[r0:r0 + nr], acc_h)
 
-    fused = plan.fused and need_dh and need_dw
-    if need_dw or need_db and not need_dh:
-        if fused and not direct:
-            dh_fused = torch.zeros(n, h_dim, device=hidden.device, dtype=torch.float32)
-            vocab_pass(dh_fused)
-            _copy_rows(dh, order, dh_fused)
-            del dh_fused
-        else:
-            vocab_pass(dh if fused else None)
-    if need_dh and not fused:
-        token_pass(do_db=need_db and not need_dw)
+    def run(self) -> Grads:
+        plan = plan_backward(self.n, self.v, self.h_dim, self.weight.dtype, self.need_dh, self.need_dw, self.cfg,
+                             self.launch.scratch_fraction)
+        direct = self.weight.dtype == torch.float32  # accumulate straight into the fp32 gradients
+        fused = plan.fused and self.need_dh and self.need_dw
+        if self.need_dw or self.need_db and not self.need_dh:
+            if fused and not direct:
+                dh_fused = torch.zeros(self.n, self.h_dim, device=self.hidden.device, dtype=torch.float32)
+                self.vocab_pass(plan, dh_fused, direct)
+                _copy_rows(self.dh, self.order, dh_fused)
+                del dh_fused
+            else:
+                self.vocab_pass(plan, self.dh if fused else None, direct)
+        if self.need_dh and not fused:
+            self.token_pass(plan, do_db=self.need_db and not self.need_dw, direct=direct)
+        return self.result()
 
-    db = None if db32 is None else db32.to(bias.dtype)
-    return dh, dw, db
+
+# What the Triton engine is built and checked for: NVIDIA GPUs of compute capability 8.0 or
+# later whose blocks can opt into the shared memory of its largest default tile (144 KiB: the
+# A100, H100, H200 and later data-centre parts; not the 99-KiB consumer cards), and the Triton
+# the package requires (pyproject.toml: triton>=3.2; tests/test_validation.py keeps them equal).
+MIN_CAPABILITY = (8, 0)
+MIN_SHARED_BYTES = 144 * 1024
+MIN_VERSION = (3, 2)
+
+
+class TritonEngine:
+    """The fused Triton engine (the contract: ``gft_kernels/engine.py``)."""
+
+    name = "triton"
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    launch_options = LaunchOptions
+
+    def supports(self, hidden, options: KernelOptions) -> str | None:
+        if not hidden.is_cuda and not interpreting():
+            return (f"backend='triton' needs CUDA tensors (got device {hidden.device}); on a CPU it runs only "
+                    "under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+        return None
+
+    def unsuitable_hardware(self, device) -> str | None:
+        """Why ``backend="auto"`` does not take this engine on this CUDA device, or None."""
+        if getattr(torch.version, "hip", None):
+            return "ROCm GPUs are not a target the Triton engine is checked on"
+        version = tuple(int(x) for x in triton.__version__.split(".")[:2] if x.isdigit())
+        if version < MIN_VERSION:
+            return f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_VERSION))}"
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY:
+            return f"compute capability {capability[0]}.{capability[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+        shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+        if shared is None:  # an unknown amount is not a pass: the kernels would fail at launch
+            return "this torch does not report the shared memory a block can use (shared_memory_per_block_optin)"
+        if shared < MIN_SHARED_BYTES:
+            return f"blocks can use {shared // 1024} KiB of shared memory, the kernels' tiles need {MIN_SHARED_BYTES // 1024}"
+        return None
+
+    def partials(self, request: ForwardRequest, options: KernelOptions) -> RowPartials:
+        """Per-row partial statistics ``[splits, N]`` of the forward's vocabulary splits, in row
+        order, zeros at rows that are not valid. Targets of -1 (``outside``) match no column:
+        the kernels compare columns with the target id."""
+        hidden, weight, bias, targets, valid = request
+        launch, with_entropy = options.launch or DEFAULT_OPTIONS, options.with_entropy
+        n, h_dim = hidden.shape
+        v = weight.shape[0]
+        plain = not with_entropy and bias is None and options.softcap is None
+        cfg, _ = tiles(hidden.device, weight.dtype, plain, launch)
+        order, n_active = _active_order(valid)
+        n_blocks_m = triton.cdiv(n, cfg.block_m)
+        n_blocks_v = triton.cdiv(v, cfg.block_v)
+        splits = _num_splits(n_blocks_m, n_blocks_v, hidden.device, launch.fwd_programs_per_sm)
+        cols_per_split = triton.cdiv(n_blocks_v, splits) * cfg.block_v
+        splits = triton.cdiv(v, cols_per_split)  # every split has at least one column
+        # partial statistics of each split: m, s_excl, z_t (and s_all, t for entropy); the kernel
+        # writes the valid rows only
+        part = torch.zeros(5 if with_entropy else 3, splits, n, device=hidden.device, dtype=torch.float32)
+        gft_forward_kernel[(n_blocks_m, splits)](
+            hidden, weight, bias if bias is not None else hidden, targets, order, n_active,
+            part[0], part[1], part[2], *((part[3], part[4]) if with_entropy else (part[0], part[0])),
+            n, v, h_dim, hidden.stride(0), weight.stride(0), cols_per_split,
+            1.0 / options.temperature, float(options.softcap) if options.softcap is not None else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, WITH_ENTROPY=with_entropy,
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
+        )
+        return RowPartials(*part)
+
+    def backward(self, request: BackwardRequest, options: KernelOptions) -> Grads:
+        launch = options.launch or DEFAULT_OPTIONS
+        hidden, weight = request.inputs.hidden, request.inputs.weight
+        n, h_dim = hidden.shape
+        g, g_entropy, need = request.g, request.g_entropy, request.need
+        order, n_active = _active_order(g != 0 if g_entropy is None else (g != 0) | (g_entropy != 0))
+        if launch.backward_design == "split" and (need.dhidden or need.dweight):
+            # One host sync: the products are sized to the active rows, so ignored and
+            # zero-advantage tokens cost nothing.
+            n_act = int(n_active)
+            split = plan_split(n, n_act, weight.shape[0], h_dim, weight.dtype, need.dhidden, need.dweight, launch)
+            if split is not None:
+                cfg, _ = tiles(hidden.device, weight.dtype, request.inputs.bias is None and options.softcap is None,
+                               launch)   # a forward-like tile: one product, then a store
+                return _SplitBackward(request, options, cfg, order, n_act).run(split)
+        _, cfg = tiles(hidden.device, weight.dtype, options=launch)
+        return _AtomicBackward(request, options, cfg, order, n_active).run()
+
+
+ENGINE = register_engine(TritonEngine())
