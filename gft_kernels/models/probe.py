@@ -1,0 +1,188 @@
+"""The model's head input (its forward run up to the head), and the probe that checks the
+logits-transform table against the model's own logits (``check_model``)."""
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .transforms import (LogitsTransform, UnsupportedModelError, _arch, _field, _head, _linear, _number, _whole,
+                         logits_transform)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _original_forward(model):
+    return model.__dict__.get("_gft_original_forward") or model
+
+
+def _forward_kwargs(model, input_ids, attention_mask, extra):
+    kwargs = dict(extra)
+    kwargs["input_ids"] = input_ids
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    fwd = _original_forward(model)
+    fwd = fwd.forward if isinstance(fwd, nn.Module) else fwd
+    params = inspect.signature(fwd).parameters
+    if "use_cache" in params and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def head_input(model, input_ids, attention_mask=None, **kwargs) -> Tensor:
+    """The input of the model's output head, ``[B, T, H]``: the model's forward run up to its head.
+
+    Keyword arguments go to the model's forward (``position_ids``, ``token_type_ids``, ...).
+    """
+    head = _head(model)
+    captured = []
+
+    def hook(module, args, kw):
+        captured.append(args[0] if args else next(iter(kw.values())))
+        raise _Stop
+
+    # prepended: it stops the forward before a sharding framework's own pre-forward hook would
+    # gather the head's weight (the loss's call of the head gathers it)
+    handle = head.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    try:
+        _original_forward(model)(**_forward_kwargs(model, input_ids, attention_mask, kwargs))
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise UnsupportedModelError(
+            f"{_arch(model)}: its forward does not call its output head {type(head).__name__} "
+            "(it reads the weight directly or uses another head)")
+    x = captured[0]
+    if x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
+        raise UnsupportedModelError(
+            f"{_arch(model)}: its output head's input has shape {tuple(x.shape)}, not "
+            f"[batch, tokens, hidden] = [{input_ids.shape[0]}, {input_ids.shape[1]}, H]")
+    return x
+
+
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+PROBE_AMPLITUDE = 200.0   # largest |logit| of the amplified probe
+
+
+def _tolerance(*dtypes) -> float:
+    """Agreement expected of two computations of the same logits: the coarser dtype's."""
+    return max({torch.float64: 1e-9, torch.float32: 2e-5}.get(d, 3e-2) for d in dtypes)
+
+
+def _logits_of(out):
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        logits = out[0]
+    return logits
+
+
+def _probe_vocab(model, spec: LogitsTransform, weight: Tensor) -> int:
+    """How many token ids a probe may draw from (a sharded head's weight is no guide)."""
+    if weight.dim() == 2:
+        return min(weight.shape[0], spec.vocab or weight.shape[0])
+    return int(spec.vocab or _number(_field(model, "vocab_size")) or 2)
+
+
+def _probe(model, spec: LogitsTransform) -> None:
+    arch = _arch(model)
+    linear = _linear(_head(model))
+    weight = linear.weight
+    device = weight.device
+    g = torch.Generator().manual_seed(1234)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    # The head's product is formed by hooks on the linear layer, where a sharding framework has
+    # gathered its weight (its pre-hook runs after the framework's; its forward hook before).
+    state = {"ours": None, "amplify": False, "calls": 0}
+
+    def pre_hook(module, args, kw):
+        state["calls"] += 1
+        x = args[0] if args else next(iter(kw.values()), None)
+        if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
+            raise UnsupportedModelError(
+                f"{arch}: its output head's input is not [batch, tokens, hidden] "
+                f"(got {None if not isinstance(x, Tensor) else tuple(x.shape)})")
+        w, b, group = _whole(module.weight, getattr(module, "bias", None))
+        if group is not None:
+            raise UnsupportedModelError(f"{arch}: the probe cannot check a vocabulary-sharded head; "
+                                        "check the model before sharding it (check_model)")
+        if state["amplify"]:
+            synth = torch.randn(x.shape, generator=g, dtype=acc).to(device)
+            peak = float(F.linear(synth, w.to(acc)).abs().max())
+            x = (synth * (PROBE_AMPLITUDE / max(peak, 1e-30))).to(x.dtype)
+        state["ours"] = F.linear(x, w, b)
+        state["dtypes"] = (w.dtype, x.dtype)
+        return ((x,) + tuple(args[1:]), kw) if args else None
+
+    def run():
+        state["calls"] = 0
+        out = _original_forward(model)(**_forward_kwargs(model, input_ids, mask, {}))
+        logits = _logits_of(out)
+        if logits is None:
+            raise UnsupportedModelError(f"{arch}: its forward returns no logits to compare with")
+        if state["calls"] != 1:
+            raise UnsupportedModelError(
+                f"{arch}: its forward calls its output head {state['calls']} times (one expected)")
+        return logits
+
+    def compare(logits, what):
+        ours = spec.apply(state["ours"].to(acc))
+        if tuple(ours.shape) != tuple(logits.shape):
+            raise UnsupportedModelError(
+                f"{arch}: its logits have shape {tuple(logits.shape)}, the head's product after "
+                f"{', '.join(spec.found) or 'no transform'} has {tuple(ours.shape)}")
+        theirs = logits.to(acc)
+        err = float((theirs - ours).abs().max())
+        size = max(1.0, float(theirs.abs().max()))
+        if not err <= _tolerance(*state["dtypes"], logits.dtype) * size:
+            ratio = float((theirs * ours).sum() / ours.square().sum().clamp_min(1e-30))
+            raise UnsupportedModelError(
+                f"{arch}: its logits are not the head's product after "
+                f"{', '.join(spec.found) or 'no transform (plain x @ W.T + b)'}: at {what} logits "
+                f"(largest {size:.3g}) they differ by {err:.3g} (best scalar fit x{ratio:.4g}); "
+                "it transforms its logits in a way this library does not know")
+
+    vocab = _probe_vocab(model, spec, weight)
+    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
+    mask = torch.ones_like(input_ids)
+    modes = [(m, m.training) for m in model.modules()]
+    handle = linear.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, enabled=False), \
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            compare(run(), "natural")
+            state["amplify"] = True
+            compare(run(), "amplified")
+    finally:
+        handle.remove()
+        for m, training in modes:
+            m.training = training
+
+
+def check_model(model, *, force: bool = False) -> LogitsTransform:
+    """The model's logits transform, probed once per model (the verdict is cached).
+
+    Raises ``UnsupportedModelError`` (a ``NotImplementedError``) naming the architecture and
+    what it does when the fused path cannot reproduce the model's own logits.
+    """
+    if not force and model in _VERDICTS:
+        verdict = _VERDICTS[model]
+        if isinstance(verdict, Exception):
+            raise verdict
+        return verdict
+    try:
+        _head(model)
+        spec = logits_transform(model)
+        _probe(model, spec)
+    except UnsupportedModelError as e:
+        _VERDICTS[model] = e
+        raise
+    _VERDICTS[model] = spec
+    return spec
