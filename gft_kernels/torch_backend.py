@@ -208,13 +208,16 @@ class TorchEngine:
             tgt = targets.index_select(0, idx)[:, None]
             z = logits(h)
             cap_grad = None if options.softcap is None else 1.0 - (z / options.softcap).square()
-            row, zm, p = _softmax_rows(z, tgt, probs, options.with_entropy)
+            row, zm, e, e_t = _softmax_rows(z, tgt, probs, options.with_entropy)
             g, g_h, chunk_loss = _head_grads(token_loss, token_weight, row, idx, options.with_entropy)
             loss += chunk_loss
             target_value = (g * row.q)[:, None]
+            scale = torch.exp(-row.log_s)                 # exp(z - m) * scale = softmax
             if g_h is None:
-                dz = p.mul_(-g[:, None])
+                # -g p off the target column in one pass (e's target column is 0; it is set below)
+                dz = e.mul_((-g * scale)[:, None])
             else:
+                p = e.scatter_(1, tgt, e_t).mul_(scale[:, None])
                 lp_h = zm.sub_(row.log_s[:, None]).add_(row.entropy[:, None])          # log p + H, in z's buffer
                 target_value = target_value - g_h[:, None] * p.gather(1, tgt) * lp_h.gather(1, tgt)
                 dz = lp_h.mul_(g_h[:, None]).add_(g[:, None]).mul_(p).neg_()
@@ -228,8 +231,9 @@ class TorchEngine:
 
 
 def _softmax_rows(z: Tensor, tgt: Tensor, probs: Tensor | None, with_entropy: bool):
-    """(RowStats of the chunk's rows, z - m, softmax): in place in z's buffer (and in ``probs``
-    with entropy, which needs z - m beside exp(z - m))."""
+    """(RowStats of the chunk's rows, z - m, exp(z - m) with its target column 0, that column's
+    value): in place in z's buffer (and in ``probs`` with entropy, which needs z - m beside
+    exp(z - m))."""
     m = z.amax(dim=1)
     z_t = z.gather(1, tgt).squeeze(1)
     zm = z.sub_(m[:, None])                                  # z - m, in place
@@ -242,8 +246,7 @@ def _softmax_rows(z: Tensor, tgt: Tensor, probs: Tensor | None, with_entropy: bo
     logp, log_s, q, entropy, is_max = finish_logprob(RowPartials(m, s_excl, z_t, s_all, t))
     if entropy is None:
         entropy = torch.zeros_like(logp)
-    p = e.scatter_(1, tgt, e_t).mul_(torch.exp(-log_s)[:, None])   # softmax
-    return RowStats(logp, m, log_s, q, entropy, is_max), zm, p
+    return RowStats(logp, m, log_s, q, entropy, is_max), zm, e, e_t
 
 
 def _head_grads(token_loss, token_weight, row: RowStats, idx, with_entropy):
