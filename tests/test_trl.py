@@ -194,29 +194,3 @@ def test_readme_trl_snippet_runs(tmp_path, model_dir, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["trainer"].state.global_step == 2
     assert any("gft/reward/expert" in h for h in namespace["trainer"].state.log_history)
-
-
-def test_sampling_temperature_is_exact_with_a_final_softcap():
-    """TRL (and verl) score samples with ``model_logits / T``; for a softcapped model that is
-    ``cap_c(z) / T = cap_{c/T}(z / T)``, which ``causal_lm_gft_loss(temperature=T)`` passes on."""
-    from transformers import AutoModelForCausalLM, Gemma2Config
-
-    from gft_kernels import causal_lm_gft_loss
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Gemma2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, final_logit_softcapping=3.0)).double()
-    ids = torch.randint(0, 64, (2, 9))
-    labels = ids.clone()
-    labels[:, :3] = -100
-    adv = torch.tensor([0.7, -1.3], dtype=torch.float64)
-    T, tau = 0.6, 0.2
-    logits = model(input_ids=ids).logits[:, :-1] / T
-    logp = logits.log_softmax(-1).gather(-1, labels[:, 1:].clamp_min(0)[..., None])[..., 0]
-    p = logp.detach().exp()
-    valid = labels[:, 1:] != -100
-    want = torch.where(valid, -adv[:, None] * torch.where(p < tau, p, 1.0) * logp, 0.0).sum() / valid.sum()
-    for backend in ("torch", "reference"):
-        got = causal_lm_gft_loss(model, ids, None, labels, adv, tau, temperature=T, backend=backend)
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
