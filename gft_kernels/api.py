@@ -201,19 +201,19 @@ def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None
     if run.check_values:
         check_input_values(targets, adv, loss_options.normalizer, vocab_size, loss_options.ignore_index, per_token)
     flat = _flatten(hidden, weight, bias, targets, adv, loss_options.ignore_index, vocab_start)
+    valid, tau = flat.request.valid, loss_options.tau
+    aux = None
     if _one_pass(backend, flat, options):
         loss, rows = _one_pass_loss(flat, terms, options)
-        if not run.return_stats:
-            return loss
     else:
         rows = _rows(backend, flat, options)
-        loss_tok, _ = per_token_loss(rows.logp, rows.entropy, flat.request.valid, flat.adv, loss_options.tau, terms)
-        loss = reduce_loss(loss_tok, flat.request.valid, loss_options.reduction, loss_options.normalizer, flat.shape)
-        if not run.return_stats:
-            return loss
-    _, aux = per_token_loss(rows.logp, rows.entropy, flat.request.valid, flat.adv, loss_options.tau, terms)
-    return loss, head_stats(rows.logp, rows.entropy, rows.target_is_max, flat.request.valid, loss_options.tau,
-                            aux, flat.shape)
+        loss_tok, aux = per_token_loss(rows.logp, rows.entropy, valid, flat.adv, tau, terms)
+        loss = reduce_loss(loss_tok, valid, loss_options.reduction, loss_options.normalizer, flat.shape)
+    if not run.return_stats:
+        return loss
+    if aux is None:   # the one-pass path differentiated the head inside: its per-token values again
+        _, aux = per_token_loss(rows.logp, rows.entropy, valid, flat.adv, tau, terms)
+    return loss, head_stats(rows.logp, rows.entropy, rows.target_is_max, valid, tau, aux, flat.shape)
 
 
 def _one_pass(backend: str, flat: _Flat, options: GFTOptions) -> bool:

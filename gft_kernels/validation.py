@@ -159,7 +159,7 @@ def check_backend(backend: str, hidden: Tensor, options: KernelOptions = KernelO
         if key not in _auto_warned:
             _auto_warned.add(key)
             warnings.warn(f"gft_loss(backend='auto') uses the chunked torch engine on {hidden.device}: {reason} "
-                          "(backend='triton' forces the Triton engine)", stacklevel=4)
+                          "(backend='triton' forces the Triton engine)", stacklevel=5)
         return "torch"
     try:
         engine = get_engine(backend)

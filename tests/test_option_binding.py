@@ -177,3 +177,53 @@ def test_sampling_temperature_is_exact_with_a_final_softcap():
     for backend in ("torch", "reference"):
         got = causal_lm_gft_loss(model, ids, None, labels, adv, tau, temperature=T, backend=backend)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend,dtype,tol", ENGINES, ids=IDS)
+def test_every_stat_on_every_engine(backend, dtype, tol):
+    """The policy stats (ratio, clip fraction, KL) and the others, written out here from the
+    truth's own log-probs, on every engine (test_policy_terms checks them on one)."""
+    (hidden, weight, bias, targets), g = _leaves(13, (3, 8))
+    targets[0, :3] = -100
+    valid = targets != -100
+    z = hidden @ weight.t() + bias
+    logp = z.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    ratio = torch.tensor([0.5, 0.9, 1.1, 1.5] * 6, dtype=torch.float64).reshape(3, 8).to(DEVICE)
+    old = torch.where(valid, (logp - ratio.log()).clamp_max(0.0), 0.0)
+    ref = torch.where(valid, (logp - 0.3).clamp_max(0.0), 0.0)
+    adv = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE)
+    h, w, b = (x.to(dtype) for x in (hidden, weight, bias))
+    _, stats = gft_kernels.gft_loss(h, w, targets, adv.to(dtype), 0.4, bias=b, old_logp=old.to(dtype),
+                                    ref_logp=ref.to(dtype), beta=0.1, kl="k2", backend=backend, return_stats=True)
+    r = (logp - old).exp()
+    a = adv[:, None].expand(3, 8)
+    p = logp.exp()
+    want = dict(
+        ratio_mean=r[valid].mean(), kl_mean=(0.5 * (ref - logp) ** 2)[valid].mean(),
+        clip_frac=(((r > 1.2) & (a > 0)) | ((r < 0.8) & (a < 0)))[valid].double().mean(),
+        rectified_frac=(p < 0.4)[valid].double().mean(), mean_prob=p[valid].mean(),
+        accuracy=(z.argmax(-1) == targets)[valid].double().mean())
+    for name, value in want.items():
+        assert getattr(stats, name).item() == pytest.approx(value.item(), rel=max(tol, 1e-6), abs=1e-7), name
+    assert stats.n_valid.item() == valid.sum().item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_the_chunked_engines_two_paths_agree_on_every_option(reduction):
+    """The chunked engine has two paths: one pass (a scalar loss under grad: gradients formed in
+    the forward) and the custom ops (no grad, ``reduction="none"``, torch.compile). Every option
+    gives the same loss on both."""
+    (hidden, weight, bias, targets), g = _leaves(17, (3, 9))
+    targets[1] = -100
+    logp = (hidden @ weight.t() + bias).log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    options = dict(reduction=reduction, normalizer=6.0 if reduction != "sum" else None, temperature=0.9,
+                   softcap=7.0, old_logp=(logp - 0.2).clamp_max(0.0), dual_clip=2.0, clip_high=0.3,
+                   ref_logp=(logp - 0.1).clamp_max(0.0), beta=0.05, entropy_coef=0.02, ignore_index=-100)
+    adv = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE)
+    h = hidden.clone().requires_grad_()
+    one_pass = gft_kernels.gft_loss(h, weight, targets, adv, 0.5, bias=bias, backend="torch", **options)
+    with torch.no_grad():
+        ops = gft_kernels.gft_loss(hidden, weight, targets, adv, 0.5, bias=bias, backend="torch", **options)
+    truth = truth_loss(hidden, weight, bias, targets, adv, 0.5, **options)
+    torch.testing.assert_close(one_pass.detach(), ops, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ops, truth, rtol=1e-10, atol=1e-12)

@@ -4,8 +4,8 @@ Grid: (token blocks over the *compacted* valid rows, vocabulary splits). Each pr
 its share of the vocabulary in BLOCK_V tiles and keeps, per row, an online max ``m``,
 ``s_excl = sum over non-target columns of exp(z - m)`` and the target logit ``z_t`` (and for
 entropy ``s_all`` and ``t = sum exp(z - m) (z - m)``). Excluding the target from the sum is
-what gives ``logp`` and ``1 - p`` full precision for confident tokens (``fused.finish_logprob``).
-The splits' partial results, stored at each row's own index, are merged by ``fused.merge_partials``
+what gives ``logp`` and ``1 - p`` full precision for confident tokens (``engine.finish_logprob``).
+The splits' partial results, stored at each row's own index, are merged by ``engine.merge_partials``
 in O(splits x N) floats.
 """
 import triton
