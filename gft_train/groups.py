@@ -114,7 +114,7 @@ def score(groups: list[Group], reward_fn, cfg) -> None:
 
 
 def group_metrics(groups: list[Group]) -> dict:
-    """Reward mean/std per source, the fraction of zero-variance groups, self-sample lengths."""
+    """Reward mean/std and mean advantage per source, the fraction of zero-variance groups, self-sample lengths."""
     out = {}
     for source in SOURCES:
         rs = [r.reward for g in groups for r in g.responses if r.source == source]
@@ -122,6 +122,10 @@ def group_metrics(groups: list[Group]) -> dict:
             mean = sum(rs) / len(rs)
             out[f"reward/{source}_mean"] = mean
             out[f"reward/{source}_std"] = math.sqrt(sum((x - mean) ** 2 for x in rs) / len(rs))
+            # what each source pushes: the expert's advantage says whether the group still has
+            # something to learn from the demonstration (it falls as the policy's samples catch up)
+            out[f"adv/{source}_mean"] = sum(r.advantage for g in groups for r in g.responses
+                                            if r.source == source) / len(rs)
     if groups:
         out["groups/zero_variance_frac"] = sum(
             1 for g in groups if len({r.reward for r in g.responses}) <= 1) / len(groups)
