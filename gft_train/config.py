@@ -11,6 +11,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,7 +90,11 @@ class Config:
     seed: int = _opt(0, "seed of the data order and the sampling")
     # checkpoints, logs, evaluation
     save_every: int = _opt(0, "steps between checkpoints (0: only the final model)")
-    resume: bool = _opt(False, "continue from the last complete checkpoint in output_dir (without it, existing checkpoints are refused)")
+    resume: bool = _opt(False, "continue from the last complete checkpoint in output_dir, with the same configuration "
+                        "(only RESUMABLE fields may change); without it or --overwrite-output-dir, an output_dir "
+                        "holding a run is refused")
+    overwrite_output_dir: bool = _opt(False, "start afresh in an output_dir that holds a run: its checkpoints, final "
+                                      "model, metrics and logs are deleted first")
     eval_n: int = _opt(4, "samples per held-out prompt (mean pass@1 and pass@k)")
     eval_k: list[int] = _opt([1, 4], "the k of pass@k, as '1 4' or '1,4'")
     eval_max_prompts: int = _opt(0, "held-out prompts to evaluate (0: all)")
@@ -145,6 +150,74 @@ class Config:
         return METHODS[self.method][4] and self.gal
 
 
+# Fields a --resume may change: they alter how long the run goes and what it writes, not the
+# training up to the checkpoint (the saved gft_config.yaml then records the values used).
+RESUMABLE = frozenset({"max_steps", "save_every", "resume", "overwrite_output_dir", "output_dir", "engine",
+                       "rollout_batch_size", "vllm_memory", "eval_file", "eval_n", "eval_k", "eval_max_prompts",
+                       "eval_temperature", "eval_greedy", "eval_kl_samples"})
+
+
+def changed_fields(saved: dict, cfg: "Config") -> dict:
+    """field -> (saved value, new value) for each training field a resume would change."""
+    now = dataclasses.asdict(cfg)
+    return {k: (saved.get(k), now[k]) for k in now
+            if k not in RESUMABLE and k in saved and saved[k] != now[k]}
+
+
+def load_saved(path: Path) -> dict:
+    """A gft_config.yaml as written by ``save``, its values converted to the fields' types."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    hints = typing.get_type_hints(Config)
+    return {k: _convert(path, k, v, hints[k]) for k, v in raw.items() if k in hints}
+
+
+def _bool(text: str):
+    # the words transformers' HfArgumentParser accepts for a boolean flag
+    low = text.strip().lower()
+    return True if low in ("yes", "true", "t", "y", "1") else False if low in ("no", "false", "f", "n", "0") else None
+
+
+def _convert(path, name: str, value, hint):
+    """A YAML value as its field's type, checked as the flag's would be (PyYAML reads ``1e-3`` as a
+    string and ``.5`` as a float; nothing downstream converts)."""
+    def bad(expected):
+        return ValueError(f"{path}: field {name!r}: expected {expected}, got {value!r}")
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        try:
+            items = _int_list(value) if isinstance(value, str) else [value] if isinstance(value, int) else value
+        except ValueError:
+            items = None
+        if not isinstance(items, list):
+            raise bad("a list of integers")
+        return [_convert(path, name, v, typing.get_args(hint)[0]) for v in items]
+    if hint is bool:
+        flag = value if isinstance(value, bool) else _bool(value) if isinstance(value, str) else None
+        if flag is None:
+            raise bad("true or false")
+        return flag
+    if hint in (int, float):
+        if isinstance(value, str):
+            try:
+                value = hint(value.strip())
+            except ValueError:
+                raise bad("an integer" if hint is int else "a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                hint is int and isinstance(value, float) and not value.is_integer()):
+            raise bad("an integer" if hint is int else "a number")
+        return hint(value)
+    if hint is str:
+        if isinstance(value, (bool, list, dict)) or value is None:
+            raise bad("a string")
+        return str(value)
+    return value
+
+
 def _shown(value) -> str:
     if isinstance(value, list):
         return " ".join(map(str, value))
@@ -152,7 +225,7 @@ def _shown(value) -> str:
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return [int(x) for x in text.replace(",", " ").split() if x.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -187,10 +260,13 @@ def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, got {type(loaded).__name__}")
         unknown = set(loaded) - set(values)
         if unknown:
             raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
-        values.update(loaded)
+        hints = typing.get_type_hints(Config)
+        values.update({k: _convert(path, k, v, hints[k]) for k, v in loaded.items()})
     for f in dataclasses.fields(Config):
         if hasattr(args, f.name):
             given = getattr(args, f.name)

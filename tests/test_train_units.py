@@ -454,3 +454,26 @@ def test_encode_tokenizes_like_one_text_at_a_time_with_a_chat_template():
         assert row[:n] == p + r and labels[:n] == [-100] * len(p) + r
         assert set(row[n:]) <= {tok.pad_token_id} and set(labels[n:]) <= {-100}
     assert batch.adv.tolist() == [1.0, -0.5, 0.0]
+
+
+def test_yaml_values_are_converted_and_checked_like_their_flags(tmp_path):
+    """PyYAML reads `1e-3` as a string: every YAML value is converted to its field's type (issue 22, 1)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    config_mod.add_arguments(p)
+    path = tmp_path / "c.yaml"
+    path.write_text('lr: 1e-3\ntau: "0.5"\nmax_steps: "7"\nbf16: "false"\neval_k: "1,4"\nn_self: null\nmodel: 2024\n')
+    cfg = config_mod.from_args(p.parse_args(["--config", str(path)]))
+    assert (cfg.lr, cfg.tau, cfg.max_steps, cfg.bf16, cfg.eval_k, cfg.n_self, cfg.model) == \
+        (1e-3, 0.5, 7, False, [1, 4], None, "2024")
+    assert type(cfg.lr) is float and type(cfg.tau) is float and type(cfg.max_steps) is int
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)   # crashed on the string
+    for text, field, words in [("lr: fast\n", "lr", "a number"), ("max_steps: 2.5\n", "max_steps", "an integer"),
+                               ("bf16: maybe\n", "bf16", "true or false"), ("model: [a]\n", "model", "a string"),
+                               ("eval_k: [1, x]\n", "eval_k", "an integer"), ("tau: true\n", "tau", "a number")]:
+        path.write_text(text)
+        with pytest.raises(ValueError) as info:
+            config_mod.from_args(p.parse_args(["--config", str(path)]))
+        msg = str(info.value)
+        assert str(path) in msg and repr(field) in msg and words in msg, msg
