@@ -50,6 +50,8 @@ class Config:
                      "expert demonstrations alone with A = 1 and DCR (teachers only if --n-teacher is given; no self-samples)")
     model: str = _opt("", "the transformers causal LM to train, a directory on disk (required for train)")
     train_file: str = _opt("", "JSONL or Parquet rows with prompt, answer, expert[, teachers]")
+    columns: str = _opt("", "the data's own column names, as FIELD=COLUMN pairs: 'prompt=question,expert=solution' "
+                        "(fields: prompt, answer, expert, teachers; TRL's 'completion' is the expert by default)")
     eval_file: str = _opt("", "held-out rows (same format) for gft-train eval")
     output_dir: str = _opt("runs/gft", "where checkpoints, metrics.jsonl, tensorboard logs and final/ are written")
     # groups
@@ -95,6 +97,8 @@ class Config:
                         "holding a run is refused")
     overwrite_output_dir: bool = _opt(False, "start afresh in an output_dir that holds a run: its checkpoints, final "
                                       "model, metrics and logs are deleted first")
+    eval_every: int = _opt(0, "train: evaluate on eval_file every N steps and at the last one, logged with the step's "
+                           "metrics as eval/pass@1, eval/pass@k, ... (0: never)")
     eval_n: int = _opt(4, "samples per held-out prompt (mean pass@1 and pass@k)")
     eval_k: list[int] = _opt([1, 4], "the k of pass@k, as '1 4' or '1,4'")
     eval_max_prompts: int = _opt(0, "held-out prompts to evaluate (0: all)")
@@ -133,6 +137,10 @@ class Config:
             raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {cfg.loss_aggregation!r}")
         if cfg.engine not in ("auto", "vllm", "transformers"):
             raise ValueError(f"engine must be auto, vllm or transformers, got {cfg.engine!r}")
+        if cfg.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {cfg.eval_every}")
+        if cfg.eval_every and not cfg.eval_file:
+            raise ValueError("eval_every needs eval_file (the held-out rows to evaluate on)")
         if cfg.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0, got {cfg.refresh_every}")
         for name in ("max_steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "eval_n", "eval_kl_samples",
@@ -153,7 +161,7 @@ class Config:
 # Fields a --resume may change: they alter how long the run goes and what it writes, not the
 # training up to the checkpoint (the saved gft_config.yaml then records the values used).
 RESUMABLE = frozenset({"max_steps", "save_every", "resume", "overwrite_output_dir", "output_dir", "engine",
-                       "rollout_batch_size", "vllm_memory", "eval_file", "eval_n", "eval_k", "eval_max_prompts",
+                       "rollout_batch_size", "vllm_memory", "eval_file", "eval_every", "eval_n", "eval_k", "eval_max_prompts",
                        "eval_temperature", "eval_greedy", "eval_kl_samples"})
 
 
