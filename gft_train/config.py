@@ -83,6 +83,8 @@ class Config:
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_steps: int = _opt(100, "optimizer steps")
+    num_epochs: float = _opt(0.0, "passes over the prompts (train_file rows, or groups_file groups); when > 0 it sets "
+                             "max_steps = ceil(num_epochs x prompts / prompts_per_step)")
     prompts_per_step: int = _opt(8, "groups (prompts) per optimizer step, over all processes")
     micro_batch_size: int = _opt(8, "sequences per forward/backward on one process")
     max_grad_norm: float = _opt(1.0, "gradient-norm clipping")
@@ -92,6 +94,7 @@ class Config:
     seed: int = _opt(0, "seed of the data order and the sampling")
     # checkpoints, logs, evaluation
     save_every: int = _opt(0, "steps between checkpoints (0: only the final model)")
+    save_total_limit: int = _opt(0, "checkpoints kept in output_dir/checkpoints, the newest (0: all)")
     resume: bool = _opt(False, "continue from the last complete checkpoint in output_dir, with the same configuration "
                         "(only RESUMABLE fields may change); without it or --overwrite-output-dir, an output_dir "
                         "holding a run is refused")
@@ -137,6 +140,8 @@ class Config:
             raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {cfg.loss_aggregation!r}")
         if cfg.engine not in ("auto", "vllm", "transformers"):
             raise ValueError(f"engine must be auto, vllm or transformers, got {cfg.engine!r}")
+        if cfg.num_epochs < 0 or cfg.save_total_limit < 0:
+            raise ValueError(f"num_epochs and save_total_limit must be >= 0, got {cfg.num_epochs} and {cfg.save_total_limit}")
         if cfg.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {cfg.eval_every}")
         if cfg.eval_every and not cfg.eval_file:
@@ -160,7 +165,7 @@ class Config:
 
 # Fields a --resume may change: they alter how long the run goes and what it writes, not the
 # training up to the checkpoint (the saved gft_config.yaml then records the values used).
-RESUMABLE = frozenset({"max_steps", "save_every", "resume", "overwrite_output_dir", "output_dir", "engine",
+RESUMABLE = frozenset({"max_steps", "num_epochs", "save_every", "save_total_limit", "resume", "overwrite_output_dir", "output_dir", "engine",
                        "rollout_batch_size", "vllm_memory", "eval_file", "eval_every", "eval_n", "eval_k", "eval_max_prompts",
                        "eval_temperature", "eval_greedy", "eval_kl_samples"})
 

@@ -17,6 +17,7 @@ from the newest complete one and reaches the same weights as an uninterrupted ru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -147,9 +148,6 @@ def claim_output_dir(cfg: config_mod.Config, is_main: bool = True) -> Path | Non
             said = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"--resume: the configuration differs from the run's ({saved_path}) in {said}; "
                              f"a resume may change only {', '.join(sorted(config_mod.RESUMABLE))}")
-    step = json.loads((latest / "trainer_state.json").read_text())["step"]
-    if step > cfg.max_steps:
-        raise ValueError(f"--resume: max_steps {cfg.max_steps} is below the checkpoint's step {step} ({latest})")
     return latest
 
 
@@ -220,6 +218,9 @@ class Trainer:
         self.pool = None          # the current groups
         if cfg.groups_file and not cfg.refresh_every:
             self.pool = load_groups(cfg.groups_file)
+        if cfg.num_epochs:   # known once the data is read: the schedule below needs it
+            n = len(self.rows) if self.rows is not None else len(self.pool)
+            self.cfg = cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * n / cfg.prompts_per_step)))
         self._preflight(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -424,6 +425,11 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            if self.cfg.save_total_limit:   # the newest complete ones stay (the one just written among them)
+                done = sorted((d for d in final.parent.glob("step-*") if (d / "trainer_state.json").is_file()),
+                              key=lambda d: int(d.name.split("-")[1]))
+                for old in done[:-self.cfg.save_total_limit]:
+                    shutil.rmtree(old)
         self.acc.wait_for_everyone()
 
     def maybe_resume(self):
@@ -433,8 +439,11 @@ class Trainer:
         if latest is None:
             self.acc.print(f"--resume: no complete checkpoint in {self.out / 'checkpoints'}; starting at step 0")
             return
-        self.acc.load_state(str(latest))
         state = json.loads((latest / "trainer_state.json").read_text())
+        if state["step"] > self.cfg.max_steps:
+            raise ValueError(f"--resume: max_steps {self.cfg.max_steps} is below the checkpoint's step {state['step']} "
+                             f"({latest})")
+        self.acc.load_state(str(latest))
         self.step, self.pool_start = state["step"], state["pool_start"]
         self.pool = load_groups(latest / "groups.jsonl")
         self.acc.print(f"resumed from {latest} (step {self.step})")

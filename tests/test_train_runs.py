@@ -273,3 +273,21 @@ def test_evaluation_during_training_is_logged_and_leaves_the_training_alone(s, t
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="eval_every needs eval_file"):
         cli_main(gft(tmp_path / "x", "--eval-every", "2"))
+
+
+def test_checkpoint_rotation_keeps_the_newest_and_resumes_from_them(s, tmp_path):
+    out = tmp_path / "run"
+    cli_main(_sft(s, out, "--max-steps", "5", "--save-every", "1", "--save-total-limit", "2"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-5"]
+    cli_main(_sft(s, out, "--max-steps", "6", "--save-every", "1", "--save-total-limit", "2", "--resume"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5", "step-6"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_num_epochs_sets_the_steps_from_the_data(s, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    cli_main(_sft(s, out, "--num-epochs", "1.5"))   # 12 prompts, 4 a step: ceil(18 / 4) = 5 steps
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+    assert yaml.safe_load((out / "final" / "gft_config.yaml").read_text())["max_steps"] == 5
