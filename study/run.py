@@ -99,7 +99,7 @@ def specs(quick: bool) -> list[Spec]:
 @dataclass(frozen=True)
 class Budget:
     base_steps: int = 3000          # pre-training (the base); cosine, lr 3e-3
-    teacher_steps: int = 200        # the teacher: the base trained this much longer on correct scratchpads
+    teacher_steps: int = 800        # the teacher: the base trained this much longer on correct scratchpads (400 left it below the base)
     steps: int = 200                # fine-tuning optimizer steps per run
     curve_points: tuple = (25, 50, 100, 150)   # and the last step
     lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)   # the grid every method starts from (extended: LR_LADDER)

@@ -26,7 +26,7 @@ REWARD = "gft_train.demo.sums:reward"
 BASE_SHAPE = dict(hidden_size=64, layers=2)
 MAX_NEW_TOKENS, MAX_LENGTH = 16, 32
 N_TEACHERS = 7
-TEACHER_STEPS, TEACHER_LR = 200, 1e-3
+TEACHER_STEPS, TEACHER_LR = 800, 1e-3
 
 
 def write_rows(rows, path: Path) -> Path:

@@ -32,7 +32,7 @@ OWN = ("data", "init", "base", "teacher", "runs")
 @dataclass(frozen=True)
 class DemoSize:
     base_steps: int = 2000       # pre-training steps that make the base model (the study: 3000)
-    teacher_steps: int = 200
+    teacher_steps: int = 800
     steps: int = 200             # SFT and GFT fine-tuning steps, 64 sequences each
     sft_lr: float = 1e-3         # each method's rate (see README: the study's grid)
     gft_lr: float = 3e-4
