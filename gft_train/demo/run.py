@@ -35,7 +35,7 @@ class DemoSize:
     teacher_steps: int = 800
     steps: int = 200             # SFT and GFT fine-tuning steps, 64 sequences each
     sft_lr: float = 1e-3         # each method's rate (see README: the study's grid)
-    gft_lr: float = 3e-4
+    gft_lr: float = 1e-4
     seeds: tuple = (0, 1)
     eval_n: int = 8
     workers: int = 2
