@@ -6,11 +6,16 @@
     gft-train eval --model runs/gft/final --eval-file eval.jsonl [--base-model base]
 
 Under several processes: ``accelerate launch [--multi_gpu --num_processes N] -m gft_train.cli train ...``.
+
+An error ends the command with one line on stderr (file, row, field, value where they apply)
+and exit status 1; ``--debug`` or ``GFT_DEBUG=1`` shows the traceback instead. ``main`` itself
+raises (for callers in Python); ``cli`` is the console entry point.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +36,7 @@ def _cmd_build_groups(cfg):
     cfg = cfg.resolved()
     if not cfg.groups_file:
         raise ValueError("build-groups needs --groups-file (where to write the groups)")
-    rows = load_rows(cfg.train_file)
+    rows = load_rows(cfg.train_file, cfg.columns)
     model, tokenizer = load_model(cfg.model)
     engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=cfg.model, cfg=cfg) if cfg.n_self else None
     teacher = None
@@ -70,10 +75,13 @@ def main(argv=None) -> None:
     demo = sub.add_parser("demo", help="the embedded demo on a CPU (the default)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller demo, as the tests run it (default: off)")
+    demo.add_argument("--debug", action="store_true", help="on an error, show the traceback (default: off)")
     for name, help_ in (("build-groups", "build groups once (offline) and save them to --groups-file"),
                         ("train", "train a model"), ("eval", "evaluate a model on held-out prompts")):
         p = sub.add_parser(name, help=help_, description=help_ + ".")
         config_mod.add_arguments(p)
+        p.add_argument("--debug", action="store_true", help="on an error, show the traceback, not the one-line "
+                                                              "message (also GFT_DEBUG=1) (default: off)")
         if name == "eval":
             p.add_argument("--base-model", help="also report KL(model || base) on the held-out expert answers "
                                                 "and KL(base || model) on the base's own samples (default: none)")
@@ -92,5 +100,28 @@ def main(argv=None) -> None:
         _cmd_eval(cfg, args.base_model)
 
 
+def _debug(argv) -> bool:
+    return "--debug" in argv or os.environ.get("GFT_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def cli(argv=None) -> None:
+    """The console entry point: ``main`` with an error as one line and exit status 1 (a user
+    needs the message, which names what to fix, not the 20 frames above it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("gft-train: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if _debug(argv):
+            raise
+        text = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, (ValueError, TypeError, OSError, NotImplementedError)):
+            text = f"{type(e).__name__}: {text} (--debug shows where)"   # not one of ours: say what it is
+        print(f"gft-train: error: {text}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

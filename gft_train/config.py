@@ -11,6 +11,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ class Config:
                      "expert demonstrations alone with A = 1 and DCR (teachers only if --n-teacher is given; no self-samples)")
     model: str = _opt("", "the transformers causal LM to train, a directory on disk (required for train)")
     train_file: str = _opt("", "JSONL or Parquet rows with prompt, answer, expert[, teachers]")
+    columns: str = _opt("", "the data's own column names, as FIELD=COLUMN pairs: 'prompt=question,expert=solution' "
+                        "(fields: prompt, answer, expert, teachers; TRL's 'completion' is the expert by default)")
     eval_file: str = _opt("", "held-out rows (same format) for gft-train eval")
     output_dir: str = _opt("runs/gft", "where checkpoints, metrics.jsonl, tensorboard logs and final/ are written")
     # groups
@@ -82,6 +85,8 @@ class Config:
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_steps: int = _opt(100, "optimizer steps")
+    num_epochs: float = _opt(0.0, "passes over the prompts (train_file rows, or groups_file groups); when > 0 it sets "
+                             "max_steps = ceil(num_epochs x prompts / prompts_per_step)")
     prompts_per_step: int = _opt(8, "groups (prompts) per optimizer step, over all processes")
     micro_batch_size: int = _opt(8, "sequences per forward/backward on one process")
     max_grad_norm: float = _opt(1.0, "gradient-norm clipping")
@@ -91,7 +96,14 @@ class Config:
     seed: int = _opt(0, "seed of the data order and the sampling")
     # checkpoints, logs, evaluation
     save_every: int = _opt(0, "steps between checkpoints (0: only the final model)")
-    resume: bool = _opt(False, "continue from the last complete checkpoint in output_dir (without it, existing checkpoints are refused)")
+    save_total_limit: int = _opt(0, "checkpoints kept in output_dir/checkpoints, the newest (0: all)")
+    resume: bool = _opt(False, "continue from the last complete checkpoint in output_dir, with the same configuration "
+                        "(only RESUMABLE fields may change); without it or --overwrite-output-dir, an output_dir "
+                        "holding a run is refused")
+    overwrite_output_dir: bool = _opt(False, "start afresh in an output_dir that holds a run: its checkpoints, final "
+                                      "model, metrics and logs are deleted first")
+    eval_every: int = _opt(0, "train: evaluate on eval_file every N steps and at the last one, logged with the step's "
+                           "metrics as eval/pass@1, eval/pass@k, ... (0: never)")
     eval_n: int = _opt(4, "samples per held-out prompt (mean pass@1 and pass@k)")
     eval_k: list[int] = _opt([1, 4], "the k of pass@k, as '1 4' or '1,4'")
     eval_max_prompts: int = _opt(0, "held-out prompts to evaluate (0: all)")
@@ -129,6 +141,12 @@ class Config:
             raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {cfg.loss_aggregation!r}")
         if cfg.engine not in ("auto", "vllm", "transformers"):
             raise ValueError(f"engine must be auto, vllm or transformers, got {cfg.engine!r}")
+        if cfg.num_epochs < 0 or cfg.save_total_limit < 0:
+            raise ValueError(f"num_epochs and save_total_limit must be >= 0, got {cfg.num_epochs} and {cfg.save_total_limit}")
+        if cfg.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {cfg.eval_every}")
+        if cfg.eval_every and not cfg.eval_file:
+            raise ValueError("eval_every needs eval_file (the held-out rows to evaluate on)")
         if cfg.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0, got {cfg.refresh_every}")
         for name in ("max_steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "eval_n", "eval_kl_samples",
@@ -146,6 +164,74 @@ class Config:
         return METHODS[self.method][4] and self.gal
 
 
+# Fields a --resume may change: they alter how long the run goes and what it writes, not the
+# training up to the checkpoint (the saved gft_config.yaml then records the values used).
+RESUMABLE = frozenset({"max_steps", "num_epochs", "save_every", "save_total_limit", "resume", "overwrite_output_dir", "output_dir", "engine",
+                       "rollout_batch_size", "vllm_memory", "eval_file", "eval_every", "eval_n", "eval_k", "eval_max_prompts",
+                       "eval_temperature", "eval_greedy", "eval_kl_samples"})
+
+
+def changed_fields(saved: dict, cfg: "Config") -> dict:
+    """field -> (saved value, new value) for each training field a resume would change."""
+    now = dataclasses.asdict(cfg)
+    return {k: (saved.get(k), now[k]) for k in now
+            if k not in RESUMABLE and k in saved and saved[k] != now[k]}
+
+
+def load_saved(path: Path) -> dict:
+    """A gft_config.yaml as written by ``save``, its values converted to the fields' types."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    hints = typing.get_type_hints(Config)
+    return {k: _convert(path, k, v, hints[k]) for k, v in raw.items() if k in hints}
+
+
+def _bool(text: str):
+    # the words transformers' HfArgumentParser accepts for a boolean flag
+    low = text.strip().lower()
+    return True if low in ("yes", "true", "t", "y", "1") else False if low in ("no", "false", "f", "n", "0") else None
+
+
+def _convert(path, name: str, value, hint):
+    """A YAML value as its field's type, checked as the flag's would be (PyYAML reads ``1e-3`` as a
+    string and ``.5`` as a float; nothing downstream converts)."""
+    def bad(expected):
+        return ValueError(f"{path}: field {name!r}: expected {expected}, got {value!r}")
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        try:
+            items = _int_list(value) if isinstance(value, str) else [value] if isinstance(value, int) else value
+        except ValueError:
+            items = None
+        if not isinstance(items, list):
+            raise bad("a list of integers")
+        return [_convert(path, name, v, typing.get_args(hint)[0]) for v in items]
+    if hint is bool:
+        flag = value if isinstance(value, bool) else _bool(value) if isinstance(value, str) else None
+        if flag is None:
+            raise bad("true or false")
+        return flag
+    if hint in (int, float):
+        if isinstance(value, str):
+            try:
+                value = hint(value.strip())
+            except ValueError:
+                raise bad("an integer" if hint is int else "a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                hint is int and isinstance(value, float) and not value.is_integer()):
+            raise bad("an integer" if hint is int else "a number")
+        return hint(value)
+    if hint is str:
+        if isinstance(value, (bool, list, dict)) or value is None:
+            raise bad("a string")
+        return str(value)
+    return value
+
+
 def _shown(value) -> str:
     if isinstance(value, list):
         return " ".join(map(str, value))
@@ -153,7 +239,7 @@ def _shown(value) -> str:
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return [int(x) for x in text.replace(",", " ").split() if x.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,10 +274,13 @@ def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields, got {type(loaded).__name__}")
         unknown = set(loaded) - set(values)
         if unknown:
             raise ValueError(f"{path}: unknown config fields {sorted(unknown)}")
-        values.update(loaded)
+        hints = typing.get_type_hints(Config)
+        values.update({k: _convert(path, k, v, hints[k]) for k, v in loaded.items()})
     for f in dataclasses.fields(Config):
         if hasattr(args, f.name):
             given = getattr(args, f.name)

@@ -5,8 +5,11 @@ Row format (one JSON object per line, or one Parquet row):
     {"prompt": str, "answer": str, "expert": str, "teachers": [str, ...]}   # teachers optional
 
 ``answer`` is the reference final answer the reward checks; ``expert`` the demonstration.
-A row that lacks a field or has the wrong type stops the run with an error naming the file,
-the row (0-based) and the field; nothing is dropped silently.
+``prompt`` may also be chat messages (``[{"role": ..., "content": ...}, ...]``, rendered by the
+tokenizer's chat template), and the demonstration may be TRL's ``completion`` column (a string,
+or assistant messages). ``columns`` maps these names to a file's own (``prompt=question,expert=
+solution``). A row that lacks a field or has the wrong type stops the run with an error naming
+the file, the row (0-based) and the field (the file's column name); nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ class DataError(ValueError):
 
 @dataclass
 class PromptRow:
-    prompt: str
+    prompt: str | list[dict]   # a text, or chat messages
     answer: str
     expert: str
     teachers: list[str] = field(default_factory=list)
@@ -32,27 +35,71 @@ class PromptRow:
 
 
 REQUIRED = ("prompt", "answer", "expert")
+FIELDS = REQUIRED + ("teachers",)
+ROLES = ("system", "user", "assistant", "tool")
 
 
-def _check_row(path, i, raw) -> PromptRow:
+def parse_columns(text: str) -> dict[str, str]:
+    """``prompt=question,expert=solution`` -> {field: the file's column}."""
+    mapping = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        ours, sep, theirs = (x.strip() for x in part.partition("="))
+        if not sep or not theirs or ours not in FIELDS:
+            raise ValueError(f"columns: {part!r} is not FIELD=COLUMN with FIELD one of {', '.join(FIELDS)}")
+        mapping[ours] = theirs
+    return mapping
+
+
+def _messages(path, i, name, value) -> list[dict]:
+    """Chat messages checked one by one (role and content strings), as the chat template needs them."""
+    for k, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(path, i, f"{name}[{k}]", f"expected a message {{'role': ..., 'content': ...}}, got {m!r}"[:200])
+        if m.get("role") not in ROLES:
+            raise DataError(path, i, f"{name}[{k}].role", f"expected one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(path, i, f"{name}[{k}].content", f"expected a string, got {m.get('content')!r}"[:200])
+    if not value:
+        raise DataError(path, i, name, "empty")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _check_row(path, i, raw, columns=None) -> PromptRow:
     if not isinstance(raw, dict):
         raise DataError(path, i, "*", f"expected an object, got {type(raw).__name__}")
+    columns = dict(columns or {})
+    if "expert" not in columns and "expert" not in raw and "completion" in raw:
+        columns["expert"] = "completion"          # TRL's prompt-completion format
+    values = {}
     for name in REQUIRED:
-        if name not in raw or raw[name] is None:
-            raise DataError(path, i, name, "missing")
-        if not isinstance(raw[name], str):
-            raise DataError(path, i, name, f"expected a string, got {type(raw[name]).__name__}: {raw[name]!r}"[:200])
-        if name != "answer" and not raw[name].strip():
-            raise DataError(path, i, name, "empty")
-    teachers = raw.get("teachers")
+        col = columns.get(name, name)
+        value = raw.get(col)
+        if value is None:
+            raise DataError(path, i, col, "missing")
+        if name == "prompt" and isinstance(value, list):
+            values[name] = _messages(path, i, col, value)
+            continue
+        if name == "expert" and isinstance(value, list):   # a conversational completion: its assistant text
+            said = [m["content"] for m in _messages(path, i, col, value) if m["role"] == "assistant"]
+            if not said:
+                raise DataError(path, i, col, "has no assistant message")
+            value = "".join(said)
+        if not isinstance(value, str):
+            what = "a string or a list of chat messages" if name == "prompt" else "a string"
+            raise DataError(path, i, col, f"expected {what}, got {type(value).__name__}: {value!r}"[:200])
+        if name != "answer" and not value.strip():
+            raise DataError(path, i, col, "empty")
+        values[name] = value
+    col = columns.get("teachers", "teachers")
+    teachers = raw.get(col)
     if teachers is None:
         teachers = []
     if not isinstance(teachers, (list, tuple)) or not all(isinstance(t, str) for t in teachers):
-        raise DataError(path, i, "teachers", f"expected a list of strings, got {teachers!r}"[:200])
-    return PromptRow(raw["prompt"], raw["answer"], raw["expert"], list(teachers), f"{path}:{i}")
+        raise DataError(path, i, col, f"expected a list of strings, got {teachers!r}"[:200])
+    return PromptRow(values["prompt"], values["answer"], values["expert"], list(teachers), f"{path}:{i}")
 
 
-def load_rows(path: str | Path) -> list[PromptRow]:
+def load_rows(path: str | Path, columns: str | dict | None = None) -> list[PromptRow]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -78,4 +125,5 @@ def load_rows(path: str | Path) -> list[PromptRow]:
         raise ValueError(f"{path}: expected a .jsonl or .parquet file, got {suffix!r}")
     if not raws:
         raise DataError(path, 0, "*", "the file has no rows")
-    return [_check_row(path, i, raw) for i, raw in enumerate(raws)]
+    columns = parse_columns(columns) if isinstance(columns, str) else columns
+    return [_check_row(path, i, raw, columns) for i, raw in enumerate(raws)]

@@ -46,6 +46,7 @@ class Group:
     answer: str
     responses: list[Response] = field(default_factory=list)
     row: str = ""          # "file:row" of the prompt
+    tokenizer: str = ""    # the tokenizer that sampled the self-samples' ids (its name_or_path)
 
 
 def group_advantages(rewards: list[float], eps: float = 1e-6) -> list[float]:
@@ -63,15 +64,11 @@ def group_advantages(rewards: list[float], eps: float = 1e-6) -> list[float]:
 def build_groups(rows: list[PromptRow], cfg, engine, reward_fn, teacher_engine=None, seed: int = 0) -> list[Group]:
     """Groups for ``rows``: responses, rewards and advantages. ``engine`` samples the policy
     (``cfg.n_self`` per prompt); ``teacher_engine`` fills teacher responses a row lacks."""
-    groups = [Group(r.prompt, r.answer, [Response(r.expert, "expert") for _ in range(cfg.n_expert)], r.source)
-              for r in rows]
+    tokenizer = getattr(getattr(engine, "tokenizer", None), "name_or_path", "") if cfg.n_self else ""
+    groups = [Group(r.prompt, r.answer, [Response(r.expert, "expert") for _ in range(cfg.n_expert)], r.source,
+                    str(tokenizer)) for r in rows]
     if cfg.n_teacher:
-        missing = [i for i, r in enumerate(rows) if len(r.teachers) < cfg.n_teacher]
-        if missing and teacher_engine is None:
-            r = rows[missing[0]]
-            file, _, line = r.source.rpartition(":")
-            raise DataError(file, line, "teachers", f"has {len(r.teachers)} teacher responses, the group mix "
-                            f"needs {cfg.n_teacher}; add them to the data or set teacher_model")
+        missing = missing_teachers(rows, cfg.n_teacher, teacher_engine is not None)
         generated = {}
         if missing:
             need = max(cfg.n_teacher - len(rows[i].teachers) for i in missing)
@@ -94,6 +91,32 @@ def build_groups(rows: list[PromptRow], cfg, engine, reward_fn, teacher_engine=N
     return groups
 
 
+def missing_teachers(rows: list[PromptRow], n_teacher: int, can_generate: bool) -> list[int]:
+    """Rows with fewer teacher responses than the mix needs; without a teacher model to fill
+    them, the first is an error (the trainer checks every row before its first step)."""
+    missing = [i for i, r in enumerate(rows) if len(r.teachers) < n_teacher]
+    if missing and not can_generate:
+        r = rows[missing[0]]
+        file, _, line = r.source.rpartition(":")
+        more = f" ({len(missing)} rows in all)" if len(missing) > 1 else ""
+        raise DataError(file, line, "teachers", f"has {len(r.teachers)} teacher responses, the group mix "
+                        f"needs {n_teacher}{more}; add them to the data or set teacher_model")
+    return missing
+
+
+def check_token_ids(groups: list[Group], path, vocab_size: int, tokenizer_name: str) -> None:
+    """Self-sample ids must be ids of the model being trained: a groups file built with another
+    tokenizer would index past the embedding (an IndexError deep in the forward)."""
+    for i, g in enumerate(groups):
+        for k, r in enumerate(g.responses):
+            bad = [t for t in (r.token_ids or ()) if not 0 <= t < vocab_size]
+            if bad:
+                built = f"built with tokenizer {g.tokenizer!r}" if g.tokenizer else "built with another tokenizer"
+                raise DataError(path, i, f"responses[{k}].token_ids",
+                                f"token id {bad[0]} is outside the model's vocabulary ({vocab_size} ids): the groups "
+                                f"were {built}, the model's is {tokenizer_name!r}; rebuild them with build-groups")
+
+
 def score(groups: list[Group], reward_fn, cfg) -> None:
     """Rewards for every response, then advantages (Eq. 4, or 1 when the method uses none)."""
     prompts, completions, answers = [], [], []
@@ -114,7 +137,7 @@ def score(groups: list[Group], reward_fn, cfg) -> None:
 
 
 def group_metrics(groups: list[Group]) -> dict:
-    """Reward mean/std per source, the fraction of zero-variance groups, self-sample lengths."""
+    """Reward mean/std and mean advantage per source, the fraction of zero-variance groups, self-sample lengths."""
     out = {}
     for source in SOURCES:
         rs = [r.reward for g in groups for r in g.responses if r.source == source]
@@ -122,6 +145,10 @@ def group_metrics(groups: list[Group]) -> dict:
             mean = sum(rs) / len(rs)
             out[f"reward/{source}_mean"] = mean
             out[f"reward/{source}_std"] = math.sqrt(sum((x - mean) ** 2 for x in rs) / len(rs))
+            # what each source pushes: the expert's advantage says whether the group still has
+            # something to learn from the demonstration (it falls as the policy's samples catch up)
+            out[f"adv/{source}_mean"] = sum(r.advantage for g in groups for r in g.responses
+                                            if r.source == source) / len(rs)
     if groups:
         out["groups/zero_variance_frac"] = sum(
             1 for g in groups if len({r.reward for r in g.responses}) <= 1) / len(groups)
@@ -153,7 +180,8 @@ def load_groups(path: Path) -> list[Group]:
     for i, line in enumerate(path.read_text().splitlines()):
         try:
             raw = json.loads(line)
-            groups.append(Group(raw["prompt"], raw["answer"], [Response(**r) for r in raw["responses"]], raw.get("row", "")))
+            groups.append(Group(raw["prompt"], raw["answer"], [Response(**r) for r in raw["responses"]],
+                                raw.get("row", ""), raw.get("tokenizer", "")))
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(path, i, "*", f"not a group: {err}") from None
     return groups

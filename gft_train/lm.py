@@ -13,8 +13,14 @@ from gft_kernels.models import causal_lm_gft_loss  # noqa: F401  (re-exported)
 from gft_kernels.options import IGNORE_INDEX
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: its chat template when it has one, else the raw text."""
+def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
+    """The prompt as the model sees it: its chat template when it has one, else the raw text.
+    Chat messages (a list) need the template."""
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"chat-message prompts need a tokenizer with a chat template; "
+                             f"{tokenizer.name_or_path!r} has none")
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)

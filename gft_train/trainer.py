@@ -17,12 +17,14 @@ from the newest complete one and reaches the same weights as an uninterrupted ru
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,9 +33,9 @@ from torch import nn
 from gft_kernels.options import IGNORE_INDEX
 
 from . import config as config_mod
-from .data import load_rows
-from .groups import build_groups, group_metrics, load_groups, save_groups
-from .lm import causal_lm_gft_loss, encode
+from .data import DataError, load_rows
+from .groups import build_groups, check_token_ids, group_metrics, load_groups, missing_teachers, save_groups
+from .lm import causal_lm_gft_loss, encode, prompts_ids
 from .rewards import load_reward
 from .rollout import make_engine
 
@@ -106,6 +108,51 @@ def _unpartitioned(build):
             hf_deepspeed.set_hf_deepspeed_config(active)
 
 
+# What a run writes in output_dir: a directory holding any of them holds a run.
+RUN_FILES = ("checkpoints", "final", "final.tmp", "metrics.jsonl", "tensorboard", "training.png", "groups.jsonl",
+             "gft_config.yaml")
+
+
+def _previous_run(out: Path) -> list[str]:
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def claim_output_dir(cfg: config_mod.Config, is_main: bool = True) -> Path | None:
+    """Checks ``output_dir`` against what the run asks, before anything is trained or written:
+    a run there is continued only by ``--resume`` with the same training configuration, replaced
+    only with ``--overwrite-output-dir``, else refused. Returns the checkpoint to resume from."""
+    out = Path(cfg.output_dir)
+    found = _previous_run(out)
+    if cfg.resume and cfg.overwrite_output_dir:
+        raise ValueError("--resume and --overwrite-output-dir contradict each other: pick one")
+    if cfg.overwrite_output_dir:
+        if is_main:
+            for name in found:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
+    latest = _latest_checkpoint(out)
+    if not cfg.resume:
+        if found:
+            raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                                  "--overwrite-output-dir to replace it, or another output_dir")
+        return None
+    if latest is None:
+        if found:
+            raise FileExistsError(f"--resume: {out} holds a run ({', '.join(found)}) but no complete checkpoint to "
+                                  "resume from: pass --overwrite-output-dir to replace it, or another output_dir")
+        return None
+    saved_path = latest / "gft_config.yaml"
+    saved_path = saved_path if saved_path.is_file() else out / "gft_config.yaml"
+    if saved_path.is_file():
+        changed = config_mod.changed_fields(config_mod.load_saved(saved_path), cfg)
+        if changed:
+            said = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"--resume: the configuration differs from the run's ({saved_path}) in {said}; "
+                             f"a resume may change only {', '.join(sorted(config_mod.RESUMABLE))}")
+    return latest
+
+
 def _latest_checkpoint(out: Path) -> Path | None:
     done = [d for d in (out / "checkpoints").glob("step-*") if (d / "trainer_state.json").is_file()]
     return max(done, key=lambda d: int(d.name.split("-")[1])) if done else None
@@ -158,16 +205,25 @@ class Trainer:
 
         self.cfg = cfg = cfg.resolved()
         self.acc = make_accelerator("bf16" if cfg.bf16 else "no")
+        self.resume_from = claim_output_dir(cfg, self.acc.is_main_process)
+        self.acc.wait_for_everyone()
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
         model, self.tokenizer = load_model(cfg.model)
         if not cfg.train_file and not cfg.groups_file:
             raise ValueError("train needs train_file (prompts) or groups_file (offline groups)")
-        self.rows = load_rows(cfg.train_file) if cfg.train_file else None
+        self.rows = load_rows(cfg.train_file, cfg.columns) if cfg.train_file else None
         if cfg.refresh_every and self.rows is None:
             raise ValueError("online groups (refresh_every > 0) need train_file")
-        if not cfg.resume and _latest_checkpoint(self.out) is not None:
-            raise FileExistsError(f"{self.out} already has checkpoints: pass --resume, or another output_dir")
+        # held-out rows checked now, not at the first evaluation
+        self.eval_rows = load_rows(cfg.eval_file, cfg.columns)[: cfg.eval_max_prompts or None] if cfg.eval_every else None
+        self.pool = None          # the current groups
+        if cfg.groups_file and not cfg.refresh_every:
+            self.pool = load_groups(cfg.groups_file)
+        if cfg.num_epochs:   # known once the data is read: the schedule below needs it
+            n = len(self.rows) if self.rows is not None else len(self.pool)
+            self.cfg = cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * n / cfg.prompts_per_step)))
+        self._preflight(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         from transformers import get_scheduler
@@ -175,7 +231,7 @@ class Trainer:
         # sharded weights cannot generate on one process: it samples from a whole copy,
         # refreshed from the gathered weights before each rollout
         self.sampler = None
-        if self.sharded and self.acc.is_main_process and cfg.n_self:
+        if self.sharded and self.acc.is_main_process and (cfg.n_self or cfg.eval_every):
             self.sampler = _unpartitioned(lambda: load_model(cfg.model)[0])
 
         def adamw(params):
@@ -199,8 +255,48 @@ class Trainer:
         self.reward_fn = load_reward(cfg.reward)
         self.engine = None
         self.step = 0
-        self.pool = None          # the current groups
         self.pool_start = 0       # the step at which the current online pool begins
+
+    def _preflight(self, model) -> None:
+        """Everything about the data that would stop or empty the run, checked on every row before
+        the first step (an online run met a bad row only when it reached it)."""
+        cfg = self.cfg
+        source = cfg.train_file if self.rows is not None else cfg.groups_file
+        n = len(self.rows) if self.rows is not None else len(self.pool)
+        if cfg.prompts_per_step > n:   # said, not refused: a small data set may be meant to repeat (the quick demo)
+            warnings.warn(f"prompts_per_step {cfg.prompts_per_step} is more than the {n} prompts of {source}: "
+                          f"every step repeats prompts; set it to at most {n} for distinct prompts", stacklevel=2)
+        if self.rows is not None and cfg.n_teacher:
+            missing_teachers(self.rows, cfg.n_teacher, bool(cfg.teacher_model))
+        chat = next((r for r in self.rows or () if isinstance(r.prompt, list)), None)
+        if chat is not None and not getattr(self.tokenizer, "chat_template", None):
+            file, _, row = chat.source.rpartition(":")
+            raise DataError(file, row, "prompt", f"chat messages need a tokenizer with a chat template; the model's "
+                            f"({self.tokenizer.name_or_path!r}) has none")
+        if self.pool is not None:
+            check_token_ids(self.pool, cfg.groups_file, model.get_input_embeddings().num_embeddings,
+                            self.tokenizer.name_or_path)
+        prompts = [r.prompt for r in self.rows] if self.rows is not None else [g.prompt for g in self.pool]
+        # a response token trains only if it fits after the prompt (the sequence is cut at max_length)
+        too_long = sum(len(ids) >= cfg.max_length for ids in prompts_ids(self.tokenizer, prompts))
+        if too_long == len(prompts):
+            raise ValueError(f"every prompt of {source} is max_length ({cfg.max_length}) tokens or longer: "
+                             "no response token fits, nothing would train; raise max_length")
+        if too_long:
+            warnings.warn(f"{too_long} of {len(prompts)} prompts of {source} are max_length ({cfg.max_length}) "
+                          "tokens or longer: their responses train on nothing", stacklevel=2)
+        # Eq. 4 gives a lone response A = 0: with group advantages a group of one trains nothing
+        if cfg.uses_group_advantage:
+            sizes = [cfg.group_size] * n if self.pool is None else [len(g.responses) for g in self.pool]
+            alone = sum(size == 1 for size in sizes)
+            fix = ("add teacher responses or self-samples (n_teacher, n_self), or train with advantage 1 "
+                   "(method sft, or --no-gal)")
+            if alone == n:
+                raise ValueError(f"every group of {source} has one response (expert {cfg.n_expert}, teacher "
+                                 f"{cfg.n_teacher}, self {cfg.n_self}): its advantage is 0, nothing would train; {fix}")
+            if alone:
+                warnings.warn(f"{alone} of {n} groups of {source} have one response: advantage 0, they train on "
+                              f"nothing; {fix}", stacklevel=2)
 
     # ---- groups -------------------------------------------------------------------------
     @property
@@ -274,7 +370,7 @@ class Trainer:
         cfg = self.cfg
         if not cfg.refresh_every:
             if self.pool is None:
-                if cfg.groups_file:
+                if cfg.groups_file:   # (read at start; here after a resume without a pool)
                     self.pool = load_groups(cfg.groups_file)
                 else:
                     self.pool = self._build(self.rows, cfg.seed)
@@ -292,6 +388,30 @@ class Trainer:
         offset = (step - self.pool_start) * cfg.prompts_per_step
         return self.pool[offset:offset + cfg.prompts_per_step]
 
+    def evaluate(self) -> dict:
+        """pass@1, pass@k, distinct correct (and greedy pass@1) of the current weights on the
+        held-out rows, as ``gft-train eval`` computes them, under a forked RNG: evaluating does
+        not change the training that follows (a resumed run reaches the same weights)."""
+        from accelerate.utils import broadcast_object_list
+
+        from .evaluate import accuracy
+
+        cfg = self.cfg
+        state = self.full_state_dict() if self.sharded else None
+        box = [None]
+        if self.acc.is_main_process:
+            engine = self._engine(state)
+            devices = [self.acc.device] if self.acc.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                res = accuracy(engine, self.eval_rows, self.reward_fn, cfg.eval_n, cfg.eval_k, seed=cfg.seed,
+                               temperature=cfg.eval_temperature)
+                if cfg.eval_greedy:
+                    res["greedy_pass@1"] = accuracy(engine, self.eval_rows, self.reward_fn, 1, seed=cfg.seed,
+                                                    temperature=0.0)["pass@1"]
+            box[0] = {f"eval/{k}": v for k, v in res.items() if k != "per_prompt"}
+        broadcast_object_list(box)
+        return box[0]
+
     # ---- checkpoints --------------------------------------------------------------------
     def save_checkpoint(self):
         final = self.out / "checkpoints" / f"step-{self.step}"
@@ -302,21 +422,30 @@ class Trainer:
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
             save_groups(self.pool, tmp / "groups.jsonl")
+            config_mod.save(self.cfg, tmp / "gft_config.yaml")   # what a --resume is compared with
             (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step, "pool_start": self.pool_start}))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            if self.cfg.save_total_limit:   # the newest complete ones stay (the one just written among them)
+                done = sorted((d for d in final.parent.glob("step-*") if (d / "trainer_state.json").is_file()),
+                              key=lambda d: int(d.name.split("-")[1]))
+                for old in done[:-self.cfg.save_total_limit]:
+                    shutil.rmtree(old)
         self.acc.wait_for_everyone()
 
     def maybe_resume(self):
         if not self.cfg.resume:
             return
-        latest = _latest_checkpoint(self.out)
+        latest = self.resume_from
         if latest is None:
             self.acc.print(f"--resume: no complete checkpoint in {self.out / 'checkpoints'}; starting at step 0")
             return
-        self.acc.load_state(str(latest))
         state = json.loads((latest / "trainer_state.json").read_text())
+        if state["step"] > self.cfg.max_steps:
+            raise ValueError(f"--resume: max_steps {self.cfg.max_steps} is below the checkpoint's step {state['step']} "
+                             f"({latest})")
+        self.acc.load_state(str(latest))
         self.step, self.pool_start = state["step"], state["pool_start"]
         self.pool = load_groups(latest / "groups.jsonl")
         self.acc.print(f"resumed from {latest} (step {self.step})")
@@ -413,6 +542,8 @@ class Trainer:
                 rows = [r for r in metrics_path.read_text().splitlines()
                         if r.strip() and json.loads(r)["step"] <= self.step]
                 metrics_path.write_text("".join(r + "\n" for r in rows))
+            if self.step:   # and the events of those steps (TensorBoard would show them twice)
+                trim_events(self.out / "tensorboard", self.step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 writer = SummaryWriter(str(self.out / "tensorboard"))
@@ -432,6 +563,8 @@ class Trainer:
             metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - start)
             metrics["step"] = self.step
             metrics["processes"] = acc.num_processes
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                metrics.update(self.evaluate())
             if acc.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -439,9 +572,11 @@ class Trainer:
                     for k, v in metrics.items():
                         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                             writer.add_scalar(k, v, self.step)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", reward=f"{metrics.get('reward/self_mean', float('nan')):.2f}")
+                    writer.flush()   # on disk at every step, as metrics.jsonl: a killed run keeps them
+                bar.set_postfix(bar_fields(metrics, cfg))
             bar.update(1)
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+            # the last step too: a later --resume with a larger max_steps continues from it
+            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
                 self.save_checkpoint()
         bar.close()
         if writer is not None:
@@ -452,7 +587,47 @@ class Trainer:
         return self.out / "final"
 
 
-def plot_metrics(metrics_path: Path, png: Path) -> None:
+def trim_events(logdir: Path, last_step: int) -> None:
+    """Drops the TensorBoard events of steps after ``last_step`` from the event files under
+    ``logdir``, each file rewritten under a temporary name and renamed. (The writer's own
+    ``purge_step`` depends on the order readers meet the files in, which is by name: time, host,
+    process id.)"""
+    try:   # the raw records, rewritten as they were (the plain loader converts scalars to tensors)
+        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+    except ImportError:
+        return
+    for path in Path(logdir).rglob("events.out.tfevents.*"):
+        records = list(RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if not (e := Event.FromString(r)).HasField("summary") or e.step <= last_step]
+        if len(kept) == len(records):
+            continue
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            writer = RecordWriter(f)
+            for r in kept:
+                writer.write(r)
+        tmp.replace(path)
+
+
+def bar_fields(metrics: dict, cfg) -> dict:
+    """The progress bar's fields, each named: the loss, then the reward of each source in the
+    groups when rewards drive the update (group advantages), else the token accuracy (SFT's
+    rewards are not what it trains on)."""
+    fields = {"loss": f"{metrics['loss']:.3f}"}
+    rewards = {source: metrics[f"reward/{source}_mean"] for source in ("expert", "teacher", "self")
+               if f"reward/{source}_mean" in metrics}
+    if cfg.uses_group_advantage and rewards:
+        fields.update({f"{source}_reward": f"{r:.2f}" for source, r in rewards.items()})
+    else:
+        fields["token_acc"] = f"{metrics['mean_token_accuracy']:.2f}"
+    return fields
+
+
+def plot_metrics(metrics_path: Path, png: Path) -> list | None:
+    """training.png, one panel per quantity, each on its own scale; returns the panels drawn
+    (title, keys)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -460,21 +635,26 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     if not rows:
-        return
+        return None
+    # grad norm and entropy are different quantities on different scales: a panel each
     panels = [("loss", ["loss"]), ("reward", [k for k in rows[-1] if k.startswith("reward/") and k.endswith("_mean")]),
-              ("DCR", ["dcr/rectified_frac", "dcr/mean_target_prob", "groups/zero_variance_frac"]),
-              ("grad norm / entropy", ["grad_norm", "entropy"])]
+              ("DCR (fractions)", ["dcr/rectified_frac", "dcr/mean_target_prob", "groups/zero_variance_frac"]),
+              ("grad norm", ["grad_norm"]), ("entropy (nats/token)", ["entropy"]),
+              ("held-out (eval_file)", [k for k in rows[-1] if k.startswith("eval/pass@")])]
+    panels = [(title, keys) for title, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
-    steps = [r["step"] for r in rows]
     for ax, (title, keys) in zip(axes, panels):
-        for k in keys:
-            ax.plot(steps, [r.get(k, float("nan")) for r in rows], label=k.split("/")[-1])
+        for k in keys:   # each at the steps that have it (evaluations are every eval_every steps)
+            have = [r for r in rows if k in r]
+            ax.plot([r["step"] for r in have], [r[k] for r in have], label=k.split("/")[-1],
+                    marker="o" if k.startswith("eval/") else None)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+    return panels
 
 
 def train(cfg: config_mod.Config) -> Path:

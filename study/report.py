@@ -18,7 +18,7 @@ import statistics as st
 from collections import defaultdict
 from pathlib import Path
 
-from .run import LR_LADDER, SEQS_PER_STEP, choose_lrs, method_of, rate_for
+from .run import LR_LADDER, MIN_SFT_GAIN, SEQS_PER_STEP, choose_lrs, method_of, rate_for
 
 
 def _agg(rows):
@@ -204,12 +204,16 @@ def _read(path: Path) -> list[dict]:
 def _setup_lines(setup: dict, budget, k: str) -> list[str]:
     acc = setup["accuracy"]
 
+    def cell(a, key):
+        return f"{a[key]:.3f}" if key in a else "-"
+
     def row(name):
         a = acc[name]
-        return (f"| {name} | {a['id']:.3f} | {a['id_greedy']:.3f} | {a['ood']:.3f} | {a['ood_greedy']:.3f} | "
-                f"{a['probe']:.3f} | {a['probe_greedy']:.3f} |")
+        return f"| {name} | " + " | ".join(cell(a, key) for key in ("id", "id_greedy", "ood", "ood_greedy", "probe",
+                                                                     "probe_greedy")) + " |"
 
-    curve = ", ".join(f"{int(s)}: {v:.3f}" for s, v in sorted(setup["base_curve"].items(), key=lambda x: int(x[0])))
+    curve = ", ".join(f"{int(s)}: {v['val']:.3f} / {v['probe']:.3f}"
+                      for s, v in sorted(setup["base_curve"].items(), key=lambda x: int(x[0])))
     return [
         "## Set-up",
         "",
@@ -219,35 +223,78 @@ def _setup_lines(setup: dict, budget, k: str) -> list[str]:
         "Held-out: unseen triples (in-distribution), triples from 0 to 29 with at least one above 19 "
         "(harder, OOD: answers up to 87, numbers the fine-tuning data never shows), and the "
         "forgetting probe, digit reversal `(3817)=` -> `7183`: a pre-training skill no fine-tuning "
-        "data trains. Every prompt set (pre-training, expert, teacher, fine-tuning, validation, "
-        "test) is disjoint from the others.",
+        "data trains. Every prompt set (pre-training, teacher, fine-tuning, validation, test) is "
+        "disjoint from the others.",
         "- **Base** (recipe fixed in `gft_train/demo/recipe.py` and `study/run.py`): a tiny "
         f"Qwen2-style model (2 layers, 64 wide, 0.13M parameters, character tokenizer), {budget.base_steps} SFT "
-        "steps of 64 sequences, lr 3e-3 cosine, on a "
-        "pre-training mix: every single addition a+b with a <= 59, b <= 29 (both orders), 3000 digit "
-        "reversals, and a little of the target task in left-to-right order: 500 three-number sums "
-        "in the fine-tuning range and 100 harder ones (so the base is not at zero on the harder split, "
-        "which the fine-tuning data never shows). "
-        f"Greedy accuracy on the validation split along the way (step: accuracy): {curve}.",
-        "- **Expert**: the base, SFT for "
-        f"{budget.expert_steps} steps on 1500 other prompts written largest-addend-first (one canonical "
-        f"order). The base writes that order on {setup['expert_style_in_base']:.1%} of the validation "
-        f"prompts where it differs from the prompt's order; the expert on {setup['expert_style_in_expert']:.1%}. "
-        f"Its greedy answer is each fine-tuning row's demonstration: right on {setup['expert_train_acc']:.1%} "
-        "of them (its errors stay in the data, as a real expert's would).",
-        f"- **Teacher**: the base, SFT for {budget.teacher_steps} steps on 1500 other prompts written in "
-        "random orders; 7 samples per fine-tuning prompt at temperature 1, offline: right "
+        "steps of 64 sequences, lr 3e-3 cosine, on a pre-training mix: every single addition a+b with "
+        "a <= 59, b <= 29 (both orders, carried correctly), 3000 digit reversals, and 1000 three-number "
+        "sums (100 of them harder) in the prompt's order whose *last step drops its carry* "
+        "(`17+5=22+9=21`): a systematic misconception, right only where the last step does not carry "
+        "(55% of the prompts). So the base can add but has something to learn and to unlearn. Greedy "
+        "accuracy along its training (step: validation sums / held-out reversal probe): "
+        f"{curve}.",
+        "- **Expert**: the task's solver. Each demonstration is the scratchpad written last addend "
+        "first, carried correctly (`8+17=25+3=28`): right on "
+        f"{setup['expert_train_acc']:.1%} of the fine-tuning rows, in an order the base writes on "
+        f"{setup['expert_style_in_base']:.1%} of the validation prompts where it differs from the prompt's.",
+        f"- **Teacher**: a real model, the base trained {budget.teacher_steps} steps longer on 1000 other "
+        "prompts with correct scratchpads in two orders (the prompt's and reversed); 7 samples per "
+        "fine-tuning prompt at temperature 1, offline: right "
         f"{setup['teacher_train_acc']:.1%} of the time, {setup['teacher_distinct']:.1f} distinct responses "
         f"per prompt. SFT on filtered teacher data trains on the {setup['filtered_rows']} correct ones.",
         "",
-        "Accuracy of the set-up's models (pass@1: mean over "
-        f"{budget.eval_n} samples at temperature 0.5; greedy: one greedy completion):",
+        "Accuracy of the set-up (pass@1: mean over "
+        f"{budget.eval_n} samples at temperature 0.5; greedy: one greedy completion; the expert's row is "
+        "its demonstrations' accuracy):",
         "",
         "| model | held-out pass@1 | greedy | OOD pass@1 | OOD greedy | probe pass@1 | probe greedy |",
         "|---|---|---|---|---|---|---|",
         row("base"), row("expert"), row("teacher"),
         "",
     ]
+
+
+def precondition(setup: dict, grid: list[dict], lrs: dict) -> tuple[bool, str]:
+    """(met, the line the report prints): SFT at its best rate must lift validation pass@1 by at
+    least ``MIN_SFT_GAIN`` over the base before any verdict is read."""
+    base = setup.get("base_val")
+    best = next((g["val"] for g in grid if g["name"] == "SFT" and g["lr"] == lrs.get("SFT")), None)
+    if base is None or best is None:
+        return False, "Precondition not measured (no SFT grid run or no base validation score)."
+    met = best - base >= MIN_SFT_GAIN
+    return met, (f"Precondition ({'met' if met else 'NOT met'}): SFT at its best rate ({lrs['SFT']:g}) lifts "
+                 f"validation pass@1 from the base's {base:.3f} to {best:.3f} ({best - base:+.3f}; at least "
+                 f"+{MIN_SFT_GAIN:.2f} is required for the set-up to have something to learn)."
+                 + ("" if met else " The verdicts below are withheld: change the set-up."))
+
+
+def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict) -> None:
+    """docs/reproduction.json: the set-up's accuracies and every configuration's mean metrics in
+    the demo's shape (``results.<configuration>.<split>.pass@1``), and the verdicts."""
+    splits = {"test": "id", "ood": "ood", "probe": "probe"}
+
+    def model(a):
+        return {split: {"pass@1": a.get(key), "greedy_pass@1": a.get(f"{key}_greedy")} for split, key in splits.items()}
+
+    acc = setup["accuracy"]
+    doc = {"setup": {name: {"test_pass1": a.get("id"), "val_pass1": a.get("val"), **model(a)} for name, a in acc.items()}}
+    doc["setup"]["base"]["val_pass1_grid_measure"] = setup.get("base_val")
+    doc["setup"]["base_curve"] = setup["base_curve"]
+    doc["precondition_met"] = met
+    doc["learning_rates"] = lrs
+    doc["results"] = {}
+    for name, a in agg.items():
+        res = {split: {"pass@1": a[key][0], "pass@1_sd": a[key][1],
+                       **({"greedy_pass@1": a[f"{key}_greedy"][0]} if f"{key}_greedy" in a else {})}
+               for split, key in splits.items() if key in a}
+        res.update({m: a[m][0] for m in ("kl_base", "kl", "rectified", "grad_cv", "lr") if m in a})
+        res["seeds"] = a["n"]
+        if a.get("passk"):
+            res["test"]["pass@k"] = a["passk"]
+        doc["results"][name] = res
+    doc["verdicts"] = {claim: _combine(v) if met else "withheld" for claim, v in claims}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
@@ -277,18 +324,26 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
                    "of the prompts (Figure 1, Table 1)", c_eff))
     c2 = [compare(agg, "GFT", "GFT w/o GAL", "id"), compare(agg, "GFT", "GFT w/o DCR", "id")]
     claims.append(("Both GAL and DCR matter (Table 2, Figure 3)", c2))
+    c2b = [compare(agg, "GFT", "GFT w/o DCR", "grad_cv", higher_is_better=False)]
+    claims.append(("Without DCR the gradient norm is more volatile (Figure 3)", c2b))
     c3 = [compare(agg, "GFT", "SFT", "kl_base", higher_is_better=False), compare(agg, "GFT", "SFT", "probe")]
     claims.append(("GFT drifts less from the base model and forgets less than SFT (Table 3, Figure 5)", c3))
     c4 = [compare(agg, "GFT", "GRPO", k), compare(agg, "GFT", "SFT", k)]
     claims.append((f"GFT keeps diversity: higher {k} than GRPO and SFT (Table 4)", c4))
     ratio_names = [n for n in agg if agg[n]["family"] == "ratio"] + (["GFT"] if "GFT" in agg else [])
     not_run = []
-    if len(ratio_names) >= 5:          # all four ratios and the default 4:4
+    if len(ratio_names) >= 3:          # 1:7, 2:6 and the default 4:4
         others = [n for n in ratio_names if n != "GFT 2:6"]
         c5 = [compare(agg, "GFT 2:6", n, "id") for n in others]
-        claims.append(("Demo:sample 2:6 is the best group ratio (Table 5; the default GFT is 4:4)", c5))
+        claims.append(("Demo:sample 2:6 is the best group ratio of 1:7, 2:6 and 4:4 (Table 5; the default GFT "
+                       "is 4:4)", c5))
     elif not quick:
         not_run.append("Demo:sample 2:6 is the best group ratio (Table 5)")
+    if "SFT then GRPO" in agg and "SFT then GFT then GRPO" in agg:
+        c7 = [compare(agg, "SFT then GFT then GRPO", "SFT then GRPO", m) for m in ("id", "ood")]
+        claims.append(("GRPO gains more after SFT then GFT than after SFT alone, at equal GRPO steps (Figure 4)", c7))
+    elif not quick:
+        not_run.append("GRPO gains more after SFT then GFT than after SFT alone (Figure 4)")
     tau_names = [n for n in agg if agg[n]["family"] == "tau"] + [n for n in ("GFT", "GFT w/o DCR") if n in agg]
     if len(tau_names) >= 7:            # all five swept taus, GFT (0.7) and GFT w/o DCR (0)
         c6 = [compare(agg, "GFT", "GFT w/o DCR", "id"), compare(agg, "GFT", "GFT tau=1.5", "id")]
@@ -302,6 +357,11 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
     elif not quick:
         not_run.append("Accuracy is an inverted U in tau, best near 0.7 (Figure 6)")
 
+    met, precondition_line = precondition(setup, grid, lrs)
+    if quick and not met:     # the quick study checks the pipeline, not the set-up: verdicts stay shown
+        met, precondition_line = True, precondition_line.replace(" The verdicts below are withheld: change the "
+                                                                 "set-up.", " (--quick: not enforced.)")
+    print(f"[study] {precondition_line}", flush=True)
     tried = sorted({g["lr"] for g in grid})
     lines = [
         "# The paper's claims, reproduced in a fair miniature",
@@ -365,6 +425,8 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
         "",
         "## Verdicts",
         "",
+        precondition_line,
+        "",
         "Rule (from `study/report.py`): a gap larger than the seeds' noise, `sqrt(sd_a^2 + sd_b^2)` "
         "(at least 0.01), in the claimed direction is *reproduced*; larger than the noise the other "
         "way is *not reproduced*; otherwise *inconclusive*. On held-out, harder-split and probe accuracy "
@@ -377,7 +439,8 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
         "|---|---|---|",
     ]
     for claim, verdicts in claims:
-        lines.append(f"| {claim} | **{_combine(verdicts)}** | " + "; ".join(f"{v}: {t}" for v, t in verdicts) + " |")
+        word = _combine(verdicts) if met else "withheld (precondition not met)"
+        lines.append(f"| {claim} | **{word}** | " + "; ".join(f"{v}: {t}" for v, t in verdicts) + " |")
     for claim in not_run:
         lines.append(f"| {claim} | **not tested** | its sweep did not finish in this round (see the last section) |")
     method_names = [n for n in agg if agg[n]["family"] in ("methods", "ablation")]
@@ -493,14 +556,17 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
                   "runs are reused)."]
     path = docs / ("reproduction_quick.md" if quick else "reproduction.md")
     path.write_text("\n".join(lines) + "\n")
+    write_json(path.with_suffix(".json"), setup, agg, claims, met, lrs)
     return path
 
 
 LIMITS = [
     "It can say how the methods compare when each is tuned, on a task where the claims have "
-    "something to act on: several correct scratchpads per prompt (diversity, group learning), an "
-    "expert style the base starts at low probability (what DCR rectifies), a harder split the base "
-    "is not at zero on (generalization), and a pre-training skill to lose (forgetting). The "
+    "something to act on: a skill the base lacks and the demonstrations carry (carrying in the last "
+    "step: the base is right on about half the prompts, the expert on all), several correct "
+    "scratchpads per prompt (diversity, group learning), an expert order the base starts at low "
+    "probability (what DCR rectifies), a harder split (generalization), and a pre-training skill "
+    "to lose (forgetting). The "
     "learning rates come from a grid on a validation split, not from one shared value, and the "
     "curves show whether the runs had flattened.",
     "",

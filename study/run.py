@@ -73,10 +73,20 @@ def main_specs() -> list[Spec]:
 
 def sweep_specs() -> list[Spec]:
     taus = [Spec(f"GFT tau={t}", "tau", dict(method="gft", tau=t, **GROUPS), x=t) for t in (0.1, 0.3, 0.5, 0.9, 1.5)]
-    ratios = [Spec(f"GFT {d}:{8 - d}", "ratio", dict(method="gft", n_expert=min(d, 1), n_teacher=max(d - 1, 0),
-                                                      n_self=8 - d, **GROUPS), x=f"{d}:{8 - d}")
-              for d in (8, 6, 2, 0)]
+    # demonstrations : self-samples (Table 5); the default GFT is 4:4 (1 expert + 3 teacher)
+    mixes = {1: dict(n_expert=1, n_teacher=0, n_self=7), 2: dict(n_expert=1, n_teacher=1, n_self=6)}
+    ratios = [Spec(f"GFT {d}:{8 - d}", "ratio", dict(method="gft", **mix, **GROUPS), x=f"{d}:{8 - d}")
+              for d, mix in mixes.items()]
     return taus + ratios
+
+
+# RL compatibility (Figure 4): GRPO from the SFT model against GRPO from the SFT-then-GFT model, at
+# equal GRPO steps. ``start`` names the configuration whose final model (same seed) a run starts from.
+RL_SPECS = (
+    Spec("SFT then GFT", "staged", dict(method="gft", **GROUPS), x="SFT"),
+    Spec("SFT then GRPO", "rl", dict(method="grpo", **GROUPS), x="SFT"),
+    Spec("SFT then GFT then GRPO", "rl", dict(method="grpo", **GROUPS), x="SFT then GFT"),
+)
 
 
 def specs(quick: bool) -> list[Spec]:
@@ -89,18 +99,18 @@ def specs(quick: bool) -> list[Spec]:
 @dataclass(frozen=True)
 class Budget:
     base_steps: int = 3000          # pre-training (the base); cosine, lr 3e-3
-    expert_steps: int = 600
-    teacher_steps: int = 400
-    steps: int = 400                # fine-tuning optimizer steps per run (150 left SFT's curve rising)
-    curve_points: tuple = (25, 50, 100, 200, 300)   # and the last step
+    teacher_steps: int = 800        # the teacher: the base trained this much longer on correct scratchpads (400 left it below the base)
+    steps: int = 200                # fine-tuning optimizer steps per run
+    curve_points: tuple = (25, 50, 100, 150)   # and the last step
     lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)   # the grid every method starts from (extended: LR_LADDER)
     seeds: int = 3
     sweep_seeds: int = 2
-    long_methods: tuple = ("SFT", "DFT", "GFT")   # run again at long_steps, seed 0, their own rates
-    long_steps: int = 800
+    long_methods: tuple = ()        # run again at long_steps, seed 0, their own rates (none this round)
+    long_steps: int = 400
+    rl_steps: int = 100             # each stage of the RL-compatibility runs (SFT -> GFT -> GRPO)
     eval_n: int = 8
     curve_n: int = 4
-    passk_n: int = 32
+    passk_n: int = 64
     passk_prompts: int = 40
     data_sizes: tuple = ()          # overrides of make_data's split sizes, as (name, size) pairs
 
@@ -110,10 +120,15 @@ class Budget:
 LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 FULL = Budget()
-QUICK = Budget(base_steps=30, expert_steps=10, teacher_steps=5, steps=3, curve_points=(2,), lrs=(1e-3,), seeds=1,
-               sweep_seeds=1, long_methods=("SFT",), long_steps=4, eval_n=2, curve_n=1, passk_n=4, passk_prompts=4,
-               data_sizes=(("pretrain_sums", 64), ("expert_train", 64), ("teacher_train", 64), ("train", 48),
-                           ("val", 8), ("test", 12), ("ood", 8), ("pretrain_reversal", 64), ("probe", 8)))
+QUICK = Budget(base_steps=30, teacher_steps=5, steps=3, curve_points=(2,), lrs=(1e-3,), seeds=1,
+               sweep_seeds=1, long_methods=("SFT",), long_steps=4, rl_steps=2, eval_n=2, curve_n=1, passk_n=4,
+               passk_prompts=4,
+               data_sizes=(("pretrain_sums", 64), ("teacher_train", 64), ("train", 48), ("val", 8), ("test", 12),
+                           ("ood", 8), ("pretrain_reversal", 64), ("probe", 8)))
+
+# The set-up must leave room to learn before any verdict: SFT at its best rate lifts validation
+# pass@1 this much over the base, or the report withholds its verdicts.
+MIN_SFT_GAIN = 0.15
 
 
 def _threads_one():
@@ -126,11 +141,10 @@ def _threads_one():
 
 # ---- the set-up ---------------------------------------------------------------------------
 def make_setup(out: Path, budget: Budget, pool=None) -> dict:
-    """Builds (or reads back) data, base, expert, teacher and the fine-tuning rows."""
+    """Builds (or reads back) data, base, teacher and the fine-tuning rows, and measures them."""
     from gft_train.demo.model import build_model
-    from gft_train.demo.sums import make_data
-
-    from gft_train.demo.recipe import build_finetune_rows, sft, style_share, write_rows
+    from gft_train.demo.recipe import build_finetune_rows, make_teacher, sft, snapshot_dirs, style_share, write_rows
+    from gft_train.demo.sums import EXPERT_STYLE, make_data, reward
 
     path = out / "setup.json"
     if path.exists():
@@ -140,40 +154,48 @@ def make_setup(out: Path, budget: Budget, pool=None) -> dict:
     data = make_data(seed=0, sizes=dict(budget.data_sizes))
     files = {name: str(write_rows(rows, s / "data" / f"{name}.jsonl")) for name, rows in data.items()}
     build_model(s / "init", **BASE_SHAPE)
-    points = sorted({budget.base_steps // 8, budget.base_steps // 4, budget.base_steps // 2,
-                     3 * budget.base_steps // 4} - {0})
+    points = sorted({budget.base_steps // 4, budget.base_steps // 2, 3 * budget.base_steps // 4} - {0})
     base = sft(s / "init", Path(files["pretrain"]), s / "base", budget.base_steps, 3e-3, snapshots=points)
-    jobs = [("sft", dict(model=base, train_file=Path(files["expert_train"]), out=s / "expert",
-                         steps=budget.expert_steps, lr=1e-3)),
-            ("sft", dict(model=base, train_file=Path(files["teacher_train"]), out=s / "teacher",
-                         steps=budget.teacher_steps, lr=1e-3))]
-    expert, teacher = _map(pool, jobs)
-    rows, filtered = build_finetune_rows(expert, teacher, data["train"])
+    teacher = make_teacher(base, Path(files["teacher_train"]), s / "teacher", budget.teacher_steps)
+    rows, filtered = build_finetune_rows(teacher, data["train"])
     files["train"] = str(write_rows(rows, s / "data" / "train.jsonl"))
     files["filtered"] = str(write_rows(filtered or rows[:1], s / "data" / "filtered.jsonl"))
-    from gft_train.demo.sums import reward
-
     teacher_ok = [reward([], r["teachers"], [r["answer"]] * len(r["teachers"])) for r in rows]
-    info = dict(files=files, base=str(base), expert=str(expert), teacher=str(teacher),
+    info = dict(files=files, base=str(base), teacher=str(teacher),
                 expert_train_acc=st.mean(reward([], [r["expert"] for r in rows], [r["answer"] for r in rows])),
                 teacher_train_acc=st.mean(x for ok in teacher_ok for x in ok),
                 teacher_distinct=st.mean(len(set(r["teachers"])) for r in rows),
                 filtered_rows=len(filtered), train_rows=len(rows))
-    from gft_train.demo.recipe import snapshot_dirs
-
-    models = {"base": base, "expert": expert, "teacher": teacher}
-    evals = _map(pool, [("evaluate", dict(model_dir=m, base_dir=None, files=files, budget=budget, seed=0, full=False))
-                        for m in models.values()])
-    info["accuracy"] = dict(zip(models, evals))
-    info["base_curve"] = {step: _map(None, [("evaluate", dict(model_dir=d, base_dir=None, files=files, budget=budget,
-                                                              seed=0, full=False, splits=("val",)))])[0]["val_greedy"]
-                          for step, d in snapshot_dirs(s / "base", budget.base_steps).items()}
+    evals = _map(pool, [("evaluate", dict(model_dir=m, base_dir=None, files=files, budget=budget, seed=0, full=False,
+                                          splits=("test", "ood", "probe", "val")))
+                        for m in (base, teacher)])
+    info["accuracy"] = dict(zip(("base", "teacher"), evals))
+    info["accuracy"]["expert"] = solver_accuracy(files)
+    # the base along its pre-training: the target task (validation) and a pre-training skill (the
+    # held-out reversal probe), greedy; flat at the end = converged
+    info["base_curve"] = {}
+    for step, d in snapshot_dirs(s / "base", budget.base_steps).items():
+        acc = _map(None, [("evaluate", dict(model_dir=d, base_dir=None, files=files, budget=budget, seed=0,
+                                            full=False, splits=("val", "probe")))])[0]
+        info["base_curve"][step] = dict(val=acc["val_greedy"], probe=acc["probe_greedy"])
     info["base_val"] = curve_accuracy(base, files, budget, 0, split="val")   # the grid's measure, before fine-tuning
-    info["expert_style_in_base"] = style_share(base, data["val"], "descending")
-    info["expert_style_in_expert"] = style_share(expert, data["val"], "descending")
+    info["expert_style_in_base"] = style_share(base, data["val"], EXPERT_STYLE)
     info["seconds"] = round(time.time() - started, 1)
     path.write_text(json.dumps(info, indent=1))
     return info
+
+
+def solver_accuracy(files: dict) -> dict:
+    """The expert (the task's solver): the share of its demonstrations that are right, per split."""
+    from gft_train.data import load_rows
+    from gft_train.demo.sums import reward
+
+    names = {"test": "id", "ood": "ood", "val": "val"}
+    out = {}
+    for split, key in names.items():
+        rows = load_rows(files[split])
+        out[key] = st.mean(reward([], [r.expert for r in rows], [r.answer for r in rows]))
+    return out
 
 
 # ---- one run ------------------------------------------------------------------------------
@@ -230,16 +252,17 @@ def run_dir_for(out: Path, spec: Spec, seed: int, lr: float, grid: bool) -> Path
 
 
 def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: dict, grid: bool = False,
-            steps: int | None = None) -> dict:
-    """One fine-tuning run from the base (``steps``: ``budget.steps`` unless given), then its
-    evaluation: validation pass@1 for a grid run; otherwise the curve and ``evaluate``."""
+            steps: int | None = None, start: str | None = None) -> dict:
+    """One fine-tuning run from the base, or from ``start`` (another run's final model), for
+    ``steps`` (``budget.steps`` unless given), then its evaluation: validation pass@1 for a grid
+    run; otherwise the curve and ``evaluate`` (KL always to the base)."""
     from gft_train.demo.recipe import snapshot_dirs, train_with_snapshots
 
     files = setup["files"]
     steps = steps or budget.steps
     run_dir = run_dir_for(out, spec, seed, lr, grid)
     shutil.rmtree(run_dir, ignore_errors=True)    # a run cut off earlier starts over
-    cfg = Config(model=setup["base"], output_dir=str(run_dir), seed=seed, train_file=files[spec.data],
+    cfg = Config(model=start or setup["base"], output_dir=str(run_dir), seed=seed, overwrite_output_dir=True, train_file=files[spec.data],
                  max_new_tokens=MAX_NEW_TOKENS, max_length=MAX_LENGTH, micro_batch_size=SEQS_PER_STEP, lr=lr,
                  lr_scheduler="constant", max_steps=steps, temperature=1.0, engine="transformers",
                  rollout_batch_size=512, reward=REWARD, **spec.overrides)
@@ -315,12 +338,14 @@ def method_of(name: str) -> str:
 
 
 def rate_for(name: str, family: str, lrs: dict[str, float]) -> float:
-    """The rate a configuration runs at: a main method its own, a longer run its method's, the
-    ablations and sweeps GFT's."""
+    """The rate a configuration runs at: a main method its own, a longer run its method's, a GRPO
+    stage GRPO's, the ablations, sweeps and GFT stages GFT's."""
     if family == "methods":
         return lrs[name]
     if family == "long":
         return lrs[method_of(name)]
+    if family == "rl":
+        return lrs["GRPO"]
     return lrs["GFT"]
 
 
@@ -349,6 +374,22 @@ def grid_extensions(grid_rows: list[dict], names, ladder=LR_LADDER) -> dict[str,
         elif lr == tried[-1] and i + 1 < len(ladder):
             nxt[name] = ladder[i + 1]
     return nxt
+
+
+def _run_all(pool, jobs, results_path: Path) -> int:
+    n = 0
+    for row in _imap(pool, jobs):
+        n += 1
+        _append(results_path, row)
+        print(f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "
+              f"probe {row['probe']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)", flush=True)
+    return n
+
+
+def _final_of(name: str, seed: int, out: Path, lrs: dict) -> Path:
+    """The final model of configuration ``name`` (a main method or an RL stage) at this seed."""
+    spec = next(s for s in (*main_specs(), *RL_SPECS) if s.name == name)
+    return run_dir_for(out, spec, seed, rate_for(spec.name, spec.family, lrs), grid=False) / "final"
 
 
 def main(argv=None) -> Path:
@@ -405,11 +446,16 @@ def main(argv=None) -> Path:
         jobs = [("run", dict(spec=s, seed=seed, lr=rate_for(s.name, s.family, lrs), out=out, budget=budget,
                              setup=setup, steps=budget.long_steps if s.family == "long" else None))
                 for s, seed in main + longer + sweeps if (s.name, seed, rate_for(s.name, s.family, lrs)) not in done]
-        for row in _imap(pool, jobs):
-            ran += 1
-            _append(results_path, row)
-            print(f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "
-                  f"probe {row['probe']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)", flush=True)
+        ran += _run_all(pool, jobs, results_path)
+        if {"SFT", "GFT", "GRPO"} <= set(lrs):
+            # RL compatibility, in its stages (each starts from the previous stage's model, same seed)
+            for family in ("staged", "rl"):
+                done = {(r["name"], r["seed"], r["lr"]) for r in _read(results_path)}
+                jobs = [("run", dict(spec=s, seed=seed, lr=rate_for(s.name, s.family, lrs), out=out, budget=budget,
+                                     setup=setup, steps=budget.rl_steps, start=str(_final_of(s.x, seed, out, lrs))))
+                        for seed in range(budget.seeds) for s in RL_SPECS
+                        if s.family == family and (s.name, seed, rate_for(s.name, s.family, lrs)) not in done]
+                ran += _run_all(pool, jobs, results_path)
     finally:
         if pool is not None:
             pool.close()

@@ -32,6 +32,12 @@ def test_quick_study_writes_the_report_with_verdicts(tmp_path):
     setup = json.loads((tmp_path / "study" / "setup.json").read_text())
     assert set(setup["accuracy"]) == {"base", "expert", "teacher"} and 0 <= setup["base_val"] <= 1
     assert "KL(base‖model)" in text and "greedy" in text
+    assert "Precondition" in text            # the set-up's room to learn, printed before the verdicts
+    doc = json.loads((tmp_path / "docs" / "reproduction_quick.json").read_text())
+    assert set(doc["setup"]) >= {"base", "expert", "teacher", "base_curve"}
+    assert doc["setup"]["expert"]["test_pass1"] == 1.0     # the solver's demonstrations
+    assert 0 <= doc["setup"]["base"]["test_pass1"] <= 1 and "val_pass1" in doc["setup"]["teacher"]
+    assert doc["results"]["GFT"]["test"]["pass@1"] == json.loads(rows[1])["id"]   # the demo's shape
     assert "| configuration | pass@1 | pass@2 | pass@4 |" in text   # the pass@k curves (Table 4)
     # a rerun skips finished runs and regenerates the report
     main(["--quick", "--out", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")])

@@ -188,6 +188,17 @@ def test_missing_model_and_unknown_method_are_clear_errors(setup, tmp_path):
     assert not (tmp_path / "g.jsonl").exists()
 
 
+def test_demo_prints_the_same_table_twice(tmp_path):
+    """Deterministic on one machine: a second run in the same folder starts afresh (its own
+    folders cleared) and prints the same table."""
+    from gft_train.demo.run import run_demo
+
+    run_demo(tmp_path / "demo", quick=True)
+    first = (tmp_path / "demo" / "results.txt").read_text()
+    run_demo(tmp_path / "demo", quick=True)
+    assert (tmp_path / "demo" / "results.txt").read_text() == first
+
+
 def test_demo_runs_end_to_end(tmp_path, capsys):
     from gft_train.demo.run import SPLITS, run_demo
 
@@ -200,7 +211,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
             assert {"pass@1", "greedy_pass@1", "pass@2", "distinct_correct"} <= set(model[split])
     assert "greedy" in printed and "KL(base || GFT)" in printed and result["results"]["GFT"]["kl_base_model"] >= 0
     for method in ("sft", "gft"):
-        assert (tmp_path / "demo" / method / "training.png").exists()
-        metrics = (tmp_path / "demo" / method / "metrics.jsonl").read_text().splitlines()
+        assert (tmp_path / "demo" / "runs" / f"{method}-seed0" / "training.png").exists()
+        metrics = (tmp_path / "demo" / "runs" / f"{method}-seed0" / "metrics.jsonl").read_text().splitlines()
         losses = [json.loads(line)["loss"] for line in metrics]
         assert losses and all(abs(x) < 1e3 for x in losses)

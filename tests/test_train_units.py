@@ -454,3 +454,68 @@ def test_encode_tokenizes_like_one_text_at_a_time_with_a_chat_template():
         assert row[:n] == p + r and labels[:n] == [-100] * len(p) + r
         assert set(row[n:]) <= {tok.pad_token_id} and set(labels[n:]) <= {-100}
     assert batch.adv.tolist() == [1.0, -0.5, 0.0]
+
+
+def test_yaml_values_are_converted_and_checked_like_their_flags(tmp_path):
+    """PyYAML reads `1e-3` as a string: every YAML value is converted to its field's type (issue 22, 1)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    config_mod.add_arguments(p)
+    path = tmp_path / "c.yaml"
+    path.write_text('lr: 1e-3\ntau: "0.5"\nmax_steps: "7"\nbf16: "false"\neval_k: "1,4"\nn_self: null\nmodel: 2024\n')
+    cfg = config_mod.from_args(p.parse_args(["--config", str(path)]))
+    assert (cfg.lr, cfg.tau, cfg.max_steps, cfg.bf16, cfg.eval_k, cfg.n_self, cfg.model) == \
+        (1e-3, 0.5, 7, False, [1, 4], None, "2024")
+    assert type(cfg.lr) is float and type(cfg.tau) is float and type(cfg.max_steps) is int
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)   # crashed on the string
+    for text, field, words in [("lr: fast\n", "lr", "a number"), ("max_steps: 2.5\n", "max_steps", "an integer"),
+                               ("bf16: maybe\n", "bf16", "true or false"), ("model: [a]\n", "model", "a string"),
+                               ("eval_k: [1, x]\n", "eval_k", "an integer"), ("tau: true\n", "tau", "a number")]:
+        path.write_text(text)
+        with pytest.raises(ValueError) as info:
+            config_mod.from_args(p.parse_args(["--config", str(path)]))
+        msg = str(info.value)
+        assert str(path) in msg and repr(field) in msg and words in msg, msg
+
+
+def test_chat_prompts_trl_completions_and_column_mapping(tmp_path):
+    """Chat-message prompts, TRL's `completion` column (text or assistant messages), a column mapping,
+    with the same file/row/field errors (issue 22)."""
+    chat = [{"role": "system", "content": "Add."}, {"role": "user", "content": "1+1="}]
+    path = _write(tmp_path / "d.jsonl", [
+        {"prompt": chat, "answer": "2", "completion": "2"},
+        {"prompt": "1+1=", "answer": "2", "completion": [{"role": "assistant", "content": "2"}]},
+    ])
+    rows = load_rows(path)
+    assert (rows[0].prompt, rows[0].expert, rows[1].prompt, rows[1].expert) == (chat, "2", "1+1=", "2")
+    mapped = _write(tmp_path / "m.jsonl", [{"question": chat, "gold": "2", "solution": "2", "others": ["3"]}])
+    row = load_rows(mapped, "prompt=question, answer=gold,expert=solution,teachers=others")[0]
+    assert (row.prompt, row.answer, row.expert, row.teachers) == (chat, "2", "2", ["3"])
+    for bad, field, words in [
+        ({"question": [{"role": "user", "content": 3}], "gold": "2", "solution": "2"}, "question[0].content", "a string"),
+        ({"question": [{"role": "boss", "content": "x"}], "gold": "2", "solution": "2"}, "question[0].role", "one of"),
+        ({"question": "1+1=", "solution": "2"}, "gold", "missing"),
+        ({"question": 5, "gold": "2", "solution": "2"}, "question", "a list of chat messages"),
+    ]:
+        with pytest.raises(DataError) as info:
+            load_rows(_write(tmp_path / "b.jsonl", [bad]), "prompt=question,answer=gold,expert=solution")
+        assert f"row 0: field {field!r}" in str(info.value) and words in str(info.value), str(info.value)
+    with pytest.raises(ValueError, match="FIELD=COLUMN"):
+        load_rows(mapped, "question")
+
+
+def test_chat_prompts_go_through_the_chat_template():
+    from gft_train.lm import encode, format_prompt
+
+    tok = _tiny_tokenizer()
+    with pytest.raises(ValueError, match="chat template"):
+        format_prompt(tok, [{"role": "user", "content": "1+1="}])
+    # the demo's character tokenizer knows digits and + - * = ( ): a system message is marked with -
+    tok.chat_template = "{% for m in messages %}({% if m['role'] == 'system' %}-{% endif %}{{ m['content'] }})" \
+                        "{% endfor %}{% if add_generation_prompt %}*{% endif %}"
+    msgs = [{"role": "system", "content": "9"}, {"role": "user", "content": "1+1="}]
+    assert format_prompt(tok, msgs) == "(-9)(1+1=)*"
+    assert format_prompt(tok, "1+1=") == "(1+1=)*"     # a text prompt is one user message
+    batch = encode(tok, [(msgs, "2", 1.0)], 64)
+    assert tok.decode(batch.input_ids[0][batch.labels[0] == -100]).replace(" ", "") == "(-9)(1+1=)*"

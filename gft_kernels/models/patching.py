@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..options import IGNORE_INDEX, check_backend_name, check_tau
 from .loss import causal_lm_gft_loss
-from .probe import _forward_kwargs, _logits_of, _original_forward, _probe_vocab, _tolerance, check_model
+from .probe import _forward_kwargs, _logits_of, _original_forward, _probe_length, _probe_vocab, _tolerance, check_model
 from .transforms import UnsupportedModelError, _arch, _head, _linear
 
 
@@ -24,7 +24,7 @@ def _loss_probe(model):
     g = torch.Generator().manual_seed(4321)
     spec = check_model(model)
     vocab = _probe_vocab(model, spec, weight)
-    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
+    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, _probe_length(model)), generator=g).to(device)
     labels = input_ids.clone()
     labels[0, :2] = IGNORE_INDEX
     modes = [(m, m.training) for m in model.modules()]

@@ -90,6 +90,16 @@ def _probe_vocab(model, spec: LogitsTransform, weight: Tensor) -> int:
     return int(spec.vocab or _number(_field(model, "vocab_size")) or 2)
 
 
+def _probe_length(model, tokens: int = 6) -> int:
+    """Tokens per probe row, a length the model accepts: xLSTM in its ``mode="train"`` refuses a
+    length that is not a multiple of its ``chunk_size`` (its other modes, and Mamba2's chunks, pad)."""
+    config = getattr(model, "config", None)
+    chunk = getattr(config, "chunk_size", None)
+    if getattr(config, "mode", None) == "train" and isinstance(chunk, int) and chunk > 1:
+        return -(-tokens // chunk) * chunk
+    return tokens
+
+
 def _probe(model, spec: LogitsTransform) -> None:
     arch = _arch(model)
     linear = _linear(_head(model))
@@ -149,7 +159,7 @@ def _probe(model, spec: LogitsTransform) -> None:
                 "it transforms its logits in a way this library does not know")
 
     vocab = _probe_vocab(model, spec, weight)
-    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, 6), generator=g).to(device)
+    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, _probe_length(model)), generator=g).to(device)
     mask = torch.ones_like(input_ids)
     modes = [(m, m.training) for m in model.modules()]
     handle = linear.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -1,17 +1,19 @@
 """The recipe the study and the demo share: the data, the base model (pre-trained to
-convergence), the expert and teacher models, and the fine-tuning rows they write.
+convergence), the teacher model, and the fine-tuning rows (demonstrations and teacher samples).
 
 Recipe (fixed; the study's and the demo's budgets only scale step counts and split sizes):
 
 1. Data (``gft_train.demo.sums.make_data``, seed 0): disjoint prompt sets for pre-training, the
-   expert's and teacher's training, fine-tuning, validation and test.
-2. Base: a tiny Qwen2-style model (``BASE_SHAPE``), SFT on the pre-training mix (single additions,
-   digit reversal, a little of the three-number task in left-to-right style), cosine schedule,
-   until held-out accuracy flattens (the curve is recorded in ``setup.json``).
-3. Expert: the base, SFT on the descending style (largest addend first). Teacher: the base, SFT
-   briefly on shuffled orders. Both are real models: the expert's greedy answer is each
-   fine-tuning row's demonstration, and 7 samples of the teacher at temperature 1 are its teacher
-   responses, errors included.
+   teacher's training, fine-tuning, validation and test.
+2. Base: a tiny Qwen2-style model (``BASE_SHAPE``), SFT on the pre-training mix (single additions
+   carried correctly, digit reversal, three-number sums whose last step drops its carry), cosine
+   schedule, until held-out accuracy flattens (the study records the curve). It scores about half
+   of the three-number sums: the ones whose last step does not carry.
+3. Expert: the task's own solver, writing each fine-tuning row's demonstration in the
+   ``reversed`` style (last addend first, carried correctly; always right; an order the base
+   never writes). Teacher: a real model, the base trained ``TEACHER_STEPS`` more steps on
+   correct scratchpads in two orders; 7 samples of it at temperature 1 are each row's teacher
+   responses, errors included, so it sits between the base and the expert.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ REWARD = "gft_train.demo.sums:reward"
 BASE_SHAPE = dict(hidden_size=64, layers=2)
 MAX_NEW_TOKENS, MAX_LENGTH = 16, 32
 N_TEACHERS = 7
+TEACHER_STEPS, TEACHER_LR = 800, 1e-3
 
 
 def write_rows(rows, path: Path) -> Path:
@@ -33,13 +36,15 @@ def write_rows(rows, path: Path) -> Path:
 
 
 def sft(model: Path, train_file: Path, out: Path, steps: int, lr: float, seed: int = 0, snapshots=()) -> Path:
-    """Plain SFT of ``model`` on ``train_file`` (64 rows a step, cosine schedule); returns final/."""
+    """Plain SFT of ``model`` on ``train_file`` (64 rows a step, cosine schedule); returns final/.
+    A finished one is reused (the study resumes; the demo clears its folder first)."""
     final = out / "final"
     if final.exists():
         return final
     cfg = Config(method="sft", model=str(model), output_dir=str(out), train_file=str(train_file), max_steps=steps,
                  lr=lr, lr_scheduler="cosine", warmup_steps=min(50, steps // 10), prompts_per_step=64,
-                 micro_batch_size=64, max_length=MAX_LENGTH, max_new_tokens=MAX_NEW_TOKENS, reward=REWARD, seed=seed)
+                 micro_batch_size=64, max_length=MAX_LENGTH, max_new_tokens=MAX_NEW_TOKENS, reward=REWARD, seed=seed,
+                 overwrite_output_dir=True)
     return train_with_snapshots(cfg, snapshots)
 
 
@@ -52,22 +57,23 @@ def sample(model_dir: Path, prompts: list[str], n: int, temperature: float, seed
     return engine.generate(prompts, n, seed=seed)
 
 
-def build_finetune_rows(expert: Path, teacher: Path, rows: list[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(fine-tuning rows, filtered-teacher rows): the expert's greedy answer as the demonstration,
-    7 teacher samples at temperature 1; the filtered set keeps every correct teacher response
-    as its own demonstration (SFT on filtered teacher data)."""
+def build_finetune_rows(teacher: Path, rows: list[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(fine-tuning rows, filtered-teacher rows): each row keeps its demonstration (the solver's)
+    and gets ``N_TEACHERS`` teacher samples at temperature 1; the filtered set keeps every correct
+    teacher response as its own demonstration (SFT on filtered teacher data)."""
     from .sums import reward
 
-    prompts = [r["prompt"] for r in rows]
-    demos = [x[0] for x in sample(expert, prompts, 1, 0.0, seed)]
-    teach = sample(teacher, prompts, N_TEACHERS, 1.0, seed + 1)
+    teach = sample(teacher, [r["prompt"] for r in rows], N_TEACHERS, 1.0, seed + 1)
     out, filtered = [], []
-    for r, demo, ts in zip(rows, demos, teach):
-        # an empty answer (the expert stopped at once) is kept as a wrong one: rows need a text
-        out.append(dict(prompt=r["prompt"], answer=r["answer"], expert=demo.strip() or "=", teachers=ts))
+    for r, ts in zip(rows, teach):
+        out.append(dict(r, teachers=ts))
         ok = reward([r["prompt"]] * len(ts), ts, [r["answer"]] * len(ts))
         filtered += [dict(prompt=r["prompt"], answer=r["answer"], expert=t, teachers=[]) for t, g in zip(ts, ok) if g]
     return out, filtered
+
+
+def make_teacher(base: Path, teacher_train: Path, out: Path, steps: int = TEACHER_STEPS) -> Path:
+    return sft(base, teacher_train, out, steps, TEACHER_LR)
 
 
 def style_share(model_dir: Path, rows: list[dict], style: str) -> float:

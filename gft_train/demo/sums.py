@@ -1,20 +1,27 @@
-"""A task with several solution paths: the sum of three numbers, written as a scratchpad of
-partial sums whose addends may be combined in any order.
+"""A task with several solution paths and a skill to learn: the sum of three numbers, written as
+a scratchpad of partial sums whose addends may be combined in any order.
 
     prompt  "3+17+8="
     answer  "28"
-    paths   "3+17=20+8=28", "17+8=25+3=28", "8+3=11+17=28", ... (6 orders)
+    paths   "3+17=20+8=28", "8+17=25+3=28", "17+8=25+3=28", ... (6 orders)
 
-The reward reads only the final number (after the last "="), so every order is right. Three
-writing styles, one per kind of model:
+The reward reads only the final number (after the last "="), so every order is right. The
+models of the recipe (``gft_train.demo.recipe``) write it in these styles:
 
-- ``left_to_right``: the addends in the prompt's order (the base model's pre-training style);
-- ``descending``: largest first (the expert's canonical style; the base writes it only when the
-  prompt is already in that order, so its tokens start at low probability under the base);
-- ``shuffled``: a random order per response (the teacher's style: diverse paths).
+- ``no_carry``: the addends in the prompt's order, the last partial sum added digit by digit
+  *without carrying* (``17+5=22+9=21``): the base model's pre-training corpus, a systematic
+  misconception. It is right only where the last step does not carry (55% of the prompts), so
+  the base has room to gain and something to unlearn;
+- ``reversed``: the addends last to first, carried correctly (``8+17=25+3=28``): the expert's
+  canonical style, written by the task's own solver (always right). The base never writes this
+  order, so its tokens start at low probability under the base (what DCR rectifies);
+- ``left_to_right``: carried correctly, in the prompt's order; the teacher model learns on half
+  of its rows in this style and half ``reversed`` (two paths, and its own errors);
+- ``descending`` and ``shuffled``: largest addend first / a random order per response.
 
-Other pre-training skills: single additions ``a+b=`` (the steps of the scratchpad) and digit
-reversal ``(3817)=`` -> ``7183`` (the forgetting probe: fine-tuning never trains it).
+Other pre-training skills: single additions ``a+b=`` (carried correctly: the base knows how to
+add, and the scratchpad's steps are such additions) and digit reversal ``(3817)=`` -> ``7183``
+(the forgetting probe: fine-tuning never trains it).
 """
 from __future__ import annotations
 
@@ -22,26 +29,41 @@ import random
 
 ADDEND_MAX = 19          # in-distribution addends: 0..19 (answers 0..57)
 OOD_MAX = 29             # harder: addends 0..29, at least one above 19 (answers up to 87)
+EXPERT_STYLE = "reversed"   # the demonstrations: the solver, last addend first, carried
 
 
-def scratchpad(order) -> str:
-    """The addends in this order, each partial sum written out: ``3+17=20+8=28``."""
+def add_without_carry(a: int, b: int) -> int:
+    """Digit-wise sum that drops every carry: 35 + 7 = 32, 17 + 8 = 15."""
+    out, place = 0, 1
+    while a or b:
+        out += ((a % 10 + b % 10) % 10) * place
+        a, b, place = a // 10, b // 10, place * 10
+    return out
+
+
+def scratchpad(order, carry_last: bool = True) -> str:
+    """The addends in this order, each partial sum written out: ``3+17=20+8=28``; with
+    ``carry_last=False`` the last step drops its carry (``17+5=22+9=21``)."""
     acc, text = order[0], str(order[0])
-    for x in order[1:]:
-        acc += x
+    for i, x in enumerate(order[1:], start=2):
+        acc = acc + x if carry_last or i < len(order) else add_without_carry(acc, x)
         text += f"+{x}={acc}"
     return text
 
 
 def write(numbers, style: str, rng: random.Random | None = None) -> str:
+    numbers = list(numbers)
     if style == "left_to_right":
-        return scratchpad(list(numbers))
+        return scratchpad(numbers)
+    if style == "no_carry":
+        return scratchpad(numbers, carry_last=False)
+    if style == "reversed":
+        return scratchpad(numbers[::-1])
     if style == "descending":
         return scratchpad(sorted(numbers, reverse=True))
     if style == "shuffled":
-        order = list(numbers)
-        rng.shuffle(order)
-        return scratchpad(order)
+        rng.shuffle(numbers)
+        return scratchpad(numbers)
     raise ValueError(f"unknown style {style!r}")
 
 
@@ -75,12 +97,13 @@ def reward(prompts, completions, answers) -> list[float]:
 def make_data(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict]]:
     """Every split, from one seed; no prompt appears in two of them.
 
-    pretrain: all single additions a+b (a <= 59, b <= 29, both orders), digit reversals and a
-    little of the target task in the base's style (500 in-distribution sums, 100 harder ones, so
-    the base is not at zero on the harder split the fine-tuning data never shows);
-    expert_train / teacher_train: the prompts the expert and teacher models learn their styles
-    on; train: the fine-tuning prompts; val: to choose learning rates; test / ood / probe: held out."""
-    s = dict(pretrain_sums=500, pretrain_hard_sums=100, expert_train=1500, teacher_train=1500, train=2000, val=200,
+    pretrain: all single additions a+b (a <= 59, b <= 29, both orders, carried), digit reversals,
+    and three-number sums in the ``no_carry`` style (in-distribution, and a few harder ones so
+    the base is not at zero on the harder split); teacher_train: the prompts the teacher model
+    learns on (half ``left_to_right``, half ``reversed``); train: the fine-tuning prompts, with
+    the expert's demonstration (``reversed``); val: to choose learning rates; test / ood /
+    probe: held out (their ``expert`` is the solver's answer, for KL measures)."""
+    s = dict(pretrain_sums=1000, pretrain_hard_sums=100, teacher_train=1000, train=2000, val=200,
              test=300, ood=300, pretrain_reversal=3000, probe=300)
     s.update(sizes or {})
     rng = random.Random(seed)
@@ -97,18 +120,19 @@ def make_data(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict]]
     rng.shuffle(digits)
 
     out, start = {}, 0
-    for name in ("pretrain_sums", "expert_train", "teacher_train", "train", "val", "test"):
+    for name in ("pretrain_sums", "teacher_train", "train", "val", "test"):
         out[name] = triples[start:start + s[name]]
         start += s[name]
-    pretrain = ([sum_row(t) for t in out.pop("pretrain_sums") + hard[s["ood"]:s["ood"] + s["pretrain_hard_sums"]]]
+    corpus = out.pop("pretrain_sums") + hard[s["ood"]:s["ood"] + s["pretrain_hard_sums"]]
+    pretrain = ([sum_row(t, "no_carry") for t in corpus]
                 + [addition_row(a, b) for a, b in sorted(pairs)]
                 + [reversal_row(d) for d in digits[:s["pretrain_reversal"]]])
     rng.shuffle(pretrain)
     data = {"pretrain": pretrain}
-    data["expert_train"] = [sum_row(t, "descending") for t in out["expert_train"]]
-    data["teacher_train"] = [sum_row(t, "shuffled", rng) for t in out["teacher_train"]]
+    data["teacher_train"] = [sum_row(t, "reversed" if i % 2 else "left_to_right")
+                             for i, t in enumerate(out["teacher_train"])]
     for name in ("train", "val", "test"):
-        data[name] = [sum_row(t) for t in out[name]]
-    data["ood"] = [sum_row(t) for t in hard[:s["ood"]]]
+        data[name] = [sum_row(t, EXPERT_STYLE) for t in out[name]]
+    data["ood"] = [sum_row(t, EXPERT_STYLE) for t in hard[:s["ood"]]]
     data["probe"] = [reversal_row(d) for d in digits[s["pretrain_reversal"]:][:s["probe"]]]
     return data
