@@ -334,6 +334,12 @@ class GFTLoss(nn.Module):
     def tau(self) -> float:
         return self.options.loss.tau
 
+    @tau.setter
+    def tau(self, tau) -> None:   # a schedule may move tau: checked like the rest
+        loss = self.options.loss
+        loss = LossOptions.build(tau, loss.reduction, loss.normalizer, loss.ignore_index)
+        self.options = dataclasses.replace(self.options, loss=loss)
+
     def forward(self, hidden, lm_head, targets, adv, old_logp=None, ref_logp=None):
         weight, bias = split_lm_head(lm_head, self.bias)
         return _loss(hidden, weight, bias, targets, adv, self.options, old_logp, ref_logp)

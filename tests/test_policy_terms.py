@@ -240,3 +240,14 @@ def test_module_registers_its_bias_and_takes_launch_options():
     torch.testing.assert_close(h.grad, want_h.grad)
     with pytest.raises(TypeError, match="launch_options"):
         gft_kernels.GFTLoss(0.7, launch_options="atomic")
+
+
+def test_module_options_are_built_once_and_tau_stays_settable():
+    hidden, weight, bias, targets, adv = _problem(5)
+    module = gft_kernels.GFTLoss(0.7, backend="torch")
+    module.tau = 0.3
+    torch.testing.assert_close(module(hidden, weight, targets, adv),
+                               gft_kernels.gft_loss(hidden, weight, targets, adv, 0.3, backend="torch"))
+    with pytest.raises(ValueError, match="tau must be >= 0"):
+        module.tau = -1.0
+    assert module.tau == 0.3 and "tau=0.3" in repr(module)
