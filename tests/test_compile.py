@@ -1,6 +1,7 @@
 """``torch.compile(fullgraph=True)`` traces a small transformers model with the loss inside: the
 engines' launches are custom ops (``gft_kernels/fused.py``) with fake implementations, so dynamo
-makes one graph, and the compiled loss and every gradient equal eager's."""
+makes one graph, and the compiled loss and every gradient equal eager's (the torch engine, the
+reference, and the Triton engine, through its interpreter on a CPU)."""
 import pytest
 import torch
 
@@ -38,9 +39,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
 @pytest.mark.parametrize("case", CASES)
 def test_compiled_model_with_the_loss_inside_is_one_graph_and_equals_eager(backend, case):
+    torch._dynamo.reset()   # each case compiles the same code object afresh (no recompile limit)
     model = _model()
     ids = torch.randint(0, 96, (2, 11))
     labels = ids.clone()
