@@ -79,7 +79,8 @@ def gft_loss(
             fused backward.
         backend: ``"triton"`` (fused kernels), ``"torch"`` (chunked PyTorch, bounded memory),
             ``"reference"`` (materialized logits; float64-capable), ``"auto"`` (triton on CUDA,
-            torch otherwise).
+            torch otherwise), or the name of an engine registered with
+            ``gft_kernels.engine.register_engine`` (docs/architecture.md).
         launch_options: the Triton engine's ``gft_kernels.triton_ops.LaunchOptions`` (e.g.
             ``LaunchOptions(backward_design="atomic")``: the tightest memory); None: defaults.
         return_stats: also return a :class:`GFTStats` (per-token log-probs and entropy, DCR
