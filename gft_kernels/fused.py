@@ -95,7 +95,10 @@ def _row_stats_backward(ctx, dlogp, _dm, _dlog_s, _dq, dentropy, _dmax):
     g_entropy = dentropy.to(q.dtype) if options.entropy_grad else None
     dh, dw, db = _row_grads(hidden, weight, bias, targets, [m, log_s, q, entropy], dlogp.to(q.dtype), g_entropy,
                             need, ctx.spec)
-    return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None)
+    return (dh if need[0] else None,   # hidden
+            dw if need[1] else None,   # weight
+            db if need[2] else None,   # bias
+            None, None, None)          # targets, valid, spec
 
 
 torch.library.register_autograd("gft_kernels::row_stats", _row_stats_backward, setup_context=_setup_row_stats)
@@ -147,7 +150,9 @@ class VocabParallelLogProb(torch.autograd.Function):
             dh, dw, db = ctx.engine.backward(request, ctx.options)
         if dh is not None:
             dist.all_reduce(dh, group=ctx.group)  # every shard's dz @ W_shard, summed
-        return None, dh, dw, db, None, None, None, None
+        return (None,                    # engine
+                dh, dw, db,              # hidden, weight, bias
+                None, None, None, None)  # targets, valid, options, group
 
 
 class _PrecomputedGrads(torch.autograd.Function):

@@ -123,8 +123,9 @@ class TorchEngine:
         """Per-row partial statistics ``[1, N]`` over this weight's columns (one column set)."""
         hidden, weight, bias, targets, valid = request
         n, v = hidden.shape[0], weight.shape[0]
-        stats = torch.zeros(5 if options.with_entropy else 3, n, device=hidden.device,
-                            dtype=_acc_dtype(hidden.dtype))
+        # one [3 | 5, 1, N] buffer, by name (a single column set)
+        part = RowPartials(*torch.zeros(5 if options.with_entropy else 3, 1, n, device=hidden.device,
+                                        dtype=_acc_dtype(hidden.dtype)))
         c, chunks = _chunks(valid, v)
         logits = _LogitsChunk(weight, bias, c, options)
         for idx in chunks:
@@ -137,14 +138,14 @@ class TorchEngine:
             e = z.sub_(m[:, None]).exp_()                           # exp(z - m), in place
             if options.with_entropy:
                 # sum exp(z - m) (z - m) = -sum entr(e), entr(e) = -e ln e
-                stats[3].index_copy_(0, idx, e.sum(dim=1))
-                stats[4].index_copy_(0, idx, -torch.special.entr(e).sum(dim=1))
+                part.s_all[0].index_copy_(0, idx, e.sum(dim=1))
+                part.t[0].index_copy_(0, idx, -torch.special.entr(e).sum(dim=1))
             # exclude the target column (a column of another shard's target keeps its value)
             e.scatter_(1, tgt, 0.0 if own is None else torch.where(own, 0.0, e.gather(1, tgt)))
-            stats[0].index_copy_(0, idx, m)
-            stats[1].index_copy_(0, idx, e.sum(dim=1))
-            stats[2].index_copy_(0, idx, z_t)
-        return RowPartials(*(x[None] for x in stats))
+            part.m[0].index_copy_(0, idx, m)
+            part.s_excl[0].index_copy_(0, idx, e.sum(dim=1))
+            part.z_t[0].index_copy_(0, idx, z_t)
+        return part
 
     def backward(self, request: BackwardRequest, options: KernelOptions) -> Grads:
         (hidden, weight, bias, targets, _), rows, g, g_entropy, need = request
@@ -197,7 +198,8 @@ class TorchEngine:
         hidden, weight, bias, targets, valid = request
         acc = _acc_dtype(weight.dtype)
         grads = _Gradients(hidden, weight, bias, need)
-        stats = torch.zeros(6, hidden.shape[0], device=hidden.device, dtype=acc)  # RowStats' fields
+        buffer = torch.zeros(6, hidden.shape[0], device=hidden.device, dtype=acc)
+        stats = RowStats(*buffer)   # its fields by name, one buffer (target_is_max as 0 / 1 until the end)
         loss = torch.zeros((), device=hidden.device, dtype=acc)
         c, chunks = _chunks(valid, weight.shape[0])  # as the forward: bit-identical log-probs
         logits = _LogitsChunk(weight, bias, c, options)
@@ -223,11 +225,11 @@ class TorchEngine:
                 dz = lp_h.mul_(g_h[:, None]).add_(g[:, None]).mul_(p).neg_()
             dz.scatter_(1, tgt, target_value)
             _add_products(dz, h, idx, cap_grad, logits, grads.dh, grads.dw32, grads.db32)
-            for k, x in enumerate(row):
-                stats[k].index_copy_(0, idx, x.to(acc))
+            for into, x in zip(stats, row):
+                into.index_copy_(0, idx, x.to(acc))
         if valid.is_cuda:  # every row was computed (_selected_rows): rows that are not valid report 0
-            stats.mul_(valid.to(acc))
-        return loss, RowStats(*stats[:5], stats[5].bool()), grads.result()
+            buffer.mul_(valid.to(acc))
+        return loss, stats._replace(target_is_max=stats.target_is_max.bool()), grads.result()
 
 
 def _softmax_rows(z: Tensor, tgt: Tensor, probs: Tensor | None, with_entropy: bool):

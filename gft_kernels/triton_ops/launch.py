@@ -536,17 +536,18 @@ class TritonEngine:
         splits = triton.cdiv(v, cols_per_split)  # every split has at least one column
         # partial statistics of each split: m, s_excl, z_t (and s_all, t for entropy); the kernel
         # writes the valid rows only
-        part = torch.zeros(5 if with_entropy else 3, splits, n, device=hidden.device, dtype=torch.float32)
+        part = RowPartials(*torch.zeros(5 if with_entropy else 3, splits, n, device=hidden.device,
+                                        dtype=torch.float32))
         gft_forward_kernel[(n_blocks_m, splits)](
             hidden, weight, bias if bias is not None else hidden, targets, order, n_active,
-            part[0], part[1], part[2], *((part[3], part[4]) if with_entropy else (part[0], part[0])),
+            part.m, part.s_excl, part.z_t, *((part.s_all, part.t) if with_entropy else (part.m, part.m)),
             n, v, h_dim, hidden.stride(0), weight.stride(0), cols_per_split,
             1.0 / options.temperature, float(options.softcap) if options.softcap is not None else 1.0,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, WITH_ENTROPY=with_entropy,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
         )
-        return RowPartials(*part)
+        return part
 
     def backward(self, request: BackwardRequest, options: KernelOptions) -> Grads:
         launch = options.launch or DEFAULT_OPTIONS
