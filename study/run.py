@@ -4,8 +4,11 @@
 
 Set-up (``gft_train/demo/recipe.py``, built once and cached under ``OUT/setup``): a task with
 several solution paths (the sum of three numbers as a scratchpad of partial sums, any order), a
-base model pre-trained to convergence, a real expert model (one canonical style the base rarely writes) and a real teacher
-model (diverse orders, real errors, sampled offline).
+base model pre-trained to convergence on a corpus whose sums drop the carry in their last step
+(so it scores about half and has something to learn), the task's solver as the expert (one
+canonical order the base never writes, always right) and a real teacher model (the base trained
+longer on correct scratchpads; diverse paths, real errors, sampled offline). The report checks
+that SFT can gain before it reads any verdict (``MIN_SFT_GAIN``).
 
 Then, at equal sequences per optimizer step (64: SFT and DFT see 64 prompts x 1 demonstration,
 GRPO and GFT 8 prompts x 8 responses) and equal steps:
@@ -16,8 +19,11 @@ GRPO and GFT 8 prompts x 8 responses) and equal steps:
    is inside what it tried (or the ladder ends); each keeps its best;
 2. the main methods at their own rate and the ablations (GFT without DCR / without GAL) at
    GFT's, ``Budget.seeds`` seeds each, with held-out accuracy at several steps (the curves);
-3. SFT, DFT and GFT once more at twice the steps (one seed): whether the curves had flattened;
-4. the tau and group-ratio sweeps at GFT's rate.
+3. ``Budget.long_methods`` once more at ``long_steps`` (one seed): whether the curves had flattened
+   (none this round);
+4. the tau and group-ratio sweeps at GFT's rate;
+5. RL compatibility: GFT from each SFT run, then GRPO from the SFT run and from the SFT-then-GFT
+   run, at equal GRPO steps (``RL_SPECS``).
 
 Each run is one process with one thread; ``--workers`` runs side by side. Measured by
 ``gft_train.evaluate.evaluate_model``: mean pass@1 over n samples at temperature 0.5 and greedy

@@ -1,4 +1,5 @@
 """The README's snippets marked ``# tested: tests/test_readme.py`` run, in order, in one namespace."""
+import json
 import re
 from pathlib import Path
 
@@ -26,19 +27,38 @@ def _numbers(text: str) -> list[float]:
     return [float(x) for x in re.findall(r"(?<![\w.])\d+\.\d+", text)]
 
 
+# The models behind the figures of one row of the demo's table, in order: pass@1 (SFT and GFT with
+# their seeds' min and max), greedy, pass@k.
+ROW_MODELS = ["base", "SFT", "SFT", "SFT", "GFT", "GFT", "GFT", "base", "SFT", "GFT", "base", "SFT", "GFT"]
+
+
 @pytest.mark.slow
 def test_readme_shows_what_the_demo_prints(tmp_path):
     """The README's demo table is what ``gft-train demo`` prints: the same lines, and every figure
     within the spread the README states as measured across CPUs (the same machine prints it
-    exactly; floating-point paths differ between instruction sets)."""
+    exactly; floating-point paths differ between instruction sets). SFT's probe figures get their
+    own, wider bound: SFT's forgetting of the probe is the figure that moves most."""
     from gft_train.demo.run import run_demo
 
     text = README.read_text()
     shown = re.search(r"<!-- demo-output -->\n```\n(.*?)```", text, flags=re.S).group(1)
-    tolerance = float(re.search(r"<!-- demo-tolerance (\d\.\d+) -->", text).group(1))
+    bound = re.search(r"<!-- demo-tolerance (\d\.\d+) sft-probe (\d\.\d+) -->", text)
+    tolerance, sft_probe = float(bound.group(1)), float(bound.group(2))
     run_demo(tmp_path / "demo")
     printed = (tmp_path / "demo" / "results.txt").read_text()
     strip = [re.sub(r"(?<![\w.])\d+\.\d+", "#", line) for line in (shown, printed)]
     assert strip[0] == strip[1], "the README's table has other lines than the demo prints"
-    gaps = [abs(a - b) for a, b in zip(_numbers(shown), _numbers(printed))]
-    assert max(gaps) <= tolerance, f"a figure moved by {max(gaps):.3f} > {tolerance}:\n{printed}"
+    for want, got in zip(shown.splitlines()[2:], printed.splitlines()[2:]):
+        models = ROW_MODELS if not want.startswith("KL") else ["KL"]
+        for model, a, b in zip(models, _numbers(want), _numbers(got)):
+            bound_here = sft_probe if (model == "SFT" and want.startswith("probe")) else tolerance
+            assert abs(a - b) <= bound_here, f"{model} moved by {abs(a - b):.3f} > {bound_here}: {got}"
+    # the headline, on what this machine printed: room to gain, SFT gains the most in-distribution,
+    # GFT gains too and keeps what SFT loses
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
+    base, sft, gft = (res[m] for m in ("base", "SFT", "GFT"))
+    assert base["test"]["pass@1"] <= 0.6 and sft["test"]["pass@1"] >= base["test"]["pass@1"] + 0.15
+    assert base["test"]["pass@1"] < gft["test"]["pass@1"] < sft["test"]["pass@1"]
+    for split in ("ood", "probe"):
+        assert gft[split]["pass@1"] > sft[split]["pass@1"] + 0.1, split
+    assert gft["kl_base_model"] < sft["kl_base_model"]
