@@ -3,6 +3,7 @@
 Row format (one JSON object per line, or one Parquet row):
 
     {"prompt": str, "answer": str, "expert": str, "teachers": [str, ...]}   # teachers optional
+    (a numeric answer, ``"answer": 72``, is read as its text, "72")
 
 ``answer`` is the reference final answer the reward checks; ``expert`` the demonstration.
 ``prompt`` may also be chat messages (``[{"role": ..., "content": ...}, ...]``, rendered by the
@@ -84,8 +85,10 @@ def _check_row(path, i, raw, columns=None) -> PromptRow:
             if not said:
                 raise DataError(path, i, col, "has no assistant message")
             value = "".join(said)
+        if name == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)      # numeric answers (GSM8K style): the reward compares text
         if not isinstance(value, str):
-            what = "a string or a list of chat messages" if name == "prompt" else "a string"
+            what = {"prompt": "a string or a list of chat messages", "answer": "a string or a number"}.get(name, "a string")
             raise DataError(path, i, col, f"expected {what}, got {type(value).__name__}: {value!r}"[:200])
         if name != "answer" and not value.strip():
             raise DataError(path, i, col, "empty")

@@ -82,13 +82,13 @@ def test_resume_refuses_a_changed_configuration_and_continues_from_the_last_step
 def test_cli_errors_are_one_line_and_debug_shows_the_traceback(s, tmp_path):
     """Defect 8: every error was a 17-30 line traceback."""
     rows = [json.loads(line) for line in Path(s["train"]).read_text().splitlines()[:4]]
-    rows[2]["answer"] = 7
+    rows[2]["answer"] = [7]
     bad = write_jsonl(rows, tmp_path / "bad.jsonl")
     args = _sft(s, tmp_path / "o")[:]
     args[args.index(str(s["train"]))] = str(bad)
     code, err = _cli(args)
     assert code == 1 and err.strip().splitlines()[-1] == \
-        f"gft-train: error: {bad}: row 2: field 'answer': expected a string, got int: 7", err
+        f"gft-train: error: {bad}: row 2: field 'answer': expected a string or a number, got list: [7]", err
     assert "Traceback" not in err and len([x for x in err.splitlines() if "error" in x]) == 1, err
     code, err = _cli(args + ["--debug"])
     assert code == 1 and "Traceback" in err and "DataError" in err

@@ -22,7 +22,7 @@ GOOD = {"prompt": "1+1=", "answer": "2", "expert": "2", "teachers": ["2", "3"]}
 
 @pytest.mark.parametrize("bad,field,words", [
     ({"answer": "2", "expert": "2"}, "prompt", "missing"),
-    ({"prompt": "1+1=", "answer": 2, "expert": "2"}, "answer", "expected a string"),
+    ({"prompt": "1+1=", "answer": [2], "expert": "2"}, "answer", "expected a string or a number"),
     ({"prompt": "1+1=", "answer": "2", "expert": ""}, "expert", "empty"),
     ({"prompt": "1+1=", "answer": "2", "expert": "2", "teachers": "2"}, "teachers", "list of strings"),
     ("{not json", "*", "not JSON"),
@@ -34,6 +34,15 @@ def test_bad_rows_name_file_row_and_field(tmp_path, bad, field, words):
     msg = str(info.value)
     assert str(path) in msg and "row 2" in msg and repr(field) in msg and words in msg, msg
     assert info.value.row == 2 and info.value.field == field
+
+
+def test_numeric_answers_are_read_as_text(tmp_path):
+    """GSM8K-style rows carry numbers; the reward compares text, so 72 is read as "72" (a
+    boolean is not a number here)."""
+    rows = load_rows(_write(tmp_path / "d.jsonl", [dict(GOOD, answer=72), dict(GOOD, answer=2.5)]))
+    assert [r.answer for r in rows] == ["72", "2.5"]
+    with pytest.raises(DataError, match="expected a string or a number, got bool"):
+        load_rows(_write(tmp_path / "b.jsonl", [dict(GOOD, answer=True)]))
 
 
 def test_parquet_rows_are_read_and_checked(tmp_path):
