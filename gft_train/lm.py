@@ -46,9 +46,11 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor          # [B, T], IGNORE_INDEX (-100) on prompt and padding tokens
     adv: torch.Tensor             # [B], the advantage of each sequence's response
+    n_cut: int = 0                # responses cut at max_length: their reward saw more than is trained
 
     def to(self, device):
-        return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.labels, self.adv)))
+        return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.labels, self.adv)),
+                     n_cut=self.n_cut)
 
     def masked(self) -> "Batch":
         """The same sequences with every label ignored and no advantage: a forward that adds
@@ -83,8 +85,9 @@ def encode(tokenizer, items: list[tuple[str, str | list[int], float]], max_lengt
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
     all_p_ids = prompts_ids(tokenizer, [prompt for prompt, _, _ in items])
     all_r_ids = responses_ids(tokenizer, [response for _, response, _ in items])
-    rows, labels = [], []
+    rows, labels, cut = [], [], 0
     for p_ids, r_ids in zip(all_p_ids, all_r_ids):
+        cut += len(p_ids) + len(r_ids) > max_length
         ids = (p_ids + r_ids)[:max_length]
         lab = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
         rows.append(ids)
@@ -95,4 +98,4 @@ def encode(tokenizer, items: list[tuple[str, str | list[int], float]], max_lengt
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     lab_t = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels])
     adv = torch.tensor([a for _, _, a in items], dtype=torch.float32)
-    return Batch(input_ids, mask, lab_t, adv)
+    return Batch(input_ids, mask, lab_t, adv, n_cut=cut)

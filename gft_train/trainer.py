@@ -255,6 +255,7 @@ class Trainer:
         self.reward_fn = load_reward(cfg.reward)
         self.engine = None
         self.step = 0
+        self._warned_cut = False   # a response cut at max_length is said once per run (and counted per step)
         self.pool_start = 0       # the step at which the current online pool begins
 
     def _preflight(self, model) -> None:
@@ -482,10 +483,17 @@ class Trainer:
         mine = seqs[acc.process_index::acc.num_processes]
         batches = [encode(self.tokenizer, mine[i:i + cfg.micro_batch_size], cfg.max_length)
                    for i in range(0, len(mine), cfg.micro_batch_size)]
-        counts = torch.tensor([float(sum(b.n_valid for b in batches)), float(sum(b.n_seqs for b in batches))],
-                              device=acc.device)
+        counts = torch.tensor([float(sum(b.n_valid for b in batches)), float(sum(b.n_seqs for b in batches)),
+                               float(sum(b.n_cut for b in batches)), float(len(mine))], device=acc.device)
         counts = acc.reduce(counts, reduction="sum")
         n_global = counts[0]
+        n_cut = int(counts[2].item())
+        if n_cut and not self._warned_cut:
+            # said once: the reward scored each whole response, the loss trains only what fits
+            self._warned_cut = True
+            warnings.warn(f"{n_cut} of {int(counts[3].item())} responses of step {self.step + 1} are cut at max_length "
+                          f"({cfg.max_length}): their reward scored the whole text, the loss trains only its first "
+                          "tokens; raise --max-length to train them whole (completions/cut_frac counts them per step)")
         # Every process runs as many micro-batches as the busiest one: FSDP and ZeRO-3 gather
         # weights in every forward, a collective all processes must join, and DDP syncs once.
         # The extra ones are a sequence with every label masked: no loss, zero gradients.
@@ -523,7 +531,7 @@ class Trainer:
             "dcr/mean_target_prob": (sums[1] / count).item(), "entropy": (sums[2] / count).item(),
             "mean_token_accuracy": (sums[4] / count).item(),
             "grad_norm": float("nan") if grad_norm is None else float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-            "tokens": int(n_global.item()),
+            "tokens": int(n_global.item()), "completions/cut_frac": n_cut / max(counts[3].item(), 1.0),
         }
 
     def train(self) -> Path:

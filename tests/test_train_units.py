@@ -528,3 +528,28 @@ def test_chat_prompts_go_through_the_chat_template():
     assert format_prompt(tok, "1+1=") == "(1+1=)*"     # a text prompt is one user message
     batch = encode(tok, [(msgs, "2", 1.0)], 64)
     assert tok.decode(batch.input_ids[0][batch.labels[0] == -100]).replace(" ", "") == "(-9)(1+1=)*"
+
+
+def test_a_response_cut_at_max_length_is_counted_and_said_once(tmp_path):
+    """The reward scores a response's whole text; the loss trains what fits in max_length. A cut
+    is counted per step (completions/cut_frac) and said once per run."""
+    import warnings
+
+    from gft_train.config import Config
+    from gft_train.demo.model import build_model
+    from gft_train.demo.task import write_jsonl
+    from gft_train.trainer import Trainer
+
+    rows = [dict(prompt="3+4=", answer="7", expert="3+4=7", teachers=[]),      # 4 + 5 + EOS = 10 tokens: cut
+            dict(prompt="1+1=", answer="2", expert="2", teachers=[])]          # 4 + 1 + EOS = 6: whole
+    cfg = Config(method="sft", model=str(build_model(tmp_path / "m", hidden_size=64, layers=1)),
+                 train_file=str(write_jsonl(rows, tmp_path / "t.jsonl")), output_dir=str(tmp_path / "o"),
+                 prompts_per_step=2, micro_batch_size=2, max_length=8, reward="gft_train.demo.sums:reward")
+    trainer = Trainer(cfg)
+    with pytest.warns(UserWarning, match=r"1 of 2 responses of step 1 are cut at max_length \(8\)"):
+        metrics = trainer.train_step(trainer._groups_for_step(0))
+    assert metrics["completions/cut_frac"] == 0.5
+    trainer.step = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # said once: the second step counts, does not warn
+        assert trainer.train_step(trainer._groups_for_step(1))["completions/cut_frac"] == 0.5
