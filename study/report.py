@@ -16,9 +16,10 @@ import math
 import platform
 import statistics as st
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
-from .run import LR_LADDER, MIN_SFT_GAIN, SEQS_PER_STEP, choose_lrs, method_of, rate_for
+from .plan import LR_LADDER, MIN_SFT_GAIN, SEQS_PER_STEP, choose_lrs, method_of, rate_for, read_jsonl, sweep_specs
 
 
 def _agg(rows):
@@ -197,10 +198,6 @@ def _curve_reading(agg, names, base_id: float) -> list[str]:
     return out
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _setup_lines(setup: dict, budget, k: str) -> list[str]:
     acc = setup["accuracy"]
 
@@ -225,7 +222,7 @@ def _setup_lines(setup: dict, budget, k: str) -> list[str]:
         "forgetting probe, digit reversal `(3817)=` -> `7183`: a pre-training skill no fine-tuning "
         "data trains. Every prompt set (pre-training, teacher, fine-tuning, validation, test) is "
         "disjoint from the others.",
-        "- **Base** (recipe fixed in `gft_train/demo/recipe.py` and `study/run.py`): a tiny "
+        "- **Base** (recipe fixed in `gft_train/demo/recipe.py` and `study/plan.py`): a tiny "
         f"Qwen2-style model (2 layers, 64 wide, 0.13M parameters, character tokenizer), {budget.base_steps} SFT "
         "steps of 64 sequences, lr 3e-3 cosine, on a pre-training mix: every single addition a+b with "
         "a <= 59, b <= 29 (both orders, carried correctly), 3000 digit reversals, and 1000 three-number "
@@ -297,23 +294,47 @@ def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict)
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
-    grid = _read(out / "grid.jsonl")
-    own = list(dict.fromkeys(g["name"] for g in grid))     # the grid's methods, in the order run
+@dataclass(frozen=True)
+class Study:
+    """What a report reads: the grid, the rates it chose, the set-up, and each configuration's
+    metrics aggregated over seeds (``_agg``)."""
+    grid: list
+    own: list          # the grid's methods, in the order run
+    lrs: dict
+    setup: dict
+    agg: dict
+    wall: float | None
+    workers: int
+
+    @property
+    def base(self) -> dict:
+        return self.setup["accuracy"]["base"]
+
+    def names(self, *families: str) -> list[str]:
+        return [n for n in self.agg if self.agg[n]["family"] in families]
+
+
+def load_study(out: Path) -> Study:
+    grid = read_jsonl(out / "grid.jsonl")
+    own = list(dict.fromkeys(g["name"] for g in grid))
     lrs = choose_lrs(grid, own)
     # only runs at the rate the grid gives them now (a grid that moved left older runs behind)
-    rows = [r for r in _read(out / "results.jsonl") if r["lr"] == rate_for(r["name"], r["family"], lrs)]
-    setup = json.loads((out / "setup.json").read_text())
+    rows = [r for r in read_jsonl(out / "results.jsonl") if r["lr"] == rate_for(r["name"], r["family"], lrs)]
     timing = json.loads((out / "wall_seconds.json").read_text()) if (out / "wall_seconds.json").exists() else {}
-    wall, workers = timing.get("seconds"), timing.get("workers", 1)
-    agg = _agg(rows)
-    docs.mkdir(parents=True, exist_ok=True)
-    prefix = "reproduction_quick_" if quick else "reproduction_"
-    plots = _plots(agg, docs, prefix)
-    k = f"pass@{budget.passk_n}"
-    seeds = max(a["n"] for a in agg.values())
-    base = setup["accuracy"]["base"]
+    return Study(grid, own, lrs, json.loads((out / "setup.json").read_text()), _agg(rows),
+                 timing.get("seconds"), timing.get("workers", 1))
 
+
+def tau_names(agg) -> list[str]:
+    return [n for n in agg if agg[n]["family"] == "tau"] + [n for n in ("GFT", "GFT w/o DCR") if n in agg]
+
+
+def ratio_names(agg) -> list[str]:
+    return [n for n in agg if agg[n]["family"] == "ratio"] + (["GFT"] if "GFT" in agg else [])
+
+
+def collect_claims(agg, k: str, quick: bool) -> tuple[list, list[str]]:
+    """(claims, not run): each claim with its comparisons; the claims whose runs are missing."""
     claims = []
     c1 = [compare(agg, "GFT", b, "id") for b in ("SFT", "SFT(filtered teacher)", "DFT", "GRPO")]
     claims.append(("GFT beats SFT, SFT on filtered teacher data, DFT and GRPO (Table 1): held-out pass@1", c1))
@@ -330,10 +351,10 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
     claims.append(("GFT drifts less from the base model and forgets less than SFT (Table 3, Figure 5)", c3))
     c4 = [compare(agg, "GFT", "GRPO", k), compare(agg, "GFT", "SFT", k)]
     claims.append((f"GFT keeps diversity: higher {k} than GRPO and SFT (Table 4)", c4))
-    ratio_names = [n for n in agg if agg[n]["family"] == "ratio"] + (["GFT"] if "GFT" in agg else [])
     not_run = []
-    if len(ratio_names) >= 3:          # 1:7, 2:6 and the default 4:4
-        others = [n for n in ratio_names if n != "GFT 2:6"]
+    ratios = ratio_names(agg)
+    if len(ratios) >= 3:          # 1:7, 2:6 and the default 4:4
+        others = [n for n in ratios if n != "GFT 2:6"]
         c5 = [compare(agg, "GFT 2:6", n, "id") for n in others]
         claims.append(("Demo:sample 2:6 is the best group ratio of 1:7, 2:6 and 4:4 (Table 5; the default GFT "
                        "is 4:4)", c5))
@@ -344,35 +365,40 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
         claims.append(("GRPO gains more after SFT then GFT than after SFT alone, at equal GRPO steps (Figure 4)", c7))
     elif not quick:
         not_run.append("GRPO gains more after SFT then GFT than after SFT alone (Figure 4)")
-    tau_names = [n for n in agg if agg[n]["family"] == "tau"] + [n for n in ("GFT", "GFT w/o DCR") if n in agg]
-    if len(tau_names) >= 7:            # all five swept taus, GFT (0.7) and GFT w/o DCR (0)
+    taus = tau_names(agg)
+    if len(taus) >= 7:            # all five swept taus, GFT (0.7) and GFT w/o DCR (0)
         c6 = [compare(agg, "GFT", "GFT w/o DCR", "id"), compare(agg, "GFT", "GFT tau=1.5", "id")]
         # the best tau near 0.7 against the best away from it, by the same rule as every comparison
-        near = [n for n in tau_names if n in ("GFT", "GFT tau=0.5", "GFT tau=0.9")]
+        near = [n for n in taus if n in ("GFT", "GFT tau=0.5", "GFT tau=0.9")]
         best_near = max(near, key=lambda n: agg[n]["id"][0])
-        best_far = max((n for n in tau_names if n not in near), key=lambda n: agg[n]["id"][0])
+        best_far = max((n for n in taus if n not in near), key=lambda n: agg[n]["id"][0])
         word, text = compare(agg, best_near, best_far, "id")
         c6.append((word, f"best near 0.7 against best elsewhere: {text}"))
         claims.append(("Accuracy is an inverted U in tau, best near 0.7 (Figure 6)", c6))
     elif not quick:
         not_run.append("Accuracy is an inverted U in tau, best near 0.7 (Figure 6)")
+    return claims, not_run
 
-    met, precondition_line = precondition(setup, grid, lrs)
-    if quick and not met:     # the quick study checks the pipeline, not the set-up: verdicts stay shown
-        met, precondition_line = True, precondition_line.replace(" The verdicts below are withheld: change the "
-                                                                 "set-up.", " (--quick: not enforced.)")
-    print(f"[study] {precondition_line}", flush=True)
-    tried = sorted({g["lr"] for g in grid})
-    lines = [
+
+def _header_lines(study: Study, budget, quick: bool) -> list[str]:
+    seeds = max(a["n"] for a in study.agg.values())
+    setup, wall = study.setup, study.wall
+    return [
         "# The paper's claims, reproduced in a fair miniature",
         "",
         f"Generated by `python -m study{' --quick' if quick else ''}` on {dt.date.today().isoformat()}, "
         f"on {platform.machine()} CPU ({seeds} seed(s) per main configuration"
         + (f"; {(wall + setup.get('seconds', 0)) / 60:.0f} min of wall time, {setup.get('seconds', 0) / 60:.0f} of "
-           f"them for the set-up, {workers} one-thread process(es) side by side" if wall else "")
+           f"them for the set-up, {study.workers} one-thread process(es) side by side" if wall else "")
         + "). Regenerate everything with `bash scripts/repro.sh`.",
         "",
-    ] + _setup_lines(setup, budget, k) + [
+    ]
+
+
+def _optimization_lines(study: Study, budget) -> list[str]:
+    setup, grid, lrs = study.setup, study.grid, study.lrs
+    tried = sorted({g["lr"] for g in grid})
+    lines = [
         "## Optimization",
         "",
         f"Every run: {budget.steps} optimizer steps of {SEQS_PER_STEP} sequences, AdamW at a constant "
@@ -392,27 +418,40 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
         "| method | " + " | ".join(f"lr {x:g}" for x in tried) + " | chosen |",
         "|---|" + "---|" * (len(tried) + 1),
     ]
-    for n in own:
+    for n in study.own:
         cells = []
         for x in tried:
             r = next((g for g in grid if g["name"] == n and g["lr"] == x), None)
             cells.append("" if r is None else (f"**{r['val']:.3f}**" if lrs.get(n) == x else f"{r['val']:.3f}"))
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {lrs.get(n, float('nan')):g} |")
-    edge = [n for n in own if lrs.get(n) in (min(g["lr"] for g in grid if g["name"] == n),
-                                             max(g["lr"] for g in grid if g["name"] == n))]
-    if edge and len(tried) > 1:
-        lines += ["", "Still at the edge of what was tried: "
-                  + ", ".join(f"{n} ({lrs[n]:g}" + (", where the rate ladder `study.run.LR_LADDER` ends)"
-                                                    if lrs[n] in (LR_LADDER[0], LR_LADDER[-1]) else ")") for n in edge)
-                  + "; for these the grid bounds the best rate on one side only."]
-        for n in edge:
-            vals = sorted((g["lr"], g["val"]) for g in grid if g["name"] == n)
-            falling = all(a[1] > b[1] for a, b in zip(vals, vals[1:]))
-            if lrs[n] == vals[0][0] and falling and vals[0][1] < setup.get("base_val", -1):
-                lines += ["", f"{n}: validation accuracy rose at every step down the ladder, toward the base's own "
-                          f"{setup['base_val']:.3f}, and stayed below it: at every rate tried, {n}'s training "
-                          "lowered accuracy here, and the lowest rate is best because it moves the base least."]
-    lines += [
+    if len(tried) > 1:
+        lines += _edge_lines(study)
+    return lines
+
+
+def _edge_lines(study: Study) -> list[str]:
+    """The methods whose best rate is still at an edge of what they tried, and why where it reads so."""
+    grid, lrs, setup = study.grid, study.lrs, study.setup
+    edge = [n for n in study.own if lrs.get(n) in (min(g["lr"] for g in grid if g["name"] == n),
+                                                   max(g["lr"] for g in grid if g["name"] == n))]
+    if not edge:
+        return []
+    lines = ["", "Still at the edge of what was tried: "
+             + ", ".join(f"{n} ({lrs[n]:g}" + (", where the rate ladder `study.plan.LR_LADDER` ends)"
+                                               if lrs[n] in (LR_LADDER[0], LR_LADDER[-1]) else ")") for n in edge)
+             + "; for these the grid bounds the best rate on one side only."]
+    for n in edge:
+        vals = sorted((g["lr"], g["val"]) for g in grid if g["name"] == n)
+        falling = all(a[1] > b[1] for a, b in zip(vals, vals[1:]))
+        if lrs[n] == vals[0][0] and falling and vals[0][1] < setup.get("base_val", -1):
+            lines += ["", f"{n}: validation accuracy rose at every step down the ladder, toward the base's own "
+                      f"{setup['base_val']:.3f}, and stayed below it: at every rate tried, {n}'s training "
+                      "lowered accuracy here, and the lowest rate is best because it moves the base least."]
+    return lines
+
+
+def _metrics_lines(budget, k: str) -> list[str]:
+    return [
         "",
         f"Metrics (`gft_train.evaluate.evaluate_model`): mean pass@1 over {budget.eval_n} samples at "
         "temperature 0.5 (the paper's) and greedy pass@1; "
@@ -423,6 +462,11 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
         f"over steps). Curves: held-out pass@1 over {budget.curve_n} samples at steps "
         f"{', '.join(map(str, budget.curve_points))} and {budget.steps}. Values are mean ± std over seeds.",
         "",
+    ]
+
+
+def _verdict_lines(precondition_line: str, met: bool, claims, not_run: list[str]) -> list[str]:
+    lines = [
         "## Verdicts",
         "",
         precondition_line,
@@ -443,16 +487,21 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
         lines.append(f"| {claim} | **{word}** | " + "; ".join(f"{v}: {t}" for v, t in verdicts) + " |")
     for claim in not_run:
         lines.append(f"| {claim} | **not tested** | its sweep did not finish in this round (see the last section) |")
-    method_names = [n for n in agg if agg[n]["family"] in ("methods", "ablation")]
-    lines += ["", "## Methods at equal compute (Tables 1-4)", "",
-              _table(agg, method_names, [("lr", "lr"), ("held-out pass@1", "id"), ("greedy", "id_greedy"),
-                                         ("OOD pass@1", "ood"), ("OOD greedy", "ood_greedy"),
-                                         ("probe pass@1", "probe"), ("KL(base‖model)", "kl_base"),
-                                         ("KL(model‖base)", "kl"), (k, k), ("distinct correct", "distinct"),
-                                         ("curve mean", "auc"), ("grad-norm volatility", "grad_cv")]),
-              f"Base model: held-out {base['id']:.3f} (greedy {base['id_greedy']:.3f}), OOD {base['ood']:.3f}, "
-              f"probe {base['probe']:.3f}.",
-              ""]
+    return lines
+
+
+def _methods_lines(study: Study, budget, k: str) -> list[str]:
+    agg, base = study.agg, study.base
+    method_names = study.names("methods", "ablation")
+    lines = ["", "## Methods at equal compute (Tables 1-4)", "",
+             _table(agg, method_names, [("lr", "lr"), ("held-out pass@1", "id"), ("greedy", "id_greedy"),
+                                        ("OOD pass@1", "ood"), ("OOD greedy", "ood_greedy"),
+                                        ("probe pass@1", "probe"), ("KL(base‖model)", "kl_base"),
+                                        ("KL(model‖base)", "kl"), (k, k), ("distinct correct", "distinct"),
+                                        ("curve mean", "auc"), ("grad-norm volatility", "grad_cv")]),
+             f"Base model: held-out {base['id']:.3f} (greedy {base['id_greedy']:.3f}), OOD {base['ood']:.3f}, "
+             f"probe {base['probe']:.3f}.",
+             ""]
     passk_names = [n for n in method_names if agg[n].get("passk")]
     if passk_names:
         ks = list(agg[passk_names[0]]["passk"])
@@ -465,59 +514,81 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
               "and GRPO on seven benchmarks. Table 3 (Llama-3.2-3B) has base / +SFT / +GRPO / +GFT "
               "at 96.06 / 91.97 / 94.60 / 95.79 on MAWPS: SFT forgets, GFT barely. Table 4's "
               "pass@128 average is 24.52 for the base, 49.87 for GRPO and 62.16 for GFT.", ""]
-    curve_names = [n for n in method_names if agg[n].get("curve")]
-    if curve_names:
-        steps = sorted({s for n in curve_names for s in agg[n]["curve"]})
-        lines += ["### Held-out pass@1 along training", "",
-                  "| configuration | " + " | ".join(f"step {s}" for s in steps) + " |",
-                  "|---|" + "---|" * len(steps)]
-        for n in curve_names:
-            c = agg[n]["curve"]
-            cells = [f"{c[s][0]:.3f} ± {c[s][1]:.3f}" if s in c else "" for s in steps]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        lines += ["", "Reading the curves (computed from the table: a change counts when it exceeds 0.02 and the "
-                  "seeds' spread):", ""] + [f"- {line}" for line in _curve_reading(agg, curve_names, base["id"])] + [""]
-    long_names = [n for n in agg if agg[n]["family"] == "long" and agg[n].get("curve")]
-    if long_names:
-        steps = sorted({s for n in long_names for s in agg[n]["curve"]})
-        lines += [f"### Longer runs: {budget.long_steps} steps instead of {budget.steps} (one seed)", "",
-                  f"{', '.join(method_of(n) for n in long_names)} again at their chosen rates for "
-                  f"{budget.long_steps} steps (seed 0): did the curves flatten, and does the ranking at "
-                  f"{budget.steps} steps hold with more training?", "",
-                  "| configuration | " + " | ".join(f"step {s}" for s in steps) + " | OOD | probe | KL(base‖model) |",
-                  "|---|" + "---|" * (len(steps) + 3)]
-        for n in long_names:
-            c = agg[n]["curve"]
-            lines.append(f"| {n} | " + " | ".join(f"{c[s][0]:.3f}" if s in c else "" for s in steps)
-                         + f" | {agg[n]['ood'][0]:.3f} | {agg[n]['probe'][0]:.3f} | {agg[n]['kl_base'][0]:.3f} |")
-        lines += ["", "Reading them (one seed: a change counts when it exceeds 0.02):", ""]
-        lines += [f"- {line}" for line in _curve_reading(agg, long_names, base["id"])]
+    return lines
 
-        def order(step):
-            ranked = sorted(long_names, key=lambda n: -agg[n]["curve"][step][0])
-            return " > ".join(f"{method_of(n)} {agg[n]['curve'][step][0]:.3f}" for n in ranked)
 
-        if all(budget.steps in agg[n]["curve"] and budget.long_steps in agg[n]["curve"] for n in long_names):
-            lines += [f"- Order at step {budget.steps}: {order(budget.steps)}; at step {budget.long_steps}: "
-                      f"{order(budget.long_steps)}."]
-        lines += [""]
-    if len(tau_names) >= 3:
-        taus = sorted(tau_names, key=lambda n: agg[n]["x"])
+def _curve_lines(study: Study) -> list[str]:
+    agg = study.agg
+    curve_names = [n for n in study.names("methods", "ablation") if agg[n].get("curve")]
+    if not curve_names:
+        return []
+    steps = sorted({s for n in curve_names for s in agg[n]["curve"]})
+    lines = ["### Held-out pass@1 along training", "",
+             "| configuration | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for n in curve_names:
+        c = agg[n]["curve"]
+        cells = [f"{c[s][0]:.3f} ± {c[s][1]:.3f}" if s in c else "" for s in steps]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines + ["", "Reading the curves (computed from the table: a change counts when it exceeds 0.02 and the "
+                    "seeds' spread):", ""] + [f"- {line}" for line in _curve_reading(agg, curve_names,
+                                                                                        study.base["id"])] + [""]
+
+
+def _long_run_lines(study: Study, budget) -> list[str]:
+    agg = study.agg
+    long_names = [n for n in study.names("long") if agg[n].get("curve")]
+    if not long_names:
+        return []
+    steps = sorted({s for n in long_names for s in agg[n]["curve"]})
+    lines = [f"### Longer runs: {budget.long_steps} steps instead of {budget.steps} (one seed)", "",
+             f"{', '.join(method_of(n) for n in long_names)} again at their chosen rates for "
+             f"{budget.long_steps} steps (seed 0): did the curves flatten, and does the ranking at "
+             f"{budget.steps} steps hold with more training?", "",
+             "| configuration | " + " | ".join(f"step {s}" for s in steps) + " | OOD | probe | KL(base‖model) |",
+             "|---|" + "---|" * (len(steps) + 3)]
+    for n in long_names:
+        c = agg[n]["curve"]
+        lines.append(f"| {n} | " + " | ".join(f"{c[s][0]:.3f}" if s in c else "" for s in steps)
+                     + f" | {agg[n]['ood'][0]:.3f} | {agg[n]['probe'][0]:.3f} | {agg[n]['kl_base'][0]:.3f} |")
+    lines += ["", "Reading them (one seed: a change counts when it exceeds 0.02):", ""]
+    lines += [f"- {line}" for line in _curve_reading(agg, long_names, study.base["id"])]
+
+    def order(step):
+        ranked = sorted(long_names, key=lambda n: -agg[n]["curve"][step][0])
+        return " > ".join(f"{method_of(n)} {agg[n]['curve'][step][0]:.3f}" for n in ranked)
+
+    if all(budget.steps in agg[n]["curve"] and budget.long_steps in agg[n]["curve"] for n in long_names):
+        lines += [f"- Order at step {budget.steps}: {order(budget.steps)}; at step {budget.long_steps}: "
+                  f"{order(budget.long_steps)}."]
+    return lines + [""]
+
+
+def _sweep_lines(agg) -> list[str]:
+    lines = []
+    taus, ratios = tau_names(agg), ratio_names(agg)
+    if len(taus) >= 3:
+        taus = sorted(taus, key=lambda n: agg[n]["x"])
         lines += ["## tau sweep (Figure 6)", "",
                   _table(agg, taus, [("held-out pass@1", "id"), ("OOD pass@1", "ood"),
                                      ("DCR-rectified fraction", "rectified"),
                                      ("KL(base‖model)", "kl_base"), ("grad-norm volatility", "grad_cv")]),
                   "The paper finds an inverted U with the best accuracy near tau = 0.7, and a rectified "
                   "fraction that rises with tau. (`GFT` is tau = 0.7; `GFT w/o DCR` is tau = 0.)", ""]
-    if len(ratio_names) >= 3:
+    if len(ratios) >= 3:
         lines += ["## Group ratio demo:sample (Table 5)", "",
-                  _table(agg, ratio_names, [("held-out pass@1", "id"), ("OOD pass@1", "ood"),
-                                            ("KL(base‖model)", "kl_base")]),
+                  _table(agg, ratios, [("held-out pass@1", "id"), ("OOD pass@1", "ood"),
+                                       ("KL(base‖model)", "kl_base")]),
                   "The paper (Qwen2.5-Math-1.5B, average of three benchmarks): 8:0 24.84, 6:2 43.60, "
                   "4:4 43.13, 2:6 45.59, 0:8 30.84. (`GFT` here is 4:4; demonstrations are 1 expert + "
                   "the rest teacher responses.)", ""]
-    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + ["", "## What this miniature can and cannot say", ""]
-    lines += LIMITS
+    return lines
+
+
+def _caveat_lines(study: Study, quick: bool) -> list[str]:
+    """What the numbers above cannot say on their own, where the measurements call for it."""
+    agg, base, lrs = study.agg, study.base, study.lrs
+    lines = []
     if "GFT" in agg and "SFT" in agg and agg["GFT"].get("curve") and agg["SFT"].get("curve"):
         g, f = sorted(agg["GFT"]["curve"].items()), sorted(agg["SFT"]["curve"].items())
         if g[0][1][0] > g[-1][1][0] and f[0][1][0] < f[-1][1][0]:
@@ -526,10 +597,10 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
                       f"({g[-1][1][0]:.3f} at step {g[-1][0]}), while SFT starts low (the switch to the expert's "
                       f"style costs accuracy first: {f[0][1][0]:.3f}) and rises ({f[-1][1][0]:.3f}). So it says GFT "
                       "loses less on the way, not that it learns more from fewer prompts."]
-    gft_rates = sorted(g["lr"] for g in grid if g["name"] == "GFT")
+    gft_rates = sorted(g["lr"] for g in study.grid if g["name"] == "GFT")
     if ("GFT" in agg and "SFT" in agg and gft_rates and lrs.get("GFT") == gft_rates[0]
             and agg["GFT"]["id"][0] < base["id"] - 0.02):
-        gained = [n for n in method_names if agg[n]["family"] == "methods" and agg[n]["id"][0] >= base["id"] - 0.02]
+        gained = [n for n in study.names("methods") if agg[n]["id"][0] >= base["id"] - 0.02]
         lines += ["", f"GFT's comparisons come from its lowest rate ({lrs['GFT']:g}), where it moved least: "
                   f"KL(base || model) {agg['GFT']['kl_base'][0]:.3f} against SFT's {agg['SFT']['kl_base'][0]:.3f}, "
                   f"and held-out accuracy down from the base's {base['id']:.3f} to {agg['GFT']['id'][0]:.3f}. Of the "
@@ -538,16 +609,36 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
                   + ", so the held-out, harder-split, forgetting and diversity verdicts mostly rank how much of "
                   "the base each method kept at its best rate. Read GFT's 'reproduced' there as 'costs the least', "
                   "not 'learns the most'."]
-    from .run import sweep_specs
-
     missing = [sp.name for sp in sweep_specs() if sp.name not in agg]
     if missing and not quick:
-        lines += ["", f"Not run in this round: {', '.join(missing)} (`sweep_specs` in `study/run.py`); the main "
+        lines += ["", f"Not run in this round: {', '.join(missing)} (`sweep_specs` in `study/plan.py`); the main "
                   "methods and ablations took the time budget first. `bash scripts/repro.sh` adds them (finished "
                   "runs are reused)."]
+    return lines
+
+
+def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
+    """``docs/reproduction.md`` (or ``reproduction_quick.md``), its plots and its JSON from the
+    study's records in ``out``; section by section, in the order the report reads."""
+    study = load_study(out)
+    docs.mkdir(parents=True, exist_ok=True)
+    plots = _plots(study.agg, docs, "reproduction_quick_" if quick else "reproduction_")
+    k = f"pass@{budget.passk_n}"
+    claims, not_run = collect_claims(study.agg, k, quick)
+    met, precondition_line = precondition(study.setup, study.grid, study.lrs)
+    if quick and not met:     # the quick study checks the pipeline, not the set-up: verdicts stay shown
+        met, precondition_line = True, precondition_line.replace(" The verdicts below are withheld: change the "
+                                                                 "set-up.", " (--quick: not enforced.)")
+    print(f"[study] {precondition_line}", flush=True)
+    lines = (_header_lines(study, budget, quick) + _setup_lines(study.setup, budget, k)
+             + _optimization_lines(study, budget) + _metrics_lines(budget, k)
+             + _verdict_lines(precondition_line, met, claims, not_run) + _methods_lines(study, budget, k)
+             + _curve_lines(study) + _long_run_lines(study, budget) + _sweep_lines(study.agg)
+             + ["## Plots", ""] + [f"![{p}]({p})" for p in plots]
+             + ["", "## What this miniature can and cannot say", ""] + LIMITS + _caveat_lines(study, quick))
     path = docs / ("reproduction_quick.md" if quick else "reproduction.md")
     path.write_text("\n".join(lines) + "\n")
-    write_json(path.with_suffix(".json"), setup, agg, claims, met, lrs)
+    write_json(path.with_suffix(".json"), study.setup, study.agg, claims, met, study.lrs)
     return path
 
 

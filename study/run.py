@@ -40,102 +40,16 @@ import os
 import shutil
 import statistics as st
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from gft_train.config import Config
-
 from gft_train.demo.recipe import BASE_SHAPE, MAX_LENGTH, MAX_NEW_TOKENS, REWARD
 
-SEQS_PER_STEP = 64
-
-
-@dataclass(frozen=True)
-class Spec:
-    name: str
-    family: str                      # methods | ablation | long | tau | ratio
-    overrides: dict = field(default_factory=dict)
-    x: float | str | None = None     # the swept value (tau, or "demo:sample")
-    data: str = "train"              # train | filtered (SFT on the correct teacher responses)
-    own_lr: bool = False             # chooses its learning rate on the grid (else: GFT's)
-
-
-GROUPS = dict(prompts_per_step=SEQS_PER_STEP // 8)   # groups of 8, online (refreshed every step)
-
-
-def main_specs() -> list[Spec]:
-    return [
-        Spec("SFT", "methods", dict(method="sft", prompts_per_step=SEQS_PER_STEP), own_lr=True),
-        Spec("SFT(filtered teacher)", "methods", dict(method="sft", prompts_per_step=SEQS_PER_STEP), data="filtered",
-             own_lr=True),
-        Spec("DFT", "methods", dict(method="dft", prompts_per_step=SEQS_PER_STEP), own_lr=True),
-        Spec("GRPO", "methods", dict(method="grpo", **GROUPS), own_lr=True),
-        Spec("GFT", "methods", dict(method="gft", **GROUPS), x=0.7, own_lr=True),
-        Spec("GFT w/o DCR", "ablation", dict(method="gft", dcr=False, **GROUPS), x=0.0),
-        # the paper's ablation without GAL: the expert demonstrations alone, A = 1, with DCR
-        Spec("GFT w/o GAL", "ablation", dict(method="gft", gal=False, prompts_per_step=SEQS_PER_STEP)),
-    ]
-
-
-def sweep_specs() -> list[Spec]:
-    taus = [Spec(f"GFT tau={t}", "tau", dict(method="gft", tau=t, **GROUPS), x=t) for t in (0.1, 0.3, 0.5, 0.9, 1.5)]
-    # demonstrations : self-samples (Table 5); the default GFT is 4:4 (1 expert + 3 teacher)
-    mixes = {1: dict(n_expert=1, n_teacher=0, n_self=7), 2: dict(n_expert=1, n_teacher=1, n_self=6)}
-    ratios = [Spec(f"GFT {d}:{8 - d}", "ratio", dict(method="gft", **mix, **GROUPS), x=f"{d}:{8 - d}")
-              for d, mix in mixes.items()]
-    return taus + ratios
-
-
-# RL compatibility (Figure 4): GRPO from the SFT model against GRPO from the SFT-then-GFT model, at
-# equal GRPO steps. ``start`` names the configuration whose final model (same seed) a run starts from.
-RL_SPECS = (
-    Spec("SFT then GFT", "staged", dict(method="gft", **GROUPS), x="SFT"),
-    Spec("SFT then GRPO", "rl", dict(method="grpo", **GROUPS), x="SFT"),
-    Spec("SFT then GFT then GRPO", "rl", dict(method="grpo", **GROUPS), x="SFT then GFT"),
-)
-
-
-def specs(quick: bool) -> list[Spec]:
-    main = main_specs()
-    if quick:
-        return [main[0], main[4]]
-    return main + sweep_specs()
-
-
-@dataclass(frozen=True)
-class Budget:
-    base_steps: int = 3000          # pre-training (the base); cosine, lr 3e-3
-    teacher_steps: int = 800        # the teacher: the base trained this much longer on correct scratchpads (400 left it below the base)
-    steps: int = 200                # fine-tuning optimizer steps per run
-    curve_points: tuple = (25, 50, 100, 150)   # and the last step
-    lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)   # the grid every method starts from (extended: LR_LADDER)
-    seeds: int = 3
-    sweep_seeds: int = 2
-    long_methods: tuple = ()        # run again at long_steps, seed 0, their own rates (none this round)
-    long_steps: int = 400
-    rl_steps: int = 100             # each stage of the RL-compatibility runs (SFT -> GFT -> GRPO)
-    eval_n: int = 8
-    curve_n: int = 4
-    passk_n: int = 64
-    passk_prompts: int = 40
-    data_sizes: tuple = ()          # overrides of make_data's split sizes, as (name, size) pairs
-
-
-# The rates a grid may extend to, about x3 apart (a best rate still at one of its ends after the
-# extension is reported as such).
-LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-
-FULL = Budget()
-QUICK = Budget(base_steps=30, teacher_steps=5, steps=3, curve_points=(2,), lrs=(1e-3,), seeds=1,
-               sweep_seeds=1, long_methods=("SFT",), long_steps=4, rl_steps=2, eval_n=2, curve_n=1, passk_n=4,
-               passk_prompts=4,
-               data_sizes=(("pretrain_sums", 64), ("teacher_train", 64), ("train", 48), ("val", 8), ("test", 12),
-                           ("ood", 8), ("pretrain_reversal", 64), ("probe", 8)))
-
-# The set-up must leave room to learn before any verdict: SFT at its best rate lifts validation
-# pass@1 this much over the base, or the report withholds its verdicts.
-MIN_SFT_GAIN = 0.15
-
+from .plan import (FULL, LR_LADDER, MIN_SFT_GAIN, QUICK, RL_SPECS, SEQS_PER_STEP, Budget, Spec, append_jsonl,
+                   choose_lrs, grid_extensions, long_name, main_specs, method_of, rate_for, read_jsonl, specs,
+                   sweep_specs)
+from . import report
 
 def _threads_one():
     # several runs side by side on a small CPU: one thread each (more oversubscribes the cores)
@@ -324,69 +238,11 @@ def _imap(pool, jobs):
     return pool.imap(_job, jobs, chunksize=1)
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _append(path: Path, row: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def long_name(name: str, budget: Budget) -> str:
-    """A longer run's name: its method's, then its steps (``method_of`` reads it back)."""
-    return f"{name}, {budget.long_steps} steps"
-
-
-def method_of(name: str) -> str:
-    """The method a configuration's name starts with: ``SFT, 800 steps`` -> ``SFT``."""
-    return name.split(",")[0]
-
-
-def rate_for(name: str, family: str, lrs: dict[str, float]) -> float:
-    """The rate a configuration runs at: a main method its own, a longer run its method's, a GRPO
-    stage GRPO's, the ablations, sweeps and GFT stages GFT's."""
-    if family == "methods":
-        return lrs[name]
-    if family == "long":
-        return lrs[method_of(name)]
-    if family == "rl":
-        return lrs["GRPO"]
-    return lrs["GFT"]
-
-
-def choose_lrs(grid_rows: list[dict], names) -> dict[str, float]:
-    """Each method's rate with the best validation pass@1 (ties: the smaller rate)."""
-    best = {}
-    for name in names:
-        rows = sorted((r for r in grid_rows if r["name"] == name), key=lambda r: (-r["val"], r["lr"]))
-        if rows:
-            best[name] = rows[0]["lr"]
-    return best
-
-
-def grid_extensions(grid_rows: list[dict], names, ladder=LR_LADDER) -> dict[str, float]:
-    """The next rate to try per method whose best is the lowest or highest rate it tried: the
-    ladder's rung beyond that edge (none where the ladder ends, or where it only tried one rate)."""
-    best = choose_lrs(grid_rows, names)
-    nxt = {}
-    for name, lr in best.items():
-        tried = sorted(r["lr"] for r in grid_rows if r["name"] == name)
-        if len(tried) < 2 or lr not in ladder:
-            continue
-        i = ladder.index(lr)
-        if lr == tried[0] and i > 0:
-            nxt[name] = ladder[i - 1]
-        elif lr == tried[-1] and i + 1 < len(ladder):
-            nxt[name] = ladder[i + 1]
-    return nxt
-
-
 def _run_all(pool, jobs, results_path: Path) -> int:
     n = 0
     for row in _imap(pool, jobs):
         n += 1
-        _append(results_path, row)
+        append_jsonl(results_path, row)
         print(f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "
               f"probe {row['probe']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)", flush=True)
     return n
@@ -396,6 +252,68 @@ def _final_of(name: str, seed: int, out: Path, lrs: dict) -> Path:
     """The final model of configuration ``name`` (a main method or an RL stage) at this seed."""
     spec = next(s for s in (*main_specs(), *RL_SPECS) if s.name == name)
     return run_dir_for(out, spec, seed, rate_for(spec.name, spec.family, lrs), grid=False) / "final"
+
+
+def run_grid(pool, own: list[Spec], out: Path, budget: Budget, setup: dict) -> int:
+    """The learning-rate grid (seed 0, validation pass@1), extended one rung at a time for every
+    method whose best rate is at an edge of what it tried. Returns the number of runs made."""
+    grid_path = out / "grid.jsonl"
+    done = {(r["name"], r["lr"]) for r in read_jsonl(grid_path)}
+    jobs = [("run", dict(spec=s, seed=0, lr=lr, out=out, budget=budget, setup=setup, grid=True))
+            for s in own for lr in budget.lrs if (s.name, lr) not in done]
+    ran = 0
+    while True:
+        for row in _imap(pool, jobs):
+            ran += 1
+            append_jsonl(grid_path, row)
+            print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)",
+                  flush=True)
+        # a best rate at the edge of the grid: one rung further (rounds, all methods at once);
+        # also where a resumed study finds the starting grid done
+        beyond = grid_extensions(read_jsonl(grid_path), [s.name for s in own])
+        jobs = [("run", dict(spec=s, seed=0, lr=beyond[s.name], out=out, budget=budget, setup=setup, grid=True))
+                for s in own if s.name in beyond]
+        if not jobs:
+            return ran
+
+
+def run_configurations(pool, chosen: list[Spec], lrs: dict, out: Path, budget: Budget, setup: dict) -> int:
+    """The main methods and ablations first, then the longer runs and the sweeps, each seed by seed
+    (a study cut short then has every configuration at the same number of seeds)."""
+    results_path = out / "results.jsonl"
+    # a finished run counts only at the rate it would get now (a grid that moved reruns it)
+    done = {(r["name"], r["seed"], r["lr"]) for r in read_jsonl(results_path)}
+    main = [(s, seed) for seed in range(budget.seeds) for s in chosen if s.family in ("methods", "ablation")]
+    longer = [(replace(s, name=long_name(s.name, budget), family="long", own_lr=False), 0)
+              for s in chosen if s.name in budget.long_methods]
+    sweeps = [(s, seed) for seed in range(budget.sweep_seeds) for s in chosen
+              if s.family not in ("methods", "ablation")]
+    jobs = [("run", dict(spec=s, seed=seed, lr=rate_for(s.name, s.family, lrs), out=out, budget=budget,
+                         setup=setup, steps=budget.long_steps if s.family == "long" else None))
+            for s, seed in main + longer + sweeps if (s.name, seed, rate_for(s.name, s.family, lrs)) not in done]
+    return _run_all(pool, jobs, results_path)
+
+
+def run_rl_stages(pool, lrs: dict, out: Path, budget: Budget, setup: dict) -> int:
+    """RL compatibility, in its stages: each starts from the previous stage's model, same seed."""
+    results_path = out / "results.jsonl"
+    ran = 0
+    for family in ("staged", "rl"):
+        done = {(r["name"], r["seed"], r["lr"]) for r in read_jsonl(results_path)}
+        jobs = [("run", dict(spec=s, seed=seed, lr=rate_for(s.name, s.family, lrs), out=out, budget=budget,
+                             setup=setup, steps=budget.rl_steps, start=str(_final_of(s.x, seed, out, lrs))))
+                for seed in range(budget.seeds) for s in RL_SPECS
+                if s.family == family and (s.name, seed, rate_for(s.name, s.family, lrs)) not in done]
+        ran += _run_all(pool, jobs, results_path)
+    return ran
+
+
+def _record_wall_time(out: Path, started: float, ran: int, workers: int) -> None:
+    # a resumed study adds its time to the earlier ones'; a rerun that ran nothing leaves it
+    timing = out / "wall_seconds.json"
+    if ran or not timing.exists():
+        prior = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+        timing.write_text(json.dumps({"seconds": round(prior + time.time() - started, 1), "workers": workers}))
 
 
 def main(argv=None) -> Path:
@@ -421,55 +339,14 @@ def main(argv=None) -> Path:
         setup = make_setup(out, budget, pool)
         chosen = specs(args.quick)
         own = [s for s in chosen if s.own_lr]
-        grid_path, results_path = out / "grid.jsonl", out / "results.jsonl"
-        done = {(r["name"], r["lr"]) for r in _read(grid_path)}
-        jobs = [("run", dict(spec=s, seed=0, lr=lr, out=out, budget=budget, setup=setup, grid=True))
-                for s in own for lr in budget.lrs if (s.name, lr) not in done]
-        ran = 0
-        while True:
-            for row in _imap(pool, jobs):
-                ran += 1
-                _append(grid_path, row)
-                print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)",
-                      flush=True)
-            # a best rate at the edge of the grid: one rung further (rounds, all methods at once);
-            # also where a resumed study finds the starting grid done
-            beyond = grid_extensions(_read(grid_path), [s.name for s in own])
-            jobs = [("run", dict(spec=s, seed=0, lr=beyond[s.name], out=out, budget=budget, setup=setup, grid=True))
-                    for s in own if s.name in beyond]
-            if not jobs:
-                break
-        lrs = choose_lrs(_read(grid_path), [s.name for s in own])
-        # a finished run counts only at the rate it would get now (a grid that moved reruns it)
-        done = {(r["name"], r["seed"], r["lr"]) for r in _read(results_path)}
-        # the main methods and ablations first, then the longer runs and the sweeps, each seed by
-        # seed (a study cut short then has every configuration at the same number of seeds)
-        main = [(s, seed) for seed in range(budget.seeds) for s in chosen if s.family in ("methods", "ablation")]
-        longer = [(replace(s, name=long_name(s.name, budget), family="long", own_lr=False), 0)
-                  for s in chosen if s.name in budget.long_methods]
-        sweeps = [(s, seed) for seed in range(budget.sweep_seeds) for s in chosen
-                  if s.family not in ("methods", "ablation")]
-        jobs = [("run", dict(spec=s, seed=seed, lr=rate_for(s.name, s.family, lrs), out=out, budget=budget,
-                             setup=setup, steps=budget.long_steps if s.family == "long" else None))
-                for s, seed in main + longer + sweeps if (s.name, seed, rate_for(s.name, s.family, lrs)) not in done]
-        ran += _run_all(pool, jobs, results_path)
+        ran = run_grid(pool, own, out, budget, setup)
+        lrs = choose_lrs(read_jsonl(out / "grid.jsonl"), [s.name for s in own])
+        ran += run_configurations(pool, chosen, lrs, out, budget, setup)
         if {"SFT", "GFT", "GRPO"} <= set(lrs):
-            # RL compatibility, in its stages (each starts from the previous stage's model, same seed)
-            for family in ("staged", "rl"):
-                done = {(r["name"], r["seed"], r["lr"]) for r in _read(results_path)}
-                jobs = [("run", dict(spec=s, seed=seed, lr=rate_for(s.name, s.family, lrs), out=out, budget=budget,
-                                     setup=setup, steps=budget.rl_steps, start=str(_final_of(s.x, seed, out, lrs))))
-                        for seed in range(budget.seeds) for s in RL_SPECS
-                        if s.family == family and (s.name, seed, rate_for(s.name, s.family, lrs)) not in done]
-                ran += _run_all(pool, jobs, results_path)
+            ran += run_rl_stages(pool, lrs, out, budget, setup)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    timing = out / "wall_seconds.json"
-    if ran or not timing.exists():
-        prior = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
-        timing.write_text(json.dumps({"seconds": round(prior + time.time() - started, 1), "workers": workers}))
-    from .report import write_report
-
-    return write_report(out, Path(args.docs), budget, quick=args.quick)
+    _record_wall_time(out, started, ran, workers)
+    return report.write_report(out, Path(args.docs), budget, quick=args.quick)

@@ -163,24 +163,24 @@ def test_grid_extends_on_resume_and_runs_follow_the_rate_it_chooses(tmp_path, mo
     monkeypatch.setattr(run, "QUICK", replace(run.QUICK, lrs=(1e-4, 3e-4), long_methods=()))
     out = tmp_path / "study"
     run.main(["--quick", "--out", str(out), "--workers", "1"])
-    grid = run._read(out / "grid.jsonl")
+    grid = run.read_jsonl(out / "grid.jsonl")
     tried = {n: sorted(g["lr"] for g in grid if g["name"] == n) for n in best}
     assert tried == {"SFT": [1e-4, 3e-4, 1e-3, 3e-3], "GFT": [1e-5, 3e-5, 1e-4, 3e-4]}
-    assert {(r["name"], r["lr"]) for r in run._read(out / "results.jsonl")} == {("SFT", 1e-3), ("GFT", 1e-5)}
+    assert {(r["name"], r["lr"]) for r in run.read_jsonl(out / "results.jsonl")} == {("SFT", 1e-3), ("GFT", 1e-5)}
     # resumed from a grid cut off after its starting rates: it extends again, runs nothing twice
     first = [g for g in grid if g["lr"] in (1e-4, 3e-4)]
     (out / "grid.jsonl").write_text("".join(json.dumps(g) + "\n" for g in first))
     run.main(["--quick", "--out", str(out), "--workers", "1"])
-    assert sorted((g["name"], g["lr"]) for g in run._read(out / "grid.jsonl")) == sorted(
+    assert sorted((g["name"], g["lr"]) for g in run.read_jsonl(out / "grid.jsonl")) == sorted(
         (g["name"], g["lr"]) for g in grid)
-    assert len(run._read(out / "results.jsonl")) == 2
+    assert len(run.read_jsonl(out / "results.jsonl")) == 2
     # a grid row that moves SFT's best (to 1e-2, at the edge: 3e-2 is tried and loses): SFT's run
     # is redone at the new rate, GFT's kept
     with (out / "grid.jsonl").open("a") as f:
         f.write(json.dumps(dict(name="SFT", family="methods", x=None, seed=0, lr=1e-2, val=2.0)) + "\n")
     run.main(["--quick", "--out", str(out), "--workers", "1"])
-    assert max(g["lr"] for g in run._read(out / "grid.jsonl") if g["name"] == "SFT") == 3e-2
-    rows = run._read(out / "results.jsonl")
+    assert max(g["lr"] for g in run.read_jsonl(out / "grid.jsonl") if g["name"] == "SFT") == 3e-2
+    rows = run.read_jsonl(out / "results.jsonl")
     assert [(r["name"], r["lr"]) for r in rows] == [("SFT", 1e-3), ("GFT", 1e-5), ("SFT", 1e-2)]
-    lrs = run.choose_lrs(run._read(out / "grid.jsonl"), ["SFT", "GFT"])
+    lrs = run.choose_lrs(run.read_jsonl(out / "grid.jsonl"), ["SFT", "GFT"])
     assert [r["lr"] == run.rate_for(r["name"], r["family"], lrs) for r in rows] == [False, True, True]
