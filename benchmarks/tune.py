@@ -48,6 +48,109 @@ def _backward_products(shape, dtype, cfg, options, n_active) -> float:
     return round((3 if plan.fused else 4) * frac, 3)
 
 
+def knobs_of(design: str, group_m: int, programs_per_sm: int, scratch_fraction: float, split_cols=None,
+             zero_adv_frac: float = 0.0, stores_only: bool = False) -> dict:
+    """One trial's launch knobs, as the CSV names them."""
+    return dict(design=design, group_m=group_m, programs_per_sm=programs_per_sm, scratch_fraction=scratch_fraction,
+                split_cols=split_cols, zero_adv_frac=zero_adv_frac, stores_only=stores_only)
+
+
+def options_of(knobs: dict, tiles=None) -> launch.LaunchOptions:
+    return launch.LaunchOptions(
+        backward_design=knobs["design"], scratch_fraction=knobs["scratch_fraction"], split_cols=knobs["split_cols"],
+        bwd_group_m=knobs["group_m"], fwd_programs_per_sm=knobs["programs_per_sm"], stores_only=knobs["stores_only"],
+        cuda_tiles=tiles)
+
+
+def trials(default_fwd, default_bwd, base: dict) -> list[tuple[str, launch.Config, dict]]:
+    """What to time, most telling first (a budget cuts the tail): the matmul rate at this shape;
+    the defaults; the two backward designs head to head; the split design's chunk width; the
+    atomic design with its atomics replaced by plain stores (prices the atomics); both designs
+    at 90% zero-advantage sequences; the atomic design's program order and fused plan; the
+    forward's grid size; the other tiles."""
+    split, atomic = dict(base, design="split"), dict(base, design="atomic")
+    gm0, pps0 = base["group_m"], base["programs_per_sm"]
+    out = [("matmul", default_fwd, base), ("forward", default_fwd, base)]
+    out += [("backward", default_bwd, split), ("backward", default_bwd, atomic)]
+    out += [("backward", default_bwd, dict(split, split_cols=c)) for c in (2048, 2560, 5120)]
+    out += [("backward", default_bwd, dict(atomic, stores_only=True))]
+    out += [("backward", default_bwd, dict(d, zero_adv_frac=0.9)) for d in (split, atomic)]
+    out += [("backward", default_bwd, dict(atomic, group_m=gm)) for gm in (1, 32, 1 << 20) if gm != gm0]
+    out += [("backward", default_bwd, dict(atomic, scratch_fraction=1.0))]
+    out += [("forward", default_fwd, dict(base, programs_per_sm=pps)) for pps in (4, 64) if pps != pps0]
+    out += [("forward", c, base) for c in launch.FWD_CANDIDATES if c != default_fwd]
+    out += [("backward", c, atomic) for c in launch.BWD_CANDIDATES if c != default_bwd]
+    return out
+
+
+class Tuner:
+    """The inputs at one shape, the default tiles' outputs (every candidate is compared with them)
+    and how to time one trial."""
+
+    def __init__(self, shape: Shape, device: torch.device, smoke: bool):
+        self.shape, self.device, self.smoke = shape, device, smoke
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter's bf16 dot is wrong
+        self.hidden, self.weight, targets, adv = make_inputs(shape, self.dtype, device)
+        self.g = self._upstream(targets, adv)
+        self.inputs = ForwardRequest(self.hidden, self.weight, None, targets, targets != -100)
+        self.default_fwd, self.default_bwd = launch.tiles(device, self.dtype, plain=True)
+        d = launch.DEFAULT_OPTIONS
+        self.base = knobs_of(d.backward_design, d.bwd_group_m, d.fwd_programs_per_sm, d.scratch_fraction)
+        self.rows = self.fwd()
+        self.ref_dh, self.ref_dw, _ = self.bwd(options_of(self.base))
+
+    @staticmethod
+    def _upstream(targets, adv):
+        """dL/dlogp of a GFT-like loss (C = 1)."""
+        valid = targets != -100
+        return torch.where(valid, -adv / valid.sum(), 0.0).float()
+
+    def upstream(self, zero_adv_frac: float):
+        """The same with this fraction of zero-advantage sequences."""
+        if not zero_adv_frac:
+            return self.g
+        _, _, t, a = make_inputs(self.shape, self.dtype, self.device, zero_adv_frac)
+        return self._upstream(t, a)
+
+    def fwd(self, options=None):
+        return forward(launch.ENGINE, self.inputs, KernelOptions(launch=options))
+
+    def bwd(self, options, g=None):
+        request = BackwardRequest(self.inputs, self.rows, self.g if g is None else g, None, Needs(True, True, False))
+        return launch.ENGINE.backward(request, KernelOptions(launch=options))
+
+    def is_default(self, kernel: str, cfg, knobs: dict) -> bool:
+        tiles = self.default_fwd if kernel == "forward" else self.default_bwd
+        return cfg == tiles and all(knobs.get(k) == v for k, v in self.base.items())
+
+    def time(self, kernel: str, cfg, knobs: dict) -> tuple[float, float, float]:
+        """(ms, matrix products in units of 2 N H V, relative error against the default tiles)."""
+        fwd_cfg, bwd_cfg = (cfg, self.default_bwd) if kernel != "backward" else (self.default_fwd, cfg)
+        options = options_of(knobs, (fwd_cfg, bwd_cfg) if self.device.type == "cuda" else None)
+        if kernel == "matmul":  # one [N, H] x [H, V] product, the floor's unit, at this shape
+            wt = self.weight.t()
+            return time_ms(lambda: self.hidden @ wt, self.device, quick=self.smoke), 1, 0.0
+        if kernel == "forward":
+            err = _rel(self.fwd(options)[0], self.rows.logp)
+            return time_ms(lambda: self.fwd(options), self.device, quick=self.smoke), 1, err
+        g = self.upstream(knobs["zero_adv_frac"])
+        dh, dw, _ = self.bwd(options, g)
+        err = 0.0
+        if not knobs["stores_only"] and not knobs["zero_adv_frac"]:
+            err = max(_rel(dh, self.ref_dh), _rel(dw, self.ref_dw))
+        del dh, dw
+        ms = time_ms(lambda: self.bwd(options, g), self.device, quick=self.smoke)
+        return ms, _backward_products(self.shape, self.dtype, bwd_cfg, options, int((g != 0).sum())), err
+
+
+def _shape_and_device(args) -> tuple[Shape, torch.device]:
+    if torch.cuda.is_available():
+        return Shape(args.model, args.tokens, *MODELS[args.model]), torch.device("cuda")
+    if args.smoke:
+        return Shape("smoke", 32, 16, 64), torch.device("cpu")
+    raise SystemExit("benchmarks.tune times CUDA kernels; there is no GPU here (--smoke tests the script)")
+
+
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.tune", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -57,109 +160,32 @@ def main(argv=None) -> Path:
     ap.add_argument("--smoke", action="store_true",
                     help="without a GPU: a tiny shape through Triton's interpreter (tests the script, not the tiles)")
     args = ap.parse_args(argv)
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        shape = Shape(args.model, args.tokens, *MODELS[args.model])
-    elif args.smoke:
-        device = torch.device("cpu")
-        shape = Shape("smoke", 32, 16, 64)
-    else:
-        raise SystemExit("benchmarks.tune times CUDA kernels; there is no GPU here (--smoke tests the script)")
+    shape, device = _shape_and_device(args)
     env = environment(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter's bf16 dot is wrong
-    hidden, weight, targets, adv = make_inputs(shape, dtype, device)
-    valid = targets != -100
-    g = torch.where(valid, -adv / valid.sum(), 0.0).float()  # a GFT-like dL/dlogp (C = 1)
+    tuner = Tuner(shape, device, args.smoke)
     flop = 2 * shape.n * shape.h * shape.v  # one matrix product
-    default_fwd, default_bwd = launch.tiles(device, dtype, plain=True)
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"tune_{result_stem(env)}.csv"
     csv_rows = RowFile(path, FIELDS)
 
-    def row(kernel, cfg, **kw):
+    def row(kernel, cfg, knobs, **kw):
         csv_rows.write(dict(env, shape=shape.name, n=shape.n, h=shape.h, v=shape.v, kernel=kernel, tiles=_tiles(cfg),
-                            default=cfg == (default_fwd if kernel == "forward" else default_bwd)
-                            and all(kw.get(k) == v for k, v in base.items()), **kw))
+                            default=tuner.is_default(kernel, cfg, knobs), **knobs, **kw))
 
-    inputs = ForwardRequest(hidden, weight, None, targets, valid)
-
-    def fwd(options=None):
-        return forward(launch.ENGINE, inputs, KernelOptions(launch=options))
-
-    rows = fwd()
-    ref_logp = rows.logp
-
-    def upstream(zero_adv_frac):
-        """dL/dlogp of a GFT-like loss (C = 1) with this fraction of zero-advantage sequences."""
-        if not zero_adv_frac:
-            return g
-        _, _, t, a = make_inputs(shape, dtype, device, zero_adv_frac)
-        ok = t != -100
-        return torch.where(ok, -a / ok.sum(), 0.0).float()
-
-    def options_of(knobs, tiles=None):
-        return launch.LaunchOptions(
-            backward_design=knobs["design"], scratch_fraction=knobs["scratch_fraction"], split_cols=knobs["split_cols"],
-            bwd_group_m=knobs["group_m"], fwd_programs_per_sm=knobs["programs_per_sm"], stores_only=knobs["stores_only"],
-            cuda_tiles=tiles)
-
-    def bwd(options, g_=None):
-        request = BackwardRequest(inputs, rows, g if g_ is None else g_, None, Needs(True, True, False))
-        return launch.ENGINE.backward(request, KernelOptions(launch=options))
-
-    d = launch.DEFAULT_OPTIONS
-    gm0, pps0 = d.bwd_group_m, d.fwd_programs_per_sm
-    base = dict(design=d.backward_design, group_m=gm0, programs_per_sm=pps0,
-                scratch_fraction=d.scratch_fraction, split_cols=None, zero_adv_frac=0.0, stores_only=False)
-    ref_dh, ref_dw, _ = bwd(options_of(base))
-    # What to time, most telling first (a budget cuts the tail): the matmul rate at this shape;
-    # the defaults; the two backward designs head to head; the split design's chunk width; the
-    # atomic design with its atomics replaced by plain stores (prices the atomics); both designs
-    # at 90% zero-advantage sequences; the atomic design's program order and fused plan; the
-    # forward's grid size; the other tiles.
-    split, atomic = dict(base, design="split"), dict(base, design="atomic")
-    trials = [("matmul", default_fwd, base), ("forward", default_fwd, base)]
-    trials += [("backward", default_bwd, split), ("backward", default_bwd, atomic)]
-    trials += [("backward", default_bwd, dict(split, split_cols=c)) for c in (2048, 2560, 5120)]
-    trials += [("backward", default_bwd, dict(atomic, stores_only=True))]
-    trials += [("backward", default_bwd, dict(d, zero_adv_frac=0.9)) for d in (split, atomic)]
-    trials += [("backward", default_bwd, dict(atomic, group_m=gm)) for gm in (1, 32, 1 << 20) if gm != gm0]
-    trials += [("backward", default_bwd, dict(atomic, scratch_fraction=1.0))]
-    trials += [("forward", default_fwd, dict(base, programs_per_sm=pps)) for pps in (4, 64) if pps != pps0]
-    trials += [("forward", c, base) for c in launch.FWD_CANDIDATES if c != default_fwd]
-    trials += [("backward", c, atomic) for c in launch.BWD_CANDIDATES if c != default_bwd]
-    for kernel, cfg, knobs in trials:
+    for kernel, cfg, knobs in trials(tuner.default_fwd, tuner.default_bwd, tuner.base):
         if args.budget_s and time.time() - started > args.budget_s:
-            row(kernel, cfg, status="skipped: time budget", **knobs)
+            row(kernel, cfg, knobs, status="skipped: time budget")
             continue
-        fwd_cfg, bwd_cfg = (cfg, default_bwd) if kernel != "backward" else (default_fwd, cfg)
-        err = 0.0
         try:
-            options = options_of(knobs, (fwd_cfg, bwd_cfg) if device.type == "cuda" else None)
-            if kernel == "matmul":  # one [N, H] x [H, V] product, the floor's unit, at this shape
-                wt = weight.t()
-                ms = time_ms(lambda: hidden @ wt, device, quick=args.smoke)
-                products = 1
-            elif kernel == "forward":
-                err = _rel(fwd(options)[0], ref_logp)
-                ms = time_ms(lambda: fwd(options), device, quick=args.smoke)
-                products = 1
-            else:
-                g_ = upstream(knobs["zero_adv_frac"])
-                dh, dw, _ = bwd(options, g_)
-                if not knobs["stores_only"] and not knobs["zero_adv_frac"]:
-                    err = max(_rel(dh, ref_dh), _rel(dw, ref_dw))
-                del dh, dw
-                ms = time_ms(lambda: bwd(options, g_), device, quick=args.smoke)
-                products = _backward_products(shape, dtype, bwd_cfg, options, int((g_ != 0).sum()))
+            ms, products, err = tuner.time(kernel, cfg, knobs)
         except Exception as e:  # a tile the device rejects (e.g. out of resources) is a result
-            row(kernel, cfg, status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}", **knobs)
+            row(kernel, cfg, knobs, status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
             continue
         status = "ok" if err < 1e-2 else "mismatch"
         tflops = products * flop / ms / 1e9
-        row(kernel, cfg, status=status, products=products, **knobs, ms=round(ms, 3), tflops=round(tflops, 1),
+        row(kernel, cfg, knobs, status=status, products=products, ms=round(ms, 3), tflops=round(tflops, 1),
             err_vs_default=float(f"{err:.3g}"))
         what = f"{knobs['design']} cols {knobs['split_cols']}" if kernel == "backward" else ""
         print(f"{kernel:<8} {_tiles(cfg):<28} {what:<18} group {knobs['group_m']:<8} per-SM {knobs['programs_per_sm']:<3} "
