@@ -303,6 +303,21 @@ def test_transformers_engine_returns_the_sampled_ids_cut_at_eos():
     assert tok("199", add_special_tokens=False)["input_ids"] != samples[1].token_ids
 
 
+def test_transformers_engine_sampling_leaves_the_global_rng_as_it_was():
+    """A rollout seeds generation from its own seed; the random stream after it is the one
+    before it (a rollout once reseeded the global RNG: everything after it drew other numbers)."""
+    from gft_train.rollout import TransformersEngine
+
+    tok = _tiny_tokenizer()
+    one, nine, eos = (tok.convert_tokens_to_ids(t) for t in ("1", "9", "<eos>"))
+    engine = TransformersEngine(_FakeGenerateModel([[one, nine, eos, eos]]), tok, max_new_tokens=4, batch_size=1)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    engine.sample(["12+7=", "1+1="], 2, seed=5)
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_self_samples_are_trained_on_the_sampled_ids_without_an_added_eos():
     from gft_train.data import PromptRow
     from gft_train.groups import build_groups
