@@ -18,12 +18,12 @@ from pathlib import Path
 
 import yaml
 
+from gft_kernels.head import AGGREGATIONS
 from gft_kernels.options import check_tau
 
-# How the per-token losses of a global batch are combined (verl's names): the mean over all
-# tokens (DAPO); the mean over sequences of each one's token mean (GRPO) or token sum; the token
-# sum over sequences x max_length (Dr. GRPO's constant normalizer).
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# How the per-token losses of a global batch are combined (verl's names; the kernel maps each to
+# one of its reductions: gft_kernels.head.aggregation_reduction).
+LOSS_AGGREGATIONS = AGGREGATIONS
 
 # method -> (n_expert, n_teacher, n_self, tau, advantage from the group?) ; the paper's baselines
 # are settings of the same loss (docs/spec.md): SFT tau = 0, A = 1; DFT tau > 1, A = 1; GRPO tau = 0

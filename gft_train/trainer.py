@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gft_kernels.head import aggregation_reduction
 from gft_kernels.options import IGNORE_INDEX
 
 from . import config as config_mod
 from .data import DataError, load_rows
-from .groups import build_groups, check_token_ids, group_metrics, load_groups, missing_teachers, save_groups
+from .groups import SOURCES, build_groups, check_token_ids, group_metrics, load_groups, missing_teachers, save_groups
 from .lm import causal_lm_gft_loss, encode, prompts_ids
 from .rewards import load_reward
 from .rollout import make_engine
@@ -63,11 +64,7 @@ class GFTPolicy(nn.Module):
 def aggregation(name: str, n_tokens: float, n_seqs: float, max_length: int) -> tuple[str, float]:
     """(gft_loss reduction, normalizer) of a trainer loss aggregation, given the global batch's
     valid tokens and sequences per process (DDP averages gradients over processes)."""
-    if name == "token-mean":
-        return "mean", max(n_tokens, 1e-9)
-    if name == "seq-mean-token-sum-norm":
-        return "mean", max(n_seqs, 1e-9) * max_length
-    return name, max(n_seqs, 1e-9)
+    return aggregation_reduction(name, n_tokens, n_seqs, max_length)
 
 
 def _order(n: int, position: int, seed: int) -> int:
@@ -624,7 +621,7 @@ def bar_fields(metrics: dict, cfg) -> dict:
     groups when rewards drive the update (group advantages), else the token accuracy (SFT's
     rewards are not what it trains on)."""
     fields = {"loss": f"{metrics['loss']:.3f}"}
-    rewards = {source: metrics[f"reward/{source}_mean"] for source in ("expert", "teacher", "self")
+    rewards = {source: metrics[f"reward/{source}_mean"] for source in SOURCES
                if f"reward/{source}_mean" in metrics}
     if cfg.uses_group_advantage and rewards:
         fields.update({f"{source}_reward": f"{r:.2f}" for source, r in rewards.items()})

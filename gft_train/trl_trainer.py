@@ -33,10 +33,12 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from gft_kernels.head import reduction_weights
 from gft_kernels.models import causal_lm_gft_loss, check_model
 from gft_kernels.options import IGNORE_INDEX, check_tau
 
-SOURCES = ("self", "expert", "teacher")
+from .groups import SOURCES
+
 _LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo")
 
 
@@ -256,26 +258,28 @@ class GFTTrainer(GRPOTrainer):
     # ---- the update -------------------------------------------------------------------------
 
     def _token_weights(self, inputs, mask: torch.Tensor, mode: str) -> torch.Tensor:
-        """Per-token weights that make ``sum(w * loss_t)`` TRL's aggregation of ``loss_type``."""
-        mask = mask.float()
+        """Per-token weights that make ``sum(w * loss_t)`` TRL's aggregation of ``loss_type``: one of
+        the kernel's reductions (``gft_kernels.head.reduction_weights``) with TRL's normalizer."""
+        valid = mask != 0
         B = mask.shape[0]
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         lt = self.loss_type
-        if lt in ("grpo", "sapo"):
-            w = mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / B / ga
-        elif lt == "bnpo":
-            w = mask / mask.sum().clamp(min=1.0) / ga
-        elif lt == "dr_grpo":
-            w = mask / (B * self.max_completion_length) / ga
-        elif lt in ("dapo", "cispo"):
+        if lt in ("grpo", "sapo"):       # each sequence's token mean, over B sequences
+            reduction, normalizer = "seq-mean-token-mean", B * ga
+        elif lt == "bnpo":               # the local token mean
+            reduction, normalizer = "mean", valid.sum().clamp(min=1) * ga
+        elif lt == "dr_grpo":            # the token sum over B x max_completion_length
+            reduction, normalizer = "mean", B * self.max_completion_length * ga
+        elif lt in ("dapo", "cispo"):    # the global token mean
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            w = mask / normalizer
-        elif lt == "luspo":
-            w = mask / B / ga
+            reduction = "mean"
+        elif lt == "luspo":              # each sequence's token sum, over B sequences
+            reduction, normalizer = "seq-mean-token-sum", B * ga
         else:  # refused at construction
             raise ValueError(f"loss_type {lt!r}")
+        w = reduction_weights(valid.reshape(-1), reduction, normalizer, mask.shape, torch.float32).reshape(mask.shape)
         if self.use_vllm and self.vllm_importance_sampling_correction:
             w = w * inputs["importance_sampling_ratio"]
         return w
