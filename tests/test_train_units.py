@@ -179,6 +179,145 @@ def test_cli_flag_forms(tmp_path):
     assert dataclasses.fields(config_mod.Config)[0].type == "str"   # the parser left Config's fields alone
 
 
+# A gft_config.yaml as the trainer wrote it before Config was split into groups (a resolved
+# Config(model="m", train_file="t.jsonl", lr=3e-4, eval_k=[1, 8])): old run dirs must still resume.
+OLD_SAVED_CONFIG = """\
+method: gft
+dcr: true
+gal: true
+model: m
+train_file: t.jsonl
+columns: ''
+eval_file: ''
+output_dir: runs/gft
+n_expert: 1
+n_teacher: 3
+n_self: 4
+teacher_model: ''
+reward: math
+adv_eps: 1.0e-06
+groups_file: ''
+refresh_every: 1
+engine: auto
+max_new_tokens: 256
+temperature: 1.0
+top_p: 1.0
+rollout_batch_size: 64
+vllm_memory: 0.3
+tau: 0.7
+loss_aggregation: token-mean
+entropy_coef: 0.0
+lr: 0.0003
+lr_scheduler: cosine
+warmup_steps: 0
+weight_decay: 0.0
+max_steps: 100
+num_epochs: 0.0
+prompts_per_step: 8
+micro_batch_size: 8
+max_grad_norm: 1.0
+bf16: false
+gradient_checkpointing: false
+max_length: 1024
+seed: 0
+save_every: 0
+save_total_limit: 0
+resume: false
+overwrite_output_dir: false
+eval_every: 0
+eval_n: 4
+eval_k:
+- 1
+- 8
+eval_max_prompts: 0
+eval_temperature: 0.5
+eval_greedy: true
+eval_kl_samples: 1
+"""
+
+
+def test_saved_config_format_is_the_one_old_runs_hold(tmp_path):
+    cfg = config_mod.Config(model="m", train_file="t.jsonl", lr=3e-4, eval_k=[1, 8]).resolved()
+    config_mod.save(cfg, tmp_path / "new.yaml")
+    assert (tmp_path / "new.yaml").read_text() == OLD_SAVED_CONFIG
+    (tmp_path / "old.yaml").write_text(OLD_SAVED_CONFIG)
+    assert config_mod.changed_fields(config_mod.load_saved(tmp_path / "old.yaml"), cfg) == {}
+
+
+def test_config_groups_hold_every_field_once():
+    import dataclasses
+
+    groups = (config_mod.ModelAndData, config_mod.GroupMix, config_mod.Rollout, config_mod.Optimization,
+              config_mod.Logging, config_mod.Evaluation)
+    names = [f.name for g in groups for f in dataclasses.fields(g)]
+    assert names == [f.name for f in dataclasses.fields(config_mod.Config)]      # flat, in the old order
+    cfg = config_mod.Config(lr=0.5, n_self=2, eval_n=3, engine="transformers", save_every=4, model="m")
+    assert (cfg.optimization.lr, cfg.groups.n_self, cfg.evaluation.eval_n, cfg.rollout.engine,
+            cfg.logging.save_every, cfg.model_and_data.model) == (0.5, 2, 3, "transformers", 4, "m")
+
+
+def _readme_gft_train_flags() -> set[str]:
+    """The --flags the README's trainer section shows (`accelerate launch`'s and the placeholders
+    `--x` / `--no-x` of the flag forms left out)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## The trainer: `gft-train`", 1)[1].split("\n## ", 1)[0]
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", section))
+    return flags - {"--multi_gpu", "--num_processes", "--config_file", "--x", "--no-x"}
+
+
+def test_every_flag_the_readme_shows_parses_to_its_field(tmp_path):
+    import argparse
+
+    from gft_train.cli import main
+
+    flags = _readme_gft_train_flags()
+    assert {"--resume", "--max-steps", "--eval-k", "--no-dcr", "--columns"} <= flags, flags
+    p = argparse.ArgumentParser()
+    config_mod.add_arguments(p)
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--base-model")
+    hints = {f.name for f in __import__("dataclasses").fields(config_mod.Config)}
+    for flag in sorted(flags):
+        action = next((a for a in p._actions if flag in a.option_strings), None)
+        assert action is not None, f"the README shows {flag}, which gft-train train does not take"
+        if action.dest in ("config", "debug", "base_model", "help"):
+            continue
+        assert action.dest in hints, (flag, action.dest)
+    with pytest.raises(SystemExit):   # and the parser is the CLI's: an unknown flag is refused there
+        main(["train", "--no-such-flag"])
+
+
+def test_every_field_is_a_yaml_key_and_a_flag(tmp_path):
+    """Each field set in YAML, and by its flag, to a value other than its default reaches the Config."""
+    import argparse
+    import dataclasses
+
+    import yaml
+
+    other = {bool: lambda v: not v, int: lambda v: (v or 0) + 2, float: lambda v: (v or 0.0) + 0.25,
+             str: lambda v: v + "x", list: lambda v: v + [16]}
+    defaults = config_mod.Config()
+    values = {}
+    for f in dataclasses.fields(config_mod.Config):
+        v = getattr(defaults, f.name)
+        kind = int if v is None else type(v)
+        values[f.name] = other[kind](v)
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(values))
+    p = argparse.ArgumentParser()
+    config_mod.add_arguments(p)
+    from_yaml = config_mod.from_args(p.parse_args(["--config", str(tmp_path / "all.yaml")]))
+    argv = []
+    for name, v in values.items():
+        argv += [f"--{name.replace('_', '-')}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    from_flags = config_mod.from_args(p.parse_args(argv))
+    for name, v in values.items():
+        assert getattr(from_yaml, name) == v, name
+        assert getattr(from_flags, name) == v, name
+
+
 def test_math_reward_and_user_reward(tmp_path, monkeypatch):
     reward = MathReward()
     try:
