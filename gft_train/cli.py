@@ -31,7 +31,7 @@ def _cmd_build_groups(cfg):
     from .groups import build_groups, group_metrics, save_groups
     from .rewards import load_reward
     from .rollout import make_engine
-    from .trainer import load_model
+    from .models import load_model
 
     cfg = cfg.resolved()
     if not cfg.groups_file:

@@ -115,7 +115,7 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
     default the first split) when ``base_dir`` is given."""
     from .rewards import load_reward
     from .rollout import make_engine
-    from .trainer import load_model
+    from .models import load_model
 
     model, tokenizer = load_model(str(model_dir))
     engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=str(model_dir), cfg=cfg,
