@@ -31,13 +31,31 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
+import trl
 
-from gft_kernels.head import reduction_weights
-from gft_kernels.models import causal_lm_gft_loss, check_model
-from gft_kernels.options import IGNORE_INDEX, check_tau
+# The TRL releases this integration is tested with (tests/test_trl.py, test_peft.py); it overrides
+# two private GRPOTrainer methods, which a minor TRL release may change without notice.
+TESTED_TRL = ">=1.16,<1.17"
 
-from .groups import SOURCES
+
+def check_trl_version(version: str) -> None:
+    """Refuses a TRL outside ``TESTED_TRL`` with an error naming the tested range."""
+    from packaging.version import Version
+
+    if not Version("1.16") <= Version(version) < Version("1.17"):
+        raise ImportError(f"gft_train's TRL integration is tested with trl{TESTED_TRL}, found trl {version}: "
+                          f"pip install 'trl{TESTED_TRL}' (or 'gft[trl]')")
+
+
+check_trl_version(trl.__version__)
+
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from gft_kernels.head import reduction_weights  # noqa: E402
+from gft_kernels.models import causal_lm_gft_loss, check_model  # noqa: E402
+from gft_kernels.options import IGNORE_INDEX, check_tau  # noqa: E402
+
+from ..groups import SOURCES  # noqa: E402
 
 _LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo")
 
@@ -168,19 +186,17 @@ class GFTTrainer(GRPOTrainer):
 
     # ---- the groups -------------------------------------------------------------------------
 
-    def _generate_and_score_completions(self, inputs):
-        mode = "train" if self.model.training else "eval"
-        if mode == "train" and self._n_demo > 0:
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # ``inputs`` is this process's generation batch, the rows TRL generates for (when this step
+        # generates): the slots' sources and the rows' demonstrations are known from here on
+        if self._n_demo > 0:
             offset = self.accelerator.process_index * len(inputs)
             self._gft_rows = inputs
             self._gft_sources = [self._slot_source(offset + i) for i in range(len(inputs))]
             if any(x.get("images") is not None or x.get("image") is not None for x in inputs):
                 raise ValueError("GFTTrainer: expert/teacher responses with image prompts are not supported")
-        else:
-            self._gft_rows = None
-            self._gft_sources = None
         try:
-            return super()._generate_and_score_completions(inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
         finally:
             self._gft_rows = None
             self._gft_sources = None
@@ -207,6 +223,8 @@ class GFTTrainer(GRPOTrainer):
         ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         return ids[: self.max_completion_length]
 
+    # Private override, kept: TRL has no hook to put dataset responses into some of a group's
+    # generation slots (``rollout_func`` would replace its whole generation, vLLM included).
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         sources = self._gft_sources
         if sources is None:
@@ -241,6 +259,8 @@ class GFTTrainer(GRPOTrainer):
                     logprobs.append([None] * len(ids))   # NaN in TRL: no importance-sampling correction
         return completion_ids, logprobs
 
+    # Private override, kept: no public hook sees the combined rewards of each completion, which
+    # the per-source reward means (gft/reward/expert, ...) need.
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         if self._gft_sources is not None:
@@ -284,7 +304,10 @@ class GFTTrainer(GRPOTrainer):
             w = w * inputs["importance_sampling_ratio"]
         return w
 
-    def _compute_loss(self, model, inputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """transformers' public hook (TRL's ``compute_loss`` calls its own GRPO loss): GFT's loss."""
+        if return_outputs:
+            raise ValueError("GFTTrainer does not return outputs from compute_loss (as TRL's GRPOTrainer)")
         mode = "train" if self.model.training else "eval"
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
@@ -326,4 +349,4 @@ class GFTTrainer(GRPOTrainer):
         return loss
 
 
-__all__ = ["GFTConfig", "GFTTrainer", "SOURCES"]
+__all__ = ["GFTConfig", "GFTTrainer", "SOURCES", "TESTED_TRL", "check_trl_version"]

@@ -1,5 +1,8 @@
 """GFT in verl: a registered policy loss and a fused log-prob + entropy op.
 
+(This module was ``gft_kernels.verl_gft``, which still imports it.) It imports torch, verl and
+gft_kernels only: the verl environment may lack the trainer's other dependencies.
+
 **The policy loss.** Importing this module registers ``gft`` in verl's policy-loss registry
 (``verl.trainer.ppo.core_algos.register_policy_loss``), so ``actor.policy_loss.loss_mode=gft``
 selects it. The package declares this module as a ``verl.plugins`` entry point, which verl
@@ -17,8 +20,8 @@ has the signature and outputs of verl's Triton ``linear_cross_entropy``
 (``use_fused_kernels=True``, ``fused_kernel_options.impl_backend=triton``) calls with the
 backbone's hidden states and the lm_head weight: per-token fp32 log-probs and entropies,
 without the vocabulary logits. ``install_fused_kernel()`` (or importing
-``gft_kernels.verl_fused_kernel``, e.g. as ``actor_rollout_ref.model.external_lib``) puts it in
-that place. On CUDA it runs this library's Triton kernels, on a CPU the chunked engine.
+``gft_train.integrations.verl_fused_kernel``, or its old name ``gft_kernels.verl_fused_kernel``,
+e.g. as ``actor_rollout_ref.model.external_lib``) puts it in that place. On CUDA it runs this library's Triton kernels, on a CPU the chunked engine.
 Log-probs and entropies both carry gradients (verl's ``entropy_coeff`` works), computed by
 recomputing the logits in the backward.
 """
@@ -29,9 +32,9 @@ import os
 import torch
 from torch import Tensor
 
-from .head import dcr_coefficient
-from .options import check_tau
-from .validation import check_backend
+from gft_kernels.head import dcr_coefficient
+from gft_kernels.options import check_tau
+from gft_kernels.validation import check_backend
 
 DEFAULT_TAU = 0.7
 
@@ -54,10 +57,10 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempe
     if reduction != "none":
         raise ValueError(f"linear_logprob_entropy: reduction must be 'none' (as verl's fused forward "
                          f"passes it), got {reduction!r}")
-    from . import reference
-    from .engine import ForwardRequest, KernelOptions
-    from .fused import fused_logprobs
-    from .options import LogitOptions
+    from gft_kernels import reference
+    from gft_kernels.engine import ForwardRequest, KernelOptions
+    from gft_kernels.fused import fused_logprobs
+    from gft_kernels.options import LogitOptions
 
     temperature = LogitOptions.build(temperature).temperature
     shape = labels.shape

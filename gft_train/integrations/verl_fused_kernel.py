@@ -3,8 +3,8 @@
 For verl's ``actor_rollout_ref.model.external_lib`` (imported in every worker), with
 ``actor_rollout_ref.model.use_fused_kernels=True`` and
 ``actor_rollout_ref.model.fused_kernel_options.impl_backend=triton``.
-See ``gft_kernels.verl_gft.install_fused_kernel``.
+See ``gft_train.integrations.verl.install_fused_kernel``.
 """
-from .verl_gft import install_fused_kernel
+from .verl import install_fused_kernel
 
 install_fused_kernel()
