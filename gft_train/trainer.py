@@ -144,20 +144,15 @@ class Trainer:
         not change the training that follows (a resumed run reaches the same weights)."""
         from accelerate.utils import broadcast_object_list
 
-        from .evaluate import accuracy
+        from .evaluate import split_accuracy
 
-        cfg = self.cfg
         state = self.full_state_dict() if self.sharded else None
         box = [None]
         if self.acc.is_main_process:
             engine = self._engine(state)
             devices = [self.acc.device] if self.acc.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                res = accuracy(engine, self.eval_rows, self.reward_fn, cfg.eval_n, cfg.eval_k, seed=cfg.seed,
-                               temperature=cfg.eval_temperature)
-                if cfg.eval_greedy:
-                    res["greedy_pass@1"] = accuracy(engine, self.eval_rows, self.reward_fn, 1, seed=cfg.seed,
-                                                    temperature=0.0)["pass@1"]
+                res = split_accuracy(engine, self.eval_rows, self.reward_fn, self.cfg)
             box[0] = {f"eval/{k}": v for k, v in res.items() if k != "per_prompt"}
         broadcast_object_list(box)
         return box[0]
