@@ -88,6 +88,9 @@ def save_checkpoint(acc, out: Path, cfg: config_mod.Config, step: int, groups: l
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    # every process writes into tmp (its RNG state, its shards): tmp is renamed after all have
+    # written (a rank still writing into a renamed tmp failed a ZeRO-3 run)
+    acc.wait_for_everyone()
     if acc.is_main_process:
         save_groups(groups, tmp / "groups.jsonl")
         config_mod.save(cfg, tmp / "gft_config.yaml")   # what a --resume is compared with

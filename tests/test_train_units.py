@@ -707,3 +707,32 @@ def test_a_response_cut_at_max_length_is_counted_and_said_once(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # said once: the second step counts, does not warn
         assert trainer.train_step(trainer._groups_for_step(1))["completions/cut_frac"] == 0.5
+
+
+def test_a_checkpoint_is_renamed_only_after_every_process_wrote_into_it(tmp_path):
+    """accelerate's save_state writes from every process (each its RNG state; shards under
+    FSDP / ZeRO-3) with no barrier after it: the main process renamed step-N.tmp while another
+    rank still wrote into it (a ZeRO-3 resume test failed: 'step-3.tmp does not exist')."""
+    from pathlib import Path
+
+    from gft_train import checkpoints
+    from gft_train.groups import Group
+
+    out = tmp_path / "run"
+    seen = []   # at each barrier: whether the checkpoint was still under its temporary name
+
+    class OneOfTwoProcesses:
+        is_main_process = True
+
+        def save_state(self, path):
+            Path(path).mkdir(parents=True)
+            seen.append("save_state")
+
+        def wait_for_everyone(self):
+            seen.append("tmp" if (out / "checkpoints" / "step-2.tmp").is_dir() else "no tmp")
+
+    cfg = config_mod.Config(model="m", train_file="t").resolved()
+    checkpoints.save_checkpoint(OneOfTwoProcesses(), out, cfg, 2, [Group("1+1=", "2")], 0)
+    after = seen[seen.index("save_state") + 1:]
+    assert after and after[0] == "tmp", seen      # the others finish writing before the rename
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
