@@ -122,9 +122,9 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
     eval_max_prompts, eval_kl_samples, max_new_tokens, engine, reward, seed). Returns
     ``{split: {metric: value}}``, plus ``kl_to_base`` and ``kl_base_model`` (on ``kl_split``,
     default the first split) when ``base_dir`` is given."""
+    from .models import load_model
     from .rewards import load_reward
     from .rollout import make_engine
-    from .models import load_model
 
     model, tokenizer = load_model(str(model_dir))
     engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=str(model_dir), cfg=cfg,

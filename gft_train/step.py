@@ -8,7 +8,6 @@ together, so 1 process and N processes on the same global batch give the same up
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 

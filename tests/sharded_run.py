@@ -21,9 +21,9 @@ try:   # DeepSpeed on the CPU would first compile a shared-memory all-reduce (a 
 except ImportError:
     pass
 
+from gft_train import config as config_mod  # noqa: E402
 from gft_train import step as step_mod  # noqa: E402
 from gft_train import trainer as trainer_mod  # noqa: E402
-from gft_train import config as config_mod  # noqa: E402
 
 
 def main():
