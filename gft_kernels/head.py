@@ -159,6 +159,25 @@ def reduce_loss(loss_tok: Tensor, valid: Tensor, reduction: str, normalizer, sha
     return (loss_tok * reduction_weights(valid, reduction, normalizer, shape, loss_tok.dtype)).sum()
 
 
+# Loss aggregations by their verl names (``loss_agg_mode``), each one of the reductions above
+# with a normalizer: the mean over all tokens (DAPO); the mean over sequences of each one's token
+# mean (GRPO) or token sum; the token sum over sequences x max_length (Dr. GRPO's constant).
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def aggregation_reduction(name: str, n_tokens: float, n_seqs: float, max_length: int) -> tuple[str, float]:
+    """``(reduction, normalizer)`` of ``gft_loss`` that computes the aggregation ``name`` over a batch
+    of ``n_tokens`` valid tokens in ``n_seqs`` sequences (global counts, so every micro-batch and
+    process divides by the same number)."""
+    if name not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {name!r}")
+    if name == "token-mean":
+        return "mean", max(n_tokens, 1e-9)
+    if name == "seq-mean-token-sum-norm":
+        return "mean", max(n_seqs, 1e-9) * max_length
+    return name, max(n_seqs, 1e-9)
+
+
 def head_stats(logp: Tensor, entropy: Tensor, target_is_max: Tensor, valid: Tensor, tau: float, aux: dict,
                shape: torch.Size) -> GFTStats:
     logp = logp.detach()

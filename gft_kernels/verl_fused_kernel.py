@@ -1,10 +1,3 @@
-"""Importing this module makes verl's fused-kernel forward use gft_kernels' op.
-
-For verl's ``actor_rollout_ref.model.external_lib`` (imported in every worker), with
-``actor_rollout_ref.model.use_fused_kernels=True`` and
-``actor_rollout_ref.model.fused_kernel_options.impl_backend=triton``.
-See ``gft_kernels.verl_gft.install_fused_kernel``.
-"""
-from .verl_gft import install_fused_kernel
-
-install_fused_kernel()
+"""The old name of ``gft_train.integrations.verl_fused_kernel``: importing it makes verl's
+fused-kernel forward use gft_kernels' op (for ``actor_rollout_ref.model.external_lib``)."""
+from gft_train.integrations import verl_fused_kernel  # noqa: F401

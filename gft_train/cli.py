@@ -29,9 +29,9 @@ except ModuleNotFoundError as e:   # `pip install gft` is the kernel library alo
 def _cmd_build_groups(cfg):
     from .data import load_rows
     from .groups import build_groups, group_metrics, save_groups
+    from .models import load_model
     from .rewards import load_reward
     from .rollout import make_engine
-    from .trainer import load_model
 
     cfg = cfg.resolved()
     if not cfg.groups_file:

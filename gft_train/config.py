@@ -1,4 +1,4 @@
-"""The run configuration: one dataclass, read from YAML, overridden from the command line.
+"""The run configuration: one dataclass of six groups, read from YAML, overridden from the command line.
 
 Every field is also a command-line flag (``--max-steps 50``; booleans as ``--resume``,
 ``--bf16 false``, ``--no-dcr``), built by transformers' ``HfArgumentParser`` from the field's type
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import yaml
 
+from gft_kernels.head import AGGREGATIONS
 from gft_kernels.options import check_tau
 
-# How the per-token losses of a global batch are combined (verl's names): the mean over all
-# tokens (DAPO); the mean over sequences of each one's token mean (GRPO) or token sum; the token
-# sum over sequences x max_length (Dr. GRPO's constant normalizer).
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# How the per-token losses of a global batch are combined (verl's names; the kernel maps each to
+# one of its reductions: gft_kernels.head.aggregation_reduction).
+LOSS_AGGREGATIONS = AGGREGATIONS
 
 # method -> (n_expert, n_teacher, n_self, tau, advantage from the group?) ; the paper's baselines
 # are settings of the same loss (docs/spec.md): SFT tau = 0, A = 1; DFT tau > 1, A = 1; GRPO tau = 0
@@ -43,9 +43,25 @@ def _opt(default=None, help: str = "", **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _at_least_one(group, *names: str) -> None:
+    for name in names:
+        if getattr(group, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(group, name)}")
+
+
+def _view(cls, cfg):
+    """The group ``cls`` of ``cfg``: its fields' current values (a copy)."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
+# The configuration's groups, one dataclass each; ``Config`` is all of them, flat (every field a
+# flag and a YAML key of its own name, the saved gft_config.yaml a flat mapping), and
+# ``cfg.optimization`` (etc.) is one group's values. Each group checks its own fields.
+
 @dataclass
-class Config:
-    # what to train
+class ModelAndData:
+    """What is trained, how, on what data, and where the run is written."""
+
     method: str = _opt("gft", "gft | sft | dft | grpo: the loss and group preset (METHODS in gft_train/config.py)")
     dcr: bool = _opt(True, "Dynamic Coefficient Rectification; --no-dcr sets tau = 0 (the ablation 'GFT without DCR')")
     gal: bool = _opt(True, "Group Advantage Learning; --no-gal is the paper's 'GFT w/o GAL': no group, the "
@@ -56,7 +72,12 @@ class Config:
                         "(fields: prompt, answer, expert, teachers; TRL's 'completion' is the expert by default)")
     eval_file: str = _opt("", "held-out rows (same format) for gft-train eval")
     output_dir: str = _opt("runs/gft", "where checkpoints, metrics.jsonl, tensorboard logs and final/ are written")
-    # groups
+
+
+@dataclass
+class GroupMix:
+    """The groups: the response mix per prompt, their rewards and advantages, online or offline."""
+
     n_expert: int | None = _opt(None, "expert demonstrations per prompt; None: the method's preset (gft: 1)")
     n_teacher: int | None = _opt(None, "teacher responses per prompt; None: the method's preset (gft: 3)")
     n_self: int | None = _opt(None, "self-generated samples per prompt; None: the method's preset (gft: 4)")
@@ -67,14 +88,36 @@ class Config:
     refresh_every: int | None = _opt(None, "online groups: rebuild them from the next prompts with the current weights "
                                      "every N steps (0: offline, built once); None: 1 (every step, as the authors' "
                                      "trainer) for a mix with self-samples and no groups_file, else 0")
-    # rollout
+
+    def check(self) -> None:
+        if min(self.n_expert, self.n_teacher, self.n_self) < 0 or self.n_expert + self.n_teacher + self.n_self == 0:
+            raise ValueError(f"group mix must be >= 0 and not all 0, got expert={self.n_expert} "
+                             f"teacher={self.n_teacher} self={self.n_self}")
+        if self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
+
+
+@dataclass
+class Rollout:
+    """How self-samples are drawn."""
+
     engine: str = _opt("auto", "rollout engine: auto (vLLM if installed) | vllm | transformers")
     max_new_tokens: int = _opt(256, "tokens per generated response")
     temperature: float = _opt(1.0, "sampling temperature of the self-samples")
     top_p: float = _opt(1.0, "nucleus sampling of the self-samples")
     rollout_batch_size: int = _opt(64, "transformers engine: sequences per generate call")
     vllm_memory: float = _opt(0.3, "vLLM gpu_memory_utilization (on a CPU: its share of RAM)")
-    # optimization
+
+    def check(self) -> None:
+        if self.engine not in ("auto", "vllm", "transformers"):
+            raise ValueError(f"engine must be auto, vllm or transformers, got {self.engine!r}")
+        _at_least_one(self, "max_new_tokens", "rollout_batch_size")
+
+
+@dataclass
+class Optimization:
+    """The loss and the optimizer steps."""
+
     tau: float | None = _opt(None, "DCR threshold: C = p below tau, 1 at or above; None: the method's preset "
                                    "(gft 0.7, sft/grpo 0, dft inf)")
     loss_aggregation: str = _opt("token-mean", "how the global batch's per-token losses combine: token-mean | "
@@ -94,7 +137,20 @@ class Config:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, slower)")
     max_length: int = _opt(1024, "prompt + response tokens per training sequence (the rest is cut off)")
     seed: int = _opt(0, "seed of the data order and the sampling")
-    # checkpoints, logs, evaluation
+
+    def check(self) -> None:
+        check_tau(self.tau)
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}")
+        if self.num_epochs < 0:
+            raise ValueError(f"num_epochs must be >= 0, got {self.num_epochs}")
+        _at_least_one(self, "max_steps", "prompts_per_step", "micro_batch_size")
+
+
+@dataclass
+class Logging:
+    """Checkpoints and the output directory's run."""
+
     save_every: int = _opt(0, "steps between checkpoints (0: only the final model)")
     save_total_limit: int = _opt(0, "checkpoints kept in output_dir/checkpoints, the newest (0: all)")
     resume: bool = _opt(False, "continue from the last complete checkpoint in output_dir, with the same configuration "
@@ -102,6 +158,16 @@ class Config:
                         "holding a run is refused")
     overwrite_output_dir: bool = _opt(False, "start afresh in an output_dir that holds a run: its checkpoints, final "
                                       "model, metrics and logs are deleted first")
+
+    def check(self) -> None:
+        if self.save_total_limit < 0:
+            raise ValueError(f"save_total_limit must be >= 0, got {self.save_total_limit}")
+
+
+@dataclass
+class Evaluation:
+    """Held-out evaluation, during training (eval_every) and by gft-train eval."""
+
     eval_every: int = _opt(0, "train: evaluate on eval_file every N steps and at the last one, logged with the step's "
                            "metrics as eval/pass@1, eval/pass@k, ... (0: never)")
     eval_n: int = _opt(4, "samples per held-out prompt (mean pass@1 and pass@k)")
@@ -111,8 +177,31 @@ class Config:
     eval_greedy: bool = _opt(True, "also report greedy pass@1 (one greedy completion per prompt)")
     eval_kl_samples: int = _opt(1, "samples of the base model per prompt for KL(base || model) (with a base model)")
 
+    def check(self) -> None:
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        _at_least_one(self, "eval_n", "eval_kl_samples")
+
+
+# The fields in the order of the flags and of the saved gft_config.yaml: a dataclass collects
+# the fields of its bases from the last base to the first.
+@dataclass
+class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData):
+    """Every field of a run (the groups above, flat)."""
+
     def resolved(self) -> "Config":
         """A copy with the method's preset filled in and everything checked."""
+        cfg = self._with_preset()
+        if cfg.refresh_every is None:
+            cfg.refresh_every = 1 if cfg.n_self and not cfg.groups_file else 0
+        for group in (GroupMix, Optimization, Rollout, Logging, Evaluation):
+            group.check(cfg)
+        if cfg.eval_every and not cfg.eval_file:
+            raise ValueError("eval_every needs eval_file (the held-out rows to evaluate on)")
+        return cfg
+
+    def _with_preset(self) -> "Config":
+        """A copy with the fields left at None filled by the method's preset (and --no-dcr, --no-gal)."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         n_expert, n_teacher, n_self, tau, _ = METHODS[self.method]
@@ -124,36 +213,38 @@ class Config:
             if self.n_self:
                 raise ValueError(f"--no-gal trains on demonstrations only (A = 1 needs no reward): n_self must be 0, "
                                  f"got {self.n_self}; self-samples need group advantages")
-        cfg = dataclasses.replace(
+        return dataclasses.replace(
             self,
             n_expert=n_expert if self.n_expert is None else self.n_expert,
             n_teacher=n_teacher if self.n_teacher is None else self.n_teacher,
             n_self=n_self if self.n_self is None else self.n_self,
             tau=(tau if self.tau is None else self.tau) if self.dcr else 0.0,
         )
-        if cfg.refresh_every is None:
-            cfg.refresh_every = 1 if cfg.n_self and not cfg.groups_file else 0
-        if min(cfg.n_expert, cfg.n_teacher, cfg.n_self) < 0 or cfg.group_size == 0:
-            raise ValueError(f"group mix must be >= 0 and not all 0, got expert={cfg.n_expert} "
-                             f"teacher={cfg.n_teacher} self={cfg.n_self}")
-        check_tau(cfg.tau)
-        if cfg.loss_aggregation not in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {cfg.loss_aggregation!r}")
-        if cfg.engine not in ("auto", "vllm", "transformers"):
-            raise ValueError(f"engine must be auto, vllm or transformers, got {cfg.engine!r}")
-        if cfg.num_epochs < 0 or cfg.save_total_limit < 0:
-            raise ValueError(f"num_epochs and save_total_limit must be >= 0, got {cfg.num_epochs} and {cfg.save_total_limit}")
-        if cfg.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {cfg.eval_every}")
-        if cfg.eval_every and not cfg.eval_file:
-            raise ValueError("eval_every needs eval_file (the held-out rows to evaluate on)")
-        if cfg.refresh_every < 0:
-            raise ValueError(f"refresh_every must be >= 0, got {cfg.refresh_every}")
-        for name in ("max_steps", "prompts_per_step", "micro_batch_size", "max_new_tokens", "eval_n", "eval_kl_samples",
-                     "rollout_batch_size"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        return cfg
+
+    # each group's values, by name
+    @property
+    def model_and_data(self) -> ModelAndData:
+        return _view(ModelAndData, self)
+
+    @property
+    def groups(self) -> GroupMix:
+        return _view(GroupMix, self)
+
+    @property
+    def rollout(self) -> Rollout:
+        return _view(Rollout, self)
+
+    @property
+    def optimization(self) -> Optimization:
+        return _view(Optimization, self)
+
+    @property
+    def logging(self) -> Logging:
+        return _view(Logging, self)
+
+    @property
+    def evaluation(self) -> Evaluation:
+        return _view(Evaluation, self)
 
     @property
     def group_size(self) -> int:

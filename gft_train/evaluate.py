@@ -67,6 +67,15 @@ def accuracy(engine, rows, reward_fn, n: int, ks=(1,), seed: int = 0, temperatur
     return out
 
 
+def split_accuracy(engine, rows, reward_fn, cfg) -> dict:
+    """``accuracy`` with the evaluation settings of ``cfg`` (eval_n, eval_k, eval_temperature, seed),
+    and greedy pass@1 when ``cfg.eval_greedy``: what gft-train eval and --eval-every report."""
+    res = accuracy(engine, rows, reward_fn, cfg.eval_n, cfg.eval_k, seed=cfg.seed, temperature=cfg.eval_temperature)
+    if cfg.eval_greedy:
+        res["greedy_pass@1"] = accuracy(engine, rows, reward_fn, 1, seed=cfg.seed, temperature=0.0)["pass@1"]
+    return res
+
+
 @torch.no_grad()
 def mean_token_kl(p_model, q_model, tokenizer, items, max_length=1024, batch_size=16) -> float:
     """Mean over response tokens of KL(p || q) over the full vocabulary, on (prompt, response)
@@ -113,9 +122,9 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
     eval_max_prompts, eval_kl_samples, max_new_tokens, engine, reward, seed). Returns
     ``{split: {metric: value}}``, plus ``kl_to_base`` and ``kl_base_model`` (on ``kl_split``,
     default the first split) when ``base_dir`` is given."""
+    from .models import load_model
     from .rewards import load_reward
     from .rollout import make_engine
-    from .trainer import load_model
 
     model, tokenizer = load_model(str(model_dir))
     engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=str(model_dir), cfg=cfg,
@@ -129,10 +138,7 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
             if cfg.eval_max_prompts:
                 rows = rows[: cfg.eval_max_prompts]
             rows_by[name] = rows
-            res = accuracy(engine, rows, reward, cfg.eval_n, cfg.eval_k, seed=cfg.seed)
-            if cfg.eval_greedy:
-                res["greedy_pass@1"] = accuracy(engine, rows, reward, 1, seed=cfg.seed, temperature=0.0)["pass@1"]
-            out[name] = res
+            out[name] = split_accuracy(engine, rows, reward, cfg)
         if base_dir is not None:
             base, _ = load_model(str(base_dir))
             base.to(model.device)

@@ -59,38 +59,46 @@ class TransformersEngine:
 
     @torch.no_grad()
     def sample(self, prompts, n, *, seed=0, temperature=None):
-        tok, model = self.tokenizer, self.model
+        model = self.model
         temperature = self.temperature if temperature is None else temperature
         was_training = model.training
         model.eval()
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        ids = [ids for ids in prompts_ids(tok, prompts) for _ in range(n)]
-        eos = _eos_ids(tok)
-        pad = tok.pad_token_id
-        outputs = []
+        ids = [ids for ids in prompts_ids(self.tokenizer, prompts) for _ in range(n)]
+        # generate draws from the global RNG (seeded per chunk below): forked, so a rollout leaves
+        # the random stream of whatever runs after it as it was
+        devices = [model.device] if model.device.type == "cuda" else []
         try:
-            for start in range(0, len(ids), self.batch_size):
-                chunk = ids[start:start + self.batch_size]
-                width = max(len(x) for x in chunk)   # left padding, as generation needs
-                input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=model.device)
-                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=model.device)
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-                out = model.generate(
-                    input_ids=input_ids, attention_mask=mask, do_sample=temperature > 0,
-                    temperature=temperature or None, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                    pad_token_id=pad, eos_token_id=tok.eos_token_id,
-                    # one process samples: transformers would otherwise wait on the other
-                    # ranks at every token under ZeRO-3 / FSDP (its synced_gpus default)
-                    synced_gpus=False,
-                )
-                for row in out[:, width:].tolist():
-                    # generate fills a finished row with padding after its EOS: keep up to the EOS
-                    end = next((i + 1 for i, t in enumerate(row) if t in eos), None)
-                    sampled = row if end is None else row[:end]
-                    outputs.append(Sample(tok.decode(sampled, skip_special_tokens=True), sampled, end is None))
+            with torch.random.fork_rng(devices=devices):
+                outputs = self._sample_ids(ids, torch.Generator(device="cpu").manual_seed(seed), temperature)
         finally:
             model.train(was_training)
         return [outputs[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _sample_ids(self, ids: list[list[int]], gen: torch.Generator, temperature: float) -> list[Sample]:
+        tok, model = self.tokenizer, self.model
+        eos = _eos_ids(tok)
+        pad = tok.pad_token_id
+        outputs = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start:start + self.batch_size]
+            width = max(len(x) for x in chunk)   # left padding, as generation needs
+            input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=model.device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=model.device)
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            out = model.generate(
+                input_ids=input_ids, attention_mask=mask, do_sample=temperature > 0,
+                temperature=temperature or None, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                # one process samples: transformers would otherwise wait on the other
+                # ranks at every token under ZeRO-3 / FSDP (its synced_gpus default)
+                synced_gpus=False,
+            )
+            for row in out[:, width:].tolist():
+                # generate fills a finished row with padding after its EOS: keep up to the EOS
+                end = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+                sampled = row if end is None else row[:end]
+                outputs.append(Sample(tok.decode(sampled, skip_special_tokens=True), sampled, end is None))
+        return outputs
 
 
 class VLLMEngine:

@@ -21,8 +21,9 @@ try:   # DeepSpeed on the CPU would first compile a shared-memory all-reduce (a 
 except ImportError:
     pass
 
-from gft_train import trainer as trainer_mod  # noqa: E402
 from gft_train import config as config_mod  # noqa: E402
+from gft_train import step as step_mod  # noqa: E402
+from gft_train import trainer as trainer_mod  # noqa: E402
 
 
 def main():
@@ -31,13 +32,13 @@ def main():
     config_mod.add_arguments(parser)
     cfg = config_mod.from_args(parser.parse_args([*args, "--output-dir", out]))
     seen = []
-    encode = trainer_mod.encode
+    encode = step_mod.encode
 
     def recording_encode(tokenizer, items, max_length):
         seen.extend(f"{p}|{r}" for p, r, _ in items)
         return encode(tokenizer, items, max_length)
 
-    trainer_mod.encode = recording_encode
+    step_mod.encode = recording_encode
     t = trainer_mod.Trainer(cfg)
     head = t.model.get_output_embeddings()
     weight = head.weight

@@ -118,11 +118,11 @@ def test_killed_run_resumes_to_the_same_weights(setup, tmp_path):
 
 
 def test_online_training_with_rollouts_and_eval(setup, tmp_path, capsys, monkeypatch):
-    import gft_train.trainer
+    import gft_train.step
 
     seen = []   # what the trainer encodes: sampled ids for self-samples, texts for the rest
-    encode = gft_train.trainer.encode
-    monkeypatch.setattr(gft_train.trainer, "encode", lambda tok, items, n: seen.extend(items) or encode(tok, items, n))
+    encode = gft_train.step.encode
+    monkeypatch.setattr(gft_train.step, "encode", lambda tok, items, n: seen.extend(items) or encode(tok, items, n))
     out = tmp_path / "online"
     cli_main(["train", "--model", str(setup["model"]), "--train-file", str(setup["train"]), "--output-dir", str(out),
               "--max-steps", "2", "--prompts-per-step", "3", "--n-self", "2",

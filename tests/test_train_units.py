@@ -179,6 +179,150 @@ def test_cli_flag_forms(tmp_path):
     assert dataclasses.fields(config_mod.Config)[0].type == "str"   # the parser left Config's fields alone
 
 
+# A gft_config.yaml as the trainer wrote it before Config was split into groups (a resolved
+# Config(model="m", train_file="t.jsonl", lr=3e-4, eval_k=[1, 8])): old run dirs must still resume.
+OLD_SAVED_CONFIG = """\
+method: gft
+dcr: true
+gal: true
+model: m
+train_file: t.jsonl
+columns: ''
+eval_file: ''
+output_dir: runs/gft
+n_expert: 1
+n_teacher: 3
+n_self: 4
+teacher_model: ''
+reward: math
+adv_eps: 1.0e-06
+groups_file: ''
+refresh_every: 1
+engine: auto
+max_new_tokens: 256
+temperature: 1.0
+top_p: 1.0
+rollout_batch_size: 64
+vllm_memory: 0.3
+tau: 0.7
+loss_aggregation: token-mean
+entropy_coef: 0.0
+lr: 0.0003
+lr_scheduler: cosine
+warmup_steps: 0
+weight_decay: 0.0
+max_steps: 100
+num_epochs: 0.0
+prompts_per_step: 8
+micro_batch_size: 8
+max_grad_norm: 1.0
+bf16: false
+gradient_checkpointing: false
+max_length: 1024
+seed: 0
+save_every: 0
+save_total_limit: 0
+resume: false
+overwrite_output_dir: false
+eval_every: 0
+eval_n: 4
+eval_k:
+- 1
+- 8
+eval_max_prompts: 0
+eval_temperature: 0.5
+eval_greedy: true
+eval_kl_samples: 1
+"""
+
+
+def test_saved_config_format_is_the_one_old_runs_hold(tmp_path):
+    """The same flat mapping, keys in the same order (a field added later is one more key: an old
+    file lacks it, and a resume compares the fields the old file has)."""
+    import yaml
+
+    cfg = config_mod.Config(model="m", train_file="t.jsonl", lr=3e-4, eval_k=[1, 8]).resolved()
+    config_mod.save(cfg, tmp_path / "new.yaml")
+    new, old = yaml.safe_load((tmp_path / "new.yaml").read_text()), yaml.safe_load(OLD_SAVED_CONFIG)
+    assert [k for k in new if k in old] == list(old) and {k: new[k] for k in old} == old
+    (tmp_path / "old.yaml").write_text(OLD_SAVED_CONFIG)
+    assert config_mod.changed_fields(config_mod.load_saved(tmp_path / "old.yaml"), cfg) == {}
+
+
+def test_config_groups_hold_every_field_once():
+    import dataclasses
+
+    groups = (config_mod.ModelAndData, config_mod.GroupMix, config_mod.Rollout, config_mod.Optimization,
+              config_mod.Logging, config_mod.Evaluation)
+    names = [f.name for g in groups for f in dataclasses.fields(g)]
+    assert names == [f.name for f in dataclasses.fields(config_mod.Config)]      # flat, in the old order
+    cfg = config_mod.Config(lr=0.5, n_self=2, eval_n=3, engine="transformers", save_every=4, model="m")
+    assert (cfg.optimization.lr, cfg.groups.n_self, cfg.evaluation.eval_n, cfg.rollout.engine,
+            cfg.logging.save_every, cfg.model_and_data.model) == (0.5, 2, 3, "transformers", 4, "m")
+
+
+def _readme_gft_train_flags() -> set[str]:
+    """The --flags the README's trainer section shows (`accelerate launch`'s and the placeholders
+    `--x` / `--no-x` of the flag forms left out)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## The trainer: `gft-train`", 1)[1].split("\n## ", 1)[0]
+    flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", section))
+    return flags - {"--multi_gpu", "--num_processes", "--config_file", "--x", "--no-x"}
+
+
+def test_every_flag_the_readme_shows_parses_to_its_field(tmp_path):
+    import argparse
+
+    from gft_train.cli import main
+
+    flags = _readme_gft_train_flags()
+    assert {"--resume", "--max-steps", "--eval-k", "--no-dcr", "--columns"} <= flags, flags
+    p = argparse.ArgumentParser()
+    config_mod.add_arguments(p)
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--base-model")
+    hints = {f.name for f in __import__("dataclasses").fields(config_mod.Config)}
+    for flag in sorted(flags):
+        action = next((a for a in p._actions if flag in a.option_strings), None)
+        assert action is not None, f"the README shows {flag}, which gft-train train does not take"
+        if action.dest in ("config", "debug", "base_model", "help"):
+            continue
+        assert action.dest in hints, (flag, action.dest)
+    with pytest.raises(SystemExit):   # and the parser is the CLI's: an unknown flag is refused there
+        main(["train", "--no-such-flag"])
+
+
+def test_every_field_is_a_yaml_key_and_a_flag(tmp_path):
+    """Each field set in YAML, and by its flag, to a value other than its default reaches the Config."""
+    import argparse
+    import dataclasses
+
+    import yaml
+
+    other = {bool: lambda v: not v, int: lambda v: (v or 0) + 2, float: lambda v: (v or 0.0) + 0.25,
+             str: lambda v: v + "x", list: lambda v: v + [16]}
+    defaults = config_mod.Config()
+    values = {}
+    for f in dataclasses.fields(config_mod.Config):
+        v = getattr(defaults, f.name)
+        kind = int if v is None else type(v)
+        values[f.name] = other[kind](v)
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(values))
+    p = argparse.ArgumentParser()
+    config_mod.add_arguments(p)
+    from_yaml = config_mod.from_args(p.parse_args(["--config", str(tmp_path / "all.yaml")]))
+    argv = []
+    for name, v in values.items():
+        argv += [f"--{name.replace('_', '-')}", *(map(str, v) if isinstance(v, list) else [str(v)])]
+    from_flags = config_mod.from_args(p.parse_args(argv))
+    for name, v in values.items():
+        assert getattr(from_yaml, name) == v, name
+        assert getattr(from_flags, name) == v, name
+
+
 def test_math_reward_and_user_reward(tmp_path, monkeypatch):
     reward = MathReward()
     try:
@@ -301,6 +445,21 @@ def test_transformers_engine_returns_the_sampled_ids_cut_at_eos():
     assert (samples[0].token_ids, samples[0].text, samples[0].truncated) == ([one, nine, eos], "19", False)
     assert (samples[1].token_ids, samples[1].text, samples[1].truncated) == ([one, pad, nine, nine], "199", True)
     assert tok("199", add_special_tokens=False)["input_ids"] != samples[1].token_ids
+
+
+def test_transformers_engine_sampling_leaves_the_global_rng_as_it_was():
+    """A rollout seeds generation from its own seed; the random stream after it is the one
+    before it (a rollout once reseeded the global RNG: everything after it drew other numbers)."""
+    from gft_train.rollout import TransformersEngine
+
+    tok = _tiny_tokenizer()
+    one, nine, eos = (tok.convert_tokens_to_ids(t) for t in ("1", "9", "<eos>"))
+    engine = TransformersEngine(_FakeGenerateModel([[one, nine, eos, eos]]), tok, max_new_tokens=4, batch_size=1)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    engine.sample(["12+7=", "1+1="], 2, seed=5)
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_self_samples_are_trained_on_the_sampled_ids_without_an_added_eos():
@@ -553,3 +712,32 @@ def test_a_response_cut_at_max_length_is_counted_and_said_once(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # said once: the second step counts, does not warn
         assert trainer.train_step(trainer._groups_for_step(1))["completions/cut_frac"] == 0.5
+
+
+def test_a_checkpoint_is_renamed_only_after_every_process_wrote_into_it(tmp_path):
+    """accelerate's save_state writes from every process (each its RNG state; shards under
+    FSDP / ZeRO-3) with no barrier after it: the main process renamed step-N.tmp while another
+    rank still wrote into it (a ZeRO-3 resume test failed: 'step-3.tmp does not exist')."""
+    from pathlib import Path
+
+    from gft_train import checkpoints
+    from gft_train.groups import Group
+
+    out = tmp_path / "run"
+    seen = []   # at each barrier: whether the checkpoint was still under its temporary name
+
+    class OneOfTwoProcesses:
+        is_main_process = True
+
+        def save_state(self, path):
+            Path(path).mkdir(parents=True)
+            seen.append("save_state")
+
+        def wait_for_everyone(self):
+            seen.append("tmp" if (out / "checkpoints" / "step-2.tmp").is_dir() else "no tmp")
+
+    cfg = config_mod.Config(model="m", train_file="t").resolved()
+    checkpoints.save_checkpoint(OneOfTwoProcesses(), out, cfg, 2, [Group("1+1=", "2")], 0)
+    after = seen[seen.index("save_state") + 1:]
+    assert after and after[0] == "tmp", seen      # the others finish writing before the rename
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()

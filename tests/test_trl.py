@@ -194,3 +194,26 @@ def test_readme_trl_snippet_runs(tmp_path, model_dir, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["trainer"].state.global_step == 2
     assert any("gft/reward/expert" in h for h in namespace["trainer"].state.log_history)
+
+
+def test_another_trl_version_is_refused_naming_the_tested_range():
+    """The integration overrides private GRPOTrainer methods: only the tested TRL range imports it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import trl
+
+    from gft_train.integrations.trl import TESTED_TRL, check_trl_version
+
+    check_trl_version(trl.__version__)          # the installed, tested one
+    for version in ("1.17.0", "1.15.2", "2.0.0"):
+        with pytest.raises(ImportError, match=re.escape(f"tested with trl{TESTED_TRL}, found trl {version}")):
+            check_trl_version(version)
+    code = "import trl; trl.__version__ = '1.17.0'\nimport gft_train.trl_trainer"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "tested with trl>=1.16,<1.17, found trl 1.17.0" in proc.stderr, proc.stderr[-2000:]
+    root = Path(__file__).resolve().parents[1]
+    extra = re.search(r"^trl = \[(.*)\]", (root / "pyproject.toml").read_text(), flags=re.M)   # (no tomllib on 3.10)
+    assert extra and f'"trl{TESTED_TRL}"' in extra.group(1), extra

@@ -49,8 +49,8 @@ def sft(model: Path, train_file: Path, out: Path, steps: int, lr: float, seed: i
 
 
 def sample(model_dir: Path, prompts: list[str], n: int, temperature: float, seed: int = 0) -> list[list[str]]:
+    from ..models import load_model
     from ..rollout import TransformersEngine
-    from ..trainer import load_model
 
     model, tok = load_model(str(model_dir))
     engine = TransformersEngine(model, tok, max_new_tokens=MAX_NEW_TOKENS, temperature=temperature, batch_size=512)

@@ -1,0 +1,160 @@
+"""One optimization step: groups -> micro-batches -> fused GFT loss -> one optimizer step.
+
+A step takes ``prompts_per_step`` groups (all their responses), split across the processes, in
+micro-batches of ``micro_batch_size`` sequences. The loss of every micro-batch is normalized by
+the *global* number of valid tokens (or sequences) of the step, all micro-batches and processes
+together, so 1 process and N processes on the same global batch give the same update.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from gft_kernels.head import aggregation_reduction
+
+from .distributed import max_over_processes
+from .lm import Batch, causal_lm_gft_loss, encode
+
+
+class TokenSums(NamedTuple):
+    """Sums over a micro-batch's valid tokens (detached 0-dim tensors), added over micro-batches
+    and processes; a mean is a sum over ``tokens``."""
+
+    rectified: Tensor     # tokens whose DCR coefficient is sg(p) (p < tau)
+    target_prob: Tensor   # the target's probability p
+    entropy: Tensor       # the entropy of the token's distribution
+    tokens: Tensor        # valid tokens
+    correct: Tensor       # tokens whose target has the largest logit
+
+    def stacked(self) -> Tensor:
+        return torch.stack(tuple(self))
+
+
+class GFTPolicy(nn.Module):
+    """The causal LM plus the fused loss, as one module, so DDP/FSDP wrap the whole computation
+    (a loss computed from the backbone outside the wrapper's forward would skip gradient sync)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, adv, tau, normalizer, reduction="mean",
+                entropy_coef=0.0) -> tuple[Tensor, TokenSums]:
+        loss, stats = causal_lm_gft_loss(self.model, input_ids, attention_mask, labels, adv, tau,
+                                         normalizer=normalizer, reduction=reduction, return_stats=True,
+                                         loss_options=dict(entropy_coef=entropy_coef))
+        n = stats.n_valid
+        # (stats.entropy is 0 at ignored tokens: its sum is over the valid ones)
+        sums = TokenSums(stats.rectified_frac * n, stats.mean_prob * n, stats.entropy.sum(), n.float(),
+                         stats.accuracy * n)
+        return loss, TokenSums(*(x.detach() for x in sums))
+
+
+def aggregation(name: str, n_tokens: float, n_seqs: float, max_length: int) -> tuple[str, float]:
+    """(gft_loss reduction, normalizer) of a trainer loss aggregation, given the global batch's
+    valid tokens and sequences per process (DDP averages gradients over processes)."""
+    return aggregation_reduction(name, n_tokens, n_seqs, max_length)
+
+
+@dataclass
+class StepBatches:
+    """This process's micro-batches of a step, and the step's global counts."""
+
+    batches: list[Batch]
+    tokens: float      # valid tokens, all processes
+    seqs: float        # sequences with a valid token, all processes
+    cut: int           # responses cut at max_length
+    responses: float   # responses of the step
+
+
+def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int) -> StepBatches:
+    """The step's sequences, this process's share of them in micro-batches, and the global counts.
+    Every process gets as many micro-batches as the busiest one (FSDP and ZeRO-3 gather weights in
+    every forward, a collective all processes must join, and DDP syncs once): the extra ones are a
+    sequence with every label masked, no loss and zero gradients."""
+    # self-samples as the token ids the engine sampled; expert and teacher texts tokenized
+    seqs = [(g.prompt, r.train_input, r.advantage) for g in groups for r in g.responses]
+    mine = seqs[acc.process_index::acc.num_processes]
+    batches = [encode(tokenizer, mine[i:i + micro_batch_size], max_length)
+               for i in range(0, len(mine), micro_batch_size)]
+    counts = torch.tensor([float(sum(b.n_valid for b in batches)), float(sum(b.n_seqs for b in batches)),
+                           float(sum(b.n_cut for b in batches)), float(len(mine))], device=acc.device)
+    counts = acc.reduce(counts, reduction="sum")
+    n_micro = max_over_processes(acc, len(batches))
+    while len(batches) < n_micro:
+        batches.append(encode(tokenizer, seqs[:1], max_length).masked())
+    return StepBatches(batches, counts[0].item(), counts[1].item(), int(counts[2].item()), counts[3].item())
+
+
+def cut_warning(batches: StepBatches, step: int, max_length: int) -> str:
+    # the reward scored each whole response, the loss trains only what fits
+    return (f"{batches.cut} of {int(batches.responses)} responses of step {step} are cut at max_length "
+            f"({max_length}): their reward scored the whole text, the loss trains only its first tokens; raise "
+            "--max-length to train them whole (completions/cut_frac counts them per step)")
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step reports (global over processes)."""
+
+    loss: float
+    rectified_frac: float
+    mean_target_prob: float
+    entropy: float
+    token_accuracy: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    cut_frac: float
+
+    def metrics(self) -> dict:
+        """The step's row of metrics.jsonl, by its keys."""
+        return {
+            "loss": self.loss, "dcr/rectified_frac": self.rectified_frac,
+            "dcr/mean_target_prob": self.mean_target_prob, "entropy": self.entropy,
+            "mean_token_accuracy": self.token_accuracy, "grad_norm": self.grad_norm, "lr": self.lr,
+            "tokens": self.tokens, "completions/cut_frac": self.cut_frac,
+        }
+
+
+def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) -> StepStats:
+    """Forward and backward of every micro-batch, then one optimizer and scheduler step; ``opt``
+    is the run's ``config.Optimization``."""
+    from accelerate.utils import DistributedType
+
+    # DDP averages gradients over processes: normalize by the global counts / processes
+    reduction, normalizer = aggregation(opt.loss_aggregation, step.tokens / acc.num_processes,
+                                        step.seqs / acc.num_processes, opt.max_length)
+    loss_sum = torch.zeros((), device=acc.device)
+    sums = torch.zeros(len(TokenSums._fields), device=acc.device)
+    for i, batch in enumerate(step.batches):
+        batch = batch.to(acc.device)
+        sync = i == len(step.batches) - 1
+        ctx = acc.no_sync(policy) if not sync else contextlib.nullcontext()
+        with ctx, acc.autocast():
+            loss, s = policy(batch.input_ids, batch.attention_mask, batch.labels, batch.adv, opt.tau, normalizer,
+                             reduction, opt.entropy_coef)
+        if acc.distributed_type == DistributedType.DEEPSPEED:   # the engine steps at the last one
+            acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=sync)
+        else:
+            acc.backward(loss)
+        loss_sum += loss.detach()
+        sums += TokenSums(*s).stacked()
+    # (DeepSpeed clips inside its step, by its config's gradient_clipping, and reports the norm)
+    grad_norm = acc.clip_grad_norm_(policy.parameters(), opt.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_all = acc.reduce(loss_sum, reduction="mean")
+    total = TokenSums(*acc.reduce(sums, reduction="sum"))
+    count = total.tokens.clamp_min(1)
+    return StepStats(
+        loss=loss_all.item(), rectified_frac=(total.rectified / count).item(),
+        mean_target_prob=(total.target_prob / count).item(), entropy=(total.entropy / count).item(),
+        token_accuracy=(total.correct / count).item(),
+        grad_norm=float("nan") if grad_norm is None else float(grad_norm), lr=scheduler.get_last_lr()[0],
+        tokens=int(step.tokens), cut_frac=step.cut / max(step.responses, 1.0))
