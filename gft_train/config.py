@@ -110,6 +110,10 @@ class Config:
     eval_temperature: float = _opt(0.5, "sampling temperature at evaluation (the paper's 0.5)")
     eval_greedy: bool = _opt(True, "also report greedy pass@1 (one greedy completion per prompt)")
     eval_kl_samples: int = _opt(1, "samples of the base model per prompt for KL(base || model) (with a base model)")
+    packed: bool = _opt(False, "packed (padding-free) micro-batches: each micro-batch's sequences as one row, "
+                        "position_ids restarting per sequence (models that would mix the sequences are refused up front)")
+    report_to: str = _opt("tensorboard", "experiment trackers through accelerate, comma-separated: tensorboard, wandb, "
+                          "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (each must be installed); all; none")
 
     def resolved(self) -> "Config":
         """A copy with the method's preset filled in and everything checked."""
@@ -168,7 +172,7 @@ class Config:
 # training up to the checkpoint (the saved gft_config.yaml then records the values used).
 RESUMABLE = frozenset({"max_steps", "num_epochs", "save_every", "save_total_limit", "resume", "overwrite_output_dir", "output_dir", "engine",
                        "rollout_batch_size", "vllm_memory", "eval_file", "eval_every", "eval_n", "eval_k", "eval_max_prompts",
-                       "eval_temperature", "eval_greedy", "eval_kl_samples"})
+                       "eval_temperature", "eval_greedy", "eval_kl_samples", "report_to"})
 
 
 def changed_fields(saved: dict, cfg: "Config") -> dict:

@@ -33,9 +33,11 @@ from torch import nn
 from gft_kernels.options import IGNORE_INDEX
 
 from . import config as config_mod
+from . import trackers
 from .data import DataError, load_rows
 from .groups import build_groups, check_token_ids, group_metrics, load_groups, missing_teachers, save_groups
 from .lm import causal_lm_gft_loss, encode, prompts_ids
+from .packing import check_packing, pack, packed_gft_loss
 from .rewards import load_reward
 from .rollout import make_engine
 
@@ -48,11 +50,18 @@ class GFTPolicy(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, adv, tau, normalizer, reduction="mean", entropy_coef=0.0):
-        loss, stats = causal_lm_gft_loss(self.model, input_ids, attention_mask, labels, adv, tau,
-                                         normalizer=normalizer, reduction=reduction, return_stats=True,
-                                         loss_options=dict(entropy_coef=entropy_coef))
-        valid = (labels[:, 1:] != IGNORE_INDEX).float()
+    def forward(self, input_ids, attention_mask, labels, adv, tau, normalizer, reduction="mean", entropy_coef=0.0,
+                position_ids=None, seq_ids=None):
+        if position_ids is not None:   # a packed row (packing.PackedBatch): labels already shifted per sequence
+            loss, stats = packed_gft_loss(self.model, input_ids, labels, adv, tau, position_ids=position_ids,
+                                          seq_ids=seq_ids, normalizer=normalizer, reduction=reduction,
+                                          loss_options=dict(entropy_coef=entropy_coef))
+            valid = (labels != IGNORE_INDEX).float()
+        else:
+            loss, stats = causal_lm_gft_loss(self.model, input_ids, attention_mask, labels, adv, tau,
+                                             normalizer=normalizer, reduction=reduction, return_stats=True,
+                                             loss_options=dict(entropy_coef=entropy_coef))
+            valid = (labels[:, 1:] != IGNORE_INDEX).float()
         sums = torch.stack([
             stats.rectified_frac * stats.n_valid, stats.mean_prob * stats.n_valid,
             (stats.entropy * valid).sum(), stats.n_valid.float(), stats.accuracy * stats.n_valid,
@@ -163,22 +172,23 @@ def _launch_asks(name: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true")
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, **kwargs):
     """The Accelerator for this launch, with the distribution its config asked for.
 
     On a machine without CUDA, accelerate quietly turns an FSDP launch into DDP (or into N
     processes training alone), and under DeepSpeed counts one process on every rank. Here a CPU
     launch gets what it asked for, over gloo: FSDP is set on the state as accelerate would set it
     on GPUs, and DeepSpeed's process count is read from torch.distributed. Anything else that
-    was asked for and not given is an error, never a silent fallback."""
+    was asked for and not given is an error, never a silent fallback. ``kwargs`` go to the
+    ``Accelerator`` (the trackers: ``trackers.accelerator_kwargs``)."""
     from accelerate import Accelerator
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     if torch.cuda.is_available():
-        acc = Accelerator(mixed_precision=mixed_precision)
+        acc = Accelerator(mixed_precision=mixed_precision, **kwargs)
     elif _launch_asks("DEEPSPEED"):
-        acc = Accelerator(mixed_precision=mixed_precision, cpu=False)
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=False, **kwargs)
         if torch.distributed.is_initialized():
             state = PartialState()
             state.num_processes = torch.distributed.get_world_size()
@@ -187,7 +197,7 @@ def make_accelerator(mixed_precision: str):
     else:
         # cpu=True: a multi-process launch runs real gloo DDP (without it, each process of
         # `accelerate launch --multi_gpu` silently trains alone)
-        acc = Accelerator(mixed_precision=mixed_precision, cpu=True)
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=True, **kwargs)
         if _launch_asks("FSDP") and acc.num_processes > 1:
             acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
             for state in (acc.state, PartialState()):   # a new AcceleratorState copies PartialState's
@@ -204,7 +214,7 @@ class Trainer:
         from accelerate.utils import DistributedType, set_seed
 
         self.cfg = cfg = cfg.resolved()
-        self.acc = make_accelerator("bf16" if cfg.bf16 else "no")
+        self.acc = make_accelerator("bf16" if cfg.bf16 else "no", **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
         self.resume_from = claim_output_dir(cfg, self.acc.is_main_process)
         self.acc.wait_for_everyone()
         set_seed(cfg.seed)
@@ -262,6 +272,8 @@ class Trainer:
         """Everything about the data that would stop or empty the run, checked on every row before
         the first step (an online run met a bad row only when it reached it)."""
         cfg = self.cfg
+        if cfg.packed:   # before anything trains: a model that would mix packed sequences is refused
+            check_packing(model)
         source = cfg.train_file if self.rows is not None else cfg.groups_file
         n = len(self.rows) if self.rows is not None else len(self.pool)
         if cfg.prompts_per_step > n:   # said, not refused: a small data set may be meant to repeat (the quick demo)
@@ -483,6 +495,8 @@ class Trainer:
         mine = seqs[acc.process_index::acc.num_processes]
         batches = [encode(self.tokenizer, mine[i:i + cfg.micro_batch_size], cfg.max_length)
                    for i in range(0, len(mine), cfg.micro_batch_size)]
+        if cfg.packed:   # each micro-batch as one row of its sequences (no padding)
+            batches = [pack(b) for b in batches]
         counts = torch.tensor([float(sum(b.n_valid for b in batches)), float(sum(b.n_seqs for b in batches)),
                                float(sum(b.n_cut for b in batches)), float(len(mine))], device=acc.device)
         counts = acc.reduce(counts, reduction="sum")
@@ -499,7 +513,8 @@ class Trainer:
         # The extra ones are a sequence with every label masked: no loss, zero gradients.
         n_micro = self._max_over_processes(len(batches))
         while len(batches) < n_micro:
-            batches.append(encode(self.tokenizer, seqs[:1], cfg.max_length).masked())
+            extra = encode(self.tokenizer, seqs[:1], cfg.max_length)
+            batches.append((pack(extra) if cfg.packed else extra).masked())
         # DDP averages gradients over processes: normalize by the global counts / processes
         reduction, normalizer = aggregation(cfg.loss_aggregation, counts[0].item() / acc.num_processes,
                                             counts[1].item() / acc.num_processes, cfg.max_length)
@@ -511,7 +526,8 @@ class Trainer:
             ctx = acc.no_sync(self.policy) if not sync else contextlib.nullcontext()
             with ctx, acc.autocast():
                 loss, s = self.policy(batch.input_ids, batch.attention_mask, batch.labels, batch.adv,
-                                      cfg.tau, normalizer, reduction, cfg.entropy_coef)
+                                      cfg.tau, normalizer, reduction, cfg.entropy_coef,
+                                      **getattr(batch, "forward_kwargs", {}))
             if acc.distributed_type == DistributedType.DEEPSPEED:   # the engine steps at the last one
                 acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=sync)
             else:
@@ -540,7 +556,6 @@ class Trainer:
         cfg, acc = self.cfg, self.acc
         self.maybe_resume()
         self.out.mkdir(parents=True, exist_ok=True)
-        writer = None
         metrics_path = self.out / "metrics.jsonl"
         if acc.is_main_process:
             config_mod.save(cfg, self.out / "gft_config.yaml")
@@ -552,11 +567,7 @@ class Trainer:
                 metrics_path.write_text("".join(r + "\n" for r in rows))
             if self.step:   # and the events of those steps (TensorBoard would show them twice)
                 trim_events(self.out / "tensorboard", self.step)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(str(self.out / "tensorboard"))
-            except ImportError:
-                writer = None
+        trackers.start(acc, dataclasses.asdict(cfg))   # (after the trim: the new events file is not trimmed)
         fault = int(os.environ.get("GFT_FAULT_AT_STEP", "0"))  # tests: a real SIGKILL mid-run
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=cfg.method)
         self.policy.train()
@@ -576,22 +587,17 @@ class Trainer:
             if acc.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                if writer is not None:
-                    for k, v in metrics.items():
-                        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                            writer.add_scalar(k, v, self.step)
-                    writer.flush()   # on disk at every step, as metrics.jsonl: a killed run keeps them
+                trackers.log(acc, metrics, self.step)   # on disk at every step, as metrics.jsonl
                 bar.set_postfix(bar_fields(metrics, cfg))
             bar.update(1)
             # the last step too: a later --resume with a larger max_steps continues from it
             if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
                 self.save_checkpoint()
         bar.close()
-        if writer is not None:
-            writer.close()
         self.save_final()
         if acc.is_main_process:
             plot_metrics(metrics_path, self.out / "training.png")
+        acc.end_training()   # the trackers finish (and a distributed run's process group ends)
         return self.out / "final"
 
 
