@@ -51,10 +51,11 @@ class Config:
     gal: bool = _opt(True, "Group Advantage Learning; --no-gal is the paper's 'GFT w/o GAL': no group, the "
                      "expert demonstrations alone with A = 1 and DCR (teachers only if --n-teacher is given; no self-samples)")
     model: str = _opt("", "the transformers causal LM to train, a directory on disk (required for train)")
-    train_file: str = _opt("", "JSONL or Parquet rows with prompt, answer, expert[, teachers]")
+    train_file: str = _opt("", "rows with prompt, answer, expert[, teachers]: a JSONL or Parquet file, a directory "
+                           "(datasets.save_to_disk, or a folder of such files) or a datasets Hub name")
     columns: str = _opt("", "the data's own column names, as FIELD=COLUMN pairs: 'prompt=question,expert=solution' "
                         "(fields: prompt, answer, expert, teachers; TRL's 'completion' is the expert by default)")
-    eval_file: str = _opt("", "held-out rows (same format) for gft-train eval")
+    eval_file: str = _opt("", "held-out rows (same format and sources) for gft-train eval and eval_every")
     output_dir: str = _opt("runs/gft", "where checkpoints, metrics.jsonl, tensorboard logs and final/ are written")
     # groups
     n_expert: int | None = _opt(None, "expert demonstrations per prompt; None: the method's preset (gft: 1)")
@@ -114,6 +115,10 @@ class Config:
                         "position_ids restarting per sequence (models that would mix the sequences are refused up front)")
     report_to: str = _opt("tensorboard", "experiment trackers through accelerate, comma-separated: tensorboard, wandb, "
                           "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (each must be installed); all; none")
+    train_split: str = _opt("train", "the split of train_file when it is a datasets Hub name, a saved DatasetDict or "
+                            "a folder whose file names say splits")
+    eval_split: str = _opt("test", "the split of eval_file, likewise")
+    dataset_config: str = _opt("", "the configuration (subset) of a datasets Hub name, e.g. 'main' for openai/gsm8k")
 
     def resolved(self) -> "Config":
         """A copy with the method's preset filled in and everything checked."""
@@ -172,7 +177,7 @@ class Config:
 # training up to the checkpoint (the saved gft_config.yaml then records the values used).
 RESUMABLE = frozenset({"max_steps", "num_epochs", "save_every", "save_total_limit", "resume", "overwrite_output_dir", "output_dir", "engine",
                        "rollout_batch_size", "vllm_memory", "eval_file", "eval_every", "eval_n", "eval_k", "eval_max_prompts",
-                       "eval_temperature", "eval_greedy", "eval_kl_samples", "report_to"})
+                       "eval_temperature", "eval_greedy", "eval_kl_samples", "report_to", "eval_split"})
 
 
 def changed_fields(saved: dict, cfg: "Config") -> dict:

@@ -222,11 +222,11 @@ class Trainer:
         model, self.tokenizer = load_model(cfg.model)
         if not cfg.train_file and not cfg.groups_file:
             raise ValueError("train needs train_file (prompts) or groups_file (offline groups)")
-        self.rows = load_rows(cfg.train_file, cfg.columns) if cfg.train_file else None
+        self.rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config) if cfg.train_file else None
         if cfg.refresh_every and self.rows is None:
             raise ValueError("online groups (refresh_every > 0) need train_file")
         # held-out rows checked now, not at the first evaluation
-        self.eval_rows = load_rows(cfg.eval_file, cfg.columns)[: cfg.eval_max_prompts or None] if cfg.eval_every else None
+        self.eval_rows = load_rows(cfg.eval_file, cfg.columns, cfg.eval_split, cfg.dataset_config)[: cfg.eval_max_prompts or None] if cfg.eval_every else None
         self.pool = None          # the current groups
         if cfg.groups_file and not cfg.refresh_every:
             self.pool = load_groups(cfg.groups_file)
