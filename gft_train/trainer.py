@@ -273,7 +273,11 @@ class Trainer:
         the first step (an online run met a bad row only when it reached it)."""
         cfg = self.cfg
         if cfg.packed:   # before anything trains: a model that would mix packed sequences is refused
-            check_packing(model)
+            from accelerate.utils import DistributedType
+
+            zero3 = self.acc.distributed_type == DistributedType.DEEPSPEED and self.sharded
+            # (ZeRO-3 may have loaded it partitioned, empty on this rank: the probe runs on a whole copy)
+            check_packing(_unpartitioned(lambda: load_model(cfg.model)[0]) if zero3 else model)
         source = cfg.train_file if self.rows is not None else cfg.groups_file
         n = len(self.rows) if self.rows is not None else len(self.pool)
         if cfg.prompts_per_step > n:   # said, not refused: a small data set may be meant to repeat (the quick demo)
