@@ -214,7 +214,8 @@ class Trainer:
         from accelerate.utils import DistributedType, set_seed
 
         self.cfg = cfg = cfg.resolved()
-        self.acc = make_accelerator("bf16" if cfg.bf16 else "no", **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
+        self.acc = make_accelerator("bf16" if cfg.bf16 else "no",
+                                    **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
         self.resume_from = claim_output_dir(cfg, self.acc.is_main_process)
         self.acc.wait_for_everyone()
         set_seed(cfg.seed)
@@ -226,7 +227,8 @@ class Trainer:
         if cfg.refresh_every and self.rows is None:
             raise ValueError("online groups (refresh_every > 0) need train_file")
         # held-out rows checked now, not at the first evaluation
-        self.eval_rows = load_rows(cfg.eval_file, cfg.columns, cfg.eval_split, cfg.dataset_config)[: cfg.eval_max_prompts or None] if cfg.eval_every else None
+        self.eval_rows = (load_rows(cfg.eval_file, cfg.columns, cfg.eval_split, cfg.dataset_config)
+                          [: cfg.eval_max_prompts or None] if cfg.eval_every else None)
         self.pool = None          # the current groups
         if cfg.groups_file and not cfg.refresh_every:
             self.pool = load_groups(cfg.groups_file)
