@@ -119,6 +119,8 @@ class Config:
                             "a folder whose file names say splits")
     eval_split: str = _opt("test", "the split of eval_file, likewise")
     dataset_config: str = _opt("", "the configuration (subset) of a datasets Hub name, e.g. 'main' for openai/gsm8k")
+    attn_implementation: str = _opt("", "the trained model's attention implementation as transformers names it (eager, "
+                                    "sdpa, flex_attention, flash_attention_2, ...); '': transformers' default")
 
     def resolved(self) -> "Config":
         """A copy with the method's preset filled in and everything checked."""

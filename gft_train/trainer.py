@@ -87,13 +87,16 @@ def _order(n: int, position: int, seed: int) -> int:
     return int(torch.randperm(n, generator=g)[offset])
 
 
-def load_model(path: str):
+def load_model(path: str, attn_implementation: str = ""):
+    """(model, tokenizer) saved at ``path``, float32; ``attn_implementation`` as transformers names
+    them ("" for its default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
     if not path or not p.is_dir() or not (p / "config.json").is_file():
         raise FileNotFoundError(f"model path {path!r} is not a saved transformers model (no config.json there)")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **extra)
     tokenizer = AutoTokenizer.from_pretrained(p)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -220,7 +223,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
-        model, self.tokenizer = load_model(cfg.model)
+        model, self.tokenizer = load_model(cfg.model, cfg.attn_implementation)
         if not cfg.train_file and not cfg.groups_file:
             raise ValueError("train needs train_file (prompts) or groups_file (offline groups)")
         self.rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config) if cfg.train_file else None
@@ -279,7 +282,7 @@ class Trainer:
 
             zero3 = self.acc.distributed_type == DistributedType.DEEPSPEED and self.sharded
             # (ZeRO-3 may have loaded it partitioned, empty on this rank: the probe runs on a whole copy)
-            check_packing(_unpartitioned(lambda: load_model(cfg.model)[0]) if zero3 else model)
+            check_packing(_unpartitioned(lambda: load_model(cfg.model, cfg.attn_implementation)[0]) if zero3 else model)
         source = cfg.train_file if self.rows is not None else cfg.groups_file
         n = len(self.rows) if self.rows is not None else len(self.pool)
         if cfg.prompts_per_step > n:   # said, not refused: a small data set may be meant to repeat (the quick demo)

@@ -206,6 +206,19 @@ def test_a_packed_run_trains_as_the_padded_one(run_set_up, tmp_path, name):
         torch.testing.assert_close(w_packed[k], w_padded[k], rtol=1e-3, atol=1e-4)
 
 
+def test_the_attention_implementation_is_the_configured_one_and_packs_on_eager(run_set_up, tmp_path):
+    from gft_train.config import Config
+    from gft_train.trainer import Trainer
+
+    s = run_set_up
+    for attn in ("eager", "sdpa"):
+        t = Trainer(Config(method="sft", model=str(s["model"]), train_file=str(s["train"]), output_dir=str(tmp_path / attn),
+                           max_steps=1, prompts_per_step=4, micro_batch_size=4, max_length=16, packed=True,
+                           attn_implementation=attn, report_to="none"))
+        assert t.model.config._attn_implementation == attn
+        assert t.train_step(t._groups_for_step(0))["tokens"] > 0
+
+
 def test_a_model_that_mixes_packed_sequences_stops_the_run_in_one_line(run_set_up, tmp_path):
     from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
 
