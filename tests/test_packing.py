@@ -132,6 +132,18 @@ def test_a_model_that_mixes_packed_sequences_is_refused_in_one_line():
         check_packing(model)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_that_ignores_the_packed_boundaries_is_refused(attn, monkeypatch):
+    """As transformers before 4.53 (or an attention without packed-sequence support): the mask is
+    causal over the whole row, so each sequence attends to the ones before it. Refused, not trained."""
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ValueError, match=f"LlamaForCausalLM .* attn_implementation='{attn}': a packed row's "
+                                         "sequences see each other"):
+        check_packing(_llama(attn))
+
+
 @pytest.mark.parametrize("model_type", causal_lm_types())
 def test_every_tiny_architecture_packs_exactly_or_is_refused(model_type):
     """Accepted by the probe: the padded batch's loss and every gradient, on eager attention and
