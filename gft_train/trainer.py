@@ -442,6 +442,8 @@ class Trainer:
             shutil.rmtree(tmp)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
+        # every rank's files (its RNG state is written last) are in tmp before the main one renames it
+        self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             save_groups(self.pool, tmp / "groups.jsonl")
             config_mod.save(self.cfg, tmp / "gft_config.yaml")   # what a --resume is compared with
