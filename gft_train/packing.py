@@ -119,7 +119,7 @@ def packed_gft_loss(model, batch_input_ids, labels, adv, tau, *, position_ids, s
 
 
 # ---- the probe --------------------------------------------------------------------------
-_VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()
+_VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def attention_name(model) -> str:
@@ -139,11 +139,12 @@ def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
     from gft_kernels.models import head_input
     from gft_kernels.models.transforms import _arch
 
-    if model in _VERDICTS:
-        if _VERDICTS[model] is not None:
-            raise _VERDICTS[model]
-        return
     arch, attn = _arch(model), attention_name(model)
+    known = _VERDICTS.get(model, {})
+    if attn in known:   # (per implementation: set_attn_implementation may change it)
+        if known[attn] is not None:
+            raise known[attn]
+        return
     prefix = f"packed batches (--packed): {arch} with attn_implementation={attn!r}"
     error = None
     if not _takes_position_ids(model):
@@ -179,6 +180,6 @@ def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
                                "train without --packed")
         finally:
             model.train(was_training)
-    _VERDICTS[model] = error
+    _VERDICTS.setdefault(model, {})[attn] = error
     if error is not None:
         raise error

@@ -144,6 +144,18 @@ def test_attention_that_ignores_the_packed_boundaries_is_refused(attn, monkeypat
         check_packing(_llama(attn))
 
 
+def test_the_verdict_is_kept_per_attention_implementation(monkeypatch):
+    import transformers.masking_utils as masking
+
+    model = _llama("eager")
+    check_packing(model)
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    check_packing(model)   # kept: not probed again
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
+        check_packing(model)
+
+
 @pytest.mark.parametrize("model_type", causal_lm_types())
 def test_every_tiny_architecture_packs_exactly_or_is_refused(model_type):
     """Accepted by the probe: the padded batch's loss and every gradient, on eager attention and
@@ -173,6 +185,10 @@ def test_every_tiny_architecture_packs_exactly_or_is_refused(model_type):
         model.set_attn_implementation("sdpa")
     except Exception:
         return   # no sdpa for this architecture
+    try:
+        check_packing(model)   # probed again: the verdict is per attention implementation
+    except ValueError:
+        return
     _assert_same(model, _batch(vocab, seed=2), "token-mean")
 
 
