@@ -36,7 +36,7 @@ def _cmd_build_groups(cfg):
     cfg = cfg.resolved()
     if not cfg.groups_file:
         raise ValueError("build-groups needs --groups-file (where to write the groups)")
-    rows = load_rows(cfg.train_file, cfg.columns)
+    rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config)
     model, tokenizer = load_model(cfg.model)
     engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=cfg.model, cfg=cfg) if cfg.n_self else None
     teacher = None

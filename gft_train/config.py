@@ -67,11 +67,17 @@ class ModelAndData:
     gal: bool = _opt(True, "Group Advantage Learning; --no-gal is the paper's 'GFT w/o GAL': no group, the "
                      "expert demonstrations alone with A = 1 and DCR (teachers only if --n-teacher is given; no self-samples)")
     model: str = _opt("", "the transformers causal LM to train, a directory on disk (required for train)")
-    train_file: str = _opt("", "JSONL or Parquet rows with prompt, answer, expert[, teachers]")
+    train_file: str = _opt("", "rows with prompt, answer, expert[, teachers]: a JSONL or Parquet file, a directory "
+                           "(datasets.save_to_disk, or a folder of such files) or a datasets Hub name")
     columns: str = _opt("", "the data's own column names, as FIELD=COLUMN pairs: 'prompt=question,expert=solution' "
                         "(fields: prompt, answer, expert, teachers; TRL's 'completion' is the expert by default)")
-    eval_file: str = _opt("", "held-out rows (same format) for gft-train eval")
+    eval_file: str = _opt("", "held-out rows (same format and sources) for gft-train eval and eval_every")
     output_dir: str = _opt("runs/gft", "where checkpoints, metrics.jsonl, tensorboard logs and final/ are written")
+    train_split: str = _opt("train", "the split of train_file when it is a datasets Hub name, a saved DatasetDict or "
+                            "a folder whose file names say splits")
+    dataset_config: str = _opt("", "the configuration (subset) of a datasets Hub name, e.g. 'main' for openai/gsm8k")
+    attn_implementation: str = _opt("", "the trained model's attention implementation as transformers names it (eager, "
+                                    "sdpa, flex_attention, flash_attention_2, ...); '': transformers' default")
 
 
 @dataclass
@@ -137,6 +143,8 @@ class Optimization:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, slower)")
     max_length: int = _opt(1024, "prompt + response tokens per training sequence (the rest is cut off)")
     seed: int = _opt(0, "seed of the data order and the sampling")
+    packed: bool = _opt(False, "packed (padding-free) micro-batches: each micro-batch's sequences as one row, "
+                        "position_ids restarting per sequence (models that would mix the sequences are refused up front)")
 
     def check(self) -> None:
         check_tau(self.tau)
@@ -158,6 +166,8 @@ class Logging:
                         "holding a run is refused")
     overwrite_output_dir: bool = _opt(False, "start afresh in an output_dir that holds a run: its checkpoints, final "
                                       "model, metrics and logs are deleted first")
+    report_to: str = _opt("tensorboard", "experiment trackers through accelerate, comma-separated: tensorboard, wandb, "
+                          "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (each must be installed); all; none")
 
     def check(self) -> None:
         if self.save_total_limit < 0:
@@ -176,6 +186,7 @@ class Evaluation:
     eval_temperature: float = _opt(0.5, "sampling temperature at evaluation (the paper's 0.5)")
     eval_greedy: bool = _opt(True, "also report greedy pass@1 (one greedy completion per prompt)")
     eval_kl_samples: int = _opt(1, "samples of the base model per prompt for KL(base || model) (with a base model)")
+    eval_split: str = _opt("test", "the split of eval_file, likewise")
 
     def check(self) -> None:
         if self.eval_every < 0:
@@ -259,7 +270,7 @@ class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData)
 # training up to the checkpoint (the saved gft_config.yaml then records the values used).
 RESUMABLE = frozenset({"max_steps", "num_epochs", "save_every", "save_total_limit", "resume", "overwrite_output_dir", "output_dir", "engine",
                        "rollout_batch_size", "vllm_memory", "eval_file", "eval_every", "eval_n", "eval_k", "eval_max_prompts",
-                       "eval_temperature", "eval_greedy", "eval_kl_samples"})
+                       "eval_temperature", "eval_greedy", "eval_kl_samples", "report_to", "eval_split"})
 
 
 def changed_fields(saved: dict, cfg: "Config") -> dict:

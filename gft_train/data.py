@@ -1,4 +1,5 @@
-"""Prompt rows from local JSONL or Parquet files (through ``datasets``), validated row by row.
+"""Prompt rows from local JSONL or Parquet files, directories (``datasets.save_to_disk`` or a
+folder of such files) or ``datasets`` Hub names, validated row by row.
 
 Row format (one JSON object per line, or one Parquet row):
 
@@ -102,10 +103,10 @@ def _check_row(path, i, raw, columns=None) -> PromptRow:
     return PromptRow(values["prompt"], values["answer"], values["expert"], list(teachers), f"{path}:{i}")
 
 
-def load_rows(path: str | Path, columns: str | dict | None = None) -> list[PromptRow]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _read_file(path: Path) -> list:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         # parsed line by line first so a broken line is reported with its number
@@ -119,14 +120,81 @@ def load_rows(path: str | Path, columns: str | dict | None = None) -> list[Promp
                 raws.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataError(path, len(raws), "*", f"line {i + 1} is not JSON: {err}") from None
-    elif suffix == ".parquet":
+        return raws
+    if suffix == ".parquet":
         import datasets
 
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        raws = list(ds)
+        return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+    raise ValueError(f"{path}: expected a .jsonl or .parquet file, got {suffix!r}")
+
+
+def _read_dir(path: Path, split: str) -> list[tuple[str, list]]:
+    """(source, rows) of a directory: a dataset saved by ``datasets.save_to_disk`` (a DatasetDict's
+    ``split``), or its .jsonl/.json/.parquet files (those of ``split`` when their names say splits,
+    as ``datasets`` reads a folder: train.jsonl, test-0.parquet, ...), each file read on its own."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file():
+        saved = datasets.load_from_disk(str(path))
+        if split not in saved:
+            raise ValueError(f"{path}: the saved dataset has no split {split!r} (it has {', '.join(saved)}): "
+                             "set --train-split / --eval-split")
+        return [(f"{path}[{split}]", list(saved[split]))]
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return [(str(path), list(datasets.load_from_disk(str(path))))]
+    from datasets.data_files import get_data_patterns, resolve_pattern
+
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path}: a directory with neither a dataset saved by datasets.save_to_disk nor "
+                         f"{'/'.join(DATA_SUFFIXES)} files")
+    patterns = {str(k): v for k, v in get_data_patterns(str(path)).items()}
+    if list(patterns.values()) != [["**"]]:   # the file names say splits: only this one's files
+        if split not in patterns:
+            raise ValueError(f"{path}: its files are split into {', '.join(patterns)}, not {split!r}: "
+                             "set --train-split / --eval-split")
+        chosen = set()
+        for pattern in patterns[split]:   # each of datasets' name patterns; most match nothing
+            try:
+                chosen |= {Path(f) for f in resolve_pattern(pattern, str(path))}
+            except FileNotFoundError:
+                pass
+        files = [f for f in files if f in chosen]
+    return [(str(f), _read_file(f)) for f in files]
+
+
+def _read_hub(name: str, split: str, config: str) -> list:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:   # no network, no such dataset, no such split or config: one line
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        said = f"split {split!r}" + (f", config {config!r}" if config else "")
+        raise ValueError(f"data {name!r} is neither a file nor a directory here, and loading it as a datasets Hub "
+                         f"name ({said}) failed: {type(e).__name__}: {first}") from None
+    return list(ds)
+
+
+def load_rows(path: str | Path, columns: str | dict | None = None, split: str = "train",
+              config: str = "") -> list[PromptRow]:
+    """The checked rows of ``path``: a .jsonl/.parquet file, a directory (``datasets.save_to_disk``
+    or a folder of data files), or a ``datasets`` Hub name (``split``, ``config``). Errors name
+    the file (the directory, or the dataset name with its split), the row and the field."""
+    text = str(path)
+    path = Path(path)
+    if path.is_file():
+        sources = [(str(path), _read_file(path))]
+    elif path.is_dir():
+        sources = _read_dir(path, split)
+    elif not text or path.suffix.lower() in DATA_SUFFIXES or text.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"data file {path} does not exist")   # a path, not a dataset name
     else:
-        raise ValueError(f"{path}: expected a .jsonl or .parquet file, got {suffix!r}")
-    if not raws:
-        raise DataError(path, 0, "*", "the file has no rows")
+        sources = [(f"{text}[{split}]", _read_hub(text, split, config))]
     columns = parse_columns(columns) if isinstance(columns, str) else columns
-    return [_check_row(path, i, raw, columns) for i, raw in enumerate(raws)]
+    rows = []
+    for source, raws in sources:
+        if not raws:
+            raise DataError(source, 0, "*", "the file has no rows")
+        rows += [_check_row(source, i, raw, columns) for i, raw in enumerate(raws)]
+    return rows

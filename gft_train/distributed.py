@@ -15,22 +15,23 @@ def launch_asks(name: str) -> bool:
     return os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true")
 
 
-def make_accelerator(mixed_precision: str):
+def make_accelerator(mixed_precision: str, **kwargs):
     """The Accelerator for this launch, with the distribution its config asked for.
 
     On a machine without CUDA, accelerate quietly turns an FSDP launch into DDP (or into N
     processes training alone), and under DeepSpeed counts one process on every rank. Here a CPU
     launch gets what it asked for, over gloo: FSDP is set on the state as accelerate would set it
     on GPUs, and DeepSpeed's process count is read from torch.distributed. Anything else that
-    was asked for and not given is an error, never a silent fallback."""
+    was asked for and not given is an error, never a silent fallback. ``kwargs`` go to the
+    ``Accelerator`` (the trackers: ``trackers.accelerator_kwargs``)."""
     from accelerate import Accelerator
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     if torch.cuda.is_available():
-        acc = Accelerator(mixed_precision=mixed_precision)
+        acc = Accelerator(mixed_precision=mixed_precision, **kwargs)
     elif launch_asks("DEEPSPEED"):
-        acc = Accelerator(mixed_precision=mixed_precision, cpu=False)
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=False, **kwargs)
         if torch.distributed.is_initialized():
             state = PartialState()
             state.num_processes = torch.distributed.get_world_size()
@@ -39,7 +40,7 @@ def make_accelerator(mixed_precision: str):
     else:
         # cpu=True: a multi-process launch runs real gloo DDP (without it, each process of
         # `accelerate launch --multi_gpu` silently trains alone)
-        acc = Accelerator(mixed_precision=mixed_precision, cpu=True)
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=True, **kwargs)
         if launch_asks("FSDP") and acc.num_processes > 1:
             acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
             for state in (acc.state, PartialState()):   # a new AcceleratorState copies PartialState's

@@ -109,10 +109,10 @@ def kl_base_to_model(model, base, tokenizer, rows, n=1, max_new_tokens=256, seed
     return mean_token_kl(base, model, tokenizer, items, max_length)
 
 
-def _rows(split, columns=""):
+def _rows(split, columns="", data_split="test", config=""):
     from .data import load_rows
 
-    return load_rows(split, columns) if isinstance(split, (str, Path)) else list(split)
+    return load_rows(split, columns, data_split, config) if isinstance(split, (str, Path)) else list(split)
 
 
 def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str | None = None,
@@ -134,7 +134,7 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
     out = {}
     try:
         for name, split in splits.items():
-            rows = _rows(split, cfg.columns)
+            rows = _rows(split, cfg.columns, cfg.eval_split, cfg.dataset_config)
             if cfg.eval_max_prompts:
                 rows = rows[: cfg.eval_max_prompts]
             rows_by[name] = rows

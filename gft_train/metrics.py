@@ -1,6 +1,7 @@
-"""Metrics and logging: one row per step in ``metrics.jsonl`` and TensorBoard's events (on disk
-at every step: a killed run keeps them), the progress bar's fields, and ``training.png``.
-On resume, the rows and events of steps after the checkpoint are dropped first."""
+"""Metrics and logging: one row per step in ``metrics.jsonl`` (on disk at every step: a killed
+run keeps it), the progress bar's fields, and ``training.png``. The trackers (TensorBoard, wandb,
+...) are accelerate's (``trackers.py``). On resume, the rows and TensorBoard events of steps after
+the checkpoint are dropped first."""
 from __future__ import annotations
 
 import json
@@ -11,12 +12,11 @@ from .groups import SOURCES
 
 
 class MetricsLog:
-    """``output_dir/metrics.jsonl`` and ``output_dir/tensorboard``, written by the main process."""
+    """``output_dir/metrics.jsonl``, written by the main process."""
 
     def __init__(self, out: Path, step: int, is_main: bool):
         self.path = out / "metrics.jsonl"
         self.is_main = is_main
-        self.writer = None
         if not is_main:
             return
         if step == 0 and self.path.exists():
@@ -26,26 +26,12 @@ class MetricsLog:
             self.path.write_text("".join(r + "\n" for r in rows))
         if step:   # and the events of those steps (TensorBoard would show them twice)
             trim_events(out / "tensorboard", step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            self.writer = None
 
     def write(self, metrics: dict, step: int) -> None:
         if not self.is_main:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for k, v in metrics.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(k, v, step)
-            self.writer.flush()   # on disk at every step, as metrics.jsonl: a killed run keeps them
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def trim_events(logdir: Path, last_step: int) -> None:

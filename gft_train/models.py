@@ -7,14 +7,16 @@ from pathlib import Path
 import torch
 
 
-def load_model(path: str):
-    """(model, tokenizer) of the saved transformers causal LM at ``path``."""
+def load_model(path: str, attn_implementation: str = ""):
+    """(model, tokenizer) of the saved transformers causal LM at ``path``; ``attn_implementation``
+    as transformers names them ("" for its default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
     if not path or not p.is_dir() or not (p / "config.json").is_file():
         raise FileNotFoundError(f"model path {path!r} is not a saved transformers model (no config.json there)")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **extra)
     tokenizer = AutoTokenizer.from_pretrained(p)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -18,6 +18,7 @@ from gft_kernels.head import aggregation_reduction
 
 from .distributed import max_over_processes
 from .lm import Batch, causal_lm_gft_loss, encode
+from .packing import pack, packed_gft_loss
 
 
 class TokenSums(NamedTuple):
@@ -43,10 +44,15 @@ class GFTPolicy(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, labels, adv, tau, normalizer, reduction="mean",
-                entropy_coef=0.0) -> tuple[Tensor, TokenSums]:
-        loss, stats = causal_lm_gft_loss(self.model, input_ids, attention_mask, labels, adv, tau,
-                                         normalizer=normalizer, reduction=reduction, return_stats=True,
-                                         loss_options=dict(entropy_coef=entropy_coef))
+                entropy_coef=0.0, position_ids=None, seq_ids=None) -> tuple[Tensor, TokenSums]:
+        if position_ids is not None:   # a packed row (packing.PackedBatch): labels already shifted per sequence
+            loss, stats = packed_gft_loss(self.model, input_ids, labels, adv, tau, position_ids=position_ids,
+                                          seq_ids=seq_ids, normalizer=normalizer, reduction=reduction,
+                                          loss_options=dict(entropy_coef=entropy_coef))
+        else:
+            loss, stats = causal_lm_gft_loss(self.model, input_ids, attention_mask, labels, adv, tau,
+                                             normalizer=normalizer, reduction=reduction, return_stats=True,
+                                             loss_options=dict(entropy_coef=entropy_coef))
         n = stats.n_valid
         # (stats.entropy is 0 at ignored tokens: its sum is over the valid ones)
         sums = TokenSums(stats.rectified_frac * n, stats.mean_prob * n, stats.entropy.sum(), n.float(),
@@ -64,15 +70,16 @@ def aggregation(name: str, n_tokens: float, n_seqs: float, max_length: int) -> t
 class StepBatches:
     """This process's micro-batches of a step, and the step's global counts."""
 
-    batches: list[Batch]
+    batches: list   # lm.Batch, or packing.PackedBatch in a packed run
     tokens: float      # valid tokens, all processes
     seqs: float        # sequences with a valid token, all processes
     cut: int           # responses cut at max_length
     responses: float   # responses of the step
 
 
-def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int) -> StepBatches:
-    """The step's sequences, this process's share of them in micro-batches, and the global counts.
+def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int, packed: bool = False) -> StepBatches:
+    """The step's sequences, this process's share of them in micro-batches (each as one row of its
+    sequences with ``packed``), and the global counts.
     Every process gets as many micro-batches as the busiest one (FSDP and ZeRO-3 gather weights in
     every forward, a collective all processes must join, and DDP syncs once): the extra ones are a
     sequence with every label masked, no loss and zero gradients."""
@@ -81,12 +88,15 @@ def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int)
     mine = seqs[acc.process_index::acc.num_processes]
     batches = [encode(tokenizer, mine[i:i + micro_batch_size], max_length)
                for i in range(0, len(mine), micro_batch_size)]
+    if packed:
+        batches = [pack(b) for b in batches]
     counts = torch.tensor([float(sum(b.n_valid for b in batches)), float(sum(b.n_seqs for b in batches)),
                            float(sum(b.n_cut for b in batches)), float(len(mine))], device=acc.device)
     counts = acc.reduce(counts, reduction="sum")
     n_micro = max_over_processes(acc, len(batches))
     while len(batches) < n_micro:
-        batches.append(encode(tokenizer, seqs[:1], max_length).masked())
+        extra = encode(tokenizer, seqs[:1], max_length)
+        batches.append((pack(extra) if packed else extra).masked())
     return StepBatches(batches, counts[0].item(), counts[1].item(), int(counts[2].item()), counts[3].item())
 
 
@@ -137,7 +147,7 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) ->
         ctx = acc.no_sync(policy) if not sync else contextlib.nullcontext()
         with ctx, acc.autocast():
             loss, s = policy(batch.input_ids, batch.attention_mask, batch.labels, batch.adv, opt.tau, normalizer,
-                             reduction, opt.entropy_coef)
+                             reduction, opt.entropy_coef, **getattr(batch, "forward_kwargs", {}))
         if acc.distributed_type == DistributedType.DEEPSPEED:   # the engine steps at the last one
             acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=sync)
         else:

@@ -5,10 +5,12 @@ Where each part lives (this module sets them up and runs the loop):
     pool.py          which groups a step trains on (online: rebuilt every refresh_every steps with
                      the current weights; offline: built once or read from groups_file)
     groups.py        a group: its responses, rewards and advantages; rollout.py: the engines
-    step.py          one optimizer step: micro-batches, the fused loss, the per-step statistics
+    step.py          one optimizer step: micro-batches, the fused loss, the per-step statistics;
+                     packing.py: packed (padding-free) micro-batches
     checkpoints.py   the output directory, checkpoints (accelerate's save_state / load_state),
                      --resume, the final model
-    metrics.py       metrics.jsonl, TensorBoard, the progress bar, training.png
+    metrics.py       metrics.jsonl, the progress bar, training.png; trackers.py: TensorBoard, wandb,
+                     ... through accelerate (report_to)
     distributed.py   the Accelerator a launch asked for (DDP, FSDP1/2, ZeRO-3), prepared models
     models.py        load_model; preflight.py: the data checked before the first step
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, trackers
 from . import config as config_mod
 from .checkpoints import RUN_FILES, claim_output_dir  # noqa: F401  (re-exported: the trainer's old names)
 from .data import load_rows
@@ -36,6 +38,7 @@ from .distributed import full_state_dict, is_sharded, make_accelerator, prepare
 from .groups import build_groups, group_metrics, load_groups
 from .metrics import MetricsLog, bar_fields, plot_metrics, trim_events  # noqa: F401  (re-exported)
 from .models import load_model, unpartitioned
+from .packing import check_packing
 from .pool import GroupPool
 from .preflight import preflight
 from .rewards import load_reward
@@ -51,14 +54,19 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.cfg = cfg = cfg.resolved()
-        self.acc = make_accelerator("bf16" if cfg.bf16 else "no")
+        self.acc = make_accelerator("bf16" if cfg.bf16 else "no",
+                                    **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
         self.resume_from = claim_output_dir(cfg, self.acc.is_main_process)
         self.acc.wait_for_everyone()
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
-        model, self.tokenizer = load_model(cfg.model)
+        model, self.tokenizer = load_model(cfg.model, cfg.attn_implementation)
         offline = self._load_data()
         cfg = self.cfg
+        if cfg.packed:   # before anything trains: a model that would mix packed sequences is refused
+            # (ZeRO-3 may have loaded it partitioned, empty on this rank: the probe runs on a whole copy)
+            check_packing(unpartitioned(lambda: load_model(cfg.model, cfg.attn_implementation)[0])
+                          if self.sharded else model)
         preflight(cfg, self.rows, offline, self.tokenizer, model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -81,11 +89,12 @@ class Trainer:
         cfg = self.cfg
         if not cfg.train_file and not cfg.groups_file:
             raise ValueError("train needs train_file (prompts) or groups_file (offline groups)")
-        self.rows = load_rows(cfg.train_file, cfg.columns) if cfg.train_file else None
+        self.rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config) if cfg.train_file else None
         if cfg.refresh_every and self.rows is None:
             raise ValueError("online groups (refresh_every > 0) need train_file")
         # held-out rows checked now, not at the first evaluation
-        self.eval_rows = load_rows(cfg.eval_file, cfg.columns)[: cfg.eval_max_prompts or None] if cfg.eval_every else None
+        self.eval_rows = (load_rows(cfg.eval_file, cfg.columns, cfg.eval_split, cfg.dataset_config)
+                          [: cfg.eval_max_prompts or None] if cfg.eval_every else None)
         offline = load_groups(cfg.groups_file) if cfg.groups_file and not cfg.refresh_every else None
         if cfg.num_epochs:
             n = len(self.rows) if self.rows is not None else len(offline)
@@ -181,7 +190,7 @@ class Trainer:
     def train_step(self, groups) -> dict:
         """One optimizer step on ``groups`` (step.py); the step's metrics."""
         cfg = self.cfg
-        batches = step_batches(self.acc, self.tokenizer, groups, cfg.micro_batch_size, cfg.max_length)
+        batches = step_batches(self.acc, self.tokenizer, groups, cfg.micro_batch_size, cfg.max_length, cfg.packed)
         if batches.cut and not self._warned_cut:
             self._warned_cut = True   # said once; completions/cut_frac counts them every step
             warnings.warn(cut_warning(batches, self.step + 1, cfg.max_length))
@@ -210,6 +219,7 @@ class Trainer:
         if acc.is_main_process:
             config_mod.save(cfg, self.out / "gft_config.yaml")
         log = MetricsLog(self.out, self.step, acc.is_main_process)
+        trackers.start(acc, dataclasses.asdict(cfg))   # (after MetricsLog trimmed a resumed run's events)
         fault = int(os.environ.get("GFT_FAULT_AT_STEP", "0"))  # tests: a real SIGKILL mid-run
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=cfg.method)
         self.policy.train()
@@ -219,6 +229,7 @@ class Trainer:
             start = time.perf_counter()
             metrics = self._step_metrics(self._groups_for_step(self.step), start)
             log.write(metrics, self.step)
+            trackers.log(acc, metrics, self.step)   # on disk at every step, as metrics.jsonl
             if acc.is_main_process:
                 bar.set_postfix(bar_fields(metrics, cfg))
             bar.update(1)
@@ -226,10 +237,10 @@ class Trainer:
             if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
                 self.save_checkpoint()
         bar.close()
-        log.close()
         final = self.save_final()
         if acc.is_main_process:
             plot_metrics(log.path, self.out / "training.png")
+        acc.end_training()   # the trackers finish (and a distributed run's process group ends)
         return final
 
 

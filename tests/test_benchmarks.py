@@ -40,3 +40,19 @@ def test_gpu_check_runs_dry(tmp_path):
     assert list(out.glob("*.csv")) and list(out.glob("*.png"))
     tune = list(out.glob("tune_*.csv"))
     assert tune and "forward" in tune[0].read_text() and "backward" in tune[0].read_text()
+
+
+def test_packing_benchmark_measures_both_layouts_on_the_demo_groups():
+    from benchmarks.packing import demo_groups
+    from benchmarks.packing import main as packing_main
+
+    from gft_train.demo import sums
+
+    seqs = demo_groups(2)   # 8 responses a prompt, the demo's mix; the first is the expert's demonstration
+    numbers = [int(x) for x in seqs[0][0].rstrip("=").split("+")]
+    assert len(seqs) == 16 and seqs[0][1] == sums.write(numbers, "reversed") == sums.make_data(0)["train"][0]["expert"]
+    result = packing_main(["--steps", "1", "--repeats", "1", "--micro-batch-size", "16"])
+    run = result["runs"][0]
+    assert run["padded_tokens_per_s"] > 0 and run["packed_tokens_per_s"] > 0
+    assert 0 < result["lengths"]["min"] <= result["lengths"]["median"] <= result["lengths"]["max"] <= 32
+    assert 0 <= result["lengths"]["padding_frac"] < 1

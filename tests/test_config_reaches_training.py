@@ -34,7 +34,10 @@ NOT_TRAINING = {
     "eval_file": "evaluation, under a forked RNG: the training is the same (tests/test_train_runs.py)",
     "eval_every": "evaluation", "eval_n": "evaluation", "eval_k": "evaluation",
     "eval_max_prompts": "evaluation", "eval_temperature": "evaluation", "eval_greedy": "evaluation",
-    "eval_kl_samples": "evaluation",
+    "eval_kl_samples": "evaluation", "eval_split": "evaluation (tests/test_datasets_sources.py)",
+    "train_split": "which split of train_file is read, like train_file (tests/test_datasets_sources.py)",
+    "dataset_config": "which subset of a datasets Hub name is read, like train_file",
+    "report_to": "the trackers the metrics go to (tests/test_trackers.py)",
 }
 
 
@@ -76,7 +79,16 @@ def _run(data, out, monkeypatch, **fields) -> Run:
                            shape=tuple(input_ids.shape), autocast=torch.is_autocast_enabled("cpu")))
         return real_loss(model, input_ids, attention_mask, labels, adv, tau, **kw)
 
+    real_packed = step_mod.packed_gft_loss
+
+    def packed_spy(model, input_ids, labels, adv, tau, **kw):
+        losses.append(dict(tau=tau, reduction=kw["reduction"], normalizer=kw["normalizer"], packed=True,
+                           entropy_coef=kw["loss_options"]["entropy_coef"], adv=adv.detach().clone(),
+                           shape=tuple(input_ids.shape), autocast=torch.is_autocast_enabled("cpu")))
+        return real_packed(model, input_ids, labels, adv, tau, **kw)
+
     monkeypatch.setattr(step_mod, "causal_lm_gft_loss", loss_spy)
+    monkeypatch.setattr(step_mod, "packed_gft_loss", packed_spy)
     cfg = config_mod.Config(**{**BASE, "model": data["model"], "train_file": data["train"], "output_dir": str(out),
                                **fields})
     trainer = Trainer(cfg)
@@ -185,6 +197,10 @@ PROBES = {
     "max_length": ({}, 7, lambda r, d: max(c["shape"][1] for c in r.losses) <= 7
                    < max(c["shape"][1] for c in d.losses) and r.metrics["completions/cut_frac"] > 0),
     "seed": ({}, 7, lambda r, d: [g.prompt for g in r.groups] != [g.prompt for g in d.groups]),
+    "packed": ({}, True, lambda r, d: all(c.get("packed") and c["shape"][0] == 1 for c in r.losses)
+               and not any(c.get("packed") for c in d.losses) and r.metrics["tokens"] == d.metrics["tokens"]),
+    "attn_implementation": ({}, "eager", lambda r, d: r.trainer.model.config._attn_implementation == "eager"
+                            and d.trainer.model.config._attn_implementation != "eager"),
     "columns": ({"train_file": "renamed"}, "prompt=question", lambda r, d: [g.prompt for g in r.groups]
                 == [g.prompt for g in d.groups]),
 }

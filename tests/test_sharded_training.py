@@ -166,6 +166,28 @@ def _matches_one_process(setup, tmp_path, case):
     assert max((init[k] - one[k]).abs().max().item() for k in one) > 1e-3   # training moved the weights
 
 
+@pytest.fixture(scope="module")
+def packed_one(setup):
+    """One process on the same global batch, packed (--packed)."""
+    args = [*setup["args"], "--packed"]
+    _run(setup["dir"] / "one-packed", args)
+    return args
+
+
+@pytest.mark.parametrize("case", ["fsdp2", "zero3"])
+def test_packed_sharded_training_matches_one_packed_process(setup, packed_one, tmp_path, case):
+    """--packed under FSDP2 and ZeRO-3 (2 processes): each rank's micro-batches packed, the masked
+    micro-batch that evens out the ranks packed too; the single packed process's weights."""
+    def run(folder):
+        folder.mkdir()
+        reports = _run(folder / "run", packed_one, _config(folder, case))
+        assert all(r["sharded"] and r["processes"] == 2 for r in reports)
+        one, sharded = _weights(setup["dir"] / "one-packed"), _weights(folder / "run")
+        worst = max((one[k] - sharded[k]).abs().max().item() for k in one)
+        assert worst <= 2e-5, (case, worst)
+    _twice(run, tmp_path)
+
+
 def _weights_of_model(path: Path) -> dict:
     from safetensors.torch import load_file
 
