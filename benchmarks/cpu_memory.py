@@ -14,7 +14,7 @@ subprocess, since the peak of a process never goes down.
 shapes with the two kernels replaced by no-ops (they allocate nothing; every buffer around
 them is the launcher's) and the CUDA tiles, and follows every tensor storage the op creates
 from birth to death. That is the op's ``max_memory_allocated`` on a GPU, up to the caching
-allocator's 512-byte rounding. ``tests/test_gpu.py`` measures the real one.
+allocator's 512-byte rounding. ``tests/kernels/test_gpu.py`` measures the real one.
 """
 from __future__ import annotations
 

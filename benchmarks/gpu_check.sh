@@ -10,7 +10,7 @@
 # 3. the benchmark against the baselines, rows (device, versions, date, shape, provider, time,
 #    memory, error) as CSV and plots, and a short table last. Everything lands in OUT_DIR.
 # Budgets (under 7 minutes in all, so a second run fits a 15-minute device session): tests
-# 120 s + 90 s (tests/test_gpu.py alone), atomics 20 s, designs and tiles 60 s, benchmark 90 s;
+# 120 s + 90 s (tests/kernels/test_gpu.py alone), atomics 20 s, designs and tiles 60 s, benchmark 90 s;
 # each stage is cut at its budget and the next one still runs. The benchmark measures
 # what the targets need first; the remaining shapes can follow in a second command:
 #   python -m benchmarks --out OUT_DIR --budget-s 450
@@ -42,10 +42,10 @@ fi
 
 echo "== 1. kernel tests =="
 if [ -n "$DRY" ]; then
-    TESTS=(tests/test_special_cases.py tests/test_gpu.py)
+    TESTS=(tests/kernels/test_special_cases.py tests/kernels/test_gpu.py)
     export HYPOTHESIS_PROFILE=default
 else
-    TESTS=(tests/test_special_cases.py tests/test_numerics.py tests/test_engines.py tests/test_backends_match_reference.py)
+    TESTS=(tests/kernels/test_special_cases.py tests/kernels/test_numerics.py tests/kernels/test_engines.py tests/kernels/test_backends_match_reference.py)
     export HYPOTHESIS_PROFILE=gpu
 fi
 # Most of this stage is Triton compiling a hundred-odd kernel specializations, one at a time per
@@ -57,7 +57,7 @@ echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 # The large shapes and the peak-memory test alone on the GPU: beside 8 workers they ran out of
 # device memory (H100, 2026-11-27), and their peaks would count the others' allocations.
 if [ -z "$DRY" ]; then
-    timeout 90 "$PY" -m pytest -q -s --junitxml="$OUT/tests_gpu.xml" -p no:cacheprovider tests/test_gpu.py 2>&1 \
+    timeout 90 "$PY" -m pytest -q -s --junitxml="$OUT/tests_gpu.xml" -p no:cacheprovider tests/kernels/test_gpu.py 2>&1 \
         | tee "$OUT/tests_gpu.log" | grep -E "ratio|triton|passed|failed|FAILED" | tail -30
     echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests_gpu.log"
 fi

@@ -9,7 +9,7 @@ lives in ``head.py`` and reaches an engine only through ``g``.
 ``partials``, ``backward``), registered with :func:`register_engine`; then
 ``gft_loss(..., backend=<its name>)`` runs it through the same autograd function and
 ``torch.compile`` op as the built-in ones. ``reference.py`` is such a file (its engine is
-checked against the others in tests/test_engines.py); ``torch_backend.py`` (chunked PyTorch)
+checked against the others in tests/kernels/test_engines.py); ``torch_backend.py`` (chunked PyTorch)
 and ``triton_ops/launch.py`` (fused Triton kernels) are the two bounded-memory ones.
 
 The partial statistics of a row over a set of columns (:class:`RowPartials`) are its max

@@ -53,7 +53,7 @@ def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, options: Kernel
 
 class ReferenceEngine:
     """The engine contract (``engine.py``) by materialized logits and autograd: a whole engine
-    in one file, and a check on the others (tests/test_engines.py runs it through the same op).
+    in one file, and a check on the others (tests/kernels/test_engines.py runs it through the same op).
     ``gft_loss(backend="reference")`` itself differentiates ``reference_logprobs`` directly (a
     double backward works there)."""
 

@@ -2,7 +2,7 @@
 it, and what sharded weights need (a whole state dict, collectives every process joins).
 
 DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-3 are checked against one process
-(tests/test_sharded_training.py)."""
+(tests/train/test_sharded_training.py)."""
 from __future__ import annotations
 
 import os

@@ -6,9 +6,17 @@
 #   .venv-verl  verl 0.9.1 for tests/verl_checks.py (kept apart: verl pins transformers < 5.11);
 #               the project is installed there without dependencies, for its verl.plugins entry point
 # then runs the whole test suite. Safe to rerun; working environments are reused.
+#   bash scripts/test.sh --quick    the quick subset only (see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+
+# --quick: the quick subset (pytest -m "not slow": kernels and units, no launched processes, no
+# whole runs), without building the vLLM and verl environments
+if [[ "${1:-}" == "--quick" ]]; then
+    shift
+    exec .venv/bin/python -m pytest -q -m "not slow" "$@"
+fi
 
 vllm_ok() { "$1/bin/python" -c "import math_verify, yaml, xgrammar; from vllm import LLM, SamplingParams" >/dev/null 2>&1; }
 build_vllm_env() {

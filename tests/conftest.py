@@ -30,3 +30,16 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Each test folder is a part of the project, and a marker of the same name selects it:
+# `pytest -m kernels`, `pytest -m "train and not slow"`. `slow` marks the tests that launch processes,
+# train whole runs or sweep the model zoo: `pytest -m "not slow"` is the quick subset.
+PARTS = ("kernels", "models", "train", "integrations", "study", "project")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        part = item.path.parent.name
+        if part in PARTS:
+            item.add_marker(getattr(pytest.mark, part))

@@ -1,4 +1,4 @@
-"""One process of a sharded training run (tests/test_sharded_training.py launches it with
+"""One process of a sharded training run (tests/train/test_sharded_training.py launches it with
 ``accelerate launch --config_file ...``): trains with ``gft_train`` and records, per rank, what
 the test needs to trust the run: the distribution accelerate set up, whether the lm_head weight
 really is a shard outside the forward, and which sequences this rank trained on.

@@ -1,4 +1,4 @@
-"""GFT in verl, against the installed verl package (run in .venv-verl by tests/test_verl.py).
+"""GFT in verl, against the installed verl package (run in .venv-verl by tests/integrations/test_verl.py).
 
 What runs on a CPU: the policy-loss registry and its plugin loading, verl's loss aggregation
 (``agg_loss``) in every mode, verl's actor loss (``workers.utils.losses.ppo_loss``) selecting

@@ -482,7 +482,7 @@ class _AtomicBackward(_Backward):
 # What the Triton engine is built and checked for: NVIDIA GPUs of compute capability 8.0 or
 # later whose blocks can opt into the shared memory of its largest default tile (144 KiB: the
 # A100, H100, H200 and later data-centre parts; not the 99-KiB consumer cards), and the Triton
-# the package requires (pyproject.toml: triton>=3.2; tests/test_validation.py keeps them equal).
+# the package requires (pyproject.toml: triton>=3.2; tests/kernels/test_validation.py keeps them equal).
 MIN_CAPABILITY = (8, 0)
 MIN_SHARED_BYTES = 144 * 1024
 MIN_VERSION = (3, 2)

@@ -6,5 +6,5 @@
     verl_fused_kernel.py  imported for its effect: verl's fused forward runs the op (external_lib)
 
 PEFT needs no module of its own: a PEFT-wrapped model trains through ``gft_kernels.patch`` and
-through ``trl.GFTTrainer`` unchanged (tests/test_peft.py).
+through ``trl.GFTTrainer`` unchanged (tests/integrations/test_peft.py).
 """

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import trl
 
-# The TRL releases this integration is tested with (tests/test_trl.py, test_peft.py); it overrides
+# The TRL releases this integration is tested with (tests/integrations/test_trl.py, test_peft.py); it overrides
 # two private GRPOTrainer methods, which a minor TRL release may change without notice.
 TESTED_TRL = ">=1.16,<1.17"
 

@@ -156,6 +156,7 @@ def test_the_verdict_is_kept_per_attention_implementation(monkeypatch):
         check_packing(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", causal_lm_types())
 def test_every_tiny_architecture_packs_exactly_or_is_refused(model_type):
     """Accepted by the probe: the padded batch's loss and every gradient, on eager attention and
@@ -204,6 +205,7 @@ def run_set_up(tmp_path_factory):
                 train=write_jsonl(rows["train"], d / "train.jsonl"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["token-mean", "seq-mean-token-mean"])
 def test_a_packed_run_trains_as_the_padded_one(run_set_up, tmp_path, name):
     """GFT on expert and teacher responses (group advantages, a different one per sequence):

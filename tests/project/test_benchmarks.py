@@ -3,9 +3,13 @@ import csv
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from benchmarks.run import main
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rows(path):

@@ -181,7 +181,7 @@ def test_readme_trl_snippet_runs(tmp_path, model_dir, monkeypatch):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# tested: trl")]
     assert len(blocks) == 1
     code = blocks[0]
@@ -214,6 +214,6 @@ def test_another_trl_version_is_refused_naming_the_tested_range():
     code = "import trl; trl.__version__ = '1.17.0'\nimport gft_train.trl_trainer"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "tested with trl>=1.16,<1.17, found trl 1.17.0" in proc.stderr, proc.stderr[-2000:]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     extra = re.search(r"^trl = \[(.*)\]", (root / "pyproject.toml").read_text(), flags=re.M)   # (no tomllib on 3.10)
     assert extra and f'"trl{TESTED_TRL}"' in extra.group(1), extra

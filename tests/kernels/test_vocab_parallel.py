@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Row boundaries of the shards: uneven, one shard of a single block, one of a partial block.
 BOUNDS = {2: [0, 23, 70], 3: [0, 9, 50, 70]}
@@ -184,6 +184,7 @@ def _in_fresh_process(*args) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_equals_one_process(world, tmp_path):
     _in_fresh_process("ranks", str(world), str(tmp_path))
@@ -196,6 +197,7 @@ def test_vocab_parallel_equals_one_process(world, tmp_path):
             assert errs and max(errs.values()) <= tol, (rank, name, errs)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_lm_head_takes_the_vocabulary_parallel_path(tmp_path):
     _in_fresh_process("tensor-parallel", "2", str(tmp_path))
     for rank in range(2):
@@ -206,10 +208,11 @@ def test_tensor_parallel_lm_head_takes_the_vocabulary_parallel_path(tmp_path):
 
 def _readme_block() -> str:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    [block] = [b for b in blocks if b.startswith("# tested: tests/test_vocab_parallel.py")]
+    [block] = [b for b in blocks if b.startswith("# tested: tests/kernels/test_vocab_parallel.py")]
     return block
 
 
+@pytest.mark.slow
 def test_readme_vocab_parallel_example_runs():
     """The README's multi-process example: its ``main`` on 2 forked processes (its ``mp.spawn``
     would import torch again in each, the most of a minute on a busy CI machine)."""

@@ -16,6 +16,7 @@ from model_check import OwnForwardFails, batch, check
 from tiny_models import Skip, causal_lm_types, tiny_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", causal_lm_types())
 def test_exact_or_refused(model_type):
     verdicts = {}

@@ -19,7 +19,9 @@ from gft_train.rewards import load_reward
 from gft_train.rollout import TransformersEngine
 from gft_train.trainer import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

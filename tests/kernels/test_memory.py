@@ -7,11 +7,13 @@ from benchmarks.cpu_memory import _StorageTracker, launcher_peak, measure
 from benchmarks.shapes import MODELS, TOKENS
 
 
+@pytest.mark.slow
 def test_torch_backend_peak_is_far_below_one_logits_buffer():
     row = measure("torch", n=4096, v=32000, h=256)
     assert row["extra_over_logits"] < 0.25, row
 
 
+@pytest.mark.slow
 def test_the_probe_sees_materialized_logits():
     """The same probe on the materialized reference must see several N x V buffers, or it
     measures nothing."""
@@ -22,10 +24,11 @@ def test_the_probe_sees_materialized_logits():
 # The GPU memory targets: the default (split) backward's peak within 1.10x of the gradients at
 # every benchmark shape, the atomic design's within 1.05x (for users at the edge of memory).
 # Planned here, on CPU tensors with the kernels and products as no-ops; measured on a GPU by
-# tests/test_gpu.py. Each model's smallest and largest token count.
+# tests/kernels/test_gpu.py. Each model's smallest and largest token count.
 TARGET = {"split": 1.10, "atomic": 1.05}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("design", list(TARGET))
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("n", [min(TOKENS), max(TOKENS)])
@@ -56,6 +59,7 @@ def test_the_storage_tracker_follows_births_deaths_and_views():
         assert tracker.live == 0
 
 
+@pytest.mark.slow
 def test_vocab_parallel_rank_peak_follows_the_shard():
     """Per rank at Llama-3.1-8B, N = 8192, bf16, the lm_head split over 2 and 4 ranks (planned
     with the launcher probe, README "Measured"): the vocabulary-parallel op's peak stays within

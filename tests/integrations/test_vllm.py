@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+
+ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = Path(os.environ.get("GFT_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 

@@ -106,7 +106,7 @@ def test_readme_peft_snippet_runs(model_dir):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# tested: peft")]
     assert len(blocks) == 1
     input_ids = torch.randint(2, 19, (2, 10))

@@ -1,16 +1,16 @@
-"""The README's snippets marked ``# tested: tests/test_readme.py`` run, in order, in one namespace."""
+"""The README's snippets marked ``# tested: tests/project/test_readme.py`` run, in order, in one namespace."""
 import json
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_snippets_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    tested = [b for b in blocks if b.startswith("# tested: tests/test_readme.py")]
+    tested = [b for b in blocks if b.startswith("# tested: tests/project/test_readme.py")]
     assert len(tested) == 2, "the functional op and the patched model"
     namespace = {}
     for block in tested:
@@ -32,6 +32,7 @@ def _numbers(text: str) -> list[float]:
 ROW_MODELS = ["base", "SFT", "SFT", "SFT", "GFT", "GFT", "GFT", "base", "SFT", "GFT", "base", "SFT", "GFT"]
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_readme_shows_what_the_demo_prints(tmp_path):
     """The README's demo table is what ``gft-train demo`` prints: the same lines, and every figure

@@ -64,6 +64,7 @@ def test_every_cuda_tile_computes_the_same_loss(tile, fraction, monkeypatch):
     assert max(errs.values()) < 1e-5, errs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_m", [1, 3, 8, 1 << 20])
 def test_backward_program_groups_cover_every_tile_once(group_m):
     """The backward's grouped program order is a bijection onto (row block, column block),
@@ -198,7 +199,7 @@ def test_torch_engine_computes_float64_in_float64():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_inside_torch_compile_the_loss_matches_eager(backend):
     """Users compile the model around the loss: the engines' launches are custom ops the graph
-    holds (tests/test_compile.py: one graph, fullgraph=True), and gradients flow through them."""
+    holds (tests/kernels/test_compile.py: one graph, fullgraph=True), and gradients flow through them."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 48).to(DEVICE)
     weight = torch.randn(300, 48, device=DEVICE, requires_grad=True)

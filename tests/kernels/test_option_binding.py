@@ -156,7 +156,7 @@ def test_the_dual_clip_where_it_binds(backend, dtype, tol, dual_clip):
 def test_sampling_temperature_is_exact_with_a_final_softcap():
     """TRL (and verl) score samples with ``model_logits / T``; for a softcapped model that is
     ``cap_c(z) / T = cap_{c/T}(z / T)``, which ``causal_lm_gft_loss(temperature=T)`` passes on.
-    (Moved here from tests/test_trl.py, which is skipped whole where TRL is not installed.)"""
+    (Moved here from tests/integrations/test_trl.py, which is skipped whole where TRL is not installed.)"""
     transformers = pytest.importorskip("transformers")
     from gft_kernels import causal_lm_gft_loss
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+
+ROOT = Path(__file__).resolve().parents[2]
 VERL_PYTHON = Path(os.environ.get("GFT_VERL_PYTHON", ROOT / ".venv-verl" / "bin" / "python"))
 
 

@@ -54,11 +54,12 @@ def _compare(prob, opts, dtype, backends):
 @given(prob=problems(), opts=options)
 def test_fp32_torch_matches_float64(prob, opts):
     # Not the reference: in fp32 it is naive PyTorch, whose target column 1 - exp(logp) cancels
-    # for confident tokens (tests/test_numerics.py); it is proven in float64 and by the oracles.
+    # for confident tokens (tests/kernels/test_numerics.py); it is proven in float64 and by the oracles.
     errs = _compare(prob, opts, torch.float32, ["torch"])["torch"]
     assert max(errs.values()) < FP32_TOL, errs
 
 
+@pytest.mark.slow
 @given(prob=problems(), opts=options)
 def test_fp32_triton_matches_float64(prob, opts):
     errs = _compare(prob, opts, torch.float32, ["triton"])["triton"]
@@ -71,6 +72,7 @@ def _within_budget(errs, naive, dtype):
     return {k: (v, naive[k]) for k, v in errs.items() if v > 1.5 * naive[k] + EPS[dtype]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @given(prob=problems(), opts=options)
 def test_half_precision_within_naive_error_budget(dtype, prob, opts):

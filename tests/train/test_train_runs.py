@@ -13,7 +13,7 @@ from gft_train.cli import main as cli_main
 from gft_train.demo.model import build_model
 from gft_train.demo.task import make_splits, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,7 @@ def test_resume_refuses_a_changed_configuration_and_continues_from_the_last_step
     assert (saved["max_steps"], saved["lr"]) == (5, 1e-3)   # what was used
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_and_debug_shows_the_traceback(s, tmp_path):
     """Defect 8: every error was a 17-30 line traceback."""
     rows = [json.loads(line) for line in Path(s["train"]).read_text().splitlines()[:4]]
@@ -115,6 +116,7 @@ def _scalar_steps(logdir, tag="loss"):
     return sorted(steps)
 
 
+@pytest.mark.slow
 def test_tensorboard_has_each_step_once_after_a_killed_run_resumes(s, tmp_path):
     """Defect 4: metrics.jsonl was trimmed to the checkpoint on resume, the event files were not."""
     out = tmp_path / "run"

@@ -2,9 +2,12 @@
 import json
 import math
 
+import pytest
+
 from study.run import main
 
 
+@pytest.mark.slow
 def test_quick_study_writes_the_report_with_verdicts(tmp_path):
     report = main(["--quick", "--out", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")])
     text = report.read_text()

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args):

@@ -267,7 +267,7 @@ def _readme_gft_train_flags() -> set[str]:
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text.split("## The trainer: `gft-train`", 1)[1].split("\n## ", 1)[0]
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", section))
     return flags - {"--multi_gpu", "--num_processes", "--config_file", "--x", "--no-x"}

@@ -189,6 +189,6 @@ def test_the_minimum_triton_version_is_the_packages_requirement():
     import re
     from pathlib import Path
 
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     required = re.findall(r'"triton>=(\d+)\.(\d+)', pyproject)
     assert required and {tuple(map(int, r)) for r in required} == {launch.MIN_VERSION}
