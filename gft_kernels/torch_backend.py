@@ -7,8 +7,7 @@ allocating a fresh chunk per step lets the resident size creep up; see the READM
 numbers). Only valid rows (forward) and rows with ``g != 0`` (backward) are computed; on CUDA,
 where selecting them would cost a host sync, every row is processed instead.
 
-On a CPU with several intra-op threads the one-pass path (a scalar loss under autograd, no
-entropy) splits the vocabulary between the threads instead of splitting every op
+On a CPU with several intra-op threads the one-pass path (a scalar loss under autograd) splits the vocabulary between the threads instead of splitting every op
 (``cpu_threads.py``: one synchronisation per chunk instead of a barrier per op); the buffers
 are the same ``C x V`` floats in all, and the result is the one-thread result up to rounding.
 
@@ -253,11 +252,11 @@ class TorchEngine:
 
 def _column_shares(hidden: Tensor, v: int, options: KernelOptions) -> list[slice] | None:
     """The vocabulary's columns split between the CPU's intra-op threads for the one-pass path
-    (``cpu_threads.py`` says why), or None: one thread, a small vocabulary, entropy, a GPU, 16-bit
-    inputs (whose dH would be rounded once per share)."""
+    (``cpu_threads.py`` says why), or None: one thread, a small vocabulary, a GPU, 16-bit inputs
+    (whose dH would be rounded once per share)."""
     threads = torch.get_num_threads()
-    if (hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64) or options.with_entropy
-            or options.outside or threads < 2):
+    if (hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64) or options.outside
+            or threads < 2):
         return None
     count = min(threads, v // MIN_SHARE_COLUMNS)
     return [slice(k * v // count, (k + 1) * v // count) for k in range(count)] if count > 1 else None
@@ -268,20 +267,24 @@ class _ColumnShare:
     products (the rows of dW and db of these columns are this share's alone)."""
 
     def __init__(self, cols: slice, request: ForwardRequest, rows: int, options: KernelOptions, grads: _Gradients,
-                 buffers: tuple[Tensor, Tensor | None]):
+                 buffers: dict[str, Tensor]):
         weight, bias = request.weight[cols], None if request.bias is None else request.bias[cols]
         self.start, self.count = cols.start, cols.stop - cols.start
-        # this share's rows x count floats of the logits buffer (and of the softcap's derivative)
+        # this share's rows x count floats of each buffer: the logits, with a softcap its
+        # derivative, with entropy exp(z - m) beside z - m and their product (the one-thread path's
+        # temporary)
         span = slice(rows * self.start, rows * cols.stop)
-        self.logits = _LogitsChunk(weight, bias, rows, options, buffers[0][span])
-        self.cap = None if buffers[1] is None else buffers[1][span].view(rows, self.count)
+        views = {name: b[span].view(rows, self.count) for name, b in buffers.items()}
+        self.logits = _LogitsChunk(weight, bias, rows, options, views["logits"])
+        self.cap, self.probs, self.product = views.get("cap"), views.get("probs"), views.get("product")
         self.dw32 = None if grads.dw32 is None else grads.dw32[cols]
         self.db32 = None if grads.db32 is None else grads.db32[cols]
         self.need_dh = grads.need_dh
         self.held = None
 
     def partials(self, h: Tensor, tgt: Tensor):
-        """(m, s_excl, z_t) of the rows ``h`` over these columns; keeps exp(z - m) for ``products``."""
+        """(m, s_excl, z_t[, s_all, t]) of the rows ``h`` over these columns (RowPartials' fields);
+        keeps exp(z - m) (and z - m) for ``products``."""
         z = self.logits(h)
         cap_grad = None
         if self.cap is not None:   # 1 - (z / c)^2, into its buffer
@@ -291,17 +294,30 @@ class _ColumnShare:
         local = local.clamp(0, self.count - 1)
         m = z.amax(dim=1)
         z_t = torch.where(own, z.gather(1, local), 0.0).squeeze(1)
-        e = z.sub_(m[:, None]).exp_()                       # exp(z - m), in place
-        e.scatter_(1, local, torch.where(own, 0.0, e.gather(1, local)))
-        self.held = (h, e, local, own, m, cap_grad)
-        return m, e.sum(dim=1), z_t
+        zm = z.sub_(m[:, None])                             # z - m, in place
+        e = zm.exp_() if self.probs is None else torch.exp(zm, out=self.probs[: z.shape[0]])
+        entropy_parts = ()
+        if self.probs is not None:   # sum exp(z - m) and sum exp(z - m) (z - m), the product in its buffer
+            entropy_parts = (e.sum(dim=1), torch.mul(e, zm, out=self.product[: z.shape[0]]).sum(dim=1))
+        e_t = e.gather(1, local)
+        e.scatter_(1, local, torch.where(own, 0.0, e_t))
+        self.held = (h, e, zm, local, own, m, e_t, cap_grad)
+        return (m, e.sum(dim=1), z_t, *entropy_parts)
 
-    def products(self, m: Tensor, log_s: Tensor, g: Tensor, target_value: Tensor) -> Tensor | None:
-        """dz = g (onehot - softmax) on these columns into dW, db; returns the rows' dH share."""
-        h, e, local, own, m_share, cap_grad = self.held
+    def products(self, row: RowStats, g: Tensor, g_h: Tensor | None, target_value: Tensor) -> Tensor | None:
+        """dz = dL/dz on these columns (as ``TorchEngine.loss_and_grads`` forms it) into dW, db;
+        returns the rows' dH share."""
+        h, e, zm, local, own, m_share, e_t, cap_grad = self.held
         self.held = None
-        scale = torch.exp(m_share - m - log_s)              # exp(z - m_share) * scale = softmax
-        dz = e.mul_((-g * scale)[:, None])
+        shift = row.m - m_share + row.log_s                 # z - m_share - shift = log softmax
+        scale = torch.exp(-shift)                           # exp(z - m_share) * scale = softmax
+        if g_h is None:
+            dz = e.mul_((-g * scale)[:, None])
+        else:
+            p = e.scatter_(1, local, torch.where(own, e_t, e.gather(1, local))).mul_(scale[:, None])
+            lp_h = zm.sub_(shift[:, None]).add_(row.entropy[:, None])      # log p + H, in place
+            target_value = target_value - g_h[:, None] * p.gather(1, local) * lp_h.gather(1, local)
+            dz = lp_h.mul_(g_h[:, None]).add_(g[:, None]).mul_(p).neg_()
         dz.scatter_(1, local, torch.where(own, target_value, dz.gather(1, local)))
         return _add_products(dz, h, cap_grad, self.logits, self.dw32, self.db32, self.need_dh)
 
@@ -315,8 +331,8 @@ def _share_step(share: _ColumnShare, previous, h: Tensor | None, tgt: Tensor | N
 
 def _shared_loss_and_grads(request: ForwardRequest, options: KernelOptions, head, grads: _Gradients,
                            cols: list[slice]):
-    """``TorchEngine.loss_and_grads`` with the vocabulary split between threads (no entropy):
-    per chunk, each thread forms its columns' partial statistics, this thread merges them
+    """``TorchEngine.loss_and_grads`` with the vocabulary split between threads: per chunk,
+    each thread forms its columns' partial statistics, this thread merges them
     (``merge_partials``, as the vocabulary-parallel op does) and differentiates the head, and
     each thread then forms its columns' products. Returns (loss, RowStats)."""
     hidden, weight, _, targets, valid = request
@@ -325,12 +341,11 @@ def _shared_loss_and_grads(request: ForwardRequest, options: KernelOptions, head
     stats = RowStats(*buffer)
     loss = torch.zeros((), device=hidden.device, dtype=acc)
     c, chunks = _chunks(valid, weight.shape[0])
-    # one C x V allocation cut between the shares, as one thread's buffer: separate smaller ones
-    # would come from glibc's heap and arenas rather than mmap, and the resident size would creep
-    buffers = [torch.empty(c * weight.shape[0], device=hidden.device, dtype=acc)
-               for _ in range(1 if options.softcap is None else 2)]
-    shares = [_ColumnShare(s, request, c, options, grads, (buffers[0], buffers[-1] if len(buffers) > 1 else None))
-              for s in cols]
+    # each buffer one C x V allocation cut between the shares, as one thread's: separate smaller
+    # ones would come from glibc's heap and arenas rather than mmap, and the resident size creeps
+    names = ["logits"] + ["cap"] * (options.softcap is not None) + ["probs", "product"] * options.with_entropy
+    buffers = {name: torch.empty(c * weight.shape[0], device=hidden.device, dtype=acc) for name in names}
+    shares = [_ColumnShare(s, request, c, options, grads, buffers) for s in cols]
     previous = None
     with intra_op_threads(1):
         threads = helper_threads(len(shares) - 1)
@@ -343,19 +358,18 @@ def _shared_loss_and_grads(request: ForwardRequest, options: KernelOptions, head
                 grads.add_rows(previous[0], functools.reduce(torch.add, [rows for rows, _ in done]))
             if idx is None:
                 break
-            part = RowPartials(*(torch.stack(x) for x in zip(*(p for _, p in done))))
-            row = _row_stats(merge_partials(part))
-            g, _, chunk_loss = _head_grads(head[0], head[1], row, idx, False)
+            row = _row_stats(merge_partials(RowPartials(*(torch.stack(x) for x in zip(*(p for _, p in done))))))
+            g, g_h, chunk_loss = _head_grads(head[0], head[1], row, idx, options.with_entropy)
             loss += chunk_loss
-            previous = (idx, row.m, row.log_s, g, (g * row.q)[:, None])
+            previous = (idx, row, g, g_h, (g * row.q)[:, None])
             for into, x in zip(stats, row):
                 into.index_copy_(0, idx, x.to(acc))
     return loss, stats._replace(target_is_max=stats.target_is_max.bool())
 
 
 def _row_stats(merged: RowPartials) -> RowStats:
-    logp, log_s, q, _, is_max = finish_logprob(merged)
-    return RowStats(logp, merged.m, log_s, q, torch.zeros_like(logp), is_max)
+    logp, log_s, q, entropy, is_max = finish_logprob(merged)
+    return RowStats(logp, merged.m, log_s, q, torch.zeros_like(logp) if entropy is None else entropy, is_max)
 
 
 def _softmax_rows(z: Tensor, tgt: Tensor, probs: Tensor | None, with_entropy: bool):

@@ -345,12 +345,13 @@ def _loss_and_grads(case, threads, **options):
     try:
         h, w = case.hidden.clone().requires_grad_(), case.weight.clone().requires_grad_()
         b = case.bias.clone().requires_grad_()
-        loss = gft_kernels.gft_loss(h, w, case.targets, case.adv, 0.7, bias=b, backend="torch", **options)
+        loss, stats = gft_kernels.gft_loss(h, w, case.targets, case.adv, 0.7, bias=b, backend="torch",
+                                           return_stats=True, **options)
         loss.backward()
         assert torch.get_num_threads() == threads   # the engine's own thread count is undone
     finally:
         torch.set_num_threads(before)
-    return loss.detach(), h.grad, w.grad, b.grad
+    return loss.detach(), h.grad, w.grad, b.grad, stats.logp, stats.entropy
 
 
 @pytest.mark.skipif(torch.device(DEVICE).type != "cpu", reason="the vocabulary split between threads is the CPU engine's")
@@ -358,14 +359,15 @@ def _loss_and_grads(case, threads, **options):
 def test_the_vocabulary_split_between_cpu_threads_gives_the_one_thread_result(monkeypatch, threads):
     """With several intra-op threads the one-pass path splits the vocabulary between them
     (cpu_threads.py): each thread's partial statistics merged exactly, its own rows of dW and db,
-    the dH shares summed in a fixed order. Equal to one thread's result up to rounding, and
-    deterministic."""
+    the dH shares summed in a fixed order. Equal to one thread's result (loss, gradients, per-token
+    log-probs and entropies; with an entropy term too) up to rounding, and deterministic."""
     monkeypatch.setattr(torch_backend, "MIN_SHARE_COLUMNS", 64)
     taken = []
     shared = torch_backend._shared_loss_and_grads
     monkeypatch.setattr(torch_backend, "_shared_loss_and_grads", lambda *a: taken.append(len(a[-1])) or shared(*a))
     case = make_case((3, 40), vocab=300, hidden_dim=24, bias=True, ignore_frac=0.2, zero_adv_frac=0.2, seed=5)
-    for options in (dict(), dict(softcap=4.0, temperature=0.7, reduction="seq-mean-token-sum")):
+    for options in (dict(), dict(softcap=4.0, temperature=0.7, reduction="seq-mean-token-sum"),
+                    dict(entropy_coef=0.3, softcap=6.0)):
         one = _loss_and_grads(case, 1, **options)
         assert not taken
         split = _loss_and_grads(case, threads, **options)
