@@ -40,3 +40,16 @@ def test_gpu_check_runs_dry(tmp_path):
     assert list(out.glob("*.csv")) and list(out.glob("*.png"))
     tune = list(out.glob("tune_*.csv"))
     assert tune and "forward" in tune[0].read_text() and "backward" in tune[0].read_text()
+
+
+def test_cpu_ratio_times_both_providers_in_each_round(tmp_path):
+    from benchmarks.cpu_ratio import main as ratio_main
+
+    path = ratio_main(["--threads", "1", "--rounds", "2", "--shapes", "cpu-small-N1024", "--out", str(tmp_path)])
+    rows = _rows(path)
+    assert [int(r["round"]) for r in rows] == [0, 1]
+    assert [r["first"] for r in rows] == ["naive_eager", "gft_torch"]   # alternating order
+    for r in rows:
+        assert r["threads"] == "1" and r["cpu"] and int(r["nproc"]) >= 1 and r["date"]
+        naive, gft = float(r["naive_eager_ms"]), float(r["gft_torch_ms"])
+        assert naive > 0 and gft > 0 and abs(float(r["ratio"]) - gft / naive) < 1e-3
