@@ -7,9 +7,10 @@ allocating a fresh chunk per step lets the resident size creep up; see the READM
 numbers). Only valid rows (forward) and rows with ``g != 0`` (backward) are computed; on CUDA,
 where selecting them would cost a host sync, every row is processed instead.
 
-On a CPU with several intra-op threads the one-pass path (a scalar loss under autograd) splits the vocabulary between the threads instead of splitting every op
-(``cpu_threads.py``: one synchronisation per chunk instead of a barrier per op); the buffers
-are the same ``C x V`` floats in all, and the result is the one-thread result up to rounding.
+On a CPU with several intra-op threads the one-pass path (a scalar loss under autograd)
+splits the vocabulary between the threads instead of splitting every op (``cpu_threads.py``:
+one synchronisation per chunk instead of a barrier per op); the buffers are the same
+``C x V`` floats in all, and the result is the one-thread result up to rounding.
 
 Precision: the logits product is done in the input dtype (as naive PyTorch does), the
 softmax in fp32 (float64 for float64 inputs); dlm_head is accumulated over chunks in that

@@ -354,7 +354,7 @@ def _loss_and_grads(case, threads, **options):
     return loss.detach(), h.grad, w.grad, b.grad, stats.logp, stats.entropy
 
 
-@pytest.mark.skipif(torch.device(DEVICE).type != "cpu", reason="the vocabulary split between threads is the CPU engine's")
+@pytest.mark.skipif(torch.device(DEVICE).type != "cpu", reason="the CPU engine's split between threads")
 @pytest.mark.parametrize("threads", [2, 3])
 def test_the_vocabulary_split_between_cpu_threads_gives_the_one_thread_result(monkeypatch, threads):
     """With several intra-op threads the one-pass path splits the vocabulary between them
@@ -380,7 +380,7 @@ def test_the_vocabulary_split_between_cpu_threads_gives_the_one_thread_result(mo
         taken.clear()
 
 
-@pytest.mark.skipif(torch.device(DEVICE).type != "cpu", reason="the vocabulary split between threads is the CPU engine's")
+@pytest.mark.skipif(torch.device(DEVICE).type != "cpu", reason="the CPU engine's split between threads")
 def test_an_error_in_a_helper_thread_reaches_the_caller_and_restores_the_thread_count(monkeypatch):
     monkeypatch.setattr(torch_backend, "MIN_SHARE_COLUMNS", 64)
     partials = torch_backend._ColumnShare.partials

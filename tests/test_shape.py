@@ -74,11 +74,13 @@ def _builds_options(node) -> bool:
 
 def _is_facade(node, limits: Limits) -> bool:
     args = node.args
-    positional = len(args.posonlyargs) + len(args.args) - (1 if args.args and args.args[0].arg in ("self", "cls") else 0)
+    bound = 1 if args.args and args.args[0].arg in ("self", "cls") else 0
+    positional = len(args.posonlyargs) + len(args.args) - bound
     body = node.body[1:] if _docstring_lines(node) else node.body
     body_lines = (body[-1].end_lineno - body[0].lineno + 1) if body else 0
     no_loop = not any(isinstance(n, (ast.For, ast.While, ast.AsyncFor)) for b in body for n in ast.walk(b))
-    return positional <= limits.public_params and body_lines <= limits.facade_lines and no_loop and _builds_options(node)
+    short = body_lines <= limits.facade_lines and no_loop
+    return positional <= limits.public_params and short and _builds_options(node)
 
 
 def functions(source: str, path: str = "<source>", limits: Limits = Limits()) -> list[Function]:
