@@ -25,6 +25,9 @@ from typing import Callable
 import torch
 
 _POOLS: dict[int, HelperThreads] = {}
+# Decided once, at import: with OpenMP, torch.set_num_threads sets the calling thread's count
+# (and the default new threads start with); torch's native thread pool refuses a second call.
+SUPPORTED = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 @contextlib.contextmanager

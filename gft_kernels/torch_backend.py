@@ -23,6 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
+from . import cpu_threads
 from .cpu_threads import helper_threads, intra_op_threads
 from .engine import BackwardRequest, ForwardRequest, Grads, KernelOptions, Needs, RowPartials, RowStats, \
     finish_logprob, merge_partials, register_engine
@@ -254,10 +255,10 @@ class TorchEngine:
 def _column_shares(hidden: Tensor, v: int, options: KernelOptions) -> list[slice] | None:
     """The vocabulary's columns split between the CPU's intra-op threads for the one-pass path
     (``cpu_threads.py`` says why), or None: one thread, a small vocabulary, a GPU, 16-bit inputs
-    (whose dH would be rounded once per share)."""
+    (whose dH would be rounded once per share), a torch without OpenMP threads."""
     threads = torch.get_num_threads()
     if (hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64) or options.outside
-            or threads < 2):
+            or threads < 2 or not cpu_threads.SUPPORTED):
         return None
     count = min(threads, v // MIN_SHARE_COLUMNS)
     return [slice(k * v // count, (k + 1) * v // count) for k in range(count)] if count > 1 else None
