@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _measure_here(provider: str, n: int, v: int, h: int) -> dict:
+def _measure_here(provider: str, n: int, v: int, h: int, calls: int = 1) -> dict:
     torch.manual_seed(0)
     hidden = torch.randn(n, h).requires_grad_()
     weight = (torch.randn(v, h) * h**-0.5).requires_grad_()
@@ -46,13 +47,15 @@ def _measure_here(provider: str, n: int, v: int, h: int) -> dict:
     adv = torch.randn(n)
     base = _rss_bytes()
     start = time.perf_counter()
-    loss = gft_kernels.gft_loss(hidden, weight, targets, adv, tau=0.7, backend=provider)
-    loss.backward()
-    seconds = time.perf_counter() - start
+    for _ in range(calls):   # more than one: the resident size must not creep from call to call
+        hidden.grad = weight.grad = None
+        loss = gft_kernels.gft_loss(hidden, weight, targets, adv, tau=0.7, backend=provider)
+        loss.backward()
+    seconds = (time.perf_counter() - start) / calls
     grad_bytes = 4 * (n * h + v * h)
     extra = _rss_bytes() - base - grad_bytes
     logits_bytes = 4 * n * v
-    return dict(provider=provider, n=n, v=v, h=h, seconds=round(seconds, 3),
+    return dict(provider=provider, n=n, v=v, h=h, threads=torch.get_num_threads(), calls=calls, seconds=round(seconds, 3),
                 extra_mib=round(extra / 2**20, 1), logits_buffer_mib=round(logits_bytes / 2**20, 1),
                 extra_over_logits=round(extra / logits_bytes, 3))
 
@@ -190,12 +193,15 @@ def vocab_parallel_rows(model: str = "llama-3.1-8b", n: int = 8192, ranks=(2, 4)
     return [dict(model=model, **row) for row in rows]
 
 
-def measure(provider: str = "torch", n: int = 4096, v: int = 32000, h: int = 256) -> dict:
-    """Run one measurement in a fresh Python process; returns its row."""
+def measure(provider: str = "torch", n: int = 4096, v: int = 32000, h: int = 256, threads: int | None = None,
+            calls: int = 1) -> dict:
+    """Run one measurement in a fresh Python process (``threads``: its OMP_NUM_THREADS; None:
+    this one's environment); returns its row."""
+    env = dict(os.environ, **({} if threads is None else {"OMP_NUM_THREADS": str(threads)}))
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.cpu_memory", "--inner", "--provider", provider,
-         "--n", str(n), "--v", str(v), "--h", str(h)],
-        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+         "--n", str(n), "--v", str(v), "--h", str(h), "--calls", str(calls)],
+        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -206,6 +212,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--h", type=int, default=256)
+    ap.add_argument("--calls", type=int, default=1, help="calls in the measured process (the peak over all)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--launcher", action="store_true", help="the Triton launcher's planned peak at the GPU shapes")
     ap.add_argument("--vocab-parallel", action="store_true",
@@ -213,7 +220,6 @@ def main(argv=None) -> None:
                          "over 2 and 4 ranks")
     args = ap.parse_args(argv)
     if args.launcher or args.vocab_parallel:
-        import os
         os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the op's check (the kernels are no-ops)
     if args.vocab_parallel:
         for row in vocab_parallel_rows():
@@ -227,10 +233,10 @@ def main(argv=None) -> None:
                 print(json.dumps(dict(model=model, **launcher_peak(n, v, h))))
         return
     if args.inner:
-        print(json.dumps(_measure_here(args.provider, args.n, args.v, args.h)))
+        print(json.dumps(_measure_here(args.provider, args.n, args.v, args.h, args.calls)))
         return
     for provider in [args.provider] if args.provider else ["torch", "reference"]:
-        print(json.dumps(measure(provider, args.n, args.v, args.h)))
+        print(json.dumps(measure(provider, args.n, args.v, args.h, calls=args.calls)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """``causal_lm_gft_loss``: a transformers causal LM's GFT loss through the fused op."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 from ..api import gft_loss
@@ -29,13 +32,44 @@ def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *
     ``loss_options`` go to ``gft_loss`` (e.g. ``old_logp``, ``ref_logp``, ``beta``,
     ``entropy_coef``); extra keyword arguments go to the model's forward.
     """
+    options = HeadLossOptions(tau, normalizer, reduction, return_stats, backend, ignore_index, temperature,
+                              dict(loss_options or {}))
+    batch = CausalLMBatch(input_ids, attention_mask, labels, adv, shift_labels)
+    return _causal_lm_loss(model, batch, options, check, forward_kwargs)
+
+
+@dataclass(frozen=True)
+class HeadLossOptions:
+    """``causal_lm_gft_loss``'s options for ``gft_loss`` (the model adds its logits transform)."""
+
+    tau: float
+    normalizer: Any
+    reduction: str
+    return_stats: bool
+    backend: str
+    ignore_index: int
+    temperature: float
+    loss_options: dict = field(default_factory=dict)   # more ``gft_loss`` keywords
+
+
+@dataclass(frozen=True)
+class CausalLMBatch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    labels: torch.Tensor | None
+    adv: Any
+    shift_labels: torch.Tensor | None = None
+
+
+def _causal_lm_loss(model, batch: CausalLMBatch, options: HeadLossOptions, check: bool, forward_kwargs: dict):
     spec = check_model(model) if check else logits_transform(model)
     head = _head(model)
-    x = head_input(model, input_ids, attention_mask, **forward_kwargs)
-    if shift_labels is None:
-        x, targets = x[:, :-1], labels[:, 1:]
+    x = head_input(model, batch.input_ids, batch.attention_mask, **forward_kwargs)
+    if batch.shift_labels is None:
+        x, targets = x[:, :-1], batch.labels[:, 1:]
     else:
-        targets = shift_labels
+        targets = batch.shift_labels
+    temperature = options.temperature
 
     def loss_of(weight, bias, x):
         weight, bias, group = _whole(weight, bias, model)
@@ -47,10 +81,11 @@ def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *
             bias = None if bias is None else bias[: spec.vocab]
         if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(weight.dtype)        # as models that cast before the head (Mamba, xLSTM) do
-        return gft_loss(x, weight, targets, adv, tau, bias=bias, normalizer=normalizer, reduction=reduction,
-                        temperature=temperature / spec.scale,
-                        softcap=None if spec.softcap is None else spec.softcap / temperature, backend=backend,
-                        ignore_index=ignore_index, return_stats=return_stats, check_values=False,
-                        vocab_parallel_group=group, **(loss_options or {}))
+        return gft_loss(x, weight, targets, batch.adv, options.tau, bias=bias, normalizer=options.normalizer,
+                        reduction=options.reduction, temperature=temperature / spec.scale,
+                        softcap=None if spec.softcap is None else spec.softcap / temperature,
+                        backend=options.backend, ignore_index=options.ignore_index,
+                        return_stats=options.return_stats, check_values=False, vocab_parallel_group=group,
+                        **options.loss_options)
 
     return _call_head(head, loss_of, x)

@@ -6,7 +6,7 @@ import gft_kernels
 from gft_kernels import torch_backend
 from gft_kernels.engine import BackwardRequest, ForwardRequest, KernelOptions, Needs, forward
 from gft_kernels.triton_ops import launch
-from helpers import DEVICE, EPS, errors, make_case, run
+from helpers import DEVICE, EPS, Case, errors, make_case, run
 
 ENGINES = {"torch": torch_backend, "triton": launch}
 
@@ -338,3 +338,66 @@ def test_a_new_engine_needs_only_the_contract(reduction):
     torch.testing.assert_close(got.stats.entropy, truth.stats.entropy, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="contract-check"):
         gft_kernels.gft_loss(case.hidden, case.weight, case.targets, case.adv, backend="no-such-engine")
+
+
+def _loss_and_grads(case, threads, **options):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        h, w = case.hidden.clone().requires_grad_(), case.weight.clone().requires_grad_()
+        b = case.bias.clone().requires_grad_()
+        loss, stats = gft_kernels.gft_loss(h, w, case.targets, case.adv, 0.7, bias=b, backend="torch",
+                                           return_stats=True, **options)
+        loss.backward()
+        assert torch.get_num_threads() == threads   # the engine's own thread count is undone
+    finally:
+        torch.set_num_threads(before)
+    return loss.detach(), h.grad, w.grad, b.grad, stats.logp, stats.entropy
+
+
+@pytest.mark.skipif(torch.device(DEVICE).type != "cpu", reason="the CPU engine's split between threads")
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_vocabulary_split_between_cpu_threads_gives_the_one_thread_result(monkeypatch, threads):
+    """With several intra-op threads the one-pass path splits the vocabulary between them
+    (cpu_threads.py): each thread's partial statistics merged exactly, its own rows of dW and db,
+    the dH shares summed in a fixed order. Equal to one thread's result (loss, gradients, per-token
+    log-probs and entropies; with an entropy term too) up to rounding, and deterministic."""
+    monkeypatch.setattr(torch_backend, "MIN_SHARE_COLUMNS", 64)
+    taken = []
+    shared = torch_backend._shared_loss_and_grads
+    monkeypatch.setattr(torch_backend, "_shared_loss_and_grads", lambda *a: taken.append(len(a[-1])) or shared(*a))
+    case = make_case((3, 40), vocab=300, hidden_dim=24, bias=True, ignore_frac=0.2, zero_adv_frac=0.2, seed=5)
+    for options in (dict(), dict(softcap=4.0, temperature=0.7, reduction="seq-mean-token-sum"),
+                    dict(entropy_coef=0.3, softcap=6.0)):
+        one = _loss_and_grads(case, 1, **options)
+        assert not taken
+        split = _loss_and_grads(case, threads, **options)
+        assert taken == [threads]
+        for a, b in zip(split, one):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        fp32 = Case(*(x.float() for x in (case.hidden, case.weight, case.bias)), case.targets, case.adv.float())
+        again = _loss_and_grads(fp32, threads, **options)
+        assert all(torch.equal(a, b) for a, b in zip(again, _loss_and_grads(fp32, threads, **options)))
+        taken.clear()
+
+
+@pytest.mark.skipif(torch.device(DEVICE).type != "cpu", reason="the CPU engine's split between threads")
+def test_an_error_in_a_helper_thread_reaches_the_caller_and_restores_the_thread_count(monkeypatch):
+    monkeypatch.setattr(torch_backend, "MIN_SHARE_COLUMNS", 64)
+    partials = torch_backend._ColumnShare.partials
+
+    def failing(self, h, tgt):
+        if self.start > 0:   # a helper thread's share
+            raise RuntimeError("share failed")
+        return partials(self, h, tgt)
+    monkeypatch.setattr(torch_backend._ColumnShare, "partials", failing)
+    case = make_case((40,), vocab=300, hidden_dim=24, bias=True, seed=6)
+    h = case.hidden.clone().requires_grad_()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="share failed"):
+            gft_kernels.gft_loss(h, case.weight, case.targets, case.adv, backend="torch")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,17 @@ def test_torch_backend_peak_is_far_below_one_logits_buffer():
 
 
 @pytest.mark.slow
+def test_torch_backend_peak_with_the_vocabulary_split_between_threads_is_one_threads():
+    """At two threads the one-pass path splits the vocabulary between threads (cpu_threads.py):
+    the same C x V floats cut between them, and nothing of a call held by a helper thread after
+    it (held buffers added a C x V buffer to the peak). One call per process: from the second
+    call on, glibc may keep the freed gradient of the call before resident, with one thread or two."""
+    one = measure("torch", n=4096, v=32000, h=256, threads=1)
+    two = measure("torch", n=4096, v=32000, h=256, threads=2)
+    assert two["threads"] == 2 and two["extra_mib"] <= one["extra_mib"] + 8, (one, two)
+
+
+@pytest.mark.slow
 def test_the_probe_sees_materialized_logits():
     """The same probe on the materialized reference must see several N x V buffers, or it
     measures nothing."""

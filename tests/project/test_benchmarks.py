@@ -60,3 +60,16 @@ def test_packing_benchmark_measures_both_layouts_on_the_demo_groups():
     assert run["padded_tokens_per_s"] > 0 and run["packed_tokens_per_s"] > 0
     assert 0 < result["lengths"]["min"] <= result["lengths"]["median"] <= result["lengths"]["max"] <= 32
     assert 0 <= result["lengths"]["padding_frac"] < 1
+
+
+def test_cpu_ratio_times_both_providers_in_each_round(tmp_path):
+    from benchmarks.cpu_ratio import main as ratio_main
+
+    path = ratio_main(["--threads", "1", "--rounds", "2", "--shapes", "cpu-small-N1024", "--out", str(tmp_path)])
+    rows = _rows(path)
+    assert [int(r["round"]) for r in rows] == [0, 1]
+    assert [r["first"] for r in rows] == ["naive_eager", "gft_torch"]   # alternating order
+    for r in rows:
+        assert r["threads"] == "1" and r["cpu"] and int(r["nproc"]) >= 1 and r["date"]
+        naive, gft = float(r["naive_eager_ms"]), float(r["gft_torch_ms"])
+        assert naive > 0 and gft > 0 and abs(float(r["ratio"]) - gft / naive) < 1e-3
