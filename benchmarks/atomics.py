@@ -65,7 +65,7 @@ def measure(mb_scratch: int = 512, programs: int = 132 * 16, repeat: int = 16) -
     dst = torch.zeros(n_regions * BLOCK * BLOCK, device="cuda")
     rows = []
     for mode in MODES:
-        ms = do_bench(lambda: _add_tiles[(programs,)](src, dst, n_regions, REPEAT=repeat, MODE=mode, BLOCK=BLOCK,
+        ms = do_bench(lambda mode=mode: _add_tiles[(programs,)](src, dst, n_regions, REPEAT=repeat, MODE=mode, BLOCK=BLOCK,
                                                       num_warps=8), warmup=10, rep=50, return_mode="median")
         gbytes = programs * repeat * BLOCK * BLOCK * 4 / 1e9
         rows.append(dict(mode=mode, ms=round(ms, 4), gb_added_per_s=round(gbytes / (ms * 1e-3), 1)))

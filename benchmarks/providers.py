@@ -10,8 +10,8 @@ Where a provider cannot compute GFT exactly, it runs the nearest loss it has and
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -11,8 +11,8 @@ engine and ``triton_ops/`` for the fused kernels; docs/architecture.md draws the
 """
 from .api import GFTLoss, gft_loss
 from .head import GFTStats, dcr_coefficient
-from .options import IGNORE_INDEX, check_tau
 from .models import UnsupportedModelError, causal_lm_gft_loss, check_model, patch, unpatch
+from .options import IGNORE_INDEX, check_tau
 
 __all__ = ["gft_loss", "GFTLoss", "GFTStats", "dcr_coefficient", "IGNORE_INDEX", "check_tau", "causal_lm_gft_loss", "patch", "unpatch",
            "check_model", "UnsupportedModelError"]

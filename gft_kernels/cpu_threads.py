@@ -20,7 +20,7 @@ import contextlib
 import os
 import queue
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

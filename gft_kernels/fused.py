@@ -14,13 +14,13 @@ loss (its head is a Python callable); under ``torch.compile`` the latter takes t
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .engine import BackwardRequest, ForwardRequest, KernelOptions, Needs, RowStats, get_engine, rows_from_partials
+
 
 def _spec(engine: str, options: KernelOptions) -> str:
     """The engine and its options as an op's text argument (a schema carries no Python objects);
@@ -44,7 +44,7 @@ def _acc_dtype(dtype):
 
 
 @torch.library.custom_op("gft_kernels::row_stats", mutates_args=())
-def _row_stats(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, valid: Tensor,
+def _row_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, valid: Tensor,
                spec: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     engine, options = _unspec(spec)
     # the products in the inputs' dtype, whatever autocast region the op is called from
@@ -60,8 +60,8 @@ def _(hidden, weight, bias, targets, valid, spec):
 
 
 @torch.library.custom_op("gft_kernels::row_grads", mutates_args=())
-def _row_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, rows: list[Tensor],
-               g: Tensor, g_entropy: Optional[Tensor], need: list[bool], spec: str) -> tuple[Tensor, Tensor, Tensor]:
+def _row_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, rows: list[Tensor],
+               g: Tensor, g_entropy: Tensor | None, need: list[bool], spec: str) -> tuple[Tensor, Tensor, Tensor]:
     engine, options = _unspec(spec)
     m, log_s, q, entropy = rows
     stats = RowStats(m, m, log_s, q, entropy, m)   # logp and target_is_max are not read

@@ -25,8 +25,18 @@ from torch import Tensor
 
 from . import cpu_threads
 from .cpu_threads import helper_threads, intra_op_threads
-from .engine import BackwardRequest, ForwardRequest, Grads, KernelOptions, Needs, RowPartials, RowStats, \
-    finish_logprob, merge_partials, register_engine
+from .engine import (
+    BackwardRequest,
+    ForwardRequest,
+    Grads,
+    KernelOptions,
+    Needs,
+    RowPartials,
+    RowStats,
+    finish_logprob,
+    merge_partials,
+    register_engine,
+)
 
 # Bytes of one fp32 [C x V] chunk buffer; C = max(1, CHUNK_BYTES // (4 V)).
 CHUNK_BYTES = 32 * 1024 * 1024

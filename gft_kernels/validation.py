@@ -141,7 +141,7 @@ def check_input_values(targets: Tensor, adv: Tensor, normalizer, vocab: int, ign
 _auto_warned: set = set()
 
 
-def check_backend(backend: str, hidden: Tensor, options: KernelOptions = KernelOptions()) -> str:
+def check_backend(backend: str, hidden: Tensor, options: KernelOptions = KernelOptions()) -> str:  # noqa: B008 (frozen)
     """The engine that runs: ``"auto"`` takes Triton on the CUDA devices it is checked for, else
     the chunked torch engine (once warning why); a named engine must support the inputs."""
     if backend == "auto":

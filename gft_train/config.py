@@ -200,7 +200,7 @@ class Evaluation:
 class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData):
     """Every field of a run (the groups above, flat)."""
 
-    def resolved(self) -> "Config":
+    def resolved(self) -> Config:
         """A copy with the method's preset filled in and everything checked."""
         cfg = self._with_preset()
         if cfg.refresh_every is None:
@@ -211,7 +211,7 @@ class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData)
             raise ValueError("eval_every needs eval_file (the held-out rows to evaluate on)")
         return cfg
 
-    def _with_preset(self) -> "Config":
+    def _with_preset(self) -> Config:
         """A copy with the fields left at None filled by the method's preset (and --no-dcr, --no-gal)."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
@@ -273,7 +273,7 @@ RESUMABLE = frozenset({"max_steps", "num_epochs", "save_every", "save_total_limi
                        "eval_temperature", "eval_greedy", "eval_kl_samples", "report_to", "eval_split"})
 
 
-def changed_fields(saved: dict, cfg: "Config") -> dict:
+def changed_fields(saved: dict, cfg: Config) -> dict:
     """field -> (saved value, new value) for each training field a resume would change."""
     now = dataclasses.asdict(cfg)
     return {k: (saved.get(k), now[k]) for k in now

@@ -52,7 +52,7 @@ class Batch:
         return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.labels, self.adv)),
                      n_cut=self.n_cut)
 
-    def masked(self) -> "Batch":
+    def masked(self) -> Batch:
         """The same sequences with every label ignored and no advantage: a forward that adds
         nothing to the loss or the gradients."""
         return Batch(self.input_ids, self.attention_mask, torch.full_like(self.labels, IGNORE_INDEX), torch.zeros_like(self.adv))

@@ -5,7 +5,6 @@ the checkpoint are dropped first."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from .groups import SOURCES

@@ -44,11 +44,11 @@ class PackedBatch:
 
     attention_mask = None       # the model reads the sequence boundaries from position_ids
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         return PackedBatch(*(x.to(device) for x in (self.input_ids, self.position_ids, self.labels, self.adv,
                                                     self.seq_ids)), n_cut=self.n_cut)
 
-    def masked(self) -> "PackedBatch":
+    def masked(self) -> PackedBatch:
         """The same row with every target ignored and no advantage (adds nothing)."""
         return PackedBatch(self.input_ids, self.position_ids, torch.full_like(self.labels, IGNORE_INDEX),
                            torch.zeros_like(self.adv), self.seq_ids, n_cut=0)
@@ -119,7 +119,7 @@ def packed_gft_loss(model, batch_input_ids, labels, adv, tau, *, position_ids, s
 
 
 # ---- the probe --------------------------------------------------------------------------
-_VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_VERDICTS: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def attention_name(model) -> str:

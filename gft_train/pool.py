@@ -8,8 +8,8 @@ the step. Groups are built on the main process (``build``) and shared with the o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

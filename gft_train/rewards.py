@@ -20,7 +20,7 @@ import importlib
 import math
 import multiprocessing as mp
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 RewardFn = Callable[[list, list, list], list]
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from gft_kernels.head import aggregation_reduction
 
 from .distributed import max_over_processes
-from .lm import Batch, causal_lm_gft_loss, encode
+from .lm import causal_lm_gft_loss, encode
 from .packing import pack, packed_gft_loss
 
 

@@ -193,7 +193,7 @@ class Trainer:
         batches = step_batches(self.acc, self.tokenizer, groups, cfg.micro_batch_size, cfg.max_length, cfg.packed)
         if batches.cut and not self._warned_cut:
             self._warned_cut = True   # said once; completions/cut_frac counts them every step
-            warnings.warn(cut_warning(batches, self.step + 1, cfg.max_length))
+            warnings.warn(cut_warning(batches, self.step + 1, cfg.max_length), stacklevel=2)
         stats = optimizer_step(self.acc, self.policy, self.optimizer, self.scheduler, batches, cfg.optimization)
         return stats.metrics()
 

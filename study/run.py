@@ -46,10 +46,24 @@ from pathlib import Path
 from gft_train.config import Config
 from gft_train.demo.recipe import BASE_SHAPE, MAX_LENGTH, MAX_NEW_TOKENS, REWARD
 
-from .plan import (FULL, LR_LADDER, MIN_SFT_GAIN, QUICK, RL_SPECS, SEQS_PER_STEP, Budget, Spec, append_jsonl,
-                   choose_lrs, grid_extensions, long_name, main_specs, method_of, rate_for, read_jsonl, specs,
-                   sweep_specs)
 from . import report
+from .plan import (
+    FULL,
+    QUICK,
+    RL_SPECS,
+    SEQS_PER_STEP,
+    Budget,
+    Spec,
+    append_jsonl,
+    choose_lrs,
+    grid_extensions,
+    long_name,
+    main_specs,
+    rate_for,
+    read_jsonl,
+    specs,
+)
+
 
 def _threads_one():
     # several runs side by side on a small CPU: one thread each (more oversubscribes the cores)

@@ -92,7 +92,6 @@ def _error_scales(case: Case, tau, reduction, kwargs) -> dict:
     judged against the size of what was summed, not against its own tiny value.
     """
     import torch.nn.functional as F
-
     from truth import _per_token
 
     h = case.hidden.reshape(-1, case.hidden.shape[-1])

@@ -48,7 +48,7 @@ def check(model, backend):
             model(input_ids=ids, attention_mask=mask, **kw)
     except Exception as e:
         raise OwnForwardFails(f"its own forward fails on the tiny config: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}")
+                              f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from e
     try:
         loss = gft_kernels.causal_lm_gft_loss(model, ids, mask, labels, adv, TAU, backend=backend)
     except UnsupportedModelError as e:
@@ -69,5 +69,5 @@ def check(model, backend):
         g = torch.zeros_like(p) if g is None else g
         r = torch.zeros_like(p) if r is None else r
         scale = max(float(r.abs().max()) if r.numel() else 0.0, 1e-3 * overall, 1e-30)
-        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6 * scale, msg=lambda m, name=name: f"grad of {name}: {m}")
     return "exact"

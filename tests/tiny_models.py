@@ -94,7 +94,7 @@ def _shrink(cfg, depth=0):
             setattr(cfg, name, VOCAB - 1 - _TOKEN_FIELDS.index(name))
         elif isinstance(value, list):
             setattr(cfg, name, [v if v < VOCAB else VOCAB - 1 for v in value])
-    for name, value in list(cfg.__dict__.items()):
+    for value in list(cfg.__dict__.values()):
         if hasattr(value, "to_dict") and hasattr(value, "model_type"):
             _shrink(value, depth + 1)
 
@@ -124,11 +124,11 @@ def tiny_model(model_type: str, *, tie: bool | None = None, dtype=torch.float64)
         try:
             cls = getattr(transformers, cls_name)
         except Exception as e:   # a missing optional package
-            raise Skip(f"{cls_name} cannot be imported: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}")
+            raise Skip(f"{cls_name} cannot be imported: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}") from e
         try:
             cfg = CONFIG_MAPPING[model_type]()
         except Exception as e:
-            raise Skip(f"no default config: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}")
+            raise Skip(f"no default config: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}") from e
         _shrink(cfg)
         if getattr(cfg, "is_encoder_decoder", False) and hasattr(cfg, "is_decoder"):
             cfg.is_decoder = True
@@ -164,7 +164,7 @@ def tiny_model(model_type: str, *, tie: bool | None = None, dtype=torch.float64)
                     raise
                 model = cls(_text(cfg))    # a text-only class mapped from a multimodal model type
         except Exception as e:
-            raise Skip(f"cannot be built tiny from its config: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}")
+            raise Skip(f"cannot be built tiny from its config: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}") from e
     n = sum(p.numel() for p in model.parameters())
     if n > MAX_PARAMS:
         raise Skip(f"still {n / 1e6:.1f}M parameters after shrinking its config")

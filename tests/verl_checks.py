@@ -205,10 +205,10 @@ def test_vocabulary_split_across_ranks_is_refused():
 def test_verls_fused_kernel_forward_runs_our_op():
     """verl's own fused-kernel model forward (``impl_backend="triton"``) with the op installed:
     per-token log-probs and entropies as verl's non-fused path computes them from the logits."""
+    import verl.utils.kernel.linear_cross_entropy as lce
     from transformers import AutoModelForCausalLM, Qwen2Config
     from verl.models.transformers.monkey_patch import patch_forward_with_backends
     from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
-    import verl.utils.kernel.linear_cross_entropy as lce
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

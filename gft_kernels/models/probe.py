@@ -9,8 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .transforms import (LogitsTransform, UnsupportedModelError, _arch, _field, _head, _linear, _number, _whole,
-                         logits_transform)
+from .transforms import (
+    LogitsTransform,
+    UnsupportedModelError,
+    _arch,
+    _field,
+    _head,
+    _linear,
+    _number,
+    _whole,
+    logits_transform,
+)
 
 
 class _Stop(Exception):
@@ -67,7 +76,7 @@ def head_input(model, input_ids, attention_mask=None, **kwargs) -> Tensor:
     return x
 
 
-_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_VERDICTS: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
 PROBE_AMPLITUDE = 200.0   # largest |logit| of the amplified probe
 
 

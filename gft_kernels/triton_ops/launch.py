@@ -35,6 +35,7 @@ from ..engine import BackwardRequest, ForwardRequest, Grads, KernelOptions, RowP
 from .backward import gft_backward_kernel, gft_dlogits_kernel
 from .forward import gft_forward_kernel
 
+
 @dataclass(frozen=True)
 class Config:
     block_m: int

@@ -7,9 +7,9 @@ interpreter here (its bf16 path upcasts to fp32 there; the real bf16 tl.dot is p
 """
 import pytest
 import torch
-from hypothesis import given, strategies as st
-
 from helpers import EPS, errors, make_case, run, safe_tau
+from hypothesis import given
+from hypothesis import strategies as st
 
 FP32_TOL = 1e-5
 

@@ -1,12 +1,12 @@
 """Mechanics of the bounded-memory engines: backward plans, scratch bounds, skipped rows."""
 import pytest
 import torch
+from helpers import DEVICE, EPS, Case, errors, make_case, run
 
 import gft_kernels
 from gft_kernels import torch_backend
 from gft_kernels.engine import BackwardRequest, ForwardRequest, KernelOptions, Needs, forward
 from gft_kernels.triton_ops import launch
-from helpers import DEVICE, EPS, Case, errors, make_case, run
 
 ENGINES = {"torch": torch_backend, "triton": launch}
 

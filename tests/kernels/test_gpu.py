@@ -5,10 +5,10 @@ Run by ``benchmarks/gpu_check.sh``.
 """
 import pytest
 import torch
+from helpers import EPS, rel_err
 
 import gft_kernels
 from gft_kernels.triton_ops import launch
-from helpers import EPS, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICE, Case, errors, make_case, rel_err, run
 
 import gft_kernels
-from helpers import DEVICE, Case, errors, make_case, rel_err, run
 
 BACKENDS = ["reference", "torch", "triton"]
 FUSED = ["torch", "triton"]

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-
-import gft_kernels
 from helpers import DEVICE
 from truth import truth_loss
+
+import gft_kernels
 
 # (backend, dtype, relative tolerance of the loss and gradients against the float64 truth)
 ENGINES = [("reference", torch.float64, 1e-9), ("torch", torch.float64, 1e-9), ("torch", torch.float32, 3e-5),

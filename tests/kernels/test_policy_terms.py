@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICE
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from truth import truth_loss
 
 import gft_kernels
-from helpers import DEVICE
-from truth import truth_loss
 
 REDUCTIONS = ["mean", "sum", "none", "seq-mean-token-mean", "seq-mean-token-sum"]
 # (backend, dtype, relative tolerance)

@@ -11,9 +11,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE, make_case, rel_err
 
 import gft_kernels
-from helpers import DEVICE, make_case, rel_err
 
 BACKENDS = ["reference", "torch", "triton"]
 TOL = 1e-5

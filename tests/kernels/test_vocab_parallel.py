@@ -87,7 +87,7 @@ def _gft_loss():
 
 def _rel(a, b):
     scale = b.abs().max().clamp_min(1e-30)
-    return float(((a.double() - b.double()).abs().max() / scale))
+    return float((a.double() - b.double()).abs().max() / scale)
 
 
 def _worker(rank, world, init_file, out_dir):

@@ -8,12 +8,12 @@ import inspect
 
 import pytest
 import torch
+from model_check import OwnForwardFails, batch, check
+from tiny_models import Skip, causal_lm_types, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import gft_kernels
 from gft_kernels.models import UnsupportedModelError, logits_transform
-from model_check import OwnForwardFails, batch, check
-from tiny_models import Skip, causal_lm_types, tiny_model
 
 
 @pytest.mark.slow

@@ -49,7 +49,6 @@ def test_gpu_check_runs_dry(tmp_path):
 def test_packing_benchmark_measures_both_layouts_on_the_demo_groups():
     from benchmarks.packing import demo_groups
     from benchmarks.packing import main as packing_main
-
     from gft_train.demo import sums
 
     seqs = demo_groups(2)   # 8 responses a prompt, the demo's mix; the first is the expert's demonstration

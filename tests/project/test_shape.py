@@ -84,7 +84,7 @@ def _is_facade(node, limits: Limits) -> bool:
     return positional <= limits.public_params and short and _builds_options(node)
 
 
-def functions(source: str, path: str = "<source>", limits: Limits = Limits()) -> list[Function]:
+def functions(source: str, path: str = "<source>", limits: Limits = Limits()) -> list[Function]:  # noqa: B008 (frozen)
     """Every function and method of a module's source, measured."""
     found = []
 

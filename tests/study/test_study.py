@@ -86,7 +86,7 @@ def test_without_gal_is_the_papers_ablation():
     """GFT w/o GAL trains on the expert demonstrations with DCR (A = 1), at the study's equal
     sequences per step: no teacher or self-samples with A = 1."""
     from gft_train.config import Config
-    from study.run import SEQS_PER_STEP, specs
+    from study.plan import SEQS_PER_STEP, specs
 
     spec = next(s for s in specs(False) if s.name == "GFT w/o GAL")
     cfg = Config(**spec.overrides).resolved()
@@ -98,7 +98,7 @@ def test_without_gal_is_the_papers_ablation():
 
 def test_every_configuration_trains_on_equal_sequences_per_step():
     from gft_train.config import Config
-    from study.run import SEQS_PER_STEP, specs
+    from study.plan import SEQS_PER_STEP, specs
 
     for spec in specs(False):
         cfg = Config(**spec.overrides).resolved()
@@ -106,7 +106,7 @@ def test_every_configuration_trains_on_equal_sequences_per_step():
 
 
 def test_learning_rate_choice_is_per_method_on_validation():
-    from study.run import choose_lrs
+    from study.plan import choose_lrs
 
     grid = [dict(name="SFT", lr=1e-4, val=0.2), dict(name="SFT", lr=1e-3, val=0.5), dict(name="SFT", lr=3e-3, val=0.5),
             dict(name="GRPO", lr=1e-4, val=0.4), dict(name="GRPO", lr=1e-3, val=0.1)]
@@ -130,7 +130,7 @@ def test_sum_task_has_several_correct_paths_and_disjoint_splits():
 
 
 def test_grid_goes_one_rung_beyond_a_best_rate_at_its_edge():
-    from study.run import LR_LADDER, grid_extensions
+    from study.plan import LR_LADDER, grid_extensions
 
     grid = [dict(name="GFT", lr=x, val=v) for x, v in ((1e-4, 0.8), (3e-4, 0.7), (1e-3, 0.3))]
     grid += [dict(name="DFT", lr=x, val=v) for x, v in ((1e-4, 0.2), (3e-4, 0.3), (1e-3, 0.5))]

@@ -4,6 +4,7 @@ every gradient as the padded batch, on every attention implementation on this CP
 architecture that keeps packed sequences apart; the others refused up front in one line."""
 import pytest
 import torch
+from tiny_models import Skip, causal_lm_types, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gft_kernels.options import IGNORE_INDEX
@@ -11,7 +12,6 @@ from gft_train.config import LOSS_AGGREGATIONS
 from gft_train.lm import Batch
 from gft_train.packing import PackedBatch, check_packing, pack, packed_weights
 from gft_train.trainer import GFTPolicy, aggregation
-from tiny_models import Skip, causal_lm_types, tiny_model
 
 
 def _batch(vocab, lengths=(5, 9, 7), prompt=(2, 3, 1), adv=(1.0, -0.5, 2.0), seed=1):
@@ -85,7 +85,7 @@ def _assert_same(model, batch, name, entropy_coef=0.0, backward=True):
     for k in grads:
         scale = grads[k].abs().max().item()   # entries near 0 carry the float32 rounding of the larger ones
         torch.testing.assert_close(p_grads[k], grads[k], rtol=10 * rtol, atol=max(atol, 10 * rtol * scale),
-                                   msg=lambda m: f"{k}: {m}")
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 def _llama(attn):
@@ -230,7 +230,7 @@ def test_a_packed_run_trains_as_the_padded_one(run_set_up, tmp_path, name):
     assert [r["tokens"] for r in packed] == [r["tokens"] for r in padded]
     for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy"):
         torch.testing.assert_close(torch.tensor([r[key] for r in packed]), torch.tensor([r[key] for r in padded]),
-                                   rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+                                   rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
     assert any(r["groups/zero_variance_frac"] < 1 for r in padded)   # advantages differ within the groups
     for k in w_padded:   # (Adam's step of a gradient near 0 is its sign: float32 rounding shows there)
         torch.testing.assert_close(w_packed[k], w_padded[k], rtol=1e-3, atol=1e-4)

@@ -4,7 +4,7 @@ installed stops the run before anything is trained, in one line naming it."""
 import json
 
 import pytest
-from accelerate.tracking import GeneralTracker, LOGGER_TYPE_TO_CLASS, get_available_trackers, register_tracker_class
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, get_available_trackers, register_tracker_class
 
 from gft_train.cli import main as cli_main
 from gft_train.demo.model import build_model
@@ -89,7 +89,7 @@ def test_each_step_reaches_the_trackers_once_also_after_a_resume(s, tmp_path):
     logs = [e for e in LOGGED if e[0] == "log"]
     assert [step for _, step, _ in logs] == [1, 2, 3] and LOGGED[-1] == ("finish", None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for (_, step, values), row in zip(logs, rows):   # what metrics.jsonl says, its finite numbers
+    for (_, _step, values), row in zip(logs, rows):   # what metrics.jsonl says, its finite numbers
         assert values == {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
     assert not (out / "tensorboard").exists()   # only what report_to names
     LOGGED.clear()

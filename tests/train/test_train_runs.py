@@ -182,8 +182,7 @@ def test_runs_that_train_on_nothing_warn_with_counts_or_stop(s, tmp_path):
 def test_a_groups_file_from_another_tokenizer_is_refused_by_row_and_field(s, tmp_path):
     """Defect 7: ids of another vocabulary failed in the forward with `IndexError: index out of range`."""
     from gft_train.config import Config
-    from gft_train.data import load_rows
-    from gft_train.data import DataError
+    from gft_train.data import DataError, load_rows
     from gft_train.groups import build_groups, load_groups, save_groups
     from gft_train.rewards import load_reward
     from gft_train.rollout import TransformersEngine
