@@ -12,6 +12,7 @@ the real backend, a tile that does not fit, a loop the pipeliner gave up on.
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the jit functions).
 ``--sweep`` compiles the candidate tiles that ``benchmarks/tune.py`` times on the GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,20 @@ from gft_kernels.triton_ops.launch import BWD_CANDIDATES, DEFAULT_OPTIONS, FWD_C
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # H100/H200: the most shared memory one block may opt into
 MAX_SHARED = 227 * 1024
-_INT_ARGS = {"N", "V", "H", "stride_hn", "stride_wv", "stride_dz", "stride_db", "cols_per_split", "pos_begin", "n_pos", "col_begin", "n_cols"}
+_INT_ARGS = {
+    "N",
+    "V",
+    "H",
+    "stride_hn",
+    "stride_wv",
+    "stride_dz",
+    "stride_db",
+    "cols_per_split",
+    "pos_begin",
+    "n_pos",
+    "col_begin",
+    "n_cols",
+}
 _FLOAT_ARGS = {"inv_temp", "softcap"}
 # integers Triton specializes as multiples of 16 at a typical launch (unless do_not_specialize)
 _ALIGNED_ARGS = {"stride_hn", "stride_wv", "stride_dz", "H", "V", "N"}
@@ -42,10 +56,10 @@ _KERNELS = {"forward": gft_forward_kernel, "backward": gft_backward_kernel, "dlo
 
 @dataclass(frozen=True)
 class Variant:
-    kernel: str        # "forward" | "backward" (atomic design) | "dlogits" (split design)
-    dtype: str         # Triton's name of the input dtype: bf16 | fp16 | fp32
+    kernel: str  # "forward" | "backward" (atomic design) | "dlogits" (split design)
+    dtype: str  # Triton's name of the input dtype: bf16 | fp16 | fp32
     cfg: Config
-    flags: tuple       # constexpr feature flags, as (name, value) pairs
+    flags: tuple  # constexpr feature flags, as (name, value) pairs
 
     @property
     def name(self) -> str:
@@ -55,6 +69,11 @@ class Variant:
         return f"{self.kernel} {self.dtype} {tile} w{c.num_warps}s{c.num_stages} {'+'.join(on) or '-'}"
 
 
+def _flags(**constexprs) -> tuple:
+    """A kernel's compile-time flags, in the order given, as a Variant holds them."""
+    return tuple(constexprs.items())
+
+
 def default_variants() -> list[Variant]:
     """Every kernel specialization the launcher builds on CUDA with the default tiles."""
     out = []
@@ -62,40 +81,108 @@ def default_variants() -> list[Variant]:
         fwd_cfg, bwd_cfg = tiles(torch.device("cuda"), _TORCH_DTYPE[dt])
         plain_cfg, _ = tiles(torch.device("cuda"), _TORCH_DTYPE[dt], plain=True)
         for entropy in (False, True):
-            out.append(Variant("forward", dt, fwd_cfg if entropy else plain_cfg,
-                               (("WITH_ENTROPY", entropy), ("HAS_BIAS", False), ("HAS_SOFTCAP", False))))
-        out.append(Variant("forward", dt, fwd_cfg, (("WITH_ENTROPY", False), ("HAS_BIAS", True), ("HAS_SOFTCAP", True))))
+            out.append(
+                Variant(
+                    "forward",
+                    dt,
+                    fwd_cfg if entropy else plain_cfg,
+                    _flags(WITH_ENTROPY=entropy, HAS_BIAS=False, HAS_SOFTCAP=False),
+                )
+            )
+        out.append(Variant("forward", dt, fwd_cfg, _flags(WITH_ENTROPY=False, HAS_BIAS=True, HAS_SOFTCAP=True)))
         # backward plans: fused dH+dW, dW (+db) alone, dH alone by chunk, dH by row (fp32 direct)
         plans = [(True, True, dt == "fp32"), (False, True, False), (True, False, dt == "fp32")]
         for dh, dw, by_row in plans:
-            out.append(Variant("backward", dt, bwd_cfg, (("COMPUTE_DH", dh), ("COMPUTE_DW", dw), ("DH_BY_ROW", by_row),
-                                                          ("COMPUTE_DB", False), ("HAS_BIAS", False), ("HAS_SOFTCAP", False))))
-        out.append(Variant("backward", dt, bwd_cfg, (("COMPUTE_DH", True), ("COMPUTE_DW", True), ("DH_BY_ROW", False),
-                                                      ("COMPUTE_DB", True), ("HAS_BIAS", True), ("HAS_SOFTCAP", True))))
+            out.append(
+                Variant(
+                    "backward",
+                    dt,
+                    bwd_cfg,
+                    _flags(
+                        COMPUTE_DH=dh,
+                        COMPUTE_DW=dw,
+                        DH_BY_ROW=by_row,
+                        COMPUTE_DB=False,
+                        HAS_BIAS=False,
+                        HAS_SOFTCAP=False,
+                    ),
+                )
+            )
+        out.append(
+            Variant(
+                "backward",
+                dt,
+                bwd_cfg,
+                _flags(
+                    COMPUTE_DH=True, COMPUTE_DW=True, DH_BY_ROW=False, COMPUTE_DB=True, HAS_BIAS=True, HAS_SOFTCAP=True
+                ),
+            )
+        )
         # the split design's dz kernel runs on the forward's tile
         for extras in (False, True):
-            out.append(Variant("dlogits", dt, fwd_cfg if extras else plain_cfg, (("COMPUTE_DB", extras), ("HAS_BIAS", extras), ("HAS_SOFTCAP", extras))))
+            out.append(
+                Variant(
+                    "dlogits",
+                    dt,
+                    fwd_cfg if extras else plain_cfg,
+                    _flags(COMPUTE_DB=extras, HAS_BIAS=extras, HAS_SOFTCAP=extras),
+                )
+            )
         # an entropy bonus in the loss: its gradient through both designs
-        out.append(Variant("dlogits", dt, plain_cfg, (("COMPUTE_DB", False), ("HAS_BIAS", False), ("HAS_SOFTCAP", False),
-                                                      ("HAS_ENT_GRAD", True))))
-        out.append(Variant("backward", dt, bwd_cfg, (("COMPUTE_DH", True), ("COMPUTE_DW", True), ("DH_BY_ROW", dt == "fp32"),
-                                                      ("COMPUTE_DB", False), ("HAS_BIAS", False), ("HAS_SOFTCAP", False),
-                                                      ("HAS_ENT_GRAD", True))))
+        out.append(
+            Variant(
+                "dlogits", dt, plain_cfg, _flags(COMPUTE_DB=False, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_ENT_GRAD=True)
+            )
+        )
+        out.append(
+            Variant(
+                "backward",
+                dt,
+                bwd_cfg,
+                _flags(
+                    COMPUTE_DH=True,
+                    COMPUTE_DW=True,
+                    DH_BY_ROW=dt == "fp32",
+                    COMPUTE_DB=False,
+                    HAS_BIAS=False,
+                    HAS_SOFTCAP=False,
+                    HAS_ENT_GRAD=True,
+                ),
+            )
+        )
     return out
 
 
 def sweep_variants(dtype="bf16") -> list[Variant]:
-    fwd = [Variant("forward", dtype, c, (("WITH_ENTROPY", False), ("HAS_BIAS", False), ("HAS_SOFTCAP", False))) for c in FWD_CANDIDATES]
-    bwd = [Variant("backward", dtype, c, (("COMPUTE_DH", True), ("COMPUTE_DW", True), ("DH_BY_ROW", False),
-                                          ("COMPUTE_DB", False), ("HAS_BIAS", False), ("HAS_SOFTCAP", False))) for c in BWD_CANDIDATES]
+    fwd = [
+        Variant("forward", dtype, c, (("WITH_ENTROPY", False), ("HAS_BIAS", False), ("HAS_SOFTCAP", False)))
+        for c in FWD_CANDIDATES
+    ]
+    bwd = [
+        Variant(
+            "backward",
+            dtype,
+            c,
+            (
+                ("COMPUTE_DH", True),
+                ("COMPUTE_DW", True),
+                ("DH_BY_ROW", False),
+                ("COMPUTE_DB", False),
+                ("HAS_BIAS", False),
+                ("HAS_SOFTCAP", False),
+            ),
+        )
+        for c in BWD_CANDIDATES
+    ]
     return fwd + bwd
 
 
 def compile_variant(v: Variant, arch: int = 90, aligned: bool = True):
     fn = _KERNELS[v.kernel]
     c = v.cfg
-    constexprs = dict(v.flags, UPCAST=False, INPUT_PRECISION="ieee",
-                      BLOCK_M=c.block_m, BLOCK_V=c.block_v, BLOCK_K=c.block_k)
+    constexprs = dict(
+        v.flags, UPCAST=False, INPUT_PRECISION="ieee", BLOCK_M=c.block_m, BLOCK_V=c.block_v, BLOCK_K=c.block_k
+    )
     if v.kernel != "forward":
         constexprs.setdefault("HAS_ENT_GRAD", False)
     if v.kernel == "backward":
@@ -119,8 +206,11 @@ def compile_variant(v: Variant, arch: int = 90, aligned: bool = True):
     for i, name in enumerate(fn.arg_names):
         if sig[name].startswith("*") or (aligned and name in _ALIGNED_ARGS and name not in dont):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
+    return triton.compile(
+        ASTSource(fn, sig, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=c.num_warps, num_stages=c.num_stages),
+    )
 
 
 def resources(kernel) -> dict:
@@ -134,7 +224,9 @@ def resources(kernel) -> dict:
     use = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK):(\d+)", dump)}
     ptx = kernel.asm["ptx"]
     return dict(
-        regs=use.get("reg", -1), stack=use.get("stack", -1), shared=kernel.metadata.shared,
+        regs=use.get("reg", -1),
+        stack=use.get("stack", -1),
+        shared=kernel.metadata.shared,
         pipelined="cp.async" in ptx,  # TMA copies are cp.async.bulk: also matched
         tensor_cores="wgmma" in ptx or "mma.sync" in ptx,
     )
@@ -176,7 +268,9 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     ap.add_argument("--sweep", action="store_true", help="the tuning candidates instead of the defaults")
     ap.add_argument("--unaligned", action="store_true", help="sizes not multiples of 16 (e.g. hidden 1000)")
-    ap.add_argument("--check", action="store_true", help="exit 1 on a compile failure, spill, oversized or unpipelined tile")
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 on a compile failure, spill, oversized or unpipelined tile"
+    )
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU")
@@ -185,8 +279,10 @@ def main(argv=None):
     rows = report(variants, args.arch, not args.unaligned)
     for r in rows:
         if r["ok"]:
-            print(f"{r['variant']:<62} regs {r['regs']:>3}  stack {r['stack']:>4} B  shared {r['shared'] // 1024:>3} KiB"
-                  f"  {'pipelined' if r['pipelined'] else 'NOT pipelined'}")
+            print(
+                f"{r['variant']:<62} regs {r['regs']:>3}  stack {r['stack']:>4} B  shared {r['shared'] // 1024:>3} KiB"
+                f"  {'pipelined' if r['pipelined'] else 'NOT pipelined'}"
+            )
         else:
             print(f"{r['variant']:<62} FAILED {r['error']}")
     found = problems(rows, not args.unaligned)

@@ -11,6 +11,7 @@ provider's error against the float64 reference of the loss it computes. For the 
 providers, a sweep of the fraction of zero-advantage sequences (groups whose rewards are all
 equal). Rows go to ``DIR/<date>T<time>_<device>.csv``, a plot per shape next to it, and a table on stdout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,37 @@ import gft_kernels
 from .providers import BY_NAME, LOSS_SPECS, PROVIDERS
 from .shapes import CPU_FOCUS, CPU_SHAPES, GPU_FOCUS, MODELS, TOKENS, Shape
 
-SEQ_LEN = 512          # tokens per sequence: one response, one advantage
-PROMPT_FRAC = 0.1      # leading tokens of each sequence that are ignored (the prompt)
+SEQ_LEN = 512  # tokens per sequence: one response, one advantage
+PROMPT_FRAC = 0.1  # leading tokens of each sequence that are ignored (the prompt)
 FIELDS = [
-    "date", "device", "torch", "triton", "gft", "liger_kernel", "cut_cross_entropy",
-    "shape", "n", "h", "v", "dtype", "provider", "loss", "zero_adv_frac", "status",
-    "fwd_ms", "fwd_bwd_ms", "bwd_ms", "peak_mib", "lower_bound_mib", "peak_over_bound",
-    "floor_fwd_bwd_ms", "fwd_bwd_over_floor", "err_loss", "err_dhidden", "err_dweight", "note",
+    "date",
+    "device",
+    "torch",
+    "triton",
+    "gft",
+    "liger_kernel",
+    "cut_cross_entropy",
+    "shape",
+    "n",
+    "h",
+    "v",
+    "dtype",
+    "provider",
+    "loss",
+    "zero_adv_frac",
+    "status",
+    "fwd_ms",
+    "fwd_bwd_ms",
+    "bwd_ms",
+    "peak_mib",
+    "lower_bound_mib",
+    "peak_over_bound",
+    "floor_fwd_bwd_ms",
+    "fwd_bwd_over_floor",
+    "err_loss",
+    "err_dhidden",
+    "err_dweight",
+    "note",
 ]
 
 
@@ -49,10 +74,19 @@ def _version(pkg: str) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})"
+    )
     return dict(
-        date=dt.date.today().isoformat(), device=name, torch=torch.__version__, triton=_version("triton"),
-        gft=gft_kernels.__version__, liger_kernel=_version("liger-kernel"), cut_cross_entropy=_version("cut-cross-entropy"),
+        date=dt.date.today().isoformat(),
+        device=name,
+        torch=torch.__version__,
+        triton=_version("triton"),
+        gft=gft_kernels.__version__,
+        liger_kernel=_version("liger-kernel"),
+        cut_cross_entropy=_version("cut-cross-entropy"),
     )
 
 
@@ -105,7 +139,9 @@ def time_ms(fn, device, quick=False) -> float:
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median"))
+        return float(
+            triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
+        )
     fn()  # warm-up
     runs = []
     for _ in range(3 if quick else 5):
@@ -131,8 +167,17 @@ def _fmt(x):
 
 
 def measure(provider, shape, dtype, device, tflops, zero_adv_frac=0.0, quick=False) -> dict:
-    row = dict(shape=shape.name, n=shape.n, h=shape.h, v=shape.v, dtype=str(dtype).replace("torch.", ""),
-               provider=provider.name, loss=provider.loss, zero_adv_frac=zero_adv_frac, note=provider.note)
+    row = dict(
+        shape=shape.name,
+        n=shape.n,
+        h=shape.h,
+        v=shape.v,
+        dtype=str(dtype).replace("torch.", ""),
+        provider=provider.name,
+        loss=provider.loss,
+        zero_adv_frac=zero_adv_frac,
+        note=provider.note,
+    )
     try:
         loss_fn = provider.build()
     except Exception as err:  # not installed, or no such path on this platform
@@ -171,9 +216,18 @@ def measure(provider, shape, dtype, device, tflops, zero_adv_frac=0.0, quick=Fal
             torch.cuda.empty_cache()
     bound = (hidden.numel() + weight.numel()) * hidden.element_size() / 2**20
     floor = 4 * 2 * shape.n * shape.h * shape.v / (tflops * 1e12) * 1e3
-    return dict(row, status="ok", fwd_ms=t_fwd, fwd_bwd_ms=t_all, bwd_ms=t_all - t_fwd,
-                peak_mib=peak, lower_bound_mib=bound, peak_over_bound=None if peak is None else peak / bound,
-                floor_fwd_bwd_ms=floor, fwd_bwd_over_floor=t_all / floor)
+    return dict(
+        row,
+        status="ok",
+        fwd_ms=t_fwd,
+        fwd_bwd_ms=t_all,
+        bwd_ms=t_all - t_fwd,
+        peak_mib=peak,
+        lower_bound_mib=bound,
+        peak_over_bound=None if peak is None else peak / bound,
+        floor_fwd_bwd_ms=floor,
+        fwd_bwd_over_floor=t_all / floor,
+    )
 
 
 def _rel(x, ref):
@@ -238,15 +292,28 @@ def plot(rows, path: Path, shape_name: str) -> None:
         axes[1].text(0.5, 0.5, "memory: see benchmarks.cpu_memory on CPUs", ha="center")
     for ax in axes:
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"{shape_name} (N={ok[0]['n']}, H={ok[0]['h']}, V={ok[0]['v']}, {ok[0]['dtype']}), {ok[0]['device']}", fontsize=9)
+    fig.suptitle(
+        f"{shape_name} (N={ok[0]['n']}, H={ok[0]['h']}, V={ok[0]['v']}, {ok[0]['dtype']}), {ok[0]['device']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def print_table(rows) -> None:
-    cols = [("shape", 22), ("provider", 19), ("loss", 4), ("zero_adv_frac", 5), ("status", 7), ("fwd_ms", 9),
-            ("fwd_bwd_ms", 10), ("peak_over_bound", 7), ("fwd_bwd_over_floor", 7), ("err_dweight", 9)]
+    cols = [
+        ("shape", 22),
+        ("provider", 19),
+        ("loss", 4),
+        ("zero_adv_frac", 5),
+        ("status", 7),
+        ("fwd_ms", 9),
+        ("fwd_bwd_ms", 10),
+        ("peak_over_bound", 7),
+        ("fwd_bwd_over_floor", 7),
+        ("err_dweight", 9),
+    ]
     heads = ["shape", "provider", "loss", "0adv", "status", "fwd ms", "fwd+bwd ms", "mem/LB", "t/floor", "err dW"]
     print(" ".join(h.ljust(w) if i < 5 else h.rjust(w) for i, (h, (_, w)) in enumerate(zip(heads, cols))))
     for r in rows:
@@ -260,7 +327,7 @@ def print_table(rows) -> None:
         print(" ".join(cells))
 
 
-def main(argv=None) -> Path:
+def _arguments(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, fewer runs (CI)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for the CSV and plots")
@@ -268,23 +335,44 @@ def main(argv=None) -> Path:
     ap.add_argument("--models", default="", help="comma-separated subset of: " + ",".join(MODELS))
     ap.add_argument("--tokens", default="", help="comma-separated token counts (default 4096,8192,16384,32768)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--budget-s", type=float, default=0.0, help="stop starting measurements after this many seconds (0: none)")
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--budget-s", type=float, default=0.0, help="stop starting measurements after this many seconds (0: none)"
+    )
+    return ap.parse_args(argv)
 
+
+def _shapes(args, device) -> tuple[list[Shape], Shape]:
+    """(every shape to measure, the focus shape every target reads)."""
+    if device.type == "cuda":
+        tokens = [int(t) for t in args.tokens.split(",") if t] or list(TOKENS)
+        models = [m for m in args.models.split(",") if m] or list(MODELS)
+        return [Shape(m, n, *MODELS[m]) for m in models for n in tokens], GPU_FOCUS
+    if args.quick:
+        return [Shape("cpu-quick", 512, 64, 4000)], CPU_FOCUS
+    return list(CPU_SHAPES), CPU_FOCUS
+
+
+def _head(shape: Shape, provider, status: str) -> dict:
+    """The fields of a row that is not a timing: its shape, provider and status."""
+    return dict(
+        shape=shape.name,
+        n=shape.n,
+        h=shape.h,
+        v=shape.v,
+        provider=provider.name,
+        loss=provider.loss,
+        zero_adv_frac=0.0,
+        status=status,
+    )
+
+
+def main(argv=None) -> Path:
+    args = _arguments(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     providers = [BY_NAME[p] for p in args.providers.split(",") if p] or PROVIDERS
     providers = [p for p in providers if device.type in p.devices]
-    if device.type == "cuda":
-        tokens = [int(t) for t in args.tokens.split(",") if t] or list(TOKENS)
-        models = [m for m in args.models.split(",") if m] or list(MODELS)
-        shapes = [Shape(m, n, *MODELS[m]) for m in models for n in tokens]
-        focus = GPU_FOCUS
-    else:
-        shapes, focus = list(CPU_SHAPES), CPU_FOCUS
-        if args.quick:
-            shapes = [Shape("cpu-quick", 512, 64, 4000)]
-
+    shapes, focus = _shapes(args, device)
     env = environment(device)
     started = time.time()
     tflops = matmul_tflops(device, dtype)
@@ -306,8 +394,7 @@ def main(argv=None) -> Path:
     def run_shape(shape):
         for provider in providers:
             if over_budget():
-                add(dict(shape=shape.name, n=shape.n, h=shape.h, v=shape.v, provider=provider.name,
-                         loss=provider.loss, zero_adv_frac=0.0, status="skipped: time budget"))
+                add(_head(shape, provider, "skipped: time budget"))
                 continue
             add(measure(provider, shape, dtype, device, tflops, quick=args.quick))
 
@@ -321,8 +408,7 @@ def main(argv=None) -> Path:
             break
         errs = precision(provider, prec_shape, dtype, device)
         if errs:
-            add(dict(shape=prec_shape.name, n=prec_shape.n, h=prec_shape.h, v=prec_shape.v, provider=provider.name,
-                     loss=provider.loss, zero_adv_frac=0.0, status="precision", dtype=str(dtype)[6:], **errs))
+            add(dict(_head(prec_shape, provider, "precision"), dtype=str(dtype)[6:], **errs))
     for provider in [p for p in providers if p.name.startswith("gft_")]:
         for frac in (0.5, 0.9) + ((0.0,) if focus not in shapes else ()):
             if not over_budget():

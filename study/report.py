@@ -8,6 +8,7 @@ Where the runs kept each prompt's score (held-out, harder split, probe), the gap
 by seed and prompt, with a 95% bootstrap interval over prompts (``paired_gap``), and a verdict
 either way needs that interval to exclude zero on its side too.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -28,23 +29,36 @@ def _agg(rows):
         by[r["name"]].append(r)
     out = {}
     for name, rs in by.items():
-        keys = [k for k in rs[0] if isinstance(rs[0][k], (int, float)) and k not in ("seed", "x")
-                and all(k in r for r in rs)]
-        out[name] = {k: (st.mean(r[k] for r in rs), st.pstdev([r[k] for r in rs]) if len(rs) > 1 else 0.0) for k in keys}
+        keys = [
+            k
+            for k in rs[0]
+            if isinstance(rs[0][k], (int, float)) and k not in ("seed", "x") and all(k in r for r in rs)
+        ]
+        out[name] = {
+            k: (st.mean(r[k] for r in rs), st.pstdev([r[k] for r in rs]) if len(rs) > 1 else 0.0) for k in keys
+        }
         out[name]["n"] = len(rs)
         out[name]["family"] = rs[0]["family"]
         out[name]["x"] = rs[0]["x"]
         # each prompt's score per seed, where the runs kept them: metric -> {seed: [score per prompt]}
-        out[name]["per_prompt"] = {k[:-len("_per_prompt")]: {r["seed"]: r[k] for r in rs} for k in rs[0]
-                                   if k.endswith("_per_prompt") and all(k in r for r in rs)}
-        if all("passk_curve" in r for r in rs):    # pass@k for k = 1, 2, 4, ..., mean over seeds
+        out[name]["per_prompt"] = {
+            k[: -len("_per_prompt")]: {r["seed"]: r[k] for r in rs}
+            for k in rs[0]
+            if k.endswith("_per_prompt") and all(k in r for r in rs)
+        }
+        if all("passk_curve" in r for r in rs):  # pass@k for k = 1, 2, 4, ..., mean over seeds
             ks = sorted(rs[0]["passk_curve"], key=lambda k: int(k.split("@")[1]))
             out[name]["passk"] = {k: st.mean(r["passk_curve"][k] for r in rs) for k in ks}
         if "curve" in rs[0]:
             steps = sorted({int(s) for r in rs for s in r["curve"]})
-            out[name]["curve"] = {s: (st.mean(r["curve"][str(s)] for r in rs),
-                                      st.pstdev([r["curve"][str(s)] for r in rs]) if len(rs) > 1 else 0.0)
-                                  for s in steps if all(str(s) in r["curve"] for r in rs)}
+            out[name]["curve"] = {
+                s: (
+                    st.mean(r["curve"][str(s)] for r in rs),
+                    st.pstdev([r["curve"][str(s)] for r in rs]) if len(rs) > 1 else 0.0,
+                )
+                for s in steps
+                if all(str(s) in r["curve"] for r in rs)
+            }
             out[name]["auc"] = _auc(rs)
     return out
 
@@ -80,7 +94,7 @@ def compare(agg, a, b, metric, higher_is_better=True):
     gap = (ma - mb) if higher_is_better else (mb - ma)
     noise = max(math.sqrt(sa**2 + sb**2), 0.01)
     text = f"{a} {ma:.3f}±{sa:.3f} vs {b} {mb:.3f}±{sb:.3f} (noise {noise:.3f}"
-    above = below = True            # the paired interval's side, where there is one
+    above = below = True  # the paired interval's side, where there is one
     paired = paired_gap(agg, a, b, metric)
     if paired is not None:
         g, low, high, n = paired
@@ -114,69 +128,106 @@ def _fmt(agg, name, metric):
 
 def _table(agg, names, cols):
     head = "| configuration | " + " | ".join(c for c, _ in cols) + " |\n|---|" + "---|" * len(cols) + "\n"
-    return head + "".join(f"| {n} | " + " | ".join(_fmt(agg, n, m) for _, m in cols) + " |\n" for n in names if n in agg)
+    return head + "".join(
+        f"| {n} | " + " | ".join(_fmt(agg, n, m) for _, m in cols) + " |\n" for n in names if n in agg
+    )
+
+
+def _curves_figure(agg, plt):
+    """Held-out pass@1 along training, each method with its seeds' spread."""
+    curves = [n for n in agg if agg[n]["family"] in ("methods", "ablation") and agg[n].get("curve")]
+    longer = {method_of(n): n for n in agg if agg[n]["family"] == "long" and agg[n].get("curve")}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6.2, 3.8))
+    for n in curves:
+        pts = sorted(agg[n]["curve"].items())
+        xs, ms, ss = [p for p, _ in pts], [v[0] for _, v in pts], [v[1] for _, v in pts]
+        (line,) = ax.plot(xs, ms, marker="o", ms=3, label=n, ls="--" if agg[n]["family"] == "ablation" else "-")
+        if n in longer:  # its longer run (one seed), dotted in the same colour
+            pts = sorted(agg[longer[n]]["curve"].items())
+            ax.plot([p for p, _ in pts], [v[0] for _, v in pts], ls=":", color=line.get_color(), lw=1)
+        ax.fill_between(
+            xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], color=line.get_color(), alpha=0.15
+        )
+    ax.set_xlabel(f"optimizer steps ({SEQS_PER_STEP} sequences each)")
+    if longer:
+        ax.set_title("dotted: the same method, a longer run (one seed)", fontsize=8)
+    ax.set_ylabel("held-out pass@1 (temperature 0.5)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _tau_figure(agg, plt):
+    """Accuracy and the DCR-rectified fraction against tau."""
+    taus = sorted(
+        [
+            (agg[n]["x"], n)
+            for n in agg
+            if agg[n]["x"] is not None
+            and not isinstance(agg[n]["x"], str)
+            and (agg[n]["family"] == "tau" or n in ("GFT", "GFT w/o DCR"))
+        ]
+    )
+    if len(taus) < 3:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    xs = list(range(len(taus)))
+    ax.errorbar(
+        xs,
+        [agg[n]["id"][0] for _, n in taus],
+        yerr=[agg[n]["id"][1] for _, n in taus],
+        marker="o",
+        label="held-out pass@1",
+    )
+    ax.set_xticks(xs, [str(t) for t, _ in taus])
+    ax.set_xlabel("tau")
+    ax.set_ylabel("pass@1")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [agg[n]["rectified"][0] for _, n in taus], color="tab:orange", marker="s", label="rectified fraction")
+    ax2.set_ylabel("DCR-rectified fraction")
+    fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.12, 0.97))
+    fig.tight_layout()
+    return fig
+
+
+def _methods_figure(agg, plt):
+    """The methods side by side: accuracy, forgetting, drift."""
+    methods = [n for n in agg if agg[n]["family"] in ("methods", "ablation")]
+    if not methods:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for ax, (title, m) in zip(
+        axes,
+        [
+            ("held-out pass@1", "id"),
+            ("harder (OOD) pass@1", "ood"),
+            ("digit reversal (forgetting probe)", "probe"),
+            ("KL(base || model)", "kl_base"),
+        ],
+    ):
+        ax.bar(range(len(methods)), [agg[n][m][0] for n in methods], yerr=[agg[n][m][1] for n in methods])
+        ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _plots(agg, docs: Path, prefix: str) -> list[str]:
+    """The report's figures that the results allow, saved under ``docs``; their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
-    curves = [n for n in agg if agg[n]["family"] in ("methods", "ablation") and agg[n].get("curve")]
-    longer = {method_of(n): n for n in agg if agg[n]["family"] == "long" and agg[n].get("curve")}
-    if curves:
-        fig, ax = plt.subplots(figsize=(6.2, 3.8))
-        for n in curves:
-            pts = sorted(agg[n]["curve"].items())
-            xs, ms, ss = [p for p, _ in pts], [v[0] for _, v in pts], [v[1] for _, v in pts]
-            line, = ax.plot(xs, ms, marker="o", ms=3, label=n, ls="--" if agg[n]["family"] == "ablation" else "-")
-            if n in longer:     # its longer run (one seed), dotted in the same colour
-                pts = sorted(agg[longer[n]]["curve"].items())
-                ax.plot([p for p, _ in pts], [v[0] for _, v in pts], ls=":", color=line.get_color(), lw=1)
-            ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)],
-                            color=line.get_color(), alpha=0.15)
-        ax.set_xlabel(f"optimizer steps ({SEQS_PER_STEP} sequences each)")
-        if longer:
-            ax.set_title("dotted: the same method, a longer run (one seed)", fontsize=8)
-        ax.set_ylabel("held-out pass@1 (temperature 0.5)")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        files.append(f"{prefix}curves.png")
-        fig.savefig(docs / files[-1], dpi=110)
-        plt.close(fig)
-    taus = sorted([(agg[n]["x"], n) for n in agg if agg[n]["x"] is not None and not isinstance(agg[n]["x"], str)
-                   and (agg[n]["family"] == "tau" or n in ("GFT", "GFT w/o DCR"))])
-    if len(taus) >= 3:
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        xs = list(range(len(taus)))
-        ax.errorbar(xs, [agg[n]["id"][0] for _, n in taus], yerr=[agg[n]["id"][1] for _, n in taus], marker="o",
-                    label="held-out pass@1")
-        ax.set_xticks(xs, [str(t) for t, _ in taus])
-        ax.set_xlabel("tau")
-        ax.set_ylabel("pass@1")
-        ax2 = ax.twinx()
-        ax2.plot(xs, [agg[n]["rectified"][0] for _, n in taus], color="tab:orange", marker="s", label="rectified fraction")
-        ax2.set_ylabel("DCR-rectified fraction")
-        fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.12, 0.97))
-        fig.tight_layout()
-        files.append(f"{prefix}tau.png")
-        fig.savefig(docs / files[-1], dpi=110)
-        plt.close(fig)
-    methods = [n for n in agg if agg[n]["family"] in ("methods", "ablation")]
-    if methods:
-        fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-        for ax, (title, m) in zip(axes, [("held-out pass@1", "id"), ("harder (OOD) pass@1", "ood"),
-                                         ("digit reversal (forgetting probe)", "probe"),
-                                         ("KL(base || model)", "kl_base")]):
-            ax.bar(range(len(methods)), [agg[n][m][0] for n in methods], yerr=[agg[n][m][1] for n in methods])
-            ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=7)
-            ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        files.append(f"{prefix}methods.png")
-        fig.savefig(docs / files[-1], dpi=110)
-        plt.close(fig)
+    for name, make in (("curves", _curves_figure), ("tau", _tau_figure), ("methods", _methods_figure)):
+        fig = make(agg, plt)
+        if fig is not None:
+            files.append(f"{prefix}{name}.png")
+            fig.savefig(docs / files[-1], dpi=110)
+            plt.close(fig)
     return files
 
 
@@ -206,11 +257,16 @@ def _setup_lines(setup: dict, budget, k: str) -> list[str]:
 
     def row(name):
         a = acc[name]
-        return f"| {name} | " + " | ".join(cell(a, key) for key in ("id", "id_greedy", "ood", "ood_greedy", "probe",
-                                                                     "probe_greedy")) + " |"
+        return (
+            f"| {name} | "
+            + " | ".join(cell(a, key) for key in ("id", "id_greedy", "ood", "ood_greedy", "probe", "probe_greedy"))
+            + " |"
+        )
 
-    curve = ", ".join(f"{int(s)}: {v['val']:.3f} / {v['probe']:.3f}"
-                      for s, v in sorted(setup["base_curve"].items(), key=lambda x: int(x[0])))
+    curve = ", ".join(
+        f"{int(s)}: {v['val']:.3f} / {v['probe']:.3f}"
+        for s, v in sorted(setup["base_curve"].items(), key=lambda x: int(x[0]))
+    )
     return [
         "## Set-up",
         "",
@@ -247,7 +303,9 @@ def _setup_lines(setup: dict, budget, k: str) -> list[str]:
         "",
         "| model | held-out pass@1 | greedy | OOD pass@1 | OOD greedy | probe pass@1 | probe greedy |",
         "|---|---|---|---|---|---|---|",
-        row("base"), row("expert"), row("teacher"),
+        row("base"),
+        row("expert"),
+        row("teacher"),
         "",
     ]
 
@@ -260,10 +318,12 @@ def precondition(setup: dict, grid: list[dict], lrs: dict) -> tuple[bool, str]:
     if base is None or best is None:
         return False, "Precondition not measured (no SFT grid run or no base validation score)."
     met = best - base >= MIN_SFT_GAIN
-    return met, (f"Precondition ({'met' if met else 'NOT met'}): SFT at its best rate ({lrs['SFT']:g}) lifts "
-                 f"validation pass@1 from the base's {base:.3f} to {best:.3f} ({best - base:+.3f}; at least "
-                 f"+{MIN_SFT_GAIN:.2f} is required for the set-up to have something to learn)."
-                 + ("" if met else " The verdicts below are withheld: change the set-up."))
+    return met, (
+        f"Precondition ({'met' if met else 'NOT met'}): SFT at its best rate ({lrs['SFT']:g}) lifts "
+        f"validation pass@1 from the base's {base:.3f} to {best:.3f} ({best - base:+.3f}; at least "
+        f"+{MIN_SFT_GAIN:.2f} is required for the set-up to have something to learn)."
+        + ("" if met else " The verdicts below are withheld: change the set-up.")
+    )
 
 
 def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict) -> None:
@@ -275,16 +335,24 @@ def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict)
         return {split: {"pass@1": a.get(key), "greedy_pass@1": a.get(f"{key}_greedy")} for split, key in splits.items()}
 
     acc = setup["accuracy"]
-    doc = {"setup": {name: {"test_pass1": a.get("id"), "val_pass1": a.get("val"), **model(a)} for name, a in acc.items()}}
+    doc = {
+        "setup": {name: {"test_pass1": a.get("id"), "val_pass1": a.get("val"), **model(a)} for name, a in acc.items()}
+    }
     doc["setup"]["base"]["val_pass1_grid_measure"] = setup.get("base_val")
     doc["setup"]["base_curve"] = setup["base_curve"]
     doc["precondition_met"] = met
     doc["learning_rates"] = lrs
     doc["results"] = {}
     for name, a in agg.items():
-        res = {split: {"pass@1": a[key][0], "pass@1_sd": a[key][1],
-                       **({"greedy_pass@1": a[f"{key}_greedy"][0]} if f"{key}_greedy" in a else {})}
-               for split, key in splits.items() if key in a}
+        res = {
+            split: {
+                "pass@1": a[key][0],
+                "pass@1_sd": a[key][1],
+                **({"greedy_pass@1": a[f"{key}_greedy"][0]} if f"{key}_greedy" in a else {}),
+            }
+            for split, key in splits.items()
+            if key in a
+        }
         res.update({m: a[m][0] for m in ("kl_base", "kl", "rectified", "grad_cv", "lr") if m in a})
         res["seeds"] = a["n"]
         if a.get("passk"):
@@ -298,8 +366,9 @@ def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict)
 class Study:
     """What a report reads: the grid, the rates it chose, the set-up, and each configuration's
     metrics aggregated over seeds (``_agg``)."""
+
     grid: list
-    own: list          # the grid's methods, in the order run
+    own: list  # the grid's methods, in the order run
     lrs: dict
     setup: dict
     agg: dict
@@ -321,8 +390,15 @@ def load_study(out: Path) -> Study:
     # only runs at the rate the grid gives them now (a grid that moved left older runs behind)
     rows = [r for r in read_jsonl(out / "results.jsonl") if r["lr"] == rate_for(r["name"], r["family"], lrs)]
     timing = json.loads((out / "wall_seconds.json").read_text()) if (out / "wall_seconds.json").exists() else {}
-    return Study(grid, own, lrs, json.loads((out / "setup.json").read_text()), _agg(rows),
-                 timing.get("seconds"), timing.get("workers", 1))
+    return Study(
+        grid,
+        own,
+        lrs,
+        json.loads((out / "setup.json").read_text()),
+        _agg(rows),
+        timing.get("seconds"),
+        timing.get("workers", 1),
+    )
 
 
 def tau_names(agg) -> list[str]:
@@ -341,8 +417,13 @@ def collect_claims(agg, k: str, quick: bool) -> tuple[list, list[str]]:
     c1b = [compare(agg, "GFT", b, "ood") for b in ("SFT", "SFT(filtered teacher)", "DFT", "GRPO")]
     claims.append(("... and on the harder (OOD) split", c1b))
     c_eff = [compare(agg, "GFT", b, "auc") for b in ("SFT", "SFT(filtered teacher)", "DFT")]
-    claims.append(("GFT is more data-efficient: more accuracy along the curve at equal sequences, with 1/8 "
-                   "of the prompts (Figure 1, Table 1)", c_eff))
+    claims.append(
+        (
+            "GFT is more data-efficient: more accuracy along the curve at equal sequences, with 1/8 "
+            "of the prompts (Figure 1, Table 1)",
+            c_eff,
+        )
+    )
     c2 = [compare(agg, "GFT", "GFT w/o GAL", "id"), compare(agg, "GFT", "GFT w/o DCR", "id")]
     claims.append(("Both GAL and DCR matter (Table 2, Figure 3)", c2))
     c2b = [compare(agg, "GFT", "GFT w/o DCR", "grad_cv", higher_is_better=False)]
@@ -353,11 +434,12 @@ def collect_claims(agg, k: str, quick: bool) -> tuple[list, list[str]]:
     claims.append((f"GFT keeps diversity: higher {k} than GRPO and SFT (Table 4)", c4))
     not_run = []
     ratios = ratio_names(agg)
-    if len(ratios) >= 3:          # 1:7, 2:6 and the default 4:4
+    if len(ratios) >= 3:  # 1:7, 2:6 and the default 4:4
         others = [n for n in ratios if n != "GFT 2:6"]
         c5 = [compare(agg, "GFT 2:6", n, "id") for n in others]
-        claims.append(("Demo:sample 2:6 is the best group ratio of 1:7, 2:6 and 4:4 (Table 5; the default GFT "
-                       "is 4:4)", c5))
+        claims.append(
+            ("Demo:sample 2:6 is the best group ratio of 1:7, 2:6 and 4:4 (Table 5; the default GFT is 4:4)", c5)
+        )
     elif not quick:
         not_run.append("Demo:sample 2:6 is the best group ratio (Table 5)")
     if "SFT then GRPO" in agg and "SFT then GFT then GRPO" in agg:
@@ -366,7 +448,7 @@ def collect_claims(agg, k: str, quick: bool) -> tuple[list, list[str]]:
     elif not quick:
         not_run.append("GRPO gains more after SFT then GFT than after SFT alone (Figure 4)")
     taus = tau_names(agg)
-    if len(taus) >= 7:            # all five swept taus, GFT (0.7) and GFT w/o DCR (0)
+    if len(taus) >= 7:  # all five swept taus, GFT (0.7) and GFT w/o DCR (0)
         c6 = [compare(agg, "GFT", "GFT w/o DCR", "id"), compare(agg, "GFT", "GFT tau=1.5", "id")]
         # the best tau near 0.7 against the best away from it, by the same rule as every comparison
         near = [n for n in taus if n in ("GFT", "GFT tau=0.5", "GFT tau=0.9")]
@@ -388,8 +470,12 @@ def _header_lines(study: Study, budget, quick: bool) -> list[str]:
         "",
         f"Generated by `python -m study{' --quick' if quick else ''}` on {dt.date.today().isoformat()}, "
         f"on {platform.machine()} CPU ({seeds} seed(s) per main configuration"
-        + (f"; {(wall + setup.get('seconds', 0)) / 60:.0f} min of wall time, {setup.get('seconds', 0) / 60:.0f} of "
-           f"them for the set-up, {study.workers} one-thread process(es) side by side" if wall else "")
+        + (
+            f"; {(wall + setup.get('seconds', 0)) / 60:.0f} min of wall time, {setup.get('seconds', 0) / 60:.0f} of "
+            f"them for the set-up, {study.workers} one-thread process(es) side by side"
+            if wall
+            else ""
+        )
         + "). Regenerate everything with `bash scripts/repro.sh`.",
         "",
     ]
@@ -412,8 +498,11 @@ def _optimization_lines(study: Study, budget) -> list[str]:
         "scored by pass@1 on the validation split at the last step); a method whose best was the lowest "
         "or highest rate it had tried went on one step (x3) further that way, until its best was inside "
         "the rates it tried. Each keeps its best; the ablations and sweeps use GFT's."
-        + (f" Before any fine-tuning the base scores {setup['base_val']:.3f} on this measure." if "base_val" in setup
-           else ""),
+        + (
+            f" Before any fine-tuning the base scores {setup['base_val']:.3f} on this measure."
+            if "base_val" in setup
+            else ""
+        ),
         "",
         "| method | " + " | ".join(f"lr {x:g}" for x in tried) + " | chosen |",
         "|---|" + "---|" * (len(tried) + 1),
@@ -432,21 +521,37 @@ def _optimization_lines(study: Study, budget) -> list[str]:
 def _edge_lines(study: Study) -> list[str]:
     """The methods whose best rate is still at an edge of what they tried, and why where it reads so."""
     grid, lrs, setup = study.grid, study.lrs, study.setup
-    edge = [n for n in study.own if lrs.get(n) in (min(g["lr"] for g in grid if g["name"] == n),
-                                                   max(g["lr"] for g in grid if g["name"] == n))]
+    edge = [
+        n
+        for n in study.own
+        if lrs.get(n) in (min(g["lr"] for g in grid if g["name"] == n), max(g["lr"] for g in grid if g["name"] == n))
+    ]
     if not edge:
         return []
-    lines = ["", "Still at the edge of what was tried: "
-             + ", ".join(f"{n} ({lrs[n]:g}" + (", where the rate ladder `study.plan.LR_LADDER` ends)"
-                                               if lrs[n] in (LR_LADDER[0], LR_LADDER[-1]) else ")") for n in edge)
-             + "; for these the grid bounds the best rate on one side only."]
+    lines = [
+        "",
+        "Still at the edge of what was tried: "
+        + ", ".join(
+            f"{n} ({lrs[n]:g}"
+            + (
+                ", where the rate ladder `study.plan.LR_LADDER` ends)"
+                if lrs[n] in (LR_LADDER[0], LR_LADDER[-1])
+                else ")"
+            )
+            for n in edge
+        )
+        + "; for these the grid bounds the best rate on one side only.",
+    ]
     for n in edge:
         vals = sorted((g["lr"], g["val"]) for g in grid if g["name"] == n)
         falling = all(a[1] > b[1] for a, b in zip(vals, vals[1:]))
         if lrs[n] == vals[0][0] and falling and vals[0][1] < setup.get("base_val", -1):
-            lines += ["", f"{n}: validation accuracy rose at every step down the ladder, toward the base's own "
-                      f"{setup['base_val']:.3f}, and stayed below it: at every rate tried, {n}'s training "
-                      "lowered accuracy here, and the lowest rate is best because it moves the base least."]
+            lines += [
+                "",
+                f"{n}: validation accuracy rose at every step down the ladder, toward the base's own "
+                f"{setup['base_val']:.3f}, and stayed below it: at every rate tried, {n}'s training "
+                "lowered accuracy here, and the lowest rate is best because it moves the base least.",
+            ]
     return lines
 
 
@@ -493,27 +598,51 @@ def _verdict_lines(precondition_line: str, met: bool, claims, not_run: list[str]
 def _methods_lines(study: Study, budget, k: str) -> list[str]:
     agg, base = study.agg, study.base
     method_names = study.names("methods", "ablation")
-    lines = ["", "## Methods at equal compute (Tables 1-4)", "",
-             _table(agg, method_names, [("lr", "lr"), ("held-out pass@1", "id"), ("greedy", "id_greedy"),
-                                        ("OOD pass@1", "ood"), ("OOD greedy", "ood_greedy"),
-                                        ("probe pass@1", "probe"), ("KL(base‖model)", "kl_base"),
-                                        ("KL(model‖base)", "kl"), (k, k), ("distinct correct", "distinct"),
-                                        ("curve mean", "auc"), ("grad-norm volatility", "grad_cv")]),
-             f"Base model: held-out {base['id']:.3f} (greedy {base['id_greedy']:.3f}), OOD {base['ood']:.3f}, "
-             f"probe {base['probe']:.3f}.",
-             ""]
+    lines = [
+        "",
+        "## Methods at equal compute (Tables 1-4)",
+        "",
+        _table(
+            agg,
+            method_names,
+            [
+                ("lr", "lr"),
+                ("held-out pass@1", "id"),
+                ("greedy", "id_greedy"),
+                ("OOD pass@1", "ood"),
+                ("OOD greedy", "ood_greedy"),
+                ("probe pass@1", "probe"),
+                ("KL(base‖model)", "kl_base"),
+                ("KL(model‖base)", "kl"),
+                (k, k),
+                ("distinct correct", "distinct"),
+                ("curve mean", "auc"),
+                ("grad-norm volatility", "grad_cv"),
+            ],
+        ),
+        f"Base model: held-out {base['id']:.3f} (greedy {base['id_greedy']:.3f}), OOD {base['ood']:.3f}, "
+        f"probe {base['probe']:.3f}.",
+        "",
+    ]
     passk_names = [n for n in method_names if agg[n].get("passk")]
     if passk_names:
         ks = list(agg[passk_names[0]]["passk"])
-        lines += [f"pass@k on the first {budget.passk_prompts} held-out prompts ({budget.passk_n} samples each at "
-                  "temperature 0.5, the unbiased estimator; mean over seeds):", "",
-                  "| configuration | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks)]
+        lines += [
+            f"pass@k on the first {budget.passk_prompts} held-out prompts ({budget.passk_n} samples each at "
+            "temperature 0.5, the unbiased estimator; mean over seeds):",
+            "",
+            "| configuration | " + " | ".join(ks) + " |",
+            "|---|" + "---|" * len(ks),
+        ]
         lines += [f"| {n} | " + " | ".join(f"{agg[n]['passk'][k]:.3f}" for k in ks) + " |" for n in passk_names]
-    lines += ["",
-              "The paper (Qwen2.5-Math / Llama, NuminaMath) reports GFT above SFT, SFT(mix), DFT "
-              "and GRPO on seven benchmarks. Table 3 (Llama-3.2-3B) has base / +SFT / +GRPO / +GFT "
-              "at 96.06 / 91.97 / 94.60 / 95.79 on MAWPS: SFT forgets, GFT barely. Table 4's "
-              "pass@128 average is 24.52 for the base, 49.87 for GRPO and 62.16 for GFT.", ""]
+    lines += [
+        "",
+        "The paper (Qwen2.5-Math / Llama, NuminaMath) reports GFT above SFT, SFT(mix), DFT "
+        "and GRPO on seven benchmarks. Table 3 (Llama-3.2-3B) has base / +SFT / +GRPO / +GFT "
+        "at 96.06 / 91.97 / 94.60 / 95.79 on MAWPS: SFT forgets, GFT barely. Table 4's "
+        "pass@128 average is 24.52 for the base, 49.87 for GRPO and 62.16 for GFT.",
+        "",
+    ]
     return lines
 
 
@@ -523,16 +652,26 @@ def _curve_lines(study: Study) -> list[str]:
     if not curve_names:
         return []
     steps = sorted({s for n in curve_names for s in agg[n]["curve"]})
-    lines = ["### Held-out pass@1 along training", "",
-             "| configuration | " + " | ".join(f"step {s}" for s in steps) + " |",
-             "|---|" + "---|" * len(steps)]
+    lines = [
+        "### Held-out pass@1 along training",
+        "",
+        "| configuration | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
     for n in curve_names:
         c = agg[n]["curve"]
         cells = [f"{c[s][0]:.3f} ± {c[s][1]:.3f}" if s in c else "" for s in steps]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return lines + ["", "Reading the curves (computed from the table: a change counts when it exceeds 0.02 and the "
-                    "seeds' spread):", ""] + [f"- {line}" for line in _curve_reading(agg, curve_names,
-                                                                                        study.base["id"])] + [""]
+    return (
+        lines
+        + [
+            "",
+            "Reading the curves (computed from the table: a change counts when it exceeds 0.02 and the seeds' spread):",
+            "",
+        ]
+        + [f"- {line}" for line in _curve_reading(agg, curve_names, study.base["id"])]
+        + [""]
+    )
 
 
 def _long_run_lines(study: Study, budget) -> list[str]:
@@ -541,16 +680,23 @@ def _long_run_lines(study: Study, budget) -> list[str]:
     if not long_names:
         return []
     steps = sorted({s for n in long_names for s in agg[n]["curve"]})
-    lines = [f"### Longer runs: {budget.long_steps} steps instead of {budget.steps} (one seed)", "",
-             f"{', '.join(method_of(n) for n in long_names)} again at their chosen rates for "
-             f"{budget.long_steps} steps (seed 0): did the curves flatten, and does the ranking at "
-             f"{budget.steps} steps hold with more training?", "",
-             "| configuration | " + " | ".join(f"step {s}" for s in steps) + " | OOD | probe | KL(base‖model) |",
-             "|---|" + "---|" * (len(steps) + 3)]
+    lines = [
+        f"### Longer runs: {budget.long_steps} steps instead of {budget.steps} (one seed)",
+        "",
+        f"{', '.join(method_of(n) for n in long_names)} again at their chosen rates for "
+        f"{budget.long_steps} steps (seed 0): did the curves flatten, and does the ranking at "
+        f"{budget.steps} steps hold with more training?",
+        "",
+        "| configuration | " + " | ".join(f"step {s}" for s in steps) + " | OOD | probe | KL(base‖model) |",
+        "|---|" + "---|" * (len(steps) + 3),
+    ]
     for n in long_names:
         c = agg[n]["curve"]
-        lines.append(f"| {n} | " + " | ".join(f"{c[s][0]:.3f}" if s in c else "" for s in steps)
-                     + f" | {agg[n]['ood'][0]:.3f} | {agg[n]['probe'][0]:.3f} | {agg[n]['kl_base'][0]:.3f} |")
+        lines.append(
+            f"| {n} | "
+            + " | ".join(f"{c[s][0]:.3f}" if s in c else "" for s in steps)
+            + f" | {agg[n]['ood'][0]:.3f} | {agg[n]['probe'][0]:.3f} | {agg[n]['kl_base'][0]:.3f} |"
+        )
     lines += ["", "Reading them (one seed: a change counts when it exceeds 0.02):", ""]
     lines += [f"- {line}" for line in _curve_reading(agg, long_names, study.base["id"])]
 
@@ -559,8 +705,10 @@ def _long_run_lines(study: Study, budget) -> list[str]:
         return " > ".join(f"{method_of(n)} {agg[n]['curve'][step][0]:.3f}" for n in ranked)
 
     if all(budget.steps in agg[n]["curve"] and budget.long_steps in agg[n]["curve"] for n in long_names):
-        lines += [f"- Order at step {budget.steps}: {order(budget.steps)}; at step {budget.long_steps}: "
-                  f"{order(budget.long_steps)}."]
+        lines += [
+            f"- Order at step {budget.steps}: {order(budget.steps)}; at step {budget.long_steps}: "
+            f"{order(budget.long_steps)}."
+        ]
     return lines + [""]
 
 
@@ -569,19 +717,34 @@ def _sweep_lines(agg) -> list[str]:
     taus, ratios = tau_names(agg), ratio_names(agg)
     if len(taus) >= 3:
         taus = sorted(taus, key=lambda n: agg[n]["x"])
-        lines += ["## tau sweep (Figure 6)", "",
-                  _table(agg, taus, [("held-out pass@1", "id"), ("OOD pass@1", "ood"),
-                                     ("DCR-rectified fraction", "rectified"),
-                                     ("KL(base‖model)", "kl_base"), ("grad-norm volatility", "grad_cv")]),
-                  "The paper finds an inverted U with the best accuracy near tau = 0.7, and a rectified "
-                  "fraction that rises with tau. (`GFT` is tau = 0.7; `GFT w/o DCR` is tau = 0.)", ""]
+        lines += [
+            "## tau sweep (Figure 6)",
+            "",
+            _table(
+                agg,
+                taus,
+                [
+                    ("held-out pass@1", "id"),
+                    ("OOD pass@1", "ood"),
+                    ("DCR-rectified fraction", "rectified"),
+                    ("KL(base‖model)", "kl_base"),
+                    ("grad-norm volatility", "grad_cv"),
+                ],
+            ),
+            "The paper finds an inverted U with the best accuracy near tau = 0.7, and a rectified "
+            "fraction that rises with tau. (`GFT` is tau = 0.7; `GFT w/o DCR` is tau = 0.)",
+            "",
+        ]
     if len(ratios) >= 3:
-        lines += ["## Group ratio demo:sample (Table 5)", "",
-                  _table(agg, ratios, [("held-out pass@1", "id"), ("OOD pass@1", "ood"),
-                                       ("KL(base‖model)", "kl_base")]),
-                  "The paper (Qwen2.5-Math-1.5B, average of three benchmarks): 8:0 24.84, 6:2 43.60, "
-                  "4:4 43.13, 2:6 45.59, 0:8 30.84. (`GFT` here is 4:4; demonstrations are 1 expert + "
-                  "the rest teacher responses.)", ""]
+        lines += [
+            "## Group ratio demo:sample (Table 5)",
+            "",
+            _table(agg, ratios, [("held-out pass@1", "id"), ("OOD pass@1", "ood"), ("KL(base‖model)", "kl_base")]),
+            "The paper (Qwen2.5-Math-1.5B, average of three benchmarks): 8:0 24.84, 6:2 43.60, "
+            "4:4 43.13, 2:6 45.59, 0:8 30.84. (`GFT` here is 4:4; demonstrations are 1 expert + "
+            "the rest teacher responses.)",
+            "",
+        ]
     return lines
 
 
@@ -592,28 +755,42 @@ def _caveat_lines(study: Study, quick: bool) -> list[str]:
     if "GFT" in agg and "SFT" in agg and agg["GFT"].get("curve") and agg["SFT"].get("curve"):
         g, f = sorted(agg["GFT"]["curve"].items()), sorted(agg["SFT"]["curve"].items())
         if g[0][1][0] > g[-1][1][0] and f[0][1][0] < f[-1][1][0]:
-            lines += ["", "The data-efficiency verdict reads the curve mean, and here it rewards keeping the "
-                      f"base's accuracy: GFT starts near the base ({g[0][1][0]:.3f} at step {g[0][0]}) and declines "
-                      f"({g[-1][1][0]:.3f} at step {g[-1][0]}), while SFT starts low (the switch to the expert's "
-                      f"style costs accuracy first: {f[0][1][0]:.3f}) and rises ({f[-1][1][0]:.3f}). So it says GFT "
-                      "loses less on the way, not that it learns more from fewer prompts."]
+            lines += [
+                "",
+                "The data-efficiency verdict reads the curve mean, and here it rewards keeping the "
+                f"base's accuracy: GFT starts near the base ({g[0][1][0]:.3f} at step {g[0][0]}) and declines "
+                f"({g[-1][1][0]:.3f} at step {g[-1][0]}), while SFT starts low (the switch to the expert's "
+                f"style costs accuracy first: {f[0][1][0]:.3f}) and rises ({f[-1][1][0]:.3f}). So it says GFT "
+                "loses less on the way, not that it learns more from fewer prompts.",
+            ]
     gft_rates = sorted(g["lr"] for g in study.grid if g["name"] == "GFT")
-    if ("GFT" in agg and "SFT" in agg and gft_rates and lrs.get("GFT") == gft_rates[0]
-            and agg["GFT"]["id"][0] < base["id"] - 0.02):
+    if (
+        "GFT" in agg
+        and "SFT" in agg
+        and gft_rates
+        and lrs.get("GFT") == gft_rates[0]
+        and agg["GFT"]["id"][0] < base["id"] - 0.02
+    ):
         gained = [n for n in study.names("methods") if agg[n]["id"][0] >= base["id"] - 0.02]
-        lines += ["", f"GFT's comparisons come from its lowest rate ({lrs['GFT']:g}), where it moved least: "
-                  f"KL(base || model) {agg['GFT']['kl_base'][0]:.3f} against SFT's {agg['SFT']['kl_base'][0]:.3f}, "
-                  f"and held-out accuracy down from the base's {base['id']:.3f} to {agg['GFT']['id'][0]:.3f}. Of the "
-                  "main methods, "
-                  + (f"only {', '.join(gained)} ended at or above the base" if gained else "none ended at the base")
-                  + ", so the held-out, harder-split, forgetting and diversity verdicts mostly rank how much of "
-                  "the base each method kept at its best rate. Read GFT's 'reproduced' there as 'costs the least', "
-                  "not 'learns the most'."]
+        lines += [
+            "",
+            f"GFT's comparisons come from its lowest rate ({lrs['GFT']:g}), where it moved least: "
+            f"KL(base || model) {agg['GFT']['kl_base'][0]:.3f} against SFT's {agg['SFT']['kl_base'][0]:.3f}, "
+            f"and held-out accuracy down from the base's {base['id']:.3f} to {agg['GFT']['id'][0]:.3f}. Of the "
+            "main methods, "
+            + (f"only {', '.join(gained)} ended at or above the base" if gained else "none ended at the base")
+            + ", so the held-out, harder-split, forgetting and diversity verdicts mostly rank how much of "
+            "the base each method kept at its best rate. Read GFT's 'reproduced' there as 'costs the least', "
+            "not 'learns the most'.",
+        ]
     missing = [sp.name for sp in sweep_specs() if sp.name not in agg]
     if missing and not quick:
-        lines += ["", f"Not run in this round: {', '.join(missing)} (`sweep_specs` in `study/plan.py`); the main "
-                  "methods and ablations took the time budget first. `bash scripts/repro.sh` adds them (finished "
-                  "runs are reused)."]
+        lines += [
+            "",
+            f"Not run in this round: {', '.join(missing)} (`sweep_specs` in `study/plan.py`); the main "
+            "methods and ablations took the time budget first. `bash scripts/repro.sh` adds them (finished "
+            "runs are reused).",
+        ]
     return lines
 
 
@@ -626,16 +803,30 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
     k = f"pass@{budget.passk_n}"
     claims, not_run = collect_claims(study.agg, k, quick)
     met, precondition_line = precondition(study.setup, study.grid, study.lrs)
-    if quick and not met:     # the quick study checks the pipeline, not the set-up: verdicts stay shown
-        met, precondition_line = True, precondition_line.replace(" The verdicts below are withheld: change the "
-                                                                 "set-up.", " (--quick: not enforced.)")
+    if quick and not met:  # the quick study checks the pipeline, not the set-up: verdicts stay shown
+        met, precondition_line = (
+            True,
+            precondition_line.replace(
+                " The verdicts below are withheld: change the set-up.", " (--quick: not enforced.)"
+            ),
+        )
     print(f"[study] {precondition_line}", flush=True)
-    lines = (_header_lines(study, budget, quick) + _setup_lines(study.setup, budget, k)
-             + _optimization_lines(study, budget) + _metrics_lines(budget, k)
-             + _verdict_lines(precondition_line, met, claims, not_run) + _methods_lines(study, budget, k)
-             + _curve_lines(study) + _long_run_lines(study, budget) + _sweep_lines(study.agg)
-             + ["## Plots", ""] + [f"![{p}]({p})" for p in plots]
-             + ["", "## What this miniature can and cannot say", ""] + LIMITS + _caveat_lines(study, quick))
+    lines = (
+        _header_lines(study, budget, quick)
+        + _setup_lines(study.setup, budget, k)
+        + _optimization_lines(study, budget)
+        + _metrics_lines(budget, k)
+        + _verdict_lines(precondition_line, met, claims, not_run)
+        + _methods_lines(study, budget, k)
+        + _curve_lines(study)
+        + _long_run_lines(study, budget)
+        + _sweep_lines(study.agg)
+        + ["## Plots", ""]
+        + [f"![{p}]({p})" for p in plots]
+        + ["", "## What this miniature can and cannot say", ""]
+        + LIMITS
+        + _caveat_lines(study, quick)
+    )
     path = docs / ("reproduction_quick.md" if quick else "reproduction.md")
     path.write_text("\n".join(lines) + "\n")
     write_json(path.with_suffix(".json"), study.setup, study.agg, claims, met, study.lrs)

@@ -1,5 +1,6 @@
 """The model's head input (its forward run up to the head), and the probe that checks the
 logits-transform table against the model's own logits (``check_model``)."""
+
 from __future__ import annotations
 
 import inspect
@@ -67,17 +68,19 @@ def head_input(model, input_ids, attention_mask=None, **kwargs) -> Tensor:
     if not captured:
         raise UnsupportedModelError(
             f"{_arch(model)}: its forward does not call its output head {type(head).__name__} "
-            "(it reads the weight directly or uses another head)")
+            "(it reads the weight directly or uses another head)"
+        )
     x = captured[0]
     if x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
         raise UnsupportedModelError(
             f"{_arch(model)}: its output head's input has shape {tuple(x.shape)}, not "
-            f"[batch, tokens, hidden] = [{input_ids.shape[0]}, {input_ids.shape[1]}, H]")
+            f"[batch, tokens, hidden] = [{input_ids.shape[0]}, {input_ids.shape[1]}, H]"
+        )
     return x
 
 
 _VERDICTS: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
-PROBE_AMPLITUDE = 200.0   # largest |logit| of the amplified probe
+PROBE_AMPLITUDE = 200.0  # largest |logit| of the amplified probe
 
 
 def _tolerance(*dtypes) -> float:
@@ -109,6 +112,28 @@ def _probe_length(model, tokens: int = 6) -> int:
     return tokens
 
 
+def _compare(arch: str, spec: LogitsTransform, state: dict, logits: Tensor, acc: torch.dtype, what: str) -> None:
+    """The model's logits against the head's product (``state["ours"]``) after ``spec``, within
+    the rounding of the dtypes the product ran in."""
+    ours = spec.apply(state["ours"].to(acc))
+    if tuple(ours.shape) != tuple(logits.shape):
+        raise UnsupportedModelError(
+            f"{arch}: its logits have shape {tuple(logits.shape)}, the head's product after "
+            f"{', '.join(spec.found) or 'no transform'} has {tuple(ours.shape)}"
+        )
+    theirs = logits.to(acc)
+    err = float((theirs - ours).abs().max())
+    size = max(1.0, float(theirs.abs().max()))
+    if not err <= _tolerance(*state["dtypes"], logits.dtype) * size:
+        ratio = float((theirs * ours).sum() / ours.square().sum().clamp_min(1e-30))
+        raise UnsupportedModelError(
+            f"{arch}: its logits are not the head's product after "
+            f"{', '.join(spec.found) or 'no transform (plain x @ W.T + b)'}: at {what} logits "
+            f"(largest {size:.3g}) they differ by {err:.3g} (best scalar fit x{ratio:.4g}); "
+            "it transforms its logits in a way this library does not know"
+        )
+
+
 def _probe(model, spec: LogitsTransform) -> None:
     arch = _arch(model)
     linear = _linear(_head(model))
@@ -126,11 +151,14 @@ def _probe(model, spec: LogitsTransform) -> None:
         if not isinstance(x, Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
             raise UnsupportedModelError(
                 f"{arch}: its output head's input is not [batch, tokens, hidden] "
-                f"(got {None if not isinstance(x, Tensor) else tuple(x.shape)})")
+                f"(got {None if not isinstance(x, Tensor) else tuple(x.shape)})"
+            )
         w, b, group = _whole(module.weight, getattr(module, "bias", None))
         if group is not None:
-            raise UnsupportedModelError(f"{arch}: the probe cannot check a vocabulary-sharded head; "
-                                        "check the model before sharding it (check_model)")
+            raise UnsupportedModelError(
+                f"{arch}: the probe cannot check a vocabulary-sharded head; "
+                "check the model before sharding it (check_model)"
+            )
         if state["amplify"]:
             synth = torch.randn(x.shape, generator=g, dtype=acc).to(device)
             peak = float(F.linear(synth, w.to(acc)).abs().max())
@@ -147,25 +175,9 @@ def _probe(model, spec: LogitsTransform) -> None:
             raise UnsupportedModelError(f"{arch}: its forward returns no logits to compare with")
         if state["calls"] != 1:
             raise UnsupportedModelError(
-                f"{arch}: its forward calls its output head {state['calls']} times (one expected)")
+                f"{arch}: its forward calls its output head {state['calls']} times (one expected)"
+            )
         return logits
-
-    def compare(logits, what):
-        ours = spec.apply(state["ours"].to(acc))
-        if tuple(ours.shape) != tuple(logits.shape):
-            raise UnsupportedModelError(
-                f"{arch}: its logits have shape {tuple(logits.shape)}, the head's product after "
-                f"{', '.join(spec.found) or 'no transform'} has {tuple(ours.shape)}")
-        theirs = logits.to(acc)
-        err = float((theirs - ours).abs().max())
-        size = max(1.0, float(theirs.abs().max()))
-        if not err <= _tolerance(*state["dtypes"], logits.dtype) * size:
-            ratio = float((theirs * ours).sum() / ours.square().sum().clamp_min(1e-30))
-            raise UnsupportedModelError(
-                f"{arch}: its logits are not the head's product after "
-                f"{', '.join(spec.found) or 'no transform (plain x @ W.T + b)'}: at {what} logits "
-                f"(largest {size:.3g}) they differ by {err:.3g} (best scalar fit x{ratio:.4g}); "
-                "it transforms its logits in a way this library does not know")
 
     vocab = _probe_vocab(model, spec, weight)
     input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, _probe_length(model)), generator=g).to(device)
@@ -174,11 +186,14 @@ def _probe(model, spec: LogitsTransform) -> None:
     handle = linear.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
         model.eval()
-        with torch.no_grad(), torch.autocast(device.type, enabled=False), \
-                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            compare(run(), "natural")
+        with (
+            torch.no_grad(),
+            torch.autocast(device.type, enabled=False),
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        ):
+            _compare(arch, spec, state, run(), acc, "natural")
             state["amplify"] = True
-            compare(run(), "amplified")
+            _compare(arch, spec, state, run(), acc, "amplified")
     finally:
         handle.remove()
         for m, training in modes:
