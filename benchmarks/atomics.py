@@ -8,6 +8,7 @@ atomic backward adds its partial dH and dW tiles (``tl.atomic_add``). ``sem="rel
 the result unused can compile to the fire-and-forget ``red``; the default ``acq_rel`` gives
 ``atom``, which returns the old value. Plain stores of the same tiles are the ceiling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,20 @@ def ptx_instructions(arch: int = 90) -> dict:
 
     out = {}
     for mode in MODES:
-        sig = {"src_ptr": "*fp32", "dst_ptr": "*fp32", "n_regions": "i32", "REPEAT": "constexpr", "MODE": "constexpr",
-               "BLOCK": "constexpr"}
-        src = ASTSource(_add_tiles, sig, dict(REPEAT=4, MODE=mode, BLOCK=BLOCK), {(0,): [["tt.divisibility", 16]],
-                                                                                   (1,): [["tt.divisibility", 16]]})
+        sig = {
+            "src_ptr": "*fp32",
+            "dst_ptr": "*fp32",
+            "n_regions": "i32",
+            "REPEAT": "constexpr",
+            "MODE": "constexpr",
+            "BLOCK": "constexpr",
+        }
+        src = ASTSource(
+            _add_tiles,
+            sig,
+            dict(REPEAT=4, MODE=mode, BLOCK=BLOCK),
+            {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]},
+        )
         ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=8)).asm["ptx"]
         ops = sorted(set(re.findall(r"\b(red\.global[\w.]*|atom\.global[\w.]*|st\.global[\w.]*)", ptx)))
         out[mode] = ops
@@ -65,8 +76,14 @@ def measure(mb_scratch: int = 512, programs: int = 132 * 16, repeat: int = 16) -
     dst = torch.zeros(n_regions * BLOCK * BLOCK, device="cuda")
     rows = []
     for mode in MODES:
-        ms = do_bench(lambda mode=mode: _add_tiles[(programs,)](src, dst, n_regions, REPEAT=repeat, MODE=mode, BLOCK=BLOCK,
-                                                      num_warps=8), warmup=10, rep=50, return_mode="median")
+        ms = do_bench(
+            lambda mode=mode: _add_tiles[(programs,)](
+                src, dst, n_regions, REPEAT=repeat, MODE=mode, BLOCK=BLOCK, num_warps=8
+            ),
+            warmup=10,
+            rep=50,
+            return_mode="median",
+        )
         gbytes = programs * repeat * BLOCK * BLOCK * 4 / 1e9
         rows.append(dict(mode=mode, ms=round(ms, 4), gb_added_per_s=round(gbytes / (ms * 1e-3), 1)))
     return rows

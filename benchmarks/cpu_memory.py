@@ -16,6 +16,7 @@ them is the launcher's) and the CUDA tiles, and follows every tensor storage the
 from birth to death. That is the op's ``max_memory_allocated`` on a GPU, up to the caching
 allocator's 512-byte rounding. ``tests/kernels/test_gpu.py`` measures the real one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ def _measure_here(provider: str, n: int, v: int, h: int, calls: int = 1) -> dict
     adv = torch.randn(n)
     base = _rss_bytes()
     start = time.perf_counter()
-    for _ in range(calls):   # more than one: the resident size must not creep from call to call
+    for _ in range(calls):  # more than one: the resident size must not creep from call to call
         hidden.grad = weight.grad = None
         loss = gft_kernels.gft_loss(hidden, weight, targets, adv, tau=0.7, backend=provider)
         loss.backward()
@@ -55,9 +56,18 @@ def _measure_here(provider: str, n: int, v: int, h: int, calls: int = 1) -> dict
     grad_bytes = 4 * (n * h + v * h)
     extra = _rss_bytes() - base - grad_bytes
     logits_bytes = 4 * n * v
-    return dict(provider=provider, n=n, v=v, h=h, threads=torch.get_num_threads(), calls=calls, seconds=round(seconds, 3),
-                extra_mib=round(extra / 2**20, 1), logits_buffer_mib=round(logits_bytes / 2**20, 1),
-                extra_over_logits=round(extra / logits_bytes, 3))
+    return dict(
+        provider=provider,
+        n=n,
+        v=v,
+        h=h,
+        threads=torch.get_num_threads(),
+        calls=calls,
+        seconds=round(seconds, 3),
+        extra_mib=round(extra / 2**20, 1),
+        logits_buffer_mib=round(logits_bytes / 2**20, 1),
+        extra_over_logits=round(extra / logits_bytes, 3),
+    )
 
 
 class _StorageTracker(TorchDispatchMode):
@@ -118,13 +128,25 @@ def _fake_collectives(group: _FakeGroup) -> dict:
         for o, s0, n in zip(out, starts, group.sizes):
             o.copy_(torch.tensor([s0 if tensor[0] >= 0 else -1, n]))
 
-    return dict(all_reduce=lambda tensor, op=None, group=None: None, all_gather=all_gather,
-                get_backend=lambda group=None: "fake", get_world_size=lambda group=None: group.ranks,
-                get_rank=lambda group=None: 0), dist
+    return dict(
+        all_reduce=lambda tensor, op=None, group=None: None,
+        all_gather=all_gather,
+        get_backend=lambda group=None: "fake",
+        get_world_size=lambda group=None: group.ranks,
+        get_rank=lambda group=None: 0,
+    ), dist
 
 
-def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: float = 0.0,
-                  design: str | None = None, shards: int = 1, gathered: bool = False) -> dict:
+def launcher_peak(
+    n: int,
+    v: int,
+    h: int,
+    dtype=torch.bfloat16,
+    zero_adv_frac: float = 0.0,
+    design: str | None = None,
+    shards: int = 1,
+    gathered: bool = False,
+) -> dict:
     """Peak bytes the Triton engine allocates for forward + backward at this shape (see above),
     with the launcher's default backward design or ``design``.
 
@@ -144,12 +166,22 @@ def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: f
     adv = torch.randn(n)
     adv[: int(zero_adv_frac * n)] = 0.0
     cuda = torch.device("cuda")
-    patched = ("gft_forward_kernel", "gft_backward_kernel", "gft_dlogits_kernel", "tiles", "_sm_count",
-               "_mm_into", "_addmm_fp32", "DEFAULT_OPTIONS")
+    patched = (
+        "gft_forward_kernel",
+        "gft_backward_kernel",
+        "gft_dlogits_kernel",
+        "tiles",
+        "_sm_count",
+        "_mm_into",
+        "_addmm_fp32",
+        "DEFAULT_OPTIONS",
+    )
     saved = {name: getattr(launch, name) for name in patched}
     launch.gft_forward_kernel = launch.gft_backward_kernel = launch.gft_dlogits_kernel = _NoKernel()
     launch._mm_into = launch._addmm_fp32 = _no_product  # the split design's cuBLAS products
-    launch.tiles = lambda device, dt, plain=False, options=launch.DEFAULT_OPTIONS: saved["tiles"](cuda, dt, plain, options)
+    launch.tiles = lambda device, dt, plain=False, options=launch.DEFAULT_OPTIONS: saved["tiles"](
+        cuda, dt, plain, options
+    )
     launch._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
     if design is not None:
         launch.DEFAULT_OPTIONS = launch.LaunchOptions(backward_design=design)
@@ -161,9 +193,9 @@ def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: f
     try:
         with _StorageTracker(hidden, weight, targets, adv) as tracker:
             if group and gathered:
-                full = torch.empty(v, h, dtype=dtype, requires_grad=True)   # the all-gather's output
+                full = torch.empty(v, h, dtype=dtype, requires_grad=True)  # the all-gather's output
                 gft_kernels.gft_loss(hidden, full, targets, adv, 0.7, **options)[0].backward()
-                weight.grad = torch.empty_like(weight)                      # the reduce-scatter's output
+                weight.grad = torch.empty_like(weight)  # the reduce-scatter's output
                 del full
             else:
                 extra = dict(vocab_parallel_group=group, vocab_start=0) if group else {}
@@ -174,11 +206,19 @@ def launcher_peak(n: int, v: int, h: int, dtype=torch.bfloat16, zero_adv_frac: f
         for name, value in saved_dist.items():
             setattr(dist, name, value)
     bound = (hidden.numel() + weight.numel()) * hidden.element_size()
-    return dict(n=n, v=v, h=h, dtype=str(dtype).replace("torch.", ""), shards=shards,
-                mode="gathered" if group and gathered else "vocab-parallel" if group else "unsharded",
-                peak_mib=round(tracker.peak / 2**20, 1),
-                lower_bound_mib=round(bound / 2**20, 1), peak_over_bound=round(tracker.peak / bound, 4),
-                resident_mib=round(bound / 2**20, 1), rank_total_mib=round((bound + tracker.peak) / 2**20, 1))
+    return dict(
+        n=n,
+        v=v,
+        h=h,
+        dtype=str(dtype).replace("torch.", ""),
+        shards=shards,
+        mode="gathered" if group and gathered else "vocab-parallel" if group else "unsharded",
+        peak_mib=round(tracker.peak / 2**20, 1),
+        lower_bound_mib=round(bound / 2**20, 1),
+        peak_over_bound=round(tracker.peak / bound, 4),
+        resident_mib=round(bound / 2**20, 1),
+        rank_total_mib=round((bound + tracker.peak) / 2**20, 1),
+    )
 
 
 def vocab_parallel_rows(model: str = "llama-3.1-8b", n: int = 8192, ranks=(2, 4)) -> list[dict]:
@@ -193,15 +233,34 @@ def vocab_parallel_rows(model: str = "llama-3.1-8b", n: int = 8192, ranks=(2, 4)
     return [dict(model=model, **row) for row in rows]
 
 
-def measure(provider: str = "torch", n: int = 4096, v: int = 32000, h: int = 256, threads: int | None = None,
-            calls: int = 1) -> dict:
+def measure(
+    provider: str = "torch", n: int = 4096, v: int = 32000, h: int = 256, threads: int | None = None, calls: int = 1
+) -> dict:
     """Run one measurement in a fresh Python process (``threads``: its OMP_NUM_THREADS; None:
     this one's environment); returns its row."""
     env = dict(os.environ, **({} if threads is None else {"OMP_NUM_THREADS": str(threads)}))
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cpu_memory", "--inner", "--provider", provider,
-         "--n", str(n), "--v", str(v), "--h", str(h), "--calls", str(calls)],
-        check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.cpu_memory",
+            "--inner",
+            "--provider",
+            provider,
+            "--n",
+            str(n),
+            "--v",
+            str(v),
+            "--h",
+            str(h),
+            "--calls",
+            str(calls),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -215,9 +274,12 @@ def main(argv=None) -> None:
     ap.add_argument("--calls", type=int, default=1, help="calls in the measured process (the peak over all)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--launcher", action="store_true", help="the Triton launcher's planned peak at the GPU shapes")
-    ap.add_argument("--vocab-parallel", action="store_true",
-                    help="per-rank planned peaks at Llama-3.1-8B, N=8192: unsharded, vocab-parallel and gathered-weight "
-                         "over 2 and 4 ranks")
+    ap.add_argument(
+        "--vocab-parallel",
+        action="store_true",
+        help="per-rank planned peaks at Llama-3.1-8B, N=8192: unsharded, vocab-parallel and gathered-weight "
+        "over 2 and 4 ranks",
+    )
     args = ap.parse_args(argv)
     if args.launcher or args.vocab_parallel:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the op's check (the kernels are no-ops)

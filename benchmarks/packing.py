@@ -17,6 +17,7 @@ One measured step is the trainer's own: ``lm.encode`` (and ``packing.pack``) of 
 response; padding not counted), the same numerator for both layouts. Each repeat times padded
 then packed on the same weights after 3 warm-up steps; the median step time of each is reported.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,11 @@ def demo_groups(n_prompts: int, seed: int = 0) -> list[tuple[str, str, float]]:
     seqs = []
     for r in rows:
         numbers = [int(x) for x in r["prompt"].rstrip("=").split("+")]
-        responses = ([r["expert"]] + [sums.write(numbers, ("left_to_right", "reversed")[i % 2]) for i in range(3)]
-                     + [sums.write(numbers, "no_carry") for _ in range(4)])
+        responses = (
+            [r["expert"]]
+            + [sums.write(numbers, ("left_to_right", "reversed")[i % 2]) for i in range(3)]
+            + [sums.write(numbers, "no_carry") for _ in range(4)]
+        )
         seqs += [(r["prompt"], text, rng.gauss(0.0, 1.0)) for text in responses]
     return seqs
 
@@ -48,18 +52,30 @@ def recorded_groups(path: str) -> list[tuple[str, str, float]]:
     seqs = []
     for line in open(path):
         g = json.loads(line)
-        seqs += [(g["prompt"], r["token_ids"] if r.get("token_ids") else r["text"], r["advantage"])
-                 for r in g["responses"]]
+        seqs += [
+            (g["prompt"], r["token_ids"] if r.get("token_ids") else r["text"], r["advantage"]) for r in g["responses"]
+        ]
     return seqs
 
 
 def _model(hidden: int, layers: int, attn: str, vocab: int, pad: int, eos: int):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64), head_dim=64,
-                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=pad, eos_token_id=eos,
-                      bos_token_id=eos, attn_implementation=attn)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        head_dim=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        attn_implementation=attn,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -69,14 +85,24 @@ def _step(policy, optimizer, tokenizer, seqs, micro: int, max_length: int, packe
     from gft_train.packing import pack
     from gft_train.trainer import aggregation
 
-    batches = [encode(tokenizer, seqs[i:i + micro], max_length) for i in range(0, len(seqs), micro)]
+    batches = [encode(tokenizer, seqs[i : i + micro], max_length) for i in range(0, len(seqs), micro)]
     if packed:
         batches = [pack(b) for b in batches]
-    reduction, normalizer = aggregation("token-mean", sum(b.n_valid for b in batches),
-                                        sum(b.n_seqs for b in batches), max_length)
+    reduction, normalizer = aggregation(
+        "token-mean", sum(b.n_valid for b in batches), sum(b.n_seqs for b in batches), max_length
+    )
     for b in batches:
-        loss, _ = policy(b.input_ids, b.attention_mask, b.labels, b.adv, 0.7, normalizer, reduction, 0.0,
-                         **getattr(b, "forward_kwargs", {}))
+        loss, _ = policy(
+            b.input_ids,
+            b.attention_mask,
+            b.labels,
+            b.adv,
+            0.7,
+            normalizer,
+            reduction,
+            0.0,
+            **getattr(b, "forward_kwargs", {}),
+        )
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -92,9 +118,16 @@ def measure(args) -> dict:
     tokenizer = build_tokenizer()
     per_step = args.prompts_per_step * 8
     seqs = recorded_groups(args.groups) if args.groups else demo_groups(per_step * (args.steps + 3))
-    steps = [seqs[i:i + per_step] for i in range(0, len(seqs) - per_step + 1, per_step)]
+    steps = [seqs[i : i + per_step] for i in range(0, len(seqs) - per_step + 1, per_step)]
     lengths = [int(m.sum()) for s in steps for m in encode(tokenizer, s, args.max_length).attention_mask]
-    model = _model(args.hidden, args.layers, args.attn_implementation, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    model = _model(
+        args.hidden,
+        args.layers,
+        args.attn_implementation,
+        len(tokenizer),
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+    )
     check_packing(model)
     policy = GFTPolicy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -106,7 +139,7 @@ def measure(args) -> dict:
             for i, s in enumerate(steps[: args.steps + 3]):
                 t0 = time.perf_counter()
                 n = _step(policy, optimizer, tokenizer, s, args.micro_batch_size, args.max_length, packed)
-                if i >= 3:   # warm-up excluded
+                if i >= 3:  # warm-up excluded
                     times.append(time.perf_counter() - t0)
                     tokens += n
             name = "packed" if packed else "padded"
@@ -115,16 +148,31 @@ def measure(args) -> dict:
         row["packed_over_padded"] = row["packed_tokens_per_s"] / row["padded_tokens_per_s"]
         runs.append(row)
         print(json.dumps(row))
-    width = [max(lengths[i:i + args.micro_batch_size]) for i in range(0, len(lengths), args.micro_batch_size)]
-    padded_slots = sum(w * len(lengths[i * args.micro_batch_size:(i + 1) * args.micro_batch_size])
-                       for i, w in enumerate(width))
+    width = [max(lengths[i : i + args.micro_batch_size]) for i in range(0, len(lengths), args.micro_batch_size)]
+    padded_slots = sum(
+        w * len(lengths[i * args.micro_batch_size : (i + 1) * args.micro_batch_size]) for i, w in enumerate(width)
+    )
     return {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "shape": dict(hidden=args.hidden, layers=args.layers, attn=args.attn_implementation, micro_batch_size=args.micro_batch_size,
-                      sequences_per_step=per_step, max_length=args.max_length, steps=args.steps),
-        "lengths": dict(min=min(lengths), median=statistics.median(lengths), max=max(lengths),
-                        mean=round(statistics.mean(lengths), 2), padding_frac=round(1 - sum(lengths) / padded_slots, 3)),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "shape": dict(
+            hidden=args.hidden,
+            layers=args.layers,
+            attn=args.attn_implementation,
+            micro_batch_size=args.micro_batch_size,
+            sequences_per_step=per_step,
+            max_length=args.max_length,
+            steps=args.steps,
+        ),
+        "lengths": dict(
+            min=min(lengths),
+            median=statistics.median(lengths),
+            max=max(lengths),
+            mean=round(statistics.mean(lengths), 2),
+            padding_frac=round(1 - sum(lengths) / padded_slots, 3),
+        ),
         "runs": runs,
     }
 
@@ -138,7 +186,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--attn-implementation", default="sdpa", help="attention implementation (eager, sdpa, flex_attention, ...)")
+    p.add_argument(
+        "--attn-implementation", default="sdpa", help="attention implementation (eager, sdpa, flex_attention, ...)"
+    )
     p.add_argument("--groups", default="", help="a groups.jsonl a demo run saved (its sequences instead)")
     args = p.parse_args(argv)
     result = measure(args)

@@ -8,6 +8,7 @@ Where a provider cannot compute GFT exactly, it runs the nearest loss it has and
     ce    plain cross-entropy (tau = 0, A = 1)
     pg    on-policy policy gradient (tau = 0, any A): Liger's chunked GRPO loss at ratio 1
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,8 +24,8 @@ TAU = 0.7
 @dataclass(frozen=True)
 class Provider:
     name: str
-    loss: str                       # gft | dft | ce | pg
-    build: Callable[[], Callable]   # -> loss_fn; raises ImportError/RuntimeError when unavailable
+    loss: str  # gft | dft | ce | pg
+    build: Callable[[], Callable]  # -> loss_fn; raises ImportError/RuntimeError when unavailable
     devices: tuple = ("cuda", "cpu")
     note: str = ""
 
@@ -39,7 +40,9 @@ def _gft(backend, design=None):
 
         def loss_fn(h, w, t, a):
             return gft_kernels.gft_loss(h, w, t, a, TAU, backend=backend, launch_options=options, check_values=False)
+
         return loss_fn
+
     return build
 
 
@@ -63,7 +66,9 @@ def _liger_flce(token_scaling):
 
         def loss_fn(h, w, t, a):
             return liger_fused_linear_cross_entropy(h, w, t, use_token_scaling=token_scaling)
+
         return loss_fn
+
     return build
 
 
@@ -77,6 +82,7 @@ def _liger_grpo():
         mask = (t != -100).long()[None]
         out = grpo(h[None], w, t.clamp_min(0)[None], mask, a.mean().reshape(1))
         return out[0] if isinstance(out, tuple) else out
+
     return loss_fn
 
 
@@ -92,7 +98,9 @@ def _cce(filter_eps):
             p = logp.detach().exp()
             coef = torch.where(p < TAU, p, torch.ones_like(p))
             return -(torch.where(valid, a * coef * logp, 0.0)).sum() / valid.sum().clamp_min(1)
+
         return loss_fn
+
     return build
 
 
@@ -102,15 +110,29 @@ PROVIDERS = [
     Provider("cce", "gft", _cce("high"), devices=("cuda",), note="CCE reduction='none' + GFT outside"),
     Provider("cce_exact", "gft", _cce(None), devices=("cuda",), note="CCE without gradient filtering"),
     Provider("liger_flce", "ce", _liger_flce(False), devices=("cuda",), note="plain cross-entropy"),
-    Provider("liger_flce_dft", "dft", _liger_flce(True), devices=("cuda",),
-             note="Liger fused linear CE with use_token_scaling (DFT), nearest to DCR"),
+    Provider(
+        "liger_flce_dft",
+        "dft",
+        _liger_flce(True),
+        devices=("cuda",),
+        note="Liger fused linear CE with use_token_scaling (DFT), nearest to DCR",
+    ),
     Provider("naive_compiled", "gft", _compiled, devices=("cuda",)),
-    Provider("gft_triton_atomic", "gft", _gft("triton", "atomic"), devices=("cuda",),
-             note="atomic backward design (tightest memory)"),
+    Provider(
+        "gft_triton_atomic",
+        "gft",
+        _gft("triton", "atomic"),
+        devices=("cuda",),
+        note="atomic backward design (tightest memory)",
+    ),
     Provider("naive_eager", "gft", lambda: _naive_gft),
     Provider("gft_torch", "gft", _gft("torch")),
-    Provider("liger_grpo_chunked", "pg", _liger_grpo,
-             note="Liger chunked GRPO at ratio 1, beta 0: policy gradient (tau = 0), one advantage"),
+    Provider(
+        "liger_grpo_chunked",
+        "pg",
+        _liger_grpo,
+        note="Liger chunked GRPO at ratio 1, beta 0: policy gradient (tau = 0), one advantage",
+    ),
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}
 

@@ -1,4 +1,5 @@
 """The shapes the benchmark runs: (hidden size, vocabulary) of real models, at several token counts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,9 +8,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Shape:
     model: str
-    n: int   # tokens
-    h: int   # hidden size
-    v: int   # vocabulary
+    n: int  # tokens
+    h: int  # hidden size
+    v: int  # vocabulary
 
     @property
     def name(self) -> str:
@@ -19,7 +20,7 @@ class Shape:
 MODELS = {
     "qwen2.5-1.5b": (1536, 151936),
     "llama-3.1-8b": (4096, 128256),
-    "gemma-2-2b": (2304, 256000),   # the Cut Cross-Entropy paper's shape
+    "gemma-2-2b": (2304, 256000),  # the Cut Cross-Entropy paper's shape
 }
 TOKENS = (4096, 8192, 16384, 32768)
 

@@ -10,6 +10,7 @@ compared with the default tiles' outputs, so a fast tile that computes something
 as a mismatch, not as a winner. Rows go to ``DIR/tune_<date>T<time>_<device>.csv`` and a table. The
 tiles were checked to compile and fit sm_90 beforehand (``python -m benchmarks.kernel_resources --sweep``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,32 @@ from gft_kernels.triton_ops import launch
 from .run import RowFile, environment, make_inputs, result_stem, time_ms
 from .shapes import MODELS, Shape
 
-FIELDS = ["date", "device", "torch", "triton", "gft", "shape", "n", "h", "v", "kernel", "design", "tiles", "group_m",
-          "programs_per_sm", "scratch_fraction", "split_cols", "zero_adv_frac", "stores_only", "default", "status",
-          "products", "ms", "tflops", "err_vs_default"]
+FIELDS = [
+    "date",
+    "device",
+    "torch",
+    "triton",
+    "gft",
+    "shape",
+    "n",
+    "h",
+    "v",
+    "kernel",
+    "design",
+    "tiles",
+    "group_m",
+    "programs_per_sm",
+    "scratch_fraction",
+    "split_cols",
+    "zero_adv_frac",
+    "stores_only",
+    "default",
+    "status",
+    "products",
+    "ms",
+    "tflops",
+    "err_vs_default",
+]
 
 
 def _tiles(c: launch.Config) -> str:
@@ -48,18 +72,37 @@ def _backward_products(shape, dtype, cfg, options, n_active) -> float:
     return round((3 if plan.fused else 4) * frac, 3)
 
 
-def knobs_of(design: str, group_m: int, programs_per_sm: int, scratch_fraction: float, split_cols=None,
-             zero_adv_frac: float = 0.0, stores_only: bool = False) -> dict:
+def knobs_of(
+    design: str,
+    group_m: int,
+    programs_per_sm: int,
+    scratch_fraction: float,
+    split_cols=None,
+    zero_adv_frac: float = 0.0,
+    stores_only: bool = False,
+) -> dict:
     """One trial's launch knobs, as the CSV names them."""
-    return dict(design=design, group_m=group_m, programs_per_sm=programs_per_sm, scratch_fraction=scratch_fraction,
-                split_cols=split_cols, zero_adv_frac=zero_adv_frac, stores_only=stores_only)
+    return dict(
+        design=design,
+        group_m=group_m,
+        programs_per_sm=programs_per_sm,
+        scratch_fraction=scratch_fraction,
+        split_cols=split_cols,
+        zero_adv_frac=zero_adv_frac,
+        stores_only=stores_only,
+    )
 
 
 def options_of(knobs: dict, tiles=None) -> launch.LaunchOptions:
     return launch.LaunchOptions(
-        backward_design=knobs["design"], scratch_fraction=knobs["scratch_fraction"], split_cols=knobs["split_cols"],
-        bwd_group_m=knobs["group_m"], fwd_programs_per_sm=knobs["programs_per_sm"], stores_only=knobs["stores_only"],
-        cuda_tiles=tiles)
+        backward_design=knobs["design"],
+        scratch_fraction=knobs["scratch_fraction"],
+        split_cols=knobs["split_cols"],
+        bwd_group_m=knobs["group_m"],
+        fwd_programs_per_sm=knobs["programs_per_sm"],
+        stores_only=knobs["stores_only"],
+        cuda_tiles=tiles,
+    )
 
 
 def trials(default_fwd, default_bwd, base: dict) -> list[tuple[str, launch.Config, dict]]:
@@ -157,8 +200,11 @@ def main(argv=None) -> Path:
     ap.add_argument("--model", default="gemma-2-2b", choices=list(MODELS))
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop starting candidates after this many seconds")
-    ap.add_argument("--smoke", action="store_true",
-                    help="without a GPU: a tiny shape through Triton's interpreter (tests the script, not the tiles)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="without a GPU: a tiny shape through Triton's interpreter (tests the script, not the tiles)",
+    )
     args = ap.parse_args(argv)
     shape, device = _shape_and_device(args)
     env = environment(device)
@@ -171,8 +217,20 @@ def main(argv=None) -> Path:
     csv_rows = RowFile(path, FIELDS)
 
     def row(kernel, cfg, knobs, **kw):
-        csv_rows.write(dict(env, shape=shape.name, n=shape.n, h=shape.h, v=shape.v, kernel=kernel, tiles=_tiles(cfg),
-                            default=tuner.is_default(kernel, cfg, knobs), **knobs, **kw))
+        csv_rows.write(
+            dict(
+                env,
+                shape=shape.name,
+                n=shape.n,
+                h=shape.h,
+                v=shape.v,
+                kernel=kernel,
+                tiles=_tiles(cfg),
+                default=tuner.is_default(kernel, cfg, knobs),
+                **knobs,
+                **kw,
+            )
+        )
 
     for kernel, cfg, knobs in trials(tuner.default_fwd, tuner.default_bwd, tuner.base):
         if args.budget_s and time.time() - started > args.budget_s:
@@ -185,12 +243,22 @@ def main(argv=None) -> Path:
             continue
         status = "ok" if err < 1e-2 else "mismatch"
         tflops = products * flop / ms / 1e9
-        row(kernel, cfg, knobs, status=status, products=products, ms=round(ms, 3), tflops=round(tflops, 1),
-            err_vs_default=float(f"{err:.3g}"))
+        row(
+            kernel,
+            cfg,
+            knobs,
+            status=status,
+            products=products,
+            ms=round(ms, 3),
+            tflops=round(tflops, 1),
+            err_vs_default=float(f"{err:.3g}"),
+        )
         what = f"{knobs['design']} cols {knobs['split_cols']}" if kernel == "backward" else ""
-        print(f"{kernel:<8} {_tiles(cfg):<28} {what:<18} group {knobs['group_m']:<8} per-SM {knobs['programs_per_sm']:<3} "
-              f"0adv {knobs['zero_adv_frac']:<3} stores {knobs['stores_only']:<1} {status:<8} {ms:8.2f} ms "
-              f"{tflops:6.1f} TFLOP/s  err {err:.2g}")
+        print(
+            f"{kernel:<8} {_tiles(cfg):<28} {what:<18} group {knobs['group_m']:<8} per-SM {knobs['programs_per_sm']:<3} "
+            f"0adv {knobs['zero_adv_frac']:<3} stores {knobs['stores_only']:<1} {status:<8} {ms:8.2f} ms "
+            f"{tflops:6.1f} TFLOP/s  err {err:.2g}"
+        )
 
     csv_rows.close()
     print(f"rows: {path}  ({time.time() - started:.0f} s)")

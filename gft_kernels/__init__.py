@@ -9,11 +9,23 @@ typed options, ``head.py`` for the loss math every backend shares, ``engine.py``
 contract, ``reference.py`` for the specification, ``torch_backend.py`` for the chunked CPU
 engine and ``triton_ops/`` for the fused kernels; docs/architecture.md draws them.
 """
+
 from .api import GFTLoss, gft_loss
 from .head import GFTStats, dcr_coefficient
 from .models import UnsupportedModelError, causal_lm_gft_loss, check_model, patch, unpatch
 from .options import IGNORE_INDEX, check_tau
 
-__all__ = ["gft_loss", "GFTLoss", "GFTStats", "dcr_coefficient", "IGNORE_INDEX", "check_tau", "causal_lm_gft_loss", "patch", "unpatch",
-           "check_model", "UnsupportedModelError"]
+__all__ = [
+    "gft_loss",
+    "GFTLoss",
+    "GFTStats",
+    "dcr_coefficient",
+    "IGNORE_INDEX",
+    "check_tau",
+    "causal_lm_gft_loss",
+    "patch",
+    "unpatch",
+    "check_model",
+    "UnsupportedModelError",
+]
 __version__ = "0.1.0"

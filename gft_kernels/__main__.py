@@ -1,5 +1,6 @@
 """``python -m gft_kernels``: check every available backend against the float64 reference on a
 random problem, and print the errors and times. A quick self-test for a new machine."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ def main(argv=None) -> None:
     targets[::5] = IGNORE_INDEX
     adv = torch.randn(args.n, device=device, dtype=torch.float64)
     truth = _run(hidden, weight, targets, adv, "reference", torch.float64)
-    print(f"device {device}, N={args.n} V={args.v} H={args.h}, tau=0.7; relative errors vs the float64 "
-          "reference of the unrounded inputs (bf16 rows include rounding the inputs to bf16)")
+    print(
+        f"device {device}, N={args.n} V={args.v} H={args.h}, tau=0.7; relative errors vs the float64 "
+        "reference of the unrounded inputs (bf16 rows include rounding the inputs to bf16)"
+    )
     print(f"{'backend':<10}{'dtype':<10}{'loss':>10}{'dhidden':>10}{'dlm_head':>10}{'time s':>9}")
     backends = ["torch", "triton"] if device == "cuda" else ["torch"]
     for backend in ["reference"] + backends:

@@ -4,6 +4,7 @@
 once, where it is built) and hands them to ``_loss``, which checks the tensors, picks the engine
 (``engine.py``), runs it through the custom ops (``fused.py``) and applies the head (``head.py``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -148,6 +149,7 @@ def _autocast_like_linear(fn):
     autocast dtype (float64 is left alone), through differentiable casts, so the gradients come
     back in the parameters' own dtypes; the rest runs with autocast off (as
     ``custom_fwd(cast_inputs=...)`` would; the ops' backward turns it off too)."""
+
     @functools.wraps(fn)
     def wrapper(hidden, weight, bias, *args):
         if not (isinstance(hidden, Tensor) and torch.is_autocast_enabled(hidden.device.type)):
@@ -156,14 +158,15 @@ def _autocast_like_linear(fn):
         hidden, weight, bias = (_autocast_cast(x, dtype) for x in (hidden, weight, bias))
         with torch.autocast(hidden.device.type, enabled=False):
             return fn(hidden, weight, bias, *args)
+
     return wrapper
 
 
 class _Flat(NamedTuple):
     """One call's tensors, flat ``[N]`` rows (``hidden`` ``[N, H]``), and the targets' shape."""
 
-    request: ForwardRequest   # the engine's view: targets are safe ids (local ids when vocab-parallel)
-    targets: Tensor           # the original ids
+    request: ForwardRequest  # the engine's view: targets are safe ids (local ids when vocab-parallel)
+    targets: Tensor  # the original ids
     adv: Tensor
     shape: torch.Size
 
@@ -192,13 +195,13 @@ def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None
     loss_options, run = options.loss, options.run
     targets, adv = check_tensors(hidden, weight, bias, targets, adv)
     per_token = check_policy_tensors(targets, loss_options.reduction, old_logp, ref_logp)
-    terms = options.policy.bind(*(per_token[k].reshape(-1) if k in per_token else None
-                                  for k in ("old_logp", "ref_logp")))
+    terms = options.policy.bind(
+        *(per_token[k].reshape(-1) if k in per_token else None for k in ("old_logp", "ref_logp"))
+    )
     backend = check_backend(run.backend, hidden, options.kernel(run.backend))
     vocab_start, vocab_size = None, weight.shape[0]
     if run.vocab_parallel_group is not None:
-        vocab_start, vocab_size = vocab_shard(run.vocab_parallel_group, weight.shape[0], run.vocab_start,
-                                              hidden.device)
+        vocab_start, vocab_size = vocab_shard(run.vocab_parallel_group, weight.shape[0], run.vocab_start, hidden.device)
     if run.check_values:
         check_input_values(targets, adv, loss_options.normalizer, vocab_size, loss_options.ignore_index, per_token)
     flat = _flatten(hidden, weight, bias, targets, adv, loss_options.ignore_index, vocab_start)
@@ -212,7 +215,7 @@ def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None
         loss = reduce_loss(loss_tok, valid, loss_options.reduction, loss_options.normalizer, flat.shape)
     if not run.return_stats:
         return loss
-    if aux is None:   # the one-pass path differentiated the head inside: its per-token values again
+    if aux is None:  # the one-pass path differentiated the head inside: its per-token values again
         _, aux = per_token_loss(rows.logp, rows.entropy, valid, flat.adv, tau, terms)
     return loss, head_stats(rows.logp, rows.entropy, rows.target_is_max, valid, tau, aux, flat.shape)
 
@@ -222,9 +225,15 @@ def _one_pass(backend: str, flat: _Flat, options: GFTOptions) -> bool:
     in the same pass (3 products, no recompute) and the backward only scales them. Eager only:
     under torch.compile the ops run (the head here is a Python callable)."""
     hidden, weight, bias = flat.request.hidden, flat.request.weight, flat.request.bias
-    return (backend == "torch" and options.run.vocab_parallel_group is None and options.loss.reduction != "none"
-            and hidden.shape[0] > 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and any(x is not None and x.requires_grad for x in (hidden, weight, bias)))
+    return (
+        backend == "torch"
+        and options.run.vocab_parallel_group is None
+        and options.loss.reduction != "none"
+        and hidden.shape[0] > 0
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    )
 
 
 def _one_pass_loss(flat: _Flat, terms: PolicyTerms, options: GFTOptions):
@@ -232,8 +241,10 @@ def _one_pass_loss(flat: _Flat, terms: PolicyTerms, options: GFTOptions):
 
     def token_loss(lp, ent, idx):
         sliced = dataclasses.replace(
-            terms, old_logp=None if terms.old_logp is None else terms.old_logp.index_select(0, idx),
-            ref_logp=None if terms.ref_logp is None else terms.ref_logp.index_select(0, idx))
+            terms,
+            old_logp=None if terms.old_logp is None else terms.old_logp.index_select(0, idx),
+            ref_logp=None if terms.ref_logp is None else terms.ref_logp.index_select(0, idx),
+        )
         return per_token_loss(lp, ent, valid.index_select(0, idx), flat.adv.index_select(0, idx), tau, sliced)[0]
 
     acc = torch.float64 if flat.request.hidden.dtype == torch.float64 else torch.float32
@@ -247,8 +258,9 @@ def _rows(backend: str, flat: _Flat, options: GFTOptions) -> RowStats:
     hidden, weight, bias, targets, valid = flat.request
     if backend == "reference":
         logits = options.logits
-        logp, entropy, is_max = reference.reference_logprobs(hidden, weight, bias, targets, valid,
-                                                             logits.temperature, logits.softcap)
+        logp, entropy, is_max = reference.reference_logprobs(
+            hidden, weight, bias, targets, valid, logits.temperature, logits.softcap
+        )
         return RowStats(logp, None, None, None, entropy, is_max)
     if hidden.shape[0] == 0:
         # No tokens: keep the graph so backward gives zero gradients of the right shapes.
@@ -281,8 +293,10 @@ def vocab_shard(group, rows: int, start: int | None, device) -> tuple[int, int]:
     vocab = sum(n for _, n in every)
     ends = sorted((s0, s0 + n) for s0, n in every)
     if ends[0][0] != 0 or any(a[1] != b[0] for a, b in zip(ends, ends[1:])):
-        raise ValueError(f"the lm_head shards of vocab_parallel_group must tile [0, V) without gaps or overlaps; "
-                         f"got rows [start, end) = {ends}")
+        raise ValueError(
+            f"the lm_head shards of vocab_parallel_group must tile [0, V) without gaps or overlaps; "
+            f"got rows [start, end) = {ends}"
+        )
     return every[dist.get_rank(group)][0], vocab
 
 
@@ -336,7 +350,7 @@ class GFTLoss(nn.Module):
         return self.options.loss.tau
 
     @tau.setter
-    def tau(self, tau) -> None:   # a schedule may move tau: checked like the rest
+    def tau(self, tau) -> None:  # a schedule may move tau: checked like the rest
         loss = self.options.loss
         loss = LossOptions.build(tau, loss.reduction, loss.normalizer, loss.ignore_index)
         self.options = dataclasses.replace(self.options, loss=loss)

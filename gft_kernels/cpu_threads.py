@@ -13,6 +13,7 @@ gives each a job, runs the first job on the calling thread and returns every res
 ``intra_op_threads(1)``, which restores torch's thread count on exit (``torch.set_num_threads``
 also sets the default that new threads start with, so the helpers' own setting is undone there).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -82,7 +83,7 @@ class HelperThreads:
         try:
             first = jobs[0]()
         finally:
-            concurrent.futures.wait(futures)   # no helper still writes shared buffers
+            concurrent.futures.wait(futures)  # no helper still writes shared buffers
         return [first] + [f.result() for f in futures]
 
 

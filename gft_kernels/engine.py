@@ -35,6 +35,7 @@ precision near 0. For entropy ``H = -sum p log p`` the logits' gradient is ``dH/
 Gradients come back in the inputs' dtypes. Rows with ``g == 0`` (and ``g_entropy == 0``)
 contribute nothing, so an engine may skip them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,10 +54,10 @@ class KernelOptions:
 
     temperature: float = 1.0
     softcap: float | None = None
-    with_entropy: bool = False    # the forward also gives the rows' entropy
-    entropy_grad: bool = False    # the loss has an entropy term: the backward takes dL/dH
-    launch: Any = None            # the engine's own launch options (Triton: LaunchOptions); None: defaults
-    outside: bool = False         # vocabulary parallel: targets of -1 lie in another rank's shard
+    with_entropy: bool = False  # the forward also gives the rows' entropy
+    entropy_grad: bool = False  # the loss has an entropy term: the backward takes dL/dH
+    launch: Any = None  # the engine's own launch options (Triton: LaunchOptions); None: defaults
+    outside: bool = False  # vocabulary parallel: targets of -1 lie in another rank's shard
 
     def key(self) -> str:
         """Every field, as text (what a custom op's schema can carry; built from the fields one by
@@ -86,11 +87,11 @@ def parse_value(text: str):
 
 
 class ForwardRequest(NamedTuple):
-    hidden: Tensor            # [N, H], rows contiguous
-    weight: Tensor            # [V, H]
-    bias: Tensor | None       # [V]
-    targets: Tensor           # [N] int64 in [0, V) (-1 with KernelOptions.outside)
-    valid: Tensor             # [N] bool
+    hidden: Tensor  # [N, H], rows contiguous
+    weight: Tensor  # [V, H]
+    bias: Tensor | None  # [V]
+    targets: Tensor  # [N] int64 in [0, V) (-1 with KernelOptions.outside)
+    valid: Tensor  # [N] bool
 
 
 class RowPartials(NamedTuple):
@@ -107,12 +108,12 @@ class RowPartials(NamedTuple):
 class RowStats(NamedTuple):
     """Per-row results of a forward, all ``[N]``, 0 at rows that were not valid."""
 
-    logp: Tensor            # log-prob of the target, fp32 (fp64 for fp64 inputs)
-    m: Tensor               # the row's max logit
-    log_s: Tensor           # log sum exp(z - m): lse = m + log_s
-    q: Tensor               # 1 - p of the target, without cancellation
-    entropy: Tensor         # of the row's distribution; 0 unless asked for
-    target_is_max: Tensor   # bool: the target's logit is a maximum of the row (argmax accuracy)
+    logp: Tensor  # log-prob of the target, fp32 (fp64 for fp64 inputs)
+    m: Tensor  # the row's max logit
+    log_s: Tensor  # log sum exp(z - m): lse = m + log_s
+    q: Tensor  # 1 - p of the target, without cancellation
+    entropy: Tensor  # of the row's distribution; 0 unless asked for
+    target_is_max: Tensor  # bool: the target's logit is a maximum of the row (argmax accuracy)
 
 
 class Needs(NamedTuple):
@@ -126,9 +127,9 @@ class BackwardRequest(NamedTuple):
     and, with an entropy term, ``entropy``), the upstream per-row gradients and which input
     gradients to form."""
 
-    inputs: ForwardRequest    # its ``valid`` is unused: the active rows are those with g != 0
+    inputs: ForwardRequest  # its ``valid`` is unused: the active rows are those with g != 0
     rows: RowStats
-    g: Tensor                 # [N] dL/dlogp, the stats' dtype
+    g: Tensor  # [N] dL/dlogp, the stats' dtype
     g_entropy: Tensor | None  # [N] dL/dentropy when the loss has an entropy term
     need: Needs
 
@@ -144,8 +145,8 @@ class Engine(Protocol):
     """The contract every engine implements (see the module docstring)."""
 
     name: str
-    dtypes: tuple[torch.dtype, ...]   # input dtypes it computes (others: a TypeError before it runs)
-    launch_options: type | None       # its launch options' class (with key / from_key), or None
+    dtypes: tuple[torch.dtype, ...]  # input dtypes it computes (others: a TypeError before it runs)
+    launch_options: type | None  # its launch options' class (with key / from_key), or None
 
     def supports(self, hidden: Tensor, options: KernelOptions) -> str | None:
         """Why this engine cannot run these inputs here (device, dtype, hardware, package), or None."""
@@ -160,8 +161,11 @@ class Engine(Protocol):
 _ENGINES: dict[str, Engine] = {}
 # the built-in engines, imported on first use (the Triton one imports triton, which reads
 # TRITON_INTERPRET at import)
-_BUILT_IN = {"torch": "gft_kernels.torch_backend", "triton": "gft_kernels.triton_ops.launch",
-             "reference": "gft_kernels.reference"}
+_BUILT_IN = {
+    "torch": "gft_kernels.torch_backend",
+    "triton": "gft_kernels.triton_ops.launch",
+    "reference": "gft_kernels.reference",
+}
 
 
 def register_engine(engine: Engine) -> Engine:
@@ -175,7 +179,8 @@ def register_engine(engine: Engine) -> Engine:
 def get_engine(name: str) -> Engine:
     if name not in _ENGINES and name in _BUILT_IN:
         import importlib
-        importlib.import_module(_BUILT_IN[name])   # registers itself
+
+        importlib.import_module(_BUILT_IN[name])  # registers itself
     return _ENGINES[name]
 
 
@@ -195,13 +200,15 @@ def merge_partials(part: RowPartials, group=None) -> RowPartials:
     m = part.m.amax(dim=0)
     if group is not None:
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    shift = part.m - m                          # <= 0
+    shift = part.m - m  # <= 0
     scale = torch.exp(shift)
-    merged = [(part.s_excl * scale).sum(dim=0),
-              part.z_t.sum(dim=0)]              # only the set holding the target adds a nonzero z_t
+    merged = [
+        (part.s_excl * scale).sum(dim=0),
+        part.z_t.sum(dim=0),
+    ]  # only the set holding the target adds a nonzero z_t
     if part.s_all is not None:
         merged.append((part.s_all * scale).sum(dim=0))
-        merged.append((scale * (part.t + shift * part.s_all)).sum(dim=0))   # t re-centred on m
+        merged.append((scale * (part.t + shift * part.s_all)).sum(dim=0))  # t re-centred on m
     if group is not None:
         merged = torch.stack(merged)
         dist.all_reduce(merged, group=group)
@@ -225,7 +232,7 @@ def finish_logprob(merged: RowPartials):
     V = 1, s_excl = 0 and p = 1 exactly.
     """
     m, s_excl, z_t, s_all, t = merged
-    d = s_excl.log() + m - z_t                    # lse_excl - z_t
+    d = s_excl.log() + m - z_t  # lse_excl - z_t
     logp = -F.softplus(d)
     q = torch.sigmoid(d)
     log_s = torch.log(s_excl + torch.exp(z_t - m))  # >= 0: the max column adds exp(0) = 1

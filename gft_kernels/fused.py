@@ -11,6 +11,7 @@ Two paths stay eager (``torch.compiler.disable``): a vocabulary-parallel call (i
 take a process group, which an op's schema cannot carry) and the chunked engine's one-pass
 loss (its head is a Python callable); under ``torch.compile`` the latter takes the ops.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,8 +45,9 @@ def _acc_dtype(dtype):
 
 
 @torch.library.custom_op("gft_kernels::row_stats", mutates_args=())
-def _row_stats(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, valid: Tensor,
-               spec: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _row_stats(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, valid: Tensor, spec: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     engine, options = _unspec(spec)
     # the products in the inputs' dtype, whatever autocast region the op is called from
     with torch.autocast(hidden.device.type, enabled=False):
@@ -60,11 +62,20 @@ def _(hidden, weight, bias, targets, valid, spec):
 
 
 @torch.library.custom_op("gft_kernels::row_grads", mutates_args=())
-def _row_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, rows: list[Tensor],
-               g: Tensor, g_entropy: Tensor | None, need: list[bool], spec: str) -> tuple[Tensor, Tensor, Tensor]:
+def _row_grads(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    rows: list[Tensor],
+    g: Tensor,
+    g_entropy: Tensor | None,
+    need: list[bool],
+    spec: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     engine, options = _unspec(spec)
     m, log_s, q, entropy = rows
-    stats = RowStats(m, m, log_s, q, entropy, m)   # logp and target_is_max are not read
+    stats = RowStats(m, m, log_s, q, entropy, m)  # logp and target_is_max are not read
     request = BackwardRequest(ForwardRequest(hidden, weight, bias, targets, None), stats, g, g_entropy, Needs(*need))
     # custom_bwd's treatment: the forward ran with autocast off, so does the backward
     with torch.autocast(hidden.device.type, enabled=False):
@@ -88,17 +99,25 @@ def _setup_row_stats(ctx, inputs, output):
 def _row_stats_backward(ctx, dlogp, _dm, _dlog_s, _dq, dentropy, _dmax):
     hidden, weight, bias, targets, m, log_s, q, entropy = ctx.saved_tensors
     _, options = _unspec(ctx.spec)
-    need = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]),
-            bool(ctx.needs_input_grad[2]) and bias is not None]
+    need = [
+        bool(ctx.needs_input_grad[0]),
+        bool(ctx.needs_input_grad[1]),
+        bool(ctx.needs_input_grad[2]) and bias is not None,
+    ]
     # an op's unused outputs get zero gradients: dL/dentropy is read only when the loss has an
     # entropy term (stats are detached)
     g_entropy = dentropy.to(q.dtype) if options.entropy_grad else None
-    dh, dw, db = _row_grads(hidden, weight, bias, targets, [m, log_s, q, entropy], dlogp.to(q.dtype), g_entropy,
-                            need, ctx.spec)
-    return (dh if need[0] else None,   # hidden
-            dw if need[1] else None,   # weight
-            db if need[2] else None,   # bias
-            None, None, None)          # targets, valid, spec
+    dh, dw, db = _row_grads(
+        hidden, weight, bias, targets, [m, log_s, q, entropy], dlogp.to(q.dtype), g_entropy, need, ctx.spec
+    )
+    return (
+        dh if need[0] else None,  # hidden
+        dw if need[1] else None,  # weight
+        db if need[2] else None,  # bias
+        None,
+        None,
+        None,
+    )  # targets, valid, spec
 
 
 torch.library.register_autograd("gft_kernels::row_stats", _row_stats_backward, setup_context=_setup_row_stats)
@@ -150,9 +169,16 @@ class VocabParallelLogProb(torch.autograd.Function):
             dh, dw, db = ctx.engine.backward(request, ctx.options)
         if dh is not None:
             dist.all_reduce(dh, group=ctx.group)  # every shard's dz @ W_shard, summed
-        return (None,                    # engine
-                dh, dw, db,              # hidden, weight, bias
-                None, None, None, None)  # targets, valid, options, group
+        return (
+            None,  # engine
+            dh,
+            dw,
+            db,  # hidden, weight, bias
+            None,
+            None,
+            None,
+            None,
+        )  # targets, valid, options, group
 
 
 class _PrecomputedGrads(torch.autograd.Function):
@@ -166,13 +192,16 @@ class _PrecomputedGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.grads is None:
-            raise RuntimeError("the chunked engine formed this loss's gradients in its forward: they can be "
-                               "taken once (for retain_graph or double backward, use backend='reference')")
+            raise RuntimeError(
+                "the chunked engine formed this loss's gradients in its forward: they can be "
+                "taken once (for retain_graph or double backward, use backend='reference')"
+            )
         dh, dw, db = ctx.grads
         ctx.grads = None  # scaled in place: no second copy of the gradients
 
         def scaled(x):
             return None if x is None else x.mul_(grad.to(x.dtype))
+
         return scaled(dh), scaled(dw), scaled(db), None, None
 
 

@@ -16,6 +16,7 @@ no KL or entropy term) is a row the fused backward skips. SFT, DFT and on-policy
 are settings of this head (tau = 0, tau > 1, tau = 0 with any A); at ``old_logp = sg(logp)``
 (r = 1) the clipped objective's gradient is the on-policy one.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,11 +34,11 @@ REDUCTIONS = ("mean", "sum", "none", "seq-mean-token-mean", "seq-mean-token-sum"
 class PolicyTerms:
     """The GRPO-family terms of the per-token loss beyond GFT (all optional; flat ``[N]`` tensors)."""
 
-    old_logp: Tensor | None = None   # behaviour policy's log-probs: importance ratio and clipping
+    old_logp: Tensor | None = None  # behaviour policy's log-probs: importance ratio and clipping
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
-    ref_logp: Tensor | None = None   # reference model's log-probs: KL penalty
+    ref_logp: Tensor | None = None  # reference model's log-probs: KL penalty
     beta: float = 0.0
     kl: str = "k3"
     entropy_coef: float = 0.0
@@ -178,8 +179,9 @@ def aggregation_reduction(name: str, n_tokens: float, n_seqs: float, max_length:
     return name, max(n_seqs, 1e-9)
 
 
-def head_stats(logp: Tensor, entropy: Tensor, target_is_max: Tensor, valid: Tensor, tau: float, aux: dict,
-               shape: torch.Size) -> GFTStats:
+def head_stats(
+    logp: Tensor, entropy: Tensor, target_is_max: Tensor, valid: Tensor, tau: float, aux: dict, shape: torch.Size
+) -> GFTStats:
     logp = logp.detach()
     n_valid = valid.sum()
     count = n_valid.clamp_min(1).to(logp.dtype)

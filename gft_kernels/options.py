@@ -10,6 +10,7 @@
 ``gft_loss`` builds them from its keywords, ``GFTLoss`` once at construction; the trainer, the
 TRL trainer and the verl loss import ``IGNORE_INDEX`` and ``check_tau`` from here.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,10 +54,14 @@ def _normalizer(normalizer, reduction):
     if normalizer is None:
         return None
     if reduction in ("sum", "none"):
-        raise ValueError(f"normalizer applies to reduction='mean' and the 'seq-' reductions, got reduction={reduction!r}")
+        raise ValueError(
+            f"normalizer applies to reduction='mean' and the 'seq-' reductions, got reduction={reduction!r}"
+        )
     if isinstance(normalizer, Tensor):
         if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}")
+            raise ValueError(
+                f"normalizer must be a number or a one-element tensor, got shape {tuple(normalizer.shape)}"
+            )
         return normalizer
     normalizer = real("normalizer", normalizer)
     if normalizer <= 0:
@@ -113,9 +118,16 @@ class PolicyOptions:
         """The terms of one call: these options with that call's flat per-token log-probs."""
         if self.beta > 0 and ref_logp is None:
             raise ValueError(f"beta={self.beta} needs ref_logp (the reference model's per-token log-probs)")
-        return PolicyTerms(old_logp=old_logp, clip_low=self.clip_low, clip_high=self.clip_high,
-                           dual_clip=self.dual_clip, ref_logp=ref_logp, beta=self.beta, kl=self.kl,
-                           entropy_coef=self.entropy_coef)
+        return PolicyTerms(
+            old_logp=old_logp,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            dual_clip=self.dual_clip,
+            ref_logp=ref_logp,
+            beta=self.beta,
+            kl=self.kl,
+            entropy_coef=self.entropy_coef,
+        )
 
 
 @dataclass(frozen=True)
@@ -138,27 +150,39 @@ class LogitOptions:
 @dataclass(frozen=True)
 class RunOptions:
     backend: str = "auto"
-    launch: Any = None             # gft_kernels.triton_ops.LaunchOptions or None
+    launch: Any = None  # gft_kernels.triton_ops.LaunchOptions or None
     vocab_parallel_group: Any = None
     vocab_start: int | None = None
     return_stats: bool = False
     check_values: bool = True
 
     @classmethod
-    def build(cls, backend="auto", launch_options=None, vocab_parallel_group=None, vocab_start=None,
-              return_stats=False, check_values=True) -> RunOptions:
+    def build(
+        cls,
+        backend="auto",
+        launch_options=None,
+        vocab_parallel_group=None,
+        vocab_start=None,
+        return_stats=False,
+        check_values=True,
+    ) -> RunOptions:
         check_backend_name(backend)
         if launch_options is not None:
             from .triton_ops import LaunchOptions
+
             if not isinstance(launch_options, LaunchOptions):
-                raise TypeError(f"launch_options must be a gft_kernels.triton_ops.LaunchOptions or None, "
-                                f"got {type(launch_options).__name__}")
-        if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)
-                                        or vocab_start < 0):
+                raise TypeError(
+                    f"launch_options must be a gft_kernels.triton_ops.LaunchOptions or None, "
+                    f"got {type(launch_options).__name__}"
+                )
+        if vocab_start is not None and (
+            isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+        ):
             raise ValueError(f"vocab_start must be an int >= 0 or None, got {vocab_start!r}")
         if vocab_parallel_group is not None and backend == "reference":
-            raise ValueError("vocab_parallel_group needs backend 'torch' or 'triton' (the reference materializes "
-                             "the full logits)")
+            raise ValueError(
+                "vocab_parallel_group needs backend 'torch' or 'triton' (the reference materializes the full logits)"
+            )
         return cls(backend, launch_options, vocab_parallel_group, vocab_start, bool(return_stats), bool(check_values))
 
 
@@ -174,7 +198,8 @@ class GFTOptions:
     def kernel(self, backend: str) -> KernelOptions:
         """The engine's view: how logits are made, what the backward takes, how to launch."""
         return KernelOptions(
-            temperature=self.logits.temperature, softcap=self.logits.softcap,
+            temperature=self.logits.temperature,
+            softcap=self.logits.softcap,
             with_entropy=self.run.return_stats or self.policy.entropy_coef != 0.0,
             entropy_grad=self.policy.entropy_coef != 0.0,
             launch=self.run.launch if backend == "triton" else None,

@@ -7,6 +7,7 @@ In half precision it is also "naive PyTorch" as a careful user writes it: the lo
 in the input dtype (fp32 accumulation inside the matmul, one rounding), then log-softmax in
 fp32. Its error in bf16/fp16 is the budget the fused kernels must stay within.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,11 +18,11 @@ from .engine import BackwardRequest, ForwardRequest, Grads, KernelOptions, RowPa
 
 
 def reference_logprobs(
-    hidden: Tensor,          # [N, H]
-    weight: Tensor,          # [V, H]
-    bias: Tensor | None,     # [V]
-    targets: Tensor,         # [N] int64, in [0, V) (ignored rows already replaced by 0)
-    valid: Tensor,           # [N] bool
+    hidden: Tensor,  # [N, H]
+    weight: Tensor,  # [V, H]
+    bias: Tensor | None,  # [V]
+    targets: Tensor,  # [N] int64, in [0, V) (ignored rows already replaced by 0)
+    valid: Tensor,  # [N] bool
     temperature: float,
     softcap: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -96,8 +97,11 @@ class ReferenceEngine:
             dz *= cap
         dz = (dz / options.temperature).to(hidden.dtype)
         need = request.need
-        return Grads(dz @ weight if need.dhidden else None, dz.t() @ hidden if need.dweight else None,
-                     dz.sum(0) if need.dbias else None)
+        return Grads(
+            dz @ weight if need.dhidden else None,
+            dz.t() @ hidden if need.dweight else None,
+            dz.sum(0) if need.dbias else None,
+        )
 
 
 ENGINE = register_engine(ReferenceEngine())

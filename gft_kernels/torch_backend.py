@@ -16,6 +16,7 @@ Precision: the logits product is done in the input dtype (as naive PyTorch does)
 softmax in fp32 (float64 for float64 inputs); dlm_head is accumulated over chunks in that
 precision from ``dz`` in that precision.
 """
+
 from __future__ import annotations
 
 import functools
@@ -71,7 +72,8 @@ def _chunks(mask: Tensor, v: int):
             if rows is None:
                 yield torch.arange(start, min(start + c, count), device=mask.device)
             else:
-                yield rows[start:start + c]
+                yield rows[start : start + c]
+
     return c, each()
 
 
@@ -79,8 +81,9 @@ class _LogitsChunk:
     """Reusable buffers computing z = softcap((h W^T + b) / T) for a chunk of rows, in fp32
     (float64 for float64 inputs)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int, options: KernelOptions,
-                 storage: Tensor | None = None):
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, rows: int, options: KernelOptions, storage: Tensor | None = None
+    ):
         v = weight.shape[0]
         self.weight, self.bias = weight, bias
         self.temperature, self.softcap = options.temperature, options.softcap
@@ -124,7 +127,7 @@ def _add_products(dz, h, cap_grad, logits, dw32, db32, need_dh: bool) -> Tensor 
     if cap_grad is not None:
         dz.mul_(cap_grad)
     if logits.temperature != 1.0:
-        dz.mul_(1.0 / logits.temperature)                       # dL/d(h W^T + b)
+        dz.mul_(1.0 / logits.temperature)  # dL/d(h W^T + b)
     if db32 is not None:
         db32 += dz.sum(dim=0)
     if dw32 is not None:
@@ -143,15 +146,16 @@ class TorchEngine:
     launch_options = None
 
     def supports(self, hidden: Tensor, options: KernelOptions) -> str | None:
-        return None   # any device, any float dtype
+        return None  # any device, any float dtype
 
     def partials(self, request: ForwardRequest, options: KernelOptions) -> RowPartials:
         """Per-row partial statistics ``[1, N]`` over this weight's columns (one column set)."""
         hidden, weight, bias, targets, valid = request
         n, v = hidden.shape[0], weight.shape[0]
         # one [3 | 5, 1, N] buffer, by name (a single column set)
-        part = RowPartials(*torch.zeros(5 if options.with_entropy else 3, 1, n, device=hidden.device,
-                                        dtype=_acc_dtype(hidden.dtype)))
+        part = RowPartials(
+            *torch.zeros(5 if options.with_entropy else 3, 1, n, device=hidden.device, dtype=_acc_dtype(hidden.dtype))
+        )
         c, chunks = _chunks(valid, v)
         logits = _LogitsChunk(weight, bias, c, options)
         for idx in chunks:
@@ -161,7 +165,7 @@ class TorchEngine:
             z_t = z.gather(1, tgt).squeeze(1)
             if own is not None:
                 z_t = torch.where(own.squeeze(1), z_t, 0.0)
-            e = z.sub_(m[:, None]).exp_()                           # exp(z - m), in place
+            e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place
             if options.with_entropy:
                 # sum exp(z - m) (z - m) = -sum entr(e), entr(e) = -e ln e
                 part.s_all[0].index_copy_(0, idx, e.sum(dim=1))
@@ -199,8 +203,8 @@ class TorchEngine:
             else:
                 # the entropy term, dL/dz_j += g_H (-p_j (log p_j + H)): dz = -p (g + g_H (log p + H))
                 g_h = g_entropy.index_select(0, idx)[:, None]
-                p = lp.exp()                                   # the one extra [C, V] buffer
-                lp_h = lp.add_(rows.entropy.index_select(0, idx)[:, None])   # log p + H, in place
+                p = lp.exp()  # the one extra [C, V] buffer
+                lp_h = lp.add_(rows.entropy.index_select(0, idx)[:, None])  # log p + H, in place
                 target_value = target_value - g_h * p.gather(1, tgt) * lp_h.gather(1, tgt)
                 dz = lp_h.mul_(g_h).add_(g_c).mul_(p).neg_()
                 del p
@@ -210,8 +214,9 @@ class TorchEngine:
             grads.add_rows(idx, _add_products(dz, h, cap_grad, logits, grads.dw32, grads.db32, grads.need_dh))
         return grads.result()
 
-    def loss_and_grads(self, request: ForwardRequest, options: KernelOptions, token_loss, token_weight: Tensor,
-                       need: Needs):
+    def loss_and_grads(
+        self, request: ForwardRequest, options: KernelOptions, token_loss, token_weight: Tensor, need: Needs
+    ):
         """The loss and its gradients in one chunked pass, for a scalar loss that will be
         differentiated: 3 matrix products (logits, dW, dH) instead of 4, since the logits are
         not recomputed in a backward.
@@ -229,7 +234,7 @@ class TorchEngine:
             loss, stats = _shared_loss_and_grads(request, options, (token_loss, token_weight), grads, shares)
             return loss, stats, grads.result()
         buffer = torch.zeros(6, hidden.shape[0], device=hidden.device, dtype=acc)
-        stats = RowStats(*buffer)   # its fields by name, one buffer (target_is_max as 0 / 1 until the end)
+        stats = RowStats(*buffer)  # its fields by name, one buffer (target_is_max as 0 / 1 until the end)
         loss = torch.zeros((), device=hidden.device, dtype=acc)
         c, chunks = _chunks(valid, weight.shape[0])  # as the forward: bit-identical log-probs
         logits = _LogitsChunk(weight, bias, c, options)
@@ -244,13 +249,13 @@ class TorchEngine:
             g, g_h, chunk_loss = _head_grads(token_loss, token_weight, row, idx, options.with_entropy)
             loss += chunk_loss
             target_value = (g * row.q)[:, None]
-            scale = torch.exp(-row.log_s)                 # exp(z - m) * scale = softmax
+            scale = torch.exp(-row.log_s)  # exp(z - m) * scale = softmax
             if g_h is None:
                 # -g p off the target column in one pass (e's target column is 0; it is set below)
                 dz = e.mul_((-g * scale)[:, None])
             else:
                 p = e.scatter_(1, tgt, e_t).mul_(scale[:, None])
-                lp_h = zm.sub_(row.log_s[:, None]).add_(row.entropy[:, None])          # log p + H, in z's buffer
+                lp_h = zm.sub_(row.log_s[:, None]).add_(row.entropy[:, None])  # log p + H, in z's buffer
                 target_value = target_value - g_h[:, None] * p.gather(1, tgt) * lp_h.gather(1, tgt)
                 dz = lp_h.mul_(g_h[:, None]).add_(g[:, None]).mul_(p).neg_()
             dz.scatter_(1, tgt, target_value)
@@ -267,8 +272,13 @@ def _column_shares(hidden: Tensor, v: int, options: KernelOptions) -> list[slice
     (``cpu_threads.py`` says why), or None: one thread, a small vocabulary, a GPU, 16-bit inputs
     (whose dH would be rounded once per share), a torch without OpenMP threads."""
     threads = torch.get_num_threads()
-    if (hidden.device.type != "cpu" or hidden.dtype not in (torch.float32, torch.float64) or options.outside
-            or threads < 2 or not cpu_threads.SUPPORTED):
+    if (
+        hidden.device.type != "cpu"
+        or hidden.dtype not in (torch.float32, torch.float64)
+        or options.outside
+        or threads < 2
+        or not cpu_threads.SUPPORTED
+    ):
         return None
     count = min(threads, v // MIN_SHARE_COLUMNS)
     return [slice(k * v // count, (k + 1) * v // count) for k in range(count)] if count > 1 else None
@@ -278,8 +288,15 @@ class _ColumnShare:
     """One thread's columns in the one-pass path: their logits, partial statistics and
     products (the rows of dW and db of these columns are this share's alone)."""
 
-    def __init__(self, cols: slice, request: ForwardRequest, rows: int, options: KernelOptions, grads: _Gradients,
-                 buffers: dict[str, Tensor]):
+    def __init__(
+        self,
+        cols: slice,
+        request: ForwardRequest,
+        rows: int,
+        options: KernelOptions,
+        grads: _Gradients,
+        buffers: dict[str, Tensor],
+    ):
         weight, bias = request.weight[cols], None if request.bias is None else request.bias[cols]
         self.start, self.count = cols.start, cols.stop - cols.start
         # this share's rows x count floats of each buffer: the logits, with a softcap its
@@ -299,17 +316,17 @@ class _ColumnShare:
         keeps exp(z - m) (and z - m) for ``products``."""
         z = self.logits(h)
         cap_grad = None
-        if self.cap is not None:   # 1 - (z / c)^2, into its buffer
+        if self.cap is not None:  # 1 - (z / c)^2, into its buffer
             cap_grad = torch.div(z, self.logits.softcap, out=self.cap[: z.shape[0]]).square_().neg_().add_(1.0)
         local = tgt - self.start
-        own = (local >= 0) & (local < self.count)           # the target is one of these columns
+        own = (local >= 0) & (local < self.count)  # the target is one of these columns
         local = local.clamp(0, self.count - 1)
         m = z.amax(dim=1)
         z_t = torch.where(own, z.gather(1, local), 0.0).squeeze(1)
-        zm = z.sub_(m[:, None])                             # z - m, in place
+        zm = z.sub_(m[:, None])  # z - m, in place
         e = zm.exp_() if self.probs is None else torch.exp(zm, out=self.probs[: z.shape[0]])
         entropy_parts = ()
-        if self.probs is not None:   # sum exp(z - m) and sum exp(z - m) (z - m), the product in its buffer
+        if self.probs is not None:  # sum exp(z - m) and sum exp(z - m) (z - m), the product in its buffer
             entropy_parts = (e.sum(dim=1), torch.mul(e, zm, out=self.product[: z.shape[0]]).sum(dim=1))
         e_t = e.gather(1, local)
         e.scatter_(1, local, torch.where(own, 0.0, e_t))
@@ -321,13 +338,13 @@ class _ColumnShare:
         returns the rows' dH share."""
         h, e, zm, local, own, m_share, e_t, cap_grad = self.held
         self.held = None
-        shift = row.m - m_share + row.log_s                 # z - m_share - shift = log softmax
-        scale = torch.exp(-shift)                           # exp(z - m_share) * scale = softmax
+        shift = row.m - m_share + row.log_s  # z - m_share - shift = log softmax
+        scale = torch.exp(-shift)  # exp(z - m_share) * scale = softmax
         if g_h is None:
             dz = e.mul_((-g * scale)[:, None])
         else:
             p = e.scatter_(1, local, torch.where(own, e_t, e.gather(1, local))).mul_(scale[:, None])
-            lp_h = zm.sub_(shift[:, None]).add_(row.entropy[:, None])      # log p + H, in place
+            lp_h = zm.sub_(shift[:, None]).add_(row.entropy[:, None])  # log p + H, in place
             target_value = target_value - g_h[:, None] * p.gather(1, local) * lp_h.gather(1, local)
             dz = lp_h.mul_(g_h[:, None]).add_(g[:, None]).mul_(p).neg_()
         dz.scatter_(1, local, torch.where(own, target_value, dz.gather(1, local)))
@@ -341,8 +358,7 @@ def _share_step(share: _ColumnShare, previous, h: Tensor | None, tgt: Tensor | N
     return dh_rows, None if h is None else share.partials(h, tgt)
 
 
-def _shared_loss_and_grads(request: ForwardRequest, options: KernelOptions, head, grads: _Gradients,
-                           cols: list[slice]):
+def _shared_loss_and_grads(request: ForwardRequest, options: KernelOptions, head, grads: _Gradients, cols: list[slice]):
     """``TorchEngine.loss_and_grads`` with the vocabulary split between threads: per chunk,
     each thread forms its columns' partial statistics, this thread merges them
     (``merge_partials``, as the vocabulary-parallel op does) and differentiates the head, and
@@ -390,8 +406,8 @@ def _softmax_rows(z: Tensor, tgt: Tensor, probs: Tensor | None, with_entropy: bo
     exp(z - m))."""
     m = z.amax(dim=1)
     z_t = z.gather(1, tgt).squeeze(1)
-    zm = z.sub_(m[:, None])                                  # z - m, in place
-    e = torch.exp(zm, out=probs[: z.shape[0]]) if with_entropy else zm.exp_()   # exp(z - m)
+    zm = z.sub_(m[:, None])  # z - m, in place
+    e = torch.exp(zm, out=probs[: z.shape[0]]) if with_entropy else zm.exp_()  # exp(z - m)
     s_all = t = None
     if with_entropy:
         s_all, t = e.sum(dim=1), (e * zm).sum(dim=1)

@@ -4,6 +4,7 @@ Shape, dtype and option checks cost nothing. Value checks (target ids in range, 
 advantages, positive normalizer) read tensor contents: one host sync on CUDA, combined into a
 single ``.item()``; ``check_values=False`` skips them.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -45,7 +46,9 @@ def check_tensors(hidden, weight, bias, targets, adv) -> tuple[Tensor, Tensor]:
     if weight.shape[0] == 0 or weight.shape[1] == 0:
         raise ValueError(f"lm_head must have V >= 1 and H >= 1, got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and lm_head must have the same dtype, got hidden {hidden.dtype} and lm_head {weight.dtype}")
+        raise TypeError(
+            f"hidden and lm_head must have the same dtype, got hidden {hidden.dtype} and lm_head {weight.dtype}"
+        )
     if weight.device != hidden.device:
         raise ValueError(f"hidden and lm_head must be on the same device, got {hidden.device} and {weight.device}")
     if bias is not None:
@@ -54,13 +57,17 @@ def check_tensors(hidden, weight, bias, targets, adv) -> tuple[Tensor, Tensor]:
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(f"bias must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), got ({bias.dtype}, {bias.device})")
+            raise TypeError(
+                f"bias must match hidden's dtype and device ({hidden.dtype}, {hidden.device}), got ({bias.dtype}, {bias.device})"
+            )
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be an integer tensor, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets must be int64 (or int32), got {targets.dtype}")
     if targets.shape != hidden.shape[:-1]:
-        raise ValueError(f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}"
+        )
     if targets.device != hidden.device:
         raise ValueError(f"targets must be on hidden's device {hidden.device}, got {targets.device}")
     return targets.long(), broadcast_adv(adv, targets)
@@ -79,8 +86,10 @@ def _per_token(name: str, x, targets: Tensor) -> Tensor:
 def check_policy_tensors(targets, reduction, old_logp, ref_logp) -> dict:
     """The per-token log-probs by name, broadcast to targets' shape (for the value checks)."""
     if reduction.startswith("seq-") and targets.dim() < 2:
-        raise ValueError(f"reduction={reduction!r} needs targets of shape [B, T, ...] (sequences first), "
-                         f"got shape {tuple(targets.shape)}")
+        raise ValueError(
+            f"reduction={reduction!r} needs targets of shape [B, T, ...] (sequences first), "
+            f"got shape {tuple(targets.shape)}"
+        )
     per_token = {}
     if old_logp is not None:
         per_token["old_logp"] = _per_token("old_logp", old_logp, targets)
@@ -111,8 +120,9 @@ def broadcast_adv(adv, targets: Tensor, name: str = "adv") -> Tensor:
         ) from None
 
 
-def check_input_values(targets: Tensor, adv: Tensor, normalizer, vocab: int, ignore_index: int,
-                       per_token: dict | None = None) -> None:
+def check_input_values(
+    targets: Tensor, adv: Tensor, normalizer, vocab: int, ignore_index: int, per_token: dict | None = None
+) -> None:
     """Content checks, one host sync for all of them; details are computed only on failure.
     Per-token log-probs (``per_token``: name -> tensor of targets' shape) must be finite and
     <= 0 at valid tokens (anything at ignored ones)."""
@@ -158,8 +168,11 @@ def check_backend(backend: str, hidden: Tensor, options: KernelOptions = KernelO
         key = (str(hidden.device), reason)
         if key not in _auto_warned:
             _auto_warned.add(key)
-            warnings.warn(f"gft_loss(backend='auto') uses the chunked torch engine on {hidden.device}: {reason} "
-                          "(backend='triton' forces the Triton engine)", stacklevel=5)
+            warnings.warn(
+                f"gft_loss(backend='auto') uses the chunked torch engine on {hidden.device}: {reason} "
+                "(backend='triton' forces the Triton engine)",
+                stacklevel=5,
+            )
         return "torch"
     try:
         engine = get_engine(backend)
@@ -167,8 +180,10 @@ def check_backend(backend: str, hidden: Tensor, options: KernelOptions = KernelO
         raise ValueError(f"backend={backend!r} needs the {err.name} package (pip install 'gft[triton]')") from err
     if hidden.dtype not in engine.dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in engine.dtypes)
-        raise TypeError(f"backend={backend!r} supports {names} inputs, got {str(hidden.dtype).replace('torch.', '')}"
-                        + (" (use backend='reference')" if hidden.dtype == torch.float64 else ""))
+        raise TypeError(
+            f"backend={backend!r} supports {names} inputs, got {str(hidden.dtype).replace('torch.', '')}"
+            + (" (use backend='reference')" if hidden.dtype == torch.float64 else "")
+        )
     reason = engine.supports(hidden, options)
     if reason is not None:
         raise ValueError(reason)

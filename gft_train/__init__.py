@@ -3,6 +3,7 @@
 prompts (JSONL/Parquet) -> groups (expert / teacher / self responses) -> rewards -> advantages
 -> batches -> training with ``gft_kernels.gft_loss`` on the model's hidden states -> checkpoints.
 """
+
 from gft_kernels import __version__  # one version number for the project (pyproject reads it there)
 
 from .groups import Group, Response, group_advantages

@@ -6,6 +6,7 @@ temporary name and renamed when complete; ``--resume`` continues from the newest
 (``load_state``) and reaches the same weights as an uninterrupted run. The final model is
 written the same way, to ``output_dir/final``.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ from . import config as config_mod
 from .groups import Group, load_groups, save_groups
 
 # What a run writes in output_dir: a directory holding any of them holds a run.
-RUN_FILES = ("checkpoints", "final", "final.tmp", "metrics.jsonl", "tensorboard", "training.png", "groups.jsonl",
-             "gft_config.yaml")
+RUN_FILES = (
+    "checkpoints",
+    "final",
+    "final.tmp",
+    "metrics.jsonl",
+    "tensorboard",
+    "training.png",
+    "groups.jsonl",
+    "gft_config.yaml",
+)
 
 
 def _previous_run(out: Path) -> list[str]:
@@ -47,13 +56,17 @@ def claim_output_dir(cfg: config_mod.Config, is_main: bool = True) -> Path | Non
     latest = latest_checkpoint(out)
     if not cfg.resume:
         if found:
-            raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
-                                  "--overwrite-output-dir to replace it, or another output_dir")
+            raise FileExistsError(
+                f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+                "--overwrite-output-dir to replace it, or another output_dir"
+            )
         return None
     if latest is None:
         if found:
-            raise FileExistsError(f"--resume: {out} holds a run ({', '.join(found)}) but no complete checkpoint to "
-                                  "resume from: pass --overwrite-output-dir to replace it, or another output_dir")
+            raise FileExistsError(
+                f"--resume: {out} holds a run ({', '.join(found)}) but no complete checkpoint to "
+                "resume from: pass --overwrite-output-dir to replace it, or another output_dir"
+            )
         return None
     _check_same_config(latest, out, cfg)
     return latest
@@ -66,8 +79,10 @@ def _check_same_config(latest: Path, out: Path, cfg: config_mod.Config) -> None:
         changed = config_mod.changed_fields(config_mod.load_saved(saved_path), cfg)
         if changed:
             said = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(f"--resume: the configuration differs from the run's ({saved_path}) in {said}; "
-                             f"a resume may change only {', '.join(sorted(config_mod.RESUMABLE))}")
+            raise ValueError(
+                f"--resume: the configuration differs from the run's ({saved_path}) in {said}; "
+                f"a resume may change only {', '.join(sorted(config_mod.RESUMABLE))}"
+            )
 
 
 @dataclass
@@ -79,8 +94,9 @@ class Resumed:
     groups: list[Group]
 
 
-def save_checkpoint(acc, out: Path, cfg: config_mod.Config, step: int, groups: list[Group] | None,
-                    pool_start: int) -> None:
+def save_checkpoint(
+    acc, out: Path, cfg: config_mod.Config, step: int, groups: list[Group] | None, pool_start: int
+) -> None:
     """``out/checkpoints/step-N``, complete or absent (every process must call it)."""
     final = out / "checkpoints" / f"step-{step}"
     tmp = final.with_name(final.name + ".tmp")
@@ -93,15 +109,17 @@ def save_checkpoint(acc, out: Path, cfg: config_mod.Config, step: int, groups: l
     acc.wait_for_everyone()
     if acc.is_main_process:
         save_groups(groups, tmp / "groups.jsonl")
-        config_mod.save(cfg, tmp / "gft_config.yaml")   # what a --resume is compared with
+        config_mod.save(cfg, tmp / "gft_config.yaml")  # what a --resume is compared with
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "pool_start": pool_start}))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        if cfg.save_total_limit:   # the newest complete ones stay (the one just written among them)
-            done = sorted((d for d in final.parent.glob("step-*") if (d / "trainer_state.json").is_file()),
-                          key=lambda d: int(d.name.split("-")[1]))
-            for old in done[:-cfg.save_total_limit]:
+        if cfg.save_total_limit:  # the newest complete ones stay (the one just written among them)
+            done = sorted(
+                (d for d in final.parent.glob("step-*") if (d / "trainer_state.json").is_file()),
+                key=lambda d: int(d.name.split("-")[1]),
+            )
+            for old in done[: -cfg.save_total_limit]:
                 shutil.rmtree(old)
     acc.wait_for_everyone()
 
@@ -110,8 +128,9 @@ def load_checkpoint(acc, checkpoint: Path, max_steps: int) -> Resumed:
     """accelerate's state loaded from ``checkpoint``; the step and groups it holds."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     if state["step"] > max_steps:
-        raise ValueError(f"--resume: max_steps {max_steps} is below the checkpoint's step {state['step']} "
-                         f"({checkpoint})")
+        raise ValueError(
+            f"--resume: max_steps {max_steps} is below the checkpoint's step {state['step']} ({checkpoint})"
+        )
     acc.load_state(str(checkpoint))
     return Resumed(state["step"], state["pool_start"], load_groups(checkpoint / "groups.jsonl"))
 

@@ -11,6 +11,7 @@ An error ends the command with one line on stderr (file, row, field, value where
 and exit status 1; ``--debug`` or ``GFT_DEBUG=1`` shows the traceback instead. ``main`` itself
 raises (for callers in Python); ``cli`` is the console entry point.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,10 @@ from pathlib import Path
 
 try:
     from . import config as config_mod
-except ModuleNotFoundError as e:   # `pip install gft` is the kernel library alone
-    raise SystemExit(f"gft-train needs the trainer's dependencies ({e.name} is not installed): "
-                     "pip install 'gft[train]'") from e
+except ModuleNotFoundError as e:  # `pip install gft` is the kernel library alone
+    raise SystemExit(
+        f"gft-train needs the trainer's dependencies ({e.name} is not installed): pip install 'gft[train]'"
+    ) from e
 
 
 def _cmd_build_groups(cfg):
@@ -38,7 +40,9 @@ def _cmd_build_groups(cfg):
         raise ValueError("build-groups needs --groups-file (where to write the groups)")
     rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config)
     model, tokenizer = load_model(cfg.model)
-    engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=cfg.model, cfg=cfg) if cfg.n_self else None
+    engine = (
+        make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=cfg.model, cfg=cfg) if cfg.n_self else None
+    )
     teacher = None
     if cfg.teacher_model:
         t_model, t_tok = load_model(cfg.teacher_model)
@@ -61,30 +65,41 @@ def _cmd_eval(cfg, base_model: str | None):
     cfg = cfg.resolved()
     result = evaluate_model(cfg.model, {"eval": cfg.eval_file}, cfg, base_dir=base_model or None)
     out = {**result.pop("eval"), **result}
-    print(json.dumps({k: v for k, v in out.items() if k != "per_prompt"}, indent=1))   # the summary
+    print(json.dumps({k: v for k, v in out.items() if k != "per_prompt"}, indent=1))  # the summary
     return out
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="gft-train", description="Group Fine-Tuning on accelerate. With no command: the embedded demo.",
+        prog="gft-train",
+        description="Group Fine-Tuning on accelerate. With no command: the embedded demo.",
         epilog="`gft-train COMMAND --help` lists the command's flags, each with its help and default. Every "
-               "config field is a flag and a YAML key (--config); flags given override the YAML.")
+        "config field is a flag and a YAML key (--config); flags given override the YAML.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="the embedded demo on a CPU (the default)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller demo, as the tests run it (default: off)")
     demo.add_argument("--debug", action="store_true", help="on an error, show the traceback (default: off)")
-    for name, help_ in (("build-groups", "build groups once (offline) and save them to --groups-file"),
-                        ("train", "train a model"), ("eval", "evaluate a model on held-out prompts")):
+    for name, help_ in (
+        ("build-groups", "build groups once (offline) and save them to --groups-file"),
+        ("train", "train a model"),
+        ("eval", "evaluate a model on held-out prompts"),
+    ):
         p = sub.add_parser(name, help=help_, description=help_ + ".")
         config_mod.add_arguments(p)
-        p.add_argument("--debug", action="store_true", help="on an error, show the traceback, not the one-line "
-                                                              "message (also GFT_DEBUG=1) (default: off)")
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            help="on an error, show the traceback, not the one-line message (also GFT_DEBUG=1) (default: off)",
+        )
         if name == "eval":
-            p.add_argument("--base-model", help="also report KL(model || base) on the held-out expert answers "
-                                                "and KL(base || model) on the base's own samples (default: none)")
+            p.add_argument(
+                "--base-model",
+                help="also report KL(model || base) on the held-out expert answers "
+                "and KL(base || model) on the base's own samples (default: none)",
+            )
     args = parser.parse_args(argv or ["demo"])
     if args.command in (None, "demo"):
         from .demo.run import run_demo
@@ -118,7 +133,7 @@ def cli(argv=None) -> None:
             raise
         text = " ".join(str(e).split()) or type(e).__name__
         if not isinstance(e, (ValueError, TypeError, OSError, NotImplementedError)):
-            text = f"{type(e).__name__}: {text} (--debug shows where)"   # not one of ours: say what it is
+            text = f"{type(e).__name__}: {text} (--debug shows where)"  # not one of ours: say what it is
         print(f"gft-train: error: {text}", file=sys.stderr)
         raise SystemExit(1) from None
 

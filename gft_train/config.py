@@ -5,6 +5,7 @@ Every field is also a command-line flag (``--max-steps 50``; booleans as ``--res
 and its ``help`` metadata; ``gft-train train --help`` lists them with their defaults. Fields left at
 ``None`` are filled by the method's preset (``METHODS``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,26 +59,42 @@ def _view(cls, cfg):
 # flag and a YAML key of its own name, the saved gft_config.yaml a flat mapping), and
 # ``cfg.optimization`` (etc.) is one group's values. Each group checks its own fields.
 
+
 @dataclass
 class ModelAndData:
     """What is trained, how, on what data, and where the run is written."""
 
     method: str = _opt("gft", "gft | sft | dft | grpo: the loss and group preset (METHODS in gft_train/config.py)")
     dcr: bool = _opt(True, "Dynamic Coefficient Rectification; --no-dcr sets tau = 0 (the ablation 'GFT without DCR')")
-    gal: bool = _opt(True, "Group Advantage Learning; --no-gal is the paper's 'GFT w/o GAL': no group, the "
-                     "expert demonstrations alone with A = 1 and DCR (teachers only if --n-teacher is given; no self-samples)")
+    gal: bool = _opt(
+        True,
+        "Group Advantage Learning; --no-gal is the paper's 'GFT w/o GAL': no group, the "
+        "expert demonstrations alone with A = 1 and DCR (teachers only if --n-teacher is given; no self-samples)",
+    )
     model: str = _opt("", "the transformers causal LM to train, a directory on disk (required for train)")
-    train_file: str = _opt("", "rows with prompt, answer, expert[, teachers]: a JSONL or Parquet file, a directory "
-                           "(datasets.save_to_disk, or a folder of such files) or a datasets Hub name")
-    columns: str = _opt("", "the data's own column names, as FIELD=COLUMN pairs: 'prompt=question,expert=solution' "
-                        "(fields: prompt, answer, expert, teachers; TRL's 'completion' is the expert by default)")
+    train_file: str = _opt(
+        "",
+        "rows with prompt, answer, expert[, teachers]: a JSONL or Parquet file, a directory "
+        "(datasets.save_to_disk, or a folder of such files) or a datasets Hub name",
+    )
+    columns: str = _opt(
+        "",
+        "the data's own column names, as FIELD=COLUMN pairs: 'prompt=question,expert=solution' "
+        "(fields: prompt, answer, expert, teachers; TRL's 'completion' is the expert by default)",
+    )
     eval_file: str = _opt("", "held-out rows (same format and sources) for gft-train eval and eval_every")
     output_dir: str = _opt("runs/gft", "where checkpoints, metrics.jsonl, tensorboard logs and final/ are written")
-    train_split: str = _opt("train", "the split of train_file when it is a datasets Hub name, a saved DatasetDict or "
-                            "a folder whose file names say splits")
+    train_split: str = _opt(
+        "train",
+        "the split of train_file when it is a datasets Hub name, a saved DatasetDict or "
+        "a folder whose file names say splits",
+    )
     dataset_config: str = _opt("", "the configuration (subset) of a datasets Hub name, e.g. 'main' for openai/gsm8k")
-    attn_implementation: str = _opt("", "the trained model's attention implementation as transformers names it (eager, "
-                                    "sdpa, flex_attention, flash_attention_2, ...); '': transformers' default")
+    attn_implementation: str = _opt(
+        "",
+        "the trained model's attention implementation as transformers names it (eager, "
+        "sdpa, flex_attention, flash_attention_2, ...); '': transformers' default",
+    )
 
 
 @dataclass
@@ -91,14 +108,19 @@ class GroupMix:
     reward: str = _opt("math", "'math' (math-verify against the row's answer) or 'package.module:function'")
     adv_eps: float = _opt(1e-6, "eps of the group advantage A = (R - mean) / (sample std + eps), as the authors' code")
     groups_file: str = _opt("", "offline groups: written by build-groups, trained on by train")
-    refresh_every: int | None = _opt(None, "online groups: rebuild them from the next prompts with the current weights "
-                                     "every N steps (0: offline, built once); None: 1 (every step, as the authors' "
-                                     "trainer) for a mix with self-samples and no groups_file, else 0")
+    refresh_every: int | None = _opt(
+        None,
+        "online groups: rebuild them from the next prompts with the current weights "
+        "every N steps (0: offline, built once); None: 1 (every step, as the authors' "
+        "trainer) for a mix with self-samples and no groups_file, else 0",
+    )
 
     def check(self) -> None:
         if min(self.n_expert, self.n_teacher, self.n_self) < 0 or self.n_expert + self.n_teacher + self.n_self == 0:
-            raise ValueError(f"group mix must be >= 0 and not all 0, got expert={self.n_expert} "
-                             f"teacher={self.n_teacher} self={self.n_self}")
+            raise ValueError(
+                f"group mix must be >= 0 and not all 0, got expert={self.n_expert} "
+                f"teacher={self.n_teacher} self={self.n_self}"
+            )
         if self.refresh_every < 0:
             raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
 
@@ -124,18 +146,25 @@ class Rollout:
 class Optimization:
     """The loss and the optimizer steps."""
 
-    tau: float | None = _opt(None, "DCR threshold: C = p below tau, 1 at or above; None: the method's preset "
-                                   "(gft 0.7, sft/grpo 0, dft inf)")
-    loss_aggregation: str = _opt("token-mean", "how the global batch's per-token losses combine: token-mean | "
-                                 "seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm")
+    tau: float | None = _opt(
+        None, "DCR threshold: C = p below tau, 1 at or above; None: the method's preset (gft 0.7, sft/grpo 0, dft inf)"
+    )
+    loss_aggregation: str = _opt(
+        "token-mean",
+        "how the global batch's per-token losses combine: token-mean | "
+        "seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm",
+    )
     entropy_coef: float = _opt(0.0, "entropy bonus: loss_t -= entropy_coef * H_t")
     lr: float = _opt(1e-5, "peak learning rate (AdamW)")
     lr_scheduler: str = _opt("cosine", "any transformers scheduler name (cosine, linear, constant, ...)")
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_steps: int = _opt(100, "optimizer steps")
-    num_epochs: float = _opt(0.0, "passes over the prompts (train_file rows, or groups_file groups); when > 0 it sets "
-                             "max_steps = ceil(num_epochs x prompts / prompts_per_step)")
+    num_epochs: float = _opt(
+        0.0,
+        "passes over the prompts (train_file rows, or groups_file groups); when > 0 it sets "
+        "max_steps = ceil(num_epochs x prompts / prompts_per_step)",
+    )
     prompts_per_step: int = _opt(8, "groups (prompts) per optimizer step, over all processes")
     micro_batch_size: int = _opt(8, "sequences per forward/backward on one process")
     max_grad_norm: float = _opt(1.0, "gradient-norm clipping")
@@ -143,8 +172,11 @@ class Optimization:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, slower)")
     max_length: int = _opt(1024, "prompt + response tokens per training sequence (the rest is cut off)")
     seed: int = _opt(0, "seed of the data order and the sampling")
-    packed: bool = _opt(False, "packed (padding-free) micro-batches: each micro-batch's sequences as one row, "
-                        "position_ids restarting per sequence (models that would mix the sequences are refused up front)")
+    packed: bool = _opt(
+        False,
+        "packed (padding-free) micro-batches: each micro-batch's sequences as one row, "
+        "position_ids restarting per sequence (models that would mix the sequences are refused up front)",
+    )
 
     def check(self) -> None:
         check_tau(self.tau)
@@ -161,13 +193,22 @@ class Logging:
 
     save_every: int = _opt(0, "steps between checkpoints (0: only the final model)")
     save_total_limit: int = _opt(0, "checkpoints kept in output_dir/checkpoints, the newest (0: all)")
-    resume: bool = _opt(False, "continue from the last complete checkpoint in output_dir, with the same configuration "
-                        "(only RESUMABLE fields may change); without it or --overwrite-output-dir, an output_dir "
-                        "holding a run is refused")
-    overwrite_output_dir: bool = _opt(False, "start afresh in an output_dir that holds a run: its checkpoints, final "
-                                      "model, metrics and logs are deleted first")
-    report_to: str = _opt("tensorboard", "experiment trackers through accelerate, comma-separated: tensorboard, wandb, "
-                          "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (each must be installed); all; none")
+    resume: bool = _opt(
+        False,
+        "continue from the last complete checkpoint in output_dir, with the same configuration "
+        "(only RESUMABLE fields may change); without it or --overwrite-output-dir, an output_dir "
+        "holding a run is refused",
+    )
+    overwrite_output_dir: bool = _opt(
+        False,
+        "start afresh in an output_dir that holds a run: its checkpoints, final "
+        "model, metrics and logs are deleted first",
+    )
+    report_to: str = _opt(
+        "tensorboard",
+        "experiment trackers through accelerate, comma-separated: tensorboard, wandb, "
+        "mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (each must be installed); all; none",
+    )
 
     def check(self) -> None:
         if self.save_total_limit < 0:
@@ -178,8 +219,11 @@ class Logging:
 class Evaluation:
     """Held-out evaluation, during training (eval_every) and by gft-train eval."""
 
-    eval_every: int = _opt(0, "train: evaluate on eval_file every N steps and at the last one, logged with the step's "
-                           "metrics as eval/pass@1, eval/pass@k, ... (0: never)")
+    eval_every: int = _opt(
+        0,
+        "train: evaluate on eval_file every N steps and at the last one, logged with the step's "
+        "metrics as eval/pass@1, eval/pass@k, ... (0: never)",
+    )
     eval_n: int = _opt(4, "samples per held-out prompt (mean pass@1 and pass@k)")
     eval_k: list[int] = _opt([1, 4], "the k of pass@k, as '1 4' or '1,4'")
     eval_max_prompts: int = _opt(0, "held-out prompts to evaluate (0: all)")
@@ -222,8 +266,10 @@ class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData)
             n_teacher, n_self = 0, 0
             n_expert = n_expert or 1
             if self.n_self:
-                raise ValueError(f"--no-gal trains on demonstrations only (A = 1 needs no reward): n_self must be 0, "
-                                 f"got {self.n_self}; self-samples need group advantages")
+                raise ValueError(
+                    f"--no-gal trains on demonstrations only (A = 1 needs no reward): n_self must be 0, "
+                    f"got {self.n_self}; self-samples need group advantages"
+                )
         return dataclasses.replace(
             self,
             n_expert=n_expert if self.n_expert is None else self.n_expert,
@@ -268,16 +314,36 @@ class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData)
 
 # Fields a --resume may change: they alter how long the run goes and what it writes, not the
 # training up to the checkpoint (the saved gft_config.yaml then records the values used).
-RESUMABLE = frozenset({"max_steps", "num_epochs", "save_every", "save_total_limit", "resume", "overwrite_output_dir", "output_dir", "engine",
-                       "rollout_batch_size", "vllm_memory", "eval_file", "eval_every", "eval_n", "eval_k", "eval_max_prompts",
-                       "eval_temperature", "eval_greedy", "eval_kl_samples", "report_to", "eval_split"})
+RESUMABLE = frozenset(
+    {
+        "max_steps",
+        "num_epochs",
+        "save_every",
+        "save_total_limit",
+        "resume",
+        "overwrite_output_dir",
+        "output_dir",
+        "engine",
+        "rollout_batch_size",
+        "vllm_memory",
+        "eval_file",
+        "eval_every",
+        "eval_n",
+        "eval_k",
+        "eval_max_prompts",
+        "eval_temperature",
+        "eval_greedy",
+        "eval_kl_samples",
+        "report_to",
+        "eval_split",
+    }
+)
 
 
 def changed_fields(saved: dict, cfg: Config) -> dict:
     """field -> (saved value, new value) for each training field a resume would change."""
     now = dataclasses.asdict(cfg)
-    return {k: (saved.get(k), now[k]) for k in now
-            if k not in RESUMABLE and k in saved and saved[k] != now[k]}
+    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]}
 
 
 def load_saved(path: Path) -> dict:
@@ -296,6 +362,7 @@ def _bool(text: str):
 def _convert(path, name: str, value, hint):
     """A YAML value as its field's type, checked as the flag's would be (PyYAML reads ``1e-3`` as a
     string and ``.5`` as a float; nothing downstream converts)."""
+
     def bad(expected):
         return ValueError(f"{path}: field {name!r}: expected {expected}, got {value!r}")
 
@@ -323,8 +390,11 @@ def _convert(path, name: str, value, hint):
                 value = hint(value.strip())
             except ValueError:
                 raise bad("an integer" if hint is int else "a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                hint is int and isinstance(value, float) and not value.is_integer()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (hint is int and isinstance(value, float) and not value.is_integer())
+        ):
             raise bad("an integer" if hint is int else "a number")
         return hint(value)
     if hint is str:
@@ -351,21 +421,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     unless the flag is given, so only what was given overrides the YAML."""
     from transformers import HfArgumentParser
 
-    parser.add_argument("--config", default=argparse.SUPPRESS,
-                        help="YAML file of config fields; flags given override it (default: none)")
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="YAML file of config fields; flags given override it (default: none)",
+    )
     hints = typing.get_type_hints(Config)
     defaults = dataclasses.asdict(Config())
     for f in dataclasses.fields(Config):
-        f = copy.copy(f)            # HfArgumentParser narrows field.type in place; Config's stay intact
+        f = copy.copy(f)  # HfArgumentParser narrows field.type in place; Config's stay intact
         f.type = hints[f.name]
         before = len(parser._actions)
         HfArgumentParser._parse_dataclass_field(parser, f)
         for action in parser._actions[before:]:
             negated = action.option_strings[0].startswith("--no_")
-            action.help = (f"the same as --{f.name.replace('_', '-')} false" if negated else
-                           f"{f.metadata['help']} (default: {_shown(defaults[f.name])})")
+            action.help = (
+                f"the same as --{f.name.replace('_', '-')} false"
+                if negated
+                else f"{f.metadata['help']} (default: {_shown(defaults[f.name])})"
+            )
             action.default = argparse.SUPPRESS
-            if f.name == "eval_k":      # '1 4' (transformers' list form) or '1,4'
+            if f.name == "eval_k":  # '1 4' (transformers' list form) or '1,4'
                 action.type = _int_list
 
 

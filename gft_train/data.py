@@ -13,6 +13,7 @@ or assistant messages). ``columns`` maps these names to a file's own (``prompt=q
 solution``). A row that lacks a field or has the wrong type stops the run with an error naming
 the file, the row (0-based) and the field (the file's column name); nothing is dropped silently.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,11 +30,11 @@ class DataError(ValueError):
 
 @dataclass
 class PromptRow:
-    prompt: str | list[dict]   # a text, or chat messages
+    prompt: str | list[dict]  # a text, or chat messages
     answer: str
     expert: str
     teachers: list[str] = field(default_factory=list)
-    source: str = ""   # "file:row", for error messages further down
+    source: str = ""  # "file:row", for error messages further down
 
 
 REQUIRED = ("prompt", "answer", "expert")
@@ -56,7 +57,9 @@ def _messages(path, i, name, value) -> list[dict]:
     """Chat messages checked one by one (role and content strings), as the chat template needs them."""
     for k, m in enumerate(value):
         if not isinstance(m, dict):
-            raise DataError(path, i, f"{name}[{k}]", f"expected a message {{'role': ..., 'content': ...}}, got {m!r}"[:200])
+            raise DataError(
+                path, i, f"{name}[{k}]", f"expected a message {{'role': ..., 'content': ...}}, got {m!r}"[:200]
+            )
         if m.get("role") not in ROLES:
             raise DataError(path, i, f"{name}[{k}].role", f"expected one of {', '.join(ROLES)}, got {m.get('role')!r}")
         if not isinstance(m.get("content"), str):
@@ -71,7 +74,7 @@ def _check_row(path, i, raw, columns=None) -> PromptRow:
         raise DataError(path, i, "*", f"expected an object, got {type(raw).__name__}")
     columns = dict(columns or {})
     if "expert" not in columns and "expert" not in raw and "completion" in raw:
-        columns["expert"] = "completion"          # TRL's prompt-completion format
+        columns["expert"] = "completion"  # TRL's prompt-completion format
     values = {}
     for name in REQUIRED:
         col = columns.get(name, name)
@@ -81,15 +84,17 @@ def _check_row(path, i, raw, columns=None) -> PromptRow:
         if name == "prompt" and isinstance(value, list):
             values[name] = _messages(path, i, col, value)
             continue
-        if name == "expert" and isinstance(value, list):   # a conversational completion: its assistant text
+        if name == "expert" and isinstance(value, list):  # a conversational completion: its assistant text
             said = [m["content"] for m in _messages(path, i, col, value) if m["role"] == "assistant"]
             if not said:
                 raise DataError(path, i, col, "has no assistant message")
             value = "".join(said)
         if name == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)      # numeric answers (GSM8K style): the reward compares text
+            value = str(value)  # numeric answers (GSM8K style): the reward compares text
         if not isinstance(value, str):
-            what = {"prompt": "a string or a list of chat messages", "answer": "a string or a number"}.get(name, "a string")
+            what = {"prompt": "a string or a list of chat messages", "answer": "a string or a number"}.get(
+                name, "a string"
+            )
             raise DataError(path, i, col, f"expected {what}, got {type(value).__name__}: {value!r}"[:200])
         if name != "answer" and not value.strip():
             raise DataError(path, i, col, "empty")
@@ -137,8 +142,10 @@ def _read_dir(path: Path, split: str) -> list[tuple[str, list]]:
     if (path / "dataset_dict.json").is_file():
         saved = datasets.load_from_disk(str(path))
         if split not in saved:
-            raise ValueError(f"{path}: the saved dataset has no split {split!r} (it has {', '.join(saved)}): "
-                             "set --train-split / --eval-split")
+            raise ValueError(
+                f"{path}: the saved dataset has no split {split!r} (it has {', '.join(saved)}): "
+                "set --train-split / --eval-split"
+            )
         return [(f"{path}[{split}]", list(saved[split]))]
     if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
         return [(str(path), list(datasets.load_from_disk(str(path))))]
@@ -146,15 +153,19 @@ def _read_dir(path: Path, split: str) -> list[tuple[str, list]]:
 
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
     if not files:
-        raise ValueError(f"{path}: a directory with neither a dataset saved by datasets.save_to_disk nor "
-                         f"{'/'.join(DATA_SUFFIXES)} files")
+        raise ValueError(
+            f"{path}: a directory with neither a dataset saved by datasets.save_to_disk nor "
+            f"{'/'.join(DATA_SUFFIXES)} files"
+        )
     patterns = {str(k): v for k, v in get_data_patterns(str(path)).items()}
-    if list(patterns.values()) != [["**"]]:   # the file names say splits: only this one's files
+    if list(patterns.values()) != [["**"]]:  # the file names say splits: only this one's files
         if split not in patterns:
-            raise ValueError(f"{path}: its files are split into {', '.join(patterns)}, not {split!r}: "
-                             "set --train-split / --eval-split")
+            raise ValueError(
+                f"{path}: its files are split into {', '.join(patterns)}, not {split!r}: "
+                "set --train-split / --eval-split"
+            )
         chosen = set()
-        for pattern in patterns[split]:   # each of datasets' name patterns; most match nothing
+        for pattern in patterns[split]:  # each of datasets' name patterns; most match nothing
             try:
                 chosen |= {Path(f) for f in resolve_pattern(pattern, str(path))}
             except FileNotFoundError:
@@ -168,16 +179,19 @@ def _read_hub(name: str, split: str, config: str) -> list:
 
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
-    except Exception as e:   # no network, no such dataset, no such split or config: one line
+    except Exception as e:  # no network, no such dataset, no such split or config: one line
         first = (str(e).strip().splitlines() or [""])[0][:300]
         said = f"split {split!r}" + (f", config {config!r}" if config else "")
-        raise ValueError(f"data {name!r} is neither a file nor a directory here, and loading it as a datasets Hub "
-                         f"name ({said}) failed: {type(e).__name__}: {first}") from None
+        raise ValueError(
+            f"data {name!r} is neither a file nor a directory here, and loading it as a datasets Hub "
+            f"name ({said}) failed: {type(e).__name__}: {first}"
+        ) from None
     return list(ds)
 
 
-def load_rows(path: str | Path, columns: str | dict | None = None, split: str = "train",
-              config: str = "") -> list[PromptRow]:
+def load_rows(
+    path: str | Path, columns: str | dict | None = None, split: str = "train", config: str = ""
+) -> list[PromptRow]:
     """The checked rows of ``path``: a .jsonl/.parquet file, a directory (``datasets.save_to_disk``
     or a folder of data files), or a ``datasets`` Hub name (``split``, ``config``). Errors name
     the file (the directory, or the dataset name with its split), the row and the field."""
@@ -188,7 +202,7 @@ def load_rows(path: str | Path, columns: str | dict | None = None, split: str = 
     elif path.is_dir():
         sources = _read_dir(path, split)
     elif not text or path.suffix.lower() in DATA_SUFFIXES or text.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"data file {path} does not exist")   # a path, not a dataset name
+        raise FileNotFoundError(f"data file {path} does not exist")  # a path, not a dataset name
     else:
         sources = [(f"{text}[{split}]", _read_hub(text, split, config))]
     columns = parse_columns(columns) if isinstance(columns, str) else columns

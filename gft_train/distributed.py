@@ -3,6 +3,7 @@ it, and what sharded weights need (a whole state dict, collectives every process
 
 DDP, FSDP1, FSDP2 and DeepSpeed ZeRO-3 are checked against one process
 (tests/train/test_sharded_training.py)."""
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ def make_accelerator(mixed_precision: str, **kwargs):
         acc = Accelerator(mixed_precision=mixed_precision, cpu=True, **kwargs)
         if launch_asks("FSDP") and acc.num_processes > 1:
             acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-            for state in (acc.state, PartialState()):   # a new AcceleratorState copies PartialState's
+            for state in (acc.state, PartialState()):  # a new AcceleratorState copies PartialState's
                 state.distributed_type = DistributedType.FSDP
                 state.device = torch.device("cpu")
     for name, kind in (("FSDP", DistributedType.FSDP), ("DEEPSPEED", DistributedType.DEEPSPEED)):
@@ -69,11 +70,15 @@ def prepare(acc, policy: torch.nn.Module, optimization):
         policy = acc.prepare(policy)
         optimizer = adamw(policy.parameters())
         prepared = acc.prepare(optimizer)
-    else:   # FSDP2 and DeepSpeed take both at once (they rebuild the optimizer's groups)
+    else:  # FSDP2 and DeepSpeed take both at once (they rebuild the optimizer's groups)
         optimizer = adamw(policy.model.parameters())
         policy, prepared = acc.prepare(policy, optimizer)
-    scheduler = get_scheduler(optimization.lr_scheduler, optimizer, num_warmup_steps=optimization.warmup_steps,
-                              num_training_steps=optimization.max_steps)
+    scheduler = get_scheduler(
+        optimization.lr_scheduler,
+        optimizer,
+        num_warmup_steps=optimization.warmup_steps,
+        num_training_steps=optimization.max_steps,
+    )
     acc.register_for_checkpointing(scheduler)
     return policy, prepared, scheduler
 

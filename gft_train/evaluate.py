@@ -20,6 +20,7 @@ With a base model, also KL to the base both ways, per response token, full vocab
   ``cfg.eval_kl_samples`` per prompt), the direction and data the paper's forgetting analysis
   uses (after Shenfeld et al.: the drift measured where the base puts its mass).
 """
+
 from __future__ import annotations
 
 from math import comb
@@ -55,7 +56,7 @@ def accuracy(engine, rows, reward_fn, n: int, ks=(1,), seed: int = 0, temperatur
     ok = _correct(reward_fn([p for p, _, _ in flat], [c for _, c, _ in flat], [a for _, _, a in flat]))
     correct, distinct = [], []
     for i, cs in enumerate(completions):
-        marks = ok[i * n:(i + 1) * n]
+        marks = ok[i * n : (i + 1) * n]
         correct.append(sum(marks))
         distinct.append(len({" ".join(c.split()) for c, m in zip(cs, marks) if m}))
     out = {"pass@1": sum(c / n for c in correct) / len(rows)}
@@ -83,10 +84,20 @@ def mean_token_kl(p_model, q_model, tokenizer, items, max_length=1024, batch_siz
     total, count = 0.0, 0
     device = next(p_model.parameters()).device
     for i in range(0, len(items), batch_size):
-        batch = encode(tokenizer, [(p, r, 1.0) for p, r in items[i:i + batch_size]], max_length).to(device)
+        batch = encode(tokenizer, [(p, r, 1.0) for p, r in items[i : i + batch_size]], max_length).to(device)
         mask = batch.labels[:, 1:] != IGNORE_INDEX
-        lp = p_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float().log_softmax(-1)
-        lq = q_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float().log_softmax(-1)
+        lp = (
+            p_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            .logits[:, :-1]
+            .float()
+            .log_softmax(-1)
+        )
+        lq = (
+            q_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            .logits[:, :-1]
+            .float()
+            .log_softmax(-1)
+        )
         kl = (lp.exp() * (lp - lq)).sum(-1)
         total += kl[mask].sum().item()
         count += int(mask.sum())
@@ -115,8 +126,7 @@ def _rows(split, columns="", data_split="test", config=""):
     return load_rows(split, columns, data_split, config) if isinstance(split, (str, Path)) else list(split)
 
 
-def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str | None = None,
-                   reward_fn=None) -> dict:
+def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str | None = None, reward_fn=None) -> dict:
     """Evaluate the saved model ``model_dir`` on ``splits`` (name -> data file or rows) with the
     evaluation settings of ``cfg`` (a ``Config``: eval_n, eval_k, eval_temperature, eval_greedy,
     eval_max_prompts, eval_kl_samples, max_new_tokens, engine, reward, seed). Returns
@@ -127,8 +137,14 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
     from .rollout import make_engine
 
     model, tokenizer = load_model(str(model_dir))
-    engine = make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=str(model_dir), cfg=cfg,
-                         temperature=cfg.eval_temperature)
+    engine = make_engine(
+        cfg.engine,
+        model=model,
+        tokenizer=tokenizer,
+        model_path=str(model_dir),
+        cfg=cfg,
+        temperature=cfg.eval_temperature,
+    )
     reward = reward_fn or load_reward(cfg.reward)
     rows_by = {}
     out = {}
@@ -144,8 +160,9 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
             base.to(model.device)
             rows = rows_by[kl_split or next(iter(rows_by))]
             out["kl_to_base"] = kl_to_base(model, base, tokenizer, rows, cfg.max_length)
-            out["kl_base_model"] = kl_base_to_model(model, base, tokenizer, rows, cfg.eval_kl_samples,
-                                                    cfg.max_new_tokens, cfg.seed, cfg.max_length)
+            out["kl_base_model"] = kl_base_to_model(
+                model, base, tokenizer, rows, cfg.eval_kl_samples, cfg.max_new_tokens, cfg.seed, cfg.max_length
+            )
     finally:
         if reward_fn is None and hasattr(reward, "close"):
             reward.close()

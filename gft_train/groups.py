@@ -13,6 +13,7 @@ as in the authors' released code (``torch.std``). A group of one response, or wh
 all equal, gets A = 0 for every response: it carries no learning signal (and the fused loss
 skips its tokens entirely).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,11 +29,11 @@ SOURCES = ("expert", "teacher", "self")
 @dataclass
 class Response:
     text: str
-    source: str            # expert | teacher | self
+    source: str  # expert | teacher | self
     reward: float = 0.0
     advantage: float = 0.0
-    token_ids: list[int] | None = None   # self-samples: the ids the engine sampled (None: tokenize text)
-    truncated: bool = False              # a self-sample cut off at max_new_tokens (it has no EOS)
+    token_ids: list[int] | None = None  # self-samples: the ids the engine sampled (None: tokenize text)
+    truncated: bool = False  # a self-sample cut off at max_new_tokens (it has no EOS)
 
     @property
     def train_input(self) -> str | list[int]:
@@ -45,8 +46,8 @@ class Group:
     prompt: str
     answer: str
     responses: list[Response] = field(default_factory=list)
-    row: str = ""          # "file:row" of the prompt
-    tokenizer: str = ""    # the tokenizer that sampled the self-samples' ids (its name_or_path)
+    row: str = ""  # "file:row" of the prompt
+    tokenizer: str = ""  # the tokenizer that sampled the self-samples' ids (its name_or_path)
 
 
 def group_advantages(rewards: list[float], eps: float = 1e-6) -> list[float]:
@@ -65,8 +66,10 @@ def build_groups(rows: list[PromptRow], cfg, engine, reward_fn, teacher_engine=N
     """Groups for ``rows``: responses, rewards and advantages. ``engine`` samples the policy
     (``cfg.n_self`` per prompt); ``teacher_engine`` fills teacher responses a row lacks."""
     tokenizer = getattr(getattr(engine, "tokenizer", None), "name_or_path", "") if cfg.n_self else ""
-    groups = [Group(r.prompt, r.answer, [Response(r.expert, "expert") for _ in range(cfg.n_expert)], r.source,
-                    str(tokenizer)) for r in rows]
+    groups = [
+        Group(r.prompt, r.answer, [Response(r.expert, "expert") for _ in range(cfg.n_expert)], r.source, str(tokenizer))
+        for r in rows
+    ]
     if cfg.n_teacher:
         missing = missing_teachers(rows, cfg.n_teacher, teacher_engine is not None)
         generated = {}
@@ -81,9 +84,11 @@ def build_groups(rows: list[PromptRow], cfg, engine, reward_fn, teacher_engine=N
         prompts = [r.prompt for r in rows]
         if hasattr(engine, "sample"):
             samples = engine.sample(prompts, cfg.n_self, seed=seed)
-            made = [[Response(s.text, "self", token_ids=list(s.token_ids), truncated=s.truncated) for s in ss]
-                    for ss in samples]
-        else:   # an engine that returns only texts: they are tokenized like a teacher's
+            made = [
+                [Response(s.text, "self", token_ids=list(s.token_ids), truncated=s.truncated) for s in ss]
+                for ss in samples
+            ]
+        else:  # an engine that returns only texts: they are tokenized like a teacher's
             made = [[Response(t, "self") for t in ts] for ts in engine.generate(prompts, cfg.n_self, seed=seed)]
         for g, responses in zip(groups, made):
             g.responses += responses
@@ -99,8 +104,13 @@ def missing_teachers(rows: list[PromptRow], n_teacher: int, can_generate: bool) 
         r = rows[missing[0]]
         file, _, line = r.source.rpartition(":")
         more = f" ({len(missing)} rows in all)" if len(missing) > 1 else ""
-        raise DataError(file, line, "teachers", f"has {len(r.teachers)} teacher responses, the group mix "
-                        f"needs {n_teacher}{more}; add them to the data or set teacher_model")
+        raise DataError(
+            file,
+            line,
+            "teachers",
+            f"has {len(r.teachers)} teacher responses, the group mix "
+            f"needs {n_teacher}{more}; add them to the data or set teacher_model",
+        )
     return missing
 
 
@@ -112,9 +122,13 @@ def check_token_ids(groups: list[Group], path, vocab_size: int, tokenizer_name: 
             bad = [t for t in (r.token_ids or ()) if not 0 <= t < vocab_size]
             if bad:
                 built = f"built with tokenizer {g.tokenizer!r}" if g.tokenizer else "built with another tokenizer"
-                raise DataError(path, i, f"responses[{k}].token_ids",
-                                f"token id {bad[0]} is outside the model's vocabulary ({vocab_size} ids): the groups "
-                                f"were {built}, the model's is {tokenizer_name!r}; rebuild them with build-groups")
+                raise DataError(
+                    path,
+                    i,
+                    f"responses[{k}].token_ids",
+                    f"token id {bad[0]} is outside the model's vocabulary ({vocab_size} ids): the groups "
+                    f"were {built}, the model's is {tokenizer_name!r}; rebuild them with build-groups",
+                )
 
 
 def score(groups: list[Group], reward_fn, cfg) -> None:
@@ -130,8 +144,11 @@ def score(groups: list[Group], reward_fn, cfg) -> None:
     for g in groups:
         for r in g.responses:
             r.reward = float(next(it))
-        advs = group_advantages([r.reward for r in g.responses], cfg.adv_eps) if cfg.uses_group_advantage \
+        advs = (
+            group_advantages([r.reward for r in g.responses], cfg.adv_eps)
+            if cfg.uses_group_advantage
             else [1.0] * len(g.responses)
+        )
         for r, a in zip(g.responses, advs):
             r.advantage = a
 
@@ -147,11 +164,13 @@ def group_metrics(groups: list[Group]) -> dict:
             out[f"reward/{source}_std"] = math.sqrt(sum((x - mean) ** 2 for x in rs) / len(rs))
             # what each source pushes: the expert's advantage says whether the group still has
             # something to learn from the demonstration (it falls as the policy's samples catch up)
-            out[f"adv/{source}_mean"] = sum(r.advantage for g in groups for r in g.responses
-                                            if r.source == source) / len(rs)
+            out[f"adv/{source}_mean"] = sum(
+                r.advantage for g in groups for r in g.responses if r.source == source
+            ) / len(rs)
     if groups:
-        out["groups/zero_variance_frac"] = sum(
-            1 for g in groups if len({r.reward for r in g.responses}) <= 1) / len(groups)
+        out["groups/zero_variance_frac"] = sum(1 for g in groups if len({r.reward for r in g.responses}) <= 1) / len(
+            groups
+        )
     selfs = [r for g in groups for r in g.responses if r.source == "self"]
     if selfs:
         out["completions/self_mean_chars"] = sum(len(r.text) for r in selfs) / len(selfs)
@@ -180,8 +199,15 @@ def load_groups(path: Path) -> list[Group]:
     for i, line in enumerate(path.read_text().splitlines()):
         try:
             raw = json.loads(line)
-            groups.append(Group(raw["prompt"], raw["answer"], [Response(**r) for r in raw["responses"]],
-                                raw.get("row", ""), raw.get("tokenizer", "")))
+            groups.append(
+                Group(
+                    raw["prompt"],
+                    raw["answer"],
+                    [Response(**r) for r in raw["responses"]],
+                    raw.get("row", ""),
+                    raw.get("tokenizer", ""),
+                )
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(path, i, "*", f"not a group: {err}") from None
     return groups

@@ -3,6 +3,7 @@
 The model-to-loss path lives in the library, ``gft_kernels.models``: ``causal_lm_gft_loss`` is
 re-exported here (and as ``gft_train.causal_lm_gft_loss``) for existing callers.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,12 +19,14 @@ def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
     Chat messages (a list) need the template."""
     if isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"chat-message prompts need a tokenizer with a chat template; "
-                             f"{tokenizer.name_or_path!r} has none")
+            raise ValueError(
+                f"chat-message prompts need a tokenizer with a chat template; {tokenizer.name_or_path!r} has none"
+            )
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return prompt
 
 
@@ -42,20 +45,23 @@ def prompts_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor       # [B, T]
+    input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T]
-    labels: torch.Tensor          # [B, T], IGNORE_INDEX (-100) on prompt and padding tokens
-    adv: torch.Tensor             # [B], the advantage of each sequence's response
-    n_cut: int = 0                # responses cut at max_length: their reward saw more than is trained
+    labels: torch.Tensor  # [B, T], IGNORE_INDEX (-100) on prompt and padding tokens
+    adv: torch.Tensor  # [B], the advantage of each sequence's response
+    n_cut: int = 0  # responses cut at max_length: their reward saw more than is trained
 
     def to(self, device):
-        return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.labels, self.adv)),
-                     n_cut=self.n_cut)
+        return Batch(
+            *(x.to(device) for x in (self.input_ids, self.attention_mask, self.labels, self.adv)), n_cut=self.n_cut
+        )
 
     def masked(self) -> Batch:
         """The same sequences with every label ignored and no advantage: a forward that adds
         nothing to the loss or the gradients."""
-        return Batch(self.input_ids, self.attention_mask, torch.full_like(self.labels, IGNORE_INDEX), torch.zeros_like(self.adv))
+        return Batch(
+            self.input_ids, self.attention_mask, torch.full_like(self.labels, IGNORE_INDEX), torch.zeros_like(self.adv)
+        )
 
     @property
     def n_valid(self) -> int:
@@ -73,8 +79,7 @@ def responses_ids(tokenizer, responses: list[str | list[int]]) -> list[list[int]
     tokenized and ended with EOS. The texts go through the tokenizer in one call."""
     texts = [r for r in responses if isinstance(r, str)]
     text_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    return [next(text_ids) + [tokenizer.eos_token_id] if isinstance(r, str) else [int(t) for t in r]
-            for r in responses]
+    return [next(text_ids) + [tokenizer.eos_token_id] if isinstance(r, str) else [int(t) for t in r] for r in responses]
 
 
 def encode(tokenizer, items: list[tuple[str, str | list[int], float]], max_length: int) -> Batch:

@@ -2,6 +2,7 @@
 run keeps it), the progress bar's fields, and ``training.png``. The trackers (TensorBoard, wandb,
 ...) are accelerate's (``trackers.py``). On resume, the rows and TensorBoard events of steps after
 the checkpoint are dropped first."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,10 @@ class MetricsLog:
             return
         if step == 0 and self.path.exists():
             self.path.unlink()
-        elif self.path.exists():   # resumed: drop the rows of steps after the checkpoint
+        elif self.path.exists():  # resumed: drop the rows of steps after the checkpoint
             rows = [r for r in self.path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
             self.path.write_text("".join(r + "\n" for r in rows))
-        if step:   # and the events of those steps (TensorBoard would show them twice)
+        if step:  # and the events of those steps (TensorBoard would show them twice)
             trim_events(out / "tensorboard", step)
 
     def write(self, metrics: dict, step: int) -> None:
@@ -38,7 +39,7 @@ def trim_events(logdir: Path, last_step: int) -> None:
     ``logdir``, each file rewritten under a temporary name and renamed. (The writer's own
     ``purge_step`` depends on the order readers meet the files in, which is by name: time, host,
     process id.)"""
-    try:   # the raw records, rewritten as they were (the plain loader converts scalars to tensors)
+    try:  # the raw records, rewritten as they were (the plain loader converts scalars to tensors)
         from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.summary.writer.record_writer import RecordWriter
@@ -62,8 +63,7 @@ def bar_fields(metrics: dict, cfg) -> dict:
     groups when rewards drive the update (group advantages), else the token accuracy (SFT's
     rewards are not what it trains on)."""
     fields = {"loss": f"{metrics['loss']:.3f}"}
-    rewards = {source: metrics[f"reward/{source}_mean"] for source in SOURCES
-               if f"reward/{source}_mean" in metrics}
+    rewards = {source: metrics[f"reward/{source}_mean"] for source in SOURCES if f"reward/{source}_mean" in metrics}
     if cfg.uses_group_advantage and rewards:
         fields.update({f"{source}_reward": f"{r:.2f}" for source, r in rewards.items()})
     else:
@@ -83,17 +83,25 @@ def plot_metrics(metrics_path: Path, png: Path) -> list | None:
     if not rows:
         return None
     # grad norm and entropy are different quantities on different scales: a panel each
-    panels = [("loss", ["loss"]), ("reward", [k for k in rows[-1] if k.startswith("reward/") and k.endswith("_mean")]),
-              ("DCR (fractions)", ["dcr/rectified_frac", "dcr/mean_target_prob", "groups/zero_variance_frac"]),
-              ("grad norm", ["grad_norm"]), ("entropy (nats/token)", ["entropy"]),
-              ("held-out (eval_file)", [k for k in rows[-1] if k.startswith("eval/pass@")])]
+    panels = [
+        ("loss", ["loss"]),
+        ("reward", [k for k in rows[-1] if k.startswith("reward/") and k.endswith("_mean")]),
+        ("DCR (fractions)", ["dcr/rectified_frac", "dcr/mean_target_prob", "groups/zero_variance_frac"]),
+        ("grad norm", ["grad_norm"]),
+        ("entropy (nats/token)", ["entropy"]),
+        ("held-out (eval_file)", [k for k in rows[-1] if k.startswith("eval/pass@")]),
+    ]
     panels = [(title, keys) for title, keys in panels if keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
     for ax, (title, keys) in zip(axes, panels):
-        for k in keys:   # each at the steps that have it (evaluations are every eval_every steps)
+        for k in keys:  # each at the steps that have it (evaluations are every eval_every steps)
             have = [r for r in rows if k in r]
-            ax.plot([r["step"] for r in have], [r[k] for r in have], label=k.split("/")[-1],
-                    marker="o" if k.startswith("eval/") else None)
+            ax.plot(
+                [r["step"] for r in have],
+                [r[k] for r in have],
+                label=k.split("/")[-1],
+                marker="o" if k.startswith("eval/") else None,
+            )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.legend(fontsize=7)

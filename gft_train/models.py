@@ -1,5 +1,6 @@
 """The models a run loads: the policy, a teacher, a base to compare with (saved transformers
 models on disk), each as (model in float32, tokenizer with a pad token)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,7 @@ def unpartitioned(build):
         from transformers.integrations import deepspeed as hf_deepspeed
     except ImportError:
         return build()
-    active = hf_deepspeed._hf_deepspeed_config_weak_ref   # no public getter of the config object
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter of the config object
     active = active() if active is not None else None
     hf_deepspeed.unset_hf_deepspeed_config()
     try:

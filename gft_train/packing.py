@@ -18,6 +18,7 @@ Targets are shifted per sequence: the last token of a sequence predicts nothing 
 predict the next sequence's first token), and each token's advantage is its sequence's. The
 "seq-" loss aggregations weight tokens by their own sequence (``seq_ids``), not by the row.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -34,24 +35,33 @@ from .lm import Batch
 @dataclass
 class PackedBatch:
     """The sequences of a ``Batch`` concatenated into one row (padding dropped)."""
-    input_ids: torch.Tensor     # [1, N]
+
+    input_ids: torch.Tensor  # [1, N]
     position_ids: torch.Tensor  # [1, N], 0, 1, ... restarting at each sequence
-    labels: torch.Tensor        # [1, N], already shifted: the token position t predicts (IGNORE_INDEX
-                                # on prompt tokens and on each sequence's last position)
-    adv: torch.Tensor           # [1, N], each token's sequence's advantage
-    seq_ids: torch.Tensor       # [1, N], the index of each token's sequence in the micro-batch
+    labels: torch.Tensor  # [1, N], already shifted: the token position t predicts (IGNORE_INDEX
+    # on prompt tokens and on each sequence's last position)
+    adv: torch.Tensor  # [1, N], each token's sequence's advantage
+    seq_ids: torch.Tensor  # [1, N], the index of each token's sequence in the micro-batch
     n_cut: int = 0
 
-    attention_mask = None       # the model reads the sequence boundaries from position_ids
+    attention_mask = None  # the model reads the sequence boundaries from position_ids
 
     def to(self, device) -> PackedBatch:
-        return PackedBatch(*(x.to(device) for x in (self.input_ids, self.position_ids, self.labels, self.adv,
-                                                    self.seq_ids)), n_cut=self.n_cut)
+        return PackedBatch(
+            *(x.to(device) for x in (self.input_ids, self.position_ids, self.labels, self.adv, self.seq_ids)),
+            n_cut=self.n_cut,
+        )
 
     def masked(self) -> PackedBatch:
         """The same row with every target ignored and no advantage (adds nothing)."""
-        return PackedBatch(self.input_ids, self.position_ids, torch.full_like(self.labels, IGNORE_INDEX),
-                           torch.zeros_like(self.adv), self.seq_ids, n_cut=0)
+        return PackedBatch(
+            self.input_ids,
+            self.position_ids,
+            torch.full_like(self.labels, IGNORE_INDEX),
+            torch.zeros_like(self.adv),
+            self.seq_ids,
+            n_cut=0,
+        )
 
     @property
     def forward_kwargs(self) -> dict:
@@ -99,8 +109,9 @@ def packed_weights(valid: torch.Tensor, seq_ids: torch.Tensor, reduction: str, n
     return w / denominator
 
 
-def packed_gft_loss(model, batch_input_ids, labels, adv, tau, *, position_ids, seq_ids, normalizer, reduction,
-                    loss_options=None):
+def packed_gft_loss(
+    model, batch_input_ids, labels, adv, tau, *, position_ids, seq_ids, normalizer, reduction, loss_options=None
+):
     """``causal_lm_gft_loss`` on a packed row: ``labels`` already shifted per sequence,
     ``adv`` per token; the "seq-" reductions per sequence of ``seq_ids``. Returns (loss, stats)."""
     from gft_kernels.models import causal_lm_gft_loss
@@ -108,9 +119,20 @@ def packed_gft_loss(model, batch_input_ids, labels, adv, tau, *, position_ids, s
     # "mean" and "sum" weigh every token alike whatever the rows; "seq-mean-token-sum" too once the
     # number of sequences is given. The others need each token's own sequence.
     own = reduction in ("mean", "sum") or (reduction == "seq-mean-token-sum" and normalizer is not None)
-    loss, stats = causal_lm_gft_loss(model, batch_input_ids, None, None, adv, tau, normalizer=normalizer if own else None,
-                                     reduction=reduction if own else "none", return_stats=True,
-                                     shift_labels=labels, loss_options=loss_options, position_ids=position_ids)
+    loss, stats = causal_lm_gft_loss(
+        model,
+        batch_input_ids,
+        None,
+        None,
+        adv,
+        tau,
+        normalizer=normalizer if own else None,
+        reduction=reduction if own else "none",
+        return_stats=True,
+        shift_labels=labels,
+        loss_options=loss_options,
+        position_ids=position_ids,
+    )
     if not own:
         valid = labels != IGNORE_INDEX
         acc = torch.float64 if loss.dtype == torch.float64 else torch.float32
@@ -141,15 +163,17 @@ def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
 
     arch, attn = _arch(model), attention_name(model)
     known = _VERDICTS.get(model, {})
-    if attn in known:   # (per implementation: set_attn_implementation may change it)
+    if attn in known:  # (per implementation: set_attn_implementation may change it)
         if known[attn] is not None:
             raise known[attn]
         return
     prefix = f"packed batches (--packed): {arch} with attn_implementation={attn!r}"
     error = None
     if not _takes_position_ids(model):
-        error = ValueError(f"{prefix}: its forward takes no position_ids, so it cannot tell the packed sequences "
-                           "apart; train without --packed")
+        error = ValueError(
+            f"{prefix}: its forward takes no position_ids, so it cannot tell the packed sequences "
+            "apart; train without --packed"
+        )
     else:
         vocab = model.config.get_text_config(decoder=True).vocab_size
         g = torch.Generator().manual_seed(0)
@@ -169,15 +193,18 @@ def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
             # (2e-7 seen); a leak across sequences is orders larger (1e-3 to 1 on the tiny models)
             tol = 5e-2 if packed.dtype in (torch.float16, torch.bfloat16) else 1e-4
             if not diff <= tol * scale:
-                error = ValueError(f"{prefix}: a packed row's sequences see each other (their outputs differ from "
-                                   f"the sequences run apart by up to {diff:.3g}): this model or attention "
-                                   "implementation does not keep packed sequences apart; train without --packed, "
-                                   "or load the model with an attention implementation that reads position_ids "
-                                   "(sdpa, eager or flash_attention_2 on transformers >= 4.53)")
-        except Exception as e:   # e.g. a model that refuses the row's length: refused, with its reason
+                error = ValueError(
+                    f"{prefix}: a packed row's sequences see each other (their outputs differ from "
+                    f"the sequences run apart by up to {diff:.3g}): this model or attention "
+                    "implementation does not keep packed sequences apart; train without --packed, "
+                    "or load the model with an attention implementation that reads position_ids "
+                    "(sdpa, eager or flash_attention_2 on transformers >= 4.53)"
+                )
+        except Exception as e:  # e.g. a model that refuses the row's length: refused, with its reason
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            error = ValueError(f"{prefix}: its forward fails on a packed row ({type(e).__name__}: {first}); "
-                               "train without --packed")
+            error = ValueError(
+                f"{prefix}: its forward fails on a packed row ({type(e).__name__}: {first}); train without --packed"
+            )
         finally:
             model.train(was_training)
     _VERDICTS.setdefault(model, {})[attn] = error

@@ -6,6 +6,7 @@ self-samples) or offline (``refresh_every`` 0: built once, or read from ``groups
 data order is a stateless stream of per-epoch shuffles, so the position after a resume is just
 the step. Groups are built on the main process (``build``) and shared with the others.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -29,8 +30,14 @@ class GroupPool:
     ``build(rows, seed)`` makes groups of prompt rows (with the current weights); ``save_to`` is
     where offline groups built here are written (main process only, else None)."""
 
-    def __init__(self, cfg, rows, build: Callable[[list, int], list[Group]], save_to: Path | None,
-                 groups: list[Group] | None = None):
+    def __init__(
+        self,
+        cfg,
+        rows,
+        build: Callable[[list, int], list[Group]],
+        save_to: Path | None,
+        groups: list[Group] | None = None,
+    ):
         self.cfg, self.rows, self.build, self.save_to = cfg, rows, build, save_to
         self.groups = groups
         self.start = 0
@@ -50,10 +57,10 @@ class GroupPool:
             rows = [self.rows[stream_index(len(self.rows), first + j, cfg.seed)] for j in range(count)]
             self.groups = self.build(rows, cfg.seed + self.start)
         offset = (step - self.start) * per_step
-        return self.groups[offset:offset + per_step]
+        return self.groups[offset : offset + per_step]
 
     def _offline(self) -> list[Group]:
-        if self.cfg.groups_file:   # (read at start; here after a resume without groups)
+        if self.cfg.groups_file:  # (read at start; here after a resume without groups)
             return load_groups(self.cfg.groups_file)
         groups = self.build(self.rows, self.cfg.seed)
         if self.save_to is not None:

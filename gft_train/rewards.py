@@ -14,6 +14,7 @@ User functions: ``--reward package.module:function`` with the signature
 
 (one reward per completion, same order; ``None`` is not allowed: return 0.0 for "no reward").
 """
+
 from __future__ import annotations
 
 import importlib
@@ -98,4 +99,5 @@ def _checked(fn, spec) -> RewardFn:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
                 raise ValueError(f"reward {spec}: reward {i} is {r!r}; expected a finite number")
         return [float(r) for r in out]
+
     return call

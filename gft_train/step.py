@@ -5,6 +5,7 @@ micro-batches of ``micro_batch_size`` sequences. The loss of every micro-batch i
 the *global* number of valid tokens (or sequences) of the step, all micro-batches and processes
 together, so 1 process and N processes on the same global batch give the same update.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,11 +26,11 @@ class TokenSums(NamedTuple):
     """Sums over a micro-batch's valid tokens (detached 0-dim tensors), added over micro-batches
     and processes; a mean is a sum over ``tokens``."""
 
-    rectified: Tensor     # tokens whose DCR coefficient is sg(p) (p < tau)
-    target_prob: Tensor   # the target's probability p
-    entropy: Tensor       # the entropy of the token's distribution
-    tokens: Tensor        # valid tokens
-    correct: Tensor       # tokens whose target has the largest logit
+    rectified: Tensor  # tokens whose DCR coefficient is sg(p) (p < tau)
+    target_prob: Tensor  # the target's probability p
+    entropy: Tensor  # the entropy of the token's distribution
+    tokens: Tensor  # valid tokens
+    correct: Tensor  # tokens whose target has the largest logit
 
     def stacked(self) -> Tensor:
         return torch.stack(tuple(self))
@@ -43,20 +44,50 @@ class GFTPolicy(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, adv, tau, normalizer, reduction="mean",
-                entropy_coef=0.0, position_ids=None, seq_ids=None) -> tuple[Tensor, TokenSums]:
-        if position_ids is not None:   # a packed row (packing.PackedBatch): labels already shifted per sequence
-            loss, stats = packed_gft_loss(self.model, input_ids, labels, adv, tau, position_ids=position_ids,
-                                          seq_ids=seq_ids, normalizer=normalizer, reduction=reduction,
-                                          loss_options=dict(entropy_coef=entropy_coef))
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        adv,
+        tau,
+        normalizer,
+        reduction="mean",
+        entropy_coef=0.0,
+        position_ids=None,
+        seq_ids=None,
+    ) -> tuple[Tensor, TokenSums]:
+        if position_ids is not None:  # a packed row (packing.PackedBatch): labels already shifted per sequence
+            loss, stats = packed_gft_loss(
+                self.model,
+                input_ids,
+                labels,
+                adv,
+                tau,
+                position_ids=position_ids,
+                seq_ids=seq_ids,
+                normalizer=normalizer,
+                reduction=reduction,
+                loss_options=dict(entropy_coef=entropy_coef),
+            )
         else:
-            loss, stats = causal_lm_gft_loss(self.model, input_ids, attention_mask, labels, adv, tau,
-                                             normalizer=normalizer, reduction=reduction, return_stats=True,
-                                             loss_options=dict(entropy_coef=entropy_coef))
+            loss, stats = causal_lm_gft_loss(
+                self.model,
+                input_ids,
+                attention_mask,
+                labels,
+                adv,
+                tau,
+                normalizer=normalizer,
+                reduction=reduction,
+                return_stats=True,
+                loss_options=dict(entropy_coef=entropy_coef),
+            )
         n = stats.n_valid
         # (stats.entropy is 0 at ignored tokens: its sum is over the valid ones)
-        sums = TokenSums(stats.rectified_frac * n, stats.mean_prob * n, stats.entropy.sum(), n.float(),
-                         stats.accuracy * n)
+        sums = TokenSums(
+            stats.rectified_frac * n, stats.mean_prob * n, stats.entropy.sum(), n.float(), stats.accuracy * n
+        )
         return loss, TokenSums(*(x.detach() for x in sums))
 
 
@@ -70,11 +101,11 @@ def aggregation(name: str, n_tokens: float, n_seqs: float, max_length: int) -> t
 class StepBatches:
     """This process's micro-batches of a step, and the step's global counts."""
 
-    batches: list   # lm.Batch, or packing.PackedBatch in a packed run
-    tokens: float      # valid tokens, all processes
-    seqs: float        # sequences with a valid token, all processes
-    cut: int           # responses cut at max_length
-    responses: float   # responses of the step
+    batches: list  # lm.Batch, or packing.PackedBatch in a packed run
+    tokens: float  # valid tokens, all processes
+    seqs: float  # sequences with a valid token, all processes
+    cut: int  # responses cut at max_length
+    responses: float  # responses of the step
 
 
 def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int, packed: bool = False) -> StepBatches:
@@ -85,13 +116,21 @@ def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int,
     sequence with every label masked, no loss and zero gradients."""
     # self-samples as the token ids the engine sampled; expert and teacher texts tokenized
     seqs = [(g.prompt, r.train_input, r.advantage) for g in groups for r in g.responses]
-    mine = seqs[acc.process_index::acc.num_processes]
-    batches = [encode(tokenizer, mine[i:i + micro_batch_size], max_length)
-               for i in range(0, len(mine), micro_batch_size)]
+    mine = seqs[acc.process_index :: acc.num_processes]
+    batches = [
+        encode(tokenizer, mine[i : i + micro_batch_size], max_length) for i in range(0, len(mine), micro_batch_size)
+    ]
     if packed:
         batches = [pack(b) for b in batches]
-    counts = torch.tensor([float(sum(b.n_valid for b in batches)), float(sum(b.n_seqs for b in batches)),
-                           float(sum(b.n_cut for b in batches)), float(len(mine))], device=acc.device)
+    counts = torch.tensor(
+        [
+            float(sum(b.n_valid for b in batches)),
+            float(sum(b.n_seqs for b in batches)),
+            float(sum(b.n_cut for b in batches)),
+            float(len(mine)),
+        ],
+        device=acc.device,
+    )
     counts = acc.reduce(counts, reduction="sum")
     n_micro = max_over_processes(acc, len(batches))
     while len(batches) < n_micro:
@@ -102,9 +141,11 @@ def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int,
 
 def cut_warning(batches: StepBatches, step: int, max_length: int) -> str:
     # the reward scored each whole response, the loss trains only what fits
-    return (f"{batches.cut} of {int(batches.responses)} responses of step {step} are cut at max_length "
-            f"({max_length}): their reward scored the whole text, the loss trains only its first tokens; raise "
-            "--max-length to train them whole (completions/cut_frac counts them per step)")
+    return (
+        f"{batches.cut} of {int(batches.responses)} responses of step {step} are cut at max_length "
+        f"({max_length}): their reward scored the whole text, the loss trains only its first tokens; raise "
+        "--max-length to train them whole (completions/cut_frac counts them per step)"
+    )
 
 
 @dataclass(frozen=True)
@@ -124,10 +165,15 @@ class StepStats:
     def metrics(self) -> dict:
         """The step's row of metrics.jsonl, by its keys."""
         return {
-            "loss": self.loss, "dcr/rectified_frac": self.rectified_frac,
-            "dcr/mean_target_prob": self.mean_target_prob, "entropy": self.entropy,
-            "mean_token_accuracy": self.token_accuracy, "grad_norm": self.grad_norm, "lr": self.lr,
-            "tokens": self.tokens, "completions/cut_frac": self.cut_frac,
+            "loss": self.loss,
+            "dcr/rectified_frac": self.rectified_frac,
+            "dcr/mean_target_prob": self.mean_target_prob,
+            "entropy": self.entropy,
+            "mean_token_accuracy": self.token_accuracy,
+            "grad_norm": self.grad_norm,
+            "lr": self.lr,
+            "tokens": self.tokens,
+            "completions/cut_frac": self.cut_frac,
         }
 
 
@@ -137,8 +183,9 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) ->
     from accelerate.utils import DistributedType
 
     # DDP averages gradients over processes: normalize by the global counts / processes
-    reduction, normalizer = aggregation(opt.loss_aggregation, step.tokens / acc.num_processes,
-                                        step.seqs / acc.num_processes, opt.max_length)
+    reduction, normalizer = aggregation(
+        opt.loss_aggregation, step.tokens / acc.num_processes, step.seqs / acc.num_processes, opt.max_length
+    )
     loss_sum = torch.zeros((), device=acc.device)
     sums = torch.zeros(len(TokenSums._fields), device=acc.device)
     for i, batch in enumerate(step.batches):
@@ -146,9 +193,18 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) ->
         sync = i == len(step.batches) - 1
         ctx = acc.no_sync(policy) if not sync else contextlib.nullcontext()
         with ctx, acc.autocast():
-            loss, s = policy(batch.input_ids, batch.attention_mask, batch.labels, batch.adv, opt.tau, normalizer,
-                             reduction, opt.entropy_coef, **getattr(batch, "forward_kwargs", {}))
-        if acc.distributed_type == DistributedType.DEEPSPEED:   # the engine steps at the last one
+            loss, s = policy(
+                batch.input_ids,
+                batch.attention_mask,
+                batch.labels,
+                batch.adv,
+                opt.tau,
+                normalizer,
+                reduction,
+                opt.entropy_coef,
+                **getattr(batch, "forward_kwargs", {}),
+            )
+        if acc.distributed_type == DistributedType.DEEPSPEED:  # the engine steps at the last one
             acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=sync)
         else:
             acc.backward(loss)
@@ -163,8 +219,13 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) ->
     total = TokenSums(*acc.reduce(sums, reduction="sum"))
     count = total.tokens.clamp_min(1)
     return StepStats(
-        loss=loss_all.item(), rectified_frac=(total.rectified / count).item(),
-        mean_target_prob=(total.target_prob / count).item(), entropy=(total.entropy / count).item(),
+        loss=loss_all.item(),
+        rectified_frac=(total.rectified / count).item(),
+        mean_target_prob=(total.target_prob / count).item(),
+        entropy=(total.entropy / count).item(),
         token_accuracy=(total.correct / count).item(),
-        grad_norm=float("nan") if grad_norm is None else float(grad_norm), lr=scheduler.get_last_lr()[0],
-        tokens=int(step.tokens), cut_frac=step.cut / max(step.responses, 1.0))
+        grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+        lr=scheduler.get_last_lr()[0],
+        tokens=int(step.tokens),
+        cut_frac=step.cut / max(step.responses, 1.0),
+    )

@@ -8,12 +8,13 @@ and ``Accelerator.end_training`` at the end. A tracker named in ``report_to`` th
 installed (or not known to accelerate) stops the run before anything is trained, in one line:
 accelerate itself would drop it with a warning and train without it.
 """
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-PROJECT = "gft-train"   # the project (run) name every tracker is started with
+PROJECT = "gft-train"  # the project (run) name every tracker is started with
 
 
 def tracker_names(report_to: str) -> list[str]:
@@ -34,11 +35,15 @@ def tracker_names(report_to: str) -> list[str]:
         if name in ("none", "all"):
             raise ValueError(f"report_to: {name!r} stands alone, got {report_to!r}")
         if name not in LOGGER_TYPE_TO_CLASS:
-            raise ValueError(f"report_to: unknown tracker {name!r}; accelerate knows "
-                             f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))} (or 'none', 'all')")
-        if name in LoggerType.list() and name not in installed:   # (one registered by register_tracker_class is there)
-            raise ValueError(f"report_to: the tracker {name!r} is not installed (pip install {name}), or leave it out "
-                             f"of report_to (installed: {', '.join(installed) or 'none'})")
+            raise ValueError(
+                f"report_to: unknown tracker {name!r}; accelerate knows "
+                f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))} (or 'none', 'all')"
+            )
+        if name in LoggerType.list() and name not in installed:  # (one registered by register_tracker_class is there)
+            raise ValueError(
+                f"report_to: the tracker {name!r} is not installed (pip install {name}), or leave it out "
+                f"of report_to (installed: {', '.join(installed) or 'none'})"
+            )
     return list(dict.fromkeys(names))
 
 
@@ -48,8 +53,10 @@ def accelerator_kwargs(report_to: str, output_dir: str | Path) -> dict:
 
     names = tracker_names(report_to)
     out = Path(output_dir)
-    return {"log_with": names or None,
-            "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))}
+    return {
+        "log_with": names or None,
+        "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+    }
 
 
 def start(acc, config: dict) -> None:
@@ -65,6 +72,9 @@ def start(acc, config: dict) -> None:
 
 def log(acc, metrics: dict, step: int) -> None:
     """The step's finite numbers to every tracker, at ``step`` (flushed: a killed run keeps them)."""
-    values = {k: v for k, v in metrics.items()
-              if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    values = {
+        k: v
+        for k, v in metrics.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
     acc.log(values, step=step)

@@ -18,6 +18,7 @@ Self-samples are trained on the token ids the rollout engine sampled (``Response
 ``--resume`` continues from the newest complete checkpoint and reaches the same weights as an
 uninterrupted run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,20 @@ from .rewards import load_reward
 from .rollout import make_engine
 from .step import GFTPolicy, TokenSums, aggregation, cut_warning, optimizer_step, step_batches  # noqa: F401
 
-__all__ = ["Trainer", "train", "load_model", "GFTPolicy", "TokenSums", "aggregation", "claim_output_dir",
-           "plot_metrics", "trim_events", "bar_fields", "make_accelerator", "RUN_FILES"]
+__all__ = [
+    "Trainer",
+    "train",
+    "load_model",
+    "GFTPolicy",
+    "TokenSums",
+    "aggregation",
+    "claim_output_dir",
+    "plot_metrics",
+    "trim_events",
+    "bar_fields",
+    "make_accelerator",
+    "RUN_FILES",
+]
 
 
 class Trainer:
@@ -54,8 +67,9 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.cfg = cfg = cfg.resolved()
-        self.acc = make_accelerator("bf16" if cfg.bf16 else "no",
-                                    **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir))
+        self.acc = make_accelerator(
+            "bf16" if cfg.bf16 else "no", **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir)
+        )
         self.resume_from = claim_output_dir(cfg, self.acc.is_main_process)
         self.acc.wait_for_everyone()
         set_seed(cfg.seed)
@@ -63,10 +77,11 @@ class Trainer:
         model, self.tokenizer = load_model(cfg.model, cfg.attn_implementation)
         offline = self._load_data()
         cfg = self.cfg
-        if cfg.packed:   # before anything trains: a model that would mix packed sequences is refused
+        if cfg.packed:  # before anything trains: a model that would mix packed sequences is refused
             # (ZeRO-3 may have loaded it partitioned, empty on this rank: the probe runs on a whole copy)
-            check_packing(unpartitioned(lambda: load_model(cfg.model, cfg.attn_implementation)[0])
-                          if self.sharded else model)
+            check_packing(
+                unpartitioned(lambda: load_model(cfg.model, cfg.attn_implementation)[0]) if self.sharded else model
+            )
         preflight(cfg, self.rows, offline, self.tokenizer, model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -79,7 +94,7 @@ class Trainer:
         self.reward_fn = load_reward(cfg.reward)
         self.engine = None
         self.step = 0
-        self._warned_cut = False   # a response cut at max_length is said once per run (and counted per step)
+        self._warned_cut = False  # a response cut at max_length is said once per run (and counted per step)
         save_to = self.out / "groups.jsonl" if self.acc.is_main_process else None
         self.pool = GroupPool(cfg, self.rows, self._build, save_to, offline)
 
@@ -89,12 +104,17 @@ class Trainer:
         cfg = self.cfg
         if not cfg.train_file and not cfg.groups_file:
             raise ValueError("train needs train_file (prompts) or groups_file (offline groups)")
-        self.rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config) if cfg.train_file else None
+        self.rows = (
+            load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config) if cfg.train_file else None
+        )
         if cfg.refresh_every and self.rows is None:
             raise ValueError("online groups (refresh_every > 0) need train_file")
         # held-out rows checked now, not at the first evaluation
-        self.eval_rows = (load_rows(cfg.eval_file, cfg.columns, cfg.eval_split, cfg.dataset_config)
-                          [: cfg.eval_max_prompts or None] if cfg.eval_every else None)
+        self.eval_rows = (
+            load_rows(cfg.eval_file, cfg.columns, cfg.eval_split, cfg.dataset_config)[: cfg.eval_max_prompts or None]
+            if cfg.eval_every
+            else None
+        )
         offline = load_groups(cfg.groups_file) if cfg.groups_file and not cfg.refresh_every else None
         if cfg.num_epochs:
             n = len(self.rows) if self.rows is not None else len(offline)
@@ -121,8 +141,9 @@ class Trainer:
             self.sampler.load_state_dict(state)
             model = self.sampler
         if self.engine is None:
-            self.engine = make_engine(self.cfg.engine, model=model, tokenizer=self.tokenizer,
-                                      model_path=self.cfg.model, cfg=self.cfg)
+            self.engine = make_engine(
+                self.cfg.engine, model=model, tokenizer=self.tokenizer, model_path=self.cfg.model, cfg=self.cfg
+            )
         self.engine.load_weights(model)
         return self.engine
 
@@ -130,7 +151,9 @@ class Trainer:
         if not self.cfg.teacher_model:
             return None
         model, tokenizer = load_model(self.cfg.teacher_model)
-        return make_engine(self.cfg.engine, model=model, tokenizer=tokenizer, model_path=self.cfg.teacher_model, cfg=self.cfg)
+        return make_engine(
+            self.cfg.engine, model=model, tokenizer=tokenizer, model_path=self.cfg.teacher_model, cfg=self.cfg
+        )
 
     def _build(self, rows, seed):
         """Groups built on the main process and shared with the others."""
@@ -183,8 +206,7 @@ class Trainer:
     def save_final(self) -> Path:
         """The trained model and tokenizer in ``output_dir/final``, renamed into place when complete."""
         self.acc.wait_for_everyone()
-        return checkpoints.save_final(self.acc, self.out, self.cfg, self.model, self.tokenizer,
-                                      self.full_state_dict())
+        return checkpoints.save_final(self.acc, self.out, self.cfg, self.model, self.tokenizer, self.full_state_dict())
 
     # ---- the loop ------------------------------------------------------------------------
     def train_step(self, groups) -> dict:
@@ -192,7 +214,7 @@ class Trainer:
         cfg = self.cfg
         batches = step_batches(self.acc, self.tokenizer, groups, cfg.micro_batch_size, cfg.max_length, cfg.packed)
         if batches.cut and not self._warned_cut:
-            self._warned_cut = True   # said once; completions/cut_frac counts them every step
+            self._warned_cut = True  # said once; completions/cut_frac counts them every step
             warnings.warn(cut_warning(batches, self.step + 1, cfg.max_length), stacklevel=2)
         stats = optimizer_step(self.acc, self.policy, self.optimizer, self.scheduler, batches, cfg.optimization)
         return stats.metrics()
@@ -219,7 +241,7 @@ class Trainer:
         if acc.is_main_process:
             config_mod.save(cfg, self.out / "gft_config.yaml")
         log = MetricsLog(self.out, self.step, acc.is_main_process)
-        trackers.start(acc, dataclasses.asdict(cfg))   # (after MetricsLog trimmed a resumed run's events)
+        trackers.start(acc, dataclasses.asdict(cfg))  # (after MetricsLog trimmed a resumed run's events)
         fault = int(os.environ.get("GFT_FAULT_AT_STEP", "0"))  # tests: a real SIGKILL mid-run
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=cfg.method)
         self.policy.train()
@@ -229,7 +251,7 @@ class Trainer:
             start = time.perf_counter()
             metrics = self._step_metrics(self._groups_for_step(self.step), start)
             log.write(metrics, self.step)
-            trackers.log(acc, metrics, self.step)   # on disk at every step, as metrics.jsonl
+            trackers.log(acc, metrics, self.step)  # on disk at every step, as metrics.jsonl
             if acc.is_main_process:
                 bar.set_postfix(bar_fields(metrics, cfg))
             bar.update(1)
@@ -240,7 +262,7 @@ class Trainer:
         final = self.save_final()
         if acc.is_main_process:
             plot_metrics(log.path, self.out / "training.png")
-        acc.end_training()   # the trackers finish (and a distributed run's process group ends)
+        acc.end_training()  # the trackers finish (and a distributed run's process group ends)
         return final
 
 

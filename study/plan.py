@@ -1,5 +1,6 @@
 """What the study runs: the configurations (``Spec``), the budget, the learning-rate ladder and
 how each configuration's rate is chosen. ``run.py`` runs them; ``report.py`` reads their results."""
+
 from __future__ import annotations
 
 import json
@@ -12,21 +13,26 @@ SEQS_PER_STEP = 64
 @dataclass(frozen=True)
 class Spec:
     name: str
-    family: str                      # methods | ablation | long | tau | ratio
+    family: str  # methods | ablation | long | tau | ratio
     overrides: dict = field(default_factory=dict)
-    x: float | str | None = None     # the swept value (tau, or "demo:sample")
-    data: str = "train"              # train | filtered (SFT on the correct teacher responses)
-    own_lr: bool = False             # chooses its learning rate on the grid (else: GFT's)
+    x: float | str | None = None  # the swept value (tau, or "demo:sample")
+    data: str = "train"  # train | filtered (SFT on the correct teacher responses)
+    own_lr: bool = False  # chooses its learning rate on the grid (else: GFT's)
 
 
-GROUPS = dict(prompts_per_step=SEQS_PER_STEP // 8)   # groups of 8, online (refreshed every step)
+GROUPS = dict(prompts_per_step=SEQS_PER_STEP // 8)  # groups of 8, online (refreshed every step)
 
 
 def main_specs() -> list[Spec]:
     return [
         Spec("SFT", "methods", dict(method="sft", prompts_per_step=SEQS_PER_STEP), own_lr=True),
-        Spec("SFT(filtered teacher)", "methods", dict(method="sft", prompts_per_step=SEQS_PER_STEP), data="filtered",
-             own_lr=True),
+        Spec(
+            "SFT(filtered teacher)",
+            "methods",
+            dict(method="sft", prompts_per_step=SEQS_PER_STEP),
+            data="filtered",
+            own_lr=True,
+        ),
         Spec("DFT", "methods", dict(method="dft", prompts_per_step=SEQS_PER_STEP), own_lr=True),
         Spec("GRPO", "methods", dict(method="grpo", **GROUPS), own_lr=True),
         Spec("GFT", "methods", dict(method="gft", **GROUPS), x=0.7, own_lr=True),
@@ -40,8 +46,10 @@ def sweep_specs() -> list[Spec]:
     taus = [Spec(f"GFT tau={t}", "tau", dict(method="gft", tau=t, **GROUPS), x=t) for t in (0.1, 0.3, 0.5, 0.9, 1.5)]
     # demonstrations : self-samples (Table 5); the default GFT is 4:4 (1 expert + 3 teacher)
     mixes = {1: dict(n_expert=1, n_teacher=0, n_self=7), 2: dict(n_expert=1, n_teacher=1, n_self=6)}
-    ratios = [Spec(f"GFT {d}:{8 - d}", "ratio", dict(method="gft", **mix, **GROUPS), x=f"{d}:{8 - d}")
-              for d, mix in mixes.items()]
+    ratios = [
+        Spec(f"GFT {d}:{8 - d}", "ratio", dict(method="gft", **mix, **GROUPS), x=f"{d}:{8 - d}")
+        for d, mix in mixes.items()
+    ]
     return taus + ratios
 
 
@@ -63,21 +71,23 @@ def specs(quick: bool) -> list[Spec]:
 
 @dataclass(frozen=True)
 class Budget:
-    base_steps: int = 3000          # pre-training (the base); cosine, lr 3e-3
-    teacher_steps: int = 800        # the teacher: the base trained this much longer on correct scratchpads (400 left it below the base)
-    steps: int = 200                # fine-tuning optimizer steps per run
-    curve_points: tuple = (25, 50, 100, 150)   # and the last step
-    lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)   # the grid every method starts from (extended: LR_LADDER)
+    base_steps: int = 3000  # pre-training (the base); cosine, lr 3e-3
+    teacher_steps: int = (
+        800  # the teacher: the base trained this much longer on correct scratchpads (400 left it below the base)
+    )
+    steps: int = 200  # fine-tuning optimizer steps per run
+    curve_points: tuple = (25, 50, 100, 150)  # and the last step
+    lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)  # the grid every method starts from (extended: LR_LADDER)
     seeds: int = 3
     sweep_seeds: int = 2
-    long_methods: tuple = ()        # run again at long_steps, seed 0, their own rates (none this round)
+    long_methods: tuple = ()  # run again at long_steps, seed 0, their own rates (none this round)
     long_steps: int = 400
-    rl_steps: int = 100             # each stage of the RL-compatibility runs (SFT -> GFT -> GRPO)
+    rl_steps: int = 100  # each stage of the RL-compatibility runs (SFT -> GFT -> GRPO)
     eval_n: int = 8
     curve_n: int = 4
     passk_n: int = 64
     passk_prompts: int = 40
-    data_sizes: tuple = ()          # overrides of make_data's split sizes, as (name, size) pairs
+    data_sizes: tuple = ()  # overrides of make_data's split sizes, as (name, size) pairs
 
 
 # The rates a grid may extend to, about x3 apart (a best rate still at one of its ends after the
@@ -85,11 +95,32 @@ class Budget:
 LR_LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 FULL = Budget()
-QUICK = Budget(base_steps=30, teacher_steps=5, steps=3, curve_points=(2,), lrs=(1e-3,), seeds=1,
-               sweep_seeds=1, long_methods=("SFT",), long_steps=4, rl_steps=2, eval_n=2, curve_n=1, passk_n=4,
-               passk_prompts=4,
-               data_sizes=(("pretrain_sums", 64), ("teacher_train", 64), ("train", 48), ("val", 8), ("test", 12),
-                           ("ood", 8), ("pretrain_reversal", 64), ("probe", 8)))
+QUICK = Budget(
+    base_steps=30,
+    teacher_steps=5,
+    steps=3,
+    curve_points=(2,),
+    lrs=(1e-3,),
+    seeds=1,
+    sweep_seeds=1,
+    long_methods=("SFT",),
+    long_steps=4,
+    rl_steps=2,
+    eval_n=2,
+    curve_n=1,
+    passk_n=4,
+    passk_prompts=4,
+    data_sizes=(
+        ("pretrain_sums", 64),
+        ("teacher_train", 64),
+        ("train", 48),
+        ("val", 8),
+        ("test", 12),
+        ("ood", 8),
+        ("pretrain_reversal", 64),
+        ("probe", 8),
+    ),
+)
 
 # The set-up must leave room to learn before any verdict: SFT at its best rate lifts validation
 # pass@1 this much over the base, or the report withholds its verdicts.

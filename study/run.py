@@ -32,6 +32,7 @@ prompts, pass@k and distinct correct scratchpads (diversity), KL to the base bot
 Results append to ``OUT/grid.jsonl`` and ``OUT/results.jsonl`` (a rerun skips finished runs);
 ``docs/reproduction.md`` and its plots are regenerated from them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,24 +96,59 @@ def make_setup(out: Path, budget: Budget, pool=None) -> dict:
     files["train"] = str(write_rows(rows, s / "data" / "train.jsonl"))
     files["filtered"] = str(write_rows(filtered or rows[:1], s / "data" / "filtered.jsonl"))
     teacher_ok = [reward([], r["teachers"], [r["answer"]] * len(r["teachers"])) for r in rows]
-    info = dict(files=files, base=str(base), teacher=str(teacher),
-                expert_train_acc=st.mean(reward([], [r["expert"] for r in rows], [r["answer"] for r in rows])),
-                teacher_train_acc=st.mean(x for ok in teacher_ok for x in ok),
-                teacher_distinct=st.mean(len(set(r["teachers"])) for r in rows),
-                filtered_rows=len(filtered), train_rows=len(rows))
-    evals = _map(pool, [("evaluate", dict(model_dir=m, base_dir=None, files=files, budget=budget, seed=0, full=False,
-                                          splits=("test", "ood", "probe", "val")))
-                        for m in (base, teacher)])
+    info = dict(
+        files=files,
+        base=str(base),
+        teacher=str(teacher),
+        expert_train_acc=st.mean(reward([], [r["expert"] for r in rows], [r["answer"] for r in rows])),
+        teacher_train_acc=st.mean(x for ok in teacher_ok for x in ok),
+        teacher_distinct=st.mean(len(set(r["teachers"])) for r in rows),
+        filtered_rows=len(filtered),
+        train_rows=len(rows),
+    )
+    evals = _map(
+        pool,
+        [
+            (
+                "evaluate",
+                dict(
+                    model_dir=m,
+                    base_dir=None,
+                    files=files,
+                    budget=budget,
+                    seed=0,
+                    full=False,
+                    splits=("test", "ood", "probe", "val"),
+                ),
+            )
+            for m in (base, teacher)
+        ],
+    )
     info["accuracy"] = dict(zip(("base", "teacher"), evals))
     info["accuracy"]["expert"] = solver_accuracy(files)
     # the base along its pre-training: the target task (validation) and a pre-training skill (the
     # held-out reversal probe), greedy; flat at the end = converged
     info["base_curve"] = {}
     for step, d in snapshot_dirs(s / "base", budget.base_steps).items():
-        acc = _map(None, [("evaluate", dict(model_dir=d, base_dir=None, files=files, budget=budget, seed=0,
-                                            full=False, splits=("val", "probe")))])[0]
+        acc = _map(
+            None,
+            [
+                (
+                    "evaluate",
+                    dict(
+                        model_dir=d,
+                        base_dir=None,
+                        files=files,
+                        budget=budget,
+                        seed=0,
+                        full=False,
+                        splits=("val", "probe"),
+                    ),
+                )
+            ],
+        )[0]
         info["base_curve"][step] = dict(val=acc["val_greedy"], probe=acc["probe_greedy"])
-    info["base_val"] = curve_accuracy(base, files, budget, 0, split="val")   # the grid's measure, before fine-tuning
+    info["base_val"] = curve_accuracy(base, files, budget, 0, split="val")  # the grid's measure, before fine-tuning
     info["expert_style_in_base"] = style_share(base, data["val"], EXPERT_STYLE)
     info["seconds"] = round(time.time() - started, 1)
     path.write_text(json.dumps(info, indent=1))
@@ -136,12 +172,22 @@ def solver_accuracy(files: dict) -> dict:
 def eval_config(n: int, seed: int, greedy: bool = True) -> Config:
     """The study's evaluation settings (``gft_train.evaluate.evaluate_model`` reads them): the
     paper's temperature (0.5, the default), n samples per prompt, greedy pass@1 beside."""
-    return Config(max_new_tokens=MAX_NEW_TOKENS, max_length=MAX_LENGTH, engine="transformers",
-                  rollout_batch_size=512, eval_n=n, eval_k=[], eval_greedy=greedy, seed=seed, reward=REWARD)
+    return Config(
+        max_new_tokens=MAX_NEW_TOKENS,
+        max_length=MAX_LENGTH,
+        engine="transformers",
+        rollout_batch_size=512,
+        eval_n=n,
+        eval_k=[],
+        eval_greedy=greedy,
+        seed=seed,
+        reward=REWARD,
+    )
 
 
-def evaluate(model_dir, base_dir, files: dict, budget: Budget, seed: int, full: bool = True,
-             splits=("test", "ood", "probe")) -> dict:
+def evaluate(
+    model_dir, base_dir, files: dict, budget: Budget, seed: int, full: bool = True, splits=("test", "ood", "probe")
+) -> dict:
     """pass@1 (n samples, temperature 0.5) and greedy per split; with ``full``, also pass@k,
     distinct correct answers and KL to the base."""
     from gft_train.data import load_rows
@@ -150,17 +196,24 @@ def evaluate(model_dir, base_dir, files: dict, budget: Budget, seed: int, full: 
 
     names = {"test": "id", "ood": "ood", "probe": "probe", "val": "val"}
     rows = {names[k]: load_rows(files[k]) for k in splits}
-    main = evaluate_model(model_dir, rows, eval_config(budget.eval_n, seed), base_dir=base_dir if full else None,
-                          kl_split="id", reward_fn=reward)
+    main = evaluate_model(
+        model_dir,
+        rows,
+        eval_config(budget.eval_n, seed),
+        base_dir=base_dir if full else None,
+        kl_split="id",
+        reward_fn=reward,
+    )
     res = {}
     for split in rows:
         res[split] = main[split]["pass@1"]
         res[f"{split}_greedy"] = main[split]["greedy_pass@1"]
-        res[f"{split}_per_prompt"] = main[split]["per_prompt"]   # for the report's paired bootstrap
+        res[f"{split}_per_prompt"] = main[split]["per_prompt"]  # for the report's paired bootstrap
     if full:
         k = budget.passk_n
-        wide = evaluate_model(model_dir, {"id": rows["id"][: budget.passk_prompts]},
-                              eval_config(k, seed, greedy=False), reward_fn=reward)["id"]
+        wide = evaluate_model(
+            model_dir, {"id": rows["id"][: budget.passk_prompts]}, eval_config(k, seed, greedy=False), reward_fn=reward
+        )["id"]
         res[f"pass@{k}"] = wide.get(f"pass@{k}", wide["pass@1"])
         res["passk_curve"] = {key: v for key, v in wide.items() if key.startswith("pass@")}
         res["distinct"] = wide["distinct_correct"]
@@ -175,18 +228,35 @@ def curve_accuracy(model_dir, files, budget: Budget, seed: int, split: str = "te
     from gft_train.demo.sums import reward
     from gft_train.evaluate import evaluate_model
 
-    res = evaluate_model(model_dir, {split: load_rows(files[split])}, eval_config(budget.curve_n, seed, greedy=False),
-                         reward_fn=reward)
+    res = evaluate_model(
+        model_dir, {split: load_rows(files[split])}, eval_config(budget.curve_n, seed, greedy=False), reward_fn=reward
+    )
     return res[split]["pass@1"]
 
 
 def run_dir_for(out: Path, spec: Spec, seed: int, lr: float, grid: bool) -> Path:
-    slug = spec.name.replace(" ", "_").replace("/", "").replace(",", "").replace("(", "_").replace(")", "").replace(":", "-")
+    slug = (
+        spec.name.replace(" ", "_")
+        .replace("/", "")
+        .replace(",", "")
+        .replace("(", "_")
+        .replace(")", "")
+        .replace(":", "-")
+    )
     return out / ("grid" if grid else "runs") / f"{slug}_lr{lr:g}_seed{seed}"
 
 
-def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: dict, grid: bool = False,
-            steps: int | None = None, start: str | None = None) -> dict:
+def run_one(
+    spec: Spec,
+    seed: int,
+    lr: float,
+    out: Path,
+    budget: Budget,
+    setup: dict,
+    grid: bool = False,
+    steps: int | None = None,
+    start: str | None = None,
+) -> dict:
     """One fine-tuning run from the base, or from ``start`` (another run's final model), for
     ``steps`` (``budget.steps`` unless given), then its evaluation: validation pass@1 for a grid
     run; otherwise the curve and ``evaluate`` (KL always to the base)."""
@@ -195,11 +265,25 @@ def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: 
     files = setup["files"]
     steps = steps or budget.steps
     run_dir = run_dir_for(out, spec, seed, lr, grid)
-    shutil.rmtree(run_dir, ignore_errors=True)    # a run cut off earlier starts over
-    cfg = Config(model=start or setup["base"], output_dir=str(run_dir), seed=seed, overwrite_output_dir=True, train_file=files[spec.data],
-                 max_new_tokens=MAX_NEW_TOKENS, max_length=MAX_LENGTH, micro_batch_size=SEQS_PER_STEP, lr=lr,
-                 lr_scheduler="constant", max_steps=steps, temperature=1.0, engine="transformers",
-                 rollout_batch_size=512, reward=REWARD, **spec.overrides)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off earlier starts over
+    cfg = Config(
+        model=start or setup["base"],
+        output_dir=str(run_dir),
+        seed=seed,
+        overwrite_output_dir=True,
+        train_file=files[spec.data],
+        max_new_tokens=MAX_NEW_TOKENS,
+        max_length=MAX_LENGTH,
+        micro_batch_size=SEQS_PER_STEP,
+        lr=lr,
+        lr_scheduler="constant",
+        max_steps=steps,
+        temperature=1.0,
+        engine="transformers",
+        rollout_batch_size=512,
+        reward=REWARD,
+        **spec.overrides,
+    )
     start = time.time()
     # a longer run: the same points, then every half of budget.steps
     later = range(budget.steps, steps, max(1, budget.steps // 2))
@@ -207,10 +291,16 @@ def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: 
     final = train_with_snapshots(cfg, points)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grads = [m["grad_norm"] for m in metrics]
-    row = dict(name=spec.name, family=spec.family, x=spec.x, seed=seed, lr=lr,
-               rectified=st.mean(m["dcr/rectified_frac"] for m in metrics),
-               grad_cv=st.pstdev(grads) / max(st.mean(grads), 1e-12),
-               sequences=cfg.max_steps * SEQS_PER_STEP)
+    row = dict(
+        name=spec.name,
+        family=spec.family,
+        x=spec.x,
+        seed=seed,
+        lr=lr,
+        rectified=st.mean(m["dcr/rectified_frac"] for m in metrics),
+        grad_cv=st.pstdev(grads) / max(st.mean(grads), 1e-12),
+        sequences=cfg.max_steps * SEQS_PER_STEP,
+    )
     selfs = [m["reward/self_mean"] for m in metrics if "reward/self_mean" in m]
     if selfs:
         tail = max(1, len(selfs) // 10)
@@ -218,11 +308,14 @@ def run_one(spec: Spec, seed: int, lr: float, out: Path, budget: Budget, setup: 
     if grid:
         row["val"] = curve_accuracy(final, files, budget, seed, split="val")
     else:
-        row["curve"] = {str(step): curve_accuracy(d, files, budget, seed) for step, d in
-                        snapshot_dirs(run_dir, steps).items() if step < steps}
+        row["curve"] = {
+            str(step): curve_accuracy(d, files, budget, seed)
+            for step, d in snapshot_dirs(run_dir, steps).items()
+            if step < steps
+        }
         row.update(evaluate(final, setup["base"], files, budget, seed))
         row["curve"][str(steps)] = row["id"]
-        shutil.rmtree(run_dir / "at", ignore_errors=True)   # snapshots served their purpose
+        shutil.rmtree(run_dir / "at", ignore_errors=True)  # snapshots served their purpose
     row["seconds"] = round(time.time() - start, 1)
     return row
 
@@ -257,8 +350,11 @@ def _run_all(pool, jobs, results_path: Path) -> int:
     for row in _imap(pool, jobs):
         n += 1
         append_jsonl(results_path, row)
-        print(f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "
-              f"probe {row['probe']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)", flush=True)
+        print(
+            f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "
+            f"probe {row['probe']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)",
+            flush=True,
+        )
     return n
 
 
@@ -273,20 +369,26 @@ def run_grid(pool, own: list[Spec], out: Path, budget: Budget, setup: dict) -> i
     method whose best rate is at an edge of what it tried. Returns the number of runs made."""
     grid_path = out / "grid.jsonl"
     done = {(r["name"], r["lr"]) for r in read_jsonl(grid_path)}
-    jobs = [("run", dict(spec=s, seed=0, lr=lr, out=out, budget=budget, setup=setup, grid=True))
-            for s in own for lr in budget.lrs if (s.name, lr) not in done]
+    jobs = [
+        ("run", dict(spec=s, seed=0, lr=lr, out=out, budget=budget, setup=setup, grid=True))
+        for s in own
+        for lr in budget.lrs
+        if (s.name, lr) not in done
+    ]
     ran = 0
     while True:
         for row in _imap(pool, jobs):
             ran += 1
             append_jsonl(grid_path, row)
-            print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)",
-                  flush=True)
+            print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)", flush=True)
         # a best rate at the edge of the grid: one rung further (rounds, all methods at once);
         # also where a resumed study finds the starting grid done
         beyond = grid_extensions(read_jsonl(grid_path), [s.name for s in own])
-        jobs = [("run", dict(spec=s, seed=0, lr=beyond[s.name], out=out, budget=budget, setup=setup, grid=True))
-                for s in own if s.name in beyond]
+        jobs = [
+            ("run", dict(spec=s, seed=0, lr=beyond[s.name], out=out, budget=budget, setup=setup, grid=True))
+            for s in own
+            if s.name in beyond
+        ]
         if not jobs:
             return ran
 
@@ -298,13 +400,30 @@ def run_configurations(pool, chosen: list[Spec], lrs: dict, out: Path, budget: B
     # a finished run counts only at the rate it would get now (a grid that moved reruns it)
     done = {(r["name"], r["seed"], r["lr"]) for r in read_jsonl(results_path)}
     main = [(s, seed) for seed in range(budget.seeds) for s in chosen if s.family in ("methods", "ablation")]
-    longer = [(replace(s, name=long_name(s.name, budget), family="long", own_lr=False), 0)
-              for s in chosen if s.name in budget.long_methods]
-    sweeps = [(s, seed) for seed in range(budget.sweep_seeds) for s in chosen
-              if s.family not in ("methods", "ablation")]
-    jobs = [("run", dict(spec=s, seed=seed, lr=rate_for(s.name, s.family, lrs), out=out, budget=budget,
-                         setup=setup, steps=budget.long_steps if s.family == "long" else None))
-            for s, seed in main + longer + sweeps if (s.name, seed, rate_for(s.name, s.family, lrs)) not in done]
+    longer = [
+        (replace(s, name=long_name(s.name, budget), family="long", own_lr=False), 0)
+        for s in chosen
+        if s.name in budget.long_methods
+    ]
+    sweeps = [
+        (s, seed) for seed in range(budget.sweep_seeds) for s in chosen if s.family not in ("methods", "ablation")
+    ]
+    jobs = [
+        (
+            "run",
+            dict(
+                spec=s,
+                seed=seed,
+                lr=rate_for(s.name, s.family, lrs),
+                out=out,
+                budget=budget,
+                setup=setup,
+                steps=budget.long_steps if s.family == "long" else None,
+            ),
+        )
+        for s, seed in main + longer + sweeps
+        if (s.name, seed, rate_for(s.name, s.family, lrs)) not in done
+    ]
     return _run_all(pool, jobs, results_path)
 
 
@@ -314,10 +433,24 @@ def run_rl_stages(pool, lrs: dict, out: Path, budget: Budget, setup: dict) -> in
     ran = 0
     for family in ("staged", "rl"):
         done = {(r["name"], r["seed"], r["lr"]) for r in read_jsonl(results_path)}
-        jobs = [("run", dict(spec=s, seed=seed, lr=rate_for(s.name, s.family, lrs), out=out, budget=budget,
-                             setup=setup, steps=budget.rl_steps, start=str(_final_of(s.x, seed, out, lrs))))
-                for seed in range(budget.seeds) for s in RL_SPECS
-                if s.family == family and (s.name, seed, rate_for(s.name, s.family, lrs)) not in done]
+        jobs = [
+            (
+                "run",
+                dict(
+                    spec=s,
+                    seed=seed,
+                    lr=rate_for(s.name, s.family, lrs),
+                    out=out,
+                    budget=budget,
+                    setup=setup,
+                    steps=budget.rl_steps,
+                    start=str(_final_of(s.x, seed, out, lrs)),
+                ),
+            )
+            for seed in range(budget.seeds)
+            for s in RL_SPECS
+            if s.family == family and (s.name, seed, rate_for(s.name, s.family, lrs)) not in done
+        ]
         ran += _run_all(pool, jobs, results_path)
     return ran
 
@@ -335,8 +468,12 @@ def main(argv=None) -> Path:
     ap.add_argument("--quick", action="store_true", help="two methods, one seed, one rate, a few steps (CI)")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--docs", default="docs")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="runs side by side, one thread each; 1: in this process (default: 2, --quick 1)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="runs side by side, one thread each; 1: in this process (default: 2, --quick 1)",
+    )
     args = ap.parse_args(argv)
     budget = QUICK if args.quick else FULL
     out = Path(args.out)

@@ -1,5 +1,6 @@
 """Shared test set-up. Without a GPU, Triton's interpreter runs the kernels; it must be on
 before anything imports triton (with a GPU the real kernels run)."""
+
 import os
 import shutil
 import subprocess

@@ -1,4 +1,5 @@
 """Input builders and error measures shared by the tests."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,21 +16,34 @@ EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23
 class Case:
     """One problem in float64 (the ground truth is computed from these same values)."""
 
-    hidden: torch.Tensor   # [*lead, H]
-    weight: torch.Tensor   # [V, H]
+    hidden: torch.Tensor  # [*lead, H]
+    weight: torch.Tensor  # [V, H]
     bias: torch.Tensor | None
     targets: torch.Tensor  # [*lead]
-    adv: torch.Tensor      # broadcastable to targets
+    adv: torch.Tensor  # broadcastable to targets
 
     def cast(self, dtype):
         """The case rounded to ``dtype``, and the rounded values back in float64 (the truth's inputs)."""
+
         def rnd(x):
             return None if x is None else x.to(dtype).to(torch.float64)
+
         return Case(rnd(self.hidden), rnd(self.weight), rnd(self.bias), self.targets, self.adv)
 
 
-def make_case(lead, vocab, hidden_dim, *, bias=False, ignore_frac=0.1, zero_adv_frac=0.0,
-              logit_scale=1.0, adv_shape="token", seed=0, device=DEVICE) -> Case:
+def make_case(
+    lead,
+    vocab,
+    hidden_dim,
+    *,
+    bias=False,
+    ignore_frac=0.1,
+    zero_adv_frac=0.0,
+    logit_scale=1.0,
+    adv_shape="token",
+    seed=0,
+    device=DEVICE,
+) -> Case:
     g = torch.Generator().manual_seed(seed)
     lead = tuple(lead)
     h = torch.randn(*lead, hidden_dim, generator=g, dtype=torch.float64)
@@ -52,7 +66,7 @@ def make_case(lead, vocab, hidden_dim, *, bias=False, ignore_frac=0.1, zero_adv_
 @dataclass
 class Result:
     loss: torch.Tensor
-    grads: dict           # name -> float64 gradient
+    grads: dict  # name -> float64 gradient
     stats: gft_kernels.GFTStats
     scales: dict | None = None  # truth only: the magnitudes rounding errors are relative to
 
@@ -61,8 +75,9 @@ def _upstream(shape):
     return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def run(case: Case, dtype, backend, *, tau=0.7, reduction="mean", grads=("hidden", "weight", "bias"),
-        **kwargs) -> Result:
+def run(
+    case: Case, dtype, backend, *, tau=0.7, reduction="mean", grads=("hidden", "weight", "bias"), **kwargs
+) -> Result:
     """Loss, gradients (float64 copies) and stats of one backend on ``case`` cast to ``dtype``.
 
     ``reduction="none"`` is backpropagated with a fixed random upstream gradient.
@@ -72,8 +87,16 @@ def run(case: Case, dtype, backend, *, tau=0.7, reduction="mean", grads=("hidden
         x = getattr(case, name)
         leaves[name] = None if x is None else x.detach().to(dtype).clone().requires_grad_(name in grads)
     loss, stats = gft_kernels.gft_loss(
-        leaves["hidden"], leaves["weight"], case.targets, case.adv.to(dtype), tau,
-        bias=leaves["bias"], reduction=reduction, backend=backend, return_stats=True, **kwargs,
+        leaves["hidden"],
+        leaves["weight"],
+        case.targets,
+        case.adv.to(dtype),
+        tau,
+        bias=leaves["bias"],
+        reduction=reduction,
+        backend=backend,
+        return_stats=True,
+        **kwargs,
     )
     objective = (loss.double() * _upstream(loss.shape).to(loss.device)).sum() if reduction == "none" else loss
     if any(x is not None and x.requires_grad for x in leaves.values()):

@@ -1,4 +1,5 @@
 """One architecture against its own logits: used by test_models_exact.py (and to print the table)."""
+
 from __future__ import annotations
 
 import inspect
@@ -19,7 +20,7 @@ def batch(vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab - 3, (2, 7), generator=g)
     labels = ids.clone()
-    labels[:, :2] = -100          # a prompt
+    labels[:, :2] = -100  # a prompt
     labels[1, 5] = -100
     mask = torch.ones_like(ids)
     adv = torch.tensor([1.25, -0.75], dtype=torch.float64)
@@ -47,8 +48,10 @@ def check(model, backend):
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, **kw)
     except Exception as e:
-        raise OwnForwardFails(f"its own forward fails on the tiny config: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}") from e
+        raise OwnForwardFails(
+            f"its own forward fails on the tiny config: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200] if str(e) else ''}"
+        ) from e
     try:
         loss = gft_kernels.causal_lm_gft_loss(model, ids, mask, labels, adv, TAU, backend=backend)
     except UnsupportedModelError as e:

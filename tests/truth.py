@@ -5,6 +5,7 @@ logits, broadcasts the advantages and log-probs by its own rule, and writes ever
 per-token loss and every reduction out again, so a bug in the library's head, broadcasting or
 reductions cannot hide behind the same code in the truth.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,9 +19,28 @@ def _per_token(x, targets):
     return x.expand(targets.shape).double()
 
 
-def truth_loss(hidden, weight, bias, targets, adv, tau, *, reduction="mean", normalizer=None, temperature=1.0,
-               softcap=None, old_logp=None, clip_low=0.2, clip_high=None, dual_clip=None, ref_logp=None, beta=0.0,
-               kl="k3", entropy_coef=0.0, ignore_index=-100):
+def truth_loss(
+    hidden,
+    weight,
+    bias,
+    targets,
+    adv,
+    tau,
+    *,
+    reduction="mean",
+    normalizer=None,
+    temperature=1.0,
+    softcap=None,
+    old_logp=None,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    ref_logp=None,
+    beta=0.0,
+    kl="k3",
+    entropy_coef=0.0,
+    ignore_index=-100,
+):
     """The loss in float64 from float64 leaves (gradients by autograd)."""
     z = hidden @ weight.t()
     if bias is not None:

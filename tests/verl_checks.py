@@ -6,6 +6,7 @@ the loss by configuration, verl's reference log-prob/entropy functions and its t
 ``FusedLinearForPPO``, and verl's fused-kernel model forward (``patch_forward_with_backends``,
 ``impl_backend="triton"``) with our op in place of verl's Triton kernel.
 """
+
 import sys
 from pathlib import Path
 
@@ -26,15 +27,20 @@ def actor_config(**kw):
     from verl.workers.config import ActorConfig, PolicyLossConfig
 
     loss_mode = kw.pop("loss_mode", "gft")
-    return ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=2,
-                       policy_loss=PolicyLossConfig(loss_mode=loss_mode), **kw)
+    return ActorConfig(
+        strategy="fsdp",
+        rollout_n=4,
+        ppo_micro_batch_size_per_gpu=2,
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+        **kw,
+    )
 
 
 def batch(B=6, T=9, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([9, 1, 5, 0, 7, 3])[:B]        # one fully masked response
-    mask = (torch.arange(T)[None] < lengths[:, None])
-    logp = -(torch.rand(B, T, generator=g, dtype=dtype) * 3) ** 2
+    lengths = torch.tensor([9, 1, 5, 0, 7, 3])[:B]  # one fully masked response
+    mask = torch.arange(T)[None] < lengths[:, None]
+    logp = -((torch.rand(B, T, generator=g, dtype=dtype) * 3) ** 2)
     logp[0, :3] = torch.tensor([-1e-4, -0.3566749439387324, -0.35667])  # p near 1, p == 0.7 (about), p just above
     adv = torch.randn(B, 1, generator=g, dtype=dtype).expand(B, T).clone()
     isw = torch.rand(B, T, generator=g, dtype=dtype) + 0.5
@@ -83,8 +89,15 @@ def test_gft_policy_loss_through_get_policy_loss_fn(mode, tau, distributed):
     fn = get_policy_loss_fn(name)
     for weights in (None, isw):
         lp = logp.clone().requires_grad_(True)
-        loss, metrics = fn(old_log_prob=logp - 0.3, log_prob=lp, advantages=adv, response_mask=mask,
-                           loss_agg_mode=mode, config=cfg, rollout_is_weights=weights)
+        loss, metrics = fn(
+            old_log_prob=logp - 0.3,
+            log_prob=lp,
+            advantages=adv,
+            response_mask=mask,
+            loss_agg_mode=mode,
+            config=cfg,
+            rollout_is_weights=weights,
+        )
         (grad,) = torch.autograd.grad(loss, lp)
         lp2 = logp.clone().requires_grad_(True)
         want = expected(lp2, adv, mask, mode, tau, weights, info)
@@ -99,10 +112,16 @@ def test_dcr_at_exactly_tau_is_one_as_the_paper():
     tau = 0.5
     lp = torch.tensor([[torch.log(torch.tensor(0.5, dtype=torch.float64))]], requires_grad=True)
     fn = verl_gft.register_gft_policy_loss("gft_half", tau=tau)
-    loss, _ = fn(lp.detach(), lp, torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool),
-                 "token-sum", actor_config())
+    loss, _ = fn(
+        lp.detach(),
+        lp,
+        torch.ones(1, 1, dtype=torch.float64),
+        torch.ones(1, 1, dtype=torch.bool),
+        "token-sum",
+        actor_config(),
+    )
     (g,) = torch.autograd.grad(loss, lp)
-    assert g.item() == -1.0          # C = 1 at p == tau (the released code would weight by p = 0.5)
+    assert g.item() == -1.0  # C = 1 at p == tau (the released code would weight by p = 0.5)
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -116,8 +135,15 @@ def test_tau0_takes_verls_vanilla_ppo_gradient_at_ratio_one(mode):
     grads = {}
     for name, fn in (("gft", gft), ("vanilla", get_policy_loss_fn("vanilla")), ("gpg", get_policy_loss_fn("gpg"))):
         lp = logp.clone().requires_grad_(True)
-        loss, _ = fn(old_log_prob=logp.detach(), log_prob=lp, advantages=adv, response_mask=mask,
-                     loss_agg_mode=mode, config=cfg, rollout_is_weights=isw)
+        loss, _ = fn(
+            old_log_prob=logp.detach(),
+            log_prob=lp,
+            advantages=adv,
+            response_mask=mask,
+            loss_agg_mode=mode,
+            config=cfg,
+            rollout_is_weights=isw,
+        )
         grads[name] = (loss, torch.autograd.grad(loss, lp)[0])
     torch.testing.assert_close(grads["gft"][1], grads["vanilla"][1], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grads["gft"][1], grads["gpg"][1], rtol=1e-12, atol=1e-14)
@@ -140,12 +166,20 @@ def test_the_actor_loss_selects_gft_by_configuration():
     for b in range(B):
         n = int(mask[b].sum())
         seq = torch.zeros(P + n)
-        seq[P - 1:P - 1 + n] = logp[b, :n]
+        seq[P - 1 : P - 1 + n] = logp[b, :n]
         flat.append(seq)
     flat = torch.cat(flat).requires_grad_(True)
-    data = TensorDict({"prompts": prompts, "responses": torch.ones(B, R, dtype=torch.long), "attention_mask": attention,
-                       "response_mask": mask.long(), "old_log_probs": logp - 0.1, "advantages": adv.float()},
-                      batch_size=[B])
+    data = TensorDict(
+        {
+            "prompts": prompts,
+            "responses": torch.ones(B, R, dtype=torch.long),
+            "attention_mask": attention,
+            "response_mask": mask.long(),
+            "old_log_probs": logp - 0.1,
+            "advantages": adv.float(),
+        },
+        batch_size=[B],
+    )
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=B)
     cfg = actor_config(loss_agg_mode="token-mean", entropy_coeff=0.0, use_kl_loss=False)
     loss, metrics = ppo_loss(cfg, {"log_probs": flat}, data)
@@ -159,6 +193,7 @@ def test_the_actor_loss_selects_gft_by_configuration():
 
 # ---- the fused log-prob + entropy op --------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(2, 7), (13,)])
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_fused_op_equals_verls_reference_and_torch_fused_path(shape, backend):
@@ -171,7 +206,7 @@ def test_fused_op_equals_verls_reference_and_torch_fused_path(shape, backend):
     weight = torch.randn(V, H, generator=g) * 0.5
     labels = torch.randint(0, V, shape, generator=g)
     up = torch.randn(shape, generator=g)
-    up_entropy = torch.randn(shape, generator=g)     # an entropy term in the loss (entropy_coeff != 0)
+    up_entropy = torch.randn(shape, generator=g)  # an entropy term in the loss (entropy_coeff != 0)
 
     def run(fn):
         h = hidden.clone().requires_grad_(True)
@@ -211,8 +246,16 @@ def test_verls_fused_kernel_forward_runs_our_op():
     from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=16, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        tie_word_embeddings=False,
+    )
     model = AutoModelForCausalLM.from_config(cfg).float()
     ids = torch.randint(0, 50, (2, 7))
     mask = torch.ones_like(ids)
@@ -237,7 +280,7 @@ def test_verls_fused_kernel_forward_runs_our_op():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="verl's Triton linear_cross_entropy needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_op_equals_verls_triton_kernel_on_cuda(dtype):   # the GPU check
+def test_fused_op_equals_verls_triton_kernel_on_cuda(dtype):  # the GPU check
     import verl.utils.kernel.linear_cross_entropy as lce
 
     verls = lce.__dict__.get("_gft_previous", lce.linear_cross_entropy)

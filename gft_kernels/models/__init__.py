@@ -26,10 +26,20 @@ The package, apart from the kernel's files: ``transforms.py`` (the table and the
 ``probe.py`` (the head's input and ``check_model``), ``loss.py`` (``causal_lm_gft_loss``),
 ``patching.py`` (``patch`` / ``unpatch``).
 """
+
 from .loss import causal_lm_gft_loss
 from .patching import patch, unpatch
 from .probe import PROBE_AMPLITUDE, check_model, head_input
 from .transforms import LogitsTransform, UnsupportedModelError, logits_transform
 
-__all__ = ["causal_lm_gft_loss", "patch", "unpatch", "check_model", "head_input", "logits_transform",
-           "LogitsTransform", "UnsupportedModelError", "PROBE_AMPLITUDE"]
+__all__ = [
+    "causal_lm_gft_loss",
+    "patch",
+    "unpatch",
+    "check_model",
+    "head_input",
+    "logits_transform",
+    "LogitsTransform",
+    "UnsupportedModelError",
+    "PROBE_AMPLITUDE",
+]

@@ -1,4 +1,5 @@
 """``causal_lm_gft_loss``: a transformers causal LM's GFT loss through the fused op."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,10 +13,25 @@ from .probe import check_model, head_input
 from .transforms import _arch, _call_head, _head, _whole, logits_transform
 
 
-def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *, normalizer=None,
-                       reduction="mean", return_stats=False, backend="auto", ignore_index=IGNORE_INDEX,
-                       shift_labels=None, check=True, temperature=1.0, loss_options: dict | None = None,
-                       **forward_kwargs):
+def causal_lm_gft_loss(
+    model,
+    input_ids,
+    attention_mask,
+    labels,
+    adv,
+    tau=0.7,
+    *,
+    normalizer=None,
+    reduction="mean",
+    return_stats=False,
+    backend="auto",
+    ignore_index=IGNORE_INDEX,
+    shift_labels=None,
+    check=True,
+    temperature=1.0,
+    loss_options: dict | None = None,
+    **forward_kwargs,
+):
     """GFT loss of a transformers causal LM on a batch, through the fused op.
 
     Runs the model's forward up to its output head, shifts the head's input against ``labels``
@@ -32,8 +48,9 @@ def causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7, *
     ``loss_options`` go to ``gft_loss`` (e.g. ``old_logp``, ``ref_logp``, ``beta``,
     ``entropy_coef``); extra keyword arguments go to the model's forward.
     """
-    options = HeadLossOptions(tau, normalizer, reduction, return_stats, backend, ignore_index, temperature,
-                              dict(loss_options or {}))
+    options = HeadLossOptions(
+        tau, normalizer, reduction, return_stats, backend, ignore_index, temperature, dict(loss_options or {})
+    )
     batch = CausalLMBatch(input_ids, attention_mask, labels, adv, shift_labels)
     return _causal_lm_loss(model, batch, options, check, forward_kwargs)
 
@@ -49,7 +66,7 @@ class HeadLossOptions:
     backend: str
     ignore_index: int
     temperature: float
-    loss_options: dict = field(default_factory=dict)   # more ``gft_loss`` keywords
+    loss_options: dict = field(default_factory=dict)  # more ``gft_loss`` keywords
 
 
 @dataclass(frozen=True)
@@ -74,18 +91,31 @@ def _causal_lm_loss(model, batch: CausalLMBatch, options: HeadLossOptions, check
     def loss_of(weight, bias, x):
         weight, bias, group = _whole(weight, bias, model)
         if spec.vocab is not None and group is not None:
-            raise NotImplementedError(f"{_arch(model)}: a vocabulary cut ({spec.vocab}) on a "
-                                      "vocabulary-sharded head is not supported")
+            raise NotImplementedError(
+                f"{_arch(model)}: a vocabulary cut ({spec.vocab}) on a vocabulary-sharded head is not supported"
+            )
         if spec.vocab is not None and spec.vocab < weight.shape[0]:
             weight = weight[: spec.vocab]
             bias = None if bias is None else bias[: spec.vocab]
         if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(weight.dtype)        # as models that cast before the head (Mamba, xLSTM) do
-        return gft_loss(x, weight, targets, batch.adv, options.tau, bias=bias, normalizer=options.normalizer,
-                        reduction=options.reduction, temperature=temperature / spec.scale,
-                        softcap=None if spec.softcap is None else spec.softcap / temperature,
-                        backend=options.backend, ignore_index=options.ignore_index,
-                        return_stats=options.return_stats, check_values=False, vocab_parallel_group=group,
-                        **options.loss_options)
+            x = x.to(weight.dtype)  # as models that cast before the head (Mamba, xLSTM) do
+        return gft_loss(
+            x,
+            weight,
+            targets,
+            batch.adv,
+            options.tau,
+            bias=bias,
+            normalizer=options.normalizer,
+            reduction=options.reduction,
+            temperature=temperature / spec.scale,
+            softcap=None if spec.softcap is None else spec.softcap / temperature,
+            backend=options.backend,
+            ignore_index=options.ignore_index,
+            return_stats=options.return_stats,
+            check_values=False,
+            vocab_parallel_group=group,
+            **options.loss_options,
+        )
 
     return _call_head(head, loss_of, x)

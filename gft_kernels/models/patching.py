@@ -1,4 +1,5 @@
 """``patch`` / ``unpatch``: a transformers model's own forward returns the GFT loss."""
+
 from __future__ import annotations
 
 import inspect
@@ -37,7 +38,8 @@ def _loss_probe(model):
             except Exception as e:
                 raise UnsupportedModelError(
                     f"{arch}: its own forward with labels fails on a text batch "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from e
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+                ) from e
             own = getattr(out, "loss", None)
             logits = _logits_of(out) if own is not None else None
             if own is None:
@@ -53,7 +55,8 @@ def _loss_probe(model):
             raise UnsupportedModelError(
                 f"{arch}: its own loss ({float(own):.6g}) is not the cross-entropy of its logits, "
                 f"shifted ({float(shifted):.6g}) or not ({float(unshifted):.6g}): it adds or changes "
-                "terms (an auxiliary router loss, a z-loss); a patched forward would silently differ")
+                "terms (an auxiliary router loss, a z-loss); a patched forward would silently differ"
+            )
     finally:
         for m, training in modes:
             m.training = training
@@ -89,7 +92,7 @@ def patch(model, *, tau: float = 0.0, backend: str = "auto"):
     including models whose own loss adds terms (auxiliary router loss, z-loss).
     Returns the model; ``unpatch(model)`` restores the original forward.
     """
-    check_tau(tau)   # before touching the model
+    check_tau(tau)  # before touching the model
     check_backend_name(backend)
     if "_gft_original_forward" in model.__dict__:
         shift = model.__dict__["_gft_options"].shift
@@ -100,8 +103,18 @@ def patch(model, *, tau: float = 0.0, backend: str = "auto"):
     model.__dict__["_gft_original_forward"] = original
     model.__dict__["_gft_options"] = _PatchOptions(float(tau), backend, shift)
 
-    def forward(input_ids=None, attention_mask=None, labels=None, *, advantages=None, tau=None,
-                num_items_in_batch=None, return_gft_stats=False, shift_labels=None, **kwargs):
+    def forward(
+        input_ids=None,
+        attention_mask=None,
+        labels=None,
+        *,
+        advantages=None,
+        tau=None,
+        num_items_in_batch=None,
+        return_gft_stats=False,
+        shift_labels=None,
+        **kwargs,
+    ):
         if labels is None and shift_labels is None:
             if advantages is not None or return_gft_stats:
                 raise ValueError("advantages / return_gft_stats need labels")
@@ -109,16 +122,25 @@ def patch(model, *, tau: float = 0.0, backend: str = "auto"):
         options = model.__dict__["_gft_options"]
         tau_ = options.tau if tau is None else tau
         if shift_labels is None and not options.shift:
-            shift_labels = labels       # this model's own loss reads label t at position t
+            shift_labels = labels  # this model's own loss reads label t at position t
         kwargs.pop("return_dict", None)
         ref = shift_labels if shift_labels is not None else labels
         adv = 1.0 if advantages is None else advantages
         if isinstance(adv, Tensor) and adv.dim() == 2 and shift_labels is None and adv.shape[-1] == ref.shape[-1]:
             adv = adv[:, 1:]
         result = causal_lm_gft_loss(
-            model, input_ids, attention_mask, labels, adv, tau_, normalizer=num_items_in_batch,
-            return_stats=return_gft_stats, backend=options.backend, shift_labels=shift_labels,
-            **kwargs)
+            model,
+            input_ids,
+            attention_mask,
+            labels,
+            adv,
+            tau_,
+            normalizer=num_items_in_batch,
+            return_stats=return_gft_stats,
+            backend=options.backend,
+            shift_labels=shift_labels,
+            **kwargs,
+        )
         loss, stats = result if return_gft_stats else (result, None)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -127,15 +149,24 @@ def patch(model, *, tau: float = 0.0, backend: str = "auto"):
             out.gft_stats = stats
         return out
 
-    forward.__signature__ = inspect.Signature([
-        inspect.Parameter("input_ids", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-        inspect.Parameter("attention_mask", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-        inspect.Parameter("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-        *(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in (
-            ("advantages", None), ("tau", None), ("num_items_in_batch", None),
-            ("return_gft_stats", False), ("shift_labels", None))),
-        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
-    ])
+    forward.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter("input_ids", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+            inspect.Parameter("attention_mask", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+            inspect.Parameter("labels", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+            *(
+                inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d)
+                for n, d in (
+                    ("advantages", None),
+                    ("tau", None),
+                    ("num_items_in_batch", None),
+                    ("return_gft_stats", False),
+                    ("shift_labels", None),
+                )
+            ),
+            inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+        ]
+    )
     model.forward = forward
     return model
 

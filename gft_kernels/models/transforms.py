@@ -1,6 +1,7 @@
 """What comes after a causal LM's head product: the table of known logits transforms (scales,
 softcaps, a vocabulary cut), and the head itself as the model calls it (FSDP / ZeRO / DTensor
 aware)."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ class LogitsTransform:
     scale: float = 1.0
     softcap: float | None = None
     vocab: int | None = None
-    found: tuple[str, ...] = field(default=())   # what the table read, for messages
+    found: tuple[str, ...] = field(default=())  # what the table read, for messages
 
     def apply(self, raw: Tensor) -> Tensor:
         z = raw * self.scale if self.scale != 1.0 else raw
@@ -44,7 +45,7 @@ def _configs(model):
     if hasattr(cfg, "get_text_config"):
         try:
             text = cfg.get_text_config()
-        except ValueError:    # several text configs (an encoder's and a decoder's)
+        except ValueError:  # several text configs (an encoder's and a decoder's)
             text = getattr(cfg, "decoder", cfg)
         if text is not cfg:
             out.append(text)
@@ -150,7 +151,8 @@ def _head(model):
     if not isinstance(getattr(linear, "weight", None), Tensor) or names not in (["weight"], ["bias", "weight"]):
         raise UnsupportedModelError(
             f"{arch}: its output head {type(linear).__name__} has parameters {names}; only a linear "
-            "layer (weight [V, H] and an optional bias) can be fused")
+            "layer (weight [V, H] and an optional bias) can be fused"
+        )
     return head
 
 
@@ -209,9 +211,13 @@ def _whole(weight, bias, model=None):
             raise UnsupportedModelError(
                 "the output head's weight is still an FSDP2 shard inside its call: compute the loss "
                 "inside the forward of the FSDP root module (as gft_train's GFTPolicy does), where "
-                "FSDP2 gathers it")
-        if mesh.ndim == 1 and placements == (Shard(0),) and (
-                bias is None or tuple(getattr(bias, "placements", ())) == (Shard(0),)):
+                "FSDP2 gathers it"
+            )
+        if (
+            mesh.ndim == 1
+            and placements == (Shard(0),)
+            and (bias is None or tuple(getattr(bias, "placements", ())) == (Shard(0),))
+        ):
             return weight.to_local(), None if bias is None else bias.to_local(), mesh.get_group()
         if all(isinstance(p, (Replicate, Shard)) for p in placements):
             full = weight.full_tensor()
@@ -221,5 +227,6 @@ def _whole(weight, bias, model=None):
     if weight.dim() != 2:
         raise UnsupportedModelError(
             f"the output head's weight has shape {tuple(weight.shape)} inside its own call, not [V, H]: "
-            "a sharding framework did not gather it")
+            "a sharding framework did not gather it"
+        )
     return weight, bias, None

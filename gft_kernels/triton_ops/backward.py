@@ -26,6 +26,7 @@ nothing) and vocabulary columns:
 products accumulate in fp32 inside the tile and are added with fp32 atomics into fp32
 accumulators, which the launcher keeps small by chunking (see launch.py).
 """
+
 import triton
 import triton.language as tl
 
@@ -39,19 +40,49 @@ from .common import dlogits_tile, logits_tile
 @triton.jit(do_not_specialize=["pos_begin", "n_pos", "col_begin", "n_cols"])
 def gft_backward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, ge_ptr, ent_ptr, order_ptr, n_active_ptr,
-    dh_ptr, dw_ptr, db_ptr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    tgt_ptr,
+    m_ptr,
+    log_s_ptr,
+    q_ptr,
+    g_ptr,
+    ge_ptr,
+    ent_ptr,
+    order_ptr,
+    n_active_ptr,
+    dh_ptr,
+    dw_ptr,
+    db_ptr,
     # sizes and strides
-    V, H, stride_hn, stride_wv,
-    pos_begin, n_pos, col_begin, n_cols,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    pos_begin,
+    n_pos,
+    col_begin,
+    n_cols,
     # scalars
-    inv_temp, softcap,
+    inv_temp,
+    softcap,
     # features and tiles
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr,
-    COMPUTE_DH: tl.constexpr, DH_BY_ROW: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_M: tl.constexpr, STORES_ONLY: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ENT_GRAD: tl.constexpr,
+    COMPUTE_DH: tl.constexpr,
+    DH_BY_ROW: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    STORES_ONLY: tl.constexpr,
 ):
     # Grouped order over a 1-D grid: consecutive programs cover GROUP_M row blocks x all column
     # blocks, column-major within the group. Programs running at the same time then add into
@@ -69,7 +100,7 @@ def gft_backward_kernel(
     first = pos_begin + pid_m * BLOCK_M
     if first >= n_active:  # every remaining row has g == 0: skipped entirely
         return
-    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)          # row index within this chunk
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row index within this chunk
     pos = pos_begin + local
     row_mask = (pos < n_active) & (local < n_pos)
     rows = tl.load(order_ptr + pos, mask=row_mask, other=0).to(tl.int64)
@@ -81,13 +112,29 @@ def gft_backward_kernel(
     ge = tl.load(ge_ptr + rows, mask=row_mask & HAS_ENT_GRAD, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=row_mask & HAS_ENT_GRAD, other=0.0)
 
-    local_col = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)      # column index within this chunk
+    local_col = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column index within this chunk
     cols = (col_begin + local_col).to(tl.int64)
     col_mask = (local_col < n_cols) & (cols < V)
     z = logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
-        inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION,
-        BLOCK_M, BLOCK_V, BLOCK_K,
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        row_mask,
+        cols,
+        col_mask,
+        H,
+        stride_hn,
+        stride_wv,
+        inv_temp,
+        softcap,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        UPCAST,
+        INPUT_PRECISION,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_K,
     )
     mask = row_mask[:, None] & col_mask[None, :]
     dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, ge, ent, inv_temp, softcap, HAS_SOFTCAP, HAS_ENT_GRAD)
@@ -106,11 +153,12 @@ def gft_backward_kernel(
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
             k_mask = ks < H
-            w = tl.load(w_ptr + cols[:, None] * stride_wv + ks[None, :],
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(
+                w_ptr + cols[:, None] * stride_wv + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0
+            )
             if UPCAST:
                 w = w.to(tl.float32)
-            part = tl.dot(dz_in, w, input_precision=INPUT_PRECISION)            # [BLOCK_M, BLOCK_H]
+            part = tl.dot(dz_in, w, input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_H]
             if STORES_ONLY:  # wrong sums: only to time the products without the atomics' cost
                 tl.store(dh_row + ks[None, :], part, mask=row_mask[:, None] & k_mask[None, :])
             else:
@@ -121,11 +169,12 @@ def gft_backward_kernel(
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
             k_mask = ks < H
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + ks[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            h = tl.load(
+                h_ptr + rows[:, None] * stride_hn + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+            )
             if UPCAST:
                 h = h.to(tl.float32)
-            part = tl.dot(dz_t, h, input_precision=INPUT_PRECISION)             # [BLOCK_V, BLOCK_H]
+            part = tl.dot(dz_t, h, input_precision=INPUT_PRECISION)  # [BLOCK_V, BLOCK_H]
             if STORES_ONLY:
                 tl.store(dw_row + ks[None, :], part, mask=col_mask[:, None] & k_mask[None, :])
             else:
@@ -135,15 +184,42 @@ def gft_backward_kernel(
 @triton.jit(do_not_specialize=["n_pos", "col_begin", "n_cols"])
 def gft_dlogits_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, log_s_ptr, q_ptr, g_ptr, ge_ptr, ent_ptr, order_ptr, dz_ptr, db_ptr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    tgt_ptr,
+    m_ptr,
+    log_s_ptr,
+    q_ptr,
+    g_ptr,
+    ge_ptr,
+    ent_ptr,
+    order_ptr,
+    dz_ptr,
+    db_ptr,
     # sizes and strides
-    V, H, stride_hn, stride_wv, stride_dz, stride_db, n_pos, col_begin, n_cols,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    stride_dz,
+    stride_db,
+    n_pos,
+    col_begin,
+    n_cols,
     # scalars
-    inv_temp, softcap,
+    inv_temp,
+    softcap,
     # features and tiles
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ENT_GRAD: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """dz[pos, c] for positions ``pos < n_pos`` (row ``order[pos]``) and columns
     ``col_begin + c``, ``c < n_cols``, rounded to dz's dtype (as naive PyTorch rounds its
@@ -165,9 +241,25 @@ def gft_dlogits_kernel(
     cols = (col_begin + local_col).to(tl.int64)
     col_mask = (local_col < n_cols) & (cols < V)
     z = logits_tile(
-        h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
-        inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION,
-        BLOCK_M, BLOCK_V, BLOCK_K,
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        row_mask,
+        cols,
+        col_mask,
+        H,
+        stride_hn,
+        stride_wv,
+        inv_temp,
+        softcap,
+        HAS_BIAS,
+        HAS_SOFTCAP,
+        UPCAST,
+        INPUT_PRECISION,
+        BLOCK_M,
+        BLOCK_V,
+        BLOCK_K,
     )
     mask = row_mask[:, None] & col_mask[None, :]
     dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, ge, ent, inv_temp, softcap, HAS_SOFTCAP, HAS_ENT_GRAD)

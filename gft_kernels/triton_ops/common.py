@@ -1,16 +1,30 @@
 """Pieces shared by the forward and backward kernels."""
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
 def logits_tile(
-    h_ptr, w_ptr, b_ptr,
-    rows, row_mask, cols, col_mask,
-    H, stride_hn, stride_wv,
-    inv_temp, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    H,
+    stride_hn,
+    stride_wv,
+    inv_temp,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """z[BLOCK_M, BLOCK_V] = softcap((h[rows] @ W[cols]^T + b[cols]) * inv_temp), fp32.
 
@@ -39,8 +53,22 @@ def logits_tile(
 
 
 @triton.jit
-def dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, ge, ent, inv_temp, softcap,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ENT_GRAD: tl.constexpr):
+def dlogits_tile(
+    z,
+    mask,
+    cols,
+    tgt,
+    m,
+    log_s,
+    q,
+    g,
+    ge,
+    ent,
+    inv_temp,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ENT_GRAD: tl.constexpr,
+):
     """dL/d(h W^T + b) of a recomputed tile, fp32, 0 outside ``mask`` (see backward.py).
 
     ``p = exp((z - m) - log_s)`` from the forward's two-part log-sum-exp; at the target column

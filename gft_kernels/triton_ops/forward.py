@@ -8,6 +8,7 @@ what gives ``logp`` and ``1 - p`` full precision for confident tokens (``engine.
 The splits' partial results, stored at each row's own index, are merged by ``engine.merge_partials``
 in O(splits x N) floats.
 """
+
 import triton
 import triton.language as tl
 
@@ -19,16 +20,36 @@ from .common import logits_tile
 @triton.jit(do_not_specialize=["N", "V", "cols_per_split"])
 def gft_forward_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,
-    m_part_ptr, s_excl_part_ptr, zt_part_ptr, s_all_part_ptr, t_part_ptr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    tgt_ptr,
+    order_ptr,
+    n_active_ptr,
+    m_part_ptr,
+    s_excl_part_ptr,
+    zt_part_ptr,
+    s_all_part_ptr,
+    t_part_ptr,
     # sizes and strides
-    N, V, H, stride_hn, stride_wv, cols_per_split,
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    cols_per_split,
     # scalars
-    inv_temp, softcap,
+    inv_temp,
+    softcap,
     # features and tiles
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -51,9 +72,25 @@ def gft_forward_kernel(
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < v_end
         z = logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
-            inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION,
-            BLOCK_M, BLOCK_V, BLOCK_K,
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            H,
+            stride_hn,
+            stride_wv,
+            inv_temp,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            UPCAST,
+            INPUT_PRECISION,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
         )
         is_target = cols[None, :] == tgt[:, None]
         z_t += tl.sum(tl.where(is_target, z, 0.0), axis=1)

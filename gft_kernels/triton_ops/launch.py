@@ -23,6 +23,7 @@ No host sync in the forward and the atomic backward: which rows are active (vali
 forward, ``g != 0`` in the backward) is decided on the device; programs read the active count
 and return early past it.
 """
+
 from __future__ import annotations
 
 import os
@@ -99,7 +100,7 @@ class LaunchOptions:
     # split_step; split_cols fixes it (tuning).
     split_min_cols: int = 1024
     split_max_cols: int = 8192
-    split_min_rows: int = 512   # of the dH sweep's row chunks, when dH has its own sweep
+    split_min_rows: int = 512  # of the dH sweep's row chunks, when dH has its own sweep
     split_step: int = 256
     split_cols: int | None = None
     # Row blocks per group in the atomic backward's program order (see backward.py).
@@ -116,8 +117,11 @@ class LaunchOptions:
 
     def key(self) -> str:
         """Every field, as text (``KernelOptions.key``)."""
-        tiles = "" if self.cuda_tiles is None else ";".join(
-            ",".join(str(getattr(c, f)) for f in _CONFIG_FIELDS) for c in self.cuda_tiles)
+        tiles = (
+            ""
+            if self.cuda_tiles is None
+            else ";".join(",".join(str(getattr(c, f)) for f in _CONFIG_FIELDS) for c in self.cuda_tiles)
+        )
         return ",".join(str(getattr(self, f)) for f in _LAUNCH_FIELDS) + f",{tiles}"
 
     @classmethod
@@ -142,8 +146,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def tiles(device: torch.device, dtype: torch.dtype, plain: bool = False,
-          options: LaunchOptions = DEFAULT_OPTIONS) -> tuple[Config, Config]:
+def tiles(
+    device: torch.device, dtype: torch.dtype, plain: bool = False, options: LaunchOptions = DEFAULT_OPTIONS
+) -> tuple[Config, Config]:
     """(forward, backward) tiles of a launch on this device with inputs of this dtype; ``plain``:
     the forward-like kernel has no entropy, bias or softcap."""
     if device.type != "cuda":
@@ -185,7 +190,7 @@ def _num_splits(n_blocks_m: int, n_blocks_v: int, device: torch.device, programs
 
 @dataclass(frozen=True)
 class BackwardPlan:
-    fused: bool          # one pass computes dH and dW from the same tile
+    fused: bool  # one pass computes dH and dW from the same tile
     rows_per_chunk: int  # Nc: rows of the fp32 dH scratch (dH pass)
     cols_per_chunk: int  # Vc: rows of the fp32 dW scratch
 
@@ -212,16 +217,16 @@ def _copy_rows(dst, index, src32, pieces=8):
     would be a temporary of half its size, beyond the memory budget."""
     step = max(1, -(-src32.shape[0] // pieces))
     for r0 in range(0, src32.shape[0], step):
-        dst.index_copy_(0, index[r0:r0 + step], src32[r0:r0 + step].to(dst.dtype))
+        dst.index_copy_(0, index[r0 : r0 + step], src32[r0 : r0 + step].to(dst.dtype))
 
 
 @dataclass(frozen=True)
 class SplitPlan:
-    fused: bool          # one vocabulary sweep gives dW and dH (4 products); else dH has its own (5)
+    fused: bool  # one vocabulary sweep gives dW and dH (4 products); else dH has its own (5)
     cols_per_chunk: int  # Vc of the vocabulary sweep (dW, and dH when fused)
     rows_per_chunk: int  # rows of the dH sweep's fp32 accumulator when not fused
-    cols_dh: int         # Vc of the dH sweep when not fused
-    gather: bool         # some rows are skipped: the active rows of h are gathered for dW
+    cols_dh: int  # Vc of the dH sweep when not fused
+    gather: bool  # some rows are skipped: the active rows of h are gathered for dW
     scratch_bytes: int
 
     @property
@@ -230,8 +235,9 @@ class SplitPlan:
         return 4 if self.fused else 5
 
 
-def plan_split(n, n_active, v, h_dim, dtype, need_dh, need_dw, options: LaunchOptions = DEFAULT_OPTIONS
-               ) -> SplitPlan | None:
+def plan_split(
+    n, n_active, v, h_dim, dtype, need_dh, need_dw, options: LaunchOptions = DEFAULT_OPTIONS
+) -> SplitPlan | None:
     """The split design's chunking, or None when its scratch exceeds the budget.
 
     Scratch: dz ``[rows, Vc]`` in the input dtype; the fp32 dH accumulator (``[n_active, H]``
@@ -277,7 +283,7 @@ def _addmm_path() -> str:
         return "addmm_out_dtype"
     if "dtype" in torch.ops.aten.mm.overloads():
         return "mm_then_add"
-    return "fp32_copies"   # a torch too old for out_dtype: fp32 copies of the operands
+    return "fp32_copies"  # a torch too old for out_dtype: fp32 copies of the operands
 
 
 _ADDMM_PATH = _addmm_path()
@@ -325,19 +331,35 @@ class _Backward:
     def common_args(self):
         """The kernels' leading pointer arguments (dummies where a feature is off)."""
         q = self.rows.q
-        return (self.hidden, self.weight, self.bias if self.bias is not None else self.hidden, self.targets,
-                self.rows.m, self.rows.log_s, q, self.g, self.g_entropy if self.g_entropy is not None else q,
-                self.rows.entropy if self.g_entropy is not None else q)
+        return (
+            self.hidden,
+            self.weight,
+            self.bias if self.bias is not None else self.hidden,
+            self.targets,
+            self.rows.m,
+            self.rows.log_s,
+            q,
+            self.g,
+            self.g_entropy if self.g_entropy is not None else q,
+            self.rows.entropy if self.g_entropy is not None else q,
+        )
 
     def scalars(self):
         softcap = self.options.softcap
         return 1.0 / self.options.temperature, float(softcap) if softcap is not None else 1.0
 
     def flags(self):
-        return dict(HAS_BIAS=self.bias is not None, HAS_SOFTCAP=self.options.softcap is not None,
-                    HAS_ENT_GRAD=self.g_entropy is not None, BLOCK_M=self.cfg.block_m, BLOCK_V=self.cfg.block_v,
-                    BLOCK_K=self.cfg.block_k, num_warps=self.cfg.num_warps, num_stages=self.cfg.num_stages,
-                    **_kernel_flags(self.weight))
+        return dict(
+            HAS_BIAS=self.bias is not None,
+            HAS_SOFTCAP=self.options.softcap is not None,
+            HAS_ENT_GRAD=self.g_entropy is not None,
+            BLOCK_M=self.cfg.block_m,
+            BLOCK_V=self.cfg.block_v,
+            BLOCK_K=self.cfg.block_k,
+            num_warps=self.cfg.num_warps,
+            num_stages=self.cfg.num_stages,
+            **_kernel_flags(self.weight),
+        )
 
     def result(self) -> Grads:
         return Grads(self.dh, self.dw, None if self.db32 is None else self.db32.to(self.bias.dtype))
@@ -354,12 +376,25 @@ class _SplitBackward(_Backward):
         # unlike atomics); [row blocks, Vc] fp32 is under 1/64 of the dz chunk's bytes
         db_rows = torch.empty(grid[0], nc, device=dz.device, dtype=torch.float32) if do_db else self.rows.q
         gft_dlogits_kernel[grid](
-            *self.common_args(), rows, dz, db_rows,
-            self.v, self.h_dim, self.hidden.stride(0), self.weight.stride(0), nc, nc, n_rows, c0, nc,
-            *self.scalars(), COMPUTE_DB=do_db, **self.flags(),
+            *self.common_args(),
+            rows,
+            dz,
+            db_rows,
+            self.v,
+            self.h_dim,
+            self.hidden.stride(0),
+            self.weight.stride(0),
+            nc,
+            nc,
+            n_rows,
+            c0,
+            nc,
+            *self.scalars(),
+            COMPUTE_DB=do_db,
+            **self.flags(),
         )
         if do_db:
-            self.db32[c0:c0 + nc] += db_rows.sum(dim=0)
+            self.db32[c0 : c0 + nc] += db_rows.sum(dim=0)
 
     def vocab_sweep(self, plan: SplitPlan, with_dh: bool):
         """dW (and db; and dH too when fused), vocabulary chunk by vocabulary chunk. A method, so
@@ -371,8 +406,11 @@ class _SplitBackward(_Backward):
         # Otherwise the active rows of h are gathered into dH's storage (unwritten until the end).
         h_act = hidden
         if plan.gather:
-            into = self.dh[:n_active] if self.need_dh else torch.empty(n_active, h_dim, device=hidden.device,
-                                                                       dtype=hidden.dtype)
+            into = (
+                self.dh[:n_active]
+                if self.need_dh
+                else torch.empty(n_active, h_dim, device=hidden.device, dtype=hidden.dtype)
+            )
             h_act = torch.index_select(hidden, 0, active, out=into)
         dh_acc = None
         if with_dh:
@@ -383,9 +421,9 @@ class _SplitBackward(_Backward):
             dz = dz_buf[: n_active * nc].view(n_active, nc)
             self.dlogits(dz, active, c0, self.need_db)
             if self.need_dw:  # one product over every active row: fp32 inside the tensor cores, rounded once
-                _mm_into(self.dw[c0:c0 + nc], dz.t(), h_act)
+                _mm_into(self.dw[c0 : c0 + nc], dz.t(), h_act)
             if with_dh:
-                _addmm_fp32(dh_acc, dz, self.weight[c0:c0 + nc])
+                _addmm_fp32(dh_acc, dz, self.weight[c0 : c0 + nc])
         del dz_buf, h_act
         if plan.gather and self.need_dh:
             self.dh.zero_()  # held the gathered rows of h
@@ -394,7 +432,7 @@ class _SplitBackward(_Backward):
 
     def row_sweep(self, plan: SplitPlan, do_db: bool):
         """dH, chunk of active rows by chunk of active rows (recomputing the logits)."""
-        active = self.order[:self.n_active]
+        active = self.order[: self.n_active]
         acc = torch.empty(plan.rows_per_chunk, self.h_dim, device=self.hidden.device, dtype=torch.float32)
         dz_buf = torch.empty(plan.rows_per_chunk * plan.cols_dh, device=self.hidden.device, dtype=self.weight.dtype)
         for r0 in range(0, self.n_active, plan.rows_per_chunk):
@@ -403,9 +441,9 @@ class _SplitBackward(_Backward):
             for c0 in range(0, self.v, plan.cols_dh):
                 nc = min(plan.cols_dh, self.v - c0)
                 dz = dz_buf[: nr * nc].view(nr, nc)
-                self.dlogits(dz, active[r0:r0 + nr], c0, do_db)
-                _addmm_fp32(dh_acc, dz, self.weight[c0:c0 + nc])
-            _copy_rows(self.dh, active[r0:r0 + nr], dh_acc)
+                self.dlogits(dz, active[r0 : r0 + nr], c0, do_db)
+                _addmm_fp32(dh_acc, dz, self.weight[c0 : c0 + nc])
+            _copy_rows(self.dh, active[r0 : r0 + nr], dh_acc)
 
     def run(self, plan: SplitPlan) -> Grads:
         if self.n_active == 0:
@@ -425,13 +463,29 @@ class _AtomicBackward(_Backward):
         grid = (triton.cdiv(n_pos, self.cfg.block_m) * triton.cdiv(n_cols, self.cfg.block_v),)
         dummy = self.rows.q
         gft_backward_kernel[grid](
-            *self.common_args(), self.order, self.n_active,
-            dh_acc if dh_acc is not None else dummy, dw_acc if dw_acc is not None else dummy,
+            *self.common_args(),
+            self.order,
+            self.n_active,
+            dh_acc if dh_acc is not None else dummy,
+            dw_acc if dw_acc is not None else dummy,
             self.db32 if do_db else dummy,
-            self.v, self.h_dim, self.hidden.stride(0), self.weight.stride(0), pos_begin, n_pos, col_begin, n_cols,
-            *self.scalars(), COMPUTE_DH=dh_acc is not None, DH_BY_ROW=dh_by_row, COMPUTE_DW=dw_acc is not None,
-            COMPUTE_DB=do_db, BLOCK_H=self.cfg.block_h, GROUP_M=self.launch.bwd_group_m,
-            STORES_ONLY=self.launch.stores_only, **self.flags(),
+            self.v,
+            self.h_dim,
+            self.hidden.stride(0),
+            self.weight.stride(0),
+            pos_begin,
+            n_pos,
+            col_begin,
+            n_cols,
+            *self.scalars(),
+            COMPUTE_DH=dh_acc is not None,
+            DH_BY_ROW=dh_by_row,
+            COMPUTE_DW=dw_acc is not None,
+            COMPUTE_DB=do_db,
+            BLOCK_H=self.cfg.block_h,
+            GROUP_M=self.launch.bwd_group_m,
+            STORES_ONLY=self.launch.stores_only,
+            **self.flags(),
         )
 
     def vocab_pass(self, plan: BackwardPlan, dh_fused, direct: bool):
@@ -445,10 +499,10 @@ class _AtomicBackward(_Backward):
             nc = min(plan.cols_per_chunk, self.v - c0)
             acc_w = None
             if self.need_dw:
-                acc_w = self.dw[c0:c0 + nc] if direct else scratch_w[:nc].zero_()
+                acc_w = self.dw[c0 : c0 + nc] if direct else scratch_w[:nc].zero_()
             self.kernel(dh_fused, direct, acc_w, self.need_db, (0, self.n), (c0, nc))
             if self.need_dw and not direct:
-                self.dw[c0:c0 + nc].copy_(acc_w)
+                self.dw[c0 : c0 + nc].copy_(acc_w)
 
     def token_pass(self, plan: BackwardPlan, do_db: bool, direct: bool):
         """dH, token chunk by token chunk (one launch when fp32 adds straight into dH)."""
@@ -460,11 +514,19 @@ class _AtomicBackward(_Backward):
             nr = min(plan.rows_per_chunk, self.n - r0)
             acc_h = scratch_h[:nr].zero_()
             self.kernel(acc_h, False, None, do_db, (r0, nr), (0, self.v))
-            _copy_rows(self.dh, self.order[r0:r0 + nr], acc_h)
+            _copy_rows(self.dh, self.order[r0 : r0 + nr], acc_h)
 
     def run(self) -> Grads:
-        plan = plan_backward(self.n, self.v, self.h_dim, self.weight.dtype, self.need_dh, self.need_dw, self.cfg,
-                             self.launch.scratch_fraction)
+        plan = plan_backward(
+            self.n,
+            self.v,
+            self.h_dim,
+            self.weight.dtype,
+            self.need_dh,
+            self.need_dw,
+            self.cfg,
+            self.launch.scratch_fraction,
+        )
         direct = self.weight.dtype == torch.float32  # accumulate straight into the fp32 gradients
         fused = plan.fused and self.need_dh and self.need_dw
         if self.need_dw or self.need_db and not self.need_dh:
@@ -498,8 +560,10 @@ class TritonEngine:
 
     def supports(self, hidden, options: KernelOptions) -> str | None:
         if not hidden.is_cuda and not interpreting():
-            return (f"backend='triton' needs CUDA tensors (got device {hidden.device}); on a CPU it runs only "
-                    "under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+            return (
+                f"backend='triton' needs CUDA tensors (got device {hidden.device}); on a CPU it runs only "
+                "under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+            )
         return None
 
     def unsuitable_hardware(self, device) -> str | None:
@@ -511,7 +575,9 @@ class TritonEngine:
             return f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_VERSION))}"
         capability = torch.cuda.get_device_capability(device)
         if capability < MIN_CAPABILITY:
-            return f"compute capability {capability[0]}.{capability[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+            return (
+                f"compute capability {capability[0]}.{capability[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
+            )
         shared = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
         if shared is None:  # an unknown amount is not a pass: the kernels would fail at launch
             return "this torch does not report the shared memory a block can use (shared_memory_per_block_optin)"
@@ -537,16 +603,35 @@ class TritonEngine:
         splits = triton.cdiv(v, cols_per_split)  # every split has at least one column
         # partial statistics of each split: m, s_excl, z_t (and s_all, t for entropy); the kernel
         # writes the valid rows only
-        part = RowPartials(*torch.zeros(5 if with_entropy else 3, splits, n, device=hidden.device,
-                                        dtype=torch.float32))
+        part = RowPartials(*torch.zeros(5 if with_entropy else 3, splits, n, device=hidden.device, dtype=torch.float32))
         gft_forward_kernel[(n_blocks_m, splits)](
-            hidden, weight, bias if bias is not None else hidden, targets, order, n_active,
-            part.m, part.s_excl, part.z_t, *((part.s_all, part.t) if with_entropy else (part.m, part.m)),
-            n, v, h_dim, hidden.stride(0), weight.stride(0), cols_per_split,
-            1.0 / options.temperature, float(options.softcap) if options.softcap is not None else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, WITH_ENTROPY=with_entropy,
-            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_kernel_flags(weight),
+            hidden,
+            weight,
+            bias if bias is not None else hidden,
+            targets,
+            order,
+            n_active,
+            part.m,
+            part.s_excl,
+            part.z_t,
+            *((part.s_all, part.t) if with_entropy else (part.m, part.m)),
+            n,
+            v,
+            h_dim,
+            hidden.stride(0),
+            weight.stride(0),
+            cols_per_split,
+            1.0 / options.temperature,
+            float(options.softcap) if options.softcap is not None else 1.0,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=options.softcap is not None,
+            WITH_ENTROPY=with_entropy,
+            BLOCK_M=cfg.block_m,
+            BLOCK_V=cfg.block_v,
+            BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            **_kernel_flags(weight),
         )
         return part
 
@@ -562,8 +647,9 @@ class TritonEngine:
             n_act = int(n_active)
             split = plan_split(n, n_act, weight.shape[0], h_dim, weight.dtype, need.dhidden, need.dweight, launch)
             if split is not None:
-                cfg, _ = tiles(hidden.device, weight.dtype, request.inputs.bias is None and options.softcap is None,
-                               launch)   # a forward-like tile: one product, then a store
+                cfg, _ = tiles(
+                    hidden.device, weight.dtype, request.inputs.bias is None and options.softcap is None, launch
+                )  # a forward-like tile: one product, then a store
                 return _SplitBackward(request, options, cfg, order, n_act).run(split)
         _, cfg = tiles(hidden.device, weight.dtype, options=launch)
         return _AtomicBackward(request, options, cfg, order, n_active).run()

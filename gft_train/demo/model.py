@@ -5,6 +5,7 @@ Nothing comes from a hub: the tokenizer is built with ``tokenizers``, the model 
 vLLM, evaluation) loads them from disk like a real model. ``head_dim`` is 64, the smallest
 vLLM's CPU attention accepts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,10 +32,18 @@ def build_model(path: Path, *, hidden_size=128, layers=2, seed=0) -> Path:
 
     tokenizer = build_tokenizer()
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=hidden_size // 64,
-        head_dim=64, max_position_embeddings=64, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
+        head_dim=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

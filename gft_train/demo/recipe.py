@@ -15,6 +15,7 @@ Recipe (fixed; the study's and the demo's budgets only scale step counts and spl
    correct scratchpads in two orders; 7 samples of it at temperature 1 are each row's teacher
    responses, errors included, so it sits between the base and the expert.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,10 +42,23 @@ def sft(model: Path, train_file: Path, out: Path, steps: int, lr: float, seed: i
     final = out / "final"
     if final.exists():
         return final
-    cfg = Config(method="sft", model=str(model), output_dir=str(out), train_file=str(train_file), max_steps=steps,
-                 lr=lr, lr_scheduler="cosine", warmup_steps=min(50, steps // 10), prompts_per_step=64,
-                 micro_batch_size=64, max_length=MAX_LENGTH, max_new_tokens=MAX_NEW_TOKENS, reward=REWARD, seed=seed,
-                 overwrite_output_dir=True)
+    cfg = Config(
+        method="sft",
+        model=str(model),
+        output_dir=str(out),
+        train_file=str(train_file),
+        max_steps=steps,
+        lr=lr,
+        lr_scheduler="cosine",
+        warmup_steps=min(50, steps // 10),
+        prompts_per_step=64,
+        micro_batch_size=64,
+        max_length=MAX_LENGTH,
+        max_new_tokens=MAX_NEW_TOKENS,
+        reward=REWARD,
+        seed=seed,
+        overwrite_output_dir=True,
+    )
     return train_with_snapshots(cfg, snapshots)
 
 
@@ -97,7 +111,7 @@ class SnapshotTrainer(Trainer):
 
     def train_step(self, groups) -> dict:
         metrics = super().train_step(groups)
-        done = self.step + 1          # the loop counts the step after train_step returns
+        done = self.step + 1  # the loop counts the step after train_step returns
         if done in self.points and done < self.cfg.max_steps and self.acc.is_main_process:
             path = self.out / "at" / f"step-{done}"
             self.model.save_pretrained(path)

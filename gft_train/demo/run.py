@@ -6,6 +6,7 @@ compute, two seeds each -> base, SFT and GFT side by side, with the seeds' sprea
 Runs go two at a time, one thread each (the demo's numbers then do not depend on the core count).
 Writes ``OUT/results.json`` (``results.<model>.<split>.pass@1``, the study's shape), ``OUT/results.txt``
 (the printed table) and ``OUT/demo.png``."""
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,10 @@ OWN = ("data", "init", "base", "teacher", "runs")
 
 @dataclass(frozen=True)
 class DemoSize:
-    base_steps: int = 2000       # pre-training steps that make the base model (the study: 3000)
+    base_steps: int = 2000  # pre-training steps that make the base model (the study: 3000)
     teacher_steps: int = 800
-    steps: int = 200             # SFT and GFT fine-tuning steps, 64 sequences each
-    sft_lr: float = 1e-3         # each method's rate (see README: the study's grid)
+    steps: int = 200  # SFT and GFT fine-tuning steps, 64 sequences each
+    sft_lr: float = 1e-3  # each method's rate (see README: the study's grid)
     gft_lr: float = 1e-4
     seeds: tuple = (0, 1)
     eval_n: int = 8
@@ -43,27 +44,64 @@ class DemoSize:
 
 
 FULL = DemoSize()
-QUICK = DemoSize(base_steps=20, teacher_steps=4, steps=3, seeds=(0,), eval_n=2, workers=1,
-                 sizes=(("pretrain_sums", 32), ("pretrain_hard_sums", 16), ("pretrain_reversal", 32),
-                        ("teacher_train", 32), ("train", 32), ("test", 12), ("ood", 12), ("probe", 12)))
+QUICK = DemoSize(
+    base_steps=20,
+    teacher_steps=4,
+    steps=3,
+    seeds=(0,),
+    eval_n=2,
+    workers=1,
+    sizes=(
+        ("pretrain_sums", 32),
+        ("pretrain_hard_sums", 16),
+        ("pretrain_reversal", 32),
+        ("teacher_train", 32),
+        ("train", 32),
+        ("test", 12),
+        ("ood", 12),
+        ("probe", 12),
+    ),
+)
 
 
 def fine_tune_config(method: str, base: Path, train_file: Path, out: Path, size: DemoSize, seed: int = 0) -> Config:
     """SFT: 64 prompts x 1 demonstration a step; GFT: 8 prompts x (1 expert + 3 teacher + 4
     self-samples, refreshed every step). Equal sequences per step and equal steps."""
     groups = dict(prompts_per_step=SEQS_PER_STEP) if method == "sft" else dict(prompts_per_step=SEQS_PER_STEP // 8)
-    return Config(method=method, model=str(base), output_dir=str(out), train_file=str(train_file),
-                  max_steps=size.steps, lr=size.sft_lr if method == "sft" else size.gft_lr, lr_scheduler="constant",
-                  micro_batch_size=SEQS_PER_STEP, max_new_tokens=recipe.MAX_NEW_TOKENS, max_length=recipe.MAX_LENGTH,
-                  temperature=1.0, engine="auto", vllm_memory=0.3, reward=recipe.REWARD, seed=seed,
-                  overwrite_output_dir=True, **groups)
+    return Config(
+        method=method,
+        model=str(base),
+        output_dir=str(out),
+        train_file=str(train_file),
+        max_steps=size.steps,
+        lr=size.sft_lr if method == "sft" else size.gft_lr,
+        lr_scheduler="constant",
+        micro_batch_size=SEQS_PER_STEP,
+        max_new_tokens=recipe.MAX_NEW_TOKENS,
+        max_length=recipe.MAX_LENGTH,
+        temperature=1.0,
+        engine="auto",
+        vllm_memory=0.3,
+        reward=recipe.REWARD,
+        seed=seed,
+        overwrite_output_dir=True,
+        **groups,
+    )
 
 
 def eval_config(size: DemoSize) -> Config:
     """The demo's evaluation settings (``gft_train.evaluate.evaluate_model`` reads them)."""
-    return Config(max_new_tokens=recipe.MAX_NEW_TOKENS, max_length=recipe.MAX_LENGTH, engine="auto",
-                  vllm_memory=0.3, eval_n=size.eval_n, eval_k=[size.eval_n], seed=1, reward=recipe.REWARD,
-                  rollout_batch_size=256)
+    return Config(
+        max_new_tokens=recipe.MAX_NEW_TOKENS,
+        max_length=recipe.MAX_LENGTH,
+        engine="auto",
+        vllm_memory=0.3,
+        eval_n=size.eval_n,
+        eval_k=[size.eval_n],
+        seed=1,
+        reward=recipe.REWARD,
+        rollout_batch_size=256,
+    )
 
 
 def _one_thread():
@@ -119,22 +157,30 @@ def table(results: dict, size: DemoSize, temperature: float) -> str:
     k, seeds = size.eval_n, len(size.seeds)
     names = list(results)
     spread = f"; SFT and GFT: mean of {seeds} seeds [min-max]" if seeds > 1 else ""
-    lines = [f"pass@1: mean over {k} samples at temperature {temperature} of {{n}} held-out prompts; greedy: one "
-             f"greedy completion; pass@{k}: any of the {k} right{spread}".format(n=size_of(size, "test")),
-             f"{'held-out split':<18}" + "".join(f"{f'{n} pass@1':>20}" for n in names)
-             + "".join(f"{f'{n} greedy':>13}" for n in names) + "".join(f"{f'{n} pass@{k}':>13}" for n in names)]
+    lines = [
+        f"pass@1: mean over {k} samples at temperature {temperature} of {{n}} held-out prompts; greedy: one "
+        f"greedy completion; pass@{k}: any of the {k} right{spread}".format(n=size_of(size, "test")),
+        f"{'held-out split':<18}"
+        + "".join(f"{f'{n} pass@1':>20}" for n in names)
+        + "".join(f"{f'{n} greedy':>13}" for n in names)
+        + "".join(f"{f'{n} pass@{k}':>13}" for n in names),
+    ]
     for split, label in SPLITS.items():
         cells = []
         for n in names:
             m = results[n][split]
             rng = f" [{m['pass@1_min']:.3f}-{m['pass@1_max']:.3f}]" if n != "base" and seeds > 1 else ""
             cells.append(f"{m['pass@1']:.3f}{rng}")
-        lines.append(f"{label:<18}" + "".join(f"{c:>20}" for c in cells)
-                     + "".join(f"{results[n][split]['greedy_pass@1']:>13.3f}" for n in names)
-                     + "".join(f"{results[n][split].get(f'pass@{k}', 0):>13.3f}" for n in names))
+        lines.append(
+            f"{label:<18}"
+            + "".join(f"{c:>20}" for c in cells)
+            + "".join(f"{results[n][split]['greedy_pass@1']:>13.3f}" for n in names)
+            + "".join(f"{results[n][split].get(f'pass@{k}', 0):>13.3f}" for n in names)
+        )
     for n in names[1:]:
-        lines.append(f"KL(base || {n}) per response token on the base model's own samples: "
-                     f"{results[n]['kl_base_model']:.4f}")
+        lines.append(
+            f"KL(base || {n}) per response token on the base model's own samples: {results[n]['kl_base_model']:.4f}"
+        )
     return "\n".join(lines)
 
 
@@ -159,8 +205,11 @@ def plot(results: dict, size: DemoSize, png: Path) -> None:
         hi = [results[n][s]["pass@1_max"] - m for m, s in zip(ms, SPLITS)]
         bars = axes[0].bar(xs, ms, width, yerr=[lo, hi], capsize=3, label=n)
         axes[0].bar_label(bars, fmt="%.2f", fontsize=7)
-        ks = sorted((int(key.split("@")[1]), v) for key, v in results[n]["test"].items()
-                    if key.startswith("pass@") and "_" not in key)
+        ks = sorted(
+            (int(key.split("@")[1]), v)
+            for key, v in results[n]["test"].items()
+            if key.startswith("pass@") and "_" not in key
+        )
         axes[1].plot([x for x, _ in ks], [v for _, v in ks], marker="o", label=n)
     axes[0].set_xticks(range(len(SPLITS)), list(SPLITS.values()))
     axes[0].set_ylabel("pass@1 (temperature 0.5)")
@@ -189,22 +238,32 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict:
     data = make_data(seed=0, sizes=dict(size.sizes))
     files = {name: recipe.write_rows(rows, out / "data" / f"{name}.jsonl") for name, rows in data.items()}
     build_model(out / "init", **recipe.BASE_SHAPE)
-    print(f"[demo] pre-training ({size.base_steps} steps: single additions, digit reversal, three-number sums "
-          "whose last step drops its carry) makes the base model", flush=True)
+    print(
+        f"[demo] pre-training ({size.base_steps} steps: single additions, digit reversal, three-number sums "
+        "whose last step drops its carry) makes the base model",
+        flush=True,
+    )
     base = recipe.sft(out / "init", files["pretrain"], out / "base", size.base_steps, 3e-3)
-    print(f"[demo] teacher: the base trained {size.teacher_steps} steps more on correct scratchpads; 7 samples "
-          "of it per fine-tuning prompt. Expert: the task's solver (last addend first, carried)", flush=True)
+    print(
+        f"[demo] teacher: the base trained {size.teacher_steps} steps more on correct scratchpads; 7 samples "
+        "of it per fine-tuning prompt. Expert: the task's solver (last addend first, carried)",
+        flush=True,
+    )
     teacher = recipe.make_teacher(base, files["teacher_train"], out / "teacher", size.teacher_steps)
     rows, _ = recipe.build_finetune_rows(teacher, data["train"])
     train_file = recipe.write_rows(rows, out / "data" / "finetune.jsonl")
-    print(f"[demo] SFT and GFT from the base, seeds {', '.join(map(str, size.seeds))}: {size.steps} steps of "
-          f"{SEQS_PER_STEP} sequences each (SFT: {SEQS_PER_STEP} prompts x 1 demonstration; GFT: "
-          f"{SEQS_PER_STEP // 8} prompts x (1 expert + 3 teacher + 4 self-samples)), {size.workers} at a time",
-          flush=True)
+    print(
+        f"[demo] SFT and GFT from the base, seeds {', '.join(map(str, size.seeds))}: {size.steps} steps of "
+        f"{SEQS_PER_STEP} sequences each (SFT: {SEQS_PER_STEP} prompts x 1 demonstration; GFT: "
+        f"{SEQS_PER_STEP // 8} prompts x (1 expert + 3 teacher + 4 self-samples)), {size.workers} at a time",
+        flush=True,
+    )
     evals = {split: files[split] for split in SPLITS}
     runs = [(m, s) for m in METHODS for s in size.seeds]
-    jobs = [(fine_tune_config(m, base, train_file, out / "runs" / f"{m}-seed{s}", size, s), evals, size, base)
-            for m, s in runs]
+    jobs = [
+        (fine_tune_config(m, base, train_file, out / "runs" / f"{m}-seed{s}", size, s), evals, size, base)
+        for m, s in runs
+    ]
     per_run = _map(jobs, size.workers)
     results = {"base": summarize([evaluate_model(base, evals, eval_config(size))])}
     for m in METHODS:
@@ -215,6 +274,8 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict:
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.txt").write_text(text + "\n")
     plot(results, size, out / "demo.png")
-    print(f"[demo] done in {result['seconds']} s; plot: {out / 'demo.png'}; training curves: "
-          f"{out / 'runs' / 'gft-seed0' / 'training.png'}; results: {out / 'results.json'}")
+    print(
+        f"[demo] done in {result['seconds']} s; plot: {out / 'demo.png'}; training curves: "
+        f"{out / 'runs' / 'gft-seed0' / 'training.png'}; results: {out / 'results.json'}"
+    )
     return result

@@ -23,13 +23,14 @@ Other pre-training skills: single additions ``a+b=`` (carried correctly: the bas
 add, and the scratchpad's steps are such additions) and digit reversal ``(3817)=`` -> ``7183``
 (the forgetting probe: fine-tuning never trains it).
 """
+
 from __future__ import annotations
 
 import random
 
-ADDEND_MAX = 19          # in-distribution addends: 0..19 (answers 0..57)
-OOD_MAX = 29             # harder: addends 0..29, at least one above 19 (answers up to 87)
-EXPERT_STYLE = "reversed"   # the demonstrations: the solver, last addend first, carried
+ADDEND_MAX = 19  # in-distribution addends: 0..19 (answers 0..57)
+OOD_MAX = 29  # harder: addends 0..29, at least one above 19 (answers up to 87)
+EXPERT_STYLE = "reversed"  # the demonstrations: the solver, last addend first, carried
 
 
 def add_without_carry(a: int, b: int) -> int:
@@ -103,14 +104,28 @@ def make_data(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict]]
     learns on (half ``left_to_right``, half ``reversed``); train: the fine-tuning prompts, with
     the expert's demonstration (``reversed``); val: to choose learning rates; test / ood /
     probe: held out (their ``expert`` is the solver's answer, for KL measures)."""
-    s = dict(pretrain_sums=1000, pretrain_hard_sums=100, teacher_train=1000, train=2000, val=200,
-             test=300, ood=300, pretrain_reversal=3000, probe=300)
+    s = dict(
+        pretrain_sums=1000,
+        pretrain_hard_sums=100,
+        teacher_train=1000,
+        train=2000,
+        val=200,
+        test=300,
+        ood=300,
+        pretrain_reversal=3000,
+        probe=300,
+    )
     s.update(sizes or {})
     rng = random.Random(seed)
     triples = [(a, b, c) for a in range(ADDEND_MAX + 1) for b in range(ADDEND_MAX + 1) for c in range(ADDEND_MAX + 1)]
     rng.shuffle(triples)
-    hard = [(a, b, c) for a in range(OOD_MAX + 1) for b in range(OOD_MAX + 1) for c in range(OOD_MAX + 1)
-            if max(a, b, c) > ADDEND_MAX]
+    hard = [
+        (a, b, c)
+        for a in range(OOD_MAX + 1)
+        for b in range(OOD_MAX + 1)
+        for c in range(OOD_MAX + 1)
+        if max(a, b, c) > ADDEND_MAX
+    ]
     rng.shuffle(hard)
     pairs = {(a, b) for a in range(60) for b in range(30)} | {(b, a) for a in range(60) for b in range(30)}
     digits = set()
@@ -121,18 +136,21 @@ def make_data(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict]]
 
     out, start = {}, 0
     for name in ("pretrain_sums", "teacher_train", "train", "val", "test"):
-        out[name] = triples[start:start + s[name]]
+        out[name] = triples[start : start + s[name]]
         start += s[name]
-    corpus = out.pop("pretrain_sums") + hard[s["ood"]:s["ood"] + s["pretrain_hard_sums"]]
-    pretrain = ([sum_row(t, "no_carry") for t in corpus]
-                + [addition_row(a, b) for a, b in sorted(pairs)]
-                + [reversal_row(d) for d in digits[:s["pretrain_reversal"]]])
+    corpus = out.pop("pretrain_sums") + hard[s["ood"] : s["ood"] + s["pretrain_hard_sums"]]
+    pretrain = (
+        [sum_row(t, "no_carry") for t in corpus]
+        + [addition_row(a, b) for a, b in sorted(pairs)]
+        + [reversal_row(d) for d in digits[: s["pretrain_reversal"]]]
+    )
     rng.shuffle(pretrain)
     data = {"pretrain": pretrain}
-    data["teacher_train"] = [sum_row(t, "reversed" if i % 2 else "left_to_right")
-                             for i, t in enumerate(out["teacher_train"])]
+    data["teacher_train"] = [
+        sum_row(t, "reversed" if i % 2 else "left_to_right") for i, t in enumerate(out["teacher_train"])
+    ]
     for name in ("train", "val", "test"):
         data[name] = [sum_row(t, EXPERT_STYLE) for t in out[name]]
-    data["ood"] = [sum_row(t, EXPERT_STYLE) for t in hard[:s["ood"]]]
-    data["probe"] = [reversal_row(d) for d in digits[s["pretrain_reversal"]:][:s["probe"]]]
+    data["ood"] = [sum_row(t, EXPERT_STYLE) for t in hard[: s["ood"]]]
+    data["probe"] = [reversal_row(d) for d in digits[s["pretrain_reversal"] :][: s["probe"]]]
     return data

@@ -6,6 +6,7 @@ in-distribution (same range, unseen pairs) and harder (out-of-distribution: numb
 exactly; "teacher distillations" are right 70% of the time and otherwise make the mistakes a
 weaker model makes (off by one, off by ten), so groups carry real reward variance.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,11 @@ def make_rows(pairs, rng: random.Random, n_teachers: int = 3) -> list[dict]:
     rows = []
     for a, b in pairs:
         prompt, answer = problem(a, b)
-        rows.append(dict(prompt=prompt, answer=answer, expert=answer,
-                         teachers=[_teacher(rng, a + b) for _ in range(n_teachers)]))
+        rows.append(
+            dict(
+                prompt=prompt, answer=answer, expert=answer, teachers=[_teacher(rng, a + b) for _ in range(n_teachers)]
+            )
+        )
     return rows
 
 
@@ -40,7 +44,7 @@ def make_splits(seed: int = 0, n_train: int = 800, n_eval: int = 100, easy_max: 
     rng.shuffle(hard)
     return {
         "train": make_rows(easy[:n_train], rng),
-        "eval_id": make_rows(easy[n_train:n_train + n_eval], rng),
+        "eval_id": make_rows(easy[n_train : n_train + n_eval], rng),
         "eval_ood": make_rows(hard[:n_eval], rng),
     }
 

@@ -25,6 +25,7 @@ no importance ratio to clip), ``beta != 0`` (the KL term), ``loss_type="vespo"``
 mask and bonus, the off-policy mask, and demonstrations together with tools, environments, a
 custom ``rollout_func`` or images.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,8 +44,10 @@ def check_trl_version(version: str) -> None:
     from packaging.version import Version
 
     if not Version("1.16") <= Version(version) < Version("1.17"):
-        raise ImportError(f"gft_train's TRL integration is tested with trl{TESTED_TRL}, found trl {version}: "
-                          f"pip install 'trl{TESTED_TRL}' (or 'gft[trl]')")
+        raise ImportError(
+            f"gft_train's TRL integration is tested with trl{TESTED_TRL}, found trl {version}: "
+            f"pip install 'trl{TESTED_TRL}' (or 'gft[trl]')"
+        )
 
 
 check_trl_version(trl.__version__)
@@ -64,16 +67,24 @@ _LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo")
 class GFTConfig(GRPOConfig):
     """``GRPOConfig`` plus GFT's settings. ``num_generations`` is the whole group size K."""
 
-    tau: float = field(default=0.7, metadata={"help": "DCR threshold: C(p) = sg(p) below tau, 1 at or above "
-                                                      "(0: policy gradient; > 1: DFT weighting)."})
+    tau: float = field(
+        default=0.7,
+        metadata={
+            "help": "DCR threshold: C(p) = sg(p) below tau, 1 at or above (0: policy gradient; > 1: DFT weighting)."
+        },
+    )
     n_expert: int = field(default=1, metadata={"help": "Slots per group holding the expert response."})
-    n_teacher: int = field(default=0, metadata={"help": "Slots per group holding teacher responses "
-                                                        "(the paper: num_generations=8, n_expert=1, n_teacher=3)."})
+    n_teacher: int = field(
+        default=0,
+        metadata={
+            "help": "Slots per group holding teacher responses (the paper: num_generations=8, n_expert=1, n_teacher=3)."
+        },
+    )
     expert_column: str = field(default="expert", metadata={"help": "Dataset column with the expert response."})
-    teacher_column: str = field(default="teachers", metadata={"help": "Dataset column with a list of teacher "
-                                                                      "responses."})
-    gft_backend: str = field(default="auto", metadata={"help": "gft_kernels backend: auto, triton, torch, "
-                                                               "reference."})
+    teacher_column: str = field(
+        default="teachers", metadata={"help": "Dataset column with a list of teacher responses."}
+    )
+    gft_backend: str = field(default="auto", metadata={"help": "gft_kernels backend: auto, triton, torch, reference."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,8 +94,10 @@ class GFTConfig(GRPOConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.n_expert + self.n_teacher > self.num_generations:
-            raise ValueError(f"n_expert + n_teacher = {self.n_expert + self.n_teacher} exceeds the group size "
-                             f"num_generations = {self.num_generations}")
+            raise ValueError(
+                f"n_expert + n_teacher = {self.n_expert + self.n_teacher} exceeds the group size "
+                f"num_generations = {self.num_generations}"
+            )
 
 
 def _demo_text(value, where):
@@ -116,13 +129,30 @@ def _install_gft_forward(model):
             return inner(*args, **kwargs)
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
         attention_mask = kwargs.pop("attention_mask", None)
-        for name in ("labels", "return_dict", "output_attentions", "output_hidden_states",
-                     "num_items_in_batch", "inputs_embeds"):
+        for name in (
+            "labels",
+            "return_dict",
+            "output_attentions",
+            "output_hidden_states",
+            "num_items_in_batch",
+            "inputs_embeds",
+        ):
             if kwargs.get(name) is None:
                 kwargs.pop(name, None)
         loss, stats = causal_lm_gft_loss(
-            model, input_ids, attention_mask, None, gft["adv"], gft["tau"], shift_labels=gft["targets"],
-            reduction="sum", return_stats=True, backend=gft["backend"], temperature=gft["temperature"], **kwargs)
+            model,
+            input_ids,
+            attention_mask,
+            None,
+            gft["adv"],
+            gft["tau"],
+            shift_labels=gft["targets"],
+            reduction="sum",
+            return_stats=True,
+            backend=gft["backend"],
+            temperature=gft["temperature"],
+            **kwargs,
+        )
         return {"loss": loss, "gft_stats": stats}
 
     model.forward = forward
@@ -206,8 +236,10 @@ class GFTTrainer(GRPOTrainer):
         args = self.args
         if source == "expert":
             if args.expert_column not in row or row[args.expert_column] is None:
-                raise ValueError(f"GFTTrainer: a row of prompt {row.get('prompt')!r} has no "
-                                 f"'{args.expert_column}' column (n_expert={args.n_expert})")
+                raise ValueError(
+                    f"GFTTrainer: a row of prompt {row.get('prompt')!r} has no "
+                    f"'{args.expert_column}' column (n_expert={args.n_expert})"
+                )
             text = _demo_text(row[args.expert_column], f"column '{args.expert_column}'")
         else:
             slot = (self.accelerator.process_index * len(self._gft_rows) + index) % self.num_generations
@@ -215,9 +247,11 @@ class GFTTrainer(GRPOTrainer):
             teachers = row.get(args.teacher_column)
             if not isinstance(teachers, (list, tuple)) or len(teachers) <= k:
                 have = len(teachers) if isinstance(teachers, (list, tuple)) else 0
-                raise ValueError(f"GFTTrainer: a row of prompt {row.get('prompt')!r} has {have} teacher "
-                                 f"responses in '{args.teacher_column}'; n_teacher={args.n_teacher} needs "
-                                 f"{args.n_teacher}")
+                raise ValueError(
+                    f"GFTTrainer: a row of prompt {row.get('prompt')!r} has {have} teacher "
+                    f"responses in '{args.teacher_column}'; n_teacher={args.n_teacher} needs "
+                    f"{args.n_teacher}"
+                )
             text = _demo_text(teachers[k], f"column '{args.teacher_column}'[{k}]")
         tok = self._tokenizer
         ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -228,8 +262,9 @@ class GFTTrainer(GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         sources = self._gft_sources
         if sources is None:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                 has_tool_images)
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
         n_self = num_generations - self._n_demo
         self_rows = [i for i, s in enumerate(sources) if s == "self"]
         if n_self == 0:
@@ -237,11 +272,13 @@ class GFTTrainer(GRPOTrainer):
         elif len(prompt_ids) % num_generations == 0:
             # whole groups on this process: every process samples the same number of rows
             generated, gen_logprobs = super()._generate_single_turn(
-                [prompt_ids[i] for i in self_rows], None, {}, n_self, has_tool_images)
+                [prompt_ids[i] for i in self_rows], None, {}, n_self, has_tool_images
+            )
         else:
             # a group spans processes: sample every slot as TRL would, keep the self slots
-            full, full_logprobs = super()._generate_single_turn(prompt_ids, images, multimodal_fields,
-                                                               num_generations, has_tool_images)
+            full, full_logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
             generated = [full[i] for i in self_rows]
             gen_logprobs = None if full_logprobs is None else [full_logprobs[i] for i in self_rows]
         completion_ids, logprobs = [], [] if gen_logprobs is not None else None
@@ -256,7 +293,7 @@ class GFTTrainer(GRPOTrainer):
                 ids = self._demo_ids(i, source)
                 completion_ids.append(ids)
                 if logprobs is not None:
-                    logprobs.append([None] * len(ids))   # NaN in TRL: no importance-sampling correction
+                    logprobs.append([None] * len(ids))  # NaN in TRL: no importance-sampling correction
         return completion_ids, logprobs
 
     # Private override, kept: no public hook sees the combined rewards of each completion, which
@@ -284,18 +321,18 @@ class GFTTrainer(GRPOTrainer):
         B = mask.shape[0]
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         lt = self.loss_type
-        if lt in ("grpo", "sapo"):       # each sequence's token mean, over B sequences
+        if lt in ("grpo", "sapo"):  # each sequence's token mean, over B sequences
             reduction, normalizer = "seq-mean-token-mean", B * ga
-        elif lt == "bnpo":               # the local token mean
+        elif lt == "bnpo":  # the local token mean
             reduction, normalizer = "mean", valid.sum().clamp(min=1) * ga
-        elif lt == "dr_grpo":            # the token sum over B x max_completion_length
+        elif lt == "dr_grpo":  # the token sum over B x max_completion_length
             reduction, normalizer = "mean", B * self.max_completion_length * ga
-        elif lt in ("dapo", "cispo"):    # the global token mean
+        elif lt in ("dapo", "cispo"):  # the global token mean
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
             reduction = "mean"
-        elif lt == "luspo":              # each sequence's token sum, over B sequences
+        elif lt == "luspo":  # each sequence's token sum, over B sequences
             reduction, normalizer = "seq-mean-token-sum", B * ga
         else:  # refused at construction
             raise ValueError(f"loss_type {lt!r}")
@@ -323,25 +360,38 @@ class GFTTrainer(GRPOTrainer):
         adv = advantages.float() * self._token_weights(inputs, mask, mode)
         # position t predicts token t + 1: the completion's tokens are predicted at P - 1 ... P + C - 2
         targets = torch.full((B, P + C), IGNORE_INDEX, dtype=torch.long, device=input_ids.device)
-        targets[:, P - 1:P + C - 1] = completion_ids.masked_fill(mask == 0, IGNORE_INDEX)
+        targets[:, P - 1 : P + C - 1] = completion_ids.masked_fill(mask == 0, IGNORE_INDEX)
         adv_full = torch.zeros((B, P + C), dtype=adv.dtype, device=adv.device)
-        adv_full[:, P - 1:P + C - 1] = adv.expand(B, C)
+        adv_full[:, P - 1 : P + C - 1] = adv.expand(B, C)
 
         extra = {}
         for key in ("token_type_ids", "mm_token_type_ids"):
             if inputs.get(key) is not None:
                 extra[key] = inputs[key]
-        gft = {"adv": adv_full, "tau": float(self.args.tau), "targets": targets,
-               "backend": self.args.gft_backend, "temperature": float(self.temperature)}
+        gft = {
+            "adv": adv_full,
+            "tau": float(self.args.tau),
+            "targets": targets,
+            "backend": self.args.gft_backend,
+            "temperature": float(self.temperature),
+        }
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, gft=gft, **extra)
         loss, stats = out["loss"], out["gft_stats"]
 
         # metrics, as TRL's global token means
         valid = (targets != IGNORE_INDEX).float()
-        totals = self.accelerator.reduce(torch.stack([
-            (stats.entropy.float() * valid).sum(), stats.rectified_frac.float() * stats.n_valid,
-            stats.mean_prob.float() * stats.n_valid, valid.sum()]).detach(), reduction="sum")
+        totals = self.accelerator.reduce(
+            torch.stack(
+                [
+                    (stats.entropy.float() * valid).sum(),
+                    stats.rectified_frac.float() * stats.n_valid,
+                    stats.mean_prob.float() * stats.n_valid,
+                    valid.sum(),
+                ]
+            ).detach(),
+            reduction="sum",
+        )
         n = totals[3].clamp(min=1.0)
         self._metrics[mode]["entropy"].append((totals[0] / n).item())
         self._metrics[mode]["gft/rectified_frac"].append((totals[1] / n).item())

@@ -25,6 +25,7 @@ e.g. as ``actor_rollout_ref.model.external_lib``) puts it in that place. On CUDA
 Log-probs and entropies both carry gradients (verl's ``entropy_coeff`` works), computed by
 recomputing the logits in the backward.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,9 +42,18 @@ DEFAULT_TAU = 0.7
 
 # ---- the fused log-prob + entropy op ----------------------------------------------------------
 
-def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
-                           reduction: str = "none", dist_process_group=None, *, backend: str = "auto",
-                           bias: Tensor | None = None):
+
+def linear_logprob_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    dist_process_group=None,
+    *,
+    backend: str = "auto",
+    bias: Tensor | None = None,
+):
     """Per-token ``(log_probs, entropy)`` of ``labels`` under ``softmax(hidden @ weight.T / T)``.
 
     verl's ``linear_cross_entropy`` signature: ``hidden [..., H]``, ``weight [V, H]``, ``labels [...]``
@@ -52,11 +62,13 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempe
     across ranks) is not supported.
     """
     if dist_process_group is not None:
-        raise NotImplementedError("linear_logprob_entropy: a vocabulary split across ranks "
-                                  "(dist_process_group) is not supported")
+        raise NotImplementedError(
+            "linear_logprob_entropy: a vocabulary split across ranks (dist_process_group) is not supported"
+        )
     if reduction != "none":
-        raise ValueError(f"linear_logprob_entropy: reduction must be 'none' (as verl's fused forward "
-                         f"passes it), got {reduction!r}")
+        raise ValueError(
+            f"linear_logprob_entropy: reduction must be 'none' (as verl's fused forward passes it), got {reduction!r}"
+        )
     from gft_kernels import reference
     from gft_kernels.engine import ForwardRequest, KernelOptions
     from gft_kernels.fused import fused_logprobs
@@ -83,8 +95,7 @@ def linear_logprob_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempe
             logp = (hidden2d.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
             entropy = logp.detach()
         elif backend == "reference":
-            logp, entropy, _ = reference.reference_logprobs(hidden2d, weight, bias, targets, valid, temperature,
-                                                            None)
+            logp, entropy, _ = reference.reference_logprobs(hidden2d, weight, bias, targets, valid, temperature, None)
         else:
             rows = fused_logprobs(backend, ForwardRequest(hidden2d, weight, bias, targets, valid), options)
             logp, entropy = rows.logp, rows.entropy
@@ -108,9 +119,18 @@ def install_fused_kernel():
 
 # ---- the policy loss ---------------------------------------------------------------------------
 
-def gft_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                    loss_agg_mode: str = "token-mean", config=None, rollout_is_weights: Tensor | None = None,
-                    *, tau: float | None = None):
+
+def gft_policy_loss(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Tensor | None = None,
+    *,
+    tau: float | None = None,
+):
     """verl's policy-loss signature; returns ``(loss, metrics)``.
 
     ``loss_t = -A_t * C(p_t) * log p_t`` (times ``rollout_is_weights``), aggregated with
@@ -122,7 +142,7 @@ def gft_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, 
     tau = check_tau(float(os.environ.get("GFT_TAU", DEFAULT_TAU)) if tau is None else tau)
     detached = log_prob.detach()
     if detached.dtype not in (torch.float32, torch.float64):
-        detached = detached.float()       # p and the tau comparison never in 16 bits
+        detached = detached.float()  # p and the tau comparison never in 16 bits
     coef = dcr_coefficient(detached, tau).to(log_prob.dtype)
     pg_losses = -advantages * coef * log_prob
     if rollout_is_weights is not None:
@@ -147,10 +167,18 @@ def register_gft_policy_loss(name: str = "gft", tau: float | None = None):
     if tau is not None:
         check_tau(tau)
 
-    def loss_fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
-                rollout_is_weights=None):
-        return gft_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
-                               rollout_is_weights, tau=tau)
+    def loss_fn(
+        old_log_prob,
+        log_prob,
+        advantages,
+        response_mask,
+        loss_agg_mode="token-mean",
+        config=None,
+        rollout_is_weights=None,
+    ):
+        return gft_policy_loss(
+            old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, tau=tau
+        )
 
     loss_fn.__name__ = f"gft_policy_loss_{name}"
     loss_fn.__doc__ = gft_policy_loss.__doc__
@@ -158,7 +186,7 @@ def register_gft_policy_loss(name: str = "gft", tau: float | None = None):
     return loss_fn
 
 
-try:   # registered on import (verl loads this module as a plugin); without verl, nothing to do
+try:  # registered on import (verl loads this module as a plugin); without verl, nothing to do
     import verl.trainer.ppo.core_algos  # noqa: F401
 except ImportError:
     pass

@@ -3,6 +3,7 @@
 The model is a 1-layer Qwen2 built from a config and saved to disk (no hub). Everything runs on
 the CPU with one thread; the whole file takes well under a minute.
 """
+
 import copy
 
 import pytest
@@ -33,8 +34,14 @@ def rows(n=12):
     out = []
     for i in range(n):
         a, b = i % 5, i // 5 + 1
-        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "expert": str(a + b),
-                    "teachers": [f"{a}+{b}={a + b}", str(a + b + 1)]})
+        out.append(
+            {
+                "prompt": f"{a}+{b}=",
+                "answer": str(a + b),
+                "expert": str(a + b),
+                "teachers": [f"{a}+{b}={a + b}", str(a + b + 1)],
+            }
+        )
     return out
 
 
@@ -48,9 +55,21 @@ def length(completions, **kwargs):
 
 
 def config(tmp_path, cls=GFTConfig, **kw):
-    base = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, bf16=False, max_steps=2,
-                per_device_train_batch_size=8, num_generations=4, max_completion_length=5, logging_steps=1,
-                learning_rate=1e-2, save_strategy="no", seed=0, disable_dropout=True)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        max_steps=2,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=5,
+        logging_steps=1,
+        learning_rate=1e-2,
+        save_strategy="no",
+        seed=0,
+        disable_dropout=True,
+    )
     base.update(kw)
     return cls(**base)
 
@@ -70,9 +89,9 @@ def test_groups_hold_expert_teacher_and_self_samples_and_training_logs(tmp_path,
     tok = trainer.processing_class
     for prompts, completions, ids, expert, teachers in seen:
         for g in range(0, len(prompts), 4):
-            assert len(set(prompts[g:g + 4])) == 1                       # one prompt per group
-            assert completions[g] == expert[g]                            # slot 0: the expert
-            assert completions[g + 1:g + 3] == teachers[g][:2]            # slots 1, 2: the teachers
+            assert len(set(prompts[g : g + 4])) == 1  # one prompt per group
+            assert completions[g] == expert[g]  # slot 0: the expert
+            assert completions[g + 1 : g + 3] == teachers[g][:2]  # slots 1, 2: the teachers
             assert ids[g] == tok(expert[g], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3
@@ -112,12 +131,20 @@ def test_tau0_without_demonstrations_takes_trls_grpo_update(tmp_path, model_dir,
     gradient on the same batch equals TRL's own GRPO loss's (at importance ratio 1, beta = 0),
     for every token aggregation, with gradient accumulation."""
     data = [r for r in rows(2) for _ in range(4)]
-    gft = GFTTrainer(model=model_dir, reward_funcs=length, train_dataset=Dataset.from_list(rows()),
-                     args=config(tmp_path, n_expert=0, n_teacher=0, tau=0.0, loss_type=loss_type,
-                                 max_completion_length=6, temperature=0.9))
-    grpo = GRPOTrainer(model=model_dir, reward_funcs=length, train_dataset=Dataset.from_list(rows()),
-                       args=config(tmp_path, cls=GRPOConfig, loss_type=loss_type, max_completion_length=6,
-                                   temperature=0.9))
+    gft = GFTTrainer(
+        model=model_dir,
+        reward_funcs=length,
+        train_dataset=Dataset.from_list(rows()),
+        args=config(
+            tmp_path, n_expert=0, n_teacher=0, tau=0.0, loss_type=loss_type, max_completion_length=6, temperature=0.9
+        ),
+    )
+    grpo = GRPOTrainer(
+        model=model_dir,
+        reward_funcs=length,
+        train_dataset=Dataset.from_list(rows()),
+        args=config(tmp_path, cls=GRPOConfig, loss_type=loss_type, max_completion_length=6, temperature=0.9),
+    )
     inputs = _one_batch(gft, data)
     assert inputs["advantages"].abs().sum() > 0 and inputs["completion_mask"].float().mean() < 1
     for ga in (1, 2):
@@ -131,17 +158,31 @@ def test_whole_runs_match_trls_grpo_at_tau0(tmp_path, model_dir):
     weights as TRL's GRPOTrainer. (SGD: Adam's first steps are sign-like and would amplify the
     rounding of near-zero gradient entries.)"""
     kw = dict(max_steps=3, loss_type="dapo", temperature=1.0, optim="sgd", learning_rate=0.1)
-    gft = GFTTrainer(model=model_dir, reward_funcs=length, train_dataset=Dataset.from_list(rows()),
-                     args=config(tmp_path, n_expert=0, n_teacher=0, tau=0.0, **kw))
+    gft = GFTTrainer(
+        model=model_dir,
+        reward_funcs=length,
+        train_dataset=Dataset.from_list(rows()),
+        args=config(tmp_path, n_expert=0, n_teacher=0, tau=0.0, **kw),
+    )
     gft.train()
-    grpo = GRPOTrainer(model=model_dir, reward_funcs=length, train_dataset=Dataset.from_list(rows()),
-                       args=config(tmp_path, cls=GRPOConfig, **kw))
+    grpo = GRPOTrainer(
+        model=model_dir,
+        reward_funcs=length,
+        train_dataset=Dataset.from_list(rows()),
+        args=config(tmp_path, cls=GRPOConfig, **kw),
+    )
     grpo.train()
     a = dict(gft.model.named_parameters())
     for name, p in grpo.model.named_parameters():
         torch.testing.assert_close(a[name], p, rtol=1e-4, atol=1e-6, msg=name)
-    logged = [[(h["reward"], h["completions/mean_length"], round(h["grad_norm"], 4))
-               for h in t.state.log_history if "reward" in h] for t in (gft, grpo)]
+    logged = [
+        [
+            (h["reward"], h["completions/mean_length"], round(h["grad_norm"], 4))
+            for h in t.state.log_history
+            if "reward" in h
+        ]
+        for t in (gft, grpo)
+    ]
     assert len(logged[0]) == 3 and logged[0] == logged[1]
 
 
@@ -151,9 +192,14 @@ def test_demonstrations_loss_equals_the_reference_backend(tmp_path, model_dir):
     data = [r for r in rows(2) for _ in range(4)]
     out = {}
     for backend in ("auto", "reference"):
-        tr = GFTTrainer(model=model_dir, reward_funcs=correct, train_dataset=Dataset.from_list(rows()),
-                        args=config(tmp_path, n_expert=1, n_teacher=1, tau=0.7, gft_backend=backend,
-                                    temperature=0.8, loss_type="grpo"))
+        tr = GFTTrainer(
+            model=model_dir,
+            reward_funcs=correct,
+            train_dataset=Dataset.from_list(rows()),
+            args=config(
+                tmp_path, n_expert=1, n_teacher=1, tau=0.7, gft_backend=backend, temperature=0.8, loss_type="grpo"
+            ),
+        )
         inputs = out["inputs"] if "inputs" in out else _one_batch(tr, data)
         out["inputs"] = inputs
         out[backend] = _grads(tr, inputs, ga=2)
@@ -165,14 +211,23 @@ def test_unsupported_settings_and_bad_rows_are_refused(tmp_path, model_dir):
     with pytest.raises(ValueError, match="exceeds the group size"):
         config(tmp_path, n_expert=2, n_teacher=3)
     with pytest.raises(ValueError, match="beta"):
-        GFTTrainer(model=model_dir, reward_funcs=correct, args=config(tmp_path, beta=0.1),
-                   train_dataset=Dataset.from_list(rows()))
+        GFTTrainer(
+            model=model_dir,
+            reward_funcs=correct,
+            args=config(tmp_path, beta=0.1),
+            train_dataset=Dataset.from_list(rows()),
+        )
     with pytest.raises(ValueError, match="num_iterations"):
-        GFTTrainer(model=model_dir, reward_funcs=correct, args=config(tmp_path, num_iterations=2),
-                   train_dataset=Dataset.from_list(rows()))
+        GFTTrainer(
+            model=model_dir,
+            reward_funcs=correct,
+            args=config(tmp_path, num_iterations=2),
+            train_dataset=Dataset.from_list(rows()),
+        )
     bad = [{k: v for k, v in r.items() if k != "teachers"} for r in rows()]
-    tr = GFTTrainer(model=model_dir, reward_funcs=correct, args=config(tmp_path, n_teacher=1),
-                    train_dataset=Dataset.from_list(bad))
+    tr = GFTTrainer(
+        model=model_dir, reward_funcs=correct, args=config(tmp_path, n_teacher=1), train_dataset=Dataset.from_list(bad)
+    )
     with pytest.raises(ValueError, match="teacher responses in 'teachers'"):
         tr.train()
 
@@ -185,9 +240,12 @@ def test_readme_trl_snippet_runs(tmp_path, model_dir, monkeypatch):
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# tested: trl")]
     assert len(blocks) == 1
     code = blocks[0]
-    for old, new in (('"Qwen/Qwen2.5-0.5B-Instruct"', repr(model_dir)), ("max_steps=500", "max_steps=2"),
-                     ("max_completion_length=64", "max_completion_length=6"),
-                     ('output_dir="gft-trl"', f"output_dir={str(tmp_path / 'gft-trl')!r}, report_to=[], use_cpu=True, bf16=False")):
+    for old, new in (
+        ('"Qwen/Qwen2.5-0.5B-Instruct"', repr(model_dir)),
+        ("max_steps=500", "max_steps=2"),
+        ("max_completion_length=64", "max_completion_length=6"),
+        ('output_dir="gft-trl"', f"output_dir={str(tmp_path / 'gft-trl')!r}, report_to=[], use_cpu=True, bf16=False"),
+    ):
         assert old in code
         code = code.replace(old, new)
     namespace = {}
@@ -207,7 +265,7 @@ def test_another_trl_version_is_refused_naming_the_tested_range():
 
     from gft_train.integrations.trl import TESTED_TRL, check_trl_version
 
-    check_trl_version(trl.__version__)          # the installed, tested one
+    check_trl_version(trl.__version__)  # the installed, tested one
     for version in ("1.17.0", "1.15.2", "2.0.0"):
         with pytest.raises(ImportError, match=re.escape(f"tested with trl{TESTED_TRL}, found trl {version}")):
             check_trl_version(version)
@@ -215,5 +273,5 @@ def test_another_trl_version_is_refused_naming_the_tested_range():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "tested with trl>=1.16,<1.17, found trl 1.17.0" in proc.stderr, proc.stderr[-2000:]
     root = Path(__file__).resolve().parents[2]
-    extra = re.search(r"^trl = \[(.*)\]", (root / "pyproject.toml").read_text(), flags=re.M)   # (no tomllib on 3.10)
+    extra = re.search(r"^trl = \[(.*)\]", (root / "pyproject.toml").read_text(), flags=re.M)  # (no tomllib on 3.10)
     assert extra and f'"trl{TESTED_TRL}"' in extra.group(1), extra

@@ -1,5 +1,6 @@
 """The op under torch.autocast (CPU bf16): forward and backward inside and outside autocast regions
 give the gradients nn.Linear + the reference loss give, on both CPU engines."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -5,6 +5,7 @@ issue's precision rule). fp16/bf16: the error against float64 (of the same round
 at most naive PyTorch's error in that dtype, plus a small margin. Triton runs through the CPU
 interpreter here (its bf16 path upcasts to fp32 there; the real bf16 tl.dot is proven on a GPU).
 """
+
 import pytest
 import torch
 from helpers import EPS, errors, make_case, run, safe_tau
@@ -33,12 +34,14 @@ def problems(draw):
     )
 
 
-options = st.fixed_dictionaries(dict(
-    tau=st.one_of(st.sampled_from([0.0, 0.3, 0.7, 1.0, 1.5]), st.floats(0.0, 1.2)),
-    reduction=st.sampled_from(["mean", "sum", "none"]),
-    temperature=st.sampled_from([1.0, 0.7]),
-    softcap=st.sampled_from([None, 5.0]),
-))
+options = st.fixed_dictionaries(
+    dict(
+        tau=st.one_of(st.sampled_from([0.0, 0.3, 0.7, 1.0, 1.5]), st.floats(0.0, 1.2)),
+        reduction=st.sampled_from(["mean", "sum", "none"]),
+        temperature=st.sampled_from([1.0, 0.7]),
+        softcap=st.sampled_from([None, 5.0]),
+    )
+)
 
 
 def _compare(prob, opts, dtype, backends):

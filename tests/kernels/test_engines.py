@@ -1,4 +1,5 @@
 """Mechanics of the bounded-memory engines: backward plans, scratch bounds, skipped rows."""
+
 import pytest
 import torch
 from helpers import DEVICE, EPS, Case, errors, make_case, run
@@ -20,8 +21,14 @@ PLANS = {
     "split-one-chunk": Options(backward_design="split", split_cols=1 << 20),
     "split-partial-chunks": Options(backward_design="split", split_cols=48),
     # dH in its own sweep over row chunks: a budget too small for the whole dH accumulator
-    "split-two-sweeps": Options(backward_design="split", split_scratch_fraction=0.3, split_min_cols=16,
-                                split_max_cols=64, split_min_rows=16, split_step=16),
+    "split-two-sweeps": Options(
+        backward_design="split",
+        split_scratch_fraction=0.3,
+        split_min_cols=16,
+        split_max_cols=64,
+        split_min_rows=16,
+        split_step=16,
+    ),
 }
 
 
@@ -43,11 +50,15 @@ def test_every_backward_plan_gives_the_same_gradients(plan, dtype):
         assert all(errs[k] <= 1.5 * naive[k] + EPS[dtype] for k in errs), (errs, naive)
 
 
-_CUDA_TILES = sorted({*launch.FWD_CANDIDATES, *launch.BWD_CANDIDATES, launch.CUDA_FWD32, launch.CUDA_BWD32},
-                     key=lambda c: (c.block_h > 0, c.block_m, c.block_v, c.block_k, c.block_h, c.num_warps, c.num_stages))
+_CUDA_TILES = sorted(
+    {*launch.FWD_CANDIDATES, *launch.BWD_CANDIDATES, launch.CUDA_FWD32, launch.CUDA_BWD32},
+    key=lambda c: (c.block_h > 0, c.block_m, c.block_v, c.block_k, c.block_h, c.num_warps, c.num_stages),
+)
 
 
-@pytest.mark.parametrize("tile", _CUDA_TILES, ids=lambda c: f"{c.block_m}x{c.block_v}x{c.block_k}h{c.block_h}w{c.num_warps}s{c.num_stages}")
+@pytest.mark.parametrize(
+    "tile", _CUDA_TILES, ids=lambda c: f"{c.block_m}x{c.block_v}x{c.block_k}h{c.block_h}w{c.num_warps}s{c.num_stages}"
+)
 @pytest.mark.parametrize("fraction", [0.005, 100.0], ids=["chunked-split", "fused"])
 def test_every_cuda_tile_computes_the_same_loss(tile, fraction, monkeypatch):
     """The GPU's tile sizes (defaults and tuning candidates), not just the interpreter's small
@@ -95,13 +106,18 @@ def test_split_design_plans_within_its_budget():
     # only dW: no dH accumulator
     assert launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, False, True).fused
     # a budget nothing fits: the atomic design runs
-    assert launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, True, True,
-                             Options(split_scratch_fraction=1e-4)) is None
+    assert (
+        launch.plan_split(32768, 32768, 128256, 4096, torch.bfloat16, True, True, Options(split_scratch_fraction=1e-4))
+        is None
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True), (False, False, True)],
-                         ids=["all", "dh", "dw+db", "db"])
+@pytest.mark.parametrize(
+    "need",
+    [(True, True, True), (True, False, False), (False, True, True), (False, False, True)],
+    ids=["all", "dh", "dw+db", "db"],
+)
 @pytest.mark.parametrize("active", ["all", "some", "none"])
 @pytest.mark.parametrize("sweeps", [1, 2])
 def test_split_design_matches_the_atomic_design(dtype, need, active, sweeps):
@@ -131,7 +147,9 @@ def test_split_design_matches_the_atomic_design(dtype, need, active, sweeps):
         if a is not None:
             assert a.dtype == b.dtype and a.shape == b.shape
             tol = 1e-5 if dtype == torch.float32 else 2e-3
-            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * max(b.float().abs().max().item(), 1e-6))
+            torch.testing.assert_close(
+                a.float(), b.float(), rtol=tol, atol=tol * max(b.float().abs().max().item(), 1e-6)
+            )
 
 
 def test_plan_is_fused_only_when_the_dhidden_accumulator_fits():
@@ -144,7 +162,9 @@ def test_plan_is_fused_only_when_the_dhidden_accumulator_fits():
     assert fp32.fused and fp32.cols_per_chunk == 128256  # accumulates into the fp32 gradients
 
 
-@pytest.mark.parametrize("n,v,h", [(4096, 151936, 1536), (8192, 256000, 2304), (32768, 128256, 4096), (4096, 128256, 4096)])
+@pytest.mark.parametrize(
+    "n,v,h", [(4096, 151936, 1536), (8192, 256000, 2304), (32768, 128256, 4096), (4096, 128256, 4096)]
+)
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)], ids=["dh+dw", "dh", "dw"])
 def test_scratch_stays_within_budget_at_benchmark_shapes(n, v, h, need):
     """The atomic backward's fp32 scratch is at most its scratch_fraction of the gradients' own bytes
@@ -158,7 +178,10 @@ def test_scratch_stays_within_budget_at_benchmark_shapes(n, v, h, need):
         scratch += 4 * h * plan.cols_per_chunk
     if need_dh:
         scratch = scratch + 4 * h * n if plan.fused else max(scratch, 4 * h * plan.rows_per_chunk)
-    assert scratch <= launch.DEFAULT_OPTIONS.scratch_fraction * grad_bytes + 4 * h * max(cfg.block_m, cfg.block_v), (plan, scratch / grad_bytes)
+    assert scratch <= launch.DEFAULT_OPTIONS.scratch_fraction * grad_bytes + 4 * h * max(cfg.block_m, cfg.block_v), (
+        plan,
+        scratch / grad_bytes,
+    )
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -182,8 +205,9 @@ def test_rows_with_zero_coefficient_are_skipped(engine):
     skipped[10:20] = True
     g[skipped] = 0.0
     hidden[skipped] = float("nan")
-    dh, dw, db = mod.ENGINE.backward(BackwardRequest(inputs._replace(hidden=hidden), rows, g, None, Needs(True, True, True)),
-                                     KernelOptions())
+    dh, dw, db = mod.ENGINE.backward(
+        BackwardRequest(inputs._replace(hidden=hidden), rows, g, None, Needs(True, True, True)), KernelOptions()
+    )
     assert torch.isfinite(dw).all() and torch.isfinite(db).all()
     assert torch.isfinite(dh[~skipped]).all() and torch.count_nonzero(dh[skipped].nan_to_num(1.0)) == 0
 
@@ -248,6 +272,7 @@ def test_an_out_of_memory_error_in_a_product_is_raised_and_switches_nothing(monk
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     monkeypatch.setattr(torch, "addmm", oom)
     monkeypatch.setattr(torch, "mm", oom)
     acc, a = torch.zeros(4, 3), torch.ones(4, 5, dtype=torch.bfloat16)
@@ -275,14 +300,17 @@ def test_the_split_backward_adds_no_atomics_the_bias_gradient_included():
 
     def db():
         b = bias.clone().requires_grad_()
-        gft_kernels.gft_loss(hidden, weight, targets, 1.0, bias=b, backend="triton",
-                             launch_options=Options(split_cols=64)).backward()
+        gft_kernels.gft_loss(
+            hidden, weight, targets, 1.0, bias=b, backend="triton", launch_options=Options(split_cols=64)
+        ).backward()
         return b.grad
+
     first = db()
     assert torch.equal(first, db())
     want = bias.clone().requires_grad_()
-    gft_kernels.gft_loss(hidden.double(), weight.double(), targets, 1.0, bias=want.double(),
-                         backend="reference").backward()
+    gft_kernels.gft_loss(
+        hidden.double(), weight.double(), targets, 1.0, bias=want.double(), backend="reference"
+    ).backward()
     torch.testing.assert_close(first, want.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -346,10 +374,11 @@ def _loss_and_grads(case, threads, **options):
     try:
         h, w = case.hidden.clone().requires_grad_(), case.weight.clone().requires_grad_()
         b = case.bias.clone().requires_grad_()
-        loss, stats = gft_kernels.gft_loss(h, w, case.targets, case.adv, 0.7, bias=b, backend="torch",
-                                           return_stats=True, **options)
+        loss, stats = gft_kernels.gft_loss(
+            h, w, case.targets, case.adv, 0.7, bias=b, backend="torch", return_stats=True, **options
+        )
         loss.backward()
-        assert torch.get_num_threads() == threads   # the engine's own thread count is undone
+        assert torch.get_num_threads() == threads  # the engine's own thread count is undone
     finally:
         torch.set_num_threads(before)
     return loss.detach(), h.grad, w.grad, b.grad, stats.logp, stats.entropy
@@ -367,8 +396,11 @@ def test_the_vocabulary_split_between_cpu_threads_gives_the_one_thread_result(mo
     shared = torch_backend._shared_loss_and_grads
     monkeypatch.setattr(torch_backend, "_shared_loss_and_grads", lambda *a: taken.append(len(a[-1])) or shared(*a))
     case = make_case((3, 40), vocab=300, hidden_dim=24, bias=True, ignore_frac=0.2, zero_adv_frac=0.2, seed=5)
-    for options in (dict(), dict(softcap=4.0, temperature=0.7, reduction="seq-mean-token-sum"),
-                    dict(entropy_coef=0.3, softcap=6.0)):
+    for options in (
+        dict(),
+        dict(softcap=4.0, temperature=0.7, reduction="seq-mean-token-sum"),
+        dict(entropy_coef=0.3, softcap=6.0),
+    ):
         one = _loss_and_grads(case, 1, **options)
         assert not taken
         split = _loss_and_grads(case, threads, **options)
@@ -387,9 +419,10 @@ def test_an_error_in_a_helper_thread_reaches_the_caller_and_restores_the_thread_
     partials = torch_backend._ColumnShare.partials
 
     def failing(self, h, tgt):
-        if self.start > 0:   # a helper thread's share
+        if self.start > 0:  # a helper thread's share
             raise RuntimeError("share failed")
         return partials(self, h, tgt)
+
     monkeypatch.setattr(torch_backend._ColumnShare, "partials", failing)
     case = make_case((40,), vocab=300, hidden_dim=24, bias=True, seed=6)
     h = case.hidden.clone().requires_grad_()

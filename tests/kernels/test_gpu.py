@@ -3,6 +3,7 @@
 Skipped without CUDA (the CPU suite covers the same kernels through Triton's interpreter).
 Run by ``benchmarks/gpu_check.sh``.
 """
+
 import pytest
 import torch
 from helpers import EPS, rel_err
@@ -44,7 +45,7 @@ def _grads(hidden, weight, targets, adv, dtype, backend, tau=0.7):
 def test_large_shapes_against_float64(n, v, h, dtype, design, monkeypatch):
     monkeypatch.setattr(launch, "DEFAULT_OPTIONS", launch.LaunchOptions(backward_design=design))
     hidden, weight, targets, adv = _problem(n, v, h)
-    hidden, weight = hidden.to(dtype), weight.to(dtype)          # the truth sees the same rounded inputs
+    hidden, weight = hidden.to(dtype), weight.to(dtype)  # the truth sees the same rounded inputs
     truth = _grads(hidden.double(), weight.double(), targets, adv, torch.float64, "torch")  # chunked, float64
     fused = _grads(hidden, weight, targets, adv, dtype, "triton")
     errs = {k: rel_err(fused[k], truth[k]) for k in truth}
@@ -62,7 +63,9 @@ TARGET = {"split": 1.10, "atomic": 1.05}
 
 
 @pytest.mark.parametrize("design", DESIGNS)
-@pytest.mark.parametrize("n,v,h", [(8192, 256000, 2304), (8192, 151936, 1536), (16384, 128256, 4096)], ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "n,v,h", [(8192, 256000, 2304), (8192, 151936, 1536), (16384, 128256, 4096)], ids=lambda x: str(x)
+)
 def test_peak_memory_is_near_the_gradients(n, v, h, design, monkeypatch):
     """The op's peak beyond its inputs is within 1.10x of the lower bound, the gradients (the
     split design), or 1.05x (the atomic design)."""

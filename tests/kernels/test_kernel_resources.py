@@ -1,6 +1,7 @@
 """The CUDA kernels compile for sm_90 here, without a GPU, and fit it (registers, shared
 memory, pipelined loops). Runs in a subprocess: the test session itself has Triton's
 interpreter switched on, which replaces the jit functions."""
+
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+pytestmark = pytest.mark.slow  # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def _run(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernel_resources", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("which", [[], ["--sweep"]], ids=["defaults", "tuning-candidates"])

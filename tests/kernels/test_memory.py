@@ -1,5 +1,6 @@
 """Memory: the torch backend's peak on the CPU (ru_maxrss in a fresh process), and the Triton
 launcher's planned peak at the GPU shapes."""
+
 import pytest
 import torch
 
@@ -59,12 +60,12 @@ def test_the_storage_tracker_follows_births_deaths_and_views():
     """The probe behind launcher_peak: peak and live bytes of a known sequence."""
     x = torch.zeros(1000)
     with _StorageTracker(x) as tracker:
-        a = torch.empty(1000)                 # 4000 B
-        b = a.to(torch.float64)               # 8000 B
+        a = torch.empty(1000)  # 4000 B
+        b = a.to(torch.float64)  # 8000 B
         view = b[:10]
-        del a, b                              # b lives on through its view
-        c = torch.empty(500)                  # 2000 B
-        x.reshape(10, 100)                    # a view of an input: not new memory
+        del a, b  # b lives on through its view
+        c = torch.empty(500)  # 2000 B
+        x.reshape(10, 100)  # a view of an input: not new memory
         assert (tracker.live, tracker.peak) == (10000, 12000)
         del view, c
         assert tracker.live == 0

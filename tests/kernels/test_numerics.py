@@ -1,4 +1,5 @@
 """Numerical edge cases: huge logits, confident and uniform distributions, nothing valid."""
+
 import math
 
 import pytest
@@ -34,10 +35,16 @@ def _confident_case(margin: float) -> Case:
     n, v = 20, 50
     g = torch.Generator().manual_seed(12)
     targets = torch.randint(0, v, (n,), generator=g)
-    hidden = margin * torch.nn.functional.one_hot(targets, v).double() + 0.3 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    hidden = margin * torch.nn.functional.one_hot(targets, v).double() + 0.3 * torch.randn(
+        n, v, generator=g, dtype=torch.float64
+    )
     weight = torch.eye(v, dtype=torch.float64) + 0.01 * torch.randn(v, v, generator=g, dtype=torch.float64)
-    return Case(*(x.to(DEVICE) for x in (hidden, weight)), None, targets.to(DEVICE),
-                torch.ones(n, dtype=torch.float64, device=DEVICE))
+    return Case(
+        *(x.to(DEVICE) for x in (hidden, weight)),
+        None,
+        targets.to(DEVICE),
+        torch.ones(n, dtype=torch.float64, device=DEVICE),
+    )
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -93,8 +100,16 @@ def test_all_tokens_ignored_gives_zero_loss_and_gradients(backend, reduction, dt
     weight = torch.randn(33, 8, dtype=dtype, device=DEVICE, requires_grad=True)
     bias = torch.randn(33, dtype=dtype, device=DEVICE, requires_grad=True)
     targets = torch.full((2, 5), -100, device=DEVICE)
-    loss, stats = gft_kernels.gft_loss(hidden, weight, targets, torch.randn(2, device=DEVICE), bias=bias,
-                                       reduction=reduction, backend=backend, return_stats=True)
+    loss, stats = gft_kernels.gft_loss(
+        hidden,
+        weight,
+        targets,
+        torch.randn(2, device=DEVICE),
+        bias=bias,
+        reduction=reduction,
+        backend=backend,
+        return_stats=True,
+    )
     assert torch.count_nonzero(loss) == 0 and torch.isfinite(loss).all()
     loss.sum().backward()
     for x in (hidden, weight, bias):

@@ -3,6 +3,7 @@ library): the stats at and around p == tau, ``[B]`` advantages for targets of th
 sequence reductions on the chunked path with a sequence whose tokens are all ignored, a pad
 id >= 0 as ignore_index, the dual clip at ratios past it, and a softcapped model's sampling
 temperature (without TRL installed)."""
+
 import math
 
 import pytest
@@ -13,8 +14,12 @@ from truth import truth_loss
 import gft_kernels
 
 # (backend, dtype, relative tolerance of the loss and gradients against the float64 truth)
-ENGINES = [("reference", torch.float64, 1e-9), ("torch", torch.float64, 1e-9), ("torch", torch.float32, 3e-5),
-           ("triton", torch.float32, 3e-5)]
+ENGINES = [
+    ("reference", torch.float64, 1e-9),
+    ("torch", torch.float64, 1e-9),
+    ("torch", torch.float32, 3e-5),
+    ("triton", torch.float32, 3e-5),
+]
 IDS = [f"{b}-{str(d)[6:]}" for b, d, _ in ENGINES]
 
 
@@ -34,8 +39,9 @@ def _compare(backend, dtype, tol, hidden, weight, bias, targets, adv, tau, **opt
     truth = truth_loss(*want[:2], want[2], targets, adv, tau, **options)
     got_leaves = [None if x is None else x.to(dtype).requires_grad_() for x in rounded]
     lib_options = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in options.items()}
-    got = gft_kernels.gft_loss(got_leaves[0], got_leaves[1], targets, adv.to(dtype), tau, bias=got_leaves[2],
-                               backend=backend, **lib_options)
+    got = gft_kernels.gft_loss(
+        got_leaves[0], got_leaves[1], targets, adv.to(dtype), tau, bias=got_leaves[2], backend=backend, **lib_options
+    )
     up = torch.randn(truth.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
     (truth * up).sum().backward()
     (got.double() * up).sum().backward()
@@ -60,18 +66,19 @@ def test_stats_at_and_around_p_equal_tau(backend):
     (hidden, weight, bias, targets), _ = _leaves(3, (2, 9))
     targets[0, :3] = -100
     valid = targets != -100
-    dtype = torch.float64   # tau is a Python float: exact against float64 probabilities
+    dtype = torch.float64  # tau is a Python float: exact against float64 probabilities
     h, w, b = hidden, weight, bias
     _, stats = gft_kernels.gft_loss(h, w, targets, 1.0, 0.5, bias=b, backend=backend, return_stats=True)
     p = stats.logp.double().exp()
-    at = p[valid].sort().values[5].item()      # a valid token's own p, inside the range
+    at = p[valid].sort().values[5].item()  # a valid token's own p, inside the range
     for tau in (math.nextafter(at, 0.0), at, math.nextafter(at, 1.0)):
         _, s = gft_kernels.gft_loss(h, w, targets, 1.0, tau, bias=b, backend=backend, return_stats=True)
         ps = s.logp.double().exp()[valid]
         assert torch.equal(ps, p[valid])
         assert s.rectified_frac.item() == pytest.approx((ps < tau).double().mean().item(), abs=1e-7)
-        assert s.rectified_frac.item() == pytest.approx(5 / valid.sum().item() + (tau > at) / valid.sum().item(),
-                                                        abs=1e-7)
+        assert s.rectified_frac.item() == pytest.approx(
+            5 / valid.sum().item() + (tau > at) / valid.sum().item(), abs=1e-7
+        )
     tp = _true_p(hidden, weight, bias, targets)
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     assert stats.mean_prob.item() == pytest.approx(tp[valid].mean().item(), rel=tol)
@@ -103,8 +110,7 @@ def test_sequence_reductions_with_a_sequence_all_ignored(backend, dtype, tol, re
     targets[2] = -100
     targets[0, :2] = -100
     adv = torch.randn(4, generator=g, dtype=torch.float64).to(DEVICE)
-    _compare(backend, dtype, tol, hidden, weight, bias, targets, adv, 0.7, reduction=reduction,
-             normalizer=normalizer)
+    _compare(backend, dtype, tol, hidden, weight, bias, targets, adv, 0.7, reduction=reduction, normalizer=normalizer)
 
 
 @pytest.mark.parametrize("backend,dtype,tol", ENGINES, ids=IDS)
@@ -119,8 +125,17 @@ def test_an_ignore_index_that_is_a_vocabulary_id(backend, dtype, tol, reduction)
     targets[2, :4] = pad
     adv = torch.randn(3, 8, generator=g, dtype=torch.float64).to(DEVICE)
     _compare(backend, dtype, tol, hidden, weight, bias, targets, adv, 0.7, reduction=reduction, ignore_index=pad)
-    _, stats = gft_kernels.gft_loss(hidden.to(dtype), weight.to(dtype), targets, adv.to(dtype), 0.7,
-                                    bias=bias.to(dtype), backend=backend, ignore_index=pad, return_stats=True)
+    _, stats = gft_kernels.gft_loss(
+        hidden.to(dtype),
+        weight.to(dtype),
+        targets,
+        adv.to(dtype),
+        0.7,
+        bias=bias.to(dtype),
+        backend=backend,
+        ignore_index=pad,
+        return_stats=True,
+    )
     assert stats.n_valid.item() == (targets != pad).sum().item()
     assert bool((stats.logp[targets == pad] == 0).all())
     with pytest.raises(ValueError, match=f"ignore_index={pad}"):
@@ -137,16 +152,26 @@ def test_the_dual_clip_where_it_binds(backend, dtype, tol, dual_clip):
     logp = z.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
     ratios = torch.tensor([0.3, 0.7, 1.0, 1.3, 1.7, 2.5, 3.5, 6.0] * 3, dtype=torch.float64)[:24].reshape(2, 12)
     old = logp - ratios.to(DEVICE).log()
-    keep = old <= 0                      # old log-probs must be log-probs
+    keep = old <= 0  # old log-probs must be log-probs
     targets = torch.where(keep, targets, -100)
     old = torch.where(keep, old, 0.0)
     adv = -torch.rand(2, 12, generator=g, dtype=torch.float64).to(DEVICE) - 0.1
-    adv[1, ::3] *= -1                    # a few positive ones: the dual clip leaves them alone
+    adv[1, ::3] *= -1  # a few positive ones: the dual clip leaves them alone
     binding = keep & (adv < 0) & (ratios.to(DEVICE) > dual_clip)
     assert binding.sum() >= 3
     _compare(backend, dtype, tol, hidden, weight, bias, targets, adv, 0.7, old_logp=old, dual_clip=dual_clip)
-    _, stats = gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, bias=bias, old_logp=old, dual_clip=dual_clip,
-                                    backend="reference", return_stats=True)
+    _, stats = gft_kernels.gft_loss(
+        hidden,
+        weight,
+        targets,
+        adv,
+        0.7,
+        bias=bias,
+        old_logp=old,
+        dual_clip=dual_clip,
+        backend="reference",
+        return_stats=True,
+    )
     valid = targets != -100
     r = ratios.to(DEVICE)
     clipped = ((r > 1.2) & (adv > 0)) | ((r < 0.8) & (adv < 0)) | ((adv < 0) & (r > dual_clip))
@@ -161,9 +186,18 @@ def test_sampling_temperature_is_exact_with_a_final_softcap():
     from gft_kernels import causal_lm_gft_loss
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, final_logit_softcapping=3.0)).double()
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.Gemma2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            final_logit_softcapping=3.0,
+        )
+    ).double()
     ids = torch.randint(0, 64, (2, 9))
     labels = ids.clone()
     labels[:, :3] = -100
@@ -193,16 +227,31 @@ def test_every_stat_on_every_engine(backend, dtype, tol):
     ref = torch.where(valid, (logp - 0.3).clamp_max(0.0), 0.0)
     adv = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE)
     h, w, b = (x.to(dtype) for x in (hidden, weight, bias))
-    _, stats = gft_kernels.gft_loss(h, w, targets, adv.to(dtype), 0.4, bias=b, old_logp=old.to(dtype),
-                                    ref_logp=ref.to(dtype), beta=0.1, kl="k2", backend=backend, return_stats=True)
+    _, stats = gft_kernels.gft_loss(
+        h,
+        w,
+        targets,
+        adv.to(dtype),
+        0.4,
+        bias=b,
+        old_logp=old.to(dtype),
+        ref_logp=ref.to(dtype),
+        beta=0.1,
+        kl="k2",
+        backend=backend,
+        return_stats=True,
+    )
     r = (logp - old).exp()
     a = adv[:, None].expand(3, 8)
     p = logp.exp()
     want = dict(
-        ratio_mean=r[valid].mean(), kl_mean=(0.5 * (ref - logp) ** 2)[valid].mean(),
+        ratio_mean=r[valid].mean(),
+        kl_mean=(0.5 * (ref - logp) ** 2)[valid].mean(),
         clip_frac=(((r > 1.2) & (a > 0)) | ((r < 0.8) & (a < 0)))[valid].double().mean(),
-        rectified_frac=(p < 0.4)[valid].double().mean(), mean_prob=p[valid].mean(),
-        accuracy=(z.argmax(-1) == targets)[valid].double().mean())
+        rectified_frac=(p < 0.4)[valid].double().mean(),
+        mean_prob=p[valid].mean(),
+        accuracy=(z.argmax(-1) == targets)[valid].double().mean(),
+    )
     for name, value in want.items():
         assert getattr(stats, name).item() == pytest.approx(value.item(), rel=max(tol, 1e-6), abs=1e-7), name
     assert stats.n_valid.item() == valid.sum().item()
@@ -216,9 +265,19 @@ def test_the_chunked_engines_two_paths_agree_on_every_option(reduction):
     (hidden, weight, bias, targets), g = _leaves(17, (3, 9))
     targets[1] = -100
     logp = (hidden @ weight.t() + bias).log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-    options = dict(reduction=reduction, normalizer=6.0 if reduction != "sum" else None, temperature=0.9,
-                   softcap=7.0, old_logp=(logp - 0.2).clamp_max(0.0), dual_clip=2.0, clip_high=0.3,
-                   ref_logp=(logp - 0.1).clamp_max(0.0), beta=0.05, entropy_coef=0.02, ignore_index=-100)
+    options = dict(
+        reduction=reduction,
+        normalizer=6.0 if reduction != "sum" else None,
+        temperature=0.9,
+        softcap=7.0,
+        old_logp=(logp - 0.2).clamp_max(0.0),
+        dual_clip=2.0,
+        clip_high=0.3,
+        ref_logp=(logp - 0.1).clamp_max(0.0),
+        beta=0.05,
+        entropy_coef=0.02,
+        ignore_index=-100,
+    )
     adv = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE)
     h = hidden.clone().requires_grad_()
     one_pass = gft_kernels.gft_loss(h, weight, targets, adv, 0.5, bias=bias, backend="torch", **options)

@@ -1,6 +1,7 @@
 """The GRPO family in the fused op: importance ratio and clipping, KL to a reference, the
 entropy bonus, the reductions; against an independent float64 truth (tests/truth.py) on every
 engine, against Liger's chunked GRPO loss as a peer oracle, and the arguments' checks."""
+
 import math
 
 import pytest
@@ -14,8 +15,12 @@ import gft_kernels
 
 REDUCTIONS = ["mean", "sum", "none", "seq-mean-token-mean", "seq-mean-token-sum"]
 # (backend, dtype, relative tolerance)
-ENGINES = [("reference", torch.float64, 1e-9), ("torch", torch.float64, 1e-9), ("torch", torch.float32, 3e-5),
-           ("triton", torch.float32, 3e-5)]
+ENGINES = [
+    ("reference", torch.float64, 1e-9),
+    ("torch", torch.float64, 1e-9),
+    ("torch", torch.float32, 3e-5),
+    ("triton", torch.float32, 3e-5),
+]
 
 
 def _problem(seed, b=3, t=7, v=40, h=16, bias=True):
@@ -72,15 +77,39 @@ RATIOS = [0.5, 0.9, 1.0, 1.1, 1.6]  # each away from the clip edges 1 -/+ 0.2 an
 
 @pytest.mark.parametrize("backend,dtype,tol", ENGINES, ids=[f"{b}-{str(d)[6:]}" for b, d, _ in ENGINES])
 @settings(max_examples=12)
-@given(seed=st.integers(0, 10_000), reduction=st.sampled_from(REDUCTIONS), tau=st.sampled_from([0.0, 0.3, 0.7, 2.0]),
-       ratios=st.none() | st.lists(st.sampled_from(RATIOS), min_size=49, max_size=49),
-       clip_high=st.sampled_from([None, 0.3]), dual_clip=st.sampled_from([None, 3.0]),
-       beta=st.sampled_from([0.0, 0.1]), kl=st.sampled_from(["k1", "k2", "k3"]),
-       entropy_coef=st.sampled_from([0.0, 0.05]), temperature=st.sampled_from([1.0, 0.7]),
-       softcap=st.sampled_from([None, 4.0]), normalized=st.booleans(), square=st.booleans())
-def test_every_combination_matches_the_independent_truth(backend, dtype, tol, seed, reduction, tau, ratios, clip_high,
-                                                         dual_clip, beta, kl, entropy_coef, temperature, softcap,
-                                                         normalized, square):
+@given(
+    seed=st.integers(0, 10_000),
+    reduction=st.sampled_from(REDUCTIONS),
+    tau=st.sampled_from([0.0, 0.3, 0.7, 2.0]),
+    ratios=st.none() | st.lists(st.sampled_from(RATIOS), min_size=49, max_size=49),
+    clip_high=st.sampled_from([None, 0.3]),
+    dual_clip=st.sampled_from([None, 3.0]),
+    beta=st.sampled_from([0.0, 0.1]),
+    kl=st.sampled_from(["k1", "k2", "k3"]),
+    entropy_coef=st.sampled_from([0.0, 0.05]),
+    temperature=st.sampled_from([1.0, 0.7]),
+    softcap=st.sampled_from([None, 4.0]),
+    normalized=st.booleans(),
+    square=st.booleans(),
+)
+def test_every_combination_matches_the_independent_truth(
+    backend,
+    dtype,
+    tol,
+    seed,
+    reduction,
+    tau,
+    ratios,
+    clip_high,
+    dual_clip,
+    beta,
+    kl,
+    entropy_coef,
+    temperature,
+    softcap,
+    normalized,
+    square,
+):
     # square: B == T, where [B] advantages must still be read one per sequence
     hidden, weight, bias, targets, adv = _problem(seed, b=7) if square else _problem(seed)
     if dtype != torch.float64:  # the truth sees the same rounded inputs
@@ -89,7 +118,7 @@ def test_every_combination_matches_the_independent_truth(backend, dtype, tol, se
     tau = _safe_tau(logp, targets, tau)
     options = dict(reduction=reduction, temperature=temperature, softcap=softcap, entropy_coef=entropy_coef)
     if ratios is not None:  # old_logp such that the ratio is known and away from every clip edge
-        r = torch.tensor(ratios[:targets.numel()], dtype=torch.float64, device=DEVICE).reshape(targets.shape)
+        r = torch.tensor(ratios[: targets.numel()], dtype=torch.float64, device=DEVICE).reshape(targets.shape)
         options.update(old_logp=(logp - r.log()).clamp_max(0.0), clip_high=clip_high, dual_clip=dual_clip)
         # a clamp at 0 moved a ratio: not the draw it claims to be (assume, not return: hypothesis
         # then draws another instead of counting this one as a pass)
@@ -139,19 +168,43 @@ def test_liger_chunked_grpo_loss_is_an_independent_oracle(loss_type, backend):
     old = (logp + 0.3 * torch.randn(logp.shape, generator=g, dtype=torch.float64)).clamp_max(0.0)
     ref = (logp + 0.3 * torch.randn(logp.shape, generator=g, dtype=torch.float64)).clamp_max(0.0)
     max_len = targets.shape[1] + 3
-    grpo = liger.LigerFusedLinearGRPOLoss(beta=0.05, compiled=False, use_ref_model=True, epsilon_low=0.2,
-                                          epsilon_high=0.28, loss_type=loss_type, max_completion_length=max_len)
+    grpo = liger.LigerFusedLinearGRPOLoss(
+        beta=0.05,
+        compiled=False,
+        use_ref_model=True,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        loss_type=loss_type,
+        max_completion_length=max_len,
+    )
     h1 = hidden.clone().float().requires_grad_()
     w1 = weight.clone().float().requires_grad_()
     out = grpo(h1, w1, targets, mask, adv.float(), ref_per_token_logps=ref.float(), old_per_token_logps=old.float())
     (out[0] if isinstance(out, tuple) else out).backward()
-    reduction, normalizer = {"dapo": ("mean", None), "bnpo": ("mean", None),
-                             "grpo": ("seq-mean-token-mean", None), "dr_grpo": ("mean", targets.shape[0] * max_len)}[loss_type]
+    reduction, normalizer = {
+        "dapo": ("mean", None),
+        "bnpo": ("mean", None),
+        "grpo": ("seq-mean-token-mean", None),
+        "dr_grpo": ("mean", targets.shape[0] * max_len),
+    }[loss_type]
     h2 = hidden.clone().float().requires_grad_()
     w2 = weight.clone().float().requires_grad_()
-    loss = gft_kernels.gft_loss(h2, w2, ours_targets, adv.float(), 0.0, old_logp=old.float(), clip_low=0.2,
-                                clip_high=0.28, ref_logp=ref.float(), beta=0.05, kl="k3", reduction=reduction,
-                                normalizer=normalizer, backend=backend)
+    loss = gft_kernels.gft_loss(
+        h2,
+        w2,
+        ours_targets,
+        adv.float(),
+        0.0,
+        old_logp=old.float(),
+        clip_low=0.2,
+        clip_high=0.28,
+        ref_logp=ref.float(),
+        beta=0.05,
+        kl="k3",
+        reduction=reduction,
+        normalizer=normalizer,
+        backend=backend,
+    )
     loss.backward()
     value = out[0] if isinstance(out, tuple) else out
     assert abs(loss.item() - value.item()) <= 1e-5 * max(1.0, abs(value.item()))
@@ -166,8 +219,20 @@ def test_stats_of_the_policy_terms():
     ratio = torch.full(targets.shape, 1.5, dtype=torch.float64)  # past 1 + 0.2: clipped where A > 0
     old = (logp - ratio.log()).clamp_max(0.0)
     ref = (logp - 0.5).clamp_max(0.0)
-    _, stats = gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, bias=bias, old_logp=old, ref_logp=ref,
-                                    beta=0.1, kl="k1", backend="torch", return_stats=True)
+    _, stats = gft_kernels.gft_loss(
+        hidden,
+        weight,
+        targets,
+        adv,
+        0.7,
+        bias=bias,
+        old_logp=old,
+        ref_logp=ref,
+        beta=0.1,
+        kl="k1",
+        backend="torch",
+        return_stats=True,
+    )
     a = adv[:, None].expand(targets.shape)
     r = (logp - old).exp()
     assert math.isclose(stats.ratio_mean.item(), r[valid].mean().item(), rel_tol=1e-9)
@@ -179,19 +244,22 @@ def test_stats_of_the_policy_terms():
     assert math.isclose(stats.accuracy.item(), acc, rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(beta=0.1), "beta=0.1 needs ref_logp"),
-    (dict(clip_low=1.0), "clip_low must be in"),
-    (dict(clip_high=-0.1), "clip_high must be >= 0"),
-    (dict(dual_clip=1.0), "dual_clip must be > 1"),
-    (dict(kl="k4"), "kl must be one of"),
-    (dict(entropy_coef=float("nan")), "entropy_coef must be finite"),
-    (dict(old_logp=torch.zeros(5)), "old_logp of shape"),
-    (dict(old_logp=torch.zeros(3, 7, dtype=torch.int64)), "old_logp must be a floating tensor"),
-    (dict(old_logp=torch.full((3, 7), 0.5)), "old_logp must be finite log-probs"),
-    (dict(ref_logp=torch.full((3, 7), float("nan"))), "ref_logp must be finite log-probs"),
-    (dict(reduction="seq-mean"), "reduction must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(beta=0.1), "beta=0.1 needs ref_logp"),
+        (dict(clip_low=1.0), "clip_low must be in"),
+        (dict(clip_high=-0.1), "clip_high must be >= 0"),
+        (dict(dual_clip=1.0), "dual_clip must be > 1"),
+        (dict(kl="k4"), "kl must be one of"),
+        (dict(entropy_coef=float("nan")), "entropy_coef must be finite"),
+        (dict(old_logp=torch.zeros(5)), "old_logp of shape"),
+        (dict(old_logp=torch.zeros(3, 7, dtype=torch.int64)), "old_logp must be a floating tensor"),
+        (dict(old_logp=torch.full((3, 7), 0.5)), "old_logp must be finite log-probs"),
+        (dict(ref_logp=torch.full((3, 7), float("nan"))), "ref_logp must be finite log-probs"),
+        (dict(reduction="seq-mean"), "reduction must be one of"),
+    ],
+)
 def test_bad_policy_arguments_are_refused_before_any_launch(kwargs, match):
     hidden, weight, _, targets, adv = _problem(0)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -209,8 +277,19 @@ def test_module_takes_the_per_batch_log_probs():
     logp = _true_logp(hidden, weight, bias, targets, 1.0, None).detach()
     module = gft_kernels.GFTLoss(0.7, bias=bias, beta=0.1, clip_high=0.3, backend="torch")
     got = module(hidden, weight, targets, adv, old_logp=logp, ref_logp=(logp - 0.2).clamp_max(0))
-    want = gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, bias=bias, old_logp=logp,
-                                ref_logp=(logp - 0.2).clamp_max(0), beta=0.1, clip_high=0.3, backend="torch")
+    want = gft_kernels.gft_loss(
+        hidden,
+        weight,
+        targets,
+        adv,
+        0.7,
+        bias=bias,
+        old_logp=logp,
+        ref_logp=(logp - 0.2).clamp_max(0),
+        beta=0.1,
+        clip_high=0.3,
+        backend="torch",
+    )
     assert torch.equal(got, want)
 
 
@@ -224,8 +303,10 @@ def test_module_registers_its_bias_and_takes_launch_options():
     assert "bias" in module.state_dict()
     module.to(torch.float64)
     assert module.bias.dtype == torch.float64
-    torch.testing.assert_close(module(hidden, weight, targets, adv),
-                               gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, bias=bias, backend="torch"))
+    torch.testing.assert_close(
+        module(hidden, weight, targets, adv),
+        gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, bias=bias, backend="torch"),
+    )
     trained = gft_kernels.GFTLoss(0.7, bias=torch.nn.Parameter(bias.clone()), backend="torch")
     assert [name for name, _ in trained.named_parameters()] == ["bias"]
     options = LaunchOptions(backward_design="atomic")
@@ -235,8 +316,9 @@ def test_module_registers_its_bias_and_takes_launch_options():
     got = launched.float()(h, weight.float(), targets, adv.float())
     got.backward()
     want_h = h.detach().clone().requires_grad_()
-    gft_kernels.gft_loss(want_h, weight.float(), targets, adv.float(), 0.7, bias=bias.float(), backend="triton",
-                         launch_options=options).backward()
+    gft_kernels.gft_loss(
+        want_h, weight.float(), targets, adv.float(), 0.7, bias=bias.float(), backend="triton", launch_options=options
+    ).backward()
     torch.testing.assert_close(h.grad, want_h.grad)
     with pytest.raises(TypeError, match="launch_options"):
         gft_kernels.GFTLoss(0.7, launch_options="atomic")
@@ -246,8 +328,9 @@ def test_module_options_are_built_once_and_tau_stays_settable():
     hidden, weight, bias, targets, adv = _problem(5)
     module = gft_kernels.GFTLoss(0.7, backend="torch")
     module.tau = 0.3
-    torch.testing.assert_close(module(hidden, weight, targets, adv),
-                               gft_kernels.gft_loss(hidden, weight, targets, adv, 0.3, backend="torch"))
+    torch.testing.assert_close(
+        module(hidden, weight, targets, adv), gft_kernels.gft_loss(hidden, weight, targets, adv, 0.3, backend="torch")
+    )
     with pytest.raises(ValueError, match="tau must be >= 0"):
         module.tau = -1.0
     assert module.tau == 0.3 and "tau=0.3" in repr(module)

@@ -8,6 +8,7 @@
 - a group of one expert demonstration: SFT up to the constant advantage
 - the DCR boundary: C = 1 at exactly p == tau (the paper), p just below
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,7 @@ def test_dft_matches_liger_token_scaling(backend):
     liger = liger_fused_linear_cross_entropy(h2, w2, case.targets, use_token_scaling=True)
     eh, ew = torch.autograd.grad(liger, (h2, w2))
     _assert_close(loss, liger, 1e-5)
-    _assert_close(gh, eh, 1e-4)   # Liger's own fp32 path: chunked logits, fp32 softmax
+    _assert_close(gh, eh, 1e-4)  # Liger's own fp32 path: chunked logits, fp32 softmax
     _assert_close(gw, ew, 1e-4)
 
 
@@ -133,9 +134,9 @@ def test_dcr_boundary_p_equal_tau_weighs_one(backend):
     _, stats = gft_kernels.gft_loss(h, w, case.targets, 1.0, backend=backend, return_stats=True)
     p = stats.logp.exp()
     k = int(p.argmax())
-    tau = float(p[k])                       # exactly the p this backend computes for token k
+    tau = float(p[k])  # exactly the p this backend computes for token k
     loss_tok = gft_kernels.gft_loss(h, w, case.targets, 1.0, tau=tau, reduction="none", backend=backend)
-    assert loss_tok[k] == -stats.logp[k]    # coefficient 1
+    assert loss_tok[k] == -stats.logp[k]  # coefficient 1
     below = p < tau
     torch.testing.assert_close(loss_tok[below], -(p * stats.logp)[below], rtol=0, atol=0)
     # one fp32 ulp above p (tau is compared in the log-probs' dtype): the coefficient becomes p

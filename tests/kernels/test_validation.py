@@ -1,5 +1,6 @@
 """Bad input gets a ValueError/TypeError naming the argument and the value seen, before any
 kernel runs; nothing the caller passed is modified."""
+
 import warnings
 
 import pytest
@@ -11,15 +12,21 @@ from gft_kernels.triton_ops import launch
 
 
 def _inputs(n=6, v=20, h=8, dtype=torch.float32):
-    return (torch.randn(2, n, h, dtype=dtype), torch.randn(v, h, dtype=dtype),
-            torch.randint(0, v, (2, n)), torch.randn(2, dtype=dtype))
+    return (
+        torch.randn(2, n, h, dtype=dtype),
+        torch.randn(v, h, dtype=dtype),
+        torch.randint(0, v, (2, n)),
+        torch.randn(2, dtype=dtype),
+    )
 
 
 @pytest.fixture
 def no_kernel(monkeypatch):
     """Fail loudly if any engine is reached: errors must come before a launch."""
+
     def boom(*a, **k):
         raise AssertionError("an engine ran before the input was rejected")
+
     for mod in (launch, gft_kernels.torch_backend, gft_kernels.reference):
         for method in ("partials", "backward", "loss_and_grads"):
             if hasattr(mod.ENGINE, method):
@@ -43,7 +50,12 @@ BAD = [
     ("tau string", dict(tau="0.7"), TypeError, ["tau", "'0.7'"]),
     ("reduction", dict(reduction="avg"), ValueError, ["reduction", "'avg'"]),
     ("backend", dict(backend="cuda"), ValueError, ["backend", "'cuda'"]),
-    ("dtype mismatch", dict(lm_head=torch.randn(20, 8, dtype=torch.float16)), TypeError, ["torch.float32", "torch.float16"]),
+    (
+        "dtype mismatch",
+        dict(lm_head=torch.randn(20, 8, dtype=torch.float16)),
+        TypeError,
+        ["torch.float32", "torch.float16"],
+    ),
     ("lm_head 1-d", dict(lm_head=torch.randn(20)), ValueError, ["lm_head", "(20,)"]),
     ("lm_head type", dict(lm_head=[[1.0]]), TypeError, ["lm_head", "list"]),
     ("bias shape", dict(bias=torch.randn(19)), ValueError, ["bias", "(19,)"]),
@@ -52,9 +64,16 @@ BAD = [
     ("normalizer zero", dict(normalizer=0), ValueError, ["normalizer", "0"]),
     ("normalizer tensor zero", dict(normalizer=torch.tensor(0.0)), ValueError, ["normalizer", "0"]),
     ("normalizer with sum", dict(normalizer=10, reduction="sum"), ValueError, ["normalizer", "'sum'"]),
-    ("float64 on triton", dict(hidden=torch.randn(2, 6, 8, dtype=torch.float64),
-                               lm_head=torch.randn(20, 8, dtype=torch.float64), backend="triton"),
-     TypeError, ["float64", "reference"]),
+    (
+        "float64 on triton",
+        dict(
+            hidden=torch.randn(2, 6, 8, dtype=torch.float64),
+            lm_head=torch.randn(20, 8, dtype=torch.float64),
+            backend="triton",
+        ),
+        TypeError,
+        ["float64", "reference"],
+    ),
 ]
 
 
@@ -118,8 +137,9 @@ def test_module_matches_function_and_takes_linear():
     hidden, _, targets, adv = _inputs()
     head = nn.Linear(8, 20)
     mod = gft_kernels.GFTLoss(0.5, reduction="sum", backend="torch")
-    expected = gft_kernels.gft_loss(hidden, head.weight, targets, adv, 0.5, bias=head.bias,
-                                    reduction="sum", backend="torch")
+    expected = gft_kernels.gft_loss(
+        hidden, head.weight, targets, adv, 0.5, bias=head.bias, reduction="sum", backend="torch"
+    )
     torch.testing.assert_close(mod(hidden, head, targets, adv), expected)
     assert "tau=0.5" in repr(mod)
 
@@ -153,18 +173,24 @@ class _FakeCudaTensor:
     device = torch.device("cuda", 0)
 
 
-@pytest.mark.parametrize("capability,shared,expect", [
-    ((9, 0), 227 * 1024, "triton"),          # H100 / H200
-    ((8, 0), 163 * 1024, "triton"),          # A100
-    ((8, 9), 99 * 1024, "torch"),            # a consumer card: too little shared memory
-    ((7, 0), 96 * 1024, "torch"),            # V100: no bf16 tensor cores
-])
+@pytest.mark.parametrize(
+    "capability,shared,expect",
+    [
+        ((9, 0), 227 * 1024, "triton"),  # H100 / H200
+        ((8, 0), 163 * 1024, "triton"),  # A100
+        ((8, 9), 99 * 1024, "torch"),  # a consumer card: too little shared memory
+        ((7, 0), 96 * 1024, "torch"),  # V100: no bf16 tensor cores
+    ],
+)
 def test_auto_takes_triton_only_on_hardware_it_is_checked_for(capability, shared, expect, monkeypatch):
     from gft_kernels import validation
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: type("P", (), {"shared_memory_per_block_optin": shared})())
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda device=None: type("P", (), {"shared_memory_per_block_optin": shared})(),
+    )
     monkeypatch.setattr(validation, "_auto_warned", set())
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

@@ -1,6 +1,7 @@
 """The vocabulary-parallel op with real processes (gloo on the CPU): 2 and 3 ranks, each holding
 uneven rows of the lm_head, give the single-process op's loss, stats, dhidden and every shard of
 dlm_head and dbias; both engines (Triton through the interpreter, so the sizes are tiny)."""
+
 from __future__ import annotations
 
 import json
@@ -42,21 +43,40 @@ def _case(seed, dtype, bias=True):
 
     def cast(x):
         return None if x is None else x.to(dtype)
-    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b), targets=targets, adv=cast(adv),
-                old_logp=cast(old_logp), ref_logp=cast(ref_logp))
+
+    return dict(
+        hidden=cast(hidden),
+        weight=cast(weight),
+        bias=cast(b),
+        targets=targets,
+        adv=cast(adv),
+        old_logp=cast(old_logp),
+        ref_logp=cast(ref_logp),
+    )
 
 
 # (name, engine, dtype, gft_loss options; "grpo" adds old_logp and ref_logp)
 CASES = [
-    ("softcap-temperature-entropy", "torch", torch.float64,
-     dict(tau=0.7, softcap=4.0, temperature=0.8, entropy_coef=0.05)),
-    ("grpo-seq-mean", "torch", torch.float64,
-     dict(tau=0.5, reduction="seq-mean-token-mean", grpo=True, beta=0.1, kl="k3", clip_high=0.28, entropy_coef=0.02)),
+    (
+        "softcap-temperature-entropy",
+        "torch",
+        torch.float64,
+        dict(tau=0.7, softcap=4.0, temperature=0.8, entropy_coef=0.05),
+    ),
+    (
+        "grpo-seq-mean",
+        "torch",
+        torch.float64,
+        dict(tau=0.5, reduction="seq-mean-token-mean", grpo=True, beta=0.1, kl="k3", clip_high=0.28, entropy_coef=0.02),
+    ),
     ("sum-no-bias", "torch", torch.float32, dict(tau=1.5, reduction="sum", bias=False)),
-    ("softcap-temperature-entropy", "triton", torch.float32,
-     dict(tau=0.7, softcap=4.0, temperature=0.8, entropy_coef=0.05)),
-    ("grpo-atomic", "triton", torch.float32,
-     dict(tau=0.5, grpo=True, beta=0.1, kl="k2", dual_clip=3.0, atomic=True)),
+    (
+        "softcap-temperature-entropy",
+        "triton",
+        torch.float32,
+        dict(tau=0.7, softcap=4.0, temperature=0.8, entropy_coef=0.05),
+    ),
+    ("grpo-atomic", "triton", torch.float32, dict(tau=0.5, grpo=True, beta=0.1, kl="k2", dual_clip=3.0, atomic=True)),
 ]
 
 
@@ -72,16 +92,37 @@ def _run(case, opts, backend, rows=None, group=None, vocab_start=None):
         opts.update(old_logp=case["old_logp"], ref_logp=case["ref_logp"])
     if atomic:
         from gft_kernels.triton_ops import LaunchOptions
+
         opts["launch_options"] = LaunchOptions(backward_design="atomic")
-    loss, stats = _gft_loss()(hidden, weight, case["targets"], case["adv"], tau, bias=bias, backend=backend,
-                              return_stats=True, vocab_parallel_group=group, vocab_start=vocab_start, **opts)
+    loss, stats = _gft_loss()(
+        hidden,
+        weight,
+        case["targets"],
+        case["adv"],
+        tau,
+        bias=bias,
+        backend=backend,
+        return_stats=True,
+        vocab_parallel_group=group,
+        vocab_start=vocab_start,
+        **opts,
+    )
     loss.backward()
-    return dict(loss=loss.detach(), logp=stats.logp, entropy=stats.entropy, mean_prob=stats.mean_prob,
-                accuracy=stats.accuracy, dh=hidden.grad, dw=weight.grad, db=None if bias is None else bias.grad)
+    return dict(
+        loss=loss.detach(),
+        logp=stats.logp,
+        entropy=stats.entropy,
+        mean_prob=stats.mean_prob,
+        accuracy=stats.accuracy,
+        dh=hidden.grad,
+        dw=weight.grad,
+        db=None if bias is None else bias.grad,
+    )
 
 
 def _gft_loss():
     import gft_kernels
+
     return gft_kernels.gft_loss
 
 
@@ -104,19 +145,21 @@ def _worker(rank, world, init_file, out_dir):
         for key, value in got.items():
             if value is None:
                 continue
-            ref = want[key][rows[0]:rows[1]] if key in ("dw", "db") else want[key]
+            ref = want[key][rows[0] : rows[1]] if key in ("dw", "db") else want[key]
             errs[key] = _rel(value, ref) if value.is_floating_point() else float((value != ref).any())
         results[f"{backend}:{name}"] = errs
     # vocab_start given: shards laid out in reverse rank order (rank 0 holds the last rows)
     sizes = [BOUNDS[world][r + 1] - BOUNDS[world][r] for r in range(world)]
-    start = sum(sizes[rank + 1:])
+    start = sum(sizes[rank + 1 :])
     case = _case(0, torch.float64)
     opts = CASES[0][3]
     want = _run(case, opts, "torch")
     got = _run(case, opts, "torch", rows=(start, start + sizes[rank]), group=group, vocab_start=start)
     results["torch:vocab_start-reversed"] = dict(
-        loss=_rel(got["loss"], want["loss"]), dh=_rel(got["dh"], want["dh"]),
-        dw=_rel(got["dw"], want["dw"][start:start + sizes[rank]]))
+        loss=_rel(got["loss"], want["loss"]),
+        dh=_rel(got["dh"], want["dh"]),
+        dw=_rel(got["dw"], want["dw"][start : start + sizes[rank]]),
+    )
     # shards that overlap are refused on every rank (no rank is left waiting in a collective)
     try:
         _run(case, opts, "torch", rows=(0, sizes[rank]), group=group, vocab_start=0)
@@ -141,8 +184,15 @@ def _tensor_parallel_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=37, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=37,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = AutoModelForCausalLM.from_config(config).double()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 37, (3, 9), generator=g)
@@ -162,12 +212,17 @@ def _tensor_parallel_worker(rank, world, init_file, out_dir):
 
     def no_gather(self, **kwargs):
         raise AssertionError("the sharded head was gathered")
+
     DTensor.full_tensor = no_gather
     got_loss, got = run()
     local = got.pop("lm_head.weight").to_local()
     rows = want.pop("lm_head.weight").chunk(world)[rank]
-    errs = dict(loss=_rel(got_loss, want_loss), head=_rel(local, rows), local_rows=float(local.shape[0] < 37),
-                **{n: _rel(got[n], want[n]) for n in want})
+    errs = dict(
+        loss=_rel(got_loss, want_loss),
+        head=_rel(local, rows),
+        local_rows=float(local.shape[0] < 37),
+        **{n: _rel(got[n], want[n]) for n in want},
+    )
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(errs))
     dist.destroy_process_group()
 
@@ -178,8 +233,9 @@ def _in_fresh_process(*args) -> str:
     started OpenMP and gloo threads, can deadlock the children). Forked, not spawned: a spawned
     worker spends most of its time importing torch and triton again."""
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, __file__, *args], cwd=ROOT / "tests", env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, *args], cwd=ROOT / "tests", env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -202,7 +258,7 @@ def test_tensor_parallel_lm_head_takes_the_vocabulary_parallel_path(tmp_path):
     _in_fresh_process("tensor-parallel", "2", str(tmp_path))
     for rank in range(2):
         errs = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert errs.pop("local_rows") == 1.0          # the head really was sharded
+        assert errs.pop("local_rows") == 1.0  # the head really was sharded
         assert len(errs) > 5 and max(errs.values()) <= 1e-12, (rank, errs)
 
 

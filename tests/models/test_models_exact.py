@@ -4,6 +4,7 @@ parameter's gradient of GFT computed from the model's own ``model(...).logits`` 
 heads; backends "torch" and "reference"), or refuses with ``UnsupportedModelError`` naming the
 architecture. Skipped only: architectures that cannot be built tiny, or whose own forward does
 not run on the tiny config (the reason is the skip message)."""
+
 import inspect
 
 import pytest
@@ -45,7 +46,7 @@ def check_patched(model):
         with torch.no_grad():
             own = model(input_ids=ids, attention_mask=mask, labels=labels, **kw).loss
     except Exception:
-        own = None           # its own loss does not run on a text batch: the patch must refuse
+        own = None  # its own loss does not run on a text batch: the patch must refuse
     try:
         gft_kernels.patch(model, backend="torch")
     except UnsupportedModelError as e:
@@ -64,21 +65,43 @@ def check_patched(model):
 def _tiny(config_cls, model_cls, **fields):
     import transformers
 
-    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    sizes = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     cfg = getattr(transformers, config_cls)(**{**sizes, **fields})
     torch.manual_seed(0)
     return getattr(transformers, model_cls)(cfg).double()
 
 
-@pytest.mark.parametrize("config_cls,model_cls,fields,found", [
-    ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 3.0}, "logits / logits_scaling = 3"),
-    ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", {"logits_scaling": 3.0}, "logits * logits_scaling = 3"),
-    ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.3}, "logits * logit_scale = 0.3"),
-    ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 2.0}, "softcap final_logit_softcapping = 2"),
-    ("MiniCPM3Config", "MiniCPM3ForCausalLM", {"dim_model_base": 8, "num_key_value_heads": 4, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
-                                                "v_head_dim": 8, "q_lora_rank": 16, "kv_lora_rank": 16}, None),
-])
+@pytest.mark.parametrize(
+    "config_cls,model_cls,fields,found",
+    [
+        ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 3.0}, "logits / logits_scaling = 3"),
+        ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", {"logits_scaling": 3.0}, "logits * logits_scaling = 3"),
+        ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.3}, "logits * logit_scale = 0.3"),
+        ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 2.0}, "softcap final_logit_softcapping = 2"),
+        (
+            "MiniCPM3Config",
+            "MiniCPM3ForCausalLM",
+            {
+                "dim_model_base": 8,
+                "num_key_value_heads": 4,
+                "qk_nope_head_dim": 8,
+                "qk_rope_head_dim": 8,
+                "v_head_dim": 8,
+                "q_lora_rank": 16,
+                "kv_lora_rank": 16,
+            },
+            None,
+        ),
+    ],
+)
 def test_known_transforms_with_nontrivial_values(config_cls, model_cls, fields, found):
     """The defaults of the tiny enumeration leave some scales at 1: here each is away from 1.
     Granite divides by ``logits_scaling``, HyperCLOVAX multiplies by it, MiniCPM3 divides the
@@ -99,8 +122,16 @@ class _ScaledLlama(LlamaForCausalLM):
 
 
 def test_unknown_logit_scale_is_refused():
-    model = _ScaledLlama(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2)).double()
+    model = _ScaledLlama(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).double()
     model.transform = lambda z: z * 1.5
     ids, mask, labels, adv = batch(64)
     with pytest.raises(UnsupportedModelError, match=r"_ScaledLlama.*best scalar fit x1\.5"):
@@ -113,8 +144,16 @@ def test_unknown_logit_scale_is_refused():
 def test_unknown_softcap_is_refused_by_the_amplified_probe():
     """In fp32, a cap of 500 changes the tiny model's natural logits (|z| < 2) by about 1e-6,
     within fp32 agreement: the probe's amplified logits (about 200) show it."""
-    model = _ScaledLlama(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2))
+    model = _ScaledLlama(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     model.transform = lambda z: 500.0 * torch.tanh(z / 500.0)
     with pytest.raises(UnsupportedModelError, match="at amplified logits"):
         gft_kernels.check_model(model)

@@ -1,5 +1,6 @@
 """gft_kernels.patch(model): the model's forward returns the GFT loss without logits; with no
 advantages and tau=0 it is the model's own loss, and transformers.Trainer trains it unchanged."""
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
@@ -9,8 +10,16 @@ import gft_kernels
 
 def _model(dtype=torch.float64, seed=0, **extra):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, **extra)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        **extra,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -60,8 +69,9 @@ def test_patched_gft_with_advantages_and_stats():
     torch.testing.assert_close(out2.loss, ref, rtol=1e-12, atol=1e-14)
     # the patch's own tau is the default
     gft_kernels.patch(model, tau=0.7, backend="torch")
-    torch.testing.assert_close(model(ids, attention_mask=mask, labels=labels, advantages=adv).loss, ref,
-                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(
+        model(ids, attention_mask=mask, labels=labels, advantages=adv).loss, ref, rtol=1e-12, atol=1e-14
+    )
 
 
 def test_without_labels_the_original_forward_runs():
@@ -80,9 +90,18 @@ def test_without_labels_the_original_forward_runs():
 def test_a_model_whose_loss_adds_terms_is_refused():
     """Mixtral with output_router_logits adds its router's auxiliary loss to its own loss."""
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                        num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+    cfg = MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.5,
+    )
     cfg._experts_implementation = "eager"
     model = MixtralForCausalLM(cfg)
     with pytest.raises(gft_kernels.UnsupportedModelError, match="MixtralForCausalLM.*auxiliary"):
@@ -110,10 +129,21 @@ def _train(patched, tmp_path):
         mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in items])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    args = TrainingArguments(output_dir=str(tmp_path / ("p" if patched else "u")), max_steps=5,
-                             per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=5e-3,
-                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-                             data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / ("p" if patched else "u")),
+        max_steps=5,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

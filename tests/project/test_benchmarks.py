@@ -1,4 +1,5 @@
 """The benchmark harness runs on the CPU (quick mode), and the GPU check script in dry mode."""
+
 import csv
 import subprocess
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 
 from benchmarks.run import main
 
-pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+pytestmark = pytest.mark.slow  # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +29,7 @@ def test_quick_benchmark_writes_rows_plots_and_precision(tmp_path):
     sweep = {float(r["zero_adv_frac"]) for r in timed if r["provider"] == "gft_torch"}
     assert {0.0, 0.5, 0.9} <= sweep
     prec = {r["provider"]: r for r in rows if r["status"] == "precision"}
-    assert float(prec["gft_torch"]["err_dweight"]) < 1e-5       # fp32 on the CPU
+    assert float(prec["gft_torch"]["err_dweight"]) < 1e-5  # fp32 on the CPU
     assert float(prec["gft_torch"]["err_loss"]) < 1e-5
     assert float(prec["liger_grpo_chunked"]["err_dhidden"]) < 1e-4
     assert list(tmp_path.glob("*.png"))
@@ -36,8 +37,9 @@ def test_quick_benchmark_writes_rows_plots_and_precision(tmp_path):
 
 def test_gpu_check_runs_dry(tmp_path):
     out = tmp_path / "gpu"
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), "--dry"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(out), "--dry"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "tests exit: 0" in (out / "tests.log").read_text()
     assert (out / "tests.xml").exists() and (out / "environment.txt").exists()
@@ -51,7 +53,7 @@ def test_packing_benchmark_measures_both_layouts_on_the_demo_groups():
     from benchmarks.packing import main as packing_main
     from gft_train.demo import sums
 
-    seqs = demo_groups(2)   # 8 responses a prompt, the demo's mix; the first is the expert's demonstration
+    seqs = demo_groups(2)  # 8 responses a prompt, the demo's mix; the first is the expert's demonstration
     numbers = [int(x) for x in seqs[0][0].rstrip("=").split("+")]
     assert len(seqs) == 16 and seqs[0][1] == sums.write(numbers, "reversed") == sums.make_data(0)["train"][0]["expert"]
     result = packing_main(["--steps", "1", "--repeats", "1", "--micro-batch-size", "16"])
@@ -67,7 +69,7 @@ def test_cpu_ratio_times_both_providers_in_each_round(tmp_path):
     path = ratio_main(["--threads", "1", "--rounds", "2", "--shapes", "cpu-small-N1024", "--out", str(tmp_path)])
     rows = _rows(path)
     assert [int(r["round"]) for r in rows] == [0, 1]
-    assert [r["first"] for r in rows] == ["naive_eager", "gft_torch"]   # alternating order
+    assert [r["first"] for r in rows] == ["naive_eager", "gft_torch"]  # alternating order
     for r in rows:
         assert r["threads"] == "1" and r["cpu"] and int(r["nproc"]) >= 1 and r["date"]
         naive, gft = float(r["naive_eager_ms"]), float(r["gft_torch_ms"])

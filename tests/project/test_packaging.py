@@ -1,6 +1,7 @@
 """What `pip install` gives: the kernel library on torch (+ Triton) alone, the trainer and the
 tests as extras, one version number, and only ``gft_kernels`` / ``gft_train`` in site-packages
 (``benchmarks`` and ``study`` run from a checkout). Also: the repository stands alone."""
+
 import email
 import shutil
 import subprocess
@@ -13,11 +14,20 @@ import pytest
 import gft_kernels
 import gft_train
 
-pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+pytestmark = pytest.mark.slow  # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAINER_DEPS = ["transformers", "accelerate", "datasets", "math_verify", "yaml", "tqdm", "matplotlib",
-                "tensorboard", "vllm"]
+TRAINER_DEPS = [
+    "transformers",
+    "accelerate",
+    "datasets",
+    "math_verify",
+    "yaml",
+    "tqdm",
+    "matplotlib",
+    "tensorboard",
+    "vllm",
+]
 
 
 def _tracked_files() -> list[str]:
@@ -35,13 +45,17 @@ def wheel(tmp_path_factory) -> Path:
     pytest.importorskip("setuptools", minversion="77")
     src = tmp_path_factory.mktemp("src")
     for name in _tracked_files():
-        if (ROOT / name).is_file():   # a tracked file deleted in the working tree is not copied
+        if (ROOT / name).is_file():  # a tracked file deleted in the working tree is not copied
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, src / name)
-    shutil.copy2(ROOT / "pyproject.toml", src / "pyproject.toml")   # the working tree's, even uncommitted
+    shutil.copy2(ROOT / "pyproject.toml", src / "pyproject.toml")  # the working tree's, even uncommitted
     out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           str(src), "-w", str(out)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src), "-w", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (whl,) = out.glob("gft-*.whl")
     return whl
@@ -69,8 +83,9 @@ def test_one_version_number(wheel):
 def test_the_kernel_library_needs_torch_and_triton_only(wheel):
     meta = _metadata(wheel)
     requires = meta.get_all("Requires-Dist")
-    core = sorted(r.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip()
-                  for r in requires if "extra ==" not in r)
+    core = sorted(
+        r.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip() for r in requires if "extra ==" not in r
+    )
     assert core == ["torch", "triton"], requires
     extras = set(meta.get_all("Provides-Extra"))
     assert {"train", "test"} <= extras, extras
@@ -100,8 +115,10 @@ print("ok")
 
 
 def test_gft_train_without_its_extra_says_how_to_install_it():
-    code = ("import sys; sys.modules['yaml'] = None; sys.modules['transformers'] = None\n"
-            "from gft_train.cli import main; main(['train', '--help'])")
+    code = (
+        "import sys; sys.modules['yaml'] = None; sys.modules['transformers'] = None\n"
+        "from gft_train.cli import main; main(['train', '--help'])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "pip install 'gft[train]'" in proc.stderr, proc.stderr[-3000:]

@@ -1,4 +1,5 @@
 """The README's snippets marked ``# tested: tests/project/test_readme.py`` run, in order, in one namespace."""
+
 import json
 import re
 from pathlib import Path
@@ -18,8 +19,9 @@ def test_readme_snippets_run():
     model = namespace["model"]
     assert namespace["out"].logits is None and namespace["out"].gft_stats is not None
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    own = model.__dict__["_gft_original_forward"](input_ids=namespace["input_ids"], labels=namespace["labels"],
-                                                  attention_mask=namespace["attention_mask"]).loss
+    own = model.__dict__["_gft_original_forward"](
+        input_ids=namespace["input_ids"], labels=namespace["labels"], attention_mask=namespace["attention_mask"]
+    ).loss
     assert abs(float(namespace["sft"]) - float(own)) < 1e-5
 
 

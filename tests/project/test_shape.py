@@ -14,6 +14,7 @@ Per package (``LIMITS``; add a row to hold another package to the same or its ow
 
     python tests/project/test_shape.py [package ...]    # every function over half a limit, measured
 """
+
 from __future__ import annotations
 
 import ast
@@ -40,10 +41,10 @@ _KERNEL_DECORATORS = ("triton.", "tl.", "jit", "libdevice.")
 
 @dataclass(frozen=True)
 class Function:
-    where: str        # path:line
-    name: str         # qualified: Class.method, outer.<locals>.inner
-    lines: int        # def to end, docstring not counted
-    body_lines: int   # the body, docstring not counted
+    where: str  # path:line
+    name: str  # qualified: Class.method, outer.<locals>.inner
+    lines: int  # def to end, docstring not counted
+    body_lines: int  # the body, docstring not counted
     params: int
     public: bool
     facade: bool
@@ -100,12 +101,18 @@ def functions(source: str, path: str = "<source>", limits: Limits = Limits()) ->
                 body = child.body[1:] if doc else child.body
                 is_private = private or (child.name.startswith("_") and not child.name.startswith("__"))
                 decorators = [ast.unparse(d) for d in child.decorator_list]
-                found.append(Function(
-                    where=f"{path}:{child.lineno}", name=scope + child.name,
-                    lines=child.end_lineno - child.lineno + 1 - doc,
-                    body_lines=(body[-1].end_lineno - body[0].lineno + 1) if body else 0,
-                    params=len(names), public=not is_private, facade=_is_facade(child, limits),
-                    kernel=any(d.startswith(_KERNEL_DECORATORS) for d in decorators)))
+                found.append(
+                    Function(
+                        where=f"{path}:{child.lineno}",
+                        name=scope + child.name,
+                        lines=child.end_lineno - child.lineno + 1 - doc,
+                        body_lines=(body[-1].end_lineno - body[0].lineno + 1) if body else 0,
+                        params=len(names),
+                        public=not is_private,
+                        facade=_is_facade(child, limits),
+                        kernel=any(d.startswith(_KERNEL_DECORATORS) for d in decorators),
+                    )
+                )
                 visit(child, f"{scope}{child.name}.<locals>.", True, False)
             else:
                 visit(child, scope, private, in_class)
@@ -124,15 +131,20 @@ def violations(fns: list[Function], limits: Limits) -> list[str]:
         if not f.public and f.params > limits.private_params:
             out.append(f"{f.where} {f.name}: {f.params} parameters, private (limit {limits.private_params})")
         if f.public and f.params > limits.public_params and not f.facade:
-            out.append(f"{f.where} {f.name}: {f.params} parameters, public and not a keyword facade of at most "
-                       f"{limits.facade_lines} lines that builds typed options (limit {limits.public_params})")
+            out.append(
+                f"{f.where} {f.name}: {f.params} parameters, public and not a keyword facade of at most "
+                f"{limits.facade_lines} lines that builds typed options (limit {limits.public_params})"
+            )
     return out
 
 
 def package_functions(package: str) -> list[Function]:
     limits = LIMITS.get(package, Limits())
-    return [f for path in sorted((ROOT / package).rglob("*.py"))
-            for f in functions(path.read_text(), str(path.relative_to(ROOT)), limits)]
+    return [
+        f
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for f in functions(path.read_text(), str(path.relative_to(ROOT)), limits)
+    ]
 
 
 def test_every_package_in_the_table_keeps_its_shape():
@@ -194,7 +206,9 @@ if __name__ == "__main__":
         fns = package_functions(package)
         for f in sorted(fns, key=lambda f: -f.lines):
             if f.lines > limits.lines // 2 or f.params > limits.private_params // 2:
-                print(f"{f.where:48s} {f.name:45s} lines {f.lines:4d} params {f.params:3d}"
-                      f"{' public' if f.public else ''}{' facade' if f.facade else ''}{' kernel' if f.kernel else ''}")
+                print(
+                    f"{f.where:48s} {f.name:45s} lines {f.lines:4d} params {f.params:3d}"
+                    f"{' public' if f.public else ''}{' facade' if f.facade else ''}{' kernel' if f.kernel else ''}"
+                )
         for v in violations(fns, limits):
             print("OVER:", v)

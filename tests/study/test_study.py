@@ -1,4 +1,5 @@
 """The reproduction study's quick version: the whole pipeline (base model, runs, report)."""
+
 import json
 import math
 
@@ -22,26 +23,29 @@ def test_quick_study_writes_the_report_with_verdicts(tmp_path):
     rows = (tmp_path / "study" / "results.jsonl").read_text().splitlines()
     assert [json.loads(r)["name"] for r in rows] == ["SFT", "GFT", "SFT, 4 steps"]
     longer = json.loads(rows[2])
-    assert longer["family"] == "long" and longer["sequences"] == 4 * 64 and sorted(longer["curve"], key=int) == [
-        "2", "3", "4"]
+    assert (
+        longer["family"] == "long"
+        and longer["sequences"] == 4 * 64
+        and sorted(longer["curve"], key=int) == ["2", "3", "4"]
+    )
     assert "### Longer runs: 4 steps instead of 3 (one seed)" in text and "| SFT, 4 steps |" in text
-    for row in map(json.loads, rows[:2]):   # the paper's metrics, from gft_train.evaluate.evaluate_model
+    for row in map(json.loads, rows[:2]):  # the paper's metrics, from gft_train.evaluate.evaluate_model
         for key in ("id", "id_greedy", "ood_greedy", "probe_greedy", "pass@4", "distinct", "kl", "kl_base"):
             assert key in row, key
         assert sorted(row["passk_curve"]) == ["pass@1", "pass@2", "pass@4"]
-        assert sorted(row["curve"], key=int) == ["2", "3"]   # accuracy along training, the last step included
+        assert sorted(row["curve"], key=int) == ["2", "3"]  # accuracy along training, the last step included
     grid = [json.loads(line) for line in (tmp_path / "study" / "grid.jsonl").read_text().splitlines()]
     assert sorted(r["name"] for r in grid) == ["GFT", "SFT"] and all("val" in r for r in grid)
     setup = json.loads((tmp_path / "study" / "setup.json").read_text())
     assert set(setup["accuracy"]) == {"base", "expert", "teacher"} and 0 <= setup["base_val"] <= 1
     assert "KL(base‖model)" in text and "greedy" in text
-    assert "Precondition" in text            # the set-up's room to learn, printed before the verdicts
+    assert "Precondition" in text  # the set-up's room to learn, printed before the verdicts
     doc = json.loads((tmp_path / "docs" / "reproduction_quick.json").read_text())
     assert set(doc["setup"]) >= {"base", "expert", "teacher", "base_curve"}
-    assert doc["setup"]["expert"]["test_pass1"] == 1.0     # the solver's demonstrations
+    assert doc["setup"]["expert"]["test_pass1"] == 1.0  # the solver's demonstrations
     assert 0 <= doc["setup"]["base"]["test_pass1"] <= 1 and "val_pass1" in doc["setup"]["teacher"]
-    assert doc["results"]["GFT"]["test"]["pass@1"] == json.loads(rows[1])["id"]   # the demo's shape
-    assert "| configuration | pass@1 | pass@2 | pass@4 |" in text   # the pass@k curves (Table 4)
+    assert doc["results"]["GFT"]["test"]["pass@1"] == json.loads(rows[1])["id"]  # the demo's shape
+    assert "| configuration | pass@1 | pass@2 | pass@4 |" in text  # the pass@k curves (Table 4)
     # a rerun skips finished runs and regenerates the report
     main(["--quick", "--out", str(tmp_path / "study"), "--docs", str(tmp_path / "docs")])
     assert len((tmp_path / "study" / "results.jsonl").read_text().splitlines()) == 3
@@ -73,12 +77,14 @@ def test_verdict_pairs_by_seed_and_prompt_with_a_bootstrap_interval():
     a2 = {s: [1.0, 1.0] + [0.0] * 98 for s in (0, 1)}
     b2 = {s: [0.0, 0.0] + [0.01] * 98 for s in (0, 1)}
     agg2 = {"A": {"id": (0.02, 0.0), "per_prompt": {"id": a2}}, "B": {"id": (0.0098, 0.0), "per_prompt": {"id": b2}}}
-    assert compare({k: {"id": v["id"]} for k, v in agg2.items()}, "A", "B", "id")[0] == "reproduced"   # noise only
+    assert compare({k: {"id": v["id"]} for k, v in agg2.items()}, "A", "B", "id")[0] == "reproduced"  # noise only
     low2, high2 = paired_gap(agg2, "A", "B", "id")[1:3]
     assert low2 < 0 < high2 and compare(agg2, "A", "B", "id")[0] == "inconclusive"
     # only the seeds both ran are paired
-    agg3 = {"A": {"id": (0.6, 0.0), "per_prompt": {"id": {0: [1.0, 0.0], 1: [0.0, 0.0]}}},
-            "B": {"id": (0.5, 0.0), "per_prompt": {"id": {1: [0.0, 1.0], 2: [1.0, 1.0]}}}}
+    agg3 = {
+        "A": {"id": (0.6, 0.0), "per_prompt": {"id": {0: [1.0, 0.0], 1: [0.0, 0.0]}}},
+        "B": {"id": (0.5, 0.0), "per_prompt": {"id": {1: [0.0, 1.0], 2: [1.0, 1.0]}}},
+    }
     assert paired_gap(agg3, "A", "B", "id")[0] == -0.5
 
 
@@ -108,9 +114,14 @@ def test_every_configuration_trains_on_equal_sequences_per_step():
 def test_learning_rate_choice_is_per_method_on_validation():
     from study.plan import choose_lrs
 
-    grid = [dict(name="SFT", lr=1e-4, val=0.2), dict(name="SFT", lr=1e-3, val=0.5), dict(name="SFT", lr=3e-3, val=0.5),
-            dict(name="GRPO", lr=1e-4, val=0.4), dict(name="GRPO", lr=1e-3, val=0.1)]
-    assert choose_lrs(grid, ["SFT", "GRPO"]) == {"SFT": 1e-3, "GRPO": 1e-4}   # a tie goes to the smaller rate
+    grid = [
+        dict(name="SFT", lr=1e-4, val=0.2),
+        dict(name="SFT", lr=1e-3, val=0.5),
+        dict(name="SFT", lr=3e-3, val=0.5),
+        dict(name="GRPO", lr=1e-4, val=0.4),
+        dict(name="GRPO", lr=1e-3, val=0.1),
+    ]
+    assert choose_lrs(grid, ["SFT", "GRPO"]) == {"SFT": 1e-3, "GRPO": 1e-4}  # a tie goes to the smaller rate
 
 
 def test_sum_task_has_several_correct_paths_and_disjoint_splits():
@@ -135,11 +146,15 @@ def test_grid_goes_one_rung_beyond_a_best_rate_at_its_edge():
     grid = [dict(name="GFT", lr=x, val=v) for x, v in ((1e-4, 0.8), (3e-4, 0.7), (1e-3, 0.3))]
     grid += [dict(name="DFT", lr=x, val=v) for x, v in ((1e-4, 0.2), (3e-4, 0.3), (1e-3, 0.5))]
     grid += [dict(name="SFT", lr=x, val=v) for x, v in ((1e-4, 0.2), (3e-4, 0.6), (1e-3, 0.5))]
-    assert grid_extensions(grid, ["GFT", "DFT", "SFT"]) == {"GFT": 3e-5, "DFT": 3e-3}   # SFT's best is inside
-    at_ends = [dict(name="A", lr=LR_LADDER[0], val=0.9), dict(name="A", lr=LR_LADDER[1], val=0.1),
-               dict(name="B", lr=LR_LADDER[-1], val=0.9), dict(name="B", lr=LR_LADDER[-2], val=0.1),
-               dict(name="C", lr=1e-3, val=0.5)]
-    assert grid_extensions(at_ends, ["A", "B", "C"]) == {}   # the ladder ends; one rate tried is no edge
+    assert grid_extensions(grid, ["GFT", "DFT", "SFT"]) == {"GFT": 3e-5, "DFT": 3e-3}  # SFT's best is inside
+    at_ends = [
+        dict(name="A", lr=LR_LADDER[0], val=0.9),
+        dict(name="A", lr=LR_LADDER[1], val=0.1),
+        dict(name="B", lr=LR_LADDER[-1], val=0.9),
+        dict(name="B", lr=LR_LADDER[-2], val=0.1),
+        dict(name="C", lr=1e-3, val=0.5),
+    ]
+    assert grid_extensions(at_ends, ["A", "B", "C"]) == {}  # the ladder ends; one rate tried is no edge
 
 
 def test_grid_extends_on_resume_and_runs_follow_the_rate_it_chooses(tmp_path, monkeypatch):
@@ -151,7 +166,7 @@ def test_grid_extends_on_resume_and_runs_follow_the_rate_it_chooses(tmp_path, mo
     import study.report
     import study.run as run
 
-    best = {"SFT": 1e-3, "GFT": 1e-5}         # validation peaks here (GFT: the ladder's low end)
+    best = {"SFT": 1e-3, "GFT": 1e-5}  # validation peaks here (GFT: the ladder's low end)
 
     def fake_run(spec, seed, lr, out, budget, setup, grid=False, steps=None):
         peak = best[spec.name.split(",")[0]]
@@ -175,7 +190,8 @@ def test_grid_extends_on_resume_and_runs_follow_the_rate_it_chooses(tmp_path, mo
     (out / "grid.jsonl").write_text("".join(json.dumps(g) + "\n" for g in first))
     run.main(["--quick", "--out", str(out), "--workers", "1"])
     assert sorted((g["name"], g["lr"]) for g in run.read_jsonl(out / "grid.jsonl")) == sorted(
-        (g["name"], g["lr"]) for g in grid)
+        (g["name"], g["lr"]) for g in grid
+    )
     assert len(run.read_jsonl(out / "results.jsonl")) == 2
     # a grid row that moves SFT's best (to 1e-2, at the edge: 3e-2 is tried and loses): SFT's run
     # is redone at the new rate, GFT's kept

@@ -7,6 +7,7 @@ never by calling a helper with the field's value (a seeded fault that dropped a 
 on its way passed tests that called the helpers directly). Every field is listed: a new one must
 be probed here or said not to change training.
 """
+
 import dataclasses
 import math
 
@@ -17,8 +18,16 @@ from gft_train import config as config_mod
 from gft_train.demo.model import build_model
 from gft_train.demo.task import make_splits, write_jsonl
 
-BASE = dict(max_steps=3, prompts_per_step=2, micro_batch_size=4, max_length=24, max_new_tokens=3, lr=1e-3,
-            engine="transformers", reward="gft_train.demo.sums:reward")
+BASE = dict(
+    max_steps=3,
+    prompts_per_step=2,
+    micro_batch_size=4,
+    max_length=24,
+    max_new_tokens=3,
+    lr=1e-3,
+    engine="transformers",
+    reward="gft_train.demo.sums:reward",
+)
 
 # Fields that do not change the training itself, and why.
 NOT_TRAINING = {
@@ -32,9 +41,14 @@ NOT_TRAINING = {
     "engine": "auto is the transformers engine where vLLM is not installed (tests/integrations/test_vllm.py on a GPU)",
     "vllm_memory": "vLLM only (tests/integrations/test_vllm.py on a GPU)",
     "eval_file": "evaluation, under a forked RNG: the training is the same (tests/train/test_train_runs.py)",
-    "eval_every": "evaluation", "eval_n": "evaluation", "eval_k": "evaluation",
-    "eval_max_prompts": "evaluation", "eval_temperature": "evaluation", "eval_greedy": "evaluation",
-    "eval_kl_samples": "evaluation", "eval_split": "evaluation (tests/train/test_datasets_sources.py)",
+    "eval_every": "evaluation",
+    "eval_n": "evaluation",
+    "eval_k": "evaluation",
+    "eval_max_prompts": "evaluation",
+    "eval_temperature": "evaluation",
+    "eval_greedy": "evaluation",
+    "eval_kl_samples": "evaluation",
+    "eval_split": "evaluation (tests/train/test_datasets_sources.py)",
     "train_split": "which split of train_file is read, like train_file (tests/train/test_datasets_sources.py)",
     "dataset_config": "which subset of a datasets Hub name is read, like train_file",
     "report_to": "the trackers the metrics go to (tests/train/test_trackers.py)",
@@ -45,13 +59,21 @@ NOT_TRAINING = {
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("fields")
     rows = make_splits(seed=1, n_train=12, n_eval=4)["train"]
-    (d / "const_reward.py").write_text("def reward(prompts, completions, answers):\n"
-                                       "    return [0.25] * len(completions)\n")
-    return dict(dir=d, model=str(build_model(d / "model", hidden_size=64, layers=1)),
-                train=str(write_jsonl(rows, d / "train.jsonl")),
-                renamed=str(write_jsonl([{"question": r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}}
-                                         for r in rows], d / "renamed.jsonl")),
-                bare=str(write_jsonl([{**r, "teachers": []} for r in rows], d / "bare.jsonl")))
+    (d / "const_reward.py").write_text(
+        "def reward(prompts, completions, answers):\n    return [0.25] * len(completions)\n"
+    )
+    return dict(
+        dir=d,
+        model=str(build_model(d / "model", hidden_size=64, layers=1)),
+        train=str(write_jsonl(rows, d / "train.jsonl")),
+        renamed=str(
+            write_jsonl(
+                [{"question": r["prompt"], **{k: v for k, v in r.items() if k != "prompt"}} for r in rows],
+                d / "renamed.jsonl",
+            )
+        ),
+        bare=str(write_jsonl([{**r, "teachers": []} for r in rows], d / "bare.jsonl")),
+    )
 
 
 @dataclasses.dataclass
@@ -61,9 +83,9 @@ class Run:
     trainer: object
     groups: list
     metrics: dict
-    losses: list       # per loss call: tau, reduction, normalizer, entropy_coef, adv, shape, autocast
-    generates: list    # per generate call: temperature, top_p, max_new_tokens, rows
-    clips: list        # max_norm of each gradient clipping
+    losses: list  # per loss call: tau, reduction, normalizer, entropy_coef, adv, shape, autocast
+    generates: list  # per generate call: temperature, top_p, max_new_tokens, rows
+    clips: list  # max_norm of each gradient clipping
 
 
 def _run(data, out, monkeypatch, **fields) -> Run:
@@ -74,36 +96,61 @@ def _run(data, out, monkeypatch, **fields) -> Run:
     real_loss = step_mod.causal_lm_gft_loss
 
     def loss_spy(model, input_ids, attention_mask, labels, adv, tau, **kw):
-        losses.append(dict(tau=tau, reduction=kw["reduction"], normalizer=kw["normalizer"],
-                           entropy_coef=kw["loss_options"]["entropy_coef"], adv=adv.detach().clone(),
-                           shape=tuple(input_ids.shape), autocast=torch.is_autocast_enabled("cpu")))
+        losses.append(
+            dict(
+                tau=tau,
+                reduction=kw["reduction"],
+                normalizer=kw["normalizer"],
+                entropy_coef=kw["loss_options"]["entropy_coef"],
+                adv=adv.detach().clone(),
+                shape=tuple(input_ids.shape),
+                autocast=torch.is_autocast_enabled("cpu"),
+            )
+        )
         return real_loss(model, input_ids, attention_mask, labels, adv, tau, **kw)
 
     real_packed = step_mod.packed_gft_loss
 
     def packed_spy(model, input_ids, labels, adv, tau, **kw):
-        losses.append(dict(tau=tau, reduction=kw["reduction"], normalizer=kw["normalizer"], packed=True,
-                           entropy_coef=kw["loss_options"]["entropy_coef"], adv=adv.detach().clone(),
-                           shape=tuple(input_ids.shape), autocast=torch.is_autocast_enabled("cpu")))
+        losses.append(
+            dict(
+                tau=tau,
+                reduction=kw["reduction"],
+                normalizer=kw["normalizer"],
+                packed=True,
+                entropy_coef=kw["loss_options"]["entropy_coef"],
+                adv=adv.detach().clone(),
+                shape=tuple(input_ids.shape),
+                autocast=torch.is_autocast_enabled("cpu"),
+            )
+        )
         return real_packed(model, input_ids, labels, adv, tau, **kw)
 
     monkeypatch.setattr(step_mod, "causal_lm_gft_loss", loss_spy)
     monkeypatch.setattr(step_mod, "packed_gft_loss", packed_spy)
-    cfg = config_mod.Config(**{**BASE, "model": data["model"], "train_file": data["train"], "output_dir": str(out),
-                               **fields})
+    cfg = config_mod.Config(
+        **{**BASE, "model": data["model"], "train_file": data["train"], "output_dir": str(out), **fields}
+    )
     trainer = Trainer(cfg)
     model = trainer.model
     real_generate = model.generate
 
     def generate_spy(**kw):
-        generates.append(dict(temperature=kw["temperature"], top_p=kw["top_p"], max_new_tokens=kw["max_new_tokens"],
-                              rows=kw["input_ids"].shape[0]))
+        generates.append(
+            dict(
+                temperature=kw["temperature"],
+                top_p=kw["top_p"],
+                max_new_tokens=kw["max_new_tokens"],
+                rows=kw["input_ids"].shape[0],
+            )
+        )
         return real_generate(**kw)
 
     model.generate = generate_spy
     real_clip = trainer.acc.clip_grad_norm_
     trainer.acc.clip_grad_norm_ = lambda params, max_norm, *a, **k: clips.append(max_norm) or real_clip(
-        params, max_norm, *a, **k)
+        params, max_norm, *a, **k
+    )
     groups = trainer._groups_for_step(0)
     metrics = trainer.train_step(groups)
     return Run(trainer, groups, metrics, losses, generates, clips)
@@ -135,11 +182,11 @@ def _lr(run) -> float:
 
 def _check_refresh(run, default):
     before = len(run.generates)
-    assert run.trainer._groups_for_step(1) and len(run.generates) == before   # step 1: the same pool
+    assert run.trainer._groups_for_step(1) and len(run.generates) == before  # step 1: the same pool
     assert run.trainer.pool.start == 0
     calls = len(default.generates)
     default.trainer._groups_for_step(1)
-    assert len(default.generates) > calls                                     # the default: sampled anew
+    assert len(default.generates) > calls  # the default: sampled anew
     return True
 
 
@@ -153,56 +200,112 @@ def _check_adv_eps(run, default):
 
 # field -> (extra Config fields, value, check(run, default)); the run is Trainer -> groups -> step.
 PROBES = {
-    "method": ({}, "sft", lambda r, d: _sources(r) == [["expert"]] * 2 and r.losses[0]["tau"] == 0.0
-               and set(_advantages(r)) == {1.0} and not r.generates),
+    "method": (
+        {},
+        "sft",
+        lambda r, d: _sources(r) == [["expert"]] * 2
+        and r.losses[0]["tau"] == 0.0
+        and set(_advantages(r)) == {1.0}
+        and not r.generates,
+    ),
     "dcr": ({}, False, lambda r, d: {c["tau"] for c in r.losses} == {0.0} and d.losses[0]["tau"] == 0.7),
-    "gal": ({}, False, lambda r, d: _sources(r) == [["expert"]] * 2 and set(_advantages(r)) == {1.0}
-            and r.losses[0]["tau"] == 0.7),
+    "gal": (
+        {},
+        False,
+        lambda r, d: _sources(r) == [["expert"]] * 2 and set(_advantages(r)) == {1.0} and r.losses[0]["tau"] == 0.7,
+    ),
     "n_expert": ({}, 2, lambda r, d: all(s.count("expert") == 2 for s in _sources(r))),
     "n_teacher": ({}, 1, lambda r, d: all(s.count("teacher") == 1 for s in _sources(r))),
-    "n_self": ({}, 1, lambda r, d: all(s.count("self") == 1 for s in _sources(r))
-               and sum(g["rows"] for g in r.generates) == 2),
-    "teacher_model": ({"train_file": "bare"}, "model",   # the rows have no teachers: generated
-                      lambda r, d: all(s.count("teacher") == 3 for s in _sources(r))),
-    "reward": ({}, "const_reward:reward", lambda r, d: {x.reward for g in r.groups for x in g.responses} == {0.25}
-               and set(_advantages(r)) == {0.0}),
+    "n_self": (
+        {},
+        1,
+        lambda r, d: all(s.count("self") == 1 for s in _sources(r)) and sum(g["rows"] for g in r.generates) == 2,
+    ),
+    "teacher_model": (
+        {"train_file": "bare"},
+        "model",  # the rows have no teachers: generated
+        lambda r, d: all(s.count("teacher") == 3 for s in _sources(r)),
+    ),
+    "reward": (
+        {},
+        "const_reward:reward",
+        lambda r, d: {x.reward for g in r.groups for x in g.responses} == {0.25} and set(_advantages(r)) == {0.0},
+    ),
     "adv_eps": ({}, 1.0, _check_adv_eps),
-    "groups_file": ({}, "groups", lambda r, d: not r.generates and {g.prompt for g in r.groups}
-                    <= {g.prompt for g in d.groups} and r.trainer.cfg.refresh_every == 0),
+    "groups_file": (
+        {},
+        "groups",
+        lambda r, d: not r.generates
+        and {g.prompt for g in r.groups} <= {g.prompt for g in d.groups}
+        and r.trainer.cfg.refresh_every == 0,
+    ),
     "refresh_every": ({}, 2, _check_refresh),
-    "max_new_tokens": ({}, 2, lambda r, d: {g["max_new_tokens"] for g in r.generates} == {2}
-                       and all(len(x.token_ids) <= 2 for g in r.groups for x in g.responses if x.source == "self")),
+    "max_new_tokens": (
+        {},
+        2,
+        lambda r, d: {g["max_new_tokens"] for g in r.generates} == {2}
+        and all(len(x.token_ids) <= 2 for g in r.groups for x in g.responses if x.source == "self"),
+    ),
     "temperature": ({}, 0.5, lambda r, d: {g["temperature"] for g in r.generates} == {0.5}),
     "top_p": ({}, 0.9, lambda r, d: {g["top_p"] for g in r.generates} == {0.9}),
     "rollout_batch_size": ({}, 3, lambda r, d: [g["rows"] for g in r.generates] == [3, 3, 2]),
     "tau": ({}, 0.3, lambda r, d: {c["tau"] for c in r.losses} == {0.3}),
-    "loss_aggregation": ({}, "seq-mean-token-sum-norm",
-                         lambda r, d: {c["reduction"] for c in r.losses} == {"mean"}
-                         and r.losses[0]["normalizer"] == 16 * 24 and d.losses[0]["normalizer"] == r.metrics["tokens"]),
+    "loss_aggregation": (
+        {},
+        "seq-mean-token-sum-norm",
+        lambda r, d: {c["reduction"] for c in r.losses} == {"mean"}
+        and r.losses[0]["normalizer"] == 16 * 24
+        and d.losses[0]["normalizer"] == r.metrics["tokens"],
+    ),
     "entropy_coef": ({}, 0.1, lambda r, d: {c["entropy_coef"] for c in r.losses} == {0.1}),
-    "lr": ({}, 5e-3, lambda r, d: r.trainer.optimizer.param_groups[0]["initial_lr"] == 5e-3
-           and _lr(r) == pytest.approx(_lr(d) * 5)),
+    "lr": (
+        {},
+        5e-3,
+        lambda r, d: r.trainer.optimizer.param_groups[0]["initial_lr"] == 5e-3 and _lr(r) == pytest.approx(_lr(d) * 5),
+    ),
     "lr_scheduler": ({}, "constant", lambda r, d: _lr(r) == 1e-3 and _lr(d) == pytest.approx(1e-3 * 0.75)),
     "warmup_steps": ({}, 2, lambda r, d: _lr(r) == pytest.approx(1e-3 / 2)),
     "weight_decay": ({}, 0.1, lambda r, d: r.trainer.optimizer.param_groups[0]["weight_decay"] == 0.1),
     "max_steps": ({}, 6, lambda r, d: _lr(r) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 6)))),
-    "num_epochs": ({}, 1.0, lambda r, d: r.trainer.cfg.max_steps == 6
-                   and _lr(r) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 6)))),
+    "num_epochs": (
+        {},
+        1.0,
+        lambda r, d: r.trainer.cfg.max_steps == 6 and _lr(r) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 6))),
+    ),
     "prompts_per_step": ({}, 3, lambda r, d: len(r.groups) == 3 and sum(c["shape"][0] for c in r.losses) == 24),
     "micro_batch_size": ({}, 16, lambda r, d: [c["shape"][0] for c in r.losses] == [16] and len(d.losses) == 4),
     "max_grad_norm": ({}, 0.01, lambda r, d: r.clips == [0.01] and d.clips == [1.0]),
     "bf16": ({}, True, lambda r, d: all(c["autocast"] for c in r.losses) and not any(c["autocast"] for c in d.losses)),
-    "gradient_checkpointing": ({}, True, lambda r, d: r.trainer.model.is_gradient_checkpointing
-                               and not d.trainer.model.is_gradient_checkpointing),
-    "max_length": ({}, 7, lambda r, d: max(c["shape"][1] for c in r.losses) <= 7
-                   < max(c["shape"][1] for c in d.losses) and r.metrics["completions/cut_frac"] > 0),
+    "gradient_checkpointing": (
+        {},
+        True,
+        lambda r, d: r.trainer.model.is_gradient_checkpointing and not d.trainer.model.is_gradient_checkpointing,
+    ),
+    "max_length": (
+        {},
+        7,
+        lambda r, d: max(c["shape"][1] for c in r.losses) <= 7 < max(c["shape"][1] for c in d.losses)
+        and r.metrics["completions/cut_frac"] > 0,
+    ),
     "seed": ({}, 7, lambda r, d: [g.prompt for g in r.groups] != [g.prompt for g in d.groups]),
-    "packed": ({}, True, lambda r, d: all(c.get("packed") and c["shape"][0] == 1 for c in r.losses)
-               and not any(c.get("packed") for c in d.losses) and r.metrics["tokens"] == d.metrics["tokens"]),
-    "attn_implementation": ({}, "eager", lambda r, d: r.trainer.model.config._attn_implementation == "eager"
-                            and d.trainer.model.config._attn_implementation != "eager"),
-    "columns": ({"train_file": "renamed"}, "prompt=question", lambda r, d: [g.prompt for g in r.groups]
-                == [g.prompt for g in d.groups]),
+    "packed": (
+        {},
+        True,
+        lambda r, d: all(c.get("packed") and c["shape"][0] == 1 for c in r.losses)
+        and not any(c.get("packed") for c in d.losses)
+        and r.metrics["tokens"] == d.metrics["tokens"],
+    ),
+    "attn_implementation": (
+        {},
+        "eager",
+        lambda r, d: r.trainer.model.config._attn_implementation == "eager"
+        and d.trainer.model.config._attn_implementation != "eager",
+    ),
+    "columns": (
+        {"train_file": "renamed"},
+        "prompt=question",
+        lambda r, d: [g.prompt for g in r.groups] == [g.prompt for g in d.groups],
+    ),
 }
 
 
@@ -215,7 +318,7 @@ def test_every_field_is_probed_or_said_not_to_change_training():
 @pytest.mark.parametrize("name", sorted(PROBES))
 def test_a_field_set_in_the_config_acts_in_the_run(name, data, default, tmp_path, monkeypatch, request):
     extra, value, check = PROBES[name]
-    if name == "bf16":   # accelerate keeps one mixed precision per process: a fresh state, and one after
+    if name == "bf16":  # accelerate keeps one mixed precision per process: a fresh state, and one after
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)

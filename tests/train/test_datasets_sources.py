@@ -2,6 +2,7 @@
 saved by ``datasets.save_to_disk`` (a Dataset, or a DatasetDict's split), a folder of .jsonl/.parquet
 files (split by their names as ``datasets`` reads a folder), a Hub name with split and config; the
 same row checks, errors naming the dataset (directory, file or name[split]), the row and the field."""
+
 import json
 
 import datasets
@@ -10,8 +11,10 @@ import pytest
 from gft_train.cli import main as cli_main
 from gft_train.data import DataError, load_rows
 
-ROWS = [{"question": f"{a}+{b}=", "answer": a + b, "expert": str(a + b), "teachers": [str(a + b)] * 3}
-        for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1)]]
+ROWS = [
+    {"question": f"{a}+{b}=", "answer": a + b, "expert": str(a + b), "teachers": [str(a + b)] * 3}
+    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1)]
+]
 
 
 def _jsonl(path, rows):
@@ -24,8 +27,9 @@ def test_a_saved_dataset_and_a_saved_dataset_dict_split(tmp_path):
     rows = load_rows(tmp_path / "ds", "prompt=question")
     assert [r.prompt for r in rows] == [r["question"] for r in ROWS] and rows[0].answer == "3"
     assert rows[2].source == f"{tmp_path / 'ds'}:2"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4]),
-                          "test": datasets.Dataset.from_list(ROWS[4:])}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:4]), "test": datasets.Dataset.from_list(ROWS[4:])}
+    ).save_to_disk(str(tmp_path / "dd"))
     assert len(load_rows(tmp_path / "dd", "prompt=question")) == 4
     test = load_rows(tmp_path / "dd", "prompt=question", split="test")
     assert [r.prompt for r in test] == ["2+2=", "9+1="] and test[1].source == f"{tmp_path / 'dd'}[test]:1"
@@ -41,7 +45,7 @@ def test_a_bad_row_of_a_saved_dataset_names_the_dataset_row_and_field(tmp_path):
         load_rows(tmp_path / "dd", "prompt=question")
     assert str(info.value) == f"{tmp_path / 'dd'}[train]: row 3: field 'expert': empty"
     with pytest.raises(DataError, match=r"\[train\]: row 0: field 'prompt': missing"):
-        load_rows(tmp_path / "dd")   # no column mapping: the data's 'question' is not a prompt
+        load_rows(tmp_path / "dd")  # no column mapping: the data's 'question' is not a prompt
 
 
 def test_a_folder_of_data_files_split_by_their_names(tmp_path):
@@ -49,7 +53,7 @@ def test_a_folder_of_data_files_split_by_their_names(tmp_path):
     plain.mkdir()
     _jsonl(plain / "a.jsonl", ROWS[:2])
     datasets.Dataset.from_list(ROWS[2:5]).to_parquet(str(plain / "b.parquet"))
-    rows = load_rows(plain, "prompt=question", split="test")   # no split names: every file, whatever the split
+    rows = load_rows(plain, "prompt=question", split="test")  # no split names: every file, whatever the split
     assert [r.prompt for r in rows] == [r["question"] for r in ROWS[:5]]
     split = tmp_path / "split"
     split.mkdir()
@@ -69,14 +73,19 @@ def test_a_folder_of_data_files_split_by_their_names(tmp_path):
 
 
 def test_a_hub_name_that_cannot_load_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # this machine may have no network; the error is the same kind
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine may have no network; the error is the same kind
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError) as info:
         load_rows("gft-nobody/no-such-dataset", split="train", config="main")
     msg = str(info.value)
-    assert msg.startswith("data 'gft-nobody/no-such-dataset' is neither a file nor a directory here, and loading it "
-                          "as a datasets Hub name (split 'train', config 'main') failed: ") and "\n" not in msg, msg
-    with pytest.raises(FileNotFoundError, match="does not exist"):   # a path, not a name: no Hub attempt
+    assert (
+        msg.startswith(
+            "data 'gft-nobody/no-such-dataset' is neither a file nor a directory here, and loading it "
+            "as a datasets Hub name (split 'train', config 'main') failed: "
+        )
+        and "\n" not in msg
+    ), msg
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # a path, not a name: no Hub attempt
         load_rows(tmp_path / "missing.jsonl")
 
 
@@ -99,16 +108,61 @@ def test_train_and_eval_from_saved_dataset_directories(tmp_path):
     from gft_train.demo.task import make_splits
 
     splits = make_splits(seed=2, n_train=8, n_eval=4)
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(splits["train"]),
-                          "test": datasets.Dataset.from_list(splits["eval_id"])}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(splits["train"]), "test": datasets.Dataset.from_list(splits["eval_id"])}
+    ).save_to_disk(str(tmp_path / "dd"))
     model = build_model(tmp_path / "model", hidden_size=64, layers=1)
     out = tmp_path / "run"
-    cli_main(["train", "--method", "sft", "--model", str(model), "--train-file", str(tmp_path / "dd"),
-              "--eval-file", str(tmp_path / "dd"), "--eval-every", "2", "--eval-n", "1", "--eval-k", "1",
-              "--max-new-tokens", "4", "--engine", "transformers", "--output-dir", str(out), "--max-steps", "2",
-              "--prompts-per-step", "4", "--max-length", "16", "--report-to", "none"])
+    cli_main(
+        [
+            "train",
+            "--method",
+            "sft",
+            "--model",
+            str(model),
+            "--train-file",
+            str(tmp_path / "dd"),
+            "--eval-file",
+            str(tmp_path / "dd"),
+            "--eval-every",
+            "2",
+            "--eval-n",
+            "1",
+            "--eval-k",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--engine",
+            "transformers",
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "2",
+            "--prompts-per-step",
+            "4",
+            "--max-length",
+            "16",
+            "--report-to",
+            "none",
+        ]
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and "eval/pass@1" in rows[-1]
     with pytest.raises(ValueError, match=r"has no split 'dev'"):
-        cli_main(["train", "--method", "sft", "--model", str(model), "--train-file", str(tmp_path / "dd"),
-                  "--train-split", "dev", "--output-dir", str(tmp_path / "x"), "--max-steps", "1"])
+        cli_main(
+            [
+                "train",
+                "--method",
+                "sft",
+                "--model",
+                str(model),
+                "--train-file",
+                str(tmp_path / "dd"),
+                "--train-split",
+                "dev",
+                "--output-dir",
+                str(tmp_path / "x"),
+                "--max-steps",
+                "1",
+            ]
+        )

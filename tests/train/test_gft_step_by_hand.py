@@ -7,6 +7,7 @@ each sequence on its own (no padding, no micro-batches), the advantages with ``t
 sample std, as the authors' code) plus 1e-6, ``C(p) = p`` (detached) below tau and 1 at or above,
 and the token mean over every response token of the step. The loss and every gradient must agree.
 """
+
 import copy
 
 import pytest
@@ -32,13 +33,26 @@ def _rows():
 def test_one_gft_step_is_the_papers_formula_by_hand(tmp_path, tau):
     model_dir = build_model(tmp_path / "model", hidden_size=64, layers=1)
     train = write_jsonl(_rows(), tmp_path / "train.jsonl")
-    cfg = Config(method="gft", model=str(model_dir), train_file=str(train), output_dir=str(tmp_path / "out"),
-                 prompts_per_step=3, micro_batch_size=5, max_new_tokens=6, max_length=64, tau=tau,
-                 engine="transformers", reward="gft_train.demo.sums:reward", max_grad_norm=1e9, lr=1e-3,
-                 temperature=1.0, seed=3)
+    cfg = Config(
+        method="gft",
+        model=str(model_dir),
+        train_file=str(train),
+        output_dir=str(tmp_path / "out"),
+        prompts_per_step=3,
+        micro_batch_size=5,
+        max_new_tokens=6,
+        max_length=64,
+        tau=tau,
+        engine="transformers",
+        reward="gft_train.demo.sums:reward",
+        max_grad_norm=1e9,
+        lr=1e-3,
+        temperature=1.0,
+        seed=3,
+    )
     trainer = Trainer(cfg)
     groups = trainer._groups_for_step(0)
-    assert [len(g.responses) for g in groups] == [8, 8, 8]           # 1 expert + 3 teacher + 4 self
+    assert [len(g.responses) for g in groups] == [8, 8, 8]  # 1 expert + 3 teacher + 4 self
 
     # Eq. 4 by hand: the sample std (torch.std), eps 1e-6; no variance -> 0
     for g in groups:
@@ -47,30 +61,34 @@ def test_one_gft_step_is_the_papers_formula_by_hand(tmp_path, tau):
         got = torch.tensor([x.advantage for x in g.responses], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
     assert any(x.advantage != 0 for g in groups for x in g.responses)
-    stats = group_metrics(groups)        # what the run logs of the groups: the expert's advantage among them
+    stats = group_metrics(groups)  # what the run logs of the groups: the expert's advantage among them
     for source in ("expert", "teacher", "self"):
         advs = [x.advantage for g in groups for x in g.responses if x.source == source]
         assert stats[f"adv/{source}_mean"] == pytest.approx(sum(advs) / len(advs))
     assert stats["groups/zero_variance_frac"] == pytest.approx(
-        sum(len({x.reward for x in g.responses}) == 1 for g in groups) / 3)
+        sum(len({x.reward for x in g.responses}) == 1 for g in groups) / 3
+    )
 
     ref = copy.deepcopy(trainer.model).double()
     tok = trainer.tokenizer
-    pieces = []                                # (logp of each response token, advantage)
+    pieces = []  # (logp of each response token, advantage)
     for g in groups:
         p_ids = tok(g.prompt, add_special_tokens=False)["input_ids"]
         for x in g.responses:
-            r_ids = (list(x.token_ids) if x.token_ids is not None
-                     else tok(x.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+            r_ids = (
+                list(x.token_ids)
+                if x.token_ids is not None
+                else tok(x.text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            )
             ids = torch.tensor([p_ids + r_ids])
-            logits = ref(input_ids=ids).logits[0, len(p_ids) - 1:-1]
+            logits = ref(input_ids=ids).logits[0, len(p_ids) - 1 : -1]
             logp = logits.log_softmax(-1).gather(-1, torch.tensor(r_ids)[:, None])[:, 0]
             pieces.append((logp, x.advantage))
     n_tokens = sum(len(lp) for lp, _ in pieces)
     total = 0.0
     for logp, adv in pieces:
         p = logp.detach().exp()
-        coef = torch.where(p < tau, p, torch.ones_like(p))       # DCR, Eq. 5: 1 at p == tau
+        coef = torch.where(p < tau, p, torch.ones_like(p))  # DCR, Eq. 5: 1 at p == tau
         total = total + (-adv * coef * logp).sum()
     loss = total / n_tokens
     loss.backward()

@@ -2,6 +2,7 @@
 ids restarting per sequence, targets shifted per sequence, advantages per token. The same loss and
 every gradient as the padded batch, on every attention implementation on this CPU and every tiny
 architecture that keeps packed sequences apart; the others refused up front in one line."""
+
 import pytest
 import torch
 from tiny_models import Skip, causal_lm_types, tiny_model
@@ -37,9 +38,9 @@ def test_pack_lays_the_sequences_out_in_one_row_and_predicts_within_each():
     assert p.adv[0].tolist() == [1.0] * 5 + [-0.5] * 9 + [2.0] * 7
     starts = [0, 5, 14]
     for r, (s, n) in enumerate(zip(starts, (5, 9, 7))):
-        row = p.labels[0, s:s + n].tolist()
-        assert row[:-1] == b.labels[r, 1:n].tolist()   # position t predicts token t + 1 of its own sequence
-        assert row[-1] == IGNORE_INDEX                 # the last one would predict the next sequence's first
+        row = p.labels[0, s : s + n].tolist()
+        assert row[:-1] == b.labels[r, 1:n].tolist()  # position t predicts token t + 1 of its own sequence
+        assert row[-1] == IGNORE_INDEX  # the last one would predict the next sequence's first
     assert (p.n_valid, p.n_seqs) == (b.n_valid, b.n_seqs) == (3 + 6 + 6, 3)
     m = p.masked()
     assert (m.n_valid, m.n_seqs, m.adv.abs().sum().item()) == (0, 0, 0.0)
@@ -49,7 +50,9 @@ def test_packed_weights_count_each_sequence_apart():
     valid = torch.tensor([[True, True, False, True, False, True, True, True, False]])
     seq = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
     w = packed_weights(valid, seq, "seq-mean-token-mean", None, torch.float64)
-    torch.testing.assert_close(w, torch.tensor([1 / 2, 1 / 2, 0, 1, 0, 1 / 3, 1 / 3, 1 / 3, 0], dtype=torch.float64) / 3)
+    torch.testing.assert_close(
+        w, torch.tensor([1 / 2, 1 / 2, 0, 1, 0, 1 / 3, 1 / 3, 1 / 3, 0], dtype=torch.float64) / 3
+    )
     w = packed_weights(valid, seq, "seq-mean-token-sum", 4.0, torch.float64)
     torch.testing.assert_close(w, valid.reshape(-1).double() / 4)
     with pytest.raises(ValueError, match="reduction must be a 'seq-' reduction, got 'mean'"):
@@ -62,15 +65,24 @@ def _loss_and_grads(model, batch, name, entropy_coef=0.0, backward=True):
     model.zero_grad(set_to_none=True)
     reduction, normalizer = aggregation(name, batch.n_valid, batch.n_seqs, 16)
     with torch.set_grad_enabled(backward):
-        loss, sums = policy(batch.input_ids, batch.attention_mask, batch.labels, batch.adv, 0.7, normalizer, reduction,
-                            entropy_coef, **getattr(batch, "forward_kwargs", {}))
+        loss, sums = policy(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.labels,
+            batch.adv,
+            0.7,
+            normalizer,
+            reduction,
+            entropy_coef,
+            **getattr(batch, "forward_kwargs", {}),
+        )
     if backward:
         loss.backward()
     return loss.detach(), sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _assert_same(model, batch, name, entropy_coef=0.0, backward=True):
-    model.eval()   # no dropout or router jitter (seed_oss, phimoe): two forwards comparable token by token
+    model.eval()  # no dropout or router jitter (seed_oss, phimoe): two forwards comparable token by token
     loss, sums, grads = _loss_and_grads(model, batch, name, entropy_coef, backward)
     packed = pack(batch)
     assert isinstance(packed, PackedBatch)
@@ -83,14 +95,24 @@ def _assert_same(model, batch, name, entropy_coef=0.0, backward=True):
     torch.testing.assert_close(p_sums, sums, rtol=rtol, atol=atol)
     assert p_grads.keys() == grads.keys()
     for k in grads:
-        scale = grads[k].abs().max().item()   # entries near 0 carry the float32 rounding of the larger ones
-        torch.testing.assert_close(p_grads[k], grads[k], rtol=10 * rtol, atol=max(atol, 10 * rtol * scale),
-                                   msg=lambda m, k=k: f"{k}: {m}")
+        scale = grads[k].abs().max().item()  # entries near 0 carry the float32 rounding of the larger ones
+        torch.testing.assert_close(
+            p_grads[k], grads[k], rtol=10 * rtol, atol=max(atol, 10 * rtol * scale), msg=lambda m, k=k: f"{k}: {m}"
+        )
 
 
 def _llama(attn):
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, attn_implementation=attn)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
     torch.manual_seed(0)
     # FlexAttention on a CPU runs float32 (and half) only
     return LlamaForCausalLM(cfg).to(torch.float32 if attn == "flex_attention" else torch.float64)
@@ -101,6 +123,7 @@ def _cpu_attention():
     names = ["eager", "sdpa"]
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+
         names.append("flex_attention")
     except ImportError:
         pass
@@ -113,8 +136,13 @@ def test_packed_gives_the_padded_loss_and_gradients_on_each_attention(attn, name
     model = _llama(attn)
     check_packing(model)
     # FlexAttention has no backward on a CPU (torch says so): its loss alone here
-    _assert_same(model, _batch(64), name, entropy_coef=0.1 if name == "token-mean" else 0.0,
-                 backward=attn != "flex_attention" or torch.cuda.is_available())
+    _assert_same(
+        model,
+        _batch(64),
+        name,
+        entropy_coef=0.1 if name == "token-mean" else 0.0,
+        backward=attn != "flex_attention" or torch.cuda.is_available(),
+    )
 
 
 def test_a_model_that_mixes_packed_sequences_is_refused_in_one_line():
@@ -128,7 +156,7 @@ def test_a_model_that_mixes_packed_sequences_is_refused_in_one_line():
         check_packing(model)
     msg = str(info.value)
     assert "\n" not in msg and "MambaForCausalLM" in msg and "see each other" in msg and "without --packed" in msg
-    with pytest.raises(ValueError):   # the verdict is kept
+    with pytest.raises(ValueError):  # the verdict is kept
         check_packing(model)
 
 
@@ -139,8 +167,9 @@ def test_attention_that_ignores_the_packed_boundaries_is_refused(attn, monkeypat
     import transformers.masking_utils as masking
 
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
-    with pytest.raises(ValueError, match=f"LlamaForCausalLM .* attn_implementation='{attn}': a packed row's "
-                                         "sequences see each other"):
+    with pytest.raises(
+        ValueError, match=f"LlamaForCausalLM .* attn_implementation='{attn}': a packed row's sequences see each other"
+    ):
         check_packing(_llama(attn))
 
 
@@ -150,7 +179,7 @@ def test_the_verdict_is_kept_per_attention_implementation(monkeypatch):
     model = _llama("eager")
     check_packing(model)
     monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
-    check_packing(model)   # kept: not probed again
+    check_packing(model)  # kept: not probed again
     model.set_attn_implementation("sdpa")
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         check_packing(model)
@@ -169,7 +198,7 @@ def test_every_tiny_architecture_packs_exactly_or_is_refused(model_type):
         pytest.skip(str(e))
     try:
         check_model(model)
-    except UnsupportedModelError as e:   # not a GFT model at all (test_models_exact covers it)
+    except UnsupportedModelError as e:  # not a GFT model at all (test_models_exact covers it)
         pytest.skip(str(e))
     except Exception as e:
         pytest.skip(f"its own forward does not run on the tiny config: {type(e).__name__}")
@@ -185,9 +214,9 @@ def test_every_tiny_architecture_packs_exactly_or_is_refused(model_type):
     try:
         model.set_attn_implementation("sdpa")
     except Exception:
-        return   # no sdpa for this architecture
+        return  # no sdpa for this architecture
     try:
-        check_packing(model)   # probed again: the verdict is per attention implementation
+        check_packing(model)  # probed again: the verdict is per attention implementation
     except ValueError:
         return
     _assert_same(model, _batch(vocab, seed=2), "token-mean")
@@ -201,8 +230,11 @@ def run_set_up(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("packed")
     rows = make_splits(seed=2, n_train=12, n_eval=4)
-    return dict(dir=d, model=build_model(d / "model", hidden_size=64, layers=1),
-                train=write_jsonl(rows["train"], d / "train.jsonl"))
+    return dict(
+        dir=d,
+        model=build_model(d / "model", hidden_size=64, layers=1),
+        train=write_jsonl(rows["train"], d / "train.jsonl"),
+    )
 
 
 @pytest.mark.slow
@@ -219,9 +251,34 @@ def test_a_packed_run_trains_as_the_padded_one(run_set_up, tmp_path, name):
     s = run_set_up
 
     def run(out, *extra):
-        cli_main(["train", "--model", str(s["model"]), "--train-file", str(s["train"]), "--output-dir", str(out),
-                  "--n-self", "0", "--max-steps", "3", "--prompts-per-step", "3", "--micro-batch-size", "5",
-                  "--lr", "1e-2", "--max-length", "16", "--loss-aggregation", name, "--report-to", "none", *extra])
+        cli_main(
+            [
+                "train",
+                "--model",
+                str(s["model"]),
+                "--train-file",
+                str(s["train"]),
+                "--output-dir",
+                str(out),
+                "--n-self",
+                "0",
+                "--max-steps",
+                "3",
+                "--prompts-per-step",
+                "3",
+                "--micro-batch-size",
+                "5",
+                "--lr",
+                "1e-2",
+                "--max-length",
+                "16",
+                "--loss-aggregation",
+                name,
+                "--report-to",
+                "none",
+                *extra,
+            ]
+        )
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return rows, load_file(str(out / "final" / "model.safetensors"))
 
@@ -229,10 +286,15 @@ def test_a_packed_run_trains_as_the_padded_one(run_set_up, tmp_path, name):
     packed, w_packed = run(tmp_path / "packed", "--packed")
     assert [r["tokens"] for r in packed] == [r["tokens"] for r in padded]
     for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy"):
-        torch.testing.assert_close(torch.tensor([r[key] for r in packed]), torch.tensor([r[key] for r in padded]),
-                                   rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
-    assert any(r["groups/zero_variance_frac"] < 1 for r in padded)   # advantages differ within the groups
-    for k in w_padded:   # (Adam's step of a gradient near 0 is its sign: float32 rounding shows there)
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in packed]),
+            torch.tensor([r[key] for r in padded]),
+            rtol=1e-4,
+            atol=1e-6,
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
+    assert any(r["groups/zero_variance_frac"] < 1 for r in padded)  # advantages differ within the groups
+    for k in w_padded:  # (Adam's step of a gradient near 0 is its sign: float32 rounding shows there)
         torch.testing.assert_close(w_packed[k], w_padded[k], rtol=1e-3, atol=1e-4)
 
 
@@ -242,9 +304,21 @@ def test_the_attention_implementation_is_the_configured_one_and_packs_on_eager(r
 
     s = run_set_up
     for attn in ("eager", "sdpa"):
-        t = Trainer(Config(method="sft", model=str(s["model"]), train_file=str(s["train"]), output_dir=str(tmp_path / attn),
-                           max_steps=1, prompts_per_step=4, micro_batch_size=4, max_length=16, packed=True,
-                           attn_implementation=attn, report_to="none"))
+        t = Trainer(
+            Config(
+                method="sft",
+                model=str(s["model"]),
+                train_file=str(s["train"]),
+                output_dir=str(tmp_path / attn),
+                max_steps=1,
+                prompts_per_step=4,
+                micro_batch_size=4,
+                max_length=16,
+                packed=True,
+                attn_implementation=attn,
+                report_to="none",
+            )
+        )
         assert t.model.config._attn_implementation == attn
         assert t.train_step(t._groups_for_step(0))["tokens"] > 0
 
@@ -257,12 +331,35 @@ def test_a_model_that_mixes_packed_sequences_stops_the_run_in_one_line(run_set_u
     s = run_set_up
     tok = AutoTokenizer.from_pretrained(s["model"])
     torch.manual_seed(0)
-    MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, state_size=8,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(
-        tmp_path / "mamba")
+    MambaForCausalLM(
+        MambaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=1,
+            state_size=8,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(tmp_path / "mamba")
     tok.save_pretrained(tmp_path / "mamba")
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"packed batches \(--packed\): MambaForCausalLM .* see each other"):
-        cli_main(["train", "--method", "sft", "--model", str(tmp_path / "mamba"), "--train-file", str(s["train"]),
-                  "--output-dir", str(out), "--max-steps", "2", "--max-length", "16", "--packed"])
-    assert not out.exists()   # refused before anything was trained or written
+        cli_main(
+            [
+                "train",
+                "--method",
+                "sft",
+                "--model",
+                str(tmp_path / "mamba"),
+                "--train-file",
+                str(s["train"]),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--max-length",
+                "16",
+                "--packed",
+            ]
+        )
+    assert not out.exists()  # refused before anything was trained or written

@@ -5,6 +5,7 @@ Each run also proves it was sharded: accelerate set up what the config asked for
 weight outside the forward is split across the ranks, not replicated (a silent fallback to DDP
 fails the test). The head is placed both in the root unit and in a unit of its own.
 """
+
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+pytestmark = pytest.mark.slow  # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,17 +41,39 @@ def setup(tmp_path_factory):
     save_groups(groups, d / "groups.jsonl")
     # 3 prompts x 6 responses = 18 sequences a step: 9 per rank in micro-batches of 4 (3 of them,
     # the last one short), so the ranks' batches differ and accumulation is exercised
-    args = ["--model", str(model_dir), "--groups-file", str(d / "groups.jsonl"), "--max-steps", "3",
-            "--prompts-per-step", "3", "--micro-batch-size", "4", "--lr", "1e-3", "--max-length", "16",
-            "--lr-scheduler", "linear", "--max-grad-norm", "1.0"]
+    args = [
+        "--model",
+        str(model_dir),
+        "--groups-file",
+        str(d / "groups.jsonl"),
+        "--max-steps",
+        "3",
+        "--prompts-per-step",
+        "3",
+        "--micro-batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--max-length",
+        "16",
+        "--lr-scheduler",
+        "linear",
+        "--max-grad-norm",
+        "1.0",
+    ]
     one = _run(d / "one", args)
     return dict(dir=d, args=args, one=one, train=d / "train.jsonl", model=model_dir)
 
 
 def _run(out: Path, args, config: Path | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(out / "torch_extensions")}   # (none is built: tests/sharded_run.py)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(out / "torch_extensions"),
+    }  # (none is built: tests/sharded_run.py)
     script = [str(ROOT / "tests" / "sharded_run.py"), str(out), "--", *args]
     if config is None:
         cmd = [sys.executable, *script]
@@ -58,15 +81,22 @@ def _run(out: Path, args, config: Path | None = None) -> list[dict]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               "--main_process_port", str(port), *script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(config),
+            "--main_process_port",
+            str(port),
+            *script,
+        ]
     # a gloo run now and then aborts at exit after finishing: judged by what it wrote
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     reports = sorted(out.glob("rank*.json"))
     if (out / "final" / "model.safetensors").is_file() and len(reports) == (1 if config is None else 2):
         return [json.loads(r.read_text()) for r in reports]
-    raise RunFailed(f"the run in {out} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
-                    f"{proc.stderr[-6000:]}")
+    raise RunFailed(f"the run in {out} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
 
 
 class RunFailed(AssertionError):
@@ -117,8 +147,12 @@ deepspeed_config:
   zero3_init_flag: false
 """
 # stage3_param_persistence_threshold 0: else small weights stay whole and nothing is gathered
-ZERO3 = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": 1,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+}
 
 LAYERS = "Qwen2DecoderLayer"
 CASES = {
@@ -126,8 +160,10 @@ CASES = {
     # layer wrapped for FSDP2, whose size-based wrapping in accelerate fails on a ModuleList;
     # size-based for FSDP1)
     "fsdp2": ("FSDP", FSDP.format(version=2, policy="TRANSFORMER_BASED_WRAP", layers=LAYERS, orig="true")),
-    "fsdp2-head-unit": ("FSDP", FSDP.format(version=2, policy="TRANSFORMER_BASED_WRAP", layers=LAYERS + ",Linear",
-                                            orig="true")),
+    "fsdp2-head-unit": (
+        "FSDP",
+        FSDP.format(version=2, policy="TRANSFORMER_BASED_WRAP", layers=LAYERS + ",Linear", orig="true"),
+    ),
     "fsdp1": ("FSDP", FSDP.format(version=1, policy="TRANSFORMER_BASED_WRAP", layers=LAYERS, orig="true")),
     "fsdp1-head-unit": ("FSDP", FSDP.format(version=1, policy="SIZE_BASED_WRAP", layers=LAYERS, orig="true")),
     # FSDP1's flat parameters (the original ones are plain views, inside the forward only)
@@ -150,7 +186,7 @@ def _matches_one_process(setup, tmp_path, case):
     for r in reports:
         assert r["distributed_type"] == f"DistributedType.{kind}" and r["processes"] == 2 and r["sharded"], r
         assert r["head_unit"] == case.endswith("head-unit"), r
-    for key in ("", "head_") if case != "fsdp1-flat" else ("",):   # (flat: the head's attribute is a view)
+    for key in ("", "head_") if case != "fsdp1-flat" else ("",):  # (flat: the head's attribute is a view)
         full, stored = reports[0][f"{key}numel"], [r[f"{key}local_numel"] for r in reports]
         assert full <= sum(stored) < 2 * full, (case, key, stored, full)
     # a different batch on every rank, together the single process's batch (as multisets: an
@@ -165,7 +201,7 @@ def _matches_one_process(setup, tmp_path, case):
     worst = max((one[k] - sharded[k]).abs().max().item() for k in one)
     assert worst <= 2e-5, (case, worst)
     init = _weights_of_model(setup["dir"] / "model")
-    assert max((init[k] - one[k]).abs().max().item() for k in one) > 1e-3   # training moved the weights
+    assert max((init[k] - one[k]).abs().max().item() for k in one) > 1e-3  # training moved the weights
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +216,7 @@ def packed_one(setup):
 def test_packed_sharded_training_matches_one_packed_process(setup, packed_one, tmp_path, case):
     """--packed under FSDP2 and ZeRO-3 (2 processes): each rank's micro-batches packed, the masked
     micro-batch that evens out the ranks packed too; the single packed process's weights."""
+
     def run(folder):
         folder.mkdir()
         reports = _run(folder / "run", packed_one, _config(folder, case))
@@ -187,6 +224,7 @@ def test_packed_sharded_training_matches_one_packed_process(setup, packed_one, t
         one, sharded = _weights(setup["dir"] / "one-packed"), _weights(folder / "run")
         worst = max((one[k] - sharded[k]).abs().max().item() for k in one)
         assert worst <= 2e-5, (case, worst)
+
     _twice(run, tmp_path)
 
 
@@ -214,9 +252,28 @@ def test_sharded_online_run_resumes_to_the_same_weights(setup, tmp_path):
 def _resumes(setup, tmp_path):
     tmp_path.mkdir()
     config = _config(tmp_path, "zero3")
-    args = ["--model", str(setup["model"]), "--train-file", str(setup["train"]), "--n-self", "2",
-            "--max-new-tokens", "4", "--engine", "transformers", "--prompts-per-step", "2",
-            "--micro-batch-size", "4", "--max-length", "16", "--lr", "1e-3", "--lr-scheduler", "constant"]
+    args = [
+        "--model",
+        str(setup["model"]),
+        "--train-file",
+        str(setup["train"]),
+        "--n-self",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--engine",
+        "transformers",
+        "--prompts-per-step",
+        "2",
+        "--micro-batch-size",
+        "4",
+        "--max-length",
+        "16",
+        "--lr",
+        "1e-3",
+        "--lr-scheduler",
+        "constant",
+    ]
     _run(tmp_path / "whole", [*args, "--max-steps", "3"], config)
     stopped = tmp_path / "stopped"
     _run(stopped, [*args, "--max-steps", "2", "--save-every", "1"], config)

@@ -1,4 +1,5 @@
 """gft_train end to end on the tiny model: the demo, two processes, kill and resume, bad input."""
+
 import json
 import os
 import socket
@@ -19,7 +20,7 @@ from gft_train.rewards import load_reward
 from gft_train.rollout import TransformersEngine
 from gft_train.trainer import load_model
 
-pytestmark = pytest.mark.slow   # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
+pytestmark = pytest.mark.slow  # (tests/conftest.py: `pytest -m "not slow"` is the quick subset)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,13 +37,38 @@ def setup(tmp_path_factory):
     engine = TransformersEngine(model, tok, max_new_tokens=4)
     groups = build_groups(load_rows(train), cfg, engine, load_reward("math"), seed=0)
     save_groups(groups, d / "groups.jsonl")
-    return dict(dir=d, model=model_dir, train=train, groups=d / "groups.jsonl", eval=write_jsonl(splits["eval_id"], d / "eval.jsonl"))
+    return dict(
+        dir=d,
+        model=model_dir,
+        train=train,
+        groups=d / "groups.jsonl",
+        eval=write_jsonl(splits["eval_id"], d / "eval.jsonl"),
+    )
 
 
 def _train_args(s, out, *extra):
-    return ["train", "--model", str(s["model"]), "--groups-file", str(s["groups"]), "--output-dir", str(out),
-            "--max-steps", "6", "--prompts-per-step", "4", "--micro-batch-size", "5", "--lr", "1e-3",
-            "--max-length", "16", "--lr-scheduler", "linear", *extra]
+    return [
+        "train",
+        "--model",
+        str(s["model"]),
+        "--groups-file",
+        str(s["groups"]),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "6",
+        "--prompts-per-step",
+        "4",
+        "--micro-batch-size",
+        "5",
+        "--lr",
+        "1e-3",
+        "--max-length",
+        "16",
+        "--lr-scheduler",
+        "linear",
+        *extra,
+    ]
 
 
 def _weights(final: Path) -> dict:
@@ -71,9 +97,9 @@ def test_groups_have_the_paper_mix_and_standardized_advantages(setup):
     for g in groups:
         assert [r.source for r in g.responses] == ["expert"] + ["teacher"] * 3 + ["self"] * 2
         assert g.responses[0].reward == 1.0
-        for r in g.responses:   # self-samples keep the ids the engine sampled; the rest are texts
+        for r in g.responses:  # self-samples keep the ids the engine sampled; the rest are texts
             assert (r.token_ids is not None) == (r.source == "self")
-            assert r.token_ids is None or r.truncated == (r.token_ids[-1] != 1)   # 1: <eos>, the end unless cut off
+            assert r.token_ids is None or r.truncated == (r.token_ids[-1] != 1)  # 1: <eos>, the end unless cut off
             assert r.token_ids is None or (len(r.token_ids) <= 4 and 1 not in r.token_ids[:-1])
         advs = [r.advantage for r in g.responses]
         assert abs(sum(advs)) < 1e-6  # standardized within the group
@@ -85,9 +111,23 @@ def test_two_processes_match_one_process(setup, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(port), "-m"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+    ]
     two = _run(_train_args(setup, tmp_path / "two"), launcher=launcher)
     assert two.returncode == 0, two.stderr[-3000:]
     for run, n in (("one", 1), ("two", 2)):
@@ -96,6 +136,7 @@ def test_two_processes_match_one_process(setup, tmp_path):
     _assert_same_weights(_weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final"), atol=2e-5)
     # and training moved the weights at all
     from safetensors.torch import load_file
+
     init = load_file(str(setup["model"] / "model.safetensors"))
     moved = max((init[k] - v).abs().max().item() for k, v in _weights(tmp_path / "one" / "final").items())
     assert moved > 1e-3
@@ -108,9 +149,9 @@ def test_killed_run_resumes_to_the_same_weights(setup, tmp_path):
     assert crashed.returncode == -9  # SIGKILL in the middle of the run
     ckpts = sorted(p.name for p in (tmp_path / "crash" / "checkpoints").iterdir())
     assert ckpts == ["step-2", "step-4"]
-    assert not (tmp_path / "crash" / "final").exists()   # nothing left as if complete
+    assert not (tmp_path / "crash" / "final").exists()  # nothing left as if complete
     again = _run(_train_args(setup, tmp_path / "crash", "--save-every", "2"))
-    assert again.returncode != 0 and "--resume" in again.stderr   # refuses to overwrite silently
+    assert again.returncode != 0 and "--resume" in again.stderr  # refuses to overwrite silently
     resumed = _run(_train_args(setup, tmp_path / "crash", "--save-every", "2", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -122,18 +163,48 @@ def test_killed_run_resumes_to_the_same_weights(setup, tmp_path):
 def test_online_training_with_rollouts_and_eval(setup, tmp_path, capsys, monkeypatch):
     import gft_train.step
 
-    seen = []   # what the trainer encodes: sampled ids for self-samples, texts for the rest
+    seen = []  # what the trainer encodes: sampled ids for self-samples, texts for the rest
     encode = gft_train.step.encode
     monkeypatch.setattr(gft_train.step, "encode", lambda tok, items, n: seen.extend(items) or encode(tok, items, n))
     out = tmp_path / "online"
-    cli_main(["train", "--model", str(setup["model"]), "--train-file", str(setup["train"]), "--output-dir", str(out),
-              "--max-steps", "2", "--prompts-per-step", "3", "--n-self", "2",
-              "--max-new-tokens", "4", "--max-length", "16", "--engine", "transformers"])
+    cli_main(
+        [
+            "train",
+            "--model",
+            str(setup["model"]),
+            "--train-file",
+            str(setup["train"]),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "2",
+            "--prompts-per-step",
+            "3",
+            "--n-self",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--max-length",
+            "16",
+            "--engine",
+            "transformers",
+        ]
+    )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    for key in ("dcr/rectified_frac", "entropy", "grad_norm", "lr", "tokens_per_s", "reward/self_mean",
-                "reward/teacher_mean", "groups/zero_variance_frac", "completions/self_mean_chars",
-                "completions/self_mean_tokens", "completions/self_truncated_frac"):
+    for key in (
+        "dcr/rectified_frac",
+        "entropy",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "reward/self_mean",
+        "reward/teacher_mean",
+        "groups/zero_variance_frac",
+        "completions/self_mean_chars",
+        "completions/self_mean_tokens",
+        "completions/self_truncated_frac",
+    ):
         assert key in metrics[-1], key
     assert (out / "training.png").exists() and (out / "final" / "config.json").exists()
     assert list((out / "tensorboard").iterdir())
@@ -145,8 +216,25 @@ def test_online_training_with_rollouts_and_eval(setup, tmp_path, capsys, monkeyp
     eos = tok.eos_token_id
     assert all(len(ids) <= 4 and eos not in ids[:-1] and (len(ids) == 4 or ids[-1] == eos) for ids in sampled)
     capsys.readouterr()
-    cli_main(["eval", "--model", str(out / "final"), "--eval-file", str(setup["eval"]), "--eval-n", "3",
-              "--eval-k", "1,3", "--max-new-tokens", "4", "--engine", "transformers", "--base-model", str(setup["model"])])
+    cli_main(
+        [
+            "eval",
+            "--model",
+            str(out / "final"),
+            "--eval-file",
+            str(setup["eval"]),
+            "--eval-n",
+            "3",
+            "--eval-k",
+            "1,3",
+            "--max-new-tokens",
+            "4",
+            "--engine",
+            "transformers",
+            "--base-model",
+            str(setup["model"]),
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert 0 <= result["pass@1"] <= result["pass@3"] <= 1 and 0 <= result["greedy_pass@1"] <= 1
     assert 0 <= result["distinct_correct"] <= 3
@@ -156,8 +244,21 @@ def test_online_training_with_rollouts_and_eval(setup, tmp_path, capsys, monkeyp
 def test_cli_eval_prints_only_json_on_stdout(setup):
     """`gft-train eval ... | jq` works: in a fresh process stdout carries the JSON alone (progress
     bars and library warnings go to stderr)."""
-    proc = _run(["eval", "--model", str(setup["model"]), "--eval-file", str(setup["eval"]), "--eval-n", "2",
-                 "--max-new-tokens", "4", "--engine", "transformers"])
+    proc = _run(
+        [
+            "eval",
+            "--model",
+            str(setup["model"]),
+            "--eval-file",
+            str(setup["eval"]),
+            "--eval-n",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--engine",
+            "transformers",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert 0 <= result["pass@1"] <= 1 and "per_prompt" not in result
@@ -168,8 +269,19 @@ def test_bad_data_row_stops_the_run_and_leaves_no_final(setup, tmp_path):
     rows[3]["expert"] = 42
     bad = tmp_path / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = _run(["train", "--model", str(setup["model"]), "--train-file", str(bad), "--output-dir", str(tmp_path / "o"),
-                 "--max-steps", "1"])
+    proc = _run(
+        [
+            "train",
+            "--model",
+            str(setup["model"]),
+            "--train-file",
+            str(bad),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--max-steps",
+            "1",
+        ]
+    )
     assert proc.returncode != 0
     assert f"{bad}: row 3: field 'expert': expected a string" in proc.stderr
     assert not (tmp_path / "o" / "final").exists()
@@ -177,7 +289,9 @@ def test_bad_data_row_stops_the_run_and_leaves_no_final(setup, tmp_path):
 
 def test_missing_model_and_unknown_method_are_clear_errors(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="no/such/model"):
-        cli_main(["train", "--model", "no/such/model", "--train-file", str(setup["train"]), "--output-dir", str(tmp_path)])
+        cli_main(
+            ["train", "--model", "no/such/model", "--train-file", str(setup["train"]), "--output-dir", str(tmp_path)]
+        )
     with pytest.raises(ValueError, match="method must be one of"):
         cli_main(["train", "--method", "ppo", "--model", str(setup["model"]), "--train-file", str(setup["train"])])
     with pytest.raises(DataError, match="teachers"):
@@ -185,8 +299,19 @@ def test_missing_model_and_unknown_method_are_clear_errors(setup, tmp_path):
         rows[1]["teachers"] = []
         p = tmp_path / "t.jsonl"
         p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        cli_main(["build-groups", "--model", str(setup["model"]), "--train-file", str(p), "--n-self", "0",
-                  "--groups-file", str(tmp_path / "g.jsonl")])
+        cli_main(
+            [
+                "build-groups",
+                "--model",
+                str(setup["model"]),
+                "--train-file",
+                str(p),
+                "--n-self",
+                "0",
+                "--groups-file",
+                str(tmp_path / "g.jsonl"),
+            ]
+        )
     assert not (tmp_path / "g.jsonl").exists()
 
 

@@ -1,5 +1,6 @@
 """gft-train on real runs (issue 22): nothing trained is lost, a resume is the same run, every bad
 input ends in one line. SFT runs of a few steps on the demo's tiny model, in process where they can."""
+
 import json
 import os
 import subprocess
@@ -20,21 +21,51 @@ ROOT = Path(__file__).resolve().parents[2]
 def s(tmp_path_factory):
     d = tmp_path_factory.mktemp("runs")
     rows = make_splits(seed=2, n_train=12, n_eval=4)
-    return dict(dir=d, model=build_model(d / "model", hidden_size=64, layers=1),
-                train=write_jsonl(rows["train"], d / "train.jsonl"), eval=write_jsonl(rows["eval_id"], d / "eval.jsonl"))
+    return dict(
+        dir=d,
+        model=build_model(d / "model", hidden_size=64, layers=1),
+        train=write_jsonl(rows["train"], d / "train.jsonl"),
+        eval=write_jsonl(rows["eval_id"], d / "eval.jsonl"),
+    )
 
 
 def _sft(s, out, *extra):
-    return ["train", "--method", "sft", "--model", str(s["model"]), "--train-file", str(s["train"]),
-            "--output-dir", str(out), "--max-steps", "3", "--prompts-per-step", "4", "--micro-batch-size", "4",
-            "--lr", "1e-3", "--max-length", "16", "--lr-scheduler", "linear", *extra]
+    return [
+        "train",
+        "--method",
+        "sft",
+        "--model",
+        str(s["model"]),
+        "--train-file",
+        str(s["train"]),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "3",
+        "--prompts-per-step",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--max-length",
+        "16",
+        "--lr-scheduler",
+        "linear",
+        *extra,
+    ]
 
 
 def _cli(args, **env):
     """The command in a fresh process: (exit status, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "gft_train.cli", *args], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gft_train.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -49,13 +80,13 @@ def test_a_finished_run_is_not_overwritten_without_the_flag(s, tmp_path):
     before = _files(out)
     with pytest.raises(FileExistsError, match="--overwrite-output-dir"):
         cli_main(_sft(s, out, "--lr", "5e-3"))
-    with pytest.raises(FileExistsError, match="no complete checkpoint"):   # nothing to resume: still refused
+    with pytest.raises(FileExistsError, match="no complete checkpoint"):  # nothing to resume: still refused
         cli_main(_sft(s, out, "--resume"))
     assert _files(out) == before
     cli_main(_sft(s, out, "--lr", "5e-3", "--overwrite-output-dir"))
     assert (out / "final" / "model.safetensors").read_bytes() != before["final/model.safetensors"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 1   # one run's events
+    assert len(list((out / "tensorboard").rglob("events.out.tfevents.*"))) == 1  # one run's events
 
 
 def test_resume_refuses_a_changed_configuration_and_continues_from_the_last_step(s, tmp_path):
@@ -63,7 +94,7 @@ def test_resume_refuses_a_changed_configuration_and_continues_from_the_last_step
     final/ and saved the new lr while the schedule kept the old one."""
     out = tmp_path / "run"
     cli_main(_sft(s, out, "--save-every", "2"))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]   # the last step too
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]  # the last step too
     before = _files(out)
     with pytest.raises(ValueError) as info:
         cli_main(_sft(s, out, "--save-every", "2", "--resume", "--lr", "0.5", "--method", "gft", "--max-steps", "5"))
@@ -75,8 +106,9 @@ def test_resume_refuses_a_changed_configuration_and_continues_from_the_last_step
     assert steps == [1, 2, 3, 4, 5]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3", "step-4", "step-5"]
     import yaml
+
     saved = yaml.safe_load((out / "final" / "gft_config.yaml").read_text())
-    assert (saved["max_steps"], saved["lr"]) == (5, 1e-3)   # what was used
+    assert (saved["max_steps"], saved["lr"]) == (5, 1e-3)  # what was used
 
 
 @pytest.mark.slow
@@ -88,8 +120,11 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(s, tmp_path):
     args = _sft(s, tmp_path / "o")[:]
     args[args.index(str(s["train"]))] = str(bad)
     code, err = _cli(args)
-    assert code == 1 and err.strip().splitlines()[-1] == \
-        f"gft-train: error: {bad}: row 2: field 'answer': expected a string or a number, got list: [7]", err
+    assert (
+        code == 1
+        and err.strip().splitlines()[-1]
+        == f"gft-train: error: {bad}: row 2: field 'answer': expected a string or a number, got list: [7]"
+    ), err
     assert "Traceback" not in err and len([x for x in err.splitlines() if "error" in x]) == 1, err
     code, err = _cli(args + ["--debug"])
     assert code == 1 and "Traceback" in err and "DataError" in err
@@ -98,8 +133,9 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(s, tmp_path):
     code, err = _cli(["train", "--model", str(tmp_path / "nope"), "--train-file", str(bad)])
     assert code == 1 and "Traceback" not in err and f"model path '{tmp_path / 'nope'}'" in err, err
     import tomllib
+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["gft-train"] == "gft_train.cli:cli"   # the installed command prints the one line too
+    assert scripts["gft-train"] == "gft_train.cli:cli"  # the installed command prints the one line too
 
 
 def _scalar_steps(logdir, tag="loss"):
@@ -121,9 +157,15 @@ def test_tensorboard_has_each_step_once_after_a_killed_run_resumes(s, tmp_path):
     """Defect 4: metrics.jsonl was trimmed to the checkpoint on resume, the event files were not."""
     out = tmp_path / "run"
     args = _sft(s, out, "--save-every", "2", "--max-steps", "6")
-    proc = subprocess.run([sys.executable, "-m", "gft_train.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "GFT_FAULT_AT_STEP": "4"}, timeout=600)
-    assert proc.returncode == -9, proc.stderr[-2000:]         # SIGKILL before step 4: checkpoint at 2, events to 3
+    proc = subprocess.run(
+        [sys.executable, "-m", "gft_train.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "GFT_FAULT_AT_STEP": "4"},
+        timeout=600,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL before step 4: checkpoint at 2, events to 3
     assert _scalar_steps(out / "tensorboard") == [1, 2, 3]
     cli_main(args + ["--resume"])
     assert _scalar_steps(out / "tensorboard") == [1, 2, 3, 4, 5, 6]
@@ -137,9 +179,18 @@ def _trainer(s, tmp_path, **kw):
     from gft_train.config import Config
     from gft_train.trainer import Trainer
 
-    base = dict(model=str(s["model"]), train_file=str(s["train"]), output_dir=str(tmp_path / "o"), max_steps=2,
-                prompts_per_step=4, micro_batch_size=4, max_length=16, n_self=2, max_new_tokens=4,
-                engine="transformers")
+    base = dict(
+        model=str(s["model"]),
+        train_file=str(s["train"]),
+        output_dir=str(tmp_path / "o"),
+        max_steps=2,
+        prompts_per_step=4,
+        micro_batch_size=4,
+        max_length=16,
+        n_self=2,
+        max_new_tokens=4,
+        engine="transformers",
+    )
     return Trainer(Config(**{**base, **kw}))
 
 
@@ -153,8 +204,9 @@ def test_every_row_is_checked_for_teachers_before_the_first_step(s, tmp_path):
     bad = write_jsonl(rows, tmp_path / "bad.jsonl")
     with pytest.raises(DataError) as info:
         _trainer(s, tmp_path, train_file=str(bad))
-    assert f"{bad}: row 9: field 'teachers': has 1 teacher responses, the group mix needs 3 (2 rows in all)" \
-        in str(info.value)
+    assert f"{bad}: row 9: field 'teachers': has 1 teacher responses, the group mix needs 3 (2 rows in all)" in str(
+        info.value
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -164,7 +216,7 @@ def test_runs_that_train_on_nothing_warn_with_counts_or_stop(s, tmp_path):
 
     rows = _rows(s)
     for r in rows[:3]:
-        r["prompt"] = "1+2+3+4+5+6+7+8+9=" + r["prompt"]   # 18 characters more: over max_length 16
+        r["prompt"] = "1+2+3+4+5+6+7+8+9=" + r["prompt"]  # 18 characters more: over max_length 16
     long = write_jsonl(rows, tmp_path / "long.jsonl")
     with pytest.warns(UserWarning, match=f"3 of 12 prompts of {long} are max_length \\(16\\) tokens or longer"):
         _trainer(s, tmp_path, train_file=str(long))
@@ -190,10 +242,11 @@ def test_a_groups_file_from_another_tokenizer_is_refused_by_row_and_field(s, tmp
 
     model, tok = load_model(str(s["model"]))
     cfg = Config(n_self=1, max_new_tokens=3).resolved()
-    groups = build_groups(load_rows(s["train"])[:4], cfg, TransformersEngine(model, tok, max_new_tokens=3),
-                          load_reward("math"))
+    groups = build_groups(
+        load_rows(s["train"])[:4], cfg, TransformersEngine(model, tok, max_new_tokens=3), load_reward("math")
+    )
     save_groups(groups, tmp_path / "g.jsonl")
-    assert {g.tokenizer for g in load_groups(tmp_path / "g.jsonl")} == {tok.name_or_path}   # stored with them
+    assert {g.tokenizer for g in load_groups(tmp_path / "g.jsonl")} == {tok.name_or_path}  # stored with them
     groups[2].responses[-1].token_ids = [3, 50000]
     groups[2].tokenizer = "some/other-tokenizer"
     save_groups(groups, tmp_path / "g.jsonl")
@@ -218,14 +271,35 @@ def test_the_bar_names_its_fields_and_the_plot_gives_each_quantity_its_panel(s, 
     cli_main(_sft(s, tmp_path / "sft", "--max-steps", "1"))
     bar = capsys.readouterr().err
     assert "loss=" in bar and "token_acc=" in bar and "reward" not in bar, bar
-    cli_main(["train", "--model", str(s["model"]), "--train-file", str(s["train"]), "--output-dir",
-              str(tmp_path / "gft"), "--max-steps", "1", "--prompts-per-step", "2", "--n-self", "2",
-              "--max-new-tokens", "4", "--max-length", "16", "--engine", "transformers"])
+    cli_main(
+        [
+            "train",
+            "--model",
+            str(s["model"]),
+            "--train-file",
+            str(s["train"]),
+            "--output-dir",
+            str(tmp_path / "gft"),
+            "--max-steps",
+            "1",
+            "--prompts-per-step",
+            "2",
+            "--n-self",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--max-length",
+            "16",
+            "--engine",
+            "transformers",
+        ]
+    )
     bar = capsys.readouterr().err
     assert all(f"{k}_reward=" in bar for k in ("expert", "teacher", "self")) and " reward=" not in bar, bar
     panels = dict(plot_metrics(tmp_path / "gft" / "metrics.jsonl", tmp_path / "p.png"))
-    assert [t for t, keys in panels.items() if "grad_norm" in keys] != [t for t, keys in panels.items()
-                                                                       if "entropy" in keys]
+    assert [t for t, keys in panels.items() if "grad_norm" in keys] != [
+        t for t, keys in panels.items() if "entropy" in keys
+    ]
     assert all(len(keys) == 1 for t, keys in panels.items() if "grad_norm" in keys or "entropy" in keys)
 
 
@@ -238,17 +312,26 @@ def test_trains_from_chat_messages_in_trl_columns_with_a_mapping(s, tmp_path):
 
     model = shutil.copytree(s["model"], tmp_path / "chat-model")
     tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}*{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}*{% endif %}"
+    )
     tok.save_pretrained(model)
-    rows = [{"question": [{"role": "user", "content": r["prompt"]}], "gold": r["answer"],
-             "completion": [{"role": "assistant", "content": r["expert"]}]} for r in _rows(s)]
+    rows = [
+        {
+            "question": [{"role": "user", "content": r["prompt"]}],
+            "gold": r["answer"],
+            "completion": [{"role": "assistant", "content": r["expert"]}],
+        }
+        for r in _rows(s)
+    ]
     data = write_jsonl(rows, tmp_path / "chat.jsonl")
-    args = _sft(s, tmp_path / "o", "--model", str(model), "--train-file", str(data), "--columns",
-                "prompt=question,answer=gold")
+    args = _sft(
+        s, tmp_path / "o", "--model", str(model), "--train-file", str(data), "--columns", "prompt=question,answer=gold"
+    )
     cli_main(args)
     metrics = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(m["tokens"] > 0 for m in metrics)
-    plain = write_jsonl(rows, tmp_path / "plain.jsonl")   # the same data, a model without a chat template
+    plain = write_jsonl(rows, tmp_path / "plain.jsonl")  # the same data, a model without a chat template
     with pytest.raises(Exception, match=f"{plain}: row 0: field 'prompt': chat messages need a tokenizer with a chat"):
         cli_main(_sft(s, tmp_path / "p", "--train-file", str(plain), "--columns", "prompt=question,answer=gold"))
 
@@ -259,13 +342,35 @@ def test_evaluation_during_training_is_logged_and_leaves_the_training_alone(s, t
     from safetensors.torch import load_file
 
     def gft(out, *extra):
-        return ["train", "--model", str(s["model"]), "--train-file", str(s["train"]), "--output-dir", str(out),
-                "--max-steps", "3", "--prompts-per-step", "2", "--n-self", "2", "--max-new-tokens", "4",
-                "--max-length", "16", "--engine", "transformers", "--lr", "1e-2", *extra]
+        return [
+            "train",
+            "--model",
+            str(s["model"]),
+            "--train-file",
+            str(s["train"]),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "3",
+            "--prompts-per-step",
+            "2",
+            "--n-self",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--max-length",
+            "16",
+            "--engine",
+            "transformers",
+            "--lr",
+            "1e-2",
+            *extra,
+        ]
 
     cli_main(gft(tmp_path / "plain"))
-    cli_main(gft(tmp_path / "eval", "--eval-every", "2", "--eval-file", str(s["eval"]), "--eval-n", "2",
-                 "--eval-k", "2"))
+    cli_main(
+        gft(tmp_path / "eval", "--eval-every", "2", "--eval-file", str(s["eval"]), "--eval-n", "2", "--eval-k", "2")
+    )
     rows = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert ["eval/pass@1" in r for r in rows] == [False, True, True]
     assert all(0 <= rows[-1][k] <= 1 for k in ("eval/pass@1", "eval/pass@2", "eval/greedy_pass@1"))
@@ -289,6 +394,6 @@ def test_num_epochs_sets_the_steps_from_the_data(s, tmp_path):
     import yaml
 
     out = tmp_path / "run"
-    cli_main(_sft(s, out, "--num-epochs", "1.5"))   # 12 prompts, 4 a step: ceil(18 / 4) = 5 steps
+    cli_main(_sft(s, out, "--num-epochs", "1.5"))  # 12 prompts, 4 a step: ceil(18 / 4) = 5 steps
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
     assert yaml.safe_load((out / "final" / "gft_config.yaml").read_text())["max_steps"] == 5

@@ -1,4 +1,5 @@
 """gft_train pieces: data validation, config, advantages (Eq. 4), pass@k, rewards, the LM helper."""
+
 import json
 import math
 
@@ -20,13 +21,16 @@ def _write(path, rows):
 GOOD = {"prompt": "1+1=", "answer": "2", "expert": "2", "teachers": ["2", "3"]}
 
 
-@pytest.mark.parametrize("bad,field,words", [
-    ({"answer": "2", "expert": "2"}, "prompt", "missing"),
-    ({"prompt": "1+1=", "answer": [2], "expert": "2"}, "answer", "expected a string or a number"),
-    ({"prompt": "1+1=", "answer": "2", "expert": ""}, "expert", "empty"),
-    ({"prompt": "1+1=", "answer": "2", "expert": "2", "teachers": "2"}, "teachers", "list of strings"),
-    ("{not json", "*", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "bad,field,words",
+    [
+        ({"answer": "2", "expert": "2"}, "prompt", "missing"),
+        ({"prompt": "1+1=", "answer": [2], "expert": "2"}, "answer", "expected a string or a number"),
+        ({"prompt": "1+1=", "answer": "2", "expert": ""}, "expert", "empty"),
+        ({"prompt": "1+1=", "answer": "2", "expert": "2", "teachers": "2"}, "teachers", "list of strings"),
+        ("{not json", "*", "not JSON"),
+    ],
+)
 def test_bad_rows_name_file_row_and_field(tmp_path, bad, field, words):
     path = _write(tmp_path / "d.jsonl", [GOOD, GOOD, bad])
     with pytest.raises(DataError) as info:
@@ -67,7 +71,7 @@ def test_missing_and_empty_files(tmp_path):
 def test_group_advantages_follow_eq4_with_the_sample_std():
     rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]
     r = torch.tensor(rewards, dtype=torch.float64)
-    expected = (r - r.mean()) / (r.std() + 1e-6)   # torch.std: the sample std, as the authors' code
+    expected = (r - r.mean()) / (r.std() + 1e-6)  # torch.std: the sample std, as the authors' code
     assert torch.allclose(torch.tensor(group_advantages(rewards), dtype=torch.float64), expected)
     assert group_advantages([0.3] * 5) == [0.0] * 5
     assert group_advantages([1.0]) == [0.0]
@@ -90,11 +94,18 @@ def test_config_presets_flags_and_yaml(tmp_path):
     p = argparse.ArgumentParser()
     config_mod.add_arguments(p)
     (tmp_path / "c.yaml").write_text("method: gft\nlr: 0.001\nmax_steps: 7\n")
-    cfg = config_mod.from_args(p.parse_args(["--config", str(tmp_path / "c.yaml"), "--max-steps", "9", "--no-dcr"])).resolved()
+    cfg = config_mod.from_args(
+        p.parse_args(["--config", str(tmp_path / "c.yaml"), "--max-steps", "9", "--no-dcr"])
+    ).resolved()
     assert (cfg.lr, cfg.max_steps, cfg.tau, cfg.n_expert, cfg.n_teacher, cfg.n_self) == (0.001, 9, 0.0, 1, 3, 4)
     no_gal = config_mod.Config(gal=False).resolved()
-    assert (no_gal.uses_group_advantage, no_gal.n_expert, no_gal.n_teacher, no_gal.n_self, no_gal.tau) == \
-        (False, 1, 0, 0, 0.7)                       # the paper's w/o GAL: demonstrations with DCR
+    assert (no_gal.uses_group_advantage, no_gal.n_expert, no_gal.n_teacher, no_gal.n_self, no_gal.tau) == (
+        False,
+        1,
+        0,
+        0,
+        0.7,
+    )  # the paper's w/o GAL: demonstrations with DCR
     assert config_mod.Config(gal=False, n_teacher=3).resolved().n_teacher == 3
     with pytest.raises(ValueError, match="n_self must be 0"):
         config_mod.Config(gal=False, n_self=4).resolved()
@@ -105,7 +116,7 @@ def test_config_presets_flags_and_yaml(tmp_path):
     assert config_mod.Config(groups_file="g.jsonl").resolved().refresh_every == 0
     assert config_mod.Config(refresh_every=0).resolved().refresh_every == 0
     assert config_mod.Config(refresh_every=4).resolved().refresh_every == 4
-    assert config_mod.Config().eval_temperature == 0.5   # the paper's evaluation temperature
+    assert config_mod.Config().eval_temperature == 0.5  # the paper's evaluation temperature
     sft = config_mod.Config(method="sft").resolved()
     assert (sft.tau, sft.n_self, sft.uses_group_advantage) == (0.0, 0, False)
     assert math.isinf(config_mod.Config(method="dft").resolved().tau)
@@ -130,12 +141,12 @@ def test_cli_help_lists_every_field_with_help_and_default(command, capsys, monke
 
     from gft_train.cli import main
 
-    monkeypatch.setenv("COLUMNS", "1000")   # no wrapping: one line per flag
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: one line per flag
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    entries = []   # one per option: its flags, then its help (argparse may put the help on the next line)
+    entries = []  # one per option: its flags, then its help (argparse may put the help on the next line)
     for line in out.split("options:")[1].splitlines():
         if line.strip().startswith("-"):
             entries.append(line.strip())
@@ -175,8 +186,8 @@ def test_cli_flag_forms(tmp_path):
     assert parse() == config_mod.Config()
     (tmp_path / "c.yaml").write_text("bf16: true\neval_k: [2]\n")
     cfg = parse("--config", str(tmp_path / "c.yaml"))
-    assert (cfg.bf16, cfg.eval_k) == (True, [2])          # defaults of unset flags never override the YAML
-    assert dataclasses.fields(config_mod.Config)[0].type == "str"   # the parser left Config's fields alone
+    assert (cfg.bf16, cfg.eval_k) == (True, [2])  # defaults of unset flags never override the YAML
+    assert dataclasses.fields(config_mod.Config)[0].type == "str"  # the parser left Config's fields alone
 
 
 # A gft_config.yaml as the trainer wrote it before Config was split into groups (a resolved
@@ -252,13 +263,25 @@ def test_saved_config_format_is_the_one_old_runs_hold(tmp_path):
 def test_config_groups_hold_every_field_once():
     import dataclasses
 
-    groups = (config_mod.ModelAndData, config_mod.GroupMix, config_mod.Rollout, config_mod.Optimization,
-              config_mod.Logging, config_mod.Evaluation)
+    groups = (
+        config_mod.ModelAndData,
+        config_mod.GroupMix,
+        config_mod.Rollout,
+        config_mod.Optimization,
+        config_mod.Logging,
+        config_mod.Evaluation,
+    )
     names = [f.name for g in groups for f in dataclasses.fields(g)]
-    assert names == [f.name for f in dataclasses.fields(config_mod.Config)]      # flat, in the old order
+    assert names == [f.name for f in dataclasses.fields(config_mod.Config)]  # flat, in the old order
     cfg = config_mod.Config(lr=0.5, n_self=2, eval_n=3, engine="transformers", save_every=4, model="m")
-    assert (cfg.optimization.lr, cfg.groups.n_self, cfg.evaluation.eval_n, cfg.rollout.engine,
-            cfg.logging.save_every, cfg.model_and_data.model) == (0.5, 2, 3, "transformers", 4, "m")
+    assert (
+        cfg.optimization.lr,
+        cfg.groups.n_self,
+        cfg.evaluation.eval_n,
+        cfg.rollout.engine,
+        cfg.logging.save_every,
+        cfg.model_and_data.model,
+    ) == (0.5, 2, 3, "transformers", 4, "m")
 
 
 def _readme_gft_train_flags() -> set[str]:
@@ -291,7 +314,7 @@ def test_every_flag_the_readme_shows_parses_to_its_field(tmp_path):
         if action.dest in ("config", "debug", "base_model", "help"):
             continue
         assert action.dest in hints, (flag, action.dest)
-    with pytest.raises(SystemExit):   # and the parser is the CLI's: an unknown flag is refused there
+    with pytest.raises(SystemExit):  # and the parser is the CLI's: an unknown flag is refused there
         main(["train", "--no-such-flag"])
 
 
@@ -302,8 +325,13 @@ def test_every_field_is_a_yaml_key_and_a_flag(tmp_path):
 
     import yaml
 
-    other = {bool: lambda v: not v, int: lambda v: (v or 0) + 2, float: lambda v: (v or 0.0) + 0.25,
-             str: lambda v: v + "x", list: lambda v: v + [16]}
+    other = {
+        bool: lambda v: not v,
+        int: lambda v: (v or 0) + 2,
+        float: lambda v: (v or 0.0) + 0.25,
+        str: lambda v: v + "x",
+        list: lambda v: v + [16],
+    }
     defaults = config_mod.Config()
     values = {}
     for f in dataclasses.fields(config_mod.Config):
@@ -331,7 +359,8 @@ def test_math_reward_and_user_reward(tmp_path, monkeypatch):
         reward.close()
     (tmp_path / "my_rewards.py").write_text(
         "def length(prompts, completions, answers):\n    return [float(len(c)) for c in completions]\n"
-        "def short(prompts, completions, answers):\n    return [1.0]\n")
+        "def short(prompts, completions, answers):\n    return [1.0]\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert load_reward("my_rewards:length")(["a", "b"], ["xy", "z"], ["", ""]) == [2.0, 1.0]
     with pytest.raises(ValueError, match="returned 1 rewards for 2"):
@@ -341,8 +370,18 @@ def test_math_reward_and_user_reward(tmp_path, monkeypatch):
 
 
 def test_groups_round_trip(tmp_path):
-    groups = [Group("1+1=", "2", [Response("2", "expert", 1.0, 0.5), Response("3", "self", 0.0, -0.5, [5, 1], False),
-                                  Response("33", "self", 0.0, -0.5, [5, 5], True)], "f:0")]
+    groups = [
+        Group(
+            "1+1=",
+            "2",
+            [
+                Response("2", "expert", 1.0, 0.5),
+                Response("3", "self", 0.0, -0.5, [5, 1], False),
+                Response("33", "self", 0.0, -0.5, [5, 5], True),
+            ],
+            "f:0",
+        )
+    ]
     save_groups(groups, tmp_path / "g.jsonl")
     assert load_groups(tmp_path / "g.jsonl") == groups
 
@@ -368,7 +407,7 @@ def test_causal_lm_helper_equals_gft_on_the_model_logits(tmp_path):
     torch.testing.assert_close(loss, ref)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
-    assert batch.labels[0, :5].eq(-100).all()   # prompt tokens are masked
+    assert batch.labels[0, :5].eq(-100).all()  # prompt tokens are masked
     assert isinstance(gft_kernels.GFTLoss(), torch.nn.Module)
 
 
@@ -383,8 +422,9 @@ def test_trainer_loss_aggregations_on_the_model_logits(tmp_path, name):
     model, tok = load_model(str(build_model(tmp_path / "m")))
     batch = encode(tok, [("12+7=", "19", 1.5), ("3+4=", "8", -0.7), ("20+20=", "40", 0.3)], 16)
     reduction, normalizer = aggregation(name, batch.n_valid, batch.n_seqs, 16)
-    loss, sums = GFTPolicy(model)(batch.input_ids, batch.attention_mask, batch.labels, batch.adv, 0.7, normalizer,
-                                  reduction, 0.01)
+    loss, sums = GFTPolicy(model)(
+        batch.input_ids, batch.attention_mask, batch.labels, batch.adv, 0.7, normalizer, reduction, 0.01
+    )
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
     targets = batch.labels[:, 1:]
     log_probs = logits.log_softmax(-1)
@@ -394,12 +434,14 @@ def test_trainer_loss_aggregations_on_the_model_logits(tmp_path, name):
     valid = targets != -100
     per_tok = torch.where(valid, -batch.adv[:, None] * torch.where(p < 0.7, p, 1.0) * logp - 0.01 * entropy, 0.0)
     seq_sum, seq_n = per_tok.sum(1), valid.sum(1)
-    want = {"token-mean": per_tok.sum() / valid.sum(),
-            "seq-mean-token-mean": (seq_sum / seq_n).mean(),
-            "seq-mean-token-sum": seq_sum.mean(),
-            "seq-mean-token-sum-norm": per_tok.sum() / (3 * 16)}[name]
+    want = {
+        "token-mean": per_tok.sum() / valid.sum(),
+        "seq-mean-token-mean": (seq_sum / seq_n).mean(),
+        "seq-mean-token-sum": seq_sum.mean(),
+        "seq-mean-token-sum-norm": per_tok.sum() / (3 * 16),
+    }[name]
     torch.testing.assert_close(loss, want)
-    assert 0.0 <= float(sums[4] / sums[3]) <= 1.0   # token accuracy
+    assert 0.0 <= float(sums[4] / sums[3]) <= 1.0  # token accuracy
 
 
 def test_unknown_loss_aggregation_is_refused():
@@ -408,6 +450,7 @@ def test_unknown_loss_aggregation_is_refused():
 
 
 # ---- rollouts: the sampled token ids go to the batches as they are ------------------------------
+
 
 class _FakeGenerateModel(torch.nn.Module):
     """Stands in for a causal LM in ``TransformersEngine``: ``generate`` appends fixed rows."""
@@ -470,8 +513,9 @@ def test_self_samples_are_trained_on_the_sampled_ids_without_an_added_eos():
 
     tok = _tiny_tokenizer()
     one, nine, pad, eos = (tok.convert_tokens_to_ids(t) for t in ("1", "9", "<pad>", "<eos>"))
-    engine = TransformersEngine(_FakeGenerateModel([[one, nine, eos, pad], [one, pad, nine, nine]]), tok,
-                                max_new_tokens=4)
+    engine = TransformersEngine(
+        _FakeGenerateModel([[one, nine, eos, pad], [one, pad, nine, nine]]), tok, max_new_tokens=4
+    )
     cfg = config_mod.Config(n_teacher=1, n_self=2).resolved()
     rows = [PromptRow("12+7=", "19", "19", ["18"], "t:0")]
     group = build_groups(rows, cfg, engine, lambda p, c, a: [float(x == y) for x, y in zip(c, a)])[0]
@@ -484,10 +528,14 @@ def test_self_samples_are_trained_on_the_sampled_ids_without_an_added_eos():
     responses = []
     for ids, labels in zip(batch.input_ids.tolist(), batch.labels.tolist()):
         n = sum(1 for x in labels if x != -100)
-        assert labels[:len(p)] == [-100] * len(p) and ids[:len(p)] == p
-        responses.append(labels[len(p):len(p) + n])
-    assert responses == [[one, nine, eos], [one, tok.convert_tokens_to_ids("8"), eos], [one, nine, eos],
-                         [one, pad, nine, nine]]                        # the truncated sample: no EOS
+        assert labels[: len(p)] == [-100] * len(p) and ids[: len(p)] == p
+        responses.append(labels[len(p) : len(p) + n])
+    assert responses == [
+        [one, nine, eos],
+        [one, tok.convert_tokens_to_ids("8"), eos],
+        [one, nine, eos],
+        [one, pad, nine, nine],
+    ]  # the truncated sample: no EOS
 
 
 def test_without_gal_the_groups_hold_only_demonstrations():
@@ -503,6 +551,7 @@ def test_without_gal_the_groups_hold_only_demonstrations():
 
 
 # ---- evaluation: one function, the paper's metrics --------------------------------------------
+
 
 class _ListEngine:
     def __init__(self, outs):
@@ -525,8 +574,8 @@ def test_accuracy_reports_pass_at_k_and_distinct_correct_answers():
     assert math.isclose(out["pass@1"], 0.5)
     for k in (2, 3, 4):
         assert math.isclose(out[f"pass@{k}"], pass_at_k(4, 2, k))
-    assert out["distinct_correct"] == 1.0    # "1" and "1 " are one answer; "2" twice is one
-    assert out["per_prompt"] == [0.5, 0.5]   # each prompt's own pass@1, in the rows' order
+    assert out["distinct_correct"] == 1.0  # "1" and "1 " are one answer; "2" twice is one
+    assert out["per_prompt"] == [0.5, 0.5]  # each prompt's own pass@1, in the rows' order
     assert engine.calls == [(4, 0.5)]
 
 
@@ -544,8 +593,16 @@ def test_cli_demo_and_study_share_one_evaluation_function(tmp_path, monkeypatch,
 
     def fake(model_dir, splits, cfg, *, base_dir=None, kl_split=None, reward_fn=None):
         calls.append((str(model_dir), list(splits), cfg.eval_temperature))
-        out = {s: {"pass@1": 0.5, "greedy_pass@1": 0.25, f"pass@{cfg.eval_n}": 0.75, "distinct_correct": 1.0,
-                   "per_prompt": [0.5]} for s in splits}
+        out = {
+            s: {
+                "pass@1": 0.5,
+                "greedy_pass@1": 0.25,
+                f"pass@{cfg.eval_n}": 0.75,
+                "distinct_correct": 1.0,
+                "per_prompt": [0.5],
+            }
+            for s in splits
+        }
         if base_dir is not None:
             out.update(kl_to_base=0.1, kl_base_model=0.2)
         return out
@@ -555,20 +612,21 @@ def test_cli_demo_and_study_share_one_evaluation_function(tmp_path, monkeypatch,
     splits = make_splits(seed=0, n_train=8, n_eval=4)
     data = {k: write_jsonl(v, tmp_path / "data" / f"{k}.jsonl") for k, v in splits.items()}
     main(["eval", "--model", str(model), "--eval-file", str(data["eval_id"]), "--base-model", str(model)])
-    printed = capsys.readouterr().out   # this test's own imports may have logged first (DeepSpeed's, on stdout)
-    summary = json.loads(printed[printed.index("\n{") + 1:] if not printed.startswith("{") else printed)
+    printed = capsys.readouterr().out  # this test's own imports may have logged first (DeepSpeed's, on stdout)
+    summary = json.loads(printed[printed.index("\n{") + 1 :] if not printed.startswith("{") else printed)
     assert summary["kl_base_model"] == 0.2 and "per_prompt" not in summary
-    files = {name: write_jsonl(splits["eval_id"], tmp_path / "data" / f"{name}.jsonl")
-             for name in ("test", "ood", "probe")}
+    files = {
+        name: write_jsonl(splits["eval_id"], tmp_path / "data" / f"{name}.jsonl") for name in ("test", "ood", "probe")
+    }
     row = evaluate(model, model, files, QUICK, seed=0)
     assert (row["id_greedy"], row["kl_base"]) == (0.25, 0.2)
     monkeypatch.setattr(gft_train.trainer, "train", lambda cfg: model)
     result = run_demo(tmp_path / "demo", quick=True)
     assert result["results"]["GFT"]["kl_base_model"] == 0.2
     callers = [c[1] for c in calls]
-    assert callers[0] == ["eval"]                                        # the CLI
-    assert ["id", "ood", "probe"] in callers and ["id"] in callers       # the study
-    assert callers.count(list(SPLITS)) == 3                              # the demo: base, SFT and GFT
+    assert callers[0] == ["eval"]  # the CLI
+    assert ["id", "ood", "probe"] in callers and ["id"] in callers  # the study
+    assert callers.count(list(SPLITS)) == 3  # the demo: base, SFT and GFT
     assert {c[2] for c in calls} == {0.5}
 
 
@@ -596,7 +654,9 @@ def test_kl_to_base_both_ways(tmp_path):
     forward = kl_to_base(model, base, tok, rows)
     backward = kl_base_to_model(model, base, tok, rows, n=2, max_new_tokens=4, seed=3)
     assert forward > 0 and backward > 0 and forward != backward
-    samples = TransformersEngine(base, tok, max_new_tokens=4, temperature=1.0).sample([r.prompt for r in rows], 2, seed=3)
+    samples = TransformersEngine(base, tok, max_new_tokens=4, temperature=1.0).sample(
+        [r.prompt for r in rows], 2, seed=3
+    )
     batch = encode(tok, [(r.prompt, s.token_ids, 1.0) for r, ss in zip(rows, samples) for s in ss], 64)
     with torch.no_grad():
         lb = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].log_softmax(-1)
@@ -610,13 +670,18 @@ def test_encode_tokenizes_like_one_text_at_a_time_with_a_chat_template():
     from gft_train.lm import encode, format_prompt
 
     tok = _tiny_tokenizer()
-    tok.chat_template = "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}={% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
     items = [("12+7", "19", 1.0), ("3+4", [5, 6, 1], -0.5), ("1+1", "2", 0.0)]
     batch = encode(tok, items, 32)
     for row, labels, (prompt, response, _) in zip(batch.input_ids.tolist(), batch.labels.tolist(), items):
         p = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
-        r = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] if isinstance(response, str) \
+        r = (
+            tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            if isinstance(response, str)
             else response
+        )
         n = len(p) + len(r)
         assert format_prompt(tok, prompt) == f"({prompt})="
         assert row[:n] == p + r and labels[:n] == [-100] * len(p) + r
@@ -633,13 +698,25 @@ def test_yaml_values_are_converted_and_checked_like_their_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text('lr: 1e-3\ntau: "0.5"\nmax_steps: "7"\nbf16: "false"\neval_k: "1,4"\nn_self: null\nmodel: 2024\n')
     cfg = config_mod.from_args(p.parse_args(["--config", str(path)]))
-    assert (cfg.lr, cfg.tau, cfg.max_steps, cfg.bf16, cfg.eval_k, cfg.n_self, cfg.model) == \
-        (1e-3, 0.5, 7, False, [1, 4], None, "2024")
+    assert (cfg.lr, cfg.tau, cfg.max_steps, cfg.bf16, cfg.eval_k, cfg.n_self, cfg.model) == (
+        1e-3,
+        0.5,
+        7,
+        False,
+        [1, 4],
+        None,
+        "2024",
+    )
     assert type(cfg.lr) is float and type(cfg.tau) is float and type(cfg.max_steps) is int
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)   # crashed on the string
-    for text, field, words in [("lr: fast\n", "lr", "a number"), ("max_steps: 2.5\n", "max_steps", "an integer"),
-                               ("bf16: maybe\n", "bf16", "true or false"), ("model: [a]\n", "model", "a string"),
-                               ("eval_k: [1, x]\n", "eval_k", "an integer"), ("tau: true\n", "tau", "a number")]:
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)  # crashed on the string
+    for text, field, words in [
+        ("lr: fast\n", "lr", "a number"),
+        ("max_steps: 2.5\n", "max_steps", "an integer"),
+        ("bf16: maybe\n", "bf16", "true or false"),
+        ("model: [a]\n", "model", "a string"),
+        ("eval_k: [1, x]\n", "eval_k", "an integer"),
+        ("tau: true\n", "tau", "a number"),
+    ]:
         path.write_text(text)
         with pytest.raises(ValueError) as info:
             config_mod.from_args(p.parse_args(["--config", str(path)]))
@@ -651,17 +728,24 @@ def test_chat_prompts_trl_completions_and_column_mapping(tmp_path):
     """Chat-message prompts, TRL's `completion` column (text or assistant messages), a column mapping,
     with the same file/row/field errors (issue 22)."""
     chat = [{"role": "system", "content": "Add."}, {"role": "user", "content": "1+1="}]
-    path = _write(tmp_path / "d.jsonl", [
-        {"prompt": chat, "answer": "2", "completion": "2"},
-        {"prompt": "1+1=", "answer": "2", "completion": [{"role": "assistant", "content": "2"}]},
-    ])
+    path = _write(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": chat, "answer": "2", "completion": "2"},
+            {"prompt": "1+1=", "answer": "2", "completion": [{"role": "assistant", "content": "2"}]},
+        ],
+    )
     rows = load_rows(path)
     assert (rows[0].prompt, rows[0].expert, rows[1].prompt, rows[1].expert) == (chat, "2", "1+1=", "2")
     mapped = _write(tmp_path / "m.jsonl", [{"question": chat, "gold": "2", "solution": "2", "others": ["3"]}])
     row = load_rows(mapped, "prompt=question, answer=gold,expert=solution,teachers=others")[0]
     assert (row.prompt, row.answer, row.expert, row.teachers) == (chat, "2", "2", ["3"])
     for bad, field, words in [
-        ({"question": [{"role": "user", "content": 3}], "gold": "2", "solution": "2"}, "question[0].content", "a string"),
+        (
+            {"question": [{"role": "user", "content": 3}], "gold": "2", "solution": "2"},
+            "question[0].content",
+            "a string",
+        ),
         ({"question": [{"role": "boss", "content": "x"}], "gold": "2", "solution": "2"}, "question[0].role", "one of"),
         ({"question": "1+1=", "solution": "2"}, "gold", "missing"),
         ({"question": 5, "gold": "2", "solution": "2"}, "question", "a list of chat messages"),
@@ -680,11 +764,13 @@ def test_chat_prompts_go_through_the_chat_template():
     with pytest.raises(ValueError, match="chat template"):
         format_prompt(tok, [{"role": "user", "content": "1+1="}])
     # the demo's character tokenizer knows digits and + - * = ( ): a system message is marked with -
-    tok.chat_template = "{% for m in messages %}({% if m['role'] == 'system' %}-{% endif %}{{ m['content'] }})" \
-                        "{% endfor %}{% if add_generation_prompt %}*{% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}({% if m['role'] == 'system' %}-{% endif %}{{ m['content'] }})"
+        "{% endfor %}{% if add_generation_prompt %}*{% endif %}"
+    )
     msgs = [{"role": "system", "content": "9"}, {"role": "user", "content": "1+1="}]
     assert format_prompt(tok, msgs) == "(-9)(1+1=)*"
-    assert format_prompt(tok, "1+1=") == "(1+1=)*"     # a text prompt is one user message
+    assert format_prompt(tok, "1+1=") == "(1+1=)*"  # a text prompt is one user message
     batch = encode(tok, [(msgs, "2", 1.0)], 64)
     assert tok.decode(batch.input_ids[0][batch.labels[0] == -100]).replace(" ", "") == "(-9)(1+1=)*"
 
@@ -699,18 +785,27 @@ def test_a_response_cut_at_max_length_is_counted_and_said_once(tmp_path):
     from gft_train.demo.task import write_jsonl
     from gft_train.trainer import Trainer
 
-    rows = [dict(prompt="3+4=", answer="7", expert="3+4=7", teachers=[]),      # 4 + 5 + EOS = 10 tokens: cut
-            dict(prompt="1+1=", answer="2", expert="2", teachers=[])]          # 4 + 1 + EOS = 6: whole
-    cfg = Config(method="sft", model=str(build_model(tmp_path / "m", hidden_size=64, layers=1)),
-                 train_file=str(write_jsonl(rows, tmp_path / "t.jsonl")), output_dir=str(tmp_path / "o"),
-                 prompts_per_step=2, micro_batch_size=2, max_length=8, reward="gft_train.demo.sums:reward")
+    rows = [
+        dict(prompt="3+4=", answer="7", expert="3+4=7", teachers=[]),  # 4 + 5 + EOS = 10 tokens: cut
+        dict(prompt="1+1=", answer="2", expert="2", teachers=[]),
+    ]  # 4 + 1 + EOS = 6: whole
+    cfg = Config(
+        method="sft",
+        model=str(build_model(tmp_path / "m", hidden_size=64, layers=1)),
+        train_file=str(write_jsonl(rows, tmp_path / "t.jsonl")),
+        output_dir=str(tmp_path / "o"),
+        prompts_per_step=2,
+        micro_batch_size=2,
+        max_length=8,
+        reward="gft_train.demo.sums:reward",
+    )
     trainer = Trainer(cfg)
     with pytest.warns(UserWarning, match=r"1 of 2 responses of step 1 are cut at max_length \(8\)"):
         metrics = trainer.train_step(trainer._groups_for_step(0))
     assert metrics["completions/cut_frac"] == 0.5
     trainer.step = 1
     with warnings.catch_warnings():
-        warnings.simplefilter("error")          # said once: the second step counts, does not warn
+        warnings.simplefilter("error")  # said once: the second step counts, does not warn
         assert trainer.train_step(trainer._groups_for_step(1))["completions/cut_frac"] == 0.5
 
 
@@ -724,7 +819,7 @@ def test_a_checkpoint_is_renamed_only_after_every_process_wrote_into_it(tmp_path
     from gft_train.groups import Group
 
     out = tmp_path / "run"
-    seen = []   # at each barrier: whether the checkpoint was still under its temporary name
+    seen = []  # at each barrier: whether the checkpoint was still under its temporary name
 
     class OneOfTwoProcesses:
         is_main_process = True
@@ -738,6 +833,6 @@ def test_a_checkpoint_is_renamed_only_after_every_process_wrote_into_it(tmp_path
 
     cfg = config_mod.Config(model="m", train_file="t").resolved()
     checkpoints.save_checkpoint(OneOfTwoProcesses(), out, cfg, 2, [Group("1+1=", "2")], 0)
-    after = seen[seen.index("save_state") + 1:]
-    assert after and after[0] == "tmp", seen      # the others finish writing before the rename
+    after = seen[seen.index("save_state") + 1 :]
+    assert after and after[0] == "tmp", seen  # the others finish writing before the rename
     assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
