@@ -167,10 +167,11 @@ def _read_dir(path: Path, split: str) -> list[tuple[str, list]]:
         chosen = set()
         for pattern in patterns[split]:  # each of datasets' name patterns; most match nothing
             try:
-                chosen |= {Path(f) for f in resolve_pattern(pattern, str(path))}
+                # (resolved: datasets returns absolute paths, a relative folder lists relative ones)
+                chosen |= {Path(f).resolve() for f in resolve_pattern(pattern, str(path))}
             except FileNotFoundError:
                 pass
-        files = [f for f in files if f in chosen]
+        files = [f for f in files if f.resolve() in chosen]
     return [(str(f), _read_file(f)) for f in files]
 
 
@@ -196,6 +197,8 @@ def load_rows(
     or a folder of data files), or a ``datasets`` Hub name (``split``, ``config``). Errors name
     the file (the directory, or the dataset name with its split), the row and the field."""
     text = str(path)
+    if not text:  # (Path("") is the current directory)
+        raise ValueError("no data given: set --train-file (or --eval-file) to a file, a directory or a dataset name")
     path = Path(path)
     if path.is_file():
         sources = [(str(path), _read_file(path))]
@@ -211,4 +214,6 @@ def load_rows(
         if not raws:
             raise DataError(source, 0, "*", "the file has no rows")
         rows += [_check_row(source, i, raw, columns) for i, raw in enumerate(raws)]
+    if not rows:  # (a folder whose files of this split matched nothing)
+        raise DataError(text, 0, "*", f"no rows of split {split!r} found there")
     return rows

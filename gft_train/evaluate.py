@@ -51,6 +51,8 @@ def _correct(rewards) -> list[bool]:
 
 def accuracy(engine, rows, reward_fn, n: int, ks=(1,), seed: int = 0, temperature=None) -> dict:
     """pass@1 (mean over n samples), pass@k and distinct correct completions on ``rows``."""
+    if not rows:
+        raise ValueError("no held-out rows to evaluate on")
     completions = engine.generate([r.prompt for r in rows], n, seed=seed, temperature=temperature)
     flat = [(r.prompt, c, r.answer) for r, cs in zip(rows, completions) for c in cs]
     ok = _correct(reward_fn([p for p, _, _ in flat], [c for _, c, _ in flat], [a for _, _, a in flat]))

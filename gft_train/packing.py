@@ -196,9 +196,13 @@ def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
                 error = ValueError(
                     f"{prefix}: a packed row's sequences see each other (their outputs differ from "
                     f"the sequences run apart by up to {diff:.3g}): this model or attention "
-                    "implementation does not keep packed sequences apart; train without --packed, "
-                    "or load the model with an attention implementation that reads position_ids "
-                    "(sdpa, eager or flash_attention_2 on transformers >= 4.53)"
+                    "implementation does not keep packed sequences apart; train without --packed"
+                    + (
+                        ""
+                        if attention_name(model) in ("eager", "sdpa", "flash_attention_2")
+                        else ", or pick an attention implementation that reads position_ids "
+                        "(--attn-implementation sdpa, eager or flash_attention_2; transformers >= 4.53)"
+                    )
                 )
         except Exception as e:  # e.g. a model that refuses the row's length: refused, with its reason
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

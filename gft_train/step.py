@@ -229,3 +229,11 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) ->
         tokens=int(step.tokens),
         cut_frac=step.cut / max(step.responses, 1.0),
     )
+
+
+def scheduled_lrs(scheduler) -> list[float]:
+    """Each parameter group's rate at the scheduler's current step, from its schedule (a
+    ``LambdaLR``, as every transformers schedule is), not from the rate the optimizer holds."""
+    if not hasattr(scheduler, "lr_lambdas"):
+        return scheduler.get_last_lr()
+    return [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]

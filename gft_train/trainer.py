@@ -44,7 +44,15 @@ from .pool import GroupPool
 from .preflight import preflight
 from .rewards import load_reward
 from .rollout import make_engine
-from .step import GFTPolicy, TokenSums, aggregation, cut_warning, optimizer_step, step_batches  # noqa: F401
+from .step import (  # noqa: F401
+    GFTPolicy,
+    TokenSums,
+    aggregation,
+    cut_warning,
+    optimizer_step,
+    scheduled_lrs,
+    step_batches,
+)
 
 __all__ = [
     "Trainer",
@@ -201,6 +209,11 @@ class Trainer:
             return
         resumed = checkpoints.load_checkpoint(self.acc, self.resume_from, self.cfg.max_steps)
         self.step, self.pool.start, self.pool.groups = resumed.step, resumed.pool_start, resumed.groups
+        # The optimizer comes back at the rate its old schedule gave this step; a resume that moves
+        # max_steps (extending a finished run) trains on at the new schedule's rate at this step,
+        # not at the old one's end (0 after a finished cosine or linear run). Unchanged: the same value.
+        for group, lr in zip(self.optimizer.param_groups, scheduled_lrs(self.scheduler), strict=False):
+            group["lr"] = lr
         self.acc.print(f"resumed from {self.resume_from} (step {self.step})")
 
     def save_final(self) -> Path:

@@ -166,3 +166,22 @@ def test_train_and_eval_from_saved_dataset_directories(tmp_path):
                 "1",
             ]
         )
+
+
+def test_a_folder_given_by_a_relative_path_reads_its_split(tmp_path, monkeypatch):
+    """datasets resolves a folder's split patterns to absolute paths: a folder named relative to the
+    working directory (the README's `--train-file data/jsonl_folder`) read no file at all."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _jsonl(folder / "train.jsonl", ROWS[:4])
+    _jsonl(folder / "test.jsonl", ROWS[4:6])
+    monkeypatch.chdir(tmp_path)
+    assert [r.prompt for r in load_rows("data", "prompt=question")] == [r["question"] for r in ROWS[:4]]
+    assert [r.prompt for r in load_rows("data", "prompt=question", split="test")] == [r["question"] for r in ROWS[4:6]]
+
+
+def test_no_path_is_an_error_not_the_working_directory(tmp_path, monkeypatch):
+    _jsonl(tmp_path / "train.jsonl", ROWS[:2])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="no data given"):
+        load_rows("", "prompt=question")

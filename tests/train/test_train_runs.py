@@ -111,6 +111,35 @@ def test_resume_refuses_a_changed_configuration_and_continues_from_the_last_step
     assert (saved["max_steps"], saved["lr"]) == (5, 1e-3)  # what was used
 
 
+def test_a_resume_that_extends_a_finished_run_trains_at_the_new_schedules_rate(s, tmp_path):
+    """A finished 3-step run (linear schedule: its rate ends at 0), resumed with max_steps 5: the
+    optimizer came back at 0, so the first added step trained nothing; it is the new schedule's
+    rate at step 3, 1e-3 x (5 - 3) / 5."""
+    from gft_train.config import Config
+    from gft_train.trainer import Trainer
+
+    out = tmp_path / "run"
+    cli_main(_sft(s, out, "--save-every", "1"))
+    cfg = Config(
+        method="sft",
+        model=str(s["model"]),
+        train_file=str(s["train"]),
+        output_dir=str(out),
+        max_steps=5,
+        prompts_per_step=4,
+        micro_batch_size=4,
+        lr=1e-3,
+        max_length=16,
+        lr_scheduler="linear",
+        save_every=1,
+        resume=True,
+    )
+    trainer = Trainer(cfg)
+    trainer.maybe_resume()
+    assert trainer.step == 3
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 5)
+
+
 @pytest.mark.slow
 def test_cli_errors_are_one_line_and_debug_shows_the_traceback(s, tmp_path):
     """Defect 8: every error was a 17-30 line traceback."""
