@@ -29,7 +29,7 @@ from triton.compiler import ASTSource
 
 from gft_kernels.triton_ops.backward import gft_backward_kernel, gft_dlogits_kernel
 from gft_kernels.triton_ops.forward import gft_forward_kernel
-from gft_kernels.triton_ops.launch import BWD_CANDIDATES, DEFAULT_OPTIONS, FWD_CANDIDATES, Config, tiles
+from gft_kernels.triton_ops.launch import BWD_CANDIDATES, CUDA_EPILOGUE, DEFAULT_OPTIONS, FWD_CANDIDATES, Config, tiles
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # H100/H200: the most shared memory one block may opt into
@@ -42,6 +42,9 @@ _INT_ARGS = {
     "stride_wv",
     "stride_dz",
     "stride_db",
+    "stride_z",
+    "col_end",
+    "split_base",
     "cols_per_split",
     "pos_begin",
     "n_pos",
@@ -50,7 +53,7 @@ _INT_ARGS = {
 }
 _FLOAT_ARGS = {"inv_temp", "softcap"}
 # integers Triton specializes as multiples of 16 at a typical launch (unless do_not_specialize)
-_ALIGNED_ARGS = {"stride_hn", "stride_wv", "stride_dz", "H", "V", "N"}
+_ALIGNED_ARGS = {"stride_hn", "stride_wv", "stride_dz", "stride_z", "H", "V", "N"}
 _KERNELS = {"forward": gft_forward_kernel, "backward": gft_backward_kernel, "dlogits": gft_dlogits_kernel}
 
 
@@ -128,6 +131,15 @@ def default_variants() -> list[Variant]:
                     _flags(COMPUTE_DB=extras, HAS_BIAS=extras, HAS_SOFTCAP=extras),
                 )
             )
+        # the cuBLAS plans: the same kernels reading fp32 logits chunks, on their own tile
+        epi = CUDA_EPILOGUE
+        for entropy, extras in ((False, False), (True, True)):
+            flags = _flags(WITH_ENTROPY=entropy, HAS_BIAS=extras, HAS_SOFTCAP=extras, LOGITS_GIVEN=True)
+            out.append(Variant("forward", dt, epi, flags))
+            flags = _flags(
+                COMPUTE_DB=extras, HAS_BIAS=extras, HAS_SOFTCAP=extras, HAS_ENT_GRAD=entropy, LOGITS_GIVEN=True
+            )
+            out.append(Variant("dlogits", dt, epi, flags))
         # an entropy bonus in the loss: its gradient through both designs
         out.append(
             Variant(
@@ -185,6 +197,8 @@ def compile_variant(v: Variant, arch: int = 90, aligned: bool = True):
     )
     if v.kernel != "forward":
         constexprs.setdefault("HAS_ENT_GRAD", False)
+    if v.kernel != "backward":
+        constexprs.setdefault("LOGITS_GIVEN", False)  # the cuBLAS plans' epilogues set it
     if v.kernel == "backward":
         constexprs.update(BLOCK_H=c.block_h, GROUP_M=DEFAULT_OPTIONS.bwd_group_m, STORES_ONLY=False)
     inputs = {"h_ptr", "w_ptr", "b_ptr", "dz_ptr"}
@@ -237,6 +251,7 @@ def report(variants, arch=90, aligned=True) -> list[dict]:
     for v in variants:
         try:
             r = dict(variant=v.name, ok=True, **resources(compile_variant(v, arch, aligned)))
+            r["has_matmul"] = not dict(v.flags).get("LOGITS_GIVEN", False)  # an epilogue has no loop to pipeline
         except Exception as e:  # report every failure, not only the first
             r = dict(variant=v.name, ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         rows.append(r)
@@ -258,7 +273,7 @@ def problems(rows, aligned=True) -> list[str]:
             out.append(f"{r['variant']}: needs {r['shared']} B of shared memory, the device has {MAX_SHARED}")
         if r["stack"] > MAX_STACK:
             out.append(f"{r['variant']}: spills ({r['stack']} B of stack per thread)")
-        if aligned and not r["pipelined"]:
+        if aligned and r["has_matmul"] and not r["pipelined"]:
             out.append(f"{r['variant']}: the matmul loop is not pipelined")
     return out
 

@@ -30,7 +30,7 @@ accumulators, which the launcher keeps small by chunking (see launch.py).
 import triton
 import triton.language as tl
 
-from .common import dlogits_tile, logits_tile
+from .common import dlogits_tile, given_logits_tile, logits_tile
 
 
 # Triton specializes integers on divisibility by 16 (a few variants, not one per value). The
@@ -197,12 +197,14 @@ def gft_dlogits_kernel(
     order_ptr,
     dz_ptr,
     db_ptr,
+    z_ptr,
     # sizes and strides
     V,
     H,
     stride_hn,
     stride_wv,
     stride_dz,
+    stride_z,
     stride_db,
     n_pos,
     col_begin,
@@ -215,6 +217,7 @@ def gft_dlogits_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ENT_GRAD: tl.constexpr,
     COMPUTE_DB: tl.constexpr,
+    LOGITS_GIVEN: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -224,7 +227,12 @@ def gft_dlogits_kernel(
     """dz[pos, c] for positions ``pos < n_pos`` (row ``order[pos]``) and columns
     ``col_begin + c``, ``c < n_cols``, rounded to dz's dtype (as naive PyTorch rounds its
     logits' gradient); row ``pid_m`` of db (fp32 ``[row blocks, n_cols]``) gets this row block's
-    unrounded column sums (the launcher adds them up: no atomics, deterministic)."""
+    unrounded column sums (the launcher adds them up: no atomics, deterministic).
+
+    ``LOGITS_GIVEN`` (the "cublas" backward plan): the raw logits ``h[order[pos]] @ W[cols]^T``
+    are read from ``z_ptr`` at ``[pos, c]`` (a cuBLAS product) instead of computed; dz may be
+    written over them (``dz_ptr == z_ptr``): each element is read before it is written, by the
+    same program."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -240,27 +248,43 @@ def gft_dlogits_kernel(
     local_col = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = (col_begin + local_col).to(tl.int64)
     col_mask = (local_col < n_cols) & (cols < V)
-    z = logits_tile(
-        h_ptr,
-        w_ptr,
-        b_ptr,
-        rows,
-        row_mask,
-        cols,
-        col_mask,
-        H,
-        stride_hn,
-        stride_wv,
-        inv_temp,
-        softcap,
-        HAS_BIAS,
-        HAS_SOFTCAP,
-        UPCAST,
-        INPUT_PRECISION,
-        BLOCK_M,
-        BLOCK_V,
-        BLOCK_K,
-    )
+    if LOGITS_GIVEN:
+        z = given_logits_tile(
+            z_ptr,
+            pos.to(tl.int64),
+            row_mask,
+            local_col.to(tl.int64),
+            col_mask,
+            stride_z,
+            b_ptr,
+            cols,
+            inv_temp,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+        )
+    else:
+        z = logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            H,
+            stride_hn,
+            stride_wv,
+            inv_temp,
+            softcap,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            UPCAST,
+            INPUT_PRECISION,
+            BLOCK_M,
+            BLOCK_V,
+            BLOCK_K,
+        )
     mask = row_mask[:, None] & col_mask[None, :]
     dz = dlogits_tile(z, mask, cols, tgt, m, log_s, q, g, ge, ent, inv_temp, softcap, HAS_SOFTCAP, HAS_ENT_GRAD)
     if COMPUTE_DB:

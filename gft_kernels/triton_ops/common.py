@@ -43,6 +43,35 @@ def logits_tile(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return finish_logits(acc, b_ptr, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def given_logits_tile(
+    z_ptr,
+    z_rows,
+    row_mask,
+    z_cols,
+    col_mask,
+    stride_z,
+    b_ptr,
+    cols,
+    inv_temp,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """``logits_tile`` of the cuBLAS plans: the product ``h @ W^T`` is given (a chunk written by
+    cuBLAS, fp32 or the input dtype), at rows ``z_rows`` and columns ``z_cols`` of ``z_ptr``
+    (int64); the bias, temperature and softcap are applied here, in fp32."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    acc = tl.load(z_ptr + z_rows[:, None] * stride_z + z_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return finish_logits(acc, b_ptr, cols, col_mask, inv_temp, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def finish_logits(acc, b_ptr, cols, col_mask, inv_temp, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """softcap((acc + b[cols]) * inv_temp), fp32."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     z = acc * inv_temp

@@ -61,6 +61,9 @@ CUDA_BWD = Config(block_m=128, block_v=128, block_k=64, block_h=64, num_warps=8,
 # would spill kilobytes per thread, these do not
 CUDA_FWD32 = Config(block_m=64, block_v=128, block_k=32, block_h=0, num_warps=8, num_stages=2)
 CUDA_BWD32 = Config(block_m=64, block_v=128, block_k=32, block_h=32, num_warps=8, num_stages=2)
+# The cuBLAS plans' epilogues (the kernels reading a logits chunk): a memory-bound pass, on a
+# tile that holds no product; 64 x 128 on 8 warps keeps every variant in registers on sm_90.
+CUDA_EPILOGUE = Config(block_m=64, block_v=128, block_k=16, block_h=0, num_warps=8, num_stages=2)
 INTERP_FWD = Config(block_m=16, block_v=32, block_k=16, block_h=0, num_warps=1, num_stages=1)
 INTERP_BWD = Config(block_m=16, block_v=32, block_k=16, block_h=16, num_warps=1, num_stages=1)
 FWD_CANDIDATES = (
@@ -92,6 +95,17 @@ class LaunchOptions:
     # "atomic"; "atomic" forces the atomic design (bounded scratch at any size: users at the
     # edge of memory).
     backward_design: str = "split"
+    # "cublas": the split design with each dz chunk formed from logits that cuBLAS computed
+    # (h_active @ W[chunk]^T into scratch, read by the dz kernel): all four products by cuBLAS,
+    # at the cost of the logits chunk's memory traffic. Falls back as "split" does.
+    # The forward design: "fused" (the products in the Triton kernel, the logits only on chip)
+    # or "cublas" (each vocabulary chunk's logits by one cuBLAS product into scratch, the
+    # statistics by the same kernel reading them; "fused" where the chunk does not fit).
+    forward_design: str = "fused"
+    # The cuBLAS plans' logits chunks: "fp32" (accumulated and written in fp32: the fused
+    # kernels' precision) or "input" (written in the input dtype, rounded as naive PyTorch rounds
+    # its logits: half the traffic, and dz overwrites them in place).
+    logits_dtype: str = "fp32"
     # Largest fp32 scratch of the atomic design, as a fraction of the gradients' bytes.
     scratch_fraction: float = 0.04
     split_scratch_fraction: float = 0.09
@@ -133,10 +147,16 @@ class LaunchOptions:
         return cls(**dict(zip(_LAUNCH_FIELDS, map(parse_value, values))), cuda_tiles=cuda_tiles)
 
     def __post_init__(self):
-        if self.backward_design not in ("split", "atomic"):
-            raise ValueError(f"backward_design must be 'split' or 'atomic', got {self.backward_design!r}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
 
 
+_CHOICES = {
+    "backward_design": ("split", "atomic", "cublas"),
+    "forward_design": ("fused", "cublas"),
+    "logits_dtype": ("fp32", "input"),
+}
 DEFAULT_OPTIONS = LaunchOptions()
 _CONFIG_FIELDS = tuple(f.name for f in fields(Config))
 _LAUNCH_FIELDS = tuple(f.name for f in fields(LaunchOptions) if f.name != "cuda_tiles")
@@ -158,6 +178,11 @@ def tiles(
     if dtype == torch.float32:
         return CUDA_FWD32, CUDA_BWD32
     return (CUDA_FWD_PLAIN if plain else CUDA_FWD), CUDA_BWD
+
+
+def epilogue_tile(device: torch.device) -> Config:
+    """The tile of the kernels that read a logits chunk cuBLAS computed (the cublas designs)."""
+    return CUDA_EPILOGUE if device.type == "cuda" else INTERP_FWD
 
 
 def _kernel_flags(weight: torch.Tensor) -> dict:
@@ -236,7 +261,7 @@ class SplitPlan:
 
 
 def plan_split(
-    n, n_active, v, h_dim, dtype, need_dh, need_dw, options: LaunchOptions = DEFAULT_OPTIONS
+    n, n_active, v, h_dim, dtype, need_dh, need_dw, options: LaunchOptions = DEFAULT_OPTIONS, logits_bytes: int = 0
 ) -> SplitPlan | None:
     """The split design's chunking, or None when its scratch exceeds the budget.
 
@@ -245,6 +270,9 @@ def plan_split(
     row chunks that recomputes the logits); the gathered active rows of h ``[n_active, H]`` for
     dW when some rows are skipped, unless dH is needed: then they are gathered into dH's own
     storage, unused until the end. ``options.split_cols`` fixes Vc (tuning).
+
+    The cublas design adds, per dz element, ``logits_bytes`` of logits chunk (0 when dz is
+    written over them), and its row sweep gathers each row chunk of h for its product.
     """
     frac, cols = options.split_scratch_fraction, options.split_cols
     elem = torch.finfo(dtype).bits // 8
@@ -252,11 +280,12 @@ def plan_split(
     gather = need_dw and n_active < n
     gather_bytes = n_active * h_dim * elem * (gather and not need_dh)
     n_rows = max(n_active, 1)
+    per_elem = elem + logits_bytes
 
     def fit_cols(rows, fixed):
         if cols is not None:
             return min(cols, v)
-        fit = int((budget - fixed) // (rows * elem)) // options.split_step * options.split_step
+        fit = int((budget - fixed) // (rows * per_elem)) // options.split_step * options.split_step
         return min(fit, options.split_max_cols, v) if fit >= min(options.split_min_cols, v) else None
 
     acc_all = n_rows * h_dim * 4 if need_dh else 0
@@ -264,14 +293,15 @@ def plan_split(
     if one is not None or not need_dh:
         if one is None:
             return None
-        return SplitPlan(True, one, n_rows, one, gather, gather_bytes + acc_all + n_rows * one * elem)
-    # dH in row chunks: [rows, H] fp32 + [rows, Vc] dz per chunk
+        return SplitPlan(True, one, n_rows, one, gather, gather_bytes + acc_all + n_rows * one * per_elem)
+    # dH in row chunks: [rows, H] fp32 + [rows, Vc] dz per chunk (+ the rows of h, cublas)
     cols_a = fit_cols(n_rows, gather_bytes) if need_dw else 0
     cols_b = min(cols or options.split_max_cols // 2, v)
-    rows_b = int(budget // (h_dim * 4 + cols_b * elem)) // 16 * 16
+    row_bytes = h_dim * 4 + cols_b * per_elem + (h_dim * elem if options.backward_design == "cublas" else 0)
+    rows_b = int(budget // row_bytes) // 16 * 16
     if cols_a is None or rows_b < min(options.split_min_rows, n_rows):
         return None
-    scratch = max(gather_bytes + n_rows * cols_a * elem, rows_b * (h_dim * 4 + cols_b * elem))
+    scratch = max(gather_bytes + n_rows * cols_a * per_elem, rows_b * row_bytes)
     return SplitPlan(False, cols_a, min(rows_b, n_rows), cols_b, gather, scratch)
 
 
@@ -311,6 +341,27 @@ def _addmm_fp32_cuda(acc, a, b, path=None):
         acc.add_(torch.mm(a, b, out_dtype=torch.float32))
     else:
         acc.addmm_(a.float(), b.float())
+
+
+# cuBLAS can write a 16-bit product in fp32 (torch.mm(..., out_dtype=torch.float32)) in recent
+# torch; without it the cuBLAS plans' logits chunks are in the input dtype on CUDA.
+_MM_FP32_OUT = "dtype_out" in torch.ops.aten.mm.overloads()
+
+
+def logits_dtype(weight: torch.Tensor, options: LaunchOptions) -> torch.dtype:
+    """The dtype of the cuBLAS plans' logits chunks for this weight (``LaunchOptions.logits_dtype``)."""
+    fp32_possible = weight.device.type != "cuda" or _MM_FP32_OUT
+    return torch.float32 if options.logits_dtype == "fp32" and fp32_possible else weight.dtype
+
+
+def _logits_into(out, a, w):
+    """out = a @ w^T by cuBLAS: fp32 accumulation inside, one rounding into out's dtype."""
+    if out.dtype == a.dtype:
+        torch.mm(a, w.t(), out=out)
+    elif a.device.type == "cuda":
+        torch.mm(a, w.t(), out_dtype=out.dtype, out=out)
+    else:  # the CPU (tests): fp32 products of the exact operands
+        torch.mm(a.float(), w.float().t(), out=out)
 
 
 class _Backward:
@@ -366,11 +417,19 @@ class _Backward:
 
 
 class _SplitBackward(_Backward):
-    """The split design: dz chunks by the dz kernel, the products by cuBLAS (backward.py)."""
+    """The split design: dz chunks by the dz kernel, the products by cuBLAS (backward.py); in
+    the cublas design the dz kernel reads logits that cuBLAS computed, chunk by chunk."""
 
-    def dlogits(self, dz, rows, c0, do_db):
-        """dz = the logits' gradient of positions ``rows`` (a slice of ``order``), columns c0:."""
+    def dlogits(self, dz, rows, c0, do_db, h_rows):
+        """dz = the logits' gradient of positions ``rows`` (a slice of ``order``), columns c0:;
+        ``h_rows``: those rows of h (the cublas design's product)."""
         n_rows, nc = dz.shape
+        z = dz  # a dummy unless the logits are given
+        if self.launch.backward_design == "cublas":
+            z_dtype = logits_dtype(self.weight, self.launch)
+            if z_dtype != dz.dtype:  # else dz is written over the logits, element by element
+                z = torch.empty(n_rows, nc, device=dz.device, dtype=z_dtype)
+            _logits_into(z, h_rows, self.weight[c0 : c0 + nc])
         grid = (triton.cdiv(n_rows, self.cfg.block_m), triton.cdiv(nc, self.cfg.block_v))
         # db: one row of column sums per row block, added up here in a fixed order (deterministic,
         # unlike atomics); [row blocks, Vc] fp32 is under 1/64 of the dz chunk's bytes
@@ -380,10 +439,12 @@ class _SplitBackward(_Backward):
             rows,
             dz,
             db_rows,
+            z,
             self.v,
             self.h_dim,
             self.hidden.stride(0),
             self.weight.stride(0),
+            nc,
             nc,
             nc,
             n_rows,
@@ -391,6 +452,7 @@ class _SplitBackward(_Backward):
             nc,
             *self.scalars(),
             COMPUTE_DB=do_db,
+            LOGITS_GIVEN=self.launch.backward_design == "cublas",
             **self.flags(),
         )
         if do_db:
@@ -405,7 +467,9 @@ class _SplitBackward(_Backward):
         # With every row active the stable order is the identity: h needs no gathering.
         # Otherwise the active rows of h are gathered into dH's storage (unwritten until the end).
         h_act = hidden
-        if plan.gather:
+        # the cublas design's products read the active rows of h too, whatever is needed
+        gather = plan.gather or (self.launch.backward_design == "cublas" and n_active < self.n)
+        if gather:
             into = (
                 self.dh[:n_active]
                 if self.need_dh
@@ -419,13 +483,13 @@ class _SplitBackward(_Backward):
         for c0 in range(0, self.v, plan.cols_per_chunk):
             nc = min(plan.cols_per_chunk, self.v - c0)
             dz = dz_buf[: n_active * nc].view(n_active, nc)
-            self.dlogits(dz, active, c0, self.need_db)
+            self.dlogits(dz, active, c0, self.need_db, h_act)
             if self.need_dw:  # one product over every active row: fp32 inside the tensor cores, rounded once
                 _mm_into(self.dw[c0 : c0 + nc], dz.t(), h_act)
             if with_dh:
                 _addmm_fp32(dh_acc, dz, self.weight[c0 : c0 + nc])
         del dz_buf, h_act
-        if plan.gather and self.need_dh:
+        if gather and self.need_dh:
             self.dh.zero_()  # held the gathered rows of h
         if with_dh and not direct_dh:
             _copy_rows(self.dh, active, dh_acc)
@@ -438,10 +502,13 @@ class _SplitBackward(_Backward):
         for r0 in range(0, self.n_active, plan.rows_per_chunk):
             nr = min(plan.rows_per_chunk, self.n_active - r0)
             dh_acc = acc[:nr].zero_()
+            h_rows = None
+            if self.launch.backward_design == "cublas":
+                h_rows = self.hidden.index_select(0, active[r0 : r0 + nr])
             for c0 in range(0, self.v, plan.cols_dh):
                 nc = min(plan.cols_dh, self.v - c0)
                 dz = dz_buf[: nr * nc].view(nr, nc)
-                self.dlogits(dz, active[r0 : r0 + nr], c0, do_db)
+                self.dlogits(dz, active[r0 : r0 + nr], c0, do_db, h_rows)
                 _addmm_fp32(dh_acc, dz, self.weight[c0 : c0 + nc])
             _copy_rows(self.dh, active[r0 : r0 + nr], dh_acc)
 
@@ -542,6 +609,106 @@ class _AtomicBackward(_Backward):
         return self.result()
 
 
+def plan_logits_cols(n, v, h_dim, weight, options: LaunchOptions) -> int | None:
+    """Vc of the cublas forward's ``[N, Vc]`` logits chunk within ``split_scratch_fraction`` of
+    the gradients' bytes (as the split backward's scratch), or None where it does not fit."""
+    if options.split_cols is not None:
+        return min(options.split_cols, v)
+    elem = torch.finfo(weight.dtype).bits // 8
+    budget = options.split_scratch_fraction * elem * h_dim * (n + v)
+    z_bytes = torch.finfo(logits_dtype(weight, options)).bits // 8
+    fit = int(budget // (max(n, 1) * z_bytes)) // options.split_step * options.split_step
+    return min(fit, options.split_max_cols, v) if fit >= min(options.split_min_cols, v) else None
+
+
+class _Forward:
+    """One forward launch plan: the request, the valid rows' order, the tile, the partials."""
+
+    def __init__(self, request: ForwardRequest, options: KernelOptions, cfg: Config):
+        self.request, self.options, self.cfg = request, options, cfg
+        self.launch = options.launch or DEFAULT_OPTIONS
+        self.n, self.h_dim = request.hidden.shape
+        self.v = request.weight.shape[0]
+        self.order, self.n_active = _active_order(request.valid)
+        self.n_blocks_m = triton.cdiv(self.n, self.cfg.block_m)
+
+    def splits_of(self, cols: int) -> int:
+        """Columns per split, so that the grid over ``cols`` columns fills the device."""
+        n_blocks_v = triton.cdiv(cols, self.cfg.block_v)
+        splits = _num_splits(self.n_blocks_m, n_blocks_v, self.request.hidden.device, self.launch.fwd_programs_per_sm)
+        return triton.cdiv(n_blocks_v, splits) * self.cfg.block_v
+
+    def new_partials(self, splits: int) -> RowPartials:
+        """m, s_excl, z_t (and s_all, t for entropy) of each split; the kernel writes the valid rows only."""
+        count = 5 if self.options.with_entropy else 3
+        return RowPartials(*torch.zeros(count, splits, self.n, device=self.request.hidden.device, dtype=torch.float32))
+
+    def run_fused(self) -> RowPartials:
+        cols_per_split = self.splits_of(self.v)
+        splits = triton.cdiv(self.v, cols_per_split)  # every split has at least one column
+        part = self.new_partials(splits)
+        self.kernel(part, splits, None, (0, self.v, cols_per_split, 0))
+        return part
+
+    def run_cublas(self, cols: int) -> RowPartials:
+        """Vocabulary chunk by chunk: the chunk's logits by cuBLAS (every row, no host sync),
+        then the kernel reads them, its splits stored after the previous chunks' splits."""
+        hidden, weight = self.request.hidden, self.request.weight
+        cols_per_split = self.splits_of(cols)
+        chunks = [(c0, min(cols, self.v - c0)) for c0 in range(0, self.v, cols)]
+        splits = [triton.cdiv(nc, cols_per_split) for _, nc in chunks]
+        part = self.new_partials(sum(splits))
+        z_buf = torch.empty(self.n * cols, device=hidden.device, dtype=logits_dtype(weight, self.launch))
+        base = 0
+        for (c0, nc), chunk_splits in zip(chunks, splits):
+            z = z_buf[: self.n * nc].view(self.n, nc)
+            _logits_into(z, hidden, weight[c0 : c0 + nc])
+            self.kernel(part, chunk_splits, z, (c0, c0 + nc, cols_per_split, base))
+            base += chunk_splits
+        return part
+
+    def kernel(self, part: RowPartials, splits: int, z, span: tuple[int, int, int, int]):
+        """Launch over columns ``[col_begin, col_end)`` in splits of ``cols_per_split``, stored
+        from split ``split_base`` on (``span``); ``z``: the chunk's logits, or None (fused)."""
+        (hidden, weight, bias, targets, _), options, cfg = self.request, self.options, self.cfg
+        col_begin, col_end, cols_per_split, split_base = span
+        with_entropy = options.with_entropy
+        gft_forward_kernel[(self.n_blocks_m, splits)](
+            hidden,
+            weight,
+            bias if bias is not None else hidden,
+            targets,
+            self.order,
+            self.n_active,
+            part.m,
+            part.s_excl,
+            part.z_t,
+            *((part.s_all, part.t) if with_entropy else (part.m, part.m)),
+            z if z is not None else hidden,
+            self.n,
+            self.h_dim,
+            hidden.stride(0),
+            weight.stride(0),
+            z.stride(0) if z is not None else 0,
+            col_begin,
+            col_end,
+            cols_per_split,
+            split_base,
+            1.0 / options.temperature,
+            float(options.softcap) if options.softcap is not None else 1.0,
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=options.softcap is not None,
+            WITH_ENTROPY=with_entropy,
+            LOGITS_GIVEN=z is not None,
+            BLOCK_M=cfg.block_m,
+            BLOCK_V=cfg.block_v,
+            BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            **_kernel_flags(weight),
+        )
+
+
 # What the Triton engine is built and checked for: NVIDIA GPUs of compute capability 8.0 or
 # later whose blocks can opt into the shared memory of its largest default tile (144 KiB: the
 # A100, H100, H200 and later data-centre parts; not the 99-KiB consumer cards), and the Triton
@@ -589,51 +756,14 @@ class TritonEngine:
         """Per-row partial statistics ``[splits, N]`` of the forward's vocabulary splits, in row
         order, zeros at rows that are not valid. Targets of -1 (``outside``) match no column:
         the kernels compare columns with the target id."""
-        hidden, weight, bias, targets, valid = request
-        launch, with_entropy = options.launch or DEFAULT_OPTIONS, options.with_entropy
-        n, h_dim = hidden.shape
-        v = weight.shape[0]
-        plain = not with_entropy and bias is None and options.softcap is None
-        cfg, _ = tiles(hidden.device, weight.dtype, plain, launch)
-        order, n_active = _active_order(valid)
-        n_blocks_m = triton.cdiv(n, cfg.block_m)
-        n_blocks_v = triton.cdiv(v, cfg.block_v)
-        splits = _num_splits(n_blocks_m, n_blocks_v, hidden.device, launch.fwd_programs_per_sm)
-        cols_per_split = triton.cdiv(n_blocks_v, splits) * cfg.block_v
-        splits = triton.cdiv(v, cols_per_split)  # every split has at least one column
-        # partial statistics of each split: m, s_excl, z_t (and s_all, t for entropy); the kernel
-        # writes the valid rows only
-        part = RowPartials(*torch.zeros(5 if with_entropy else 3, splits, n, device=hidden.device, dtype=torch.float32))
-        gft_forward_kernel[(n_blocks_m, splits)](
-            hidden,
-            weight,
-            bias if bias is not None else hidden,
-            targets,
-            order,
-            n_active,
-            part.m,
-            part.s_excl,
-            part.z_t,
-            *((part.s_all, part.t) if with_entropy else (part.m, part.m)),
-            n,
-            v,
-            h_dim,
-            hidden.stride(0),
-            weight.stride(0),
-            cols_per_split,
-            1.0 / options.temperature,
-            float(options.softcap) if options.softcap is not None else 1.0,
-            HAS_BIAS=bias is not None,
-            HAS_SOFTCAP=options.softcap is not None,
-            WITH_ENTROPY=with_entropy,
-            BLOCK_M=cfg.block_m,
-            BLOCK_V=cfg.block_v,
-            BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-            **_kernel_flags(weight),
-        )
-        return part
+        launch, (n, h_dim), v = options.launch or DEFAULT_OPTIONS, request.hidden.shape, request.weight.shape[0]
+        if launch.forward_design == "cublas":
+            cols = plan_logits_cols(n, v, h_dim, request.weight, launch)
+            if cols is not None:
+                return _Forward(request, options, epilogue_tile(request.hidden.device)).run_cublas(cols)
+        plain = not options.with_entropy and request.bias is None and options.softcap is None
+        cfg, _ = tiles(request.hidden.device, request.weight.dtype, plain, launch)
+        return _Forward(request, options, cfg).run_fused()
 
     def backward(self, request: BackwardRequest, options: KernelOptions) -> Grads:
         launch = options.launch or DEFAULT_OPTIONS
@@ -641,15 +771,22 @@ class TritonEngine:
         n, h_dim = hidden.shape
         g, g_entropy, need = request.g, request.g_entropy, request.need
         order, n_active = _active_order(g != 0 if g_entropy is None else (g != 0) | (g_entropy != 0))
-        if launch.backward_design == "split" and (need.dhidden or need.dweight):
+        if launch.backward_design != "atomic" and (need.dhidden or need.dweight):
             # One host sync: the products are sized to the active rows, so ignored and
             # zero-advantage tokens cost nothing.
             n_act = int(n_active)
-            split = plan_split(n, n_act, weight.shape[0], h_dim, weight.dtype, need.dhidden, need.dweight, launch)
+            z_bytes = 0
+            if launch.backward_design == "cublas" and logits_dtype(weight, launch) != weight.dtype:
+                z_bytes = 4
+            split = plan_split(
+                n, n_act, weight.shape[0], h_dim, weight.dtype, need.dhidden, need.dweight, launch, z_bytes
+            )
             if split is not None:
                 cfg, _ = tiles(
                     hidden.device, weight.dtype, request.inputs.bias is None and options.softcap is None, launch
                 )  # a forward-like tile: one product, then a store
+                if launch.backward_design == "cublas":
+                    cfg = epilogue_tile(hidden.device)
                 return _SplitBackward(request, options, cfg, order, n_act).run(split)
         _, cfg = tiles(hidden.device, weight.dtype, options=launch)
         return _AtomicBackward(request, options, cfg, order, n_active).run()

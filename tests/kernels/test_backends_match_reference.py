@@ -12,6 +12,8 @@ from helpers import EPS, errors, make_case, run, safe_tau
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gft_kernels.triton_ops import LaunchOptions
+
 FP32_TOL = 1e-5
 
 
@@ -44,6 +46,16 @@ options = st.fixed_dictionaries(
 )
 
 
+# The Triton engine's cuBLAS plans (gft_kernels/triton_ops/launch.py), in chunks of 24 columns
+# so that most problems take several; run as if they were backends.
+PLANS = {
+    "triton-cublas": LaunchOptions(forward_design="cublas", backward_design="cublas", split_cols=24),
+    "triton-cublas-input-logits": LaunchOptions(
+        forward_design="cublas", backward_design="cublas", logits_dtype="input", split_cols=24
+    ),
+}
+
+
 def _compare(prob, opts, dtype, backends):
     case = make_case(**prob)
     grads = ("hidden", "weight", "bias")
@@ -51,7 +63,13 @@ def _compare(prob, opts, dtype, backends):
     margin = 1e-4 if dtype == torch.float32 else 0.1
     opts = dict(opts, tau=safe_tau(truth_case, opts["tau"], margin))
     truth = run(truth_case, torch.float64, "reference", grads=grads, **opts)
-    return {b: errors(run(case, dtype, b, grads=grads, **opts), truth) for b in backends}
+
+    def run_backend(b):
+        if b in PLANS:
+            return run(case, dtype, "triton", grads=grads, launch_options=PLANS[b], **opts)
+        return run(case, dtype, b, grads=grads, **opts)
+
+    return {b: errors(run_backend(b), truth) for b in backends}
 
 
 @given(prob=problems(), opts=options)
@@ -65,21 +83,28 @@ def test_fp32_torch_matches_float64(prob, opts):
 @pytest.mark.slow
 @given(prob=problems(), opts=options)
 def test_fp32_triton_matches_float64(prob, opts):
-    errs = _compare(prob, opts, torch.float32, ["triton"])["triton"]
-    assert max(errs.values()) < FP32_TOL, errs
+    for backend, errs in _compare(prob, opts, torch.float32, ["triton", *PLANS]).items():
+        assert max(errs.values()) < FP32_TOL, (backend, errs)
 
 
-def _within_budget(errs, naive, dtype):
+# The input-dtype logits plan rounds its logits as naive PyTorch does (the product in the input
+# dtype), so its error is naive's, give or take the luck of the roundings (measured on random
+# problems: 0.7x to 1.9x of naive), not the fused kernels' fp32 logits' (often 10x lower).
+FACTOR = {"triton-cublas-input-logits": 2.5}
+
+
+def _within_budget(errs, naive, dtype, factor=1.5):
     # naive PyTorch's error in the same dtype, with a margin of 1.5x plus one ulp (tiny shapes
     # give single roundings that do not average out)
-    return {k: (v, naive[k]) for k, v in errs.items() if v > 1.5 * naive[k] + EPS[dtype]}
+    return {k: (v, naive[k]) for k, v in errs.items() if v > factor * naive[k] + EPS[dtype]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @given(prob=problems(), opts=options)
 def test_half_precision_within_naive_error_budget(dtype, prob, opts):
-    errs = _compare(prob, opts, dtype, ["reference", "torch", "triton"])
+    errs = _compare(prob, opts, dtype, ["reference", "torch", "triton", *PLANS])
     naive = errs.pop("reference")
     for backend, e in errs.items():
-        assert not _within_budget(e, naive, dtype), (backend, _within_budget(e, naive, dtype), naive)
+        over = _within_budget(e, naive, dtype, FACTOR.get(backend, 1.5))
+        assert not over, (backend, over, naive)

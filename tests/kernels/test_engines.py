@@ -29,6 +29,20 @@ PLANS = {
         split_min_rows=16,
         split_step=16,
     ),
+    # products by cuBLAS, the GFT math in the kernels reading the logits chunks
+    "cublas-fp32-logits": Options(forward_design="cublas", backward_design="cublas", split_cols=48),
+    "cublas-input-logits": Options(
+        forward_design="cublas", backward_design="cublas", logits_dtype="input", split_cols=48
+    ),
+    "cublas-two-sweeps": Options(
+        forward_design="cublas",
+        backward_design="cublas",
+        split_scratch_fraction=0.47,  # two sweeps in fp16 and fp32 alike
+        split_min_cols=16,
+        split_max_cols=64,
+        split_min_rows=16,
+        split_step=16,
+    ),
 }
 
 
@@ -36,9 +50,10 @@ PLANS = {
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_every_backward_plan_gives_the_same_gradients(plan, dtype):
     options = PLANS[plan]
-    if plan == "split-two-sweeps":
+    if plan.endswith("two-sweeps"):
         n_active = 2 * 33
-        split = launch.plan_split(2 * 33, n_active, 130, 37, dtype, True, True, options)
+        z_bytes = 4 if plan.startswith("cublas") and dtype != torch.float32 else 0
+        split = launch.plan_split(2 * 33, n_active, 130, 37, dtype, True, True, options, z_bytes)
         assert split is not None and not split.fused and split.rows_per_chunk < n_active, split
     case = make_case((2, 33), vocab=130, hidden_dim=37, bias=True, ignore_frac=0.2, zero_adv_frac=0.3, seed=21)
     truth = run(case.cast(dtype), torch.float64, "reference", tau=0.6)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from truth import truth_loss
 
 import gft_kernels
+from gft_kernels.triton_ops import LaunchOptions
 
 REDUCTIONS = ["mean", "sum", "none", "seq-mean-token-mean", "seq-mean-token-sum"]
 # (backend, dtype, relative tolerance)
@@ -20,7 +21,9 @@ ENGINES = [
     ("torch", torch.float64, 1e-9),
     ("torch", torch.float32, 3e-5),
     ("triton", torch.float32, 3e-5),
+    ("triton-cublas", torch.float32, 3e-5),  # the cuBLAS plans (launch.py), several vocabulary chunks
 ]
+CUBLAS = LaunchOptions(forward_design="cublas", backward_design="cublas", split_cols=24)
 
 
 def _problem(seed, b=3, t=7, v=40, h=16, bias=True):
@@ -55,6 +58,8 @@ def _safe_tau(logp, targets, tau):
 
 def _grads(backend, dtype, leaves, targets, adv, tau, upstream, **options):
     h, w, b = (None if x is None else x.detach().to(dtype).requires_grad_() for x in leaves)
+    if backend == "triton-cublas":
+        backend, options = "triton", dict(options, launch_options=CUBLAS)
     if backend == "truth":
         loss = truth_loss(h, w, b, targets, adv, tau, **options)
     else:

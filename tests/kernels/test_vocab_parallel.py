@@ -77,12 +77,19 @@ CASES = [
         dict(tau=0.7, softcap=4.0, temperature=0.8, entropy_coef=0.05),
     ),
     ("grpo-atomic", "triton", torch.float32, dict(tau=0.5, grpo=True, beta=0.1, kl="k2", dual_clip=3.0, atomic=True)),
+    (
+        "entropy-cublas",
+        "triton",
+        torch.float32,
+        dict(tau=0.7, softcap=4.0, temperature=0.8, entropy_coef=0.05, grpo=True, beta=0.1, kl="k3", cublas=True),
+    ),
 ]
 
 
 def _run(case, opts, backend, rows=None, group=None, vocab_start=None):
     opts = dict(opts)
     grpo, atomic, use_bias = opts.pop("grpo", False), opts.pop("atomic", False), opts.pop("bias", True)
+    cublas = opts.pop("cublas", False)
     tau = opts.pop("tau")
     sl = slice(None) if rows is None else slice(*rows)
     hidden = case["hidden"].clone().requires_grad_()
@@ -94,6 +101,10 @@ def _run(case, opts, backend, rows=None, group=None, vocab_start=None):
         from gft_kernels.triton_ops import LaunchOptions
 
         opts["launch_options"] = LaunchOptions(backward_design="atomic")
+    if cublas:  # the cuBLAS plans, in chunks of 16 columns: a shard's partial chunks too
+        from gft_kernels.triton_ops import LaunchOptions
+
+        opts["launch_options"] = LaunchOptions(forward_design="cublas", backward_design="cublas", split_cols=16)
     loss, stats = _gft_loss()(
         hidden,
         weight,
