@@ -39,6 +39,7 @@ def _cmd_build_groups(cfg):
     if not cfg.groups_file:
         raise ValueError("build-groups needs --groups-file (where to write the groups)")
     rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config)
+    reward = load_reward(cfg.reward)  # (before the model: a reward that cannot load stops here)
     model, tokenizer = load_model(cfg.model)
     engine = (
         make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=cfg.model, cfg=cfg) if cfg.n_self else None
@@ -47,7 +48,7 @@ def _cmd_build_groups(cfg):
     if cfg.teacher_model:
         t_model, t_tok = load_model(cfg.teacher_model)
         teacher = make_engine(cfg.engine, model=t_model, tokenizer=t_tok, model_path=cfg.teacher_model, cfg=cfg)
-    groups = build_groups(rows, cfg, engine, load_reward(cfg.reward), teacher, seed=cfg.seed)
+    groups = build_groups(rows, cfg, engine, reward, teacher, seed=cfg.seed)
     Path(cfg.groups_file).parent.mkdir(parents=True, exist_ok=True)
     save_groups(groups, Path(cfg.groups_file))
     print(json.dumps({"groups": len(groups), **group_metrics(groups)}, indent=1))

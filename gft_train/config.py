@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from gft_kernels.engine import engine_names
 from gft_kernels.head import AGGREGATIONS
 from gft_kernels.options import check_tau
 
@@ -155,6 +156,11 @@ class Optimization:
         "seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm",
     )
     entropy_coef: float = _opt(0.0, "entropy bonus: loss_t -= entropy_coef * H_t")
+    loss_backend: str = _opt(
+        "auto",
+        "the fused loss's engine: auto (triton on a CUDA device it suits, else the chunked torch engine) | "
+        "triton | torch | reference (materialized logits)",
+    )
     lr: float = _opt(1e-5, "peak learning rate (AdamW)")
     lr_scheduler: str = _opt("cosine", "any transformers scheduler name (cosine, linear, constant, ...)")
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
@@ -182,6 +188,9 @@ class Optimization:
         check_tau(self.tau)
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}")
+        backends = ("auto", *engine_names())
+        if self.loss_backend not in backends:
+            raise ValueError(f"loss_backend must be one of {', '.join(backends)}, got {self.loss_backend!r}")
         if self.num_epochs < 0:
             raise ValueError(f"num_epochs must be >= 0, got {self.num_epochs}")
         _at_least_one(self, "max_steps", "prompts_per_step", "micro_batch_size")
@@ -324,6 +333,7 @@ RESUMABLE = frozenset(
         "overwrite_output_dir",
         "output_dir",
         "engine",
+        "loss_backend",
         "rollout_batch_size",
         "vllm_memory",
         "eval_file",

@@ -138,6 +138,7 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
     from .rewards import load_reward
     from .rollout import make_engine
 
+    reward = reward_fn or load_reward(cfg.reward)  # (before the model: a reward that cannot load stops here)
     model, tokenizer = load_model(str(model_dir))
     engine = make_engine(
         cfg.engine,
@@ -147,7 +148,6 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
         cfg=cfg,
         temperature=cfg.eval_temperature,
     )
-    reward = reward_fn or load_reward(cfg.reward)
     rows_by = {}
     out = {}
     try:

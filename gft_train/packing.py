@@ -110,7 +110,18 @@ def packed_weights(valid: torch.Tensor, seq_ids: torch.Tensor, reduction: str, n
 
 
 def packed_gft_loss(
-    model, batch_input_ids, labels, adv, tau, *, position_ids, seq_ids, normalizer, reduction, loss_options=None
+    model,
+    batch_input_ids,
+    labels,
+    adv,
+    tau,
+    *,
+    position_ids,
+    seq_ids,
+    normalizer,
+    reduction,
+    backend="auto",
+    loss_options=None,
 ):
     """``causal_lm_gft_loss`` on a packed row: ``labels`` already shifted per sequence,
     ``adv`` per token; the "seq-" reductions per sequence of ``seq_ids``. Returns (loss, stats)."""
@@ -129,6 +140,7 @@ def packed_gft_loss(
         normalizer=normalizer if own else None,
         reduction=reduction if own else "none",
         return_stats=True,
+        backend=backend,
         shift_labels=labels,
         loss_options=loss_options,
         position_ids=position_ids,

@@ -18,6 +18,7 @@ User functions: ``--reward package.module:function`` with the signature
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import multiprocessing as mp
 import threading
@@ -42,9 +43,14 @@ class MathReward:
     """Reward 1.0 when the completion's final answer equals the reference, else 0.0."""
 
     def __init__(self, timeout_s: int = 5, workers: int = 1):
+        self._pool = None
+        if importlib.util.find_spec("math_verify") is None:  # said now, not at the first score
+            raise ValueError(
+                "reward 'math' needs the math-verify package (pip install math-verify), "
+                "or give --reward package.module:function"
+            )
         self.timeout_s = timeout_s
         self.workers = workers
-        self._pool = None
 
     def _get_pool(self):
         if self._pool is None:

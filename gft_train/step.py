@@ -54,6 +54,7 @@ class GFTPolicy(nn.Module):
         normalizer,
         reduction="mean",
         entropy_coef=0.0,
+        backend="auto",
         position_ids=None,
         seq_ids=None,
     ) -> tuple[Tensor, TokenSums]:
@@ -68,6 +69,7 @@ class GFTPolicy(nn.Module):
                 seq_ids=seq_ids,
                 normalizer=normalizer,
                 reduction=reduction,
+                backend=backend,
                 loss_options=dict(entropy_coef=entropy_coef),
             )
         else:
@@ -81,6 +83,7 @@ class GFTPolicy(nn.Module):
                 normalizer=normalizer,
                 reduction=reduction,
                 return_stats=True,
+                backend=backend,
                 loss_options=dict(entropy_coef=entropy_coef),
             )
         n = stats.n_valid
@@ -202,6 +205,7 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) ->
                 normalizer,
                 reduction,
                 opt.entropy_coef,
+                opt.loss_backend,
                 **getattr(batch, "forward_kwargs", {}),
             )
         if acc.distributed_type == DistributedType.DEEPSPEED:  # the engine steps at the last one

@@ -80,6 +80,10 @@ class Trainer:
         )
         self.resume_from = claim_output_dir(cfg, self.acc.is_main_process)
         self.acc.wait_for_everyone()
+        # the reward before the model: one that cannot load (reward 'math' without math-verify, a
+        # module that does not import) stops the run at once; offline groups with no evaluation score nothing
+        scores = cfg.eval_every or not cfg.groups_file or cfg.refresh_every
+        self.reward_fn = load_reward(cfg.reward) if scores else None
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
         model, self.tokenizer = load_model(cfg.model, cfg.attn_implementation)
@@ -99,7 +103,6 @@ class Trainer:
         if self.sharded and self.acc.is_main_process and (cfg.n_self or cfg.eval_every):
             self.sampler = unpartitioned(lambda: load_model(cfg.model)[0])
         self.policy, self.optimizer, self.scheduler = prepare(self.acc, GFTPolicy(model), cfg.optimization)
-        self.reward_fn = load_reward(cfg.reward)
         self.engine = None
         self.step = 0
         self._warned_cut = False  # a response cut at max_length is said once per run (and counted per step)

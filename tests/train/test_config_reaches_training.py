@@ -83,7 +83,7 @@ class Run:
     trainer: object
     groups: list
     metrics: dict
-    losses: list  # per loss call: tau, reduction, normalizer, entropy_coef, adv, shape, autocast
+    losses: list  # per loss call: tau, reduction, normalizer, entropy_coef, backend, adv, shape, autocast
     generates: list  # per generate call: temperature, top_p, max_new_tokens, rows
     clips: list  # max_norm of each gradient clipping
 
@@ -102,6 +102,7 @@ def _run(data, out, monkeypatch, **fields) -> Run:
                 reduction=kw["reduction"],
                 normalizer=kw["normalizer"],
                 entropy_coef=kw["loss_options"]["entropy_coef"],
+                backend=kw["backend"],
                 adv=adv.detach().clone(),
                 shape=tuple(input_ids.shape),
                 autocast=torch.is_autocast_enabled("cpu"),
@@ -119,6 +120,7 @@ def _run(data, out, monkeypatch, **fields) -> Run:
                 normalizer=kw["normalizer"],
                 packed=True,
                 entropy_coef=kw["loss_options"]["entropy_coef"],
+                backend=kw["backend"],
                 adv=adv.detach().clone(),
                 shape=tuple(input_ids.shape),
                 autocast=torch.is_autocast_enabled("cpu"),
@@ -258,6 +260,11 @@ PROBES = {
         and d.losses[0]["normalizer"] == r.metrics["tokens"],
     ),
     "entropy_coef": ({}, 0.1, lambda r, d: {c["entropy_coef"] for c in r.losses} == {0.1}),
+    "loss_backend": (
+        {},
+        "reference",
+        lambda r, d: {c["backend"] for c in r.losses} == {"reference"} and {c["backend"] for c in d.losses} == {"auto"},
+    ),
     "lr": (
         {},
         5e-3,
