@@ -657,7 +657,9 @@ def _device_backward(request: BackwardRequest, options: KernelOptions, buffers: 
     for cols, block in buffers.blocks(n, v):
         h = hidden[block]
         z = buffers.logits(h, weight[cols], None if bias is None else bias[cols])
-        cap_grad = None if options.softcap is None else 1.0 - (z / options.softcap).square()
+        cap_grad = None  # 1 - (z / c)^2, the one buffer the plan counts for it
+        if options.softcap is not None:
+            cap_grad = torch.div(z, options.softcap).square_().neg_().add_(1.0)
         g_h = None if g_entropy is None else g_entropy[block]
         dz = _recomputed_dz(z, [x[block] for x in stats], g[block], g_h, _chunk_targets(targets[block], cols))
         if cap_grad is not None:
