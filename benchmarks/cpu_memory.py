@@ -3,6 +3,7 @@
     python -m benchmarks.cpu_memory [--provider torch|reference] [--n 4096 --v 32000 --h 256]
     python -m benchmarks.cpu_memory --launcher      # the Triton launcher's plan at the GPU shapes
     python -m benchmarks.cpu_memory --vocab-parallel   # per rank, the lm_head split over 2 and 4 ranks
+    python -m benchmarks.cpu_memory --torch-device     # the chunked engine's device path, planned
 
 Peak RSS (``ru_maxrss``) is what a CPU user pays, allocator slack included. The "extra" memory
 is the peak minus the resident size after the inputs exist, minus the gradients themselves;
@@ -221,6 +222,59 @@ def launcher_peak(
     )
 
 
+class _NoProducts(_StorageTracker):
+    """The tracker, with the matrix products that write into a given buffer as no-ops (every
+    product of the chunked engine's device path) and the engines' custom ops followed inside."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.name.startswith("gft_kernels::"):  # the mode is off in its own handler
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        if func._schema.name in ("aten::mm", "aten::addmm") and "out" in kwargs:
+            return kwargs["out"]
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def torch_device_peak(n: int, v: int, h: int, dtype=torch.bfloat16, reduction: str = "mean") -> dict:
+    """Peak bytes the chunked engine's device path (the one it takes on a GPU) allocates for
+    forward + backward at this shape, as ``launcher_peak`` plans the Triton engine's: on CPU
+    tensors, its products as no-ops taking the CUDA route (``out_dtype``), every storage followed.
+    ``reduction="mean"``: the one-pass path; ``"none"``: the custom ops' forward and backward."""
+    from gft_kernels import products, torch_backend
+    from gft_kernels.engine import KernelOptions
+
+    saved = torch_backend.SYNC_FREE, products.on_cuda
+    torch_backend.SYNC_FREE, products.on_cuda = True, lambda t: True
+    hidden = torch.zeros(n, h, dtype=dtype, requires_grad=True)
+    weight = torch.zeros(v, h, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    targets[::10] = -100
+    adv = torch.randn(n)
+    try:
+        with _NoProducts(hidden, weight, targets, adv) as tracker:
+            loss = gft_kernels.gft_loss(
+                hidden, weight, targets, adv, 0.7, backend="torch", check_values=False, reduction=reduction
+            )
+            (loss if loss.dim() == 0 else loss.sum()).backward()
+    finally:
+        torch_backend.SYNC_FREE, products.on_cuda = saved
+    bound = (hidden.numel() + weight.numel()) * hidden.element_size()
+    plan = torch_backend.plan_device(n, v, h, dtype, KernelOptions())
+    return dict(
+        n=n,
+        v=v,
+        h=h,
+        dtype=str(dtype).replace("torch.", ""),
+        reduction=reduction,
+        cols=plan.cols,
+        rows=plan.rows,
+        peak_mib=round(tracker.peak / 2**20, 1),
+        lower_bound_mib=round(bound / 2**20, 1),
+        peak_over_bound=round(tracker.peak / bound, 4),
+    )
+
+
 def vocab_parallel_rows(model: str = "llama-3.1-8b", n: int = 8192, ranks=(2, 4)) -> list[dict]:
     """Per-rank peaks at a model's shape: unsharded, and over each rank count vocabulary-parallel
     and the gathered-weight baseline."""
@@ -280,7 +334,18 @@ def main(argv=None) -> None:
         help="per-rank planned peaks at Llama-3.1-8B, N=8192: unsharded, vocab-parallel and gathered-weight "
         "over 2 and 4 ranks",
     )
+    ap.add_argument(
+        "--torch-device",
+        action="store_true",
+        help="the chunked engine's planned peak on a GPU (its device path) at the GPU shapes, N = 8192",
+    )
     args = ap.parse_args(argv)
+    if args.torch_device:
+        from .shapes import MODELS
+
+        for model, (h, v) in MODELS.items():
+            print(json.dumps(dict(model=model, **torch_device_peak(8192, v, h))))
+        return
     if args.launcher or args.vocab_parallel:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the op's check (the kernels are no-ops)
     if args.vocab_parallel:

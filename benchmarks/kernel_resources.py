@@ -77,6 +77,17 @@ def _flags(**constexprs) -> tuple:
     return tuple(constexprs.items())
 
 
+def _epilogue_variants(dt: str) -> list[Variant]:
+    """The cuBLAS plans' kernels: the forward and dz kernels reading fp32 logits chunks, on their tile."""
+    out = []
+    for entropy, extras in ((False, False), (True, True)):
+        flags = _flags(WITH_ENTROPY=entropy, HAS_BIAS=extras, HAS_SOFTCAP=extras, LOGITS_GIVEN=True)
+        out.append(Variant("forward", dt, CUDA_EPILOGUE, flags))
+        flags = _flags(COMPUTE_DB=extras, HAS_BIAS=extras, HAS_SOFTCAP=extras, HAS_ENT_GRAD=entropy, LOGITS_GIVEN=True)
+        out.append(Variant("dlogits", dt, CUDA_EPILOGUE, flags))
+    return out
+
+
 def default_variants() -> list[Variant]:
     """Every kernel specialization the launcher builds on CUDA with the default tiles."""
     out = []
@@ -131,15 +142,7 @@ def default_variants() -> list[Variant]:
                     _flags(COMPUTE_DB=extras, HAS_BIAS=extras, HAS_SOFTCAP=extras),
                 )
             )
-        # the cuBLAS plans: the same kernels reading fp32 logits chunks, on their own tile
-        epi = CUDA_EPILOGUE
-        for entropy, extras in ((False, False), (True, True)):
-            flags = _flags(WITH_ENTROPY=entropy, HAS_BIAS=extras, HAS_SOFTCAP=extras, LOGITS_GIVEN=True)
-            out.append(Variant("forward", dt, epi, flags))
-            flags = _flags(
-                COMPUTE_DB=extras, HAS_BIAS=extras, HAS_SOFTCAP=extras, HAS_ENT_GRAD=entropy, LOGITS_GIVEN=True
-            )
-            out.append(Variant("dlogits", dt, epi, flags))
+        out += _epilogue_variants(dt)
         # an entropy bonus in the loss: its gradient through both designs
         out.append(
             Variant(

@@ -126,7 +126,7 @@ PROVIDERS = [
         note="atomic backward design (tightest memory)",
     ),
     Provider("naive_eager", "gft", lambda: _naive_gft),
-    Provider("gft_torch", "gft", _gft("torch")),
+    Provider("gft_torch", "gft", _gft("torch"), note="chunked PyTorch engine (on CUDA: its path without host syncs)"),
     Provider(
         "liger_grpo_chunked",
         "pg",

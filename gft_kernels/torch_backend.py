@@ -1,30 +1,47 @@
 """The chunked pure-PyTorch engine: bounded memory, any device, the CPU default.
 
-Rows are processed in chunks of ``C`` tokens; one ``[C x V]`` fp32 logits buffer (plus a
-``[C x V]`` half buffer for bf16/fp16 inputs) is allocated once and reused with ``out=`` and
-in-place ops, so the peak stays near ``C x V`` floats instead of ``N x V`` (with glibc malloc,
-allocating a fresh chunk per step lets the resident size creep up; see the README's memory
-numbers). Only valid rows (forward) and rows with ``g != 0`` (backward) are computed; on CUDA,
-where selecting them would cost a host sync, every row is processed instead.
+Two paths, chosen by the tensors' device (``SYNC_FREE`` forces one; the tests run the GPU's
+path on CPU tensors):
 
-On a CPU with several intra-op threads the one-pass path (a scalar loss under autograd)
-splits the vocabulary between the threads instead of splitting every op (``cpu_threads.py``:
-one synchronisation per chunk instead of a barrier per op); the buffers are the same
-``C x V`` floats in all, and the result is the one-thread result up to rounding.
+**The CPU path.** Rows are processed in chunks of ``C`` tokens; one ``[C x V]`` fp32 logits
+buffer (plus a ``[C x V]`` half buffer for bf16/fp16 inputs) is allocated once and reused with
+``out=`` and in-place ops, so the peak stays near ``C x V`` floats instead of ``N x V`` (with
+glibc malloc, allocating a fresh chunk per step lets the resident size creep up; see the
+README's memory numbers). Only valid rows (forward) and rows with ``g != 0`` (backward) are
+computed: selecting them is a host sync, which costs nothing on a CPU. With several intra-op
+threads the one-pass path (a scalar loss under autograd) splits the vocabulary between the
+threads instead of splitting every op (``cpu_threads.py``: one synchronisation per chunk
+instead of a barrier per op); the buffers are the same ``C x V`` floats in all, and the result
+is the one-thread result up to rounding. dlm_head is accumulated over the row chunks in fp32
+(float64 for float64 inputs) from ``dz`` in that precision.
 
-Precision: the logits product is done in the input dtype (as naive PyTorch does), the
-softmax in fp32 (float64 for float64 inputs); dlm_head is accumulated over chunks in that
-precision from ``dz`` in that precision.
+**The device path** (a GPU, or any device but the CPU): no host sync at all, so the chunk loop
+is queued without waiting and can be captured. Every row is computed (rows that are not active
+are zeroed in a copy of ``hidden``, so whatever they hold is never read), in vocabulary chunks
+of ``cols`` columns over all rows (``plan_device``: blocks of ``rows`` rows only where the
+buffers would exceed ``DEVICE_SCRATCH_FRACTION`` of the gradients' bytes), as the Triton
+engine's split backward does: a chunk's dlm_head rows come from one product over all rows
+(cuBLAS accumulates in fp32 and rounds once into the input dtype), dhidden is added per chunk
+into an fp32 accumulator (``products.addmm_fp32``: 16-bit operands, fp32 output), and the
+chunk sizes are decided from the shapes alone. The one-pass path is a forward sweep, the head
+on all rows, and a backward sweep: 4 products, as a recomputing backward.
+
+Precision: the products take the inputs in their dtype, as naive PyTorch does (on the device
+path on CUDA the logits come out of the product in fp32 where torch has ``out_dtype``; elsewhere
+they are rounded to the input dtype first, as naive PyTorch rounds them); the softmax runs in
+fp32 (float64 for float64 inputs); ``dz`` is rounded to the input dtype for the device path's
+products, as naive PyTorch rounds its logits' gradient.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import cpu_threads
+from . import cpu_threads, products
 from .cpu_threads import helper_threads, intra_op_threads
 from .engine import (
     BackwardRequest,
@@ -44,6 +61,18 @@ CHUNK_BYTES = 32 * 1024 * 1024
 # Fewest vocabulary columns per thread when the one-pass path splits the vocabulary between
 # the CPU's threads (below, one chunk's work is too small to pay for a synchronisation).
 MIN_SHARE_COLUMNS = 4096
+# The device path (no host syncs; module docstring): None takes it off the CPU; True / False force it.
+SYNC_FREE: bool | None = None
+# The device path's chunk buffers (logits, their 16-bit copy, the softcap's and entropy's extra
+# buffers) within this fraction of the gradients' bytes; its accumulators (fp32 dhidden, for
+# 16-bit inputs twice dhidden's own bytes) come on top. A chunk is at least DEVICE_MIN_COLS wide
+# and DEVICE_MIN_ROWS high (thinner products run below the matmul rate), at most
+# DEVICE_MAX_COLS wide, a multiple of DEVICE_STEP.
+DEVICE_SCRATCH_FRACTION = 0.125
+DEVICE_MIN_COLS = 1024
+DEVICE_MAX_COLS = 16384
+DEVICE_MIN_ROWS = 512
+DEVICE_STEP = 256
 
 
 def _chunk_rows(n: int, v: int) -> int:
@@ -54,27 +83,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _selected_rows(mask: Tensor) -> Tensor | None:
-    """Indices of rows to compute, or None for 'all rows' (CUDA: no host sync)."""
-    if mask.is_cuda:
-        return None
-    return mask.nonzero().squeeze(1)
+def _sync_free(hidden: Tensor) -> bool:
+    """Whether the device path runs (module docstring)."""
+    return hidden.device.type != "cpu" if SYNC_FREE is None else SYNC_FREE
 
 
 def _chunks(mask: Tensor, v: int):
-    """(chunk size, iterator of the row indices of each chunk) over the rows ``mask`` selects."""
-    rows = _selected_rows(mask)
-    count = mask.shape[0] if rows is None else rows.numel()
-    c = _chunk_rows(count, v)
-
-    def each():
-        for start in range(0, count, c):
-            if rows is None:
-                yield torch.arange(start, min(start + c, count), device=mask.device)
-            else:
-                yield rows[start : start + c]
-
-    return c, each()
+    """(chunk size, iterator of the row indices of each chunk) over the rows ``mask`` selects
+    (the CPU path: selecting them is a host sync)."""
+    rows = mask.nonzero().squeeze(1)
+    c = _chunk_rows(rows.numel(), v)
+    return c, (rows[start : start + c] for start in range(0, rows.numel(), c))
 
 
 class _LogitsChunk:
@@ -138,6 +157,34 @@ def _add_products(dz, h, cap_grad, logits, dw32, db32, need_dh: bool) -> Tensor 
     return dz_in @ logits.weight
 
 
+def _recomputed_dz(z: Tensor, stats, g_c: Tensor, g_h: Tensor | None, target) -> Tensor:
+    """dL/dz = g (onehot(y) - softmax(z)) (+ the entropy term), built in place in the logits
+    ``z`` of a chunk's rows from the forward's per-row ``stats`` (m, log_s, q, entropy; each
+    ``[C, 1]``); ``target`` is (its column ``[C, 1]``, whether these columns own it ``[C, 1]`` or
+    None: always). The target column is g (1 - p) with 1 - p = q from the forward (no
+    cancellation near p = 1)."""
+    m, log_s, q, entropy = stats
+    tgt, own = target
+    # p = exp((z - m) - log_s): the two-part lse keeps p exact-ish at logits of 1e4. The exponent
+    # is clamped at 0 (p <= 1): rows that are computed but not active (g = 0; the device path
+    # computes every row) may have m = log_s = 0, where exp(z) could overflow and 0 * inf is NaN.
+    lp = z.sub_(m).sub_(log_s)
+    lp.clamp_max_(0.0)
+    target_value = g_c * q
+    if g_h is None:
+        dz = lp.exp_().mul_(-g_c)
+    else:
+        # the entropy term, dL/dz_j += g_H (-p_j (log p_j + H)): dz = -p (g + g_H (log p + H))
+        p = lp.exp()  # the one extra [C, V] buffer
+        lp_h = lp.add_(entropy)  # log p + H, in place
+        target_value = target_value - g_h * p.gather(1, tgt) * lp_h.gather(1, tgt)
+        dz = lp_h.mul_(g_h).add_(g_c).mul_(p).neg_()
+        del p
+    if own is not None:
+        target_value = torch.where(own, target_value, dz.gather(1, tgt))
+    return dz.scatter_(1, tgt, target_value)
+
+
 class TorchEngine:
     """The chunked PyTorch engine (the contract: ``engine.py``)."""
 
@@ -149,7 +196,10 @@ class TorchEngine:
         return None  # any device, any float dtype
 
     def partials(self, request: ForwardRequest, options: KernelOptions) -> RowPartials:
-        """Per-row partial statistics ``[1, N]`` over this weight's columns (one column set)."""
+        """Per-row partial statistics ``[1, N]`` over this weight's columns (one column set; the
+        device path: one per vocabulary chunk)."""
+        if _sync_free(request.hidden):
+            return _device_partials(request, options, _DeviceBuffers(request, options))
         hidden, weight, bias, targets, valid = request
         n, v = hidden.shape[0], weight.shape[0]
         # one [3 | 5, 1, N] buffer, by name (a single column set)
@@ -178,6 +228,8 @@ class TorchEngine:
         return part
 
     def backward(self, request: BackwardRequest, options: KernelOptions) -> Grads:
+        if _sync_free(request.inputs.hidden):
+            return _device_backward(request, options, _DeviceBuffers(request.inputs, options))
         (hidden, weight, bias, targets, _), rows, g, g_entropy, need = request
         grads = _Gradients(hidden, weight, bias, need)
         active = g != 0 if g_entropy is None else (g != 0) | (g_entropy != 0)
@@ -186,31 +238,12 @@ class TorchEngine:
         for idx in chunks:
             h = hidden.index_select(0, idx)
             z = logits(h)
-            # dL/dz = g (onehot(y) - softmax(z)), built in place in the logits buffer; the target
-            # column is g (1 - p) with 1 - p = q from the forward (no cancellation near p = 1).
             cap_grad = None if options.softcap is None else 1.0 - (z / options.softcap).square()
-            # p = exp((z - m) - log_s): the two-part lse keeps p exact-ish at logits of 1e4. The
-            # exponent is clamped at 0 (p <= 1): rows that are computed but skipped (g = 0; on
-            # CUDA every row is computed) have m = log_s = 0, where exp(z) could overflow and
-            # 0 * inf would be NaN.
-            lp = z.sub_(rows.m.index_select(0, idx)[:, None]).sub_(rows.log_s.index_select(0, idx)[:, None])
-            lp.clamp_max_(0.0)
             tgt, own = _targets(targets, idx, options.outside)
+            stats = [x.index_select(0, idx)[:, None] for x in (rows.m, rows.log_s, rows.q, rows.entropy)]
             g_c = g.index_select(0, idx)[:, None]
-            target_value = g_c * rows.q.index_select(0, idx)[:, None]
-            if g_entropy is None:
-                dz = lp.exp_().mul_(-g_c)
-            else:
-                # the entropy term, dL/dz_j += g_H (-p_j (log p_j + H)): dz = -p (g + g_H (log p + H))
-                g_h = g_entropy.index_select(0, idx)[:, None]
-                p = lp.exp()  # the one extra [C, V] buffer
-                lp_h = lp.add_(rows.entropy.index_select(0, idx)[:, None])  # log p + H, in place
-                target_value = target_value - g_h * p.gather(1, tgt) * lp_h.gather(1, tgt)
-                dz = lp_h.mul_(g_h).add_(g_c).mul_(p).neg_()
-                del p
-            if own is not None:
-                target_value = torch.where(own, target_value, dz.gather(1, tgt))
-            dz.scatter_(1, tgt, target_value)
+            g_h = None if g_entropy is None else g_entropy.index_select(0, idx)[:, None]
+            dz = _recomputed_dz(z, stats, g_c, g_h, (tgt, own))
             grads.add_rows(idx, _add_products(dz, h, cap_grad, logits, grads.dw32, grads.db32, grads.need_dh))
         return grads.result()
 
@@ -226,6 +259,8 @@ class TorchEngine:
         ``sum_t token_weight_t * loss_t``. Returns (loss, RowStats, Grads); the gradients are
         those of the loss (scaled by the upstream gradient in backward).
         """
+        if _sync_free(request.hidden):
+            return _device_loss_and_grads(request, options, (token_loss, token_weight), need)
         hidden, weight, bias, targets, valid = request
         acc = _acc_dtype(weight.dtype)
         grads = _Gradients(hidden, weight, bias, need)
@@ -262,8 +297,6 @@ class TorchEngine:
             grads.add_rows(idx, _add_products(dz, h, cap_grad, logits, grads.dw32, grads.db32, grads.need_dh))
             for into, x in zip(stats, row):
                 into.index_copy_(0, idx, x.to(acc))
-        if valid.is_cuda:  # every row was computed (_selected_rows): rows that are not valid report 0
-            buffer.mul_(valid.to(acc))
         return loss, stats._replace(target_is_max=stats.target_is_max.bool()), grads.result()
 
 
@@ -452,6 +485,204 @@ class _Gradients:
         dw = None if self.dw32 is None else self.dw32.to(self.weight.dtype)
         db = None if self.db32 is None else self.db32.to(self.bias.dtype)
         return Grads(self.dh, dw, db)
+
+
+class DevicePlan(NamedTuple):
+    """The device path's chunks: ``cols`` vocabulary columns by ``rows`` rows (all N but where
+    the buffers would exceed the budget), and the bytes of its chunk buffers."""
+
+    cols: int
+    rows: int
+    buffer_bytes: int
+
+
+def plan_device(n: int, v: int, h_dim: int, dtype: torch.dtype, options: KernelOptions) -> DevicePlan:
+    """Chunk sizes of the device path, from the shapes alone (no host sync): the widest chunk
+    whose ``[N x cols]`` buffers fit ``DEVICE_SCRATCH_FRACTION`` of the gradients' bytes, within
+    ``[DEVICE_MIN_COLS, DEVICE_MAX_COLS]``; where even the narrowest does not fit, row blocks of
+    what fits (at least ``DEVICE_MIN_ROWS``)."""
+    acc, elem = _acc_dtype(dtype).itemsize, dtype.itemsize
+    # per element of a chunk: the logits (acc), their 16-bit copy (dz's too), and one more acc
+    # buffer each for the softcap's derivative and the entropy's probabilities
+    per = acc * (1 + (options.softcap is not None) + options.with_entropy) + (elem if elem < acc else 0)
+    budget = DEVICE_SCRATCH_FRACTION * elem * h_dim * (n + v)
+    fit = int(budget // (max(n, 1) * per)) // DEVICE_STEP * DEVICE_STEP
+    cols = max(1, min(max(fit, DEVICE_MIN_COLS), DEVICE_MAX_COLS, v))
+    rows = n
+    if n * cols * per > budget:
+        rows = max(int(budget // (cols * per)) // DEVICE_STEP * DEVICE_STEP, DEVICE_MIN_ROWS)
+    rows = max(1, min(rows, n))
+    return DevicePlan(cols, rows, rows * cols * per)
+
+
+class _DeviceBuffers:
+    """The device path's plan and reused buffers: the logits of a chunk in fp32 (float64 for
+    float64 inputs) and, for 16-bit inputs, its copy in the input dtype (the product's output
+    where torch cannot write fp32, and the rounded dz the gradient products read)."""
+
+    def __init__(self, request: ForwardRequest, options: KernelOptions):
+        hidden, weight = request.hidden, request.weight
+        self.plan = plan_device(hidden.shape[0], weight.shape[0], hidden.shape[1], weight.dtype, options)
+        self.options = options
+        size = self.plan.rows * self.plan.cols
+        acc = _acc_dtype(weight.dtype)
+        self.z = torch.empty(size, device=weight.device, dtype=acc)
+        self.half = weight.dtype != acc
+        self.zin = torch.empty(size, device=weight.device, dtype=weight.dtype) if self.half else None
+
+    def blocks(self, n: int, v: int):
+        """(columns, rows) of every chunk, columns outermost."""
+        for c0 in range(0, v, self.plan.cols):
+            for r0 in range(0, n, self.plan.rows):
+                yield slice(c0, min(c0 + self.plan.cols, v)), slice(r0, min(r0 + self.plan.rows, n))
+
+    def logits(self, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """z = softcap((h W^T + b) / T) of these rows and columns, in the fp32 buffer."""
+        shape = (h.shape[0], weight.shape[0])
+        z = self.z[: shape[0] * shape[1]].view(shape)
+        if not (self.half and products.mm_into_fp32(z, h, weight.t())):
+            out = self.rounded(shape) if self.half else z
+            if bias is None:
+                torch.mm(h, weight.t(), out=out)
+            else:
+                torch.addmm(bias, h, weight.t(), out=out)
+            if self.half:
+                z.copy_(out)
+        elif bias is not None:
+            z.add_(bias)
+        if self.options.temperature != 1.0:
+            z.mul_(1.0 / self.options.temperature)
+        if self.options.softcap is not None:
+            z.div_(self.options.softcap).tanh_().mul_(self.options.softcap)
+        return z
+
+    def rounded(self, shape) -> Tensor:
+        return self.zin[: shape[0] * shape[1]].view(shape)
+
+
+def _chunk_targets(targets: Tensor, cols: slice):
+    """(column [C, 1] within the chunk ``cols``, whether the chunk holds the target [C, 1]); a
+    target of -1 (another rank's shard) is in no chunk."""
+    local = (targets - cols.start)[:, None]
+    own = (local >= 0) & (local < cols.stop - cols.start)
+    return local.clamp(0, cols.stop - cols.start - 1), own
+
+
+def _device_partials(request: ForwardRequest, options: KernelOptions, buffers: _DeviceBuffers) -> RowPartials:
+    """Per-row partial statistics ``[S, N]``, one set per vocabulary chunk, of every row (rows
+    that are not valid read zeros: ``rows_from_partials`` zeroes their statistics)."""
+    hidden, weight, bias, targets, valid = request
+    n, v = hidden.shape[0], weight.shape[0]
+    hidden = torch.where(valid[:, None], hidden, 0.0)
+    sets = -(-v // buffers.plan.cols)
+    part = RowPartials(
+        *torch.zeros(5 if options.with_entropy else 3, sets, n, device=hidden.device, dtype=buffers.z.dtype)
+    )
+    for cols, rows in buffers.blocks(n, v):
+        z = buffers.logits(hidden[rows], weight[cols], None if bias is None else bias[cols])
+        local, own = _chunk_targets(targets[rows], cols)
+        m = z.amax(dim=1)
+        z_t = torch.where(own, z.gather(1, local), 0.0).squeeze(1)
+        zm = z.sub_(m[:, None])  # z - m, in place
+        e = torch.exp(zm) if options.with_entropy else zm.exp_()
+        values = [m, None, z_t]
+        if options.with_entropy:  # sum exp(z - m) and sum exp(z - m) (z - m), the product in z's buffer
+            values += [e.sum(dim=1), zm.mul_(e).sum(dim=1)]
+        e.scatter_(1, local, torch.where(own, 0.0, e.gather(1, local)))  # the target column excluded
+        values[1] = e.sum(dim=1)
+        for into, x in zip(part, values):
+            into[cols.start // buffers.plan.cols, rows] = x
+    return part
+
+
+class _DeviceGradients:
+    """The device path's gradient buffers: dlm_head rows written per vocabulary chunk (through an
+    fp32 chunk accumulator only when the rows come in several blocks), dhidden added per chunk
+    (into fp32 for 16-bit inputs), dbias in fp32."""
+
+    def __init__(self, request: ForwardRequest, need: Needs, buffers: _DeviceBuffers):
+        hidden, weight, bias = request.hidden, request.weight, request.bias
+        acc, self.buffers = buffers.z.dtype, buffers
+        self.weight, self.bias, self.dtype = weight, bias, hidden.dtype
+        self.n = hidden.shape[0]
+        self.blocked = buffers.plan.rows < self.n
+        self.dh = torch.zeros(hidden.shape, device=hidden.device, dtype=acc) if need.dhidden else None
+        self.dw = torch.empty_like(weight) if need.dweight else None
+        chunk = (buffers.plan.cols, weight.shape[1])
+        self.dw_acc = torch.empty(chunk, device=weight.device, dtype=acc) if need.dweight and self.blocked else None
+        self.db = torch.zeros(weight.shape[0], device=weight.device, dtype=acc) if need.dbias else None
+
+    def add(self, dz: Tensor, h: Tensor, cols: slice, rows: slice) -> None:
+        """The products of one chunk's ``dz`` (w.r.t. h W^T + b, fp32) with the rows ``h``."""
+        if self.db is not None:
+            self.db[cols] += dz.sum(dim=0)
+        if self.buffers.half:
+            dz = self.buffers.rounded(dz.shape).copy_(dz)
+        if self.dw is not None:
+            if not self.blocked:
+                torch.mm(dz.t(), h, out=self.dw[cols])  # fp32 accumulation inside, one rounding
+            else:
+                if rows.start == 0:
+                    self.dw_acc.zero_()
+                acc = self.dw_acc[: dz.shape[1]]
+                _addmm(acc, dz.t(), h, self.buffers.half)
+                if rows.stop == self.n:  # the chunk's last row block: its dlm_head rows, rounded once
+                    self.dw[cols].copy_(acc)
+        if self.dh is not None:
+            _addmm(self.dh[rows], dz, self.weight[cols], self.buffers.half)
+
+    def result(self) -> Grads:
+        dh = None if self.dh is None else self.dh.to(self.dtype)
+        db = None if self.db is None else self.db.to(self.bias.dtype)
+        return Grads(dh, self.dw, db)
+
+
+def _addmm(acc: Tensor, a: Tensor, b: Tensor, half: bool) -> None:
+    """acc += a @ b, acc in fp32 (float64 for float64 inputs); 16-bit operands stay 16-bit on CUDA."""
+    if half:
+        products.addmm_fp32(acc, a, b)
+    else:
+        acc.addmm_(a, b)
+
+
+def _device_backward(request: BackwardRequest, options: KernelOptions, buffers: _DeviceBuffers) -> Grads:
+    """``TorchEngine.backward`` on the device path: every row, vocabulary chunks, no host sync."""
+    (hidden, weight, bias, targets, _), rows, g, g_entropy, need = request
+    n, v = hidden.shape[0], weight.shape[0]
+    active = g != 0 if g_entropy is None else (g != 0) | (g_entropy != 0)
+    hidden = torch.where(active[:, None], hidden, 0.0)  # what rows that are not active hold is never read
+    grads = _DeviceGradients(request.inputs._replace(hidden=hidden), need, buffers)
+    stats = [x[:, None] for x in (rows.m, rows.log_s, rows.q, rows.entropy)]
+    g, g_entropy = g[:, None], None if g_entropy is None else g_entropy[:, None]
+    for cols, block in buffers.blocks(n, v):
+        h = hidden[block]
+        z = buffers.logits(h, weight[cols], None if bias is None else bias[cols])
+        cap_grad = None  # 1 - (z / c)^2, the one buffer the plan counts for it
+        if options.softcap is not None:
+            cap_grad = torch.div(z, options.softcap).square_().neg_().add_(1.0)
+        g_h = None if g_entropy is None else g_entropy[block]
+        dz = _recomputed_dz(z, [x[block] for x in stats], g[block], g_h, _chunk_targets(targets[block], cols))
+        if cap_grad is not None:
+            dz.mul_(cap_grad)
+        if options.temperature != 1.0:
+            dz.mul_(1.0 / options.temperature)  # dL/d(h W^T + b)
+        grads.add(dz, h, cols, block)
+    return grads.result()
+
+
+def _device_loss_and_grads(request: ForwardRequest, options: KernelOptions, head, need: Needs):
+    """``TorchEngine.loss_and_grads`` on the device path: a forward sweep over the vocabulary
+    chunks, the head on every row at once, then the backward sweep (4 products; the logits are
+    recomputed, never kept). Returns (loss, RowStats, Grads)."""
+    valid = request.valid
+    buffers = _DeviceBuffers(request, options)
+    row = _row_stats(merge_partials(_device_partials(request, options, buffers)))
+    every = torch.arange(valid.shape[0], device=valid.device)
+    g, g_h, loss = _head_grads(*head, row, every, options.with_entropy)
+    grads = _device_backward(BackwardRequest(request, row, g, g_h, need), options, buffers)
+    zero = torch.zeros_like(row.logp)
+    stats = RowStats(*(torch.where(valid, x, zero) for x in row[:5]), row.target_is_max & valid)
+    return loss, stats, grads
 
 
 ENGINE = register_engine(TorchEngine())

@@ -33,6 +33,8 @@ import torch
 import triton
 
 from ..engine import BackwardRequest, ForwardRequest, Grads, KernelOptions, RowPartials, parse_value, register_engine
+from ..products import MM_INTO_FP32, mm_into_fp32
+from ..products import addmm_fp32 as _addmm_fp32  # shared with the chunked engine on a GPU
 from .backward import gft_backward_kernel, gft_dlogits_kernel
 from .forward import gft_forward_kernel
 
@@ -305,52 +307,15 @@ def plan_split(
     return SplitPlan(False, cols_a, min(rows_b, n_rows), cols_b, gather, scratch)
 
 
-def _addmm_path() -> str:
-    """How 16-bit products are added into fp32 accumulators (benchmarks report it), decided once
-    from the operator's schema: never switched by an exception, which could be an out-of-memory
-    error that says nothing about what the torch build supports."""
-    if "dtype_out" in torch.ops.aten.addmm.overloads():
-        return "addmm_out_dtype"
-    if "dtype" in torch.ops.aten.mm.overloads():
-        return "mm_then_add"
-    return "fp32_copies"  # a torch too old for out_dtype: fp32 copies of the operands
-
-
-_ADDMM_PATH = _addmm_path()
-
-
 def _mm_into(out, a, b):
     """out = a @ b (cuBLAS: fp32 accumulation inside, one rounding into out's dtype)."""
     torch.mm(a, b, out=out)
 
 
-def _addmm_fp32(acc, a, b):
-    """acc += a @ b with fp32 accumulation and output, for 16-bit a and b, without an fp32 copy
-    of either operand."""
-    if a.dtype == torch.float32 or acc.device.type != "cuda":
-        acc.addmm_(a.float(), b.float())  # fp32, or the CPU (tests): exact either way
-        return
-    _addmm_fp32_cuda(acc, a, b)
-
-
-def _addmm_fp32_cuda(acc, a, b, path=None):
-    path = path or _ADDMM_PATH
-    if path == "addmm_out_dtype":
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    elif path == "mm_then_add":
-        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
-# cuBLAS can write a 16-bit product in fp32 (torch.mm(..., out_dtype=torch.float32)) in recent
-# torch; without it the cuBLAS plans' logits chunks are in the input dtype on CUDA.
-_MM_FP32_OUT = "dtype_out" in torch.ops.aten.mm.overloads()
-
-
 def logits_dtype(weight: torch.Tensor, options: LaunchOptions) -> torch.dtype:
-    """The dtype of the cuBLAS plans' logits chunks for this weight (``LaunchOptions.logits_dtype``)."""
-    fp32_possible = weight.device.type != "cuda" or _MM_FP32_OUT
+    """The dtype of the cuBLAS plans' logits chunks for this weight (``LaunchOptions.logits_dtype``):
+    the input dtype on CUDA where this torch cannot write a 16-bit product in fp32."""
+    fp32_possible = weight.device.type != "cuda" or MM_INTO_FP32
     return torch.float32 if options.logits_dtype == "fp32" and fp32_possible else weight.dtype
 
 
@@ -358,9 +323,7 @@ def _logits_into(out, a, w):
     """out = a @ w^T by cuBLAS: fp32 accumulation inside, one rounding into out's dtype."""
     if out.dtype == a.dtype:
         torch.mm(a, w.t(), out=out)
-    elif a.device.type == "cuda":
-        torch.mm(a, w.t(), out_dtype=out.dtype, out=out)
-    else:  # the CPU (tests): fp32 products of the exact operands
+    elif not mm_into_fp32(out, a, w.t()):  # the CPU (tests): fp32 products of the exact operands
         torch.mm(a.float(), w.float().t(), out=out)
 
 

@@ -5,7 +5,7 @@ import torch
 from helpers import DEVICE, EPS, Case, errors, make_case, run
 
 import gft_kernels
-from gft_kernels import torch_backend
+from gft_kernels import products, torch_backend
 from gft_kernels.engine import BackwardRequest, ForwardRequest, KernelOptions, Needs, forward
 from gft_kernels.triton_ops import launch
 
@@ -282,8 +282,8 @@ def test_an_out_of_memory_error_in_a_product_is_raised_and_switches_nothing(monk
     """How 16-bit products reach fp32 accumulators is decided once, from torch's operator schema;
     an error in a product (a CUDA out-of-memory, say) is the caller's, and the next call takes
     the same path."""
-    path = launch._ADDMM_PATH
-    assert path == launch._addmm_path()
+    path = products.ADDMM_PATH
+    assert path == products.addmm_path()
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -292,8 +292,8 @@ def test_an_out_of_memory_error_in_a_product_is_raised_and_switches_nothing(monk
     monkeypatch.setattr(torch, "mm", oom)
     acc, a = torch.zeros(4, 3), torch.ones(4, 5, dtype=torch.bfloat16)
     with pytest.raises(torch.OutOfMemoryError):
-        launch._addmm_fp32_cuda(acc, a, torch.ones(5, 3, dtype=torch.bfloat16), path="addmm_out_dtype")
-    assert launch._ADDMM_PATH == path
+        products.addmm_fp32_cuda(acc, a, torch.ones(5, 3, dtype=torch.bfloat16), path="addmm_out_dtype")
+    assert products.ADDMM_PATH == path
 
 
 def test_the_split_backward_adds_no_atomics_the_bias_gradient_included():

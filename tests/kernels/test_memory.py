@@ -4,7 +4,7 @@ launcher's planned peak at the GPU shapes."""
 import pytest
 import torch
 
-from benchmarks.cpu_memory import _StorageTracker, launcher_peak, measure
+from benchmarks.cpu_memory import _StorageTracker, launcher_peak, measure, torch_device_peak
 from benchmarks.shapes import MODELS, TOKENS
 
 
@@ -54,6 +54,37 @@ def test_triton_launcher_peak_is_near_the_gradients(model, n, design):
 def test_launcher_peak_with_zero_advantages_and_fp32(design):
     assert launcher_peak(4096, 32000, 1024, zero_adv_frac=0.9, design=design)["peak_over_bound"] <= TARGET[design]
     assert launcher_peak(4096, 32000, 1024, dtype=torch.float32, design=design)["peak_over_bound"] <= TARGET[design]
+
+
+def _device_path_bound(row):
+    """The chunked engine's device path beyond the gradients, over their bytes: its chunk buffers
+    (DEVICE_SCRATCH_FRACTION), the fp32 dhidden accumulator (twice dhidden's bytes), the copy of
+    hidden with inactive rows zeroed (once) and, with row blocks, an fp32 chunk of dlm_head; the
+    per-chunk partial statistics are the slack."""
+    from gft_kernels import torch_backend
+
+    n, v, h = row["n"], row["v"], row["h"]
+    dw_chunk = 4 * row["cols"] * h / (2 * h * (n + v)) if row["rows"] < n else 0.0
+    return 1 + torch_backend.DEVICE_SCRATCH_FRACTION + 3 * n / (n + v) + dw_chunk + 0.01
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape", [(2048, 32000, 2048), (4096, 32000, 1024)], ids=["one-block", "row-blocks"])
+def test_the_chunked_engines_device_path_peak_is_planned(shape, reduction):
+    """On a GPU the chunked engine takes its device path (no host sync, every row): its planned
+    peak is the gradients plus bounded buffers (it was 2.98x the gradients at Gemma-2-2B 8k on an
+    H100, with dlm_head accumulated in fp32)."""
+    row = torch_device_peak(*shape, reduction=reduction)
+    assert (row["rows"] < row["n"]) == (shape[0] == 4096), row
+    assert row["peak_over_bound"] <= _device_path_bound(row), row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(MODELS))
+def test_the_chunked_engines_device_path_peak_at_the_gpu_shapes(model):
+    h, v = MODELS[model]
+    row = torch_device_peak(8192, v, h)
+    assert row["rows"] == 8192 and row["peak_over_bound"] <= _device_path_bound(row), row
 
 
 def test_the_storage_tracker_follows_births_deaths_and_views():
