@@ -6,10 +6,15 @@ For each shape and provider: forward alone and forward+backward time (CUDA: trit
 median after warm-up; CPU: median of repeated runs), peak memory of the loss op beyond its
 inputs (CUDA only), that peak over the lower bound (the gradients themselves, in the inputs'
 dtype), and the time as a multiple of the FLOP floor (2 N H V per matrix product: 1 forward,
-4 forward+backward) at the matmul rate measured in the same run. At one shape, every
-provider's error against the float64 reference of the loss it computes. For the fused GFT
-providers, a sweep of the fraction of zero-advantage sequences (groups whose rewards are all
-equal). Rows go to ``DIR/<date>T<time>_<device>.csv``, a plot per shape next to it, and a table on stdout.
+4 forward+backward) at the square matmul rate measured in the same run, and as a multiple of
+four ``[N, H] x [H, V]`` products of that very shape timed in the same run
+(``fwd_bwd_over_products``: the exact recomputing op's floor, the GPU target's measure).
+
+The target shapes (GPU: Gemma-2-2B, Llama-3-8B and Qwen2.5-7B at 8192 tokens) come first, each
+whole before the next: every provider; the providers that compute GFT at 90% zero-advantage
+sequences (on a CPU also 50%); every provider's error against the float64 reference of the loss
+it computes (on a GPU at 2048 tokens of the same H and V). Rows go to
+``DIR/<date>T<time>_<device>.csv``, a plot per shape next to it, and a table on stdout.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 import gft_kernels
 
 from .providers import BY_NAME, LOSS_SPECS, PROVIDERS
-from .shapes import CPU_FOCUS, CPU_SHAPES, GPU_FOCUS, MODELS, TOKENS, Shape
+from .shapes import CPU_FOCUS, CPU_SHAPES, GPU_TARGETS, MODELS, PRECISION_TOKENS, Shape
 
 SEQ_LEN = 512  # tokens per sequence: one response, one advantage
 PROMPT_FRAC = 0.1  # leading tokens of each sequence that are ignored (the prompt)
@@ -59,6 +64,8 @@ FIELDS = [
     "peak_over_bound",
     "floor_fwd_bwd_ms",
     "fwd_bwd_over_floor",
+    "product_ms",
+    "fwd_bwd_over_products",
     "err_loss",
     "err_dhidden",
     "err_dweight",
@@ -161,12 +168,23 @@ def matmul_tflops(device, dtype) -> float:
     return 2 * size**3 / (ms * 1e-3) / 1e12
 
 
+def product_ms(shape: Shape, dtype, device, quick=False) -> float:
+    """One ``[N, H] x [H, V]`` product at this shape (cuBLAS on a GPU): an exact fused op that
+    recomputes the logits does four of them, so ``4 x product_ms`` is its floor at this shape."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    a = torch.randn(shape.n, shape.h, generator=g).to(device, dtype)
+    w = torch.randn(shape.v, shape.h, generator=g).to(device, dtype)
+    return time_ms(lambda: a @ w.t(), device, quick)
+
+
 def _fmt(x):
     """Four significant digits for floats (errors are 1e-7, times are 1e3)."""
     return "" if x is None else (float(f"{x:.4g}") if isinstance(x, float) else x)
 
 
-def measure(provider, shape, dtype, device, tflops, zero_adv_frac=0.0, quick=False) -> dict:
+def measure(provider, shape, dtype, device, tflops, zero_adv_frac=0.0, quick=False, products_ms=None) -> dict:
+    """One provider's row at one shape; ``products_ms``: one product's time at this shape, measured
+    in the same run (``fwd_bwd_over_products`` is the time over four of them)."""
     row = dict(
         shape=shape.name,
         n=shape.n,
@@ -227,6 +245,8 @@ def measure(provider, shape, dtype, device, tflops, zero_adv_frac=0.0, quick=Fal
         peak_over_bound=None if peak is None else peak / bound,
         floor_fwd_bwd_ms=floor,
         fwd_bwd_over_floor=t_all / floor,
+        product_ms=products_ms,
+        fwd_bwd_over_products=None if not products_ms else t_all / (4 * products_ms),
     )
 
 
@@ -311,10 +331,10 @@ def print_table(rows) -> None:
         ("fwd_ms", 9),
         ("fwd_bwd_ms", 10),
         ("peak_over_bound", 7),
-        ("fwd_bwd_over_floor", 7),
+        ("fwd_bwd_over_products", 7),
         ("err_dweight", 9),
     ]
-    heads = ["shape", "provider", "loss", "0adv", "status", "fwd ms", "fwd+bwd ms", "mem/LB", "t/floor", "err dW"]
+    heads = ["shape", "provider", "loss", "0adv", "status", "fwd ms", "fwd+bwd ms", "mem/LB", "t/4prod", "err dW"]
     print(" ".join(h.ljust(w) if i < 5 else h.rjust(w) for i, (h, (_, w)) in enumerate(zip(heads, cols))))
     for r in rows:
         cells = []
@@ -341,15 +361,18 @@ def _arguments(argv) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _shapes(args, device) -> tuple[list[Shape], Shape]:
-    """(every shape to measure, the focus shape every target reads)."""
+def _shapes(args, device) -> tuple[list[Shape], list[Shape]]:
+    """(the target shapes: every provider, the zero-advantage sweep, precision; the other shapes:
+    every provider)."""
     if device.type == "cuda":
-        tokens = [int(t) for t in args.tokens.split(",") if t] or list(TOKENS)
+        if not args.tokens and not args.models:
+            return list(GPU_TARGETS), []
+        tokens = [int(t) for t in args.tokens.split(",") if t] or [8192]
         models = [m for m in args.models.split(",") if m] or list(MODELS)
-        return [Shape(m, n, *MODELS[m]) for m in models for n in tokens], GPU_FOCUS
+        return [Shape(m, n, *MODELS[m]) for m in models for n in tokens], []
     if args.quick:
-        return [Shape("cpu-quick", 512, 64, 4000)], CPU_FOCUS
-    return list(CPU_SHAPES), CPU_FOCUS
+        return [CPU_FOCUS], [Shape("cpu-quick", 512, 64, 4000)]
+    return [CPU_FOCUS], list(CPU_SHAPES)
 
 
 def _head(shape: Shape, provider, status: str) -> dict:
@@ -366,60 +389,74 @@ def _head(shape: Shape, provider, status: str) -> dict:
     )
 
 
+class _Run:
+    """One benchmark run: its rows (CSV, written as measured), its time budget, and each shape's
+    product time, measured once per shape in this run."""
+
+    def __init__(self, args, device, dtype, providers):
+        self.args, self.device, self.dtype, self.providers = args, device, dtype, providers
+        self.env = environment(device)
+        self.started = time.time()
+        self.tflops = matmul_tflops(device, dtype)
+        self.rows, self.products = [], {}
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.stem = f"{result_stem(self.env)}{'_quick' if args.quick else ''}"
+        self.csv_path = self.out / f"{self.stem}.csv"
+        self.csv = RowFile(self.csv_path, FIELDS)
+
+    def add(self, row):
+        self.rows.append({**self.env, **{k: _fmt(v) for k, v in row.items()}})
+        self.csv.write(self.rows[-1])
+
+    def over_budget(self) -> bool:
+        return bool(self.args.budget_s) and time.time() - self.started > self.args.budget_s
+
+    def timed(self, shape, provider, frac=0.0):
+        if self.over_budget():
+            self.add(dict(_head(shape, provider, "skipped: time budget"), zero_adv_frac=frac))
+            return
+        if shape not in self.products:
+            self.products[shape] = product_ms(shape, self.dtype, self.device, self.args.quick)
+        quick, prod = self.args.quick, self.products[shape]
+        self.add(measure(provider, shape, self.dtype, self.device, self.tflops, frac, quick, products_ms=prod))
+
+    def precise(self, shape, provider):
+        if self.device.type == "cuda":  # the same H and V, fewer tokens: the float64 truth is slow
+            shape = Shape(shape.model, min(shape.n, PRECISION_TOKENS), shape.h, shape.v)
+        if not self.over_budget():
+            errs = precision(provider, shape, self.dtype, self.device)
+            if errs:
+                self.add(dict(_head(shape, provider, "precision"), dtype=str(self.dtype)[6:], **errs))
+
+
 def main(argv=None) -> Path:
     args = _arguments(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else torch.float32
     providers = [BY_NAME[p] for p in args.providers.split(",") if p] or PROVIDERS
     providers = [p for p in providers if device.type in p.devices]
-    shapes, focus = _shapes(args, device)
-    env = environment(device)
-    started = time.time()
-    tflops = matmul_tflops(device, dtype)
-    print(f"{env['device']}: measured matmul rate {tflops:.1f} TFLOP/s ({'bf16' if device.type == 'cuda' else 'fp32'})")
-    rows = []
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{result_stem(env)}{'_quick' if args.quick else ''}"
-    csv_path = out / f"{stem}.csv"
-    csv_rows = RowFile(csv_path, FIELDS)
-
-    def add(row):
-        rows.append({**env, **{k: _fmt(v) for k, v in row.items()}})
-        csv_rows.write(rows[-1])
-
-    def over_budget():
-        return args.budget_s and time.time() - started > args.budget_s
-
-    def run_shape(shape):
+    targets, others = _shapes(args, device)
+    run = _Run(args, device, dtype, providers)
+    print(f"{run.env['device']}: measured matmul rate {run.tflops:.1f} TFLOP/s ({str(dtype)[6:]})")
+    # What the targets read comes first, shape by shape, so a time budget cuts only the tail:
+    # every provider; the providers that compute GFT at 90% (GPU; CPU also 50%) zero-advantage
+    # sequences; every provider's error against float64.
+    sweep = (0.9,) if device.type == "cuda" else (0.5, 0.9)
+    for shape in targets:
         for provider in providers:
-            if over_budget():
-                add(_head(shape, provider, "skipped: time budget"))
-                continue
-            add(measure(provider, shape, dtype, device, tflops, quick=args.quick))
-
-    # What every target needs comes first, so a time budget cuts only the extra shapes: the focus
-    # shape, the precision of every provider, the zero-advantage sweep (fused GFT providers).
-    if focus in shapes:
-        run_shape(focus)
-    prec_shape = focus if device.type == "cpu" else Shape("qwen2.5-1.5b", 4096, *MODELS["qwen2.5-1.5b"])
-    for provider in providers:
-        if over_budget():
-            break
-        errs = precision(provider, prec_shape, dtype, device)
-        if errs:
-            add(dict(_head(prec_shape, provider, "precision"), dtype=str(dtype)[6:], **errs))
-    for provider in [p for p in providers if p.name.startswith("gft_")]:
-        for frac in (0.5, 0.9) + ((0.0,) if focus not in shapes else ()):
-            if not over_budget():
-                add(measure(provider, focus, dtype, device, tflops, zero_adv_frac=frac, quick=args.quick))
-    for shape in shapes:
-        if shape != focus:
-            run_shape(shape)
-
-    csv_rows.close()
-    for shape in shapes:
-        plot(rows, out / f"{stem}_{shape.name}.png", shape.name)
-    print_table(rows)
-    print(f"rows: {csv_path}  ({time.time() - started:.0f} s)")
-    return csv_path
+            run.timed(shape, provider)
+        for provider in [p for p in providers if p.loss == "gft"]:
+            for frac in sweep:
+                run.timed(shape, provider, frac)
+        for provider in providers:
+            run.precise(shape, provider)
+    for shape in others:
+        for provider in providers:
+            run.timed(shape, provider)
+    run.csv.close()
+    for shape in targets + others:
+        plot(run.rows, run.out / f"{run.stem}_{shape.name}.png", shape.name)
+    print_table(run.rows)
+    print(f"rows: {run.csv_path}  ({time.time() - run.started:.0f} s)")
+    return run.csv_path

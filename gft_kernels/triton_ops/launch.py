@@ -108,6 +108,9 @@ class LaunchOptions:
     # kernels' precision) or "input" (written in the input dtype, rounded as naive PyTorch rounds
     # its logits: half the traffic, and dz overwrites them in place).
     logits_dtype: str = "fp32"
+    # The cublas backward's fp32 logits of a dz chunk come in this many column pieces: their
+    # scratch is then 4 / logits_pieces bytes per dz element (more pieces: thinner products).
+    logits_pieces: int = 2
     # Largest fp32 scratch of the atomic design, as a fraction of the gradients' bytes.
     scratch_fraction: float = 0.04
     split_scratch_fraction: float = 0.09
@@ -149,6 +152,8 @@ class LaunchOptions:
         return cls(**dict(zip(_LAUNCH_FIELDS, map(parse_value, values))), cuda_tiles=cuda_tiles)
 
     def __post_init__(self):
+        if not (isinstance(self.logits_pieces, int) and self.logits_pieces >= 1):
+            raise ValueError(f"logits_pieces must be an int >= 1, got {self.logits_pieces!r}")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
@@ -273,8 +278,9 @@ def plan_split(
     dW when some rows are skipped, unless dH is needed: then they are gathered into dH's own
     storage, unused until the end. ``options.split_cols`` fixes Vc (tuning).
 
-    The cublas design adds, per dz element, ``logits_bytes`` of logits chunk (0 when dz is
-    written over them), and its row sweep gathers each row chunk of h for its product.
+    The cublas design adds, per dz element, ``logits_bytes / logits_pieces`` of logits (fp32
+    logits: 4 bytes, computed in pieces; 0 when dz is written over them), and its row sweep
+    gathers each row chunk of h for its product.
     """
     frac, cols = options.split_scratch_fraction, options.split_cols
     elem = torch.finfo(dtype).bits // 8
@@ -282,7 +288,7 @@ def plan_split(
     gather = need_dw and n_active < n
     gather_bytes = n_active * h_dim * elem * (gather and not need_dh)
     n_rows = max(n_active, 1)
-    per_elem = elem + logits_bytes
+    per_elem = elem + logits_bytes / options.logits_pieces
 
     def fit_cols(rows, fixed):
         if cols is not None:
@@ -295,7 +301,7 @@ def plan_split(
     if one is not None or not need_dh:
         if one is None:
             return None
-        return SplitPlan(True, one, n_rows, one, gather, gather_bytes + acc_all + n_rows * one * per_elem)
+        return SplitPlan(True, one, n_rows, one, gather, int(gather_bytes + acc_all + n_rows * one * per_elem))
     # dH in row chunks: [rows, H] fp32 + [rows, Vc] dz per chunk (+ the rows of h, cublas)
     cols_a = fit_cols(n_rows, gather_bytes) if need_dw else 0
     cols_b = min(cols or options.split_max_cols // 2, v)
@@ -304,7 +310,7 @@ def plan_split(
     if cols_a is None or rows_b < min(options.split_min_rows, n_rows):
         return None
     scratch = max(gather_bytes + n_rows * cols_a * per_elem, rows_b * row_bytes)
-    return SplitPlan(False, cols_a, min(rows_b, n_rows), cols_b, gather, scratch)
+    return SplitPlan(False, cols_a, min(rows_b, n_rows), cols_b, gather, int(scratch))
 
 
 def _mm_into(out, a, b):
@@ -387,39 +393,54 @@ class _SplitBackward(_Backward):
         """dz = the logits' gradient of positions ``rows`` (a slice of ``order``), columns c0:;
         ``h_rows``: those rows of h (the cublas design's product)."""
         n_rows, nc = dz.shape
-        z = dz  # a dummy unless the logits are given
-        if self.launch.backward_design == "cublas":
-            z_dtype = logits_dtype(self.weight, self.launch)
-            if z_dtype != dz.dtype:  # else dz is written over the logits, element by element
-                z = torch.empty(n_rows, nc, device=dz.device, dtype=z_dtype)
-            _logits_into(z, h_rows, self.weight[c0 : c0 + nc])
-        grid = (triton.cdiv(n_rows, self.cfg.block_m), triton.cdiv(nc, self.cfg.block_v))
         # db: one row of column sums per row block, added up here in a fixed order (deterministic,
         # unlike atomics); [row blocks, Vc] fp32 is under 1/64 of the dz chunk's bytes
-        db_rows = torch.empty(grid[0], nc, device=dz.device, dtype=torch.float32) if do_db else self.rows.q
+        db_rows = self.rows.q
+        if do_db:
+            db_rows = torch.empty(triton.cdiv(n_rows, self.cfg.block_m), nc, device=dz.device, dtype=torch.float32)
+        if self.launch.backward_design != "cublas":
+            self.dz_kernel(dz, None, rows, c0, db_rows)
+        elif logits_dtype(self.weight, self.launch) == dz.dtype:  # dz written over the logits
+            _logits_into(dz, h_rows, self.weight[c0 : c0 + nc])
+            self.dz_kernel(dz, dz, rows, c0, db_rows)
+        else:  # fp32 logits, in logits_pieces column pieces (their scratch is a fraction of dz's)
+            width = min(nc, -(-nc // self.launch.logits_pieces // 16) * 16)
+            z_buf = torch.empty(n_rows * width, device=dz.device, dtype=torch.float32)
+            for s0 in range(0, nc, width):
+                w = min(width, nc - s0)
+                z = z_buf[: n_rows * w].view(n_rows, w)
+                _logits_into(z, h_rows, self.weight[c0 + s0 : c0 + s0 + w])
+                self.dz_kernel(dz[:, s0 : s0 + w], z, rows, c0 + s0, db_rows[:, s0 : s0 + w] if do_db else db_rows)
+        if do_db:
+            self.db32[c0 : c0 + nc] += db_rows.sum(dim=0)
+
+    def dz_kernel(self, dz, z, rows, col_begin, db_rows):
+        """The dz kernel over ``dz`` (columns ``col_begin:`` of the vocabulary, a view with its
+        own row stride); ``z``: the raw logits of those columns, or None (computed in the kernel)."""
+        n_rows, n_cols = dz.shape
+        grid = (triton.cdiv(n_rows, self.cfg.block_m), triton.cdiv(n_cols, self.cfg.block_v))
+        do_db = db_rows is not self.rows.q
         gft_dlogits_kernel[grid](
             *self.common_args(),
             rows,
             dz,
             db_rows,
-            z,
+            z if z is not None else dz,
             self.v,
             self.h_dim,
             self.hidden.stride(0),
             self.weight.stride(0),
-            nc,
-            nc,
-            nc,
+            dz.stride(0),
+            z.stride(0) if z is not None else 0,
+            db_rows.stride(0) if do_db else 0,
             n_rows,
-            c0,
-            nc,
+            col_begin,
+            n_cols,
             *self.scalars(),
             COMPUTE_DB=do_db,
-            LOGITS_GIVEN=self.launch.backward_design == "cublas",
+            LOGITS_GIVEN=z is not None,
             **self.flags(),
         )
-        if do_db:
-            self.db32[c0 : c0 + nc] += db_rows.sum(dim=0)
 
     def vocab_sweep(self, plan: SplitPlan, with_dh: bool):
         """dW (and db; and dH too when fused), vocabulary chunk by vocabulary chunk. A method, so

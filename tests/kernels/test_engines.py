@@ -31,6 +31,9 @@ PLANS = {
     ),
     # products by cuBLAS, the GFT math in the kernels reading the logits chunks
     "cublas-fp32-logits": Options(forward_design="cublas", backward_design="cublas", split_cols=48),
+    "cublas-three-pieces": Options(
+        forward_design="cublas", backward_design="cublas", split_cols=40, logits_pieces=3
+    ),  # fp32 logits of each dz chunk in pieces of 16, 16 and 8 columns
     "cublas-input-logits": Options(
         forward_design="cublas", backward_design="cublas", logits_dtype="input", split_cols=48
     ),
