@@ -80,7 +80,14 @@ class _StorageTracker(TorchDispatchMode):
         self.live = self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func._schema.name.startswith("gft_kernels::"):
+            # the op's own custom ops: the mode is off inside its handler, so without this the
+            # launchers' scratch inside them would go unseen (only their outputs counted)
+            with self:
+                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
@@ -175,16 +182,19 @@ def launcher_peak(
         "_sm_count",
         "_mm_into",
         "_addmm_fp32",
+        "_logits_into",
         "DEFAULT_OPTIONS",
     )
     saved = {name: getattr(launch, name) for name in patched}
     launch.gft_forward_kernel = launch.gft_backward_kernel = launch.gft_dlogits_kernel = _NoKernel()
-    launch._mm_into = launch._addmm_fp32 = _no_product  # the split design's cuBLAS products
+    launch._mm_into = launch._addmm_fp32 = launch._logits_into = _no_product  # the cuBLAS products
     launch.tiles = lambda device, dt, plain=False, options=launch.DEFAULT_OPTIONS: saved["tiles"](
         cuda, dt, plain, options
     )
     launch._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
-    if design is not None:
+    if design == "cublas":  # the cuBLAS plans, forward and backward (fp32 logits chunks)
+        launch.DEFAULT_OPTIONS = launch.LaunchOptions(forward_design="cublas", backward_design="cublas")
+    elif design is not None:
         launch.DEFAULT_OPTIONS = launch.LaunchOptions(backward_design=design)
     fakes, dist = _fake_collectives(group) if group and not gathered else ({}, None)
     saved_dist = {name: getattr(dist, name) for name in fakes}
@@ -228,9 +238,6 @@ class _NoProducts(_StorageTracker):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func._schema.name.startswith("gft_kernels::"):  # the mode is off in its own handler
-            with self:
-                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
         if func._schema.name in ("aten::mm", "aten::addmm") and "out" in kwargs:
             return kwargs["out"]
         return super().__torch_dispatch__(func, types, args, kwargs)
@@ -328,6 +335,7 @@ def main(argv=None) -> None:
     ap.add_argument("--calls", type=int, default=1, help="calls in the measured process (the peak over all)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--launcher", action="store_true", help="the Triton launcher's planned peak at the GPU shapes")
+    ap.add_argument("--design", choices=["split", "atomic", "cublas"], help="with --launcher: this design's plan")
     ap.add_argument(
         "--vocab-parallel",
         action="store_true",
@@ -357,7 +365,7 @@ def main(argv=None) -> None:
 
         for model, (h, v) in MODELS.items():
             for n in TOKENS:
-                print(json.dumps(dict(model=model, **launcher_peak(n, v, h))))
+                print(json.dumps(dict(model=model, design=args.design, **launcher_peak(n, v, h, design=args.design))))
         return
     if args.inner:
         print(json.dumps(_measure_here(args.provider, args.n, args.v, args.h, args.calls)))

@@ -34,10 +34,11 @@ def test_the_probe_sees_materialized_logits():
 
 
 # The GPU memory targets: the default (split) backward's peak within 1.10x of the gradients at
-# every benchmark shape, the atomic design's within 1.05x (for users at the edge of memory).
+# every benchmark shape, the atomic design's within 1.05x (for users at the edge of memory), the
+# cuBLAS plans' within 1.10x.
 # Planned here, on CPU tensors with the kernels and products as no-ops; measured on a GPU by
 # tests/kernels/test_gpu.py. Each model's smallest and largest token count.
-TARGET = {"split": 1.10, "atomic": 1.05}
+TARGET = {"split": 1.10, "atomic": 1.05, "cublas": 1.10}
 
 
 @pytest.mark.slow
@@ -48,6 +49,19 @@ def test_triton_launcher_peak_is_near_the_gradients(model, n, design):
     h, v = MODELS[model]
     row = launcher_peak(n, v, h, design=design)
     assert row["peak_over_bound"] <= TARGET[design], row
+
+
+# the scratch each design plans at Gemma-2-2B 8k, at least: the split and cuBLAS plans' 9% budget
+# mostly used, the atomic design's 4%
+PLANNED = {"split": 1.08, "atomic": 1.035, "cublas": 1.08}
+
+
+@pytest.mark.parametrize("design", list(TARGET))
+def test_the_probe_sees_the_launchers_scratch(design):
+    """Between the bounds: a probe that missed the scratch (the op's custom ops run with the
+    dispatch mode off, which once hid it all: 1.0003 for every design) reads as a pass above."""
+    row = launcher_peak(8192, 256000, 2304, design=design)
+    assert PLANNED[design] <= row["peak_over_bound"] <= TARGET[design], row
 
 
 @pytest.mark.parametrize("design", list(TARGET))
