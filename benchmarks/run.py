@@ -11,7 +11,7 @@ four ``[N, H] x [H, V]`` products of that very shape timed in the same run
 (``fwd_bwd_over_products``: the exact recomputing op's floor, the GPU target's measure).
 
 The target shapes (GPU: Gemma-2-2B, Llama-3-8B and Qwen2.5-7B at 8192 tokens) come first, each
-whole before the next: every provider; the providers that compute GFT at 90% zero-advantage
+whole before the next: every provider; this project's providers at 90% zero-advantage
 sequences (on a CPU also 50%); every provider's error against the float64 reference of the loss
 it computes (on a GPU at 2048 tokens of the same H and V). Rows go to
 ``DIR/<date>T<time>_<device>.csv``, a plot per shape next to it, and a table on stdout.
@@ -122,19 +122,27 @@ class RowFile:
 
 
 def make_inputs(shape: Shape, dtype, device, zero_adv_frac=0.0, seed=0):
-    """Hidden states, lm_head, targets (prompt tokens ignored) and per-sequence advantages."""
+    """Hidden states, lm_head, targets (prompt tokens ignored) and per-sequence advantages. The
+    large tensors are drawn on the device (on a GPU host's CPU a 256k x 2304 weight took seconds,
+    and the benchmark draws inputs dozens of times per shape)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(shape.n, shape.h, generator=g, device=device).to(dtype)
+    weight = (torch.randn(shape.v, shape.h, generator=g, device=device) * (2.0 / shape.h**0.5)).to(dtype)
+    return (hidden, weight, *make_targets(shape, device, zero_adv_frac, seed))
+
+
+def make_targets(shape: Shape, device, zero_adv_frac=0.0, seed=0):
+    """The targets (prompt tokens ignored) and per-sequence advantages of ``make_inputs``."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     seq = min(SEQ_LEN, shape.n)
     n_seq = -(-shape.n // seq)
-    hidden = torch.randn(shape.n, shape.h, generator=g).to(device, dtype)
-    weight = (torch.randn(shape.v, shape.h, generator=g) * (2.0 / shape.h**0.5)).to(device, dtype)
     targets = torch.randint(0, shape.v, (shape.n,), generator=g)
     pos = torch.arange(shape.n) % seq
     targets[pos < int(PROMPT_FRAC * seq)] = -100
     adv_seq = torch.randn(n_seq, generator=g)
     adv_seq[torch.randperm(n_seq, generator=g)[: int(round(zero_adv_frac * n_seq))]] = 0.0
     adv = adv_seq.repeat_interleave(seq)[: shape.n]
-    return hidden, weight, targets.to(device), adv.to(device, torch.float32)
+    return targets.to(device), adv.to(device, torch.float32)
 
 
 def _sync(device):
@@ -440,13 +448,13 @@ def main(argv=None) -> Path:
     run = _Run(args, device, dtype, providers)
     print(f"{run.env['device']}: measured matmul rate {run.tflops:.1f} TFLOP/s ({str(dtype)[6:]})")
     # What the targets read comes first, shape by shape, so a time budget cuts only the tail:
-    # every provider; the providers that compute GFT at 90% (GPU; CPU also 50%) zero-advantage
+    # every provider; this project's providers at 90% (GPU; CPU also 50%) zero-advantage
     # sequences; every provider's error against float64.
     sweep = (0.9,) if device.type == "cuda" else (0.5, 0.9)
     for shape in targets:
         for provider in providers:
             run.timed(shape, provider)
-        for provider in [p for p in providers if p.loss == "gft"]:
+        for provider in [p for p in providers if p.name.startswith("gft")]:
             for frac in sweep:
                 run.timed(shape, provider, frac)
         for provider in providers:

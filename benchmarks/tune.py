@@ -28,7 +28,7 @@ import torch
 from gft_kernels.engine import BackwardRequest, ForwardRequest, KernelOptions, Needs, forward
 from gft_kernels.triton_ops import launch
 
-from .run import RowFile, environment, make_inputs, result_stem, time_ms
+from .run import RowFile, environment, make_inputs, make_targets, result_stem, time_ms
 from .shapes import MODELS, Shape
 
 FIELDS = [
@@ -85,7 +85,8 @@ def plan_of(kernel, shape, dtype, cfg, options, n_active) -> tuple[float, str]:
                 return 1, f"cublas Vc={cols}"
         return 1, "fused"
     if options.backward_design != "atomic":
-        z_bytes = 4 if options.backward_design == "cublas" and options.logits_dtype == "fp32" else 0
+        weight = torch.empty(0, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+        z_bytes = 4 if options.backward_design == "cublas" and launch.logits_dtype(weight, options) != dtype else 0
         plan = launch.plan_split(shape.n, n_active, shape.v, shape.h, dtype, True, True, options, z_bytes)
         if plan is not None:
             sweeps = "one sweep" if plan.fused else f"two sweeps (dH rows {plan.rows_per_chunk})"
@@ -199,8 +200,7 @@ class Tuner:
         """The same with this fraction of zero-advantage sequences."""
         if not zero_adv_frac:
             return self.g
-        _, _, t, a = make_inputs(self.shape, self.dtype, self.device, zero_adv_frac)
-        return self._upstream(t, a)
+        return self._upstream(*make_targets(self.shape, self.device, zero_adv_frac))
 
     def fwd(self, options=None):
         return forward(launch.ENGINE, self.inputs, KernelOptions(launch=options))
@@ -286,12 +286,14 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"tune_{result_stem(env)}.csv"
     csv_rows = RowFile(path, FIELDS)
-    for index, shape in enumerate(shapes):
+    # every shape's plans first, then the tiles at the first shape (a budget cuts the tail)
+    stages = [(shape, plan_trials) for shape in shapes] + [(shapes[0], tile_trials)]
+    for shape, trials_of in stages:
+        if args.budget_s and time.time() - started > args.budget_s:
+            print(f"skipped at {shape.name}: time budget")  # not even the shape's inputs are drawn
+            continue
         tuner = Tuner(shape, device, args.smoke)
-        todo = plan_trials(tuner.default_fwd, tuner.default_bwd, tuner.base)
-        if index == 0:
-            todo += tile_trials(tuner.default_fwd, tuner.default_bwd, tuner.base)
-        for kernel, cfg, knobs in todo:
+        for kernel, cfg, knobs in trials_of(tuner.default_fwd, tuner.default_bwd, tuner.base):
             row = dict(
                 env, shape=shape.name, n=shape.n, h=shape.h, v=shape.v, kernel=kernel, tiles=_tiles(cfg), **knobs
             )
@@ -310,7 +312,6 @@ def main(argv=None) -> Path:
             csv_rows.write(
                 dict(row, status=status, plan=plan, products=products, ms=round(ms, 3), peak_mib=peak_mib)
                 | dict(tflops=round(tflops, 1))
-                | dict(err_vs_default=float(f"{err:.3g}"))
             )
             _print(kernel, cfg, plan, status, ms, tflops, err, peak)
         del tuner

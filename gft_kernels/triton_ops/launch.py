@@ -394,7 +394,8 @@ class _SplitBackward(_Backward):
         ``h_rows``: those rows of h (the cublas design's product)."""
         n_rows, nc = dz.shape
         # db: one row of column sums per row block, added up here in a fixed order (deterministic,
-        # unlike atomics); [row blocks, Vc] fp32 is under 1/64 of the dz chunk's bytes
+        # unlike atomics); [row blocks, Vc] fp32 is 4 / (BLOCK_M x elem) of the dz chunk's bytes
+        # (1/64 on the 128-row tiles, 1/32 on the epilogues'), beyond the planned scratch
         db_rows = self.rows.q
         if do_db:
             db_rows = torch.empty(triton.cdiv(n_rows, self.cfg.block_m), nc, device=dz.device, dtype=torch.float32)
