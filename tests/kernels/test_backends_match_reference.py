@@ -46,14 +46,12 @@ options = st.fixed_dictionaries(
 )
 
 
-# The Triton engine's cuBLAS plans (gft_kernels/triton_ops/launch.py), in chunks of 24 columns
-# so that most problems take several; run as if they were backends.
-PLANS = {
-    "triton-cublas": LaunchOptions(forward_design="cublas", backward_design="cublas", split_cols=24),
-    "triton-cublas-input-logits": LaunchOptions(
-        forward_design="cublas", backward_design="cublas", logits_dtype="input", split_cols=24
-    ),
-}
+# The Triton engine's cuBLAS plan (gft_kernels/triton_ops/launch.py), in chunks of 24 columns so
+# that most problems take several, run as if it were a backend. Its input-dtype logits variant
+# rounds its logits as naive PyTorch does, so its error is naive's give or take the luck of the
+# roundings (one token: 4x naive's, seen): it is held instead to the float64 loss of its own
+# rounded logits (tests/kernels/test_engines.py), and its error is measured by the benchmark.
+PLANS = {"triton-cublas": LaunchOptions(forward_design="cublas", backward_design="cublas", split_cols=24)}
 
 
 def _compare(prob, opts, dtype, backends):
@@ -87,12 +85,6 @@ def test_fp32_triton_matches_float64(prob, opts):
         assert max(errs.values()) < FP32_TOL, (backend, errs)
 
 
-# The input-dtype logits plan rounds its logits as naive PyTorch does (the product in the input
-# dtype), so its error is naive's, give or take the luck of the roundings (measured on random
-# problems: 0.7x to 1.9x of naive), not the fused kernels' fp32 logits' (often 10x lower).
-FACTOR = {"triton-cublas-input-logits": 2.5}
-
-
 def _within_budget(errs, naive, dtype, factor=1.5):
     # naive PyTorch's error in the same dtype, with a margin of 1.5x plus one ulp (tiny shapes
     # give single roundings that do not average out)
@@ -106,5 +98,5 @@ def test_half_precision_within_naive_error_budget(dtype, prob, opts):
     errs = _compare(prob, opts, dtype, ["reference", "torch", "triton", *PLANS])
     naive = errs.pop("reference")
     for backend, e in errs.items():
-        over = _within_budget(e, naive, dtype, FACTOR.get(backend, 1.5))
+        over = _within_budget(e, naive, dtype)
         assert not over, (backend, over, naive)

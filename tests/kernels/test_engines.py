@@ -452,3 +452,37 @@ def test_an_error_in_a_helper_thread_reaches_the_caller_and_restores_the_thread_
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "softcap"])
+def test_input_dtype_logits_plan_is_exact_on_its_rounded_logits(dtype, softcap):
+    """The cuBLAS plans with logits in the input dtype compute the loss of the logits rounded
+    once to that dtype (as naive PyTorch's product is), exactly otherwise: against the float64
+    reference run on those very logits (hidden = the rounded product, lm_head = the identity),
+    the only error left is dz's own rounding to the input dtype."""
+    case = make_case((3, 17), vocab=130, hidden_dim=37, bias=True, ignore_frac=0.2, zero_adv_frac=0.3, seed=4)
+    case = case.cast(dtype)
+    opts = dict(tau=0.6, temperature=0.8, softcap=softcap)
+    h, w = case.hidden.reshape(-1, 37), case.weight
+    rounded = (h @ w.t()).to(dtype).double()  # the product, fp32-exact here, rounded once
+    on_logits = Case(
+        rounded.reshape(3, 17, 130), torch.eye(130, dtype=torch.float64), case.bias, case.targets, case.adv
+    )
+    truth = run(on_logits, torch.float64, "reference", **opts)
+    dz = truth.grads["hidden"].reshape(-1, 130)
+    want = dict(loss=truth.loss, hidden=(dz @ w).reshape(3, 17, 37), weight=dz.t() @ h, bias=truth.grads["bias"])
+    plan = Options(forward_design="cublas", backward_design="cublas", logits_dtype="input", split_cols=48)
+    got = run(case, dtype, "triton", launch_options=plan, **opts)
+    got = dict(loss=got.loss, **got.grads)
+    errs = {k: ((got[k] - want[k]).norm() / want[k].norm()).item() for k in want}
+    assert max(errs.values()) < 2 * EPS[dtype], errs
+    # and the plan is not trivially equal to the fp32-logits plan: the rounding is real
+    fp32_plan = run(
+        case,
+        dtype,
+        "triton",
+        launch_options=Options(forward_design="cublas", backward_design="cublas", split_cols=48),
+        **opts,
+    )
+    assert (fp32_plan.loss - got["loss"]).abs() > 0
