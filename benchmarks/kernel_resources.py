@@ -63,13 +63,15 @@ class Variant:
     dtype: str  # Triton's name of the input dtype: bf16 | fp16 | fp32
     cfg: Config
     flags: tuple  # constexpr feature flags, as (name, value) pairs
+    logits: str = "fp32"  # the dtype of a given logits chunk (LOGITS_GIVEN): fp32, or the input dtype
 
     @property
     def name(self) -> str:
         on = [k.lower() for k, v in self.flags if v is True]
         c = self.cfg
         tile = f"{c.block_m}x{c.block_v}x{c.block_k}" + (f"/h{c.block_h}" if self.kernel == "backward" else "")
-        return f"{self.kernel} {self.dtype} {tile} w{c.num_warps}s{c.num_stages} {'+'.join(on) or '-'}"
+        z = f" z:{self.logits}" if dict(self.flags).get("LOGITS_GIVEN") else ""
+        return f"{self.kernel} {self.dtype} {tile} w{c.num_warps}s{c.num_stages} {'+'.join(on) or '-'}{z}"
 
 
 def _flags(**constexprs) -> tuple:
@@ -78,13 +80,17 @@ def _flags(**constexprs) -> tuple:
 
 
 def _epilogue_variants(dt: str) -> list[Variant]:
-    """The cuBLAS plans' kernels: the forward and dz kernels reading fp32 logits chunks, on their tile."""
+    """The cuBLAS plans' kernels: the forward and dz kernels reading logits chunks (fp32, and the
+    input dtype), on their tile."""
     out = []
     for entropy, extras in ((False, False), (True, True)):
-        flags = _flags(WITH_ENTROPY=entropy, HAS_BIAS=extras, HAS_SOFTCAP=extras, LOGITS_GIVEN=True)
-        out.append(Variant("forward", dt, CUDA_EPILOGUE, flags))
-        flags = _flags(COMPUTE_DB=extras, HAS_BIAS=extras, HAS_SOFTCAP=extras, HAS_ENT_GRAD=entropy, LOGITS_GIVEN=True)
-        out.append(Variant("dlogits", dt, CUDA_EPILOGUE, flags))
+        for z in dict.fromkeys(("fp32", dt)):  # once for fp32 inputs
+            flags = _flags(WITH_ENTROPY=entropy, HAS_BIAS=extras, HAS_SOFTCAP=extras, LOGITS_GIVEN=True)
+            out.append(Variant("forward", dt, CUDA_EPILOGUE, flags, z))
+            flags = _flags(
+                COMPUTE_DB=extras, HAS_BIAS=extras, HAS_SOFTCAP=extras, HAS_ENT_GRAD=entropy, LOGITS_GIVEN=True
+            )
+            out.append(Variant("dlogits", dt, CUDA_EPILOGUE, flags, z))
     return out
 
 
@@ -216,6 +222,8 @@ def compile_variant(v: Variant, arch: int = 90, aligned: bool = True):
             sig[name] = "fp32"
         elif name == "n_active_ptr":
             sig[name] = "*i32"
+        elif name == "z_ptr":
+            sig[name] = "*" + v.logits
         else:
             sig[name] = "*" + (v.dtype if name in inputs else "i64" if name in int64 else "fp32")
     dont = set(fn.do_not_specialize)
