@@ -13,7 +13,7 @@
 #    the product's time at each shape, the fused and cuBLAS forwards, the split, cublas and
 #    atomic backwards, chunk widths, budgets, each with its peak memory), then the tiles;
 # 4. the benchmark: every provider at the three target shapes (Gemma-2-2B, Llama-3-8B,
-#    Qwen2.5-7B at 8k tokens), at 0% and 90% zero-advantage sequences, with the precision rows;
+#    Qwen2.5-7B at 8k tokens), then 90% zero-advantage sequences, then the precision rows;
 #    each row's fwd_bwd_over_products is its time over four products of its shape timed in the
 #    same run. Everything lands in OUT_DIR, a short table last.
 # Budgets (under 8 minutes in all, so a second run fits a 15-minute device session): tests 110 s

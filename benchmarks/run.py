@@ -10,10 +10,10 @@ dtype), and the time as a multiple of the FLOP floor (2 N H V per matrix product
 four ``[N, H] x [H, V]`` products of that very shape timed in the same run
 (``fwd_bwd_over_products``: the exact recomputing op's floor, the GPU target's measure).
 
-The target shapes (GPU: Gemma-2-2B, Llama-3-8B and Qwen2.5-7B at 8192 tokens) come first, each
-whole before the next: every provider; this project's providers at 90% zero-advantage
-sequences (on a CPU also 50%); every provider's error against the float64 reference of the loss
-it computes (on a GPU at 2048 tokens of the same H and V). Rows go to
+The target shapes (GPU: Gemma-2-2B, Llama-3-8B and Qwen2.5-7B at 8192 tokens) come first:
+every provider at each; then this project's providers at 90% zero-advantage sequences (on a
+CPU also 50%); then every provider's error against the float64 reference of the loss it
+computes (on a GPU at 2048 tokens of the same H and V). Rows go to
 ``DIR/<date>T<time>_<device>.csv``, a plot per shape next to it, and a table on stdout.
 """
 
@@ -447,16 +447,18 @@ def main(argv=None) -> Path:
     targets, others = _shapes(args, device)
     run = _Run(args, device, dtype, providers)
     print(f"{run.env['device']}: measured matmul rate {run.tflops:.1f} TFLOP/s ({str(dtype)[6:]})")
-    # What the targets read comes first, shape by shape, so a time budget cuts only the tail:
-    # every provider; this project's providers at 90% (GPU; CPU also 50%) zero-advantage
-    # sequences; every provider's error against float64.
+    # What the targets read comes first, so a time budget cuts only the tail: every provider at
+    # every target shape; then this project's providers at 90% (GPU; CPU also 50%)
+    # zero-advantage sequences; then every provider's error against float64.
     sweep = (0.9,) if device.type == "cuda" else (0.5, 0.9)
     for shape in targets:
         for provider in providers:
             run.timed(shape, provider)
+    for shape in targets:
         for provider in [p for p in providers if p.name.startswith("gft")]:
             for frac in sweep:
                 run.timed(shape, provider, frac)
+    for shape in targets:
         for provider in providers:
             run.precise(shape, provider)
     for shape in others:
