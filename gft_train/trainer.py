@@ -111,12 +111,18 @@ class Trainer:
 
     def _load_data(self):
         """The prompt rows (``self.rows``) and held-out rows, checked now; returns the offline groups
-        of ``groups_file`` (else None). ``num_epochs`` sets ``max_steps`` once the data is known."""
+        of ``groups_file`` (else None). ``num_epochs`` sets ``max_steps``, when that is not given,
+        once the data is known (a given max_steps wins, as in transformers' Trainer)."""
         cfg = self.cfg
         if not cfg.train_file and not cfg.groups_file:
             raise ValueError("train needs train_file (prompts) or groups_file (offline groups)")
         self.rows = (
-            load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config) if cfg.train_file else None
+            # (an answer is needed only where a reward drives the update: SFT and DFT score nothing)
+            load_rows(
+                cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config, answers=cfg.uses_group_advantage
+            )
+            if cfg.train_file
+            else None
         )
         if cfg.refresh_every and self.rows is None:
             raise ValueError("online groups (refresh_every > 0) need train_file")
@@ -127,7 +133,7 @@ class Trainer:
             else None
         )
         offline = load_groups(cfg.groups_file) if cfg.groups_file and not cfg.refresh_every else None
-        if cfg.num_epochs:
+        if cfg.max_steps is None:  # (resolved() left it unset only for num_epochs)
             n = len(self.rows) if self.rows is not None else len(offline)
             self.cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * n / cfg.prompts_per_step)))
         return offline
@@ -232,7 +238,9 @@ class Trainer:
         if batches.cut and not self._warned_cut:
             self._warned_cut = True  # said once; completions/cut_frac counts them every step
             warnings.warn(cut_warning(batches, self.step + 1, cfg.max_length), stacklevel=2)
-        stats = optimizer_step(self.acc, self.policy, self.optimizer, self.scheduler, batches, cfg.optimization)
+        stats = optimizer_step(
+            self.acc, self.policy, self.optimizer, self.scheduler, batches, cfg.optimization, at_step=self.step + 1
+        )
         return stats.metrics()
 
     def _step_metrics(self, groups, start: float) -> dict:
