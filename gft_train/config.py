@@ -279,7 +279,7 @@ class Logging:
         _check(self, "save_every", ">= 0", lambda v: v >= 0)
         _check(self, "save_total_limit", ">= 0", lambda v: v >= 0)
         if self.resume and self.overwrite_output_dir:
-            raise ValueError("--resume and --overwrite-output-dir contradict each other: pick one")
+            raise ValueError("--resume and --overwrite_output_dir contradict each other: pick one")
 
 
 @dataclass
@@ -303,12 +303,14 @@ class Evaluation:
         _check(self, "eval_every", ">= 0", lambda v: v >= 0)
         _check(self, "eval_max_prompts", ">= 0", lambda v: v >= 0)
         _at_least_one(self, "eval_n", "eval_kl_samples")
-        # pass@k needs k of the n samples: a k above eval_n would be reported as something else
+        _check(self, "eval_k", "k >= 1 each", lambda ks: all(k >= 1 for k in ks))
+        # pass@k needs k of the n samples: a k above eval_n cannot be reported. Checked where an
+        # evaluation is set up (an eval_file), so a saved run's unused evaluation settings still load.
         _check(
             self,
             "eval_k",
-            f"one or more k with 1 <= k <= --eval_n ({self.eval_n})",
-            lambda ks: ks and all(1 <= k <= self.eval_n for k in ks),
+            f"k <= --eval_n ({self.eval_n}) each: pass@k needs k of the n samples per prompt",
+            lambda ks: not self.eval_file or all(k <= self.eval_n for k in ks),
         )
         _check(self, "eval_temperature", "a finite number > 0", lambda v: _finite(v) and v > 0)
 

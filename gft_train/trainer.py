@@ -47,6 +47,7 @@ from .rollout import make_engine
 from .step import (  # noqa: F401
     GFTPolicy,
     TokenSums,
+    TrainingDiverged,
     aggregation,
     cut_warning,
     optimizer_step,
@@ -105,6 +106,7 @@ class Trainer:
         self.policy, self.optimizer, self.scheduler = prepare(self.acc, GFTPolicy(model), cfg.optimization)
         self.engine = None
         self.step = 0
+        self._bar = None  # the progress bar, while train() runs
         self._warned_cut = False  # a response cut at max_length is said once per run (and counted per step)
         save_to = self.out / "groups.jsonl" if self.acc.is_main_process else None
         self.pool = GroupPool(cfg, self.rows, self._build, save_to, offline)
@@ -238,9 +240,14 @@ class Trainer:
         if batches.cut and not self._warned_cut:
             self._warned_cut = True  # said once; completions/cut_frac counts them every step
             warnings.warn(cut_warning(batches, self.step + 1, cfg.max_length), stacklevel=2)
-        stats = optimizer_step(
-            self.acc, self.policy, self.optimizer, self.scheduler, batches, cfg.optimization, at_step=self.step + 1
-        )
+        try:
+            stats = optimizer_step(
+                self.acc, self.policy, self.optimizer, self.scheduler, batches, cfg.optimization, at_step=self.step + 1
+            )
+        except TrainingDiverged:
+            if self._bar is not None:
+                self._bar.close()  # (the error line that follows then starts a line of its own)
+            raise
         return stats.metrics()
 
     def _step_metrics(self, groups, start: float) -> dict:
@@ -267,7 +274,7 @@ class Trainer:
         log = MetricsLog(self.out, self.step, acc.is_main_process)
         trackers.start(acc, dataclasses.asdict(cfg))  # (after MetricsLog trimmed a resumed run's events)
         fault = int(os.environ.get("GFT_FAULT_AT_STEP", "0"))  # tests: a real SIGKILL mid-run
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=cfg.method)
+        bar = self._bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=cfg.method)
         self.policy.train()
         while self.step < cfg.max_steps:
             if fault and self.step + 1 == fault:
