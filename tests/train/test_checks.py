@@ -214,6 +214,18 @@ def test_a_diverging_run_stops_keeps_its_checkpoints_and_writes_no_final_model(s
     assert [r["step"] for r in rows] == list(range(1, step))
 
 
+def test_a_non_finite_gradient_norm_stops_the_step_before_the_weights_move(s, tmp_path):
+    from gft_train.step import TrainingDiverged
+
+    trainer = _trainer(s, tmp_path, bf16=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    real_clip = trainer.acc.clip_grad_norm_
+    trainer.acc.clip_grad_norm_ = lambda *a, **k: real_clip(*a, **k) * float("inf")
+    with pytest.raises(TrainingDiverged, match=r"at step 1: loss [0-9.]+, grad norm inf; .* a lower --lr \(now 0.01\)"):
+        trainer.train_step(trainer._groups_for_step(0))
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
 def test_metrics_rows_are_strict_json(tmp_path):
     """A NaN or infinite figure is null (bare NaN is not JSON: strict readers refuse the file)."""
     from gft_train.metrics import MetricsLog, plot_metrics, strict_json
