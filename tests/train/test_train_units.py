@@ -36,7 +36,7 @@ def test_bad_rows_name_file_row_and_field(tmp_path, bad, field, words):
     with pytest.raises(DataError) as info:
         load_rows(path)
     msg = str(info.value)
-    assert str(path) in msg and "row 2" in msg and repr(field) in msg and words in msg, msg
+    assert str(path) in msg and "line 3" in msg and repr(field) in msg and words in msg, msg
     assert info.value.row == 2 and info.value.field == field
 
 
@@ -752,7 +752,7 @@ def test_chat_prompts_trl_completions_and_column_mapping(tmp_path):
     ]:
         with pytest.raises(DataError) as info:
             load_rows(_write(tmp_path / "b.jsonl", [bad]), "prompt=question,answer=gold,expert=solution")
-        assert f"row 0: field {field!r}" in str(info.value) and words in str(info.value), str(info.value)
+        assert f"line 1: field {field!r}" in str(info.value) and words in str(info.value), str(info.value)
     with pytest.raises(ValueError, match="FIELD=COLUMN"):
         load_rows(mapped, "question")
 
