@@ -103,13 +103,15 @@ def _control_ids(tokenizer) -> set[int]:
 
 
 def _end_turn(tokenizer, ids: list[int], controls: set[int]) -> int | None:
-    """The index of the template's end-of-turn token in a rendered assistant turn: its last
-    control token when only whitespace follows it; None when the template ends the turn with
-    none (text follows the last control token, or there is none)."""
-    last = next((i for i in range(len(ids) - 1, -1, -1) if ids[i] in controls), None)
-    if last is None or tokenizer.decode(ids[last + 1 :]).strip():
-        return None
-    return last
+    """The index of the template's end-of-turn token in a rendered assistant turn: the first
+    control token of the turn's tail of control tokens and whitespace (ChatML's ``<|im_end|>`` of
+    ``<|im_end|>\n``; Phi-3's ``<|end|>`` of ``<|end|>\n<|endoftext|>``, where the template ends
+    the whole conversation with eos). None when that tail holds no control token: the template
+    marks no end of the turn."""
+    start = len(ids)
+    while start and (ids[start - 1] in controls or not tokenizer.decode([ids[start - 1]]).strip()):
+        start -= 1
+    return next((i for i in range(start, len(ids)) if ids[i] in controls), None)
 
 
 def _eos(tokenizer) -> int:
@@ -189,10 +191,10 @@ def render(
             r_ids = _split(tokenizer, p_ids[i], whole, tails[i], prompt)
             end = _end_turn(tokenizer, r_ids, controls) if chat[i] else None
             if end is not None:
-                # Generation stops at the end-of-turn token, so what the template writes after it
-                # (the newline ChatML and Gemma put between turns) is never sampled: the response
-                # ends at that token, as a sampled one does. The next turn's rendering, not this
-                # response, carries that whitespace.
+                # Generation stops at the end-of-turn token (``stop_ids``), so what the template
+                # writes after it (the newline ChatML and Gemma put between turns, an eos some
+                # templates put at the end of a conversation) is never sampled: the response ends
+                # at that token, as a sampled one does.
                 r_ids = r_ids[: end + 1]
             else:
                 # no template, or a template that marks no end of the assistant turn: the model

@@ -118,6 +118,27 @@ def test_gemma_style_template_one_bos_trimmed_reply_and_end_of_turn():
     assert r == expect(tok, "It is 2.", "<end_of_turn>")  # as the template renders it: trimmed
 
 
+def test_a_template_that_ends_the_conversation_with_eos_trains_up_to_the_end_of_turn():
+    from gft_train.render import stop_ids
+
+    # Phi-3-style: "<|end|>\n" closes each turn and eos the whole conversation; generation stops at
+    # <|end|>, so the reply ends there, as the engines' samples do
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}"
+    )
+    tok = char_tokenizer(
+        ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        template=template,
+    )
+    p, r = trained(tok, "1+1=", "2")
+    assert p == expect(tok, "<|user|>", "\n1+1=", "<|end|>", "\n", "<|assistant|>", "\n")
+    assert r == expect(tok, "2", "<|end|>")
+    assert tok.convert_tokens_to_ids("<|end|>") in stop_ids(tok)
+
+
 def test_plain_prompts_get_the_bos_the_tokenizer_adds_and_responses_end_with_eos():
     tok = gemma(template=None)
     p, r = trained(tok, "1+1=", "2")
