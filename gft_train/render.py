@@ -153,20 +153,30 @@ def render(
     ``apply_chat_template`` (TRL's ``chat_template``, ``chat_template_kwargs``)."""
     kwargs = template_kwargs or {}
     chat = [_uses_template(tokenizer, p, text_prompts_as_chat) for p, _ in pairs]
-    p_texts = [
-        prompt_text(tokenizer, p, text_prompts_as_chat=text_prompts_as_chat, template_kwargs=kwargs) for p, _ in pairs
-    ]
+    rendered = {}  # a group repeats its prompt for each response: rendered once
+    for p, _ in pairs:
+        if repr(p) not in rendered:
+            rendered[repr(p)] = prompt_text(
+                tokenizer, p, text_prompts_as_chat=text_prompts_as_chat, template_kwargs=kwargs
+            )
+    p_texts = [rendered[repr(p)] for p, _ in pairs]
     head = leading_special_ids(tokenizer) if not all(chat) else []
     p_ids = [ids if c else head + ids for ids, c in zip(_plain_ids(tokenizer, p_texts), chat)]
 
     texts = [i for i, (_, r) in enumerate(pairs) if isinstance(r, str)]
+    chat_texts = [i for i in texts if chat[i]]
+    conversations = [
+        _messages(tokenizer, pairs[i][0]) + [{"role": "assistant", "content": pairs[i][1]}] for i in chat_texts
+    ]
+    # one call for the batch (a call per conversation costs more than the rendering)
+    fulls = dict(
+        zip(chat_texts, tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs) if conversations else [])
+    )
     tails = {}
     for i in texts:
         prompt, response = pairs[i]
         if chat[i]:
-            full = tokenizer.apply_chat_template(
-                _messages(tokenizer, prompt) + [{"role": "assistant", "content": response}], tokenize=False, **kwargs
-            )
+            full = fulls[i]
             if not full.startswith(p_texts[i]):
                 raise ValueError(
                     f"prompt {prompt!r}: the chat template renders the conversation with its assistant reply "
@@ -205,13 +215,13 @@ def render(
 
 
 def end_of_turn_ids(tokenizer, template_kwargs=None) -> list[int]:
-    """The template's end-of-turn token (``[]`` without a template, or for one that marks none),
-    found the way ``render`` finds it: on a rendered one-turn conversation."""
+    """The template's end-of-turn token when it is not eos (``[]`` without a template, or for one
+    that ends the turn with eos or marks no end), found as ``render`` finds it: on a rendered
+    one-turn conversation."""
     if not has_template(tokenizer):
         return []
     _, r_ids = render(tokenizer, [(_PROBE_PROMPT, _PROBE_REPLY)], template_kwargs=template_kwargs)[0]
-    end = _end_turn(tokenizer, r_ids, _control_ids(tokenizer))
-    return [] if end is None else [r_ids[end]]
+    return [] if r_ids[-1] == tokenizer.eos_token_id else [r_ids[-1]]
 
 
 def stop_ids(tokenizer, generation_config=None) -> list[int]:
