@@ -91,7 +91,7 @@ class TransformersEngine:
                 top_p=self.top_p,
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=pad,
-                eos_token_id=stop,
+                eos_token_id=stop or None,
                 # one process samples: transformers would otherwise wait on the other
                 # ranks at every token under ZeRO-3 / FSDP (its synced_gpus default)
                 synced_gpus=False,

@@ -147,6 +147,32 @@ def test_plain_prompts_get_the_bos_the_tokenizer_adds_and_responses_end_with_eos
     assert prompt_ids(tok, "1+1=") == p
 
 
+def test_no_token_is_merged_across_the_prompt_response_boundary():
+    """A BPE whose merge "ab" spans the boundary of prompt "xa" and response "b": the prompt keeps
+    its own ids (those the engines continue) and the response starts a token of its own."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(vocab={"<eos>": 0, "x": 1, "a": 2, "b": 3, "ab": 4}, merges=[("a", "b")]))
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    assert tok("xab", add_special_tokens=False)["input_ids"] == [1, 4]  # one stream merges across it
+    assert trained(tok, "xa", "b") == ([1, 2], [3, 0])
+    assert trained(tok, "xa", "bab") == ([1, 2], [3, 4, 0])
+    # SentencePiece-style (a "▁" in front of every text): the response alone reads " b", not "b"
+    # after "xa", so no ids of it continue the prompt's ids as the text does: refused, not trained
+    from tokenizers import pre_tokenizers
+
+    vocab = {"<eos>": 0, "▁": 1, "x": 2, "a": 3, "b": 4, "▁x": 5, "ab": 6}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "x"), ("a", "b")]))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    backend.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    assert tok("xab", add_special_tokens=False)["input_ids"] == [5, 6]
+    with pytest.raises(ValueError, match="merges with the response's first"):
+        encode(tok, [("xa", "b", 1.0)], 16)
+
+
 def test_a_system_prompt_in_the_messages_replaces_the_templates_default():
     tok = chatml()
     messages = [{"role": "system", "content": "Add."}, {"role": "user", "content": "1+1="}]
@@ -309,7 +335,6 @@ def test_the_vllm_engine_gets_the_trained_prompt_ids_and_the_end_of_turn_stop(mo
 def test_trl_demonstrations_follow_trls_own_prompt_ids():
     """TRL renders chat-message prompts with the template (and text prompts without it): a
     demonstration's ids are the template's assistant turn after TRL's own prompt ids."""
-    pytest.importorskip("trl")
     from gft_train.integrations.trl import GFTTrainer
 
     tok = chatml()
