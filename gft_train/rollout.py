@@ -6,8 +6,7 @@
 
 A ``Sample`` holds the exact token ids the engine sampled after the prompt (the stop token the
 engine sampled, eos or the chat template's end-of-turn token, is among them; a sample cut off at
-``max_new_tokens`` ends without one), and their
-decoded text for the reward. The trainer trains self-samples on these ids as they are, never on a
+``max_new_tokens`` ends without one), and their decoded text for the reward. The trainer trains self-samples on these ids as they are, never on a
 re-encoding of the text (``lm.encode``).
 
 Both engines start from the same prompt token ids as the trainer (``render.render_prompts``: the

@@ -11,8 +11,9 @@ gradient accumulation, PEFT, logging and checkpoints. Two things change:
   its teacher responses (column ``teacher_column``, a list of strings); only the remaining
   slots are sampled from the model. A demonstration's ids are those the model would produce
   after TRL's prompt ids (``gft_train.render``: the chat template's assistant turn with its
-  end-of-turn token for chat-message prompts, the text and eos for text prompts). Demonstrations are scored by the same reward functions,
-  so every response gets its group-standardized advantage (the paper's hybrid group).
+  end-of-turn token for chat-message prompts, the text and eos for text prompts).
+  Demonstrations are scored by the same reward functions, so every response gets its
+  group-standardized advantage (the paper's hybrid group).
 - **The update.** The loss is GFT's ``-A * C(p) * log p`` through the fused op
   (``gft_kernels``), from the model's last hidden states and its output head, with no
   ``[tokens x vocab]`` logits. Token weights follow ``loss_type`` exactly as TRL aggregates
