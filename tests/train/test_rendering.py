@@ -228,7 +228,8 @@ MISTRAL_V7 = (
 )
 
 
-def test_mistral_tokenizers_give_the_ids_mistrals_own_encoder_gives(tmp_path):
+@pytest.mark.slow  # about 4 s of it: transformers converts the SentencePiece file to a fast tokenizer
+def test_mistral_tokenizer_gives_the_ids_mistrals_own_encoder_gives(tmp_path):
     import mistral_common
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
@@ -254,11 +255,10 @@ def test_mistral_tokenizers_give_the_ids_mistrals_own_encoder_gives(tmp_path):
     p, r = trained(tok, messages, reply)
     assert (p, r) == (want_prompt, want_all[len(want_prompt) :])
     assert r[-1] == tok.eos_token_id == 2
-    # v1 without a template: a plain prompt starts with BOS (<s> = 1), as Mistral's encoder encodes a
-    # text, and the reply continues the text as one stream, then eos
-    name = "tokenizer.model.v1"
-    tok = mistral_tokenizer(tmp_path, name)
-    text = MistralTokenizer.from_file(str(data / name)).instruct_tokenizer.tokenizer
+    # the same tokenizer without a template: a plain prompt starts with BOS (<s> = 1), as Mistral's
+    # encoder encodes a text, and the reply continues the text as one stream, then eos
+    tok.chat_template = None
+    text = reference.instruct_tokenizer.tokenizer
     p, r = trained(tok, "Question: 12+7=", " 19")
     assert p == text.encode("Question: 12+7=", bos=True, eos=False)
     assert p + r == text.encode("Question: 12+7= 19", bos=True, eos=True)
