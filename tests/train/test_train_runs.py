@@ -341,8 +341,11 @@ def test_trains_from_chat_messages_in_trl_columns_with_a_mapping(s, tmp_path):
 
     model = shutil.copytree(s["model"], tmp_path / "chat-model")
     tok = AutoTokenizer.from_pretrained(model)
+    # the assistant turn follows the generation prompt "*" as it is rendered (render.render refuses
+    # a template that renders the conversation otherwise)
     tok.chat_template = (
-        "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}*{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}*{{ m['content'] }}"
+        "{% else %}({{ m['content'] }}){% endif %}{% endfor %}{% if add_generation_prompt %}*{% endif %}"
     )
     tok.save_pretrained(model)
     rows = [
