@@ -65,12 +65,16 @@ def test_logprobs_and_entropy_match_the_float64_truth(backend, dtype, tol, softc
     options = dict(temperature=0.8, softcap=softcap)
     cast = [x.to(dtype) for x in (case.hidden, case.weight, case.bias)]
     got = _outputs(
-        lambda h, w, b: gft_kernels.logprobs(h, w, case.targets, bias=b, return_entropy=True, backend=backend, **options),
+        lambda h, w, b: gft_kernels.logprobs(
+            h, w, case.targets, bias=b, return_entropy=True, backend=backend, **options
+        ),
         *cast,
         up_lp,
         up_ent,
     )
-    want = _outputs(lambda h, w, b: _truth(h, w, b, case.targets, **options), *(x.double() for x in cast), up_lp, up_ent)
+    want = _outputs(
+        lambda h, w, b: _truth(h, w, b, case.targets, **options), *(x.double() for x in cast), up_lp, up_ent
+    )
     ignored = case.targets == -100
     assert ignored.any() and (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
     for name, a, b in zip(("logp", "entropy", "dhidden", "dweight", "dbias"), got, want):
@@ -91,7 +95,9 @@ def test_logprobs_without_entropy_are_the_gft_loss_stats_and_its_gradient():
         up,
         0.0,
     )
-    want = _outputs(lambda h, w, b: (_truth(h, w, b, case.targets)[0], h.sum() * 0), case.hidden, case.weight, case.bias, up, 0.0)
+    want = _outputs(
+        lambda h, w, b: (_truth(h, w, b, case.targets)[0], h.sum() * 0), case.hidden, case.weight, case.bias, up, 0.0
+    )
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-12
 
@@ -103,7 +109,9 @@ def test_confident_tokens_keep_relative_precision(backend):
     n, v, margin = 20, 50, 20.0
     g = torch.Generator().manual_seed(12)
     targets = torch.randint(0, v, (n,), generator=g)
-    hidden = margin * torch.nn.functional.one_hot(targets, v).double() + 0.3 * torch.randn(n, v, generator=g, dtype=torch.float64)
+    hidden = margin * torch.nn.functional.one_hot(targets, v).double() + 0.3 * torch.randn(
+        n, v, generator=g, dtype=torch.float64
+    )
     weight = torch.eye(v, dtype=torch.float64) + 0.01 * torch.randn(v, v, generator=g, dtype=torch.float64)
     hidden, weight, targets = (x.to(DEVICE) for x in (hidden, weight, targets))
     up = torch.randn(n, generator=g, dtype=torch.float64).to(DEVICE)
@@ -238,8 +246,15 @@ def test_vocabulary_parallel_logprobs_equal_one_process(tmp_path):
     the interpreter; fp64 inputs on the chunked engine)."""
     script = tmp_path / "vocab_parallel.py"
     script.write_text(_VOCAB_PARALLEL)
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in range(2):
         assert float((tmp_path / f"torch{rank}").read_text()) < 1e-12
