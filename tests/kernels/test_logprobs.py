@@ -259,3 +259,23 @@ def test_vocabulary_parallel_logprobs_equal_one_process(tmp_path):
     for rank in range(2):
         assert float((tmp_path / f"torch{rank}").read_text()) < 1e-12
         assert float((tmp_path / f"triton{rank}").read_text()) < 1e-4
+
+
+@pytest.mark.slow
+def test_logprobs_compile_as_one_graph_and_equal_eager():
+    """``torch.compile(fullgraph=True)`` traces the op (its engine launches are the same custom
+    ops as ``gft_loss``'s): log-probs, entropies and every gradient equal eager's."""
+
+    def op(h, w, b, t):
+        out = gft_kernels.logprobs(
+            h, w, t, bias=b, return_entropy=True, backend="torch", check_values=False, temperature=0.8, softcap=5.0
+        )
+        return out.logp, out.entropy
+
+    case, (up_lp, up_ent) = _case(seed=7)
+    leaves = [x.float() for x in (case.hidden, case.weight, case.bias)]
+    eager = _outputs(lambda h, w, b: op(h, w, b, case.targets), *leaves, up_lp, up_ent)
+    compiled_op = torch.compile(op, fullgraph=True)
+    compiled = _outputs(lambda h, w, b: compiled_op(h, w, b, case.targets), *leaves, up_lp, up_ent)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
