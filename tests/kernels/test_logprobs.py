@@ -168,7 +168,6 @@ def test_no_tokens_and_bad_input():
         gft_kernels.logprobs(torch.randn(2, 4), w, torch.tensor([3, 1]), temperature=0.0)
 
 
-@pytest.mark.models
 @pytest.mark.parametrize("model_type", ["gemma2", "qwen2"])
 def test_causal_lm_logprobs_equal_the_models_own_logits(model_type):
     """Through the model adapter: the model's own logits transform (gemma2's final softcap)
