@@ -1,6 +1,7 @@
 """Memory of the GFT loss on the CPU: what a CPU user pays, and what the GPU launcher plans.
 
     python -m benchmarks.cpu_memory [--provider torch|reference] [--n 4096 --v 32000 --h 256]
+    python -m benchmarks.cpu_memory --op logprobs   # gft_kernels.logprobs (log-probs and entropies)
     python -m benchmarks.cpu_memory --launcher      # the Triton launcher's plan at the GPU shapes
     python -m benchmarks.cpu_memory --vocab-parallel   # per rank, the lm_head split over 2 and 4 ranks
     python -m benchmarks.cpu_memory --torch-device     # the chunked engine's device path, planned
@@ -40,7 +41,16 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _measure_here(provider: str, n: int, v: int, h: int, calls: int = 1) -> dict:
+def _scalar(op: str, provider: str, hidden, weight, targets, adv):
+    """The op's scalar to differentiate: the GFT loss, or the per-token log-probs and entropies
+    under upstream gradients (an RL trainer's old-policy / reference log-probs with their backward)."""
+    if op == "gft_loss":
+        return gft_kernels.gft_loss(hidden, weight, targets, adv, tau=0.7, backend=provider)
+    out = gft_kernels.logprobs(hidden, weight, targets, return_entropy=True, backend=provider)
+    return (adv * out.logp).sum() + 0.01 * out.entropy.sum()
+
+
+def _measure_here(provider: str, n: int, v: int, h: int, calls: int = 1, op: str = "gft_loss") -> dict:
     torch.manual_seed(0)
     hidden = torch.randn(n, h).requires_grad_()
     weight = (torch.randn(v, h) * h**-0.5).requires_grad_()
@@ -51,14 +61,14 @@ def _measure_here(provider: str, n: int, v: int, h: int, calls: int = 1) -> dict
     start = time.perf_counter()
     for _ in range(calls):  # more than one: the resident size must not creep from call to call
         hidden.grad = weight.grad = None
-        loss = gft_kernels.gft_loss(hidden, weight, targets, adv, tau=0.7, backend=provider)
-        loss.backward()
+        _scalar(op, provider, hidden, weight, targets, adv).backward()
     seconds = (time.perf_counter() - start) / calls
     grad_bytes = 4 * (n * h + v * h)
     extra = _rss_bytes() - base - grad_bytes
     logits_bytes = 4 * n * v
     return dict(
         provider=provider,
+        op=op,
         n=n,
         v=v,
         h=h,
@@ -295,7 +305,13 @@ def vocab_parallel_rows(model: str = "llama-3.1-8b", n: int = 8192, ranks=(2, 4)
 
 
 def measure(
-    provider: str = "torch", n: int = 4096, v: int = 32000, h: int = 256, threads: int | None = None, calls: int = 1
+    provider: str = "torch",
+    n: int = 4096,
+    v: int = 32000,
+    h: int = 256,
+    threads: int | None = None,
+    calls: int = 1,
+    op: str = "gft_loss",
 ) -> dict:
     """Run one measurement in a fresh Python process (``threads``: its OMP_NUM_THREADS; None:
     this one's environment); returns its row."""
@@ -316,6 +332,8 @@ def measure(
             str(h),
             "--calls",
             str(calls),
+            "--op",
+            op,
         ],
         check=True,
         capture_output=True,
@@ -333,6 +351,7 @@ def main(argv=None) -> None:
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--h", type=int, default=256)
     ap.add_argument("--calls", type=int, default=1, help="calls in the measured process (the peak over all)")
+    ap.add_argument("--op", choices=["gft_loss", "logprobs"], default=None, help="the op measured (default: both)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--launcher", action="store_true", help="the Triton launcher's planned peak at the GPU shapes")
     ap.add_argument("--design", choices=["split", "atomic", "cublas"], help="with --launcher: this design's plan")
@@ -368,10 +387,11 @@ def main(argv=None) -> None:
                 print(json.dumps(dict(model=model, design=args.design, **launcher_peak(n, v, h, design=args.design))))
         return
     if args.inner:
-        print(json.dumps(_measure_here(args.provider, args.n, args.v, args.h, args.calls)))
+        print(json.dumps(_measure_here(args.provider, args.n, args.v, args.h, args.calls, args.op)))
         return
-    for provider in [args.provider] if args.provider else ["torch", "reference"]:
-        print(json.dumps(measure(provider, args.n, args.v, args.h, calls=args.calls)))
+    for op in [args.op] if args.op else ["gft_loss", "logprobs"]:
+        for provider in [args.provider] if args.provider else ["torch", "reference"]:
+            print(json.dumps(measure(provider, args.n, args.v, args.h, calls=args.calls, op=op)))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ Where a provider cannot compute GFT exactly, it runs the nearest loss it has and
     dft   tau > 1 with A = 1 (Liger's ``use_token_scaling``: the nearest thing it has to DCR)
     ce    plain cross-entropy (tau = 0, A = 1)
     pg    on-policy policy gradient (tau = 0, any A): Liger's chunked GRPO loss at ratio 1
+    logp  per-token log-probs, differentiated under upstream gradients -A / n_valid (so its
+          value and gradients are those of -mean(A logp), the float64 reference's at tau = 0)
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ def _naive_gft(h, w, t, a):
     p = logp.detach().exp()
     coef = torch.where(p < TAU, p, torch.ones_like(p))
     return -(torch.where(valid, a * coef * logp, 0.0)).sum() / valid.sum().clamp_min(1)
+
+
+def _logprobs():
+    def loss_fn(h, w, t, a):
+        logp = gft_kernels.logprobs(h, w, t, check_values=False).logp
+        return -(a * logp).sum() / (t != -100).sum().clamp_min(1)
+
+    return loss_fn
+
+
+def _naive_logprobs(h, w, t, a):
+    """Per-token log-probs as a user writes them: materialized logits, fp32 log-softmax, gather."""
+    valid = t != -100
+    logp = (h @ w.t()).float().log_softmax(-1).gather(-1, t.clamp_min(0)[:, None]).squeeze(-1)
+    return -(torch.where(valid, a * logp, 0.0)).sum() / valid.sum().clamp_min(1)
 
 
 def _compiled():
@@ -149,8 +166,16 @@ PROVIDERS = [
         _liger_grpo,
         note="Liger chunked GRPO at ratio 1, beta 0: policy gradient (tau = 0), one advantage",
     ),
+    Provider("logprobs", "logp", _logprobs, note="gft_kernels.logprobs(..., backend='auto'), per-token log-probs"),
+    Provider("logprobs_naive", "logp", lambda: _naive_logprobs, note="materialized logits, log_softmax, gather"),
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}
 
 # (tau, uses the advantage) of each loss kind, for the float64 reference of that loss
-LOSS_SPECS = {"gft": (TAU, True), "dft": (float("inf"), False), "ce": (0.0, False), "pg": (0.0, True)}
+LOSS_SPECS = {
+    "gft": (TAU, True),
+    "dft": (float("inf"), False),
+    "ce": (0.0, False),
+    "pg": (0.0, True),
+    "logp": (0.0, True),
+}

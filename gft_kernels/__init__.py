@@ -1,6 +1,7 @@
 """gft_kernels: the fused Group Fine-Tuning loss.
 
     loss = gft_kernels.gft_loss(hidden, lm_head, targets, adv, tau=0.7)
+    logp, entropy = gft_kernels.logprobs(hidden, lm_head, targets, return_entropy=True)
     loss = gft_kernels.causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau=0.7)
     gft_kernels.patch(model)   # model(input_ids, labels=..., advantages=..., tau=...).loss
 
@@ -10,14 +11,17 @@ contract, ``reference.py`` for the specification, ``torch_backend.py`` for the c
 engine and ``triton_ops/`` for the fused kernels; docs/architecture.md draws them.
 """
 
-from .api import GFTLoss, gft_loss
+from .api import GFTLoss, TokenLogprobs, gft_loss, logprobs
 from .head import GFTStats, dcr_coefficient
-from .models import UnsupportedModelError, causal_lm_gft_loss, check_model, patch, unpatch
+from .models import UnsupportedModelError, causal_lm_gft_loss, causal_lm_logprobs, check_model, patch, unpatch
 from .options import IGNORE_INDEX, check_tau
 
 __all__ = [
     "gft_loss",
     "GFTLoss",
+    "logprobs",
+    "TokenLogprobs",
+    "causal_lm_logprobs",
     "GFTStats",
     "dcr_coefficient",
     "IGNORE_INDEX",

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from . import reference, torch_backend  # noqa: F401  (the CPU engines register themselves)
-from .engine import ForwardRequest, RowStats
+from .engine import Engine, ForwardRequest, KernelOptions, RowStats, capabilities
 from .fused import fused_logprobs, precomputed_loss
 from .head import GFTStats, PolicyTerms, head_stats, per_token_loss, reduce_loss, reduction_weights
 from .options import IGNORE_INDEX, GFTOptions, LogitOptions, LossOptions, PolicyOptions, RunOptions
-from .validation import check_backend, check_input_values, check_policy_tensors, check_tensors, split_lm_head
+from .validation import check_input_values, check_policy_tensors, check_tensors, choose_engine, split_lm_head
 
 
 def gft_loss(
@@ -198,7 +198,7 @@ def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None
     terms = options.policy.bind(
         *(per_token[k].reshape(-1) if k in per_token else None for k in ("old_logp", "ref_logp"))
     )
-    backend = check_backend(run.backend, hidden, options.kernel(run.backend))
+    engine = choose_engine(run.backend, hidden, options.kernel())
     vocab_start, vocab_size = None, weight.shape[0]
     if run.vocab_parallel_group is not None:
         vocab_start, vocab_size = vocab_shard(run.vocab_parallel_group, weight.shape[0], run.vocab_start, hidden.device)
@@ -207,10 +207,10 @@ def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None
     flat = _flatten(hidden, weight, bias, targets, adv, loss_options.ignore_index, vocab_start)
     valid, tau = flat.request.valid, loss_options.tau
     aux = None
-    if _one_pass(backend, flat, options):
-        loss, rows = _one_pass_loss(flat, terms, options)
+    if _one_pass(engine, flat, options):
+        loss, rows = _one_pass_loss(engine, flat, terms, options)
     else:
-        rows = _rows(backend, flat, options)
+        rows = _rows(engine, flat, options.kernel(engine), run.vocab_parallel_group)
         loss_tok, aux = per_token_loss(rows.logp, rows.entropy, valid, flat.adv, tau, terms)
         loss = reduce_loss(loss_tok, valid, loss_options.reduction, loss_options.normalizer, flat.shape)
     if not run.return_stats:
@@ -220,13 +220,13 @@ def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None
     return loss, head_stats(rows.logp, rows.entropy, rows.target_is_max, valid, tau, aux, flat.shape)
 
 
-def _one_pass(backend: str, flat: _Flat, options: GFTOptions) -> bool:
-    """A scalar loss that will be differentiated, on the chunked engine: it forms the gradients
-    in the same pass (3 products, no recompute) and the backward only scales them. Eager only:
-    under torch.compile the ops run (the head here is a Python callable)."""
+def _one_pass(engine: Engine, flat: _Flat, options: GFTOptions) -> bool:
+    """A scalar loss that will be differentiated, on an engine that can form the gradients in
+    the same pass (3 products, no recompute; the backward only scales them). Eager only: under
+    torch.compile the ops run (the head here is a Python callable)."""
     hidden, weight, bias = flat.request.hidden, flat.request.weight, flat.request.bias
     return (
-        backend == "torch"
+        capabilities(engine).one_pass
         and options.run.vocab_parallel_group is None
         and options.loss.reduction != "none"
         and hidden.shape[0] > 0
@@ -236,7 +236,7 @@ def _one_pass(backend: str, flat: _Flat, options: GFTOptions) -> bool:
     )
 
 
-def _one_pass_loss(flat: _Flat, terms: PolicyTerms, options: GFTOptions):
+def _one_pass_loss(engine: Engine, flat: _Flat, terms: PolicyTerms, options: GFTOptions):
     valid, tau = flat.request.valid, options.loss.tau
 
     def token_loss(lp, ent, idx):
@@ -249,24 +249,20 @@ def _one_pass_loss(flat: _Flat, terms: PolicyTerms, options: GFTOptions):
 
     acc = torch.float64 if flat.request.hidden.dtype == torch.float64 else torch.float32
     weights = reduction_weights(valid, options.loss.reduction, options.loss.normalizer, flat.shape, acc)
-    return precomputed_loss("torch", flat.request, options.kernel("torch"), token_loss, weights)
+    return precomputed_loss(engine.name, flat.request, options.kernel(engine), token_loss, weights)
 
 
-def _rows(backend: str, flat: _Flat, options: GFTOptions) -> RowStats:
+def _rows(engine: Engine, flat: _Flat, kernel: KernelOptions, group=None) -> RowStats:
     """Per-row (logp, entropy, target_is_max, ...) of the engine; logp (and entropy with an
     entropy term) differentiable."""
     hidden, weight, bias, targets, valid = flat.request
-    if backend == "reference":
-        logits = options.logits
-        logp, entropy, is_max = reference.reference_logprobs(
-            hidden, weight, bias, targets, valid, logits.temperature, logits.softcap
-        )
-        return RowStats(logp, None, None, None, entropy, is_max)
+    if capabilities(engine).autograd_rows:
+        return engine.rows(flat.request, kernel)
     if hidden.shape[0] == 0:
         # No tokens: keep the graph so backward gives zero gradients of the right shapes.
         logp = (hidden.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
         return RowStats(logp, None, None, None, logp * 0, valid)
-    return fused_logprobs(backend, flat.request, options.kernel(backend), options.run.vocab_parallel_group)
+    return fused_logprobs(engine.name, flat.request, kernel, group)
 
 
 def vocab_shard(group, rows: int, start: int | None, device) -> tuple[int, int]:
@@ -362,3 +358,78 @@ class GFTLoss(nn.Module):
     def extra_repr(self) -> str:
         groups = (self.options.loss, self.options.policy, self.options.logits, self.options.run)
         return ", ".join(f"{f.name}={getattr(g, f.name)!r}" for g in groups for f in dataclasses.fields(g))
+
+
+class TokenLogprobs(NamedTuple):
+    """``logprobs``' result, in the targets' shape, fp32 (fp64 for fp64 inputs), 0 at ignored
+    tokens: the target's log-prob and, with ``return_entropy``, the entropy of its distribution."""
+
+    logp: Tensor
+    entropy: Tensor | None
+
+
+def logprobs(
+    hidden: Tensor,
+    lm_head: Tensor | nn.Linear,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    ignore_index: int = IGNORE_INDEX,
+    check_values: bool = True,
+    vocab_parallel_group=None,
+    vocab_start: int | None = None,
+) -> TokenLogprobs:
+    """Per-token log-probs (and entropies) from hidden states, without the ``[N x V]`` logits:
+    what an RL trainer needs for old-policy and reference log-probs and for a KL estimate.
+
+    Arguments as :func:`gft_loss`'s (``hidden [..., H]``, ``lm_head [V, H]`` or an ``nn.Linear``,
+    ``targets [...]``, the logits transform, the engines, ``vocab_parallel_group``). Both
+    outputs are differentiable; the backward recomputes the logits chunk by chunk, and takes
+    the upstream gradients as the engines' per-row ``g = dL/dlogp`` (``dlogp/dz = onehot -
+    softmax``) and ``dL/dH`` (``dH/dz = -p (log p + H)``). Returns a :class:`TokenLogprobs`
+    (``entropy`` None unless ``return_entropy``).
+
+    Exact PyTorch equivalent (what ``backend="reference"`` computes)::
+
+        z       = F.linear(hidden, W, bias).float() / temperature        # [..., V]
+        z       = softcap * torch.tanh(z / softcap)                      # if softcap
+        lp      = z.log_softmax(-1)
+        valid   = targets != ignore_index
+        logp    = torch.where(valid, lp.gather(-1, targets.clamp_min(0)[..., None])[..., 0], 0.0)
+        entropy = torch.where(valid, -(lp.exp() * lp).sum(-1), 0.0)
+    """
+    logits = LogitOptions.build(temperature, softcap)
+    ignore_index = LossOptions.build(0.0, "none", None, ignore_index).ignore_index
+    run = RunOptions.build(backend, None, vocab_parallel_group, vocab_start, bool(return_entropy), check_values)
+    kernel = KernelOptions(
+        temperature=logits.temperature,
+        softcap=logits.softcap,
+        with_entropy=run.return_stats,
+        entropy_grad=run.return_stats,
+        outside=run.vocab_parallel_group is not None,
+    )
+    weight, bias = split_lm_head(lm_head, bias)
+    return _logprobs(hidden, weight, bias, targets, kernel, ignore_index, run)
+
+
+@_autocast_like_linear
+def _logprobs(hidden, weight, bias, targets, kernel: KernelOptions, ignore_index: int, run: RunOptions):
+    targets, zero = check_tensors(hidden, weight, bias, targets, 0.0)
+    engine = choose_engine(run.backend, hidden, kernel, op="logprobs")
+    vocab_start, vocab_size = None, weight.shape[0]
+    if run.vocab_parallel_group is not None:
+        vocab_start, vocab_size = vocab_shard(run.vocab_parallel_group, weight.shape[0], run.vocab_start, hidden.device)
+    if run.check_values:
+        check_input_values(targets, zero, None, vocab_size, ignore_index)
+    flat = _flatten(hidden, weight, bias, targets, zero, ignore_index, vocab_start)
+    rows = _rows(engine, flat, kernel, run.vocab_parallel_group)
+    valid = flat.request.valid
+
+    def masked(x):  # an upstream gradient at an ignored token reaches no engine row
+        return torch.where(valid, x, torch.zeros_like(x)).reshape(flat.shape)
+
+    return TokenLogprobs(masked(rows.logp), masked(rows.entropy) if kernel.with_entropy else None)

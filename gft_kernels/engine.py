@@ -8,7 +8,10 @@ lives in ``head.py`` and reaches an engine only through ``g``.
 **A new engine is one new file**: a class implementing :class:`Engine` (``name``, ``supports``,
 ``partials``, ``backward``), registered with :func:`register_engine`; then
 ``gft_loss(..., backend=<its name>)`` runs it through the same autograd function and
-``torch.compile`` op as the built-in ones. ``reference.py`` is such a file (its engine is
+``torch.compile`` op as the built-in ones. What else it can do it declares in
+``capabilities`` (:class:`Capabilities`: whether ``backend="auto"`` may take it and on which
+devices, a one-pass loss, autograd-native rows) and ``suitable`` (the hardware it is checked
+on); :func:`select` is the one place that chooses an engine, by those answers, never by name. ``reference.py`` is such a file (its engine is
 checked against the others in tests/kernels/test_engines.py); ``torch_backend.py`` (chunked PyTorch)
 and ``triton_ops/launch.py`` (fused Triton kernels) are the two bounded-memory ones.
 
@@ -140,9 +143,31 @@ class Grads(NamedTuple):
     dbias: Tensor | None
 
 
+class Capabilities(NamedTuple):
+    """What an engine can do beyond the contract's three methods (``Engine.capabilities``; an
+    engine without the attribute has the defaults: chosen only by name, no extra paths)."""
+
+    auto_rank: int | None = None  # backend="auto" tries engines by this rank, highest first; None: never
+    auto_devices: tuple[str, ...] | None = None  # device types "auto" considers it on; None: any
+    one_pass: bool = False  # has ``loss_and_grads``: a scalar loss and its gradients in one pass
+    autograd_rows: bool = False  # has ``rows(request, options) -> RowStats``, differentiated by autograd
+    description: str = ""  # how a message names it ("the chunked torch engine"); "": its name
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """The contract every engine implements (see the module docstring)."""
+    """The contract every engine implements (see the module docstring).
+
+    Optional members, read by :func:`select` and the op (absent: the defaults):
+
+    - ``capabilities``: a :class:`Capabilities`.
+    - ``suitable(hidden, options) -> str | None``: why ``backend="auto"`` should not take this
+      engine on this hardware although it could run there (an untested GPU generation, a missing
+      package version), or None. A named ``backend`` skips it.
+    - ``loss_and_grads(request, options, token_loss, token_weight, need) -> (loss, RowStats,
+      Grads)`` with ``capabilities.one_pass``; ``rows(request, options) -> RowStats`` with
+      ``capabilities.autograd_rows``.
+    """
 
     name: str
     dtypes: tuple[torch.dtype, ...]  # input dtypes it computes (others: a TypeError before it runs)
@@ -186,6 +211,90 @@ def get_engine(name: str) -> Engine:
 
 def engine_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys([*_BUILT_IN, *_ENGINES]))
+
+
+def capabilities(engine: Engine) -> Capabilities:
+    return getattr(engine, "capabilities", None) or Capabilities()
+
+
+def describe(engine: Engine) -> str:
+    return capabilities(engine).description or f"the {engine.name} engine"
+
+
+# The built-in engines that backend="auto" may take, with their rank and devices, known before
+# their module is imported (the Triton one imports triton: not on a machine it would not run on).
+_BUILT_IN_AUTO = {"triton": (20, ("cuda",)), "torch": (10, None)}
+
+
+class Selection(NamedTuple):
+    """The engine that runs, and why: ``reason`` says why it was chosen; ``passed_over`` is set
+    when ``backend="auto"`` passed over an engine that serves this device and dtype (its reason
+    is in ``reason``), which a caller may tell the user once."""
+
+    engine: Engine
+    reason: str
+    passed_over: str | None = None  # the name a user would pass to force that engine
+
+
+def _auto_candidates(device_type: str) -> list[tuple[int, str]]:
+    ranked = {}
+    for name, (rank, devices) in _BUILT_IN_AUTO.items():
+        if name not in _ENGINES and (devices is None or device_type in devices):
+            ranked[name] = rank
+    for name, engine in _ENGINES.items():
+        caps = capabilities(engine)
+        if caps.auto_rank is not None and (caps.auto_devices is None or device_type in caps.auto_devices):
+            ranked[name] = caps.auto_rank
+    return sorted(((rank, name) for name, rank in ranked.items()), reverse=True)
+
+
+def _dtype_reason(engine: Engine, hidden: Tensor) -> str | None:
+    if hidden.dtype in engine.dtypes:
+        return None
+    names = ", ".join(str(d).replace("torch.", "") for d in engine.dtypes)
+    return f"backend={engine.name!r} supports {names} inputs, got {str(hidden.dtype).replace('torch.', '')}"
+
+
+def select(backend: str, hidden: Tensor, options: KernelOptions = KernelOptions()) -> Selection:  # noqa: B008 (frozen)
+    """The one place an engine is chosen. A named ``backend`` must support the inputs (else a
+    TypeError for the dtype, a ValueError for the rest, naming the engine); ``"auto"`` takes the
+    highest-ranked engine (``Capabilities.auto_rank``) that considers this device type, computes
+    this dtype, supports these inputs and finds the hardware suitable."""
+    if backend != "auto":
+        try:
+            engine = get_engine(backend)
+        except ImportError as err:
+            raise ValueError(f"backend={backend!r} needs the {err.name} package (pip install 'gft[triton]')") from err
+        except KeyError:
+            raise ValueError(f"backend must be one of {('auto', *engine_names())}, got {backend!r}") from None
+        reason = _dtype_reason(engine, hidden)
+        if reason is not None:
+            raise TypeError(reason + (" (use backend='reference')" if hidden.dtype == torch.float64 else ""))
+        reason = engine.supports(hidden, options)
+        if reason is not None:
+            raise ValueError(reason)
+        return Selection(engine, f"backend={backend!r} was asked for")
+    passed_over, why = None, []
+    for _, name in _auto_candidates(hidden.device.type):
+        try:
+            engine = get_engine(name)
+        except ImportError as err:
+            passed_over = passed_over or name
+            why.append(f"the {err.name} package is not installed")
+            continue
+        if _dtype_reason(engine, hidden) is not None:
+            continue  # an engine that does not compute this dtype is not passed over: it never applied
+        suitable = getattr(engine, "suitable", None)
+        reason = engine.supports(hidden, options) or (suitable(hidden, options) if suitable else None)
+        if reason is None:
+            dtype = str(hidden.dtype).replace("torch.", "")
+            chosen = "; ".join(why) or f"the highest-ranked engine for {hidden.device.type} and {dtype}"
+            return Selection(engine, chosen, passed_over)
+        passed_over = passed_over or name
+        why.append(reason)
+    raise ValueError(
+        f"backend='auto' found no engine for {hidden.device}, {hidden.dtype}: " + ("; ".join(why) or "none registered")
+    )
 
 
 def forward(engine: Engine, request: ForwardRequest, options: KernelOptions) -> RowStats:

@@ -179,10 +179,6 @@ class RunOptions:
             isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
         ):
             raise ValueError(f"vocab_start must be an int >= 0 or None, got {vocab_start!r}")
-        if vocab_parallel_group is not None and backend == "reference":
-            raise ValueError(
-                "vocab_parallel_group needs backend 'torch' or 'triton' (the reference materializes the full logits)"
-            )
         return cls(backend, launch_options, vocab_parallel_group, vocab_start, bool(return_stats), bool(check_values))
 
 
@@ -195,13 +191,15 @@ class GFTOptions:
     logits: LogitOptions
     run: RunOptions
 
-    def kernel(self, backend: str) -> KernelOptions:
-        """The engine's view: how logits are made, what the backward takes, how to launch."""
+    def kernel(self, engine=None) -> KernelOptions:
+        """The engine's view: how logits are made, what the backward takes, how to launch (the
+        launch options when they are ``engine``'s kind; None: no engine chosen yet)."""
+        launch_type = None if engine is None else engine.launch_options
         return KernelOptions(
             temperature=self.logits.temperature,
             softcap=self.logits.softcap,
             with_entropy=self.run.return_stats or self.policy.entropy_coef != 0.0,
             entropy_grad=self.policy.entropy_coef != 0.0,
-            launch=self.run.launch if backend == "triton" else None,
+            launch=self.run.launch if launch_type is not None and isinstance(self.run.launch, launch_type) else None,
             outside=self.run.vocab_parallel_group is not None,
         )

@@ -14,7 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .engine import BackwardRequest, ForwardRequest, Grads, KernelOptions, RowPartials, register_engine
+from .engine import (
+    BackwardRequest,
+    Capabilities,
+    ForwardRequest,
+    Grads,
+    KernelOptions,
+    RowPartials,
+    RowStats,
+    register_engine,
+)
 
 
 def reference_logprobs(
@@ -61,10 +70,23 @@ class ReferenceEngine:
     name = "reference"
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     launch_options = None
+    capabilities = Capabilities(autograd_rows=True, description="the reference engine")
+
+    def rows(self, request: ForwardRequest, options: KernelOptions) -> RowStats:
+        """Per-row logp and entropy through autograd on the materialized logits (a double
+        backward works); the other fields are None."""
+        hidden, weight, bias, targets, valid = request
+        logp, entropy, is_max = reference_logprobs(
+            hidden, weight, bias, targets, valid, options.temperature, options.softcap
+        )
+        return RowStats(logp, None, None, None, entropy, is_max)
 
     def supports(self, hidden: Tensor, options: KernelOptions) -> str | None:
         if options.outside:
-            return "the reference engine materializes the full logits: it takes no vocabulary-parallel shard"
+            return (
+                "vocab_parallel_group needs an engine that takes a vocabulary shard; backend='reference' "
+                "materializes the full logits"
+            )
         return None
 
     def partials(self, request: ForwardRequest, options: KernelOptions) -> RowPartials:

@@ -45,6 +45,7 @@ from . import cpu_threads, products
 from .cpu_threads import helper_threads, intra_op_threads
 from .engine import (
     BackwardRequest,
+    Capabilities,
     ForwardRequest,
     Grads,
     KernelOptions,
@@ -191,6 +192,8 @@ class TorchEngine:
     name = "torch"
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     launch_options = None
+    # backend="auto"'s fallback on every device; its loss_and_grads is the one-pass path
+    capabilities = Capabilities(auto_rank=10, one_pass=True, description="the chunked torch engine")
 
     def supports(self, hidden: Tensor, options: KernelOptions) -> str | None:
         return None  # any device, any float dtype

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .engine import KernelOptions, get_engine
+from .engine import Engine, KernelOptions, describe, select
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -151,40 +151,22 @@ def check_input_values(
 _auto_warned: set = set()
 
 
-def check_backend(backend: str, hidden: Tensor, options: KernelOptions = KernelOptions()) -> str:  # noqa: B008 (frozen)
-    """The engine that runs: ``"auto"`` takes Triton on the CUDA devices it is checked for, else
-    the chunked torch engine (once warning why); a named engine must support the inputs."""
-    if backend == "auto":
-        if not hidden.is_cuda or hidden.dtype == torch.float64:
-            return "torch"
-        try:
-            triton_engine = get_engine("triton")
-        except ImportError:
-            reason = "the triton package is not installed"
-        else:
-            reason = triton_engine.supports(hidden, options) or triton_engine.unsuitable_hardware(hidden.device)
-        if reason is None:
-            return "triton"
-        key = (str(hidden.device), reason)
+def choose_engine(backend: str, hidden: Tensor, options: KernelOptions | None = None, op: str = "gft_loss") -> Engine:
+    """``engine.select``'s engine; when ``"auto"`` passed over an engine that serves this
+    device (an untested GPU, a missing package), it says why, once per device and reason."""
+    choice = select(backend, hidden, KernelOptions() if options is None else options)
+    if choice.passed_over is not None:
+        key = (str(hidden.device), choice.reason)
         if key not in _auto_warned:
             _auto_warned.add(key)
             warnings.warn(
-                f"gft_loss(backend='auto') uses the chunked torch engine on {hidden.device}: {reason} "
-                "(backend='triton' forces the Triton engine)",
-                stacklevel=5,
+                f"{op}(backend='auto') uses {describe(choice.engine)} on {hidden.device}: {choice.reason} "
+                f"(backend={choice.passed_over!r} forces it)",
+                stacklevel=4,
             )
-        return "torch"
-    try:
-        engine = get_engine(backend)
-    except ImportError as err:
-        raise ValueError(f"backend={backend!r} needs the {err.name} package (pip install 'gft[triton]')") from err
-    if hidden.dtype not in engine.dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in engine.dtypes)
-        raise TypeError(
-            f"backend={backend!r} supports {names} inputs, got {str(hidden.dtype).replace('torch.', '')}"
-            + (" (use backend='reference')" if hidden.dtype == torch.float64 else "")
-        )
-    reason = engine.supports(hidden, options)
-    if reason is not None:
-        raise ValueError(reason)
-    return backend
+    return choice.engine
+
+
+def check_backend(backend: str, hidden: Tensor, options: KernelOptions = KernelOptions()) -> str:  # noqa: B008 (frozen)
+    """The name of the engine that runs (``choose_engine``)."""
+    return choose_engine(backend, hidden, options).name

@@ -1,4 +1,7 @@
-"""The old name of ``gft_train.integrations.verl_fused_kernel``: importing it makes verl's
-fused-kernel forward use gft_kernels' op (for ``actor_rollout_ref.model.external_lib``)."""
+"""Importing this module makes verl's fused-kernel forward use gft_kernels' op (for verl's
+``actor_rollout_ref.model.external_lib``; ``gft_train.integrations.verl_fused_kernel`` is the same).
+See ``gft_kernels.integrations.verl.install_fused_kernel``."""
 
-from gft_train.integrations import verl_fused_kernel  # noqa: F401
+from .integrations.verl import install_fused_kernel
+
+install_fused_kernel()

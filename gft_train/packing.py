@@ -171,9 +171,9 @@ def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
     does) unless the model gives each sequence of a packed row the same head input as that
     sequence run alone. Probed once per model (the verdict is cached), in eval mode, no grad."""
     from gft_kernels.models import head_input
-    from gft_kernels.models.transforms import _arch
+    from gft_kernels.models.transforms import arch_name
 
-    arch, attn = _arch(model), attention_name(model)
+    arch, attn = arch_name(model), attention_name(model)
     known = _VERDICTS.get(model, {})
     if attn in known:  # (per implementation: set_attn_implementation may change it)
         if known[attn] is not None:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import verl  # noqa: E402,F401  (loads the gft plugin)
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, get_policy_loss_fn  # noqa: E402
 
-from gft_kernels import verl_gft  # noqa: E402
+from gft_train.integrations import verl as verl_gft  # noqa: E402
 
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 

@@ -2,7 +2,8 @@
 
 Two entry points:
 
-- ``causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau)``: the functional op.
+- ``causal_lm_gft_loss(model, input_ids, attention_mask, labels, adv, tau)``: the functional op;
+  ``causal_lm_logprobs(model, input_ids, attention_mask, labels)``: the per-token log-probs.
 - ``patch(model)``: the model's own ``forward(input_ids, labels=..., advantages=..., tau=...,
   num_items_in_batch=...)`` returns the GFT loss (the model's own loss when there are no
   advantages and ``tau=0``), like Liger's ``apply_liger_kernel_to_*`` or CCE's ``cce_patch``.
@@ -24,9 +25,11 @@ loss.
 
 The package, apart from the kernel's files: ``transforms.py`` (the table and the head),
 ``probe.py`` (the head's input and ``check_model``), ``loss.py`` (``causal_lm_gft_loss``),
+``logprobs.py`` (``causal_lm_logprobs``),
 ``patching.py`` (``patch`` / ``unpatch``).
 """
 
+from .logprobs import causal_lm_logprobs
 from .loss import causal_lm_gft_loss
 from .patching import patch, unpatch
 from .probe import PROBE_AMPLITUDE, check_model, head_input
@@ -34,6 +37,7 @@ from .transforms import LogitsTransform, UnsupportedModelError, logits_transform
 
 __all__ = [
     "causal_lm_gft_loss",
+    "causal_lm_logprobs",
     "patch",
     "unpatch",
     "check_model",

@@ -10,7 +10,7 @@ import torch
 from ..api import gft_loss
 from ..options import IGNORE_INDEX
 from .probe import check_model, head_input
-from .transforms import _arch, _call_head, _head, _whole, logits_transform
+from .transforms import arch_name, call_head, logits_transform, output_head, whole_head
 
 
 def causal_lm_gft_loss(
@@ -80,7 +80,7 @@ class CausalLMBatch:
 
 def _causal_lm_loss(model, batch: CausalLMBatch, options: HeadLossOptions, check: bool, forward_kwargs: dict):
     spec = check_model(model) if check else logits_transform(model)
-    head = _head(model)
+    head = output_head(model)
     x = head_input(model, batch.input_ids, batch.attention_mask, **forward_kwargs)
     if batch.shift_labels is None:
         x, targets = x[:, :-1], batch.labels[:, 1:]
@@ -89,10 +89,10 @@ def _causal_lm_loss(model, batch: CausalLMBatch, options: HeadLossOptions, check
     temperature = options.temperature
 
     def loss_of(weight, bias, x):
-        weight, bias, group = _whole(weight, bias, model)
+        weight, bias, group = whole_head(weight, bias, model)
         if spec.vocab is not None and group is not None:
             raise NotImplementedError(
-                f"{_arch(model)}: a vocabulary cut ({spec.vocab}) on a vocabulary-sharded head is not supported"
+                f"{arch_name(model)}: a vocabulary cut ({spec.vocab}) on a vocabulary-sharded head is not supported"
             )
         if spec.vocab is not None and spec.vocab < weight.shape[0]:
             weight = weight[: spec.vocab]
@@ -118,4 +118,4 @@ def _causal_lm_loss(model, batch: CausalLMBatch, options: HeadLossOptions, check
             **options.loss_options,
         )
 
-    return _call_head(head, loss_of, x)
+    return call_head(head, loss_of, x)

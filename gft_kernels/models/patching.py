@@ -11,44 +11,44 @@ from torch import Tensor
 
 from ..options import IGNORE_INDEX, check_backend_name, check_tau
 from .loss import causal_lm_gft_loss
-from .probe import _forward_kwargs, _logits_of, _original_forward, _probe_length, _probe_vocab, _tolerance, check_model
-from .transforms import UnsupportedModelError, _arch, _head, _linear
+from .probe import check_model, forward_kwargs, logits_of, logits_tolerance, original_forward, probe_length, probe_vocab
+from .transforms import UnsupportedModelError, arch_name, head_linear, output_head
 
 
 def _loss_probe(model):
     """Whether the model's own loss shifts its labels (True: position t predicts label t + 1, as
     most causal LMs; False: label t, as the decoders of encoder-decoder families). Refuses a model
     whose own loss is neither cross-entropy of its logits."""
-    arch = _arch(model)
-    weight = _linear(_head(model)).weight
+    arch = arch_name(model)
+    weight = head_linear(output_head(model)).weight
     device = weight.device
     g = torch.Generator().manual_seed(4321)
     spec = check_model(model)
-    vocab = _probe_vocab(model, spec, weight)
-    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, _probe_length(model)), generator=g).to(device)
+    vocab = probe_vocab(model, spec, weight)
+    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, probe_length(model)), generator=g).to(device)
     labels = input_ids.clone()
     labels[0, :2] = IGNORE_INDEX
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            kwargs = _forward_kwargs(model, input_ids, torch.ones_like(input_ids), {})
+            kwargs = forward_kwargs(model, input_ids, torch.ones_like(input_ids), {})
             try:
-                out = _original_forward(model)(labels=labels, **kwargs)
+                out = original_forward(model)(labels=labels, **kwargs)
             except Exception as e:
                 raise UnsupportedModelError(
                     f"{arch}: its own forward with labels fails on a text batch "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
                 ) from e
             own = getattr(out, "loss", None)
-            logits = _logits_of(out) if own is not None else None
+            logits = logits_of(out) if own is not None else None
             if own is None:
                 raise UnsupportedModelError(f"{arch}: its forward computes no loss from labels")
             acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
             flat = logits.to(acc)
             shifted = F.cross_entropy(flat[:, :-1].reshape(-1, flat.shape[-1]), labels[:, 1:].reshape(-1))
             unshifted = F.cross_entropy(flat.reshape(-1, flat.shape[-1]), labels.reshape(-1))
-            tol = _tolerance(weight.dtype, logits.dtype, own.dtype)
+            tol = logits_tolerance(weight.dtype, logits.dtype, own.dtype)
             for shift, ce in ((True, shifted), (False, unshifted)):
                 if abs(float(own) - float(ce)) <= tol * max(1.0, abs(float(ce))):
                     return shift

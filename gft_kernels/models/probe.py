@@ -13,13 +13,13 @@ from torch import Tensor, nn
 from .transforms import (
     LogitsTransform,
     UnsupportedModelError,
-    _arch,
-    _field,
-    _head,
-    _linear,
-    _number,
-    _whole,
+    arch_name,
+    config_field,
+    config_number,
+    head_linear,
     logits_transform,
+    output_head,
+    whole_head,
 )
 
 
@@ -27,16 +27,16 @@ class _Stop(Exception):
     pass
 
 
-def _original_forward(model):
+def original_forward(model):
     return model.__dict__.get("_gft_original_forward") or model
 
 
-def _forward_kwargs(model, input_ids, attention_mask, extra):
+def forward_kwargs(model, input_ids, attention_mask, extra):
     kwargs = dict(extra)
     kwargs["input_ids"] = input_ids
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
-    fwd = _original_forward(model)
+    fwd = original_forward(model)
     fwd = fwd.forward if isinstance(fwd, nn.Module) else fwd
     params = inspect.signature(fwd).parameters
     if "use_cache" in params and "use_cache" not in kwargs:
@@ -49,7 +49,7 @@ def head_input(model, input_ids, attention_mask=None, **kwargs) -> Tensor:
 
     Keyword arguments go to the model's forward (``position_ids``, ``token_type_ids``, ...).
     """
-    head = _head(model)
+    head = output_head(model)
     captured = []
 
     def hook(module, args, kw):
@@ -60,20 +60,20 @@ def head_input(model, input_ids, attention_mask=None, **kwargs) -> Tensor:
     # gather the head's weight (the loss's call of the head gathers it)
     handle = head.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
-        _original_forward(model)(**_forward_kwargs(model, input_ids, attention_mask, kwargs))
+        original_forward(model)(**forward_kwargs(model, input_ids, attention_mask, kwargs))
     except _Stop:
         pass
     finally:
         handle.remove()
     if not captured:
         raise UnsupportedModelError(
-            f"{_arch(model)}: its forward does not call its output head {type(head).__name__} "
+            f"{arch_name(model)}: its forward does not call its output head {type(head).__name__} "
             "(it reads the weight directly or uses another head)"
         )
     x = captured[0]
     if x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
         raise UnsupportedModelError(
-            f"{_arch(model)}: its output head's input has shape {tuple(x.shape)}, not "
+            f"{arch_name(model)}: its output head's input has shape {tuple(x.shape)}, not "
             f"[batch, tokens, hidden] = [{input_ids.shape[0]}, {input_ids.shape[1]}, H]"
         )
     return x
@@ -83,26 +83,26 @@ _VERDICTS: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDiction
 PROBE_AMPLITUDE = 200.0  # largest |logit| of the amplified probe
 
 
-def _tolerance(*dtypes) -> float:
+def logits_tolerance(*dtypes) -> float:
     """Agreement expected of two computations of the same logits: the coarser dtype's."""
     return max({torch.float64: 1e-9, torch.float32: 2e-5}.get(d, 3e-2) for d in dtypes)
 
 
-def _logits_of(out):
+def logits_of(out):
     logits = getattr(out, "logits", None)
     if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         logits = out[0]
     return logits
 
 
-def _probe_vocab(model, spec: LogitsTransform, weight: Tensor) -> int:
+def probe_vocab(model, spec: LogitsTransform, weight: Tensor) -> int:
     """How many token ids a probe may draw from (a sharded head's weight is no guide)."""
     if weight.dim() == 2:
         return min(weight.shape[0], spec.vocab or weight.shape[0])
-    return int(spec.vocab or _number(_field(model, "vocab_size")) or 2)
+    return int(spec.vocab or config_number(config_field(model, "vocab_size")) or 2)
 
 
-def _probe_length(model, tokens: int = 6) -> int:
+def probe_length(model, tokens: int = 6) -> int:
     """Tokens per probe row, a length the model accepts: xLSTM in its ``mode="train"`` refuses a
     length that is not a multiple of its ``chunk_size`` (its other modes, and Mamba2's chunks, pad)."""
     config = getattr(model, "config", None)
@@ -124,7 +124,7 @@ def _compare(arch: str, spec: LogitsTransform, state: dict, logits: Tensor, acc:
     theirs = logits.to(acc)
     err = float((theirs - ours).abs().max())
     size = max(1.0, float(theirs.abs().max()))
-    if not err <= _tolerance(*state["dtypes"], logits.dtype) * size:
+    if not err <= logits_tolerance(*state["dtypes"], logits.dtype) * size:
         ratio = float((theirs * ours).sum() / ours.square().sum().clamp_min(1e-30))
         raise UnsupportedModelError(
             f"{arch}: its logits are not the head's product after "
@@ -135,8 +135,8 @@ def _compare(arch: str, spec: LogitsTransform, state: dict, logits: Tensor, acc:
 
 
 def _probe(model, spec: LogitsTransform) -> None:
-    arch = _arch(model)
-    linear = _linear(_head(model))
+    arch = arch_name(model)
+    linear = head_linear(output_head(model))
     weight = linear.weight
     device = weight.device
     g = torch.Generator().manual_seed(1234)
@@ -153,7 +153,7 @@ def _probe(model, spec: LogitsTransform) -> None:
                 f"{arch}: its output head's input is not [batch, tokens, hidden] "
                 f"(got {None if not isinstance(x, Tensor) else tuple(x.shape)})"
             )
-        w, b, group = _whole(module.weight, getattr(module, "bias", None))
+        w, b, group = whole_head(module.weight, getattr(module, "bias", None))
         if group is not None:
             raise UnsupportedModelError(
                 f"{arch}: the probe cannot check a vocabulary-sharded head; "
@@ -169,8 +169,8 @@ def _probe(model, spec: LogitsTransform) -> None:
 
     def run():
         state["calls"] = 0
-        out = _original_forward(model)(**_forward_kwargs(model, input_ids, mask, {}))
-        logits = _logits_of(out)
+        out = original_forward(model)(**forward_kwargs(model, input_ids, mask, {}))
+        logits = logits_of(out)
         if logits is None:
             raise UnsupportedModelError(f"{arch}: its forward returns no logits to compare with")
         if state["calls"] != 1:
@@ -179,8 +179,8 @@ def _probe(model, spec: LogitsTransform) -> None:
             )
         return logits
 
-    vocab = _probe_vocab(model, spec, weight)
-    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, _probe_length(model)), generator=g).to(device)
+    vocab = probe_vocab(model, spec, weight)
+    input_ids = torch.randint(0, max(1, min(vocab, 1000)), (2, probe_length(model)), generator=g).to(device)
     mask = torch.ones_like(input_ids)
     modes = [(m, m.training) for m in model.modules()]
     handle = linear.register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -212,7 +212,7 @@ def check_model(model, *, force: bool = False) -> LogitsTransform:
             raise verdict
         return verdict
     try:
-        _head(model)
+        output_head(model)
         spec = logits_transform(model)
         _probe(model, spec)
     except UnsupportedModelError as e:

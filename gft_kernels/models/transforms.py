@@ -32,7 +32,7 @@ class LogitsTransform:
         return z if self.vocab is None else z[..., : self.vocab]
 
 
-def _arch(model) -> str:
+def arch_name(model) -> str:
     mt = getattr(getattr(model, "config", None), "model_type", None)
     return f"{type(model).__name__} (model_type {mt!r})" if mt else type(model).__name__
 
@@ -52,7 +52,7 @@ def _configs(model):
     return out
 
 
-def _field(model, name):
+def config_field(model, name):
     for cfg in _configs(model):
         value = getattr(cfg, name, None)
         if value is not None:
@@ -60,7 +60,7 @@ def _field(model, name):
     return None
 
 
-def _number(value):
+def config_number(value):
     if isinstance(value, Tensor):
         return float(value.detach().reshape(-1)[0]) if value.numel() == 1 else None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -81,13 +81,13 @@ def logits_transform(model) -> LogitsTransform:
 
     Not a guarantee on its own: ``check_model`` probes the model against it.
     """
-    arch = _arch(model)
+    arch = arch_name(model)
     model_type = getattr(model.config, "model_type", "")
     scale, softcap, vocab, found = 1.0, None, None, []
 
     def mul(value, what):
         nonlocal scale
-        v = _number(value)
+        v = config_number(value)
         if v is None or v <= 0 or not math.isfinite(v):
             raise UnsupportedModelError(f"{arch}: {what} = {value!r} is not a positive number")
         scale *= v
@@ -95,54 +95,54 @@ def logits_transform(model) -> LogitsTransform:
 
     logit_scale = getattr(model, "logit_scale", None)
     if logit_scale is None:
-        logit_scale = _field(model, "logit_scale")
+        logit_scale = config_field(model, "logit_scale")
     if logit_scale is not None and not isinstance(logit_scale, nn.Module):
         if isinstance(logit_scale, nn.Parameter):
             raise UnsupportedModelError(f"{arch}: its logit scale is a trained parameter (not supported)")
         mul(logit_scale, "logits * logit_scale")
-    scaling = _field(model, "logits_scaling")
+    scaling = config_field(model, "logits_scaling")
     if scaling is not None and model_type not in _SCALING_BEFORE_HEAD:
         if model_type in _SCALING_MULTIPLIES:
             mul(scaling, "logits * logits_scaling")
         else:
-            v = _number(scaling)
+            v = config_number(scaling)
             mul(None if v is None or v == 0 else 1.0 / v, "logits / logits_scaling")
             found[-1] = f"logits / logits_scaling = {v:g}"
     multiplier = getattr(getattr(model, "model", None), "lm_head_multiplier", None)
     if multiplier is None:
-        multiplier = _field(model, "lm_head_multiplier")
+        multiplier = config_field(model, "lm_head_multiplier")
     if multiplier is not None:
         mul(multiplier, "logits * lm_head_multiplier")
-    out_mult = _field(model, "output_multiplier")
+    out_mult = config_field(model, "output_multiplier")
     if out_mult is not None:
         mul(out_mult, "logits * output_multiplier")
     for name in _SOFTCAP_FIELDS:
-        cap = _field(model, name)
+        cap = config_field(model, name)
         if cap is not None:
-            v = _number(cap)
+            v = config_number(cap)
             if v is None or v <= 0:
                 raise UnsupportedModelError(f"{arch}: {name} = {cap!r} is not a positive number")
             softcap = v
             found.append(f"softcap {name} = {v:g}")
             break
-    unpadded = _field(model, "unpadded_vocab_size")
+    unpadded = config_field(model, "unpadded_vocab_size")
     if unpadded is not None:
         vocab = int(unpadded)
         found.append(f"logits cut to unpadded_vocab_size = {vocab}")
     return LogitsTransform(arch, scale, softcap, vocab, tuple(found))
 
 
-def _head(model):
+def output_head(model):
     """The output head as the model calls it: the linear layer itself, or the FSDP1 unit that
-    wraps it (``_linear`` gives the layer inside)."""
-    arch = _arch(model)
+    wraps it (``head_linear`` gives the layer inside)."""
+    arch = arch_name(model)
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     if head is None:
         raise UnsupportedModelError(f"{arch}: get_output_embeddings() returns no output head")
     if not isinstance(head, nn.Module):
         raise UnsupportedModelError(f"{arch}: its output head is a {type(head).__name__}, not a linear layer")
-    linear = _linear(head)
+    linear = head_linear(head)
     names = sorted(n.replace(_FSDP1_PREFIX, "") for n, _ in head.named_parameters())
     if names == [_FSDP1_FLAT] or (names == [] and isinstance(getattr(linear, "weight", None), Tensor)):
         # FSDP1 without use_orig_params: the head's unit holds a flat parameter, or the head in
@@ -160,12 +160,12 @@ _FSDP1_PREFIX = "_fsdp_wrapped_module."
 _FSDP1_FLAT = "_flat_param"
 
 
-def _linear(head):
+def head_linear(head):
     """The linear layer of a head: itself, or the module an FSDP1 unit wraps."""
     return getattr(head, "_fsdp_wrapped_module", head)
 
 
-def _call_head(head, fn, x):
+def call_head(head, fn, x):
     """``fn(weight, bias, x)`` run as the head's own forward: ``head(x)`` with the linear layer's
     forward swapped for ``fn``. Whatever a sharding framework hooks onto the head's call then
     happens as for its usual product: FSDP1 and FSDP2 units and DeepSpeed ZeRO-3 gather the
@@ -173,7 +173,7 @@ def _call_head(head, fn, x):
     backward recomputes the logits) and reduce its gradient into the sharded parameter. On an
     unsharded head this is just ``fn(head.weight, head.bias, x)``. (A forward hook a user put on
     the head sees ``fn``'s result in place of logits.)"""
-    linear = _linear(head)
+    linear = head_linear(head)
     had = "forward" in linear.__dict__
     own = linear.__dict__.get("forward")
     linear.forward = lambda inp: fn(linear.weight, getattr(linear, "bias", None), inp)
@@ -194,7 +194,7 @@ def _uses_fsdp2(model) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _whole(weight, bias, model=None):
+def whole_head(weight, bias, model=None):
     """(weight, bias, vocabulary-parallel group): the head's parameters as the loss reads them.
 
     Inside the head's call the frameworks have gathered them; a DTensor still sharded on the

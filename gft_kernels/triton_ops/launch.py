@@ -32,7 +32,16 @@ from dataclasses import dataclass, fields
 import torch
 import triton
 
-from ..engine import BackwardRequest, ForwardRequest, Grads, KernelOptions, RowPartials, parse_value, register_engine
+from ..engine import (
+    BackwardRequest,
+    Capabilities,
+    ForwardRequest,
+    Grads,
+    KernelOptions,
+    RowPartials,
+    parse_value,
+    register_engine,
+)
 from ..products import MM_INTO_FP32, mm_into_fp32
 from ..products import addmm_fp32 as _addmm_fp32  # shared with the chunked engine on a GPU
 from .backward import gft_backward_kernel, gft_dlogits_kernel
@@ -709,6 +718,7 @@ class TritonEngine:
     name = "triton"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     launch_options = LaunchOptions
+    capabilities = Capabilities(auto_rank=20, auto_devices=("cuda",), description="the fused Triton engine")
 
     def supports(self, hidden, options: KernelOptions) -> str | None:
         if not hidden.is_cuda and not interpreting():
@@ -717,6 +727,10 @@ class TritonEngine:
                 "under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)"
             )
         return None
+
+    def suitable(self, hidden, options: KernelOptions) -> str | None:
+        """The hardware ``backend="auto"`` takes this engine on (the Engine protocol's member)."""
+        return self.unsuitable_hardware(hidden.device)
 
     def unsuitable_hardware(self, device) -> str | None:
         """Why ``backend="auto"`` does not take this engine on this CUDA device, or None."""

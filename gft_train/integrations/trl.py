@@ -59,7 +59,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.data_utils import is_conversational  # noqa: E402
 
 from gft_kernels.head import reduction_weights  # noqa: E402
-from gft_kernels.models import causal_lm_gft_loss, check_model  # noqa: E402
+from gft_kernels.models import causal_lm_gft_loss, causal_lm_logprobs, check_model  # noqa: E402
 from gft_kernels.options import IGNORE_INDEX, check_tau  # noqa: E402
 
 from ..groups import SOURCES  # noqa: E402
@@ -129,8 +129,8 @@ def _install_gft_forward(model):
     model.__dict__["_gft_trl_inner"] = inner
 
     @functools.wraps(inner)
-    def forward(*args, gft=None, **kwargs):
-        if gft is None:
+    def forward(*args, gft=None, gft_logprobs=None, **kwargs):
+        if gft is None and gft_logprobs is None:
             return inner(*args, **kwargs)
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
         attention_mask = kwargs.pop("attention_mask", None)
@@ -144,6 +144,9 @@ def _install_gft_forward(model):
         ):
             if kwargs.get(name) is None:
                 kwargs.pop(name, None)
+        if gft_logprobs is not None:
+            out = causal_lm_logprobs(model, input_ids, attention_mask, **gft_logprobs, **kwargs)
+            return {"log_probs": out.logp, "entropy": out.entropy}
         loss, stats = causal_lm_gft_loss(
             model,
             input_ids,
@@ -184,6 +187,49 @@ class GFTTrainer(GRPOTrainer):
         # Probe the model's logits path now (the verdict is cached per model): once accelerate
         # wraps the forward in mixed-precision autocast, the probe would see rounded logits.
         check_model(base)
+
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        **inputs,
+    ):
+        """TRL's per-token log-probs of the completions (the old policy's, when samples may be
+        stale or come from vLLM) through ``gft_kernels.causal_lm_logprobs``: the model's probed
+        logits transform, no ``[tokens x vocab]`` logits. Images or the MoE aux loss go to TRL's."""
+        if compute_aux_loss or any(v is not None for k, v in inputs.items() if k not in ("num_images", "num_tiles")):
+            return super()._get_per_token_logps_and_entropies(
+                model,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                batch_size,
+                compute_entropy,
+                compute_aux_loss,
+                **inputs,
+            )
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+            labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+            options = dict(
+                labels=labels,
+                temperature=float(self.temperature),
+                return_entropy=compute_entropy,
+                backend=self.args.gft_backend,
+            )
+            with self.accelerator.autocast():
+                out = model(input_ids=ids, attention_mask=mask, gft_logprobs=options)
+            logps.append(out["log_probs"][:, -logits_to_keep:])
+            if compute_entropy:
+                entropies.append(out["entropy"][:, -logits_to_keep:])
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     # ---- settings ---------------------------------------------------------------------------
 

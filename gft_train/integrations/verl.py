@@ -1,7 +1,7 @@
 """GFT in verl: a registered policy loss and a fused log-prob + entropy op.
 
-(This module was ``gft_kernels.verl_gft``, which still imports it.) It imports torch, verl and
-gft_kernels only: the verl environment may lack the trainer's other dependencies.
+It imports torch, verl and gft_kernels only: the verl environment may lack the trainer's other
+dependencies.
 
 **The policy loss.** Importing this module registers ``gft`` in verl's policy-loss registry
 (``verl.trainer.ppo.core_algos.register_policy_loss``), so ``actor.policy_loss.loss_mode=gft``
@@ -14,16 +14,10 @@ or above), times verl's rollout importance weights when given, aggregated by ver
 environment variable ``GFT_TAU`` overrides the default one. The old log-probs are not used:
 GFT's loss has no importance ratio (as the authors' released verl code).
 
-**The fused op.** ``linear_logprob_entropy(hidden, weight, labels, temperature, reduction)``
-has the signature and outputs of verl's Triton ``linear_cross_entropy``
-(``verl.utils.kernel.linear_cross_entropy``), which verl's fused-kernel forward
-(``use_fused_kernels=True``, ``fused_kernel_options.impl_backend=triton``) calls with the
-backbone's hidden states and the lm_head weight: per-token fp32 log-probs and entropies,
-without the vocabulary logits. ``install_fused_kernel()`` (or importing
-``gft_train.integrations.verl_fused_kernel``, or its old name ``gft_kernels.verl_fused_kernel``,
-e.g. as ``actor_rollout_ref.model.external_lib``) puts it in that place. On CUDA it runs this library's Triton kernels, on a CPU the chunked engine.
-Log-probs and entropies both carry gradients (verl's ``entropy_coeff`` works), computed by
-recomputing the logits in the backward.
+**The fused op.** ``linear_logprob_entropy`` and ``install_fused_kernel`` are
+``gft_kernels.integrations.verl``'s (``gft_kernels.logprobs`` in the place of verl's Triton
+``linear_cross_entropy``), re-exported here; importing ``gft_train.integrations.verl_fused_kernel``
+or ``gft_kernels.verl_fused_kernel`` (verl's ``external_lib``) installs it.
 """
 
 from __future__ import annotations
@@ -34,87 +28,10 @@ import torch
 from torch import Tensor
 
 from gft_kernels.head import dcr_coefficient
+from gft_kernels.integrations.verl import install_fused_kernel, linear_logprob_entropy  # noqa: F401  (re-exported)
 from gft_kernels.options import check_tau
-from gft_kernels.validation import check_backend
 
 DEFAULT_TAU = 0.7
-
-
-# ---- the fused log-prob + entropy op ----------------------------------------------------------
-
-
-def linear_logprob_entropy(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    temperature: float = 1.0,
-    reduction: str = "none",
-    dist_process_group=None,
-    *,
-    backend: str = "auto",
-    bias: Tensor | None = None,
-):
-    """Per-token ``(log_probs, entropy)`` of ``labels`` under ``softmax(hidden @ weight.T / T)``.
-
-    verl's ``linear_cross_entropy`` signature: ``hidden [..., H]``, ``weight [V, H]``, ``labels [...]``
-    (every id valid), ``temperature`` a float, ``reduction`` ``"none"``. Both outputs are fp32 in
-    the shape of ``labels``, and both carry gradients. ``dist_process_group`` (a vocabulary split
-    across ranks) is not supported.
-    """
-    if dist_process_group is not None:
-        raise NotImplementedError(
-            "linear_logprob_entropy: a vocabulary split across ranks (dist_process_group) is not supported"
-        )
-    if reduction != "none":
-        raise ValueError(
-            f"linear_logprob_entropy: reduction must be 'none' (as verl's fused forward passes it), got {reduction!r}"
-        )
-    from gft_kernels import reference
-    from gft_kernels.engine import ForwardRequest, KernelOptions
-    from gft_kernels.fused import fused_logprobs
-    from gft_kernels.options import LogitOptions
-
-    temperature = LogitOptions.build(temperature).temperature
-    shape = labels.shape
-    if tuple(hidden.shape[:-1]) != tuple(shape):
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(shape)} do not match")
-    if torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    if hidden2d.numel() and hidden2d.stride(-1) != 1:
-        hidden2d = hidden2d.contiguous()
-    targets = labels.reshape(-1).to(torch.int64)
-    valid = torch.ones_like(targets, dtype=torch.bool)
-    # both outputs carry gradients: entropy is computed and differentiated
-    options = KernelOptions(temperature=temperature, with_entropy=True, entropy_grad=True)
-    backend = check_backend(backend, hidden2d, options)
-    with torch.autocast(hidden.device.type, enabled=False):
-        if hidden2d.shape[0] == 0:
-            logp = (hidden2d.sum() * 0 + weight.sum() * 0).float().reshape(1)[:0]
-            entropy = logp.detach()
-        elif backend == "reference":
-            logp, entropy, _ = reference.reference_logprobs(hidden2d, weight, bias, targets, valid, temperature, None)
-        else:
-            rows = fused_logprobs(backend, ForwardRequest(hidden2d, weight, bias, targets, valid), options)
-            logp, entropy = rows.logp, rows.entropy
-    return logp.float().reshape(shape), entropy.float().reshape(shape)
-
-
-def install_fused_kernel():
-    """Make verl's fused-kernel forward (``impl_backend=triton``) call ``linear_logprob_entropy``.
-
-    verl imports ``linear_cross_entropy`` from ``verl.utils.kernel.linear_cross_entropy`` on
-    every forward, so replacing that module attribute is enough (in each worker process).
-    Returns the function it replaced.
-    """
-    import verl.utils.kernel.linear_cross_entropy as lce
-
-    previous = lce.__dict__.get("_gft_previous", lce.linear_cross_entropy)
-    lce._gft_previous = previous
-    lce.linear_cross_entropy = linear_logprob_entropy
-    return previous
 
 
 # ---- the policy loss ---------------------------------------------------------------------------

@@ -275,3 +275,33 @@ def test_another_trl_version_is_refused_naming_the_tested_range():
     root = Path(__file__).resolve().parents[2]
     extra = re.search(r"^trl = \[(.*)\]", (root / "pyproject.toml").read_text(), flags=re.M)  # (no tomllib on 3.10)
     assert extra and f'"trl{TESTED_TRL}"' in extra.group(1), extra
+
+
+def test_old_policy_log_probs_come_from_the_fused_log_prob_op(tmp_path, model_dir, monkeypatch):
+    """TRL's per-token log-probs of the completions (and entropies) through
+    ``gft_kernels.causal_lm_logprobs``: equal to TRL's own fused head's, on a padded batch."""
+    import gft_train.integrations.trl as integration
+
+    calls = []
+    ours = integration.causal_lm_logprobs
+    monkeypatch.setattr(integration, "causal_lm_logprobs", lambda *a, **k: calls.append(1) or ours(*a, **k))
+    gft = GFTTrainer(
+        model=model_dir,
+        reward_funcs=length,
+        train_dataset=Dataset.from_list(rows()),
+        args=config(tmp_path, n_expert=0, n_teacher=0, temperature=0.9),
+    )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, gft.model.config.vocab_size, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding of the prompt
+    mask[2, -3:] = 0  # a completion that ended early
+    with torch.no_grad():
+        got_lp, got_ent, _ = gft._get_per_token_logps_and_entropies(gft.model, ids, mask, 6, 2, compute_entropy=True)
+        want_lp, want_ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            gft, gft.model, ids, mask, 6, 2, compute_entropy=True
+        )
+    assert calls and got_lp.shape == want_lp.shape == (3, 6)
+    keep = mask[:, -6:].bool()
+    torch.testing.assert_close(got_lp[keep], want_lp[keep], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_ent[keep], want_ent[keep], rtol=1e-5, atol=1e-5)

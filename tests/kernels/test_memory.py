@@ -132,3 +132,11 @@ def test_vocab_parallel_rank_peak_follows_the_shard():
         assert vp["peak_over_bound"] <= TARGET["split"], vp
         assert vp["rank_total_mib"] < one["rank_total_mib"] * (1 / k + 0.1), (vp, one)
         assert gathered["rank_total_mib"] > one["rank_total_mib"] + vp["resident_mib"] * 0.9, (gathered, one)
+
+
+@pytest.mark.slow
+def test_logprobs_peak_is_far_below_one_logits_buffer():
+    """``gft_kernels.logprobs`` with entropies, forward and backward, on the chunked engine: no
+    ``[N x V]`` buffer (the materialized reference's peak, measured alike, is several)."""
+    row = measure("torch", n=4096, v=32000, h=256, op="logprobs")
+    assert row["op"] == "logprobs" and row["extra_over_logits"] < 0.25, row

@@ -74,3 +74,13 @@ def test_cpu_ratio_times_both_providers_in_each_round(tmp_path):
         assert r["threads"] == "1" and r["cpu"] and int(r["nproc"]) >= 1 and r["date"]
         naive, gft = float(r["naive_eager_ms"]), float(r["gft_torch_ms"])
         assert naive > 0 and gft > 0 and abs(float(r["ratio"]) - gft / naive) < 1e-3
+
+
+def test_the_benchmark_has_rows_for_the_log_prob_op(tmp_path):
+    """``gft_kernels.logprobs`` beside materialized log-softmax: timed, and its error against the
+    float64 reference of -mean(A logp)."""
+    rows = _rows(main(["--quick", "--providers", "logprobs,logprobs_naive", "--out", str(tmp_path)]))
+    timed = {r["provider"] for r in rows if r["status"] == "ok" and float(r["fwd_bwd_ms"]) > 0}
+    assert timed == {"logprobs", "logprobs_naive"}
+    prec = {r["provider"]: r for r in rows if r["status"] == "precision"}
+    assert float(prec["logprobs"]["err_dweight"]) < 1e-5 and float(prec["logprobs"]["err_loss"]) < 1e-5
