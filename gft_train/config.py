@@ -512,7 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if f.name == "eval_k":  # '1 4' (transformers' list form) or '1,4'
                 action.type = _int_list
             if f.name == "resume":  # --resume alone: the newest checkpoint; --resume step-8: that one
-                action.nargs, action.const, action.metavar = "?", "latest", "CHECKPOINT"
+                action.nargs, action.const, action.metavar = "?", "latest", "STEP"
 
 
 def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
