@@ -94,10 +94,10 @@ class Trainer:
         self.acc = make_accelerator(
             "bf16" if cfg.bf16 else "no", **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir)
         )
+        check_engines(cfg, self.acc.device)  # (before output_dir is touched)
         self.inputs = checkpoints.run_inputs(cfg)  # (what a resume checks: resolved paths, the data's sha256)
         self.resume_from = claim_output_dir(cfg, self.acc.is_main_process, self.inputs)
         self.acc.wait_for_everyone()
-        check_engines(cfg, self.acc.device)
         # the reward before the model: one that cannot load (reward 'math' without math-verify, a
         # module that does not import) stops the run at once; offline groups with no evaluation score nothing
         scores = cfg.eval_every or not cfg.groups_file or cfg.refresh_every

@@ -101,6 +101,7 @@ def test_a_start_whose_reward_fails_leaves_the_folder_to_the_corrected_rerun(s, 
     with pytest.raises(ValueError, match="returned 11 rewards for 12 completions"):
         cli_main(_sft(s["model"], s["train"], out, "--reward", "short_reward:score", "--report-to", "tensorboard"))
     assert not (out / "gft_config.yaml").exists()  # no claim: no step was done
+    assert (out / "tensorboard").is_dir()  # (the trackers had started: the rerun clears their events)
     cli_main(_sft(s["model"], s["train"], out, "--max-steps", "1"))
     assert (out / "final" / "model.safetensors").is_file()
     with pytest.raises(FileExistsError, match="already holds a run"):
