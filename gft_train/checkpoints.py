@@ -147,17 +147,18 @@ def claim_output_dir(cfg: config_mod.Config, is_main: bool = True, inputs: dict 
             )
         return None
     _check_same_config(checkpoint, out, cfg, run_inputs(cfg) if inputs is None else inputs)
-    later = [d for d in _steps(out) if int(d.name.split("-")[1]) > _step_of(checkpoint)]
-    if is_main and later and checkpoint.parent.resolve() == (out / "checkpoints").resolve():
-        # the run goes on from an earlier step: what it wrote after it belongs to the abandoned course
-        stale = [*(f"checkpoints/{d.name}" for d in later), *(n for n in ("final", "final.tmp") if (out / n).exists())]
-        print(f"--resume {cfg.resume}: removing what the run wrote after it: {', '.join(stale)}")
-        _remove(out, stale)
     return checkpoint
 
 
-def _step_of(checkpoint: Path) -> int:
-    return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+def drop_later(out: Path, checkpoint: Path, step: int) -> list[str]:
+    """After a resume from ``checkpoint`` (at ``step``) of this output_dir: its later checkpoints and
+    final model belong to the course abandoned, and are removed (main process). Returns their names."""
+    if checkpoint.parent.resolve() != (out / "checkpoints").resolve():
+        return []
+    later = [f"checkpoints/{d.name}" for d in _steps(out) if int(d.name.split("-")[1]) > step]
+    stale = later + [n for n in ("final", "final.tmp") if later and (out / n).exists()]
+    _remove(out, stale)
+    return stale
 
 
 def _check_same_config(latest: Path, out: Path, cfg: config_mod.Config, inputs: dict) -> None:

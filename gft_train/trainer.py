@@ -233,6 +233,11 @@ class Trainer:
             return
         resumed = checkpoints.load_checkpoint(self.acc, self.resume_from, self.cfg.max_steps)
         self.step, self.pool.start, self.pool.groups = resumed.step, resumed.pool_start, resumed.groups
+        if self.acc.is_main_process:  # (going back to an earlier checkpoint: what came after it goes)
+            dropped = checkpoints.drop_later(self.out, self.resume_from, self.step)
+            if dropped:
+                print(f"--resume {self.cfg.resume}: removed what the run wrote after it: {', '.join(dropped)}")
+        self.acc.wait_for_everyone()
         # The optimizer comes back at the rate its old schedule gave this step; a resume that moves
         # max_steps (extending a finished run) trains on at the new schedule's rate at this step,
         # not at the old one's end (0 after a finished cosine or linear run). Unchanged: the same value.

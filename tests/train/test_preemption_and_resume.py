@@ -188,6 +188,9 @@ def test_resume_takes_a_chosen_checkpoint_by_name_or_path(s, tmp_path):
         ValueError, match=r"--resume step-9: not a complete checkpoint .* step-1, step-2, step-3, step-4"
     ):
         cli_main(_sft(s["model"], s["train"], out, "--max-steps", "4", "--save-every", "1", "--resume", "step-9"))
+    with pytest.raises(ValueError, match="max_steps 1 is below the checkpoint's step 2"):  # refused, nothing removed
+        cli_main(_sft(s["model"], s["train"], out, "--max-steps", "1", "--save-every", "1", "--resume", "step-2"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3", "step-4"]
     cli_main(_sft(s["model"], s["train"], out, "--max-steps", "4", "--save-every", "1", "--resume", "step-2"))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
