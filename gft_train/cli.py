@@ -22,7 +22,6 @@ otherwise says so once, naming itself. The launcher then reports the exit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -38,6 +37,7 @@ except ModuleNotFoundError as e:  # `pip install gft` is the kernel library alon
 def _cmd_build_groups(cfg):
     from .data import load_rows
     from .groups import build_groups, group_metrics, save_groups
+    from .metrics import strict_json
     from .models import load_model
     from .rewards import load_reward
     from .rollout import make_engine
@@ -45,7 +45,7 @@ def _cmd_build_groups(cfg):
     cfg = cfg.resolved()
     if not cfg.groups_file:
         raise ValueError("build-groups needs --groups-file (where to write the groups)")
-    rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config)
+    rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config, answers=cfg.uses_group_advantage)
     reward = load_reward(cfg.reward)  # (before the model: a reward that cannot load stops here)
     model, tokenizer = load_model(cfg.model)
     engine = (
@@ -58,7 +58,7 @@ def _cmd_build_groups(cfg):
     groups = build_groups(rows, cfg, engine, reward, teacher, seed=cfg.seed)
     Path(cfg.groups_file).parent.mkdir(parents=True, exist_ok=True)
     save_groups(groups, Path(cfg.groups_file))
-    print(json.dumps({"groups": len(groups), **group_metrics(groups)}, indent=1))
+    print(strict_json({"groups": len(groups), **group_metrics(groups)}, indent=1))
 
 
 def _process_index() -> int:
@@ -76,11 +76,12 @@ def _cmd_train(cfg):
 
 def _cmd_eval(cfg, base_model: str | None):
     from .evaluate import evaluate_model
+    from .metrics import strict_json
 
     cfg = cfg.resolved()
     result = evaluate_model(cfg.model, {"eval": cfg.eval_file}, cfg, base_dir=base_model or None)
     out = {**result.pop("eval"), **result}
-    print(json.dumps({k: v for k, v in out.items() if k != "per_prompt"}, indent=1))  # the summary
+    print(strict_json({k: v for k, v in out.items() if k != "per_prompt"}, indent=1))  # the summary (strict JSON)
     return out
 
 
@@ -150,9 +151,8 @@ def cli(argv=None) -> None:
             print("gft-train: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:
-        from .trainer import TrainingStopped
-
-        if isinstance(e, TrainingStopped):  # (every process stops together, at the same step)
+        trainer = sys.modules.get(f"{__package__}.trainer")  # (not imported: not a stopped run)
+        if trainer is not None and isinstance(e, trainer.TrainingStopped):  # every process stops at one step
             if rank == 0:
                 print(f"gft-train: {e}", file=sys.stderr)
             raise SystemExit(e.exit_code) from None

@@ -47,8 +47,33 @@ def _opt(default=None, help: str = "", **kw):
 
 def _at_least_one(group, *names: str) -> None:
     for name in names:
-        if getattr(group, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(group, name)}")
+        _check(group, name, ">= 1", lambda v: v >= 1)
+
+
+def _check(group, name: str, rule: str, ok) -> None:
+    """``group.name`` passes ``ok``, else one line naming the flag (``--name``, as the flag and
+    the YAML key are both spelled) and the value. A NaN fails every comparison, so every rule
+    refuses it."""
+    value = getattr(group, name)
+    if not ok(value):
+        raise ValueError(f"--{name} must be {rule}, got {value!r}")
+
+
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+# The schedules transformers' get_scheduler builds from a name alone and steps without a metric
+# (cosine_with_min_lr and warmup_stable_decay need extra arguments, reduce_lr_on_plateau a metric).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 def _view(cls, cfg):
@@ -81,7 +106,8 @@ class ModelAndData:
     columns: str = _opt(
         "",
         "the data's own column names, as FIELD=COLUMN pairs: 'prompt=question,expert=solution' "
-        "(fields: prompt, answer, expert, teachers; TRL's 'completion' is the expert by default)",
+        "(fields: prompt, answer, expert, teachers; TRL's 'completion' is the expert by default); "
+        "in a YAML config also a mapping {prompt: question, expert: solution}",
     )
     eval_file: str = _opt("", "held-out rows (same format and sources) for gft-train eval and eval_every")
     output_dir: str = _opt("runs/gft", "where checkpoints, metrics.jsonl, tensorboard logs and final/ are written")
@@ -96,6 +122,15 @@ class ModelAndData:
         "the trained model's attention implementation as transformers names it (eager, "
         "sdpa, flex_attention, flash_attention_2, ...); '': transformers' default",
     )
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
+        from .data import parse_columns
+
+        parse_columns(self.columns)
+        for name in ("output_dir", "train_split", "eval_split"):
+            _check(self, name, "a non-empty string", bool)
 
 
 @dataclass
@@ -117,13 +152,16 @@ class GroupMix:
     )
 
     def check(self) -> None:
-        if min(self.n_expert, self.n_teacher, self.n_self) < 0 or self.n_expert + self.n_teacher + self.n_self == 0:
-            raise ValueError(
-                f"group mix must be >= 0 and not all 0, got expert={self.n_expert} "
-                f"teacher={self.n_teacher} self={self.n_self}"
-            )
-        if self.refresh_every < 0:
-            raise ValueError(f"refresh_every must be >= 0, got {self.refresh_every}")
+        for name in ("n_expert", "n_teacher", "n_self", "refresh_every"):
+            _check(self, name, ">= 0", lambda v: v >= 0)
+        if self.n_expert + self.n_teacher + self.n_self == 0:
+            raise ValueError("--n_expert, --n_teacher and --n_self are all 0: a group needs a response")
+        module, sep, function = self.reward.partition(":")
+        if self.reward != "math" and not (
+            sep and function.isidentifier() and all(part.isidentifier() for part in module.split("."))
+        ):
+            raise ValueError(f"--reward must be 'math' or 'package.module:function', got {self.reward!r}")
+        _check(self, "adv_eps", "a finite number >= 0", lambda v: _finite(v) and v >= 0)
 
 
 @dataclass
@@ -139,8 +177,11 @@ class Rollout:
 
     def check(self) -> None:
         if self.engine not in ("auto", "vllm", "transformers"):
-            raise ValueError(f"engine must be auto, vllm or transformers, got {self.engine!r}")
+            raise ValueError(f"--engine must be auto, vllm or transformers, got {self.engine!r}")
         _at_least_one(self, "max_new_tokens", "rollout_batch_size")
+        _check(self, "temperature", "a finite number > 0", lambda v: _finite(v) and v > 0)
+        _check(self, "top_p", "in (0, 1]", lambda v: 0 < v <= 1)
+        _check(self, "vllm_memory", "in (0, 1]", lambda v: 0 < v <= 1)
 
 
 @dataclass
@@ -162,18 +203,25 @@ class Optimization:
         "triton | torch | reference (materialized logits)",
     )
     lr: float = _opt(1e-5, "peak learning rate (AdamW)")
-    lr_scheduler: str = _opt("cosine", "any transformers scheduler name (cosine, linear, constant, ...)")
+    lr_scheduler: str = _opt("cosine", f"the transformers schedule: {' | '.join(LR_SCHEDULERS)}")
     warmup_steps: int = _opt(0, "learning-rate warm-up steps")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_steps: int = _opt(100, "optimizer steps")
+    max_steps: int | None = _opt(
+        None,
+        "optimizer steps; None: 100, or the steps of num_epochs when that is > 0. Given with num_epochs, "
+        "max_steps wins (as in transformers' Trainer)",
+    )
     num_epochs: float = _opt(
         0.0,
-        "passes over the prompts (train_file rows, or groups_file groups); when > 0 it sets "
-        "max_steps = ceil(num_epochs x prompts / prompts_per_step)",
+        "passes over the prompts (train_file rows, or groups_file groups); when > 0 and max_steps is "
+        "not given it sets max_steps = ceil(num_epochs x prompts / prompts_per_step)",
     )
     prompts_per_step: int = _opt(8, "groups (prompts) per optimizer step, over all processes")
     micro_batch_size: int = _opt(8, "sequences per forward/backward on one process")
-    max_grad_norm: float = _opt(1.0, "gradient-norm clipping")
+    max_grad_norm: float = _opt(
+        1.0,
+        "clip the gradient norm to this; 0: no clipping (as in transformers' Trainer and TRL), the norm still logged",
+    )
     bf16: bool = _opt(False, "bf16 mixed precision (accelerate's mixed_precision='bf16')")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward (less memory, slower)")
     max_length: int = _opt(1024, "prompt + response tokens per training sequence (the rest is cut off)")
@@ -185,15 +233,23 @@ class Optimization:
     )
 
     def check(self) -> None:
-        check_tau(self.tau)
+        check_tau(self.tau, "--tau")
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}")
+            raise ValueError(f"--loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}")
         backends = ("auto", *engine_names())
         if self.loss_backend not in backends:
-            raise ValueError(f"loss_backend must be one of {', '.join(backends)}, got {self.loss_backend!r}")
-        if self.num_epochs < 0:
-            raise ValueError(f"num_epochs must be >= 0, got {self.num_epochs}")
-        _at_least_one(self, "max_steps", "prompts_per_step", "micro_batch_size")
+            raise ValueError(f"--loss_backend must be one of {', '.join(backends)}, got {self.loss_backend!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        _check(self, "entropy_coef", "a finite number", _finite)
+        _check(self, "lr", "a finite number > 0", lambda v: _finite(v) and v > 0)
+        _check(self, "weight_decay", "a finite number >= 0", lambda v: _finite(v) and v >= 0)
+        _check(self, "num_epochs", "a finite number >= 0", lambda v: _finite(v) and v >= 0)
+        _check(self, "max_grad_norm", "a finite number >= 0 (0: no clipping)", lambda v: _finite(v) and v >= 0)
+        _check(self, "warmup_steps", ">= 0", lambda v: v >= 0)
+        _check(self, "max_steps", ">= 1 (or None)", lambda v: v is None or v >= 1)
+        _at_least_one(self, "prompts_per_step", "micro_batch_size", "max_length")
+        _check(self, "seed", "in [0, 2**32)", lambda v: 0 <= v < 2**32)  # numpy's seed range (set_seed seeds it)
 
 
 @dataclass
@@ -222,8 +278,10 @@ class Logging:
     )
 
     def check(self) -> None:
-        if self.save_total_limit < 0:
-            raise ValueError(f"save_total_limit must be >= 0, got {self.save_total_limit}")
+        _check(self, "save_every", ">= 0", lambda v: v >= 0)
+        _check(self, "save_total_limit", ">= 0", lambda v: v >= 0)
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("--resume and --overwrite_output_dir contradict each other: pick one")
 
 
 @dataclass
@@ -244,9 +302,19 @@ class Evaluation:
     eval_split: str = _opt("test", "the split of eval_file, likewise")
 
     def check(self) -> None:
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        _check(self, "eval_every", ">= 0", lambda v: v >= 0)
+        _check(self, "eval_max_prompts", ">= 0", lambda v: v >= 0)
         _at_least_one(self, "eval_n", "eval_kl_samples")
+        _check(self, "eval_k", "k >= 1 each", lambda ks: all(k >= 1 for k in ks))
+        # pass@k needs k of the n samples: a k above eval_n cannot be reported. Checked where an
+        # evaluation is set up (an eval_file), so a saved run's unused evaluation settings still load.
+        _check(
+            self,
+            "eval_k",
+            f"k <= --eval_n ({self.eval_n}) each: pass@k needs k of the n samples per prompt",
+            lambda ks: not self.eval_file or all(k <= self.eval_n for k in ks),
+        )
+        _check(self, "eval_temperature", "a finite number > 0", lambda v: _finite(v) and v > 0)
 
 
 # The fields in the order of the flags and of the saved gft_config.yaml: a dataclass collects
@@ -260,10 +328,13 @@ class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData)
 
     def resolved(self) -> Config:
         """A copy with the method's preset filled in and everything checked."""
+        _check_types(self)
         cfg = self._with_preset()
         if cfg.refresh_every is None:
             cfg.refresh_every = 1 if cfg.n_self and not cfg.groups_file else 0
-        for group in (GroupMix, Optimization, Rollout, Logging, Evaluation):
+        if cfg.max_steps is None and not cfg.num_epochs:
+            cfg.max_steps = 100  # (with num_epochs, the trainer sets it once the data is known)
+        for group in (ModelAndData, GroupMix, Optimization, Rollout, Logging, Evaluation):
             group.check(cfg)
         if cfg.eval_every and not cfg.eval_file:
             raise ValueError("eval_every needs eval_file (the held-out rows to evaluate on)")
@@ -272,7 +343,7 @@ class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData)
     def _with_preset(self) -> Config:
         """A copy with the fields left at None filled by the method's preset (and --no-dcr, --no-gal)."""
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+            raise ValueError(f"--method must be one of {sorted(METHODS)}, got {self.method!r}")
         n_expert, n_teacher, n_self, tau, _ = METHODS[self.method]
         if not self.gal:
             # the paper's ablation without GAL: no group to standardize rewards in, so the
@@ -411,9 +482,44 @@ def resume_target(value) -> str:
 
 def load_saved(path: Path) -> dict:
     """A gft_config.yaml as written by ``save``, its values converted to the fields' types."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = _read_yaml(path) or {}
     hints = typing.get_type_hints(Config)
     return {k: _convert(path, k, v, hints[k]) for k, v in raw.items() if k in hints}
+
+
+def _check_types(cfg: Config) -> None:
+    """Each field holds its type (``int | None``: an int or None; a float field takes an int)."""
+    for name, hint in typing.get_type_hints(Config).items():
+        value = getattr(cfg, name)
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            if value is None:
+                continue
+            hint = next(a for a in args if a is not type(None))
+        if typing.get_origin(hint) is list:
+            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            what = "a list of integers"
+        elif hint is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            what = "a number"
+        else:
+            ok = isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+            what = {bool: "true or false", int: "an integer", str: "a string"}[hint]
+        if not ok:
+            raise TypeError(f"--{name} must be {what}, got {value!r}")
+
+
+def _read_yaml(path: Path):
+    """A YAML file's contents; a syntax error says the file and where in it, in one line."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{where}: {what}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _bool(text: str):
@@ -465,6 +571,10 @@ def _convert(path, name: str, value, hint):
         ):
             raise bad("an integer" if hint is int else "a number")
         return hint(value)
+    if name == "columns" and isinstance(value, dict):  # the mapping form, kept as the flag's text
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise bad("a mapping of field names to column names")
+        return ",".join(f"{k}={v}" for k, v in value.items())
     if hint is str:
         if isinstance(value, (bool, list, dict)) or value is None:
             raise bad("a string")
@@ -521,7 +631,7 @@ def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of config fields, got {type(loaded).__name__}")
         unknown = set(loaded) - set(values)

@@ -30,7 +30,7 @@ SOURCES = ("expert", "teacher", "self")
 class Response:
     text: str
     source: str  # expert | teacher | self
-    reward: float = 0.0
+    reward: float | None = 0.0  # None: not scored (the row has no answer; SFT and DFT need none)
     advantage: float = 0.0
     token_ids: list[int] | None = None  # self-samples: the ids the engine sampled (None: tokenize text)
     truncated: bool = False  # a self-sample cut off at max_new_tokens (it has no EOS)
@@ -44,7 +44,7 @@ class Response:
 @dataclass
 class Group:
     prompt: str
-    answer: str
+    answer: str | None  # None: the row has none (methods whose update no reward drives)
     responses: list[Response] = field(default_factory=list)
     row: str = ""  # "file:row" of the prompt
     tokenizer: str = ""  # the tokenizer that sampled the self-samples' ids (its name_or_path)
@@ -102,11 +102,8 @@ def missing_teachers(rows: list[PromptRow], n_teacher: int, can_generate: bool) 
     missing = [i for i, r in enumerate(rows) if len(r.teachers) < n_teacher]
     if missing and not can_generate:
         r = rows[missing[0]]
-        file, _, line = r.source.rpartition(":")
         more = f" ({len(missing)} rows in all)" if len(missing) > 1 else ""
-        raise DataError(
-            file,
-            line,
+        raise r.error(
             "teachers",
             f"has {len(r.teachers)} teacher responses, the group mix "
             f"needs {n_teacher}{more}; add them to the data or set teacher_model",
@@ -132,10 +129,14 @@ def check_token_ids(groups: list[Group], path, vocab_size: int, tokenizer_name: 
 
 
 def score(groups: list[Group], reward_fn, cfg) -> None:
-    """Rewards for every response, then advantages (Eq. 4, or 1 when the method uses none)."""
+    """Rewards for every response of a group with an answer (None without one), then advantages
+    (Eq. 4, or 1 when the method uses none)."""
+    unscored = next((g for g in groups if g.answer is None), None)
+    if unscored is not None and cfg.uses_group_advantage:
+        raise ValueError(f"{unscored.row}: the row has no answer, and method {cfg.method!r} scores every response")
     prompts, completions, answers = [], [], []
     for g in groups:
-        for r in g.responses:
+        for r in g.responses if g.answer is not None else ():
             prompts.append(g.prompt)
             completions.append(r.text)
             answers.append(g.answer)
@@ -143,7 +144,7 @@ def score(groups: list[Group], reward_fn, cfg) -> None:
     it = iter(rewards)
     for g in groups:
         for r in g.responses:
-            r.reward = float(next(it))
+            r.reward = float(next(it)) if g.answer is not None else None
         advs = (
             group_advantages([r.reward for r in g.responses], cfg.adv_eps)
             if cfg.uses_group_advantage
@@ -157,20 +158,20 @@ def group_metrics(groups: list[Group]) -> dict:
     """Reward mean/std and mean advantage per source, the fraction of zero-variance groups, self-sample lengths."""
     out = {}
     for source in SOURCES:
-        rs = [r.reward for g in groups for r in g.responses if r.source == source]
+        scored = [r for g in groups for r in g.responses if r.source == source and r.reward is not None]
+        rs = [r.reward for r in scored]
         if rs:
             mean = sum(rs) / len(rs)
             out[f"reward/{source}_mean"] = mean
             out[f"reward/{source}_std"] = math.sqrt(sum((x - mean) ** 2 for x in rs) / len(rs))
             # what each source pushes: the expert's advantage says whether the group still has
             # something to learn from the demonstration (it falls as the policy's samples catch up)
-            out[f"adv/{source}_mean"] = sum(
-                r.advantage for g in groups for r in g.responses if r.source == source
-            ) / len(rs)
-    if groups:
-        out["groups/zero_variance_frac"] = sum(1 for g in groups if len({r.reward for r in g.responses}) <= 1) / len(
-            groups
-        )
+            out[f"adv/{source}_mean"] = sum(r.advantage for r in scored) / len(rs)
+    scored_groups = [g for g in groups if g.answer is not None]
+    if scored_groups:
+        out["groups/zero_variance_frac"] = sum(
+            1 for g in scored_groups if len({r.reward for r in g.responses}) <= 1
+        ) / len(scored_groups)
     selfs = [r for g in groups for r in g.responses if r.source == "self"]
     if selfs:
         out["completions/self_mean_chars"] = sum(len(r.text) for r in selfs) / len(selfs)

@@ -13,34 +13,23 @@ import torch
 from gft_kernels.models import causal_lm_gft_loss  # noqa: F401  (re-exported)
 from gft_kernels.options import IGNORE_INDEX
 
+from .render import prompt_text, render, render_prompts
+
 
 def format_prompt(tokenizer, prompt: str | list[dict]) -> str:
     """The prompt as the model sees it: its chat template when it has one, else the raw text.
-    Chat messages (a list) need the template."""
-    if isinstance(prompt, list):
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                f"chat-message prompts need a tokenizer with a chat template; {tokenizer.name_or_path!r} has none"
-            )
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+    Chat messages (a list) need the template. (``render.prompt_text``.)"""
+    return prompt_text(tokenizer, prompt)
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
+def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     """The prompt's token ids as the trainer scores them and the rollout engines continue them."""
     return prompts_ids(tokenizer, [prompt])[0]
 
 
-def prompts_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """``prompt_ids`` of each prompt, in one tokenizer call (a call per text is a visible share of
-    a small model's training step)."""
-    if not prompts:
-        return []
-    return tokenizer([format_prompt(tokenizer, p) for p in prompts], add_special_tokens=False)["input_ids"]
+def prompts_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """``prompt_ids`` of each prompt (``render.render_prompts``: one tokenizer call for all)."""
+    return render_prompts(tokenizer, prompts)
 
 
 @dataclass
@@ -73,25 +62,14 @@ class Batch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
 
 
-def responses_ids(tokenizer, responses: list[str | list[int]]) -> list[list[int]]:
-    """Each response's training ids: sampled ids (a list) exactly as the engine sampled them (an
-    EOS only if it sampled one; a truncated sample ends without); a text (expert, teacher)
-    tokenized and ended with EOS. The texts go through the tokenizer in one call."""
-    texts = [r for r in responses if isinstance(r, str)]
-    text_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-    return [next(text_ids) + [tokenizer.eos_token_id] if isinstance(r, str) else [int(t) for t in r] for r in responses]
-
-
 def encode(tokenizer, items: list[tuple[str, str | list[int], float]], max_length: int) -> Batch:
     """(prompt, response, advantage) triples -> a right-padded batch; prompt tokens are masked.
-    A response is a text (tokenized, EOS appended) or the token ids a rollout engine sampled
-    (trained as they are: ``responses_ids``)."""
+    A response is a text (rendered as the model ends it at inference: the template's end-of-turn
+    token, or eos) or the token ids a rollout engine sampled (trained as they are): ``render``."""
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
-    all_p_ids = prompts_ids(tokenizer, [prompt for prompt, _, _ in items])
-    all_r_ids = responses_ids(tokenizer, [response for _, response, _ in items])
     rows, labels, cut = [], [], 0
-    for p_ids, r_ids in zip(all_p_ids, all_r_ids):
+    for p_ids, r_ids in render(tokenizer, [(prompt, response) for prompt, response, _ in items]):
         cut += len(p_ids) + len(r_ids) > max_length
         ids = (p_ids + r_ids)[:max_length]
         lab = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]

@@ -1,11 +1,14 @@
 """Metrics and logging: one row per step in ``metrics.jsonl`` (on disk at every step: a killed
 run keeps it), the progress bar's fields, and ``training.png``. The trackers (TensorBoard, wandb,
 ...) are accelerate's (``trackers.py``). On resume, the rows and TensorBoard events of steps after
-the checkpoint are dropped first."""
+the checkpoint are dropped first. The rows are strict JSON: a figure that is not a finite number
+(a NaN loss, no gradient norm) is ``null``, which every JSON reader takes (a bare ``NaN`` is not
+JSON)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .groups import SOURCES
@@ -31,7 +34,24 @@ class MetricsLog:
         if not self.is_main:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(strict_json(metrics) + "\n")
+
+
+def finite_or_none(value):
+    """``value`` with every float that is not finite (NaN, inf) replaced by None, in lists and
+    dicts too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value, **kwargs) -> str:
+    """``json.dumps`` that writes only standard JSON: non-finite figures as null."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
 
 
 def trim_events(logdir: Path, last_step: int) -> None:
@@ -95,7 +115,7 @@ def plot_metrics(metrics_path: Path, png: Path) -> list | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
     for ax, (title, keys) in zip(axes, panels):
         for k in keys:  # each at the steps that have it (evaluations are every eval_every steps)
-            have = [r for r in rows if k in r]
+            have = [r for r in rows if r.get(k) is not None]  # (null: no finite figure that step)
             ax.plot(
                 [r["step"] for r in have],
                 [r[k] for r in have],

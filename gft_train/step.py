@@ -9,6 +9,7 @@ together, so 1 process and N processes on the same global batch give the same up
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -180,9 +181,34 @@ class StepStats:
         }
 
 
-def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) -> StepStats:
+class TrainingDiverged(ValueError):
+    """A step's loss or gradient norm is not finite: the run stops before that step updates the
+    weights (DeepSpeed's engine excepted: it steps inside the backward) and before anything more is
+    saved: the checkpoints already written stay, no final model. A ValueError, so the command line
+    prints its one line."""
+
+    def __init__(self, step, loss: float, grad_norm: float, opt):
+        tries = [f"a lower --lr (now {opt.lr:g})"]
+        if not opt.max_grad_norm:
+            tries.append("gradient clipping (--max-grad-norm 1.0)")
+        else:
+            tries.append(f"a lower --max-grad-norm (now {opt.max_grad_norm:g})")
+        if getattr(opt, "bf16", False):
+            tries.append("fp32 (--bf16 false)")
+        tries.append("a longer --warmup-steps")
+        at = f"at step {step}" if step is not None else "at this step"
+        super().__init__(
+            f"training diverged {at}: loss {loss}, grad norm {grad_norm}; the run stops here (checkpoints "
+            f"written so far are kept, no final model is written); try {', '.join(tries)}"
+        )
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt, at_step: int | None = None) -> StepStats:
     """Forward and backward of every micro-batch, then one optimizer and scheduler step; ``opt``
-    is the run's ``config.Optimization``."""
+    is the run's ``config.Optimization``; ``at_step`` the step's number (1-based) for messages.
+    A loss or gradient norm that is not finite raises ``TrainingDiverged`` before the optimizer
+    step, on every process alike (both figures are global)."""
     from accelerate.utils import DistributedType
 
     # DDP averages gradients over processes: normalize by the global counts / processes
@@ -214,12 +240,23 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) ->
             acc.backward(loss)
         loss_sum += loss.detach()
         sums += TokenSums(*s).stacked()
-    # (DeepSpeed clips inside its step, by its config's gradient_clipping, and reports the norm)
-    grad_norm = acc.clip_grad_norm_(policy.parameters(), opt.max_grad_norm)
+    # (DeepSpeed clips inside its step, by its config's gradient_clipping, and reports the norm).
+    # max_grad_norm 0 is no clipping, as in transformers' Trainer; an infinite bound computes the
+    # norm (logged, and checked below) and scales the gradients by 1.
+    norm = acc.clip_grad_norm_(policy.parameters(), opt.max_grad_norm or float("inf"))
+    grad_norm = float("nan") if norm is None else float(norm)  # (None: a DeepSpeed engine that kept none)
+    # The loss over processes, and whether any process saw a non-finite norm, in one reduction:
+    # every process then stops, or none does (a process that stopped alone would hang the others).
+    # (Under DeepSpeed the engine has stepped already, inside the last backward: the run still
+    # stops before anything is saved.)
+    bad_norm = float(norm is not None and not math.isfinite(grad_norm))
+    loss_all, any_bad_norm = acc.reduce(torch.stack((loss_sum, loss_sum.new_tensor(bad_norm))), reduction="mean")
+    if not math.isfinite(loss_all.item()) or any_bad_norm.item() > 0:
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(at_step, loss_all.item(), grad_norm, opt)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_all = acc.reduce(loss_sum, reduction="mean")
     total = TokenSums(*acc.reduce(sums, reduction="sum"))
     count = total.tokens.clamp_min(1)
     return StepStats(
@@ -228,7 +265,7 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt) ->
         mean_target_prob=(total.target_prob / count).item(),
         entropy=(total.entropy / count).item(),
         token_accuracy=(total.correct / count).item(),
-        grad_norm=float("nan") if grad_norm is None else float(grad_norm),
+        grad_norm=grad_norm,
         lr=scheduler.get_last_lr()[0],
         tokens=int(step.tokens),
         cut_frac=step.cut / max(step.responses, 1.0),

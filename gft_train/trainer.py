@@ -49,6 +49,7 @@ from .rollout import make_engine
 from .step import (  # noqa: F401
     GFTPolicy,
     TokenSums,
+    TrainingDiverged,
     aggregation,
     cut_warning,
     optimizer_step,
@@ -123,6 +124,7 @@ class Trainer:
         self.policy, self.optimizer, self.scheduler = prepare(self.acc, GFTPolicy(model), cfg.optimization)
         self.engine = None
         self.step = 0
+        self._bar = None  # the progress bar, while train() runs
         self._warned_cut = False  # a response cut at max_length is said once per run (and counted per step)
         self._signal = 0  # the stop signal this process received (0: none)
         save_to = self.out / "groups.jsonl" if self.acc.is_main_process else None
@@ -130,12 +132,18 @@ class Trainer:
 
     def _load_data(self):
         """The prompt rows (``self.rows``) and held-out rows, checked now; returns the offline groups
-        of ``groups_file`` (else None). ``num_epochs`` sets ``max_steps`` once the data is known."""
+        of ``groups_file`` (else None). ``num_epochs`` sets ``max_steps``, when that is not given,
+        once the data is known (a given max_steps wins, as in transformers' Trainer)."""
         cfg = self.cfg
         if not cfg.train_file and not cfg.groups_file:
             raise ValueError("train needs train_file (prompts) or groups_file (offline groups)")
         self.rows = (
-            load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config) if cfg.train_file else None
+            # (an answer is needed only where a reward drives the update: SFT and DFT score nothing)
+            load_rows(
+                cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config, answers=cfg.uses_group_advantage
+            )
+            if cfg.train_file
+            else None
         )
         if cfg.refresh_every and self.rows is None:
             raise ValueError("online groups (refresh_every > 0) need train_file")
@@ -146,7 +154,7 @@ class Trainer:
             else None
         )
         offline = load_groups(cfg.groups_file) if cfg.groups_file and not cfg.refresh_every else None
-        if cfg.num_epochs:
+        if cfg.max_steps is None:  # (resolved() left it unset only for num_epochs)
             n = len(self.rows) if self.rows is not None else len(offline)
             self.cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.num_epochs * n / cfg.prompts_per_step)))
         return offline
@@ -258,7 +266,14 @@ class Trainer:
         if batches.cut and not self._warned_cut:
             self._warned_cut = True  # said once; completions/cut_frac counts them every step
             warnings.warn(cut_warning(batches, self.step + 1, cfg.max_length), stacklevel=2)
-        stats = optimizer_step(self.acc, self.policy, self.optimizer, self.scheduler, batches, cfg.optimization)
+        try:
+            stats = optimizer_step(
+                self.acc, self.policy, self.optimizer, self.scheduler, batches, cfg.optimization, at_step=self.step + 1
+            )
+        except TrainingDiverged:
+            if self._bar is not None:
+                self._bar.close()  # (the error line that follows then starts a line of its own)
+            raise
         return stats.metrics()
 
     def _step_metrics(self, groups, start: float) -> dict:
@@ -330,7 +345,7 @@ class Trainer:
         fault = int(os.environ.get("GFT_FAULT_AT_STEP", "0"))  # tests: a real signal mid-run (SIGKILL unless
         fault_signal = signal.Signals["SIG" + os.environ.get("GFT_FAULT_SIGNAL", "KILL")]  # named; to the
         fault_rank = int(os.environ.get("GFT_FAULT_RANK", "-1"))  # processes of GFT_FAULT_RANK, else all)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=cfg.method)
+        bar = self._bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=cfg.method)
         self.policy.train()
         claimed = False
         while self.step < cfg.max_steps:

@@ -9,8 +9,11 @@ gradient accumulation, PEFT, logging and checkpoints. Two things change:
 - **The groups.** Of each prompt's ``num_generations`` slots, the first ``n_expert`` hold the
   dataset's expert response (column ``expert_column``, a string) and the next ``n_teacher``
   its teacher responses (column ``teacher_column``, a list of strings); only the remaining
-  slots are sampled from the model. Demonstrations are scored by the same reward functions,
-  so every response gets its group-standardized advantage (the paper's hybrid group).
+  slots are sampled from the model. A demonstration's ids are those the model would produce
+  after TRL's prompt ids (``gft_train.render``: the chat template's assistant turn with its
+  end-of-turn token for chat-message prompts, the text and eos for text prompts).
+  Demonstrations are scored by the same reward functions, so every response gets its
+  group-standardized advantage (the paper's hybrid group).
 - **The update.** The loss is GFT's ``-A * C(p) * log p`` through the fused op
   (``gft_kernels``), from the model's last hidden states and its output head, with no
   ``[tokens x vocab]`` logits. Token weights follow ``loss_type`` exactly as TRL aggregates
@@ -53,12 +56,14 @@ def check_trl_version(version: str) -> None:
 check_trl_version(trl.__version__)
 
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.data_utils import is_conversational  # noqa: E402
 
 from gft_kernels.head import reduction_weights  # noqa: E402
 from gft_kernels.models import causal_lm_gft_loss, check_model  # noqa: E402
 from gft_kernels.options import IGNORE_INDEX, check_tau  # noqa: E402
 
 from ..groups import SOURCES  # noqa: E402
+from ..render import render  # noqa: E402
 
 _LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo")
 
@@ -253,9 +258,19 @@ class GFTTrainer(GRPOTrainer):
                     f"{args.n_teacher}"
                 )
             text = _demo_text(teachers[k], f"column '{args.teacher_column}'[{k}]")
-        tok = self._tokenizer
-        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        return ids[: self.max_completion_length]
+        return self._demo_render(row.get("prompt"), text)[: self.max_completion_length]
+
+    def _demo_render(self, prompt, text: str) -> list[int]:
+        """A demonstration's ids after TRL's prompt ids, as the model produces them at inference
+        (``gft_train.render``): TRL renders chat-message prompts with the chat template and
+        tokenizes text prompts without it, and so does this."""
+        kwargs = dict(getattr(self, "chat_template_kwargs", None) or {})
+        if getattr(self, "chat_template", None) is not None:
+            kwargs["chat_template"] = self.chat_template
+        chat = is_conversational({"prompt": prompt})
+        if not chat and not isinstance(prompt, str):
+            raise ValueError(f"GFTTrainer: a prompt must be a text or chat messages, got {type(prompt).__name__}")
+        return render(self._tokenizer, [(prompt, text)], text_prompts_as_chat=False, template_kwargs=kwargs)[0][1]
 
     # Private override, kept: TRL has no hook to put dataset responses into some of a group's
     # generation slots (``rollout_func`` would replace its whole generation, vLLM included).

@@ -73,6 +73,7 @@ def data(tmp_path_factory):
             )
         ),
         bare=str(write_jsonl([{**r, "teachers": []} for r in rows], d / "bare.jsonl")),
+        unset=None,
     )
 
 
@@ -275,7 +276,7 @@ PROBES = {
     "weight_decay": ({}, 0.1, lambda r, d: r.trainer.optimizer.param_groups[0]["weight_decay"] == 0.1),
     "max_steps": ({}, 6, lambda r, d: _lr(r) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 6)))),
     "num_epochs": (
-        {},
+        {"max_steps": "unset"},  # a max_steps given beside num_epochs wins (tests/train/test_checks.py)
         1.0,
         lambda r, d: r.trainer.cfg.max_steps == 6 and _lr(r) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 6))),
     ),

@@ -64,7 +64,7 @@ def test_a_folder_of_data_files_split_by_their_names(tmp_path):
     assert len(load_rows(split, "prompt=question")) == 4
     with pytest.raises(DataError) as info:
         load_rows(split, "prompt=question", split="test")
-    assert str(info.value).startswith(f"{split / 'test.jsonl'}: row 1: field 'teachers': expected a list of strings")
+    assert str(info.value).startswith(f"{split / 'test.jsonl'}: line 2: field 'teachers': expected a list of strings")
     with pytest.raises(ValueError, match=r"split into train, test, not 'dev'"):
         load_rows(split, "prompt=question", split="dev")
     (tmp_path / "empty").mkdir()

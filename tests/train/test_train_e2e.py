@@ -283,7 +283,7 @@ def test_bad_data_row_stops_the_run_and_leaves_no_final(setup, tmp_path):
         ]
     )
     assert proc.returncode != 0
-    assert f"{bad}: row 3: field 'expert': expected a string" in proc.stderr
+    assert f"{bad}: line 4: field 'expert': expected a string" in proc.stderr
     assert not (tmp_path / "o" / "final").exists()
 
 

@@ -36,7 +36,7 @@ def test_bad_rows_name_file_row_and_field(tmp_path, bad, field, words):
     with pytest.raises(DataError) as info:
         load_rows(path)
     msg = str(info.value)
-    assert str(path) in msg and "row 2" in msg and repr(field) in msg and words in msg, msg
+    assert str(path) in msg and "line 3" in msg and repr(field) in msg and words in msg, msg
     assert info.value.row == 2 and info.value.field == field
 
 
@@ -670,8 +670,11 @@ def test_encode_tokenizes_like_one_text_at_a_time_with_a_chat_template():
     from gft_train.lm import encode, format_prompt
 
     tok = _tiny_tokenizer()
+    # the assistant turn follows the generation prompt "=" as it is rendered (render.render refuses
+    # a template that renders the conversation otherwise); it marks no end of turn: eos ends it
     tok.chat_template = (
-        "{% for m in messages %}({{ m['content'] }}){% endfor %}{% if add_generation_prompt %}={% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}={{ m['content'] }}"
+        "{% else %}({{ m['content'] }}){% endif %}{% endfor %}{% if add_generation_prompt %}={% endif %}"
     )
     items = [("12+7", "19", 1.0), ("3+4", [5, 6, 1], -0.5), ("1+1", "2", 0.0)]
     batch = encode(tok, items, 32)
@@ -752,7 +755,7 @@ def test_chat_prompts_trl_completions_and_column_mapping(tmp_path):
     ]:
         with pytest.raises(DataError) as info:
             load_rows(_write(tmp_path / "b.jsonl", [bad]), "prompt=question,answer=gold,expert=solution")
-        assert f"row 0: field {field!r}" in str(info.value) and words in str(info.value), str(info.value)
+        assert f"line 1: field {field!r}" in str(info.value) and words in str(info.value), str(info.value)
     with pytest.raises(ValueError, match="FIELD=COLUMN"):
         load_rows(mapped, "question")
 
@@ -765,7 +768,8 @@ def test_chat_prompts_go_through_the_chat_template():
         format_prompt(tok, [{"role": "user", "content": "1+1="}])
     # the demo's character tokenizer knows digits and + - * = ( ): a system message is marked with -
     tok.chat_template = (
-        "{% for m in messages %}({% if m['role'] == 'system' %}-{% endif %}{{ m['content'] }})"
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}*{{ m['content'] }}{% else %}"
+        "({% if m['role'] == 'system' %}-{% endif %}{{ m['content'] }}){% endif %}"
         "{% endfor %}{% if add_generation_prompt %}*{% endif %}"
     )
     msgs = [{"role": "system", "content": "9"}, {"role": "user", "content": "1+1="}]
