@@ -8,8 +8,15 @@
 Under several processes: ``accelerate launch [--multi_gpu --num_processes N] -m gft_train.cli train ...``.
 
 An error ends the command with one line on stderr (file, row, field, value where they apply)
-and exit status 1; ``--debug`` or ``GFT_DEBUG=1`` shows the traceback instead. ``main`` itself
-raises (for callers in Python); ``cli`` is the console entry point.
+and exit status 1; ``--debug`` or ``GFT_DEBUG=1`` shows the traceback instead. SIGTERM or SIGINT
+ends ``train`` at the next step boundary with a checkpoint, one line saying how to resume, and
+exit status 128 + the signal's number. ``main`` itself raises (for callers in Python); ``cli`` is
+the console entry point.
+
+Under several processes the main process alone speaks: its messages, warnings, ``final model:``
+and its error line; another process that fails with one of the errors every process meets alike
+(bad input: ValueError, TypeError, OSError) exits 1 without repeating it, and one that crashes
+otherwise says so once, naming itself. The launcher then reports the exit.
 """
 
 from __future__ import annotations
@@ -54,10 +61,17 @@ def _cmd_build_groups(cfg):
     print(strict_json({"groups": len(groups), **group_metrics(groups)}, indent=1))
 
 
+def _process_index() -> int:
+    """This process's rank as the launcher (torchrun, accelerate launch) set it; 0 alone."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def _cmd_train(cfg):
     from .trainer import train
 
-    print(f"final model: {train(cfg)}")
+    final = train(cfg)
+    if _process_index() == 0:
+        print(f"final model: {final}")
 
 
 def _cmd_eval(cfg, base_model: str | None):
@@ -73,6 +87,10 @@ def _cmd_eval(cfg, base_model: str | None):
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if _process_index() != 0:  # the main process says each warning once
+        import warnings
+
+        warnings.simplefilter("ignore")
     parser = argparse.ArgumentParser(
         prog="gft-train",
         description="Group Fine-Tuning on accelerate. With no command: the embedded demo.",
@@ -125,18 +143,29 @@ def cli(argv=None) -> None:
     """The console entry point: ``main`` with an error as one line and exit status 1 (a user
     needs the message, which names what to fix, not the 20 frames above it)."""
     argv = sys.argv[1:] if argv is None else argv
+    rank = _process_index()
     try:
         main(argv)
     except KeyboardInterrupt:
-        print("gft-train: interrupted", file=sys.stderr)
+        if rank == 0:
+            print("gft-train: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:
+        trainer = sys.modules.get(f"{__package__}.trainer")  # (not imported: not a stopped run)
+        if trainer is not None and isinstance(e, trainer.TrainingStopped):  # every process stops at one step
+            if rank == 0:
+                print(f"gft-train: {e}", file=sys.stderr)
+            raise SystemExit(e.exit_code) from None
         if _debug(argv):
             raise
         text = " ".join(str(e).split()) or type(e).__name__
-        if not isinstance(e, (ValueError, TypeError, OSError, NotImplementedError)):
+        ours = isinstance(e, (ValueError, TypeError, OSError, NotImplementedError))
+        if not ours:
             text = f"{type(e).__name__}: {text} (--debug shows where)"  # not one of ours: say what it is
-        print(f"gft-train: error: {text}", file=sys.stderr)
+        if rank == 0:
+            print(f"gft-train: error: {text}", file=sys.stderr)
+        elif not ours:  # a crash of this process alone: the main one may not know it
+            print(f"gft-train: error on process {rank}: {text}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -258,11 +258,13 @@ class Logging:
 
     save_every: int = _opt(0, "steps between checkpoints (0: only the final model)")
     save_total_limit: int = _opt(0, "checkpoints kept in output_dir/checkpoints, the newest (0: all)")
-    resume: bool = _opt(
-        False,
-        "continue from the last complete checkpoint in output_dir, with the same configuration "
-        "(only RESUMABLE fields may change); without it or --overwrite-output-dir, an output_dir "
-        "holding a run is refused",
+    resume: str = _opt(
+        "",
+        "continue the run in output_dir: --resume alone (or 'latest', 'true') from its newest complete "
+        "checkpoint, --resume step-8 or --resume PATH from that checkpoint; the configuration must be the "
+        "run's but for the RESUMABLE fields (gft_train/config.py: length, checkpoints, evaluation, "
+        "micro_batch_size, report_to, ...), and a data file must hold what it held; without --resume or "
+        "--overwrite-output-dir an output_dir holding a run is refused",
     )
     overwrite_output_dir: bool = _opt(
         False,
@@ -320,6 +322,9 @@ class Evaluation:
 @dataclass
 class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData):
     """Every field of a run (the groups above, flat)."""
+
+    def __post_init__(self):
+        self.resume = resume_target(self.resume)
 
     def resolved(self) -> Config:
         """A copy with the method's preset filled in and everything checked."""
@@ -392,10 +397,15 @@ class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData)
         return METHODS[self.method][4] and self.gal
 
 
-# Fields a --resume may change: they alter how long the run goes and what it writes, not the
-# training up to the checkpoint (the saved gft_config.yaml then records the values used).
+# Fields a --resume may change: they alter how long the run goes, how a step is split into
+# forward passes and what it writes, not the training up to the checkpoint or the math of the
+# steps after it (the saved gft_config.yaml then records the values used). Every other field must
+# equal the run's; paths are compared resolved (PATH_FIELDS), and a data file by its contents
+# (checkpoints.run_inputs). The README's trainer section lists them.
 RESUMABLE = frozenset(
     {
+        "micro_batch_size",
+        "gradient_checkpointing",
         "max_steps",
         "num_epochs",
         "save_every",
@@ -421,10 +431,53 @@ RESUMABLE = frozenset(
 )
 
 
-def changed_fields(saved: dict, cfg: Config) -> dict:
-    """field -> (saved value, new value) for each training field a resume would change."""
+# Fields naming a file, a directory or a Hub name: ``tiny``, ``./tiny`` and its absolute path are
+# one model.
+PATH_FIELDS = ("model", "train_file", "eval_file", "groups_file", "teacher_model")
+
+
+def local_path(value: str) -> str:
+    """``value`` as an absolute path when it names something on disk (else as given: a Hub name)."""
+    path = Path(value).expanduser() if value else None
+    return str(path.resolve()) if path is not None and path.exists() else value
+
+
+def changed_fields(saved: dict, cfg: Config, saved_paths: dict | None = None) -> dict:
+    """field -> (saved value, new value) for each training field a resume would change.
+    ``saved_paths``: the run's PATH_FIELDS as resolved when it was saved (a checkpoint holds them;
+    without them a saved relative path is resolved against the current directory)."""
     now = dataclasses.asdict(cfg)
-    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]}
+    changed = {}
+    for k in now:
+        if k in RESUMABLE or k not in saved:
+            continue
+        old, new = saved[k], now[k]
+        if k in PATH_FIELDS:
+            old = (saved_paths or {}).get(k) or local_path(old)
+            new = local_path(new)
+        if old != new:
+            changed[k] = (old, new)
+    return changed
+
+
+_RESUME_WORDS = {"true": "latest", "yes": "latest", "1": "latest", "latest": "latest"}
+_RESUME_OFF = ("", "false", "no", "0")
+
+
+def resume_target(value) -> str:
+    """``resume`` as one string: '' (no resume), 'latest' (the newest complete checkpoint), or a
+    chosen checkpoint (``step-8`` or a path). ``True``/``False`` and the old flag words still mean
+    what they meant."""
+    if value is None or value is False:
+        return ""
+    if value is True:
+        return "latest"
+    if not isinstance(value, str):
+        raise TypeError(f"resume must be true, false, 'latest', a checkpoint name (step-8) or a path, got {value!r}")
+    text = value.strip()
+    if text.lower() in _RESUME_OFF:
+        return ""
+    return _RESUME_WORDS.get(text.lower(), text)
 
 
 def load_saved(path: Path) -> dict:
@@ -482,6 +535,11 @@ def _convert(path, name: str, value, hint):
     def bad(expected):
         return ValueError(f"{path}: field {name!r}: expected {expected}, got {value!r}")
 
+    if name == "resume":
+        try:
+            return resume_target(value)
+        except TypeError:
+            raise bad("true, false or a checkpoint") from None
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -563,6 +621,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             action.default = argparse.SUPPRESS
             if f.name == "eval_k":  # '1 4' (transformers' list form) or '1,4'
                 action.type = _int_list
+            if f.name == "resume":  # --resume alone: the newest checkpoint; --resume step-8: that one
+                action.nargs, action.const, action.metavar = "?", "latest", "STEP"
 
 
 def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -589,4 +649,7 @@ def from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
 
 
 def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    values = dataclasses.asdict(cfg)
+    # resume as the flag it was before it took a checkpoint: false / true, else the checkpoint chosen
+    values["resume"] = {"": False, "latest": True}.get(cfg.resume, cfg.resume)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))

