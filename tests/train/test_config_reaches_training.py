@@ -95,41 +95,24 @@ def _run(data, out, monkeypatch, **fields) -> Run:
     losses, generates, clips = [], [], []
     real_loss = step_mod.causal_lm_gft_loss
 
-    def loss_spy(model, input_ids, attention_mask, labels, adv, tau, **kw):
+    def loss_spy(model, input_ids, attention_mask, labels, adv, **kw):
+        options = kw["loss"].options  # the run's GFTLoss, built once
         losses.append(
             dict(
-                tau=tau,
-                reduction=kw["reduction"],
+                tau=options.loss.tau,
+                reduction=options.loss.reduction,
                 normalizer=kw["normalizer"],
-                entropy_coef=kw["loss_options"]["entropy_coef"],
-                backend=kw["backend"],
+                entropy_coef=options.policy.entropy_coef,
+                backend=options.run.backend,
                 adv=adv.detach().clone(),
                 shape=tuple(input_ids.shape),
                 autocast=torch.is_autocast_enabled("cpu"),
+                **({"packed": True} if kw.get("seq_ids") is not None else {}),
             )
         )
-        return real_loss(model, input_ids, attention_mask, labels, adv, tau, **kw)
-
-    real_packed = step_mod.packed_gft_loss
-
-    def packed_spy(model, input_ids, labels, adv, tau, **kw):
-        losses.append(
-            dict(
-                tau=tau,
-                reduction=kw["reduction"],
-                normalizer=kw["normalizer"],
-                packed=True,
-                entropy_coef=kw["loss_options"]["entropy_coef"],
-                backend=kw["backend"],
-                adv=adv.detach().clone(),
-                shape=tuple(input_ids.shape),
-                autocast=torch.is_autocast_enabled("cpu"),
-            )
-        )
-        return real_packed(model, input_ids, labels, adv, tau, **kw)
+        return real_loss(model, input_ids, attention_mask, labels, adv, **kw)
 
     monkeypatch.setattr(step_mod, "causal_lm_gft_loss", loss_spy)
-    monkeypatch.setattr(step_mod, "packed_gft_loss", packed_spy)
     cfg = config_mod.Config(
         **{**BASE, "model": data["model"], "train_file": data["train"], "output_dir": str(out), **fields}
     )
