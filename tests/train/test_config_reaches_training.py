@@ -305,6 +305,25 @@ def test_every_field_is_probed_or_said_not_to_change_training():
     assert set(PROBES) | set(NOT_TRAINING) == fields, fields ^ (set(PROBES) | set(NOT_TRAINING))
 
 
+def test_the_run_builds_its_loss_once(data, tmp_path, monkeypatch):
+    """The trainer holds one GFTLoss built from the Config; a step's micro-batches call it (no
+    options are built again on the way from the flag to the head)."""
+    from gft_kernels.options import LossOptions
+    from gft_train.trainer import Trainer
+
+    cfg = config_mod.Config(
+        **{**BASE, "model": data["model"], "train_file": data["train"], "output_dir": str(tmp_path), "tau": 0.3}
+    )
+    trainer = Trainer(cfg)
+    built = []
+    real = LossOptions.build.__func__
+    monkeypatch.setattr(LossOptions, "build", classmethod(lambda cls, *a, **k: built.append(a) or real(cls, *a, **k)))
+    assert trainer.train_step(trainer._groups_for_step(0))["tokens"] > 0
+    assert built == []
+    assert trainer.acc.unwrap_model(trainer.policy).loss is trainer.loss
+    assert trainer.loss.tau == 0.3 and trainer.loss.options.run.return_stats
+
+
 @pytest.mark.parametrize("name", sorted(PROBES))
 def test_a_field_set_in_the_config_acts_in_the_run(name, data, default, tmp_path, monkeypatch, request):
     extra, value, check = PROBES[name]
