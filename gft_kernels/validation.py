@@ -187,6 +187,8 @@ def check_layout(targets: Tensor, adv, seq_ids=None, cu_seqlens=None) -> tuple[S
         raise ValueError("pass one packed layout: seq_ids or cu_seqlens, not both")
     n = targets.numel()
     per_sequence = isinstance(adv, Tensor) and adv.dim() == 1 and adv.shape[0] != n
+    if per_sequence and adv.shape[0] == 0:
+        raise ValueError(f"adv has no entry (shape (0,)) but targets have {n} tokens")
     if seq_ids is not None:
         seq_ids = _layout_tensor("seq_ids", seq_ids, targets.device)
         if seq_ids.shape != targets.shape and seq_ids.shape != (n,):

@@ -243,6 +243,11 @@ CU = torch.tensor([0, 4, 5, 11, 14, 16], dtype=torch.int32)
             ValueError,
             r"adv of shape \(4,\) is neither per token \(N = 16\) nor per sequence \(S = 5",
         ),
+        (
+            dict(seq_ids=torch.zeros(N, dtype=torch.long), adv=torch.ones(0, dtype=torch.float64)),
+            ValueError,
+            r"adv has no entry \(shape \(0,\)\) but targets have 16 tokens",
+        ),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
