@@ -89,11 +89,16 @@ def causal_lm_gft_loss(
         twice = sorted(k for k, v in given.items() if v is not None)
         if twice:
             raise TypeError(f"causal_lm_gft_loss: pass the loss's options in loss, not again as {twice}")
-        if loss.bias is not None:
-            raise ValueError("causal_lm_gft_loss: the bias is the model head's; loss must have none")
+    # what comes from the model, never from the loss
+    if loss.bias is not None:
+        raise ValueError("causal_lm_gft_loss: the bias is the model head's; loss must have none")
+    if loss.options.logits.softcap is not None:
+        raise ValueError("causal_lm_gft_loss: the softcap is the model's (its logits transform); loss must have none")
+    if loss.options.run.vocab_parallel_group is not None:
+        raise ValueError("causal_lm_gft_loss: the vocabulary-parallel group is the model head's; loss must have none")
     batch = CausalLMBatch(input_ids, attention_mask, labels, adv, shift_labels)
-    layout = dict(normalizer=normalizer, seq_ids=seq_ids, cu_seqlens=cu_seqlens, **logprobs)
-    return _causal_lm_loss(model, batch, loss.options, layout, check, forward_kwargs)
+    per_batch = dict(normalizer=normalizer, seq_ids=seq_ids, cu_seqlens=cu_seqlens, **logprobs)
+    return _causal_lm_loss(model, batch, loss.options, per_batch, check, forward_kwargs)
 
 
 @dataclass(frozen=True)
@@ -108,10 +113,6 @@ class CausalLMBatch:
 def _model_options(options: GFTOptions, spec, group) -> GFTOptions:
     """The loss's options with the model's logits transform (``cap_c(scale * z) / T``) and the
     head's vocabulary-parallel group; the loss options (tau, the reduction) are kept as built."""
-    if options.logits.softcap is not None:
-        raise ValueError("causal_lm_gft_loss: the softcap is the model's (its logits transform); loss must have none")
-    if options.run.vocab_parallel_group is not None:
-        raise ValueError("causal_lm_gft_loss: the vocabulary-parallel group is the model head's; loss must have none")
     temperature = options.logits.temperature
     logits = LogitOptions.build(temperature / spec.scale, None if spec.softcap is None else spec.softcap / temperature)
     return dataclasses.replace(options, logits=logits, run=dataclasses.replace(options.run, vocab_parallel_group=group))
