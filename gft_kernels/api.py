@@ -154,9 +154,15 @@ def gft_loss(
         RunOptions.build(backend, launch_options, vocab_parallel_group, vocab_start, return_stats, check_values),
     )
     weight, bias = split_lm_head(lm_head, bias)
-    return _loss(
-        hidden, weight, bias, targets, adv, options, old_logp, ref_logp, seq_ids=seq_ids, cu_seqlens=cu_seqlens
-    )
+    return _loss(hidden, weight, bias, targets, adv, options, old_logp, ref_logp, PerCall(None, seq_ids, cu_seqlens))
+
+
+class PerCall(NamedTuple):
+    """What a call adds to options built once: a normalizer (None: the options') and a packed layout."""
+
+    normalizer: float | Tensor | None = None
+    seq_ids: Tensor | None = None
+    cu_seqlens: Tensor | None = None
 
 
 def gft_loss_with_options(
@@ -179,19 +185,8 @@ def gft_loss_with_options(
     if not isinstance(options, GFTOptions):
         raise TypeError(f"options must be a gft_kernels.options.GFTOptions, got {type(options).__name__}")
     weight, bias = split_lm_head(lm_head, bias)
-    return _loss(
-        hidden,
-        weight,
-        bias,
-        targets,
-        adv,
-        options,
-        old_logp,
-        ref_logp,
-        normalizer=normalizer,
-        seq_ids=seq_ids,
-        cu_seqlens=cu_seqlens,
-    )
+    per_call = PerCall(normalizer, seq_ids, cu_seqlens)
+    return _loss(hidden, weight, bias, targets, adv, options, old_logp, ref_logp, per_call)
 
 
 def _autocast_cast(x, dtype):
@@ -207,13 +202,13 @@ def _autocast_like_linear(fn):
     ``custom_fwd(cast_inputs=...)`` would; the ops' backward turns it off too)."""
 
     @functools.wraps(fn)
-    def wrapper(hidden, weight, bias, *args, **kwargs):
+    def wrapper(hidden, weight, bias, *args):
         if not (isinstance(hidden, Tensor) and torch.is_autocast_enabled(hidden.device.type)):
-            return fn(hidden, weight, bias, *args, **kwargs)
+            return fn(hidden, weight, bias, *args)
         dtype = torch.get_autocast_dtype(hidden.device.type)
         hidden, weight, bias = (_autocast_cast(x, dtype) for x in (hidden, weight, bias))
         with torch.autocast(hidden.device.type, enabled=False):
-            return fn(hidden, weight, bias, *args, **kwargs)
+            return fn(hidden, weight, bias, *args)
 
     return wrapper
 
@@ -246,24 +241,11 @@ def _flatten(hidden, weight, bias, targets, adv, ignore_index, vocab_start) -> _
 
 
 @_autocast_like_linear
-def _loss(
-    hidden,
-    weight,
-    bias,
-    targets,
-    adv,
-    options: GFTOptions,
-    old_logp=None,
-    ref_logp=None,
-    *,
-    normalizer=None,
-    seq_ids=None,
-    cu_seqlens=None,
-):
-    """The op on checked options: tensor checks, then the engine, then the head. ``normalizer``
-    (None: the options') and the packed layout are per call."""
+def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None, ref_logp=None, per_call=None):
+    """The op on checked options: tensor checks, then the engine, then the head."""
     loss_options, run = options.loss, options.run
     reduction = loss_options.reduction
+    normalizer, seq_ids, cu_seqlens = per_call or PerCall()
     normalizer = loss_options.normalizer if normalizer is None else check_normalizer(normalizer, reduction)
     if isinstance(targets, Tensor):
         sequences, adv = check_layout(targets, adv, seq_ids, cu_seqlens)
@@ -448,19 +430,8 @@ class GFTLoss(nn.Module):
         cu_seqlens=None,
     ):
         weight, bias = split_lm_head(lm_head, self.bias)
-        return _loss(
-            hidden,
-            weight,
-            bias,
-            targets,
-            adv,
-            self.options,
-            old_logp,
-            ref_logp,
-            normalizer=normalizer,
-            seq_ids=seq_ids,
-            cu_seqlens=cu_seqlens,
-        )
+        per_call = PerCall(normalizer, seq_ids, cu_seqlens)
+        return _loss(hidden, weight, bias, targets, adv, self.options, old_logp, ref_logp, per_call)
 
     def extra_repr(self) -> str:
         groups = (self.options.loss, self.options.policy, self.options.logits, self.options.run)

@@ -61,44 +61,52 @@ def causal_lm_gft_loss(
     samples: ``cap_c(scale * z) / T`` equals ``cap_{c/T}(z * scale / T)``, so the op's own
     temperature and softcap carry it exactly. Extra keyword arguments go to the model's forward.
     """
-    per_call = dict(loss_options or {})
-    logprobs = {k: per_call.pop(k) for k in ("old_logp", "ref_logp") if k in per_call}
-    if loss is None:
-        loss = GFTLoss(
-            0.7 if tau is None else tau,
-            reduction="mean" if reduction is None else reduction,
-            return_stats=bool(return_stats),
-            backend="auto" if backend is None else backend,
-            ignore_index=IGNORE_INDEX if ignore_index is None else ignore_index,
-            temperature=1.0 if temperature is None else temperature,
-            check_values=False,
-            **per_call,
-        )
-    else:
-        if not isinstance(loss, GFTLoss):
-            raise TypeError(f"loss must be a gft_kernels.GFTLoss, got {type(loss).__name__}")
-        given = dict(
-            tau=tau,
-            reduction=reduction,
-            return_stats=return_stats,
-            backend=backend,
-            ignore_index=ignore_index,
-            temperature=temperature,
-            **per_call,
-        )
-        twice = sorted(k for k, v in given.items() if v is not None)
-        if twice:
-            raise TypeError(f"causal_lm_gft_loss: pass the loss's options in loss, not again as {twice}")
-    # what comes from the model, never from the loss
-    if loss.bias is not None:
-        raise ValueError("causal_lm_gft_loss: the bias is the model head's; loss must have none")
-    if loss.options.logits.softcap is not None:
-        raise ValueError("causal_lm_gft_loss: the softcap is the model's (its logits transform); loss must have none")
-    if loss.options.run.vocab_parallel_group is not None:
-        raise ValueError("causal_lm_gft_loss: the vocabulary-parallel group is the model head's; loss must have none")
+    keywords = KeywordOptions(tau, reduction, return_stats, backend, ignore_index, temperature, loss_options)
+    loss, logprobs = keywords.loss_for(loss)
     batch = CausalLMBatch(input_ids, attention_mask, labels, adv, shift_labels)
     per_batch = dict(normalizer=normalizer, seq_ids=seq_ids, cu_seqlens=cu_seqlens, **logprobs)
     return _causal_lm_loss(model, batch, loss.options, per_batch, check, forward_kwargs)
+
+
+@dataclass(frozen=True)
+class KeywordOptions:
+    """``causal_lm_gft_loss``'s option keywords, None where not given."""
+
+    tau: float | None = None
+    reduction: str | None = None
+    return_stats: bool | None = None
+    backend: str | None = None
+    ignore_index: int | None = None
+    temperature: float | None = None
+    loss_options: dict | None = None
+
+    def loss_for(self, loss: GFTLoss | None) -> tuple[GFTLoss, dict]:
+        """(the loss, the per-call ``old_logp`` / ``ref_logp`` of ``loss_options``): ``loss`` as
+        given (no option may be given again here), else one built from these keywords (``gft_loss``'s
+        defaults, value checks off). What comes from the model is refused in the loss."""
+        per_call = dict(self.loss_options or {})
+        logprobs = {k: per_call.pop(k) for k in ("old_logp", "ref_logp") if k in per_call}
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loss_options"}
+        if loss is None:
+            defaults = dict(tau=0.7, reduction="mean", return_stats=False, backend="auto", temperature=1.0)
+            defaults["ignore_index"] = IGNORE_INDEX
+            options = {k: defaults[k] if v is None else v for k, v in given.items()}
+            loss = GFTLoss(options.pop("tau"), check_values=False, **options, **per_call)
+        elif not isinstance(loss, GFTLoss):
+            raise TypeError(f"loss must be a gft_kernels.GFTLoss, got {type(loss).__name__}")
+        elif twice := sorted(k for k, v in {**given, **per_call}.items() if v is not None):
+            raise TypeError(f"causal_lm_gft_loss: pass the loss's options in loss, not again as {twice}")
+        if loss.bias is not None:
+            raise ValueError("causal_lm_gft_loss: the bias is the model head's; loss must have none")
+        if loss.options.logits.softcap is not None:
+            raise ValueError(
+                "causal_lm_gft_loss: the softcap is the model's (its logits transform); loss must have none"
+            )
+        if loss.options.run.vocab_parallel_group is not None:
+            raise ValueError(
+                "causal_lm_gft_loss: the vocabulary-parallel group is the model head's; loss must have none"
+            )
+        return loss, logprobs
 
 
 @dataclass(frozen=True)
