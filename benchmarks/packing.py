@@ -88,21 +88,11 @@ def _step(policy, optimizer, tokenizer, seqs, micro: int, max_length: int, packe
     batches = [encode(tokenizer, seqs[i : i + micro], max_length) for i in range(0, len(seqs), micro)]
     if packed:
         batches = [pack(b) for b in batches]
-    reduction, normalizer = aggregation(
+    _, normalizer = aggregation(
         "token-mean", sum(b.n_valid for b in batches), sum(b.n_seqs for b in batches), max_length
     )
     for b in batches:
-        loss, _ = policy(
-            b.input_ids,
-            b.attention_mask,
-            b.labels,
-            b.adv,
-            0.7,
-            normalizer,
-            reduction,
-            0.0,
-            **getattr(b, "forward_kwargs", {}),
-        )
+        loss, _ = policy(b, normalizer)
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -110,10 +100,11 @@ def _step(policy, optimizer, tokenizer, seqs, micro: int, max_length: int, packe
 
 
 def measure(args) -> dict:
+    from gft_train.config import Optimization
     from gft_train.demo.model import build_tokenizer
     from gft_train.lm import encode
     from gft_train.packing import check_packing
-    from gft_train.trainer import GFTPolicy
+    from gft_train.trainer import GFTPolicy, run_loss
 
     tokenizer = build_tokenizer()
     per_step = args.prompts_per_step * 8
@@ -129,7 +120,7 @@ def measure(args) -> dict:
         tokenizer.eos_token_id,
     )
     check_packing(model)
-    policy = GFTPolicy(model)
+    policy = GFTPolicy(model, run_loss(Optimization(tau=0.7, loss_aggregation="token-mean")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     runs = []
     for repeat in range(args.repeats):

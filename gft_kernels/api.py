@@ -18,8 +18,16 @@ from . import reference, torch_backend  # noqa: F401  (the CPU engines register 
 from .engine import Engine, ForwardRequest, KernelOptions, RowStats, capabilities
 from .fused import fused_logprobs, precomputed_loss
 from .head import GFTStats, PolicyTerms, head_stats, per_token_loss, reduce_loss, reduction_weights
-from .options import IGNORE_INDEX, GFTOptions, LogitOptions, LossOptions, PolicyOptions, RunOptions
-from .validation import check_input_values, check_policy_tensors, check_tensors, choose_engine, split_lm_head
+from .options import IGNORE_INDEX, GFTOptions, LogitOptions, LossOptions, PolicyOptions, RunOptions, check_normalizer
+from .validation import (
+    check_input_values,
+    check_layout,
+    check_policy_tensors,
+    check_tensors,
+    choose_engine,
+    layout_value_checks,
+    split_lm_head,
+)
 
 
 def gft_loss(
@@ -49,6 +57,8 @@ def gft_loss(
     check_values: bool = True,
     vocab_parallel_group=None,
     vocab_start: int | None = None,
+    seq_ids: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, GFTStats]:
     """Group Fine-Tuning loss from hidden states, without materializing the ``[N x V]`` logits.
 
@@ -68,6 +78,15 @@ def gft_loss(
         normalizer: explicit denominator for ``"mean"`` (e.g. the global token count over gradient
             accumulation steps and processes) or for the ``"seq-"`` reductions (the global
             number of sequences), a number or a one-element tensor.
+        seq_ids, cu_seqlens: a packed (varlen) layout, several sequences in a row; pass one.
+            ``seq_ids`` (int, ``[N]`` or targets' shape): each token's sequence, in ``[0, S)``.
+            ``cu_seqlens`` (int32 or int64 ``[S + 1]``, as flash-attention names it): the
+            sequences' cumulative lengths over the flat tokens, ``0 = c_0 <= ... <= c_S = N``.
+            The ``"seq-"`` reductions then count each of these sequences (inside the op, on
+            every engine and path), not the leading dim. ``adv`` may then be one per sequence,
+            ``[S]`` (a token takes its sequence's, ``adv[seq_t]``; S != N: a 1-D ``adv`` of N
+            entries is per token), a scalar, or per token. Shapes and dtypes are always
+            checked; the values (in range, non-decreasing, ``c_S = N``) with ``check_values``.
         bias [V], temperature, softcap: logits are ``softcap * tanh(((h W^T + b) / T) / softcap)``.
         old_logp: behaviour policy's per-token log-probs (broadcast like ``adv``): the importance
             ratio ``r = exp(logp - old_logp)`` with PPO clipping to ``[1 - clip_low, 1 + clip_high]``
@@ -135,7 +154,39 @@ def gft_loss(
         RunOptions.build(backend, launch_options, vocab_parallel_group, vocab_start, return_stats, check_values),
     )
     weight, bias = split_lm_head(lm_head, bias)
-    return _loss(hidden, weight, bias, targets, adv, options, old_logp, ref_logp)
+    return _loss(hidden, weight, bias, targets, adv, options, old_logp, ref_logp, PerCall(None, seq_ids, cu_seqlens))
+
+
+class PerCall(NamedTuple):
+    """What a call adds to options built once: a normalizer (None: the options') and a packed layout."""
+
+    normalizer: float | Tensor | None = None
+    seq_ids: Tensor | None = None
+    cu_seqlens: Tensor | None = None
+
+
+def gft_loss_with_options(
+    hidden: Tensor,
+    lm_head: Tensor | nn.Linear,
+    targets: Tensor,
+    adv: Tensor | float,
+    options: GFTOptions,
+    *,
+    bias: Tensor | None = None,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    normalizer: float | Tensor | None = None,
+    seq_ids: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+):
+    """:func:`gft_loss` on options built once (``GFTLoss.options``, or ``GFTOptions`` of the typed
+    groups): what a caller that holds the options (the model adapter) calls with each batch.
+    ``normalizer``, when given, replaces the options' for this call."""
+    if not isinstance(options, GFTOptions):
+        raise TypeError(f"options must be a gft_kernels.options.GFTOptions, got {type(options).__name__}")
+    weight, bias = split_lm_head(lm_head, bias)
+    per_call = PerCall(normalizer, seq_ids, cu_seqlens)
+    return _loss(hidden, weight, bias, targets, adv, options, old_logp, ref_logp, per_call)
 
 
 def _autocast_cast(x, dtype):
@@ -190,11 +241,18 @@ def _flatten(hidden, weight, bias, targets, adv, ignore_index, vocab_start) -> _
 
 
 @_autocast_like_linear
-def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None, ref_logp=None):
+def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None, ref_logp=None, per_call=None):
     """The op on checked options: tensor checks, then the engine, then the head."""
     loss_options, run = options.loss, options.run
+    reduction = loss_options.reduction
+    normalizer, seq_ids, cu_seqlens = per_call or PerCall()
+    normalizer = loss_options.normalizer if normalizer is None else check_normalizer(normalizer, reduction)
+    if isinstance(targets, Tensor):
+        sequences, adv = check_layout(targets, adv, seq_ids, cu_seqlens)
+    else:
+        sequences = None  # check_tensors names the wrong type
     targets, adv = check_tensors(hidden, weight, bias, targets, adv)
-    per_token = check_policy_tensors(targets, loss_options.reduction, old_logp, ref_logp)
+    per_token = check_policy_tensors(targets, reduction, old_logp, ref_logp, packed=sequences is not None)
     terms = options.policy.bind(
         *(per_token[k].reshape(-1) if k in per_token else None for k in ("old_logp", "ref_logp"))
     )
@@ -203,16 +261,17 @@ def _loss(hidden, weight, bias, targets, adv, options: GFTOptions, old_logp=None
     if run.vocab_parallel_group is not None:
         vocab_start, vocab_size = vocab_shard(run.vocab_parallel_group, weight.shape[0], run.vocab_start, hidden.device)
     if run.check_values:
-        check_input_values(targets, adv, loss_options.normalizer, vocab_size, loss_options.ignore_index, per_token)
+        layout = () if sequences is None else layout_value_checks(sequences, seq_ids, cu_seqlens)
+        check_input_values(targets, adv, normalizer, vocab_size, loss_options.ignore_index, per_token, layout)
     flat = _flatten(hidden, weight, bias, targets, adv, loss_options.ignore_index, vocab_start)
     valid, tau = flat.request.valid, loss_options.tau
     aux = None
     if _one_pass(engine, flat, options):
-        loss, rows = _one_pass_loss(engine, flat, terms, options)
+        loss, rows = _one_pass_loss(engine, flat, terms, options, normalizer, sequences)
     else:
         rows = _rows(engine, flat, options.kernel(engine), run.vocab_parallel_group)
         loss_tok, aux = per_token_loss(rows.logp, rows.entropy, valid, flat.adv, tau, terms)
-        loss = reduce_loss(loss_tok, valid, loss_options.reduction, loss_options.normalizer, flat.shape)
+        loss = reduce_loss(loss_tok, valid, reduction, normalizer, flat.shape, sequences)
     if not run.return_stats:
         return loss
     if aux is None:  # the one-pass path differentiated the head inside: its per-token values again
@@ -236,7 +295,7 @@ def _one_pass(engine: Engine, flat: _Flat, options: GFTOptions) -> bool:
     )
 
 
-def _one_pass_loss(engine: Engine, flat: _Flat, terms: PolicyTerms, options: GFTOptions):
+def _one_pass_loss(engine: Engine, flat: _Flat, terms: PolicyTerms, options: GFTOptions, normalizer, sequences):
     valid, tau = flat.request.valid, options.loss.tau
 
     def token_loss(lp, ent, idx):
@@ -248,7 +307,7 @@ def _one_pass_loss(engine: Engine, flat: _Flat, terms: PolicyTerms, options: GFT
         return per_token_loss(lp, ent, valid.index_select(0, idx), flat.adv.index_select(0, idx), tau, sliced)[0]
 
     acc = torch.float64 if flat.request.hidden.dtype == torch.float64 else torch.float32
-    weights = reduction_weights(valid, options.loss.reduction, options.loss.normalizer, flat.shape, acc)
+    weights = reduction_weights(valid, options.loss.reduction, normalizer, flat.shape, acc, sequences)
     return precomputed_loss(engine.name, flat.request, options.kernel(engine), token_loss, weights)
 
 
@@ -299,8 +358,10 @@ def vocab_shard(group, rows: int, start: int | None, device) -> tuple[int, int]:
 class GFTLoss(nn.Module):
     """``nn.Module`` form of :func:`gft_loss`; the same options in the same order.
 
-    ``forward(hidden, lm_head, targets, adv, old_logp=None, ref_logp=None)`` calls ``gft_loss``
-    with the options given here and the per-batch log-probs given there.
+    ``forward(hidden, lm_head, targets, adv, old_logp=None, ref_logp=None, *, normalizer=None,
+    seq_ids=None, cu_seqlens=None)`` calls ``gft_loss`` with the options given here and, given
+    there, the per-batch log-probs, a normalizer for this batch (None: the one given here) and
+    the packed layout.
     """
 
     def __init__(
@@ -351,9 +412,22 @@ class GFTLoss(nn.Module):
         loss = LossOptions.build(tau, loss.reduction, loss.normalizer, loss.ignore_index)
         self.options = dataclasses.replace(self.options, loss=loss)
 
-    def forward(self, hidden, lm_head, targets, adv, old_logp=None, ref_logp=None):
+    def forward(
+        self,
+        hidden,
+        lm_head,
+        targets,
+        adv,
+        old_logp=None,
+        ref_logp=None,
+        *,
+        normalizer=None,
+        seq_ids=None,
+        cu_seqlens=None,
+    ):
         weight, bias = split_lm_head(lm_head, self.bias)
-        return _loss(hidden, weight, bias, targets, adv, self.options, old_logp, ref_logp)
+        per_call = PerCall(normalizer, seq_ids, cu_seqlens)
+        return _loss(hidden, weight, bias, targets, adv, self.options, old_logp, ref_logp, per_call)
 
     def extra_repr(self) -> str:
         groups = (self.options.loss, self.options.policy, self.options.logits, self.options.run)

@@ -20,13 +20,15 @@ are settings of this head (tau = 0, tau > 1, tau = 0 with any A); at ``old_logp 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 # Per-token KL estimators of KL(model || ref), with d = ref_logp - logp (Schulman's k1, k2, k3).
 KL_ESTIMATORS = ("k1", "k2", "k3")
-# Reductions of the per-token losses; the "seq-" ones need targets of shape [B, T, ...].
+# Reductions of the per-token losses; the "seq-" ones need targets of shape [B, T, ...] (a
+# sequence per row) or a packed layout (``seq_ids`` / ``cu_seqlens``: the sequences of a row).
 REDUCTIONS = ("mean", "sum", "none", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
@@ -136,47 +138,94 @@ def _denominator(count: Tensor, normalizer, like: Tensor) -> Tensor:
     return torch.tensor(float(normalizer), device=like.device, dtype=like.dtype)
 
 
-def reduction_weights(valid: Tensor, reduction: str, normalizer, shape: torch.Size, dtype) -> Tensor:
+class Sequences(NamedTuple):
+    """The sequences of a packed (varlen) layout: each flat token's sequence index ``[N]`` (int64)
+    and ``count``, the size of the per-sequence buffers (every index is below it)."""
+
+    index: Tensor
+    count: int
+
+
+def reduction_weights(
+    valid: Tensor, reduction: str, normalizer, shape: torch.Size, dtype, sequences: Sequences | None = None
+) -> Tensor:
     """Per-token weights w_t, flat, with the loss ``sum_t w_t loss_t``: the one definition of
     every reduction but "none" (``reduce_loss`` applies it; the chunked engine's one-pass path
-    weights its tokens with it). ``shape`` is the targets'; sequences are its leading dim."""
+    weights its tokens with it). ``shape`` is the targets'; the sequences of the "seq-"
+    reductions are its leading dim, or those of a packed layout (``sequences``)."""
     ones = valid.to(dtype)
     if reduction == "sum":
         return ones
     if reduction == "mean":
         return ones / _denominator(valid.sum(), normalizer, ones)
     # per sequence, then the mean over sequences with a valid token
-    counts = valid.reshape(shape[0], -1).sum(dim=1, keepdim=True)
-    per_seq = valid.reshape(shape[0], -1).to(dtype)
+    if sequences is None:
+        counts = valid.reshape(shape[0], -1).sum(dim=1, keepdim=True)
+        per_seq = valid.reshape(shape[0], -1).to(dtype)
+        if reduction == "seq-mean-token-mean":
+            per_seq = per_seq / counts.clamp_min(1).to(dtype)
+        return (per_seq / _denominator((counts > 0).sum(), normalizer, ones)).reshape(-1)
+    counts = torch.zeros(sequences.count, dtype=torch.int64, device=valid.device)
+    counts = counts.index_add_(0, sequences.index, valid.to(torch.int64))
     if reduction == "seq-mean-token-mean":
-        per_seq = per_seq / counts.clamp_min(1).to(dtype)
-    return (per_seq / _denominator((counts > 0).sum(), normalizer, ones)).reshape(-1)
+        ones = ones / counts.clamp_min(1)[sequences.index].to(dtype)
+    return ones / _denominator((counts > 0).sum(), normalizer, ones)
 
 
-def reduce_loss(loss_tok: Tensor, valid: Tensor, reduction: str, normalizer, shape: torch.Size) -> Tensor:
+def reduce_loss(
+    loss_tok: Tensor, valid: Tensor, reduction: str, normalizer, shape: torch.Size, sequences: Sequences | None = None
+) -> Tensor:
     """The reductions of ``gft_loss`` (``loss_tok``, ``valid`` flat; ``shape`` the targets')."""
     if reduction == "none":
         return loss_tok.reshape(shape)
-    return (loss_tok * reduction_weights(valid, reduction, normalizer, shape, loss_tok.dtype)).sum()
+    weights = reduction_weights(valid, reduction, normalizer, shape, loss_tok.dtype, sequences)
+    return (loss_tok * weights).sum()
 
 
-# Loss aggregations by their verl names (``loss_agg_mode``), each one of the reductions above
-# with a normalizer: the mean over all tokens (DAPO); the mean over sequences of each one's token
-# mean (GRPO) or token sum; the token sum over sequences x max_length (Dr. GRPO's constant).
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# The one map from a loss aggregation's name to the op's reduction and what its normalizer
+# counts. The names are verl's ``loss_agg_mode`` (the trainer's ``--loss-aggregation`` takes
+# them): the mean over all tokens (DAPO); the mean over sequences of each one's token mean
+# (GRPO) or token sum; the token sum over sequences x max_length (Dr. GRPO's constant).
+AGGREGATION_REDUCTIONS = {
+    "token-mean": ("mean", "tokens"),
+    "seq-mean-token-mean": ("seq-mean-token-mean", "sequences"),
+    "seq-mean-token-sum": ("seq-mean-token-sum", "sequences"),
+    "seq-mean-token-sum-norm": ("mean", "sequences x max_length"),
+}
+AGGREGATIONS = tuple(AGGREGATION_REDUCTIONS)
+# TRL's ``loss_type`` as one of these aggregations (the counts it normalizes by are TRL's: the
+# global or the local tokens, the micro-batch's sequences; gft_train.integrations.trl).
+TRL_LOSS_TYPES = {
+    "dapo": "token-mean",
+    "cispo": "token-mean",
+    "bnpo": "token-mean",
+    "grpo": "seq-mean-token-mean",
+    "sapo": "seq-mean-token-mean",
+    "luspo": "seq-mean-token-sum",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
 
 
-def aggregation_reduction(name: str, n_tokens: float, n_seqs: float, max_length: int) -> tuple[str, float]:
+def aggregation_reduction(name: str, n_tokens=None, n_seqs=None, max_length: int | None = None):
     """``(reduction, normalizer)`` of ``gft_loss`` that computes the aggregation ``name`` over a batch
     of ``n_tokens`` valid tokens in ``n_seqs`` sequences (global counts, so every micro-batch and
-    process divides by the same number)."""
-    if name not in AGGREGATIONS:
+    process divides by the same number; numbers or one-element tensors). Without the counts the
+    normalizer is None: the reduction alone, fixed for a run, as a ``GFTLoss`` is built."""
+    if name not in AGGREGATION_REDUCTIONS:
         raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {name!r}")
-    if name == "token-mean":
-        return "mean", max(n_tokens, 1e-9)
-    if name == "seq-mean-token-sum-norm":
-        return "mean", max(n_seqs, 1e-9) * max_length
-    return name, max(n_seqs, 1e-9)
+    reduction, counted = AGGREGATION_REDUCTIONS[name]
+    if n_tokens is None and n_seqs is None:
+        return reduction, None
+    if counted == "tokens":
+        return reduction, _at_least_tiny(n_tokens)
+    if counted == "sequences":
+        return reduction, _at_least_tiny(n_seqs)
+    return reduction, _at_least_tiny(n_seqs) * max_length
+
+
+def _at_least_tiny(count):
+    # a batch with nothing to count divides 0 by a tiny positive number: 0, never 0 / 0
+    return count.clamp_min(1e-9) if isinstance(count, Tensor) else max(count, 1e-9)
 
 
 def head_stats(

@@ -50,7 +50,8 @@ def check_backend_name(backend) -> None:
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
 
 
-def _normalizer(normalizer, reduction):
+def check_normalizer(normalizer, reduction):
+    """An explicit denominator for ``reduction`` (None: the local count): > 0, a number or a one-element tensor."""
     if normalizer is None:
         return None
     if reduction in ("sum", "none"):
@@ -83,7 +84,7 @@ class LossOptions:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-        return cls(tau, reduction, _normalizer(normalizer, reduction), int(ignore_index))
+        return cls(tau, reduction, check_normalizer(normalizer, reduction), int(ignore_index))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import Engine, KernelOptions, describe, select
+from .head import Sequences
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -83,9 +84,9 @@ def _per_token(name: str, x, targets: Tensor) -> Tensor:
     return broadcast_adv(x, targets, name)
 
 
-def check_policy_tensors(targets, reduction, old_logp, ref_logp) -> dict:
+def check_policy_tensors(targets, reduction, old_logp, ref_logp, packed: bool = False) -> dict:
     """The per-token log-probs by name, broadcast to targets' shape (for the value checks)."""
-    if reduction.startswith("seq-") and targets.dim() < 2:
+    if reduction.startswith("seq-") and targets.dim() < 2 and not packed:
         raise ValueError(
             f"reduction={reduction!r} needs targets of shape [B, T, ...] (sequences first), "
             f"got shape {tuple(targets.shape)}"
@@ -121,11 +122,18 @@ def broadcast_adv(adv, targets: Tensor, name: str = "adv") -> Tensor:
 
 
 def check_input_values(
-    targets: Tensor, adv: Tensor, normalizer, vocab: int, ignore_index: int, per_token: dict | None = None
+    targets: Tensor,
+    adv: Tensor,
+    normalizer,
+    vocab: int,
+    ignore_index: int,
+    per_token: dict | None = None,
+    layout: tuple = (),
 ) -> None:
     """Content checks, one host sync for all of them; details are computed only on failure.
     Per-token log-probs (``per_token``: name -> tensor of targets' shape) must be finite and
-    <= 0 at valid tokens (anything at ignored ones)."""
+    <= 0 at valid tokens (anything at ignored ones). ``layout``: a packed layout's checks, pairs
+    of (0-dim bool flag, the message when it is set) from ``layout_value_checks``."""
     valid = targets != ignore_index
     bad_target = valid & ((targets < 0) | (targets >= vocab))
     bad_adv = ~torch.isfinite(adv)
@@ -133,8 +141,12 @@ def check_input_values(
     flags = [bad_target.any(), bad_adv.any(), *(b.any() for b in bad_logp.values())]
     if isinstance(normalizer, Tensor):
         flags.append(~(normalizer.reshape(()) > 0))
-    if not torch.stack(flags).any().item():
+    layout_flags = [flag for flag, _ in layout]
+    if not torch.stack(flags + layout_flags).any().item():
         return
+    for flag, message in layout:
+        if flag:
+            raise ValueError(message())
     if flags[0]:
         seen = targets[bad_target].unique()[:8].tolist()
         raise ValueError(f"targets must be in [0, V={vocab}) or ignore_index={ignore_index}; found {seen}")
@@ -146,6 +158,90 @@ def check_input_values(
             seen = per_token[name][bad].unique()[:8].tolist()
             raise ValueError(f"{name} must be finite log-probs (<= 0) at valid tokens; found {seen}")
     raise ValueError(f"normalizer must be > 0, got {normalizer.reshape(()).item()}")
+
+
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _layout_tensor(name: str, x, device) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {type(x).__name__}")
+    if x.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the targets' device {device}, got {x.device}")
+    return x
+
+
+def check_layout(targets: Tensor, adv, seq_ids=None, cu_seqlens=None) -> tuple[Sequences | None, object]:
+    """A packed (varlen) layout, checked by shape and dtype: ``(Sequences, adv)`` with ``adv``
+    per token where it was one per sequence (``[S]``); ``(None, adv)`` without a layout.
+
+    ``seq_ids``: each token's sequence, targets' shape or flat ``[N]``, in ``[0, S)`` where ``S``
+    is ``len(adv)`` for a per-sequence ``adv``, else ``N``. ``cu_seqlens``: int ``[S + 1]``, the
+    sequences' cumulative lengths over the flat tokens (flash-attention's name and layout; an
+    empty sequence is allowed). Their values are checked by ``layout_value_checks``."""
+    if seq_ids is None and cu_seqlens is None:
+        return None, adv
+    if seq_ids is not None and cu_seqlens is not None:
+        raise ValueError("pass one packed layout: seq_ids or cu_seqlens, not both")
+    n = targets.numel()
+    per_sequence = isinstance(adv, Tensor) and adv.dim() == 1 and adv.shape[0] != n
+    if per_sequence and adv.shape[0] == 0:
+        raise ValueError(f"adv has no entry (shape (0,)) but targets have {n} tokens")
+    if seq_ids is not None:
+        seq_ids = _layout_tensor("seq_ids", seq_ids, targets.device)
+        if seq_ids.shape != targets.shape and seq_ids.shape != (n,):
+            raise ValueError(
+                f"seq_ids must have targets' shape {tuple(targets.shape)} or [N] = ({n},), got {tuple(seq_ids.shape)}"
+            )
+        index = seq_ids.reshape(-1).to(torch.int64)
+        count = adv.shape[0] if per_sequence else n
+    else:
+        cu_seqlens = _layout_tensor("cu_seqlens", cu_seqlens, targets.device)
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+            raise ValueError(
+                f"cu_seqlens must have shape [S + 1] (cumulative sequence lengths, 0 first), "
+                f"got {tuple(cu_seqlens.shape)}"
+            )
+        count = cu_seqlens.shape[0] - 1
+        if count == 0 and n > 0:
+            raise ValueError(f"cu_seqlens has no sequence (shape (1,)) but targets have {n} tokens")
+        if per_sequence and adv.shape[0] != count:
+            raise ValueError(
+                f"adv of shape {tuple(adv.shape)} is neither per token (N = {n}) nor per sequence "
+                f"(S = {count}, from cu_seqlens of shape {tuple(cu_seqlens.shape)})"
+            )
+        positions = torch.arange(n, device=targets.device)
+        index = torch.searchsorted(cu_seqlens[1:].to(torch.int64), positions, right=True)
+    sequences = Sequences(index, count)
+    if per_sequence:
+        adv = adv.index_select(0, index.clamp(0, max(adv.shape[0] - 1, 0))).reshape(targets.shape)
+    elif isinstance(adv, Tensor) and adv.dim() == 1 and targets.dim() != 1:
+        adv = adv.reshape(targets.shape)  # [N], one per flat token
+    return sequences, adv
+
+
+def layout_value_checks(sequences: Sequences, seq_ids, cu_seqlens) -> tuple:
+    """The layout's value checks as ``check_input_values`` takes them: (flag, message) pairs."""
+    if seq_ids is not None:
+        index, count = sequences.index, sequences.count
+        bad = (index < 0) | (index >= count)
+        return (
+            (
+                bad.any(),
+                lambda: f"seq_ids must be in [0, {count}) (the number of sequences: len(adv) for one "
+                f"advantage per sequence, else the number of tokens); found {index[bad].unique()[:8].tolist()}",
+            ),
+        )
+    cu = cu_seqlens.to(torch.int64)
+    n = sequences.index.shape[0]
+    steps = cu[1:] - cu[:-1]
+    return (
+        (cu[0] != 0, lambda: f"cu_seqlens must start at 0, got {cu[0].item()}"),
+        ((steps < 0).any(), lambda: f"cu_seqlens must be non-decreasing (cumulative lengths), got {cu[:16].tolist()}"),
+        (cu[-1] != n, lambda: f"cu_seqlens must end at the number of tokens N = {n}, got {cu[-1].item()}"),
+    )
 
 
 _auto_warned: set = set()

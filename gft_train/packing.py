@@ -16,7 +16,8 @@ model on two sequences packed and apart and refuses it when they differ.
 
 Targets are shifted per sequence: the last token of a sequence predicts nothing (it would
 predict the next sequence's first token), and each token's advantage is its sequence's. The
-"seq-" loss aggregations weight tokens by their own sequence (``seq_ids``), not by the row.
+loss op takes the row with its ``seq_ids`` (its packed layout), so the "seq-" loss aggregations
+count each sequence, inside the op, as they count the rows of a padded batch.
 """
 
 from __future__ import annotations
@@ -64,10 +65,6 @@ class PackedBatch:
         )
 
     @property
-    def forward_kwargs(self) -> dict:
-        return {"position_ids": self.position_ids, "seq_ids": self.seq_ids}
-
-    @property
     def n_valid(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
@@ -88,68 +85,6 @@ def pack(batch: Batch) -> PackedBatch:
         adv.append(batch.adv[r].expand(n))
         seq.append(torch.full((n,), r))
     return PackedBatch(*(torch.cat(x).unsqueeze(0) for x in (ids, pos, labels, adv, seq)), n_cut=batch.n_cut)
-
-
-def packed_weights(valid: torch.Tensor, seq_ids: torch.Tensor, reduction: str, normalizer, dtype) -> torch.Tensor:
-    """Per-token weights of a "seq-" reduction with the sequences given by ``seq_ids`` (the
-    kernel's own would take the packed row for one sequence): ``gft_loss``'s definition
-    (``gft_kernels.head.reduction_weights``) with each sequence's tokens counted apart."""
-    valid, seq_ids = valid.reshape(-1), seq_ids.reshape(-1)
-    n = int(seq_ids.max()) + 1 if seq_ids.numel() else 0
-    counts = torch.zeros(n, dtype=torch.long, device=valid.device).index_add_(0, seq_ids, valid.long())
-    w = valid.to(dtype)
-    if reduction == "seq-mean-token-mean":
-        w = w / counts.clamp_min(1)[seq_ids].to(dtype)
-    elif reduction != "seq-mean-token-sum":
-        raise ValueError(f"packed_weights: reduction must be a 'seq-' reduction, got {reduction!r}")
-    if normalizer is None:
-        denominator = (counts > 0).sum().clamp_min(1).to(dtype)
-    else:
-        denominator = torch.as_tensor(normalizer, dtype=dtype, device=valid.device).reshape(())
-    return w / denominator
-
-
-def packed_gft_loss(
-    model,
-    batch_input_ids,
-    labels,
-    adv,
-    tau,
-    *,
-    position_ids,
-    seq_ids,
-    normalizer,
-    reduction,
-    backend="auto",
-    loss_options=None,
-):
-    """``causal_lm_gft_loss`` on a packed row: ``labels`` already shifted per sequence,
-    ``adv`` per token; the "seq-" reductions per sequence of ``seq_ids``. Returns (loss, stats)."""
-    from gft_kernels.models import causal_lm_gft_loss
-
-    # "mean" and "sum" weigh every token alike whatever the rows; "seq-mean-token-sum" too once the
-    # number of sequences is given. The others need each token's own sequence.
-    own = reduction in ("mean", "sum") or (reduction == "seq-mean-token-sum" and normalizer is not None)
-    loss, stats = causal_lm_gft_loss(
-        model,
-        batch_input_ids,
-        None,
-        None,
-        adv,
-        tau,
-        normalizer=normalizer if own else None,
-        reduction=reduction if own else "none",
-        return_stats=True,
-        backend=backend,
-        shift_labels=labels,
-        loss_options=loss_options,
-        position_ids=position_ids,
-    )
-    if not own:
-        valid = labels != IGNORE_INDEX
-        acc = torch.float64 if loss.dtype == torch.float64 else torch.float32
-        loss = (loss.reshape(-1).to(acc) * packed_weights(valid, seq_ids, reduction, normalizer, acc)).sum()
-    return loss, stats
 
 
 # ---- the probe --------------------------------------------------------------------------

@@ -16,11 +16,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from gft_kernels import GFTLoss
 from gft_kernels.head import aggregation_reduction
 
 from .distributed import max_over_processes
 from .lm import causal_lm_gft_loss, encode
-from .packing import pack, packed_gft_loss
+from .packing import PackedBatch, pack
 
 
 class TokenSums(NamedTuple):
@@ -37,55 +38,57 @@ class TokenSums(NamedTuple):
         return torch.stack(tuple(self))
 
 
+def run_loss(cfg) -> GFTLoss:
+    """The run's loss, built once from its ``config.Config``: tau, the reduction of
+    ``loss_aggregation``, the entropy bonus and the engine; each step's normalizer (global
+    counts) comes with its micro-batches. Statistics for the metrics; no value checks (the
+    trainer builds its batches) and so no host sync per micro-batch."""
+    reduction, _ = aggregation_reduction(cfg.loss_aggregation)
+    return GFTLoss(
+        cfg.tau,
+        reduction=reduction,
+        entropy_coef=cfg.entropy_coef,
+        backend=cfg.loss_backend,
+        return_stats=True,
+        check_values=False,
+    )
+
+
 class GFTPolicy(nn.Module):
     """The causal LM plus the fused loss, as one module, so DDP/FSDP wrap the whole computation
-    (a loss computed from the backbone outside the wrapper's forward would skip gradient sync)."""
+    (a loss computed from the backbone outside the wrapper's forward would skip gradient sync).
+    ``loss`` is the run's ``GFTLoss`` (``run_loss``), built once."""
 
-    def __init__(self, model):
+    def __init__(self, model, loss: GFTLoss):
         super().__init__()
         self.model = model
+        self.loss = loss
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask,
-        labels,
-        adv,
-        tau,
-        normalizer,
-        reduction="mean",
-        entropy_coef=0.0,
-        backend="auto",
-        position_ids=None,
-        seq_ids=None,
-    ) -> tuple[Tensor, TokenSums]:
-        if position_ids is not None:  # a packed row (packing.PackedBatch): labels already shifted per sequence
-            loss, stats = packed_gft_loss(
+    def forward(self, batch, normalizer) -> tuple[Tensor, TokenSums]:
+        """The loss of one micro-batch (``lm.Batch``, or ``packing.PackedBatch``: one row of its
+        sequences, labels already shifted per sequence) over ``normalizer``, and its token sums."""
+        if isinstance(batch, PackedBatch):  # the op reduces over the row's sequences (seq_ids)
+            loss, stats = causal_lm_gft_loss(
                 self.model,
-                input_ids,
-                labels,
-                adv,
-                tau,
-                position_ids=position_ids,
-                seq_ids=seq_ids,
+                batch.input_ids,
+                None,
+                None,
+                batch.adv,
+                loss=self.loss,
                 normalizer=normalizer,
-                reduction=reduction,
-                backend=backend,
-                loss_options=dict(entropy_coef=entropy_coef),
+                shift_labels=batch.labels,
+                seq_ids=batch.seq_ids,
+                position_ids=batch.position_ids,
             )
         else:
             loss, stats = causal_lm_gft_loss(
                 self.model,
-                input_ids,
-                attention_mask,
-                labels,
-                adv,
-                tau,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.labels,
+                batch.adv,
+                loss=self.loss,
                 normalizer=normalizer,
-                reduction=reduction,
-                return_stats=True,
-                backend=backend,
-                loss_options=dict(entropy_coef=entropy_coef),
             )
         n = stats.n_valid
         # (stats.entropy is 0 at ignored tokens: its sum is over the valid ones)
@@ -211,8 +214,9 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt, at
     step, on every process alike (both figures are global)."""
     from accelerate.utils import DistributedType
 
-    # DDP averages gradients over processes: normalize by the global counts / processes
-    reduction, normalizer = aggregation(
+    # DDP averages gradients over processes: normalize by the global counts / processes (the
+    # reduction is the policy's loss's, built once from the same aggregation)
+    _, normalizer = aggregation(
         opt.loss_aggregation, step.tokens / acc.num_processes, step.seqs / acc.num_processes, opt.max_length
     )
     loss_sum = torch.zeros((), device=acc.device)
@@ -222,18 +226,7 @@ def optimizer_step(acc, policy, optimizer, scheduler, step: StepBatches, opt, at
         sync = i == len(step.batches) - 1
         ctx = acc.no_sync(policy) if not sync else contextlib.nullcontext()
         with ctx, acc.autocast():
-            loss, s = policy(
-                batch.input_ids,
-                batch.attention_mask,
-                batch.labels,
-                batch.adv,
-                opt.tau,
-                normalizer,
-                reduction,
-                opt.entropy_coef,
-                opt.loss_backend,
-                **getattr(batch, "forward_kwargs", {}),
-            )
+            loss, s = policy(batch, normalizer)
         if acc.distributed_type == DistributedType.DEEPSPEED:  # the engine steps at the last one
             acc.deepspeed_engine_wrapped.backward(loss, sync_gradients=sync)
         else:

@@ -53,6 +53,7 @@ from .step import (  # noqa: F401
     aggregation,
     cut_warning,
     optimizer_step,
+    run_loss,
     scheduled_lrs,
     step_batches,
 )
@@ -121,7 +122,8 @@ class Trainer:
         self.sampler = None
         if self.sharded and self.acc.is_main_process and (cfg.n_self or cfg.eval_every):
             self.sampler = unpartitioned(lambda: load_model(cfg.model)[0])
-        self.policy, self.optimizer, self.scheduler = prepare(self.acc, GFTPolicy(model), cfg.optimization)
+        self.loss = run_loss(cfg)  # the run's one GFTLoss: its options are checked here, once
+        self.policy, self.optimizer, self.scheduler = prepare(self.acc, GFTPolicy(model, self.loss), cfg.optimization)
         self.engine = None
         self.step = 0
         self._bar = None  # the progress bar, while train() runs

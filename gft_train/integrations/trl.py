@@ -58,14 +58,14 @@ check_trl_version(trl.__version__)
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl.data_utils import is_conversational  # noqa: E402
 
-from gft_kernels.head import reduction_weights  # noqa: E402
+from gft_kernels.head import TRL_LOSS_TYPES, aggregation_reduction, reduction_weights  # noqa: E402
 from gft_kernels.models import causal_lm_gft_loss, causal_lm_logprobs, check_model  # noqa: E402
 from gft_kernels.options import IGNORE_INDEX, check_tau  # noqa: E402
 
 from ..groups import SOURCES  # noqa: E402
 from ..render import render  # noqa: E402
 
-_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo")
+_LOSS_TYPES = tuple(TRL_LOSS_TYPES)
 
 
 @dataclass
@@ -376,27 +376,21 @@ class GFTTrainer(GRPOTrainer):
     # ---- the update -------------------------------------------------------------------------
 
     def _token_weights(self, inputs, mask: torch.Tensor, mode: str) -> torch.Tensor:
-        """Per-token weights that make ``sum(w * loss_t)`` TRL's aggregation of ``loss_type``: one of
-        the kernel's reductions (``gft_kernels.head.reduction_weights``) with TRL's normalizer."""
+        """Per-token weights that make ``sum(w * loss_t)`` TRL's aggregation of ``loss_type``: its
+        aggregation (``gft_kernels.head.TRL_LOSS_TYPES``, the one map to the kernel's reductions)
+        over the counts TRL divides by, through ``gft_kernels.head.reduction_weights``."""
         valid = mask != 0
         B = mask.shape[0]
         ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         lt = self.loss_type
-        if lt in ("grpo", "sapo"):  # each sequence's token mean, over B sequences
-            reduction, normalizer = "seq-mean-token-mean", B * ga
-        elif lt == "bnpo":  # the local token mean
-            reduction, normalizer = "mean", valid.sum().clamp(min=1) * ga
-        elif lt == "dr_grpo":  # the token sum over B x max_completion_length
-            reduction, normalizer = "mean", B * self.max_completion_length * ga
-        elif lt in ("dapo", "cispo"):  # the global token mean
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if lt in ("dapo", "cispo"):  # the global token mean
+            n_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            reduction = "mean"
-        elif lt == "luspo":  # each sequence's token sum, over B sequences
-            reduction, normalizer = "seq-mean-token-sum", B * ga
-        else:  # refused at construction
-            raise ValueError(f"loss_type {lt!r}")
+                n_tokens = n_tokens * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        else:  # bnpo: the local token mean
+            n_tokens = valid.sum().clamp(min=1) * ga
+        # the seq- ones: over the B sequences of the micro-batch (dr_grpo: B x max_completion_length)
+        reduction, normalizer = aggregation_reduction(TRL_LOSS_TYPES[lt], n_tokens, B * ga, self.max_completion_length)
         w = reduction_weights(valid.reshape(-1), reduction, normalizer, mask.shape, torch.float32).reshape(mask.shape)
         if self.use_vllm and self.vllm_importance_sampling_correction:
             w = w * inputs["importance_sampling_ratio"]

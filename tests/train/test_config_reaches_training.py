@@ -96,41 +96,24 @@ def _run(data, out, monkeypatch, **fields) -> Run:
     losses, generates, clips = [], [], []
     real_loss = step_mod.causal_lm_gft_loss
 
-    def loss_spy(model, input_ids, attention_mask, labels, adv, tau, **kw):
+    def loss_spy(model, input_ids, attention_mask, labels, adv, **kw):
+        options = kw["loss"].options  # the run's GFTLoss, built once
         losses.append(
             dict(
-                tau=tau,
-                reduction=kw["reduction"],
+                tau=options.loss.tau,
+                reduction=options.loss.reduction,
                 normalizer=kw["normalizer"],
-                entropy_coef=kw["loss_options"]["entropy_coef"],
-                backend=kw["backend"],
+                entropy_coef=options.policy.entropy_coef,
+                backend=options.run.backend,
                 adv=adv.detach().clone(),
                 shape=tuple(input_ids.shape),
                 autocast=torch.is_autocast_enabled("cpu"),
+                **({"packed": True} if kw.get("seq_ids") is not None else {}),
             )
         )
-        return real_loss(model, input_ids, attention_mask, labels, adv, tau, **kw)
-
-    real_packed = step_mod.packed_gft_loss
-
-    def packed_spy(model, input_ids, labels, adv, tau, **kw):
-        losses.append(
-            dict(
-                tau=tau,
-                reduction=kw["reduction"],
-                normalizer=kw["normalizer"],
-                packed=True,
-                entropy_coef=kw["loss_options"]["entropy_coef"],
-                backend=kw["backend"],
-                adv=adv.detach().clone(),
-                shape=tuple(input_ids.shape),
-                autocast=torch.is_autocast_enabled("cpu"),
-            )
-        )
-        return real_packed(model, input_ids, labels, adv, tau, **kw)
+        return real_loss(model, input_ids, attention_mask, labels, adv, **kw)
 
     monkeypatch.setattr(step_mod, "causal_lm_gft_loss", loss_spy)
-    monkeypatch.setattr(step_mod, "packed_gft_loss", packed_spy)
     cfg = config_mod.Config(
         **{**BASE, "model": data["model"], "train_file": data["train"], "output_dir": str(out), **fields}
     )
@@ -321,6 +304,25 @@ def test_every_field_is_probed_or_said_not_to_change_training():
     fields = {f.name for f in dataclasses.fields(config_mod.Config)}
     assert not set(PROBES) & set(NOT_TRAINING)
     assert set(PROBES) | set(NOT_TRAINING) == fields, fields ^ (set(PROBES) | set(NOT_TRAINING))
+
+
+def test_the_run_builds_its_loss_once(data, tmp_path, monkeypatch):
+    """The trainer holds one GFTLoss built from the Config; a step's micro-batches call it (no
+    options are built again on the way from the flag to the head)."""
+    from gft_kernels.options import LossOptions
+    from gft_train.trainer import Trainer
+
+    cfg = config_mod.Config(
+        **{**BASE, "model": data["model"], "train_file": data["train"], "output_dir": str(tmp_path), "tau": 0.3}
+    )
+    trainer = Trainer(cfg)
+    built = []
+    real = LossOptions.build.__func__
+    monkeypatch.setattr(LossOptions, "build", classmethod(lambda cls, *a, **k: built.append(a) or real(cls, *a, **k)))
+    assert trainer.train_step(trainer._groups_for_step(0))["tokens"] > 0
+    assert built == []
+    assert trainer.acc.unwrap_model(trainer.policy).loss is trainer.loss
+    assert trainer.loss.tau == 0.3 and trainer.loss.options.run.return_stats
 
 
 @pytest.mark.parametrize("name", sorted(PROBES))

@@ -9,10 +9,10 @@ from tiny_models import Skip, causal_lm_types, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gft_kernels.options import IGNORE_INDEX
-from gft_train.config import LOSS_AGGREGATIONS
+from gft_train.config import LOSS_AGGREGATIONS, Optimization
 from gft_train.lm import Batch
-from gft_train.packing import PackedBatch, check_packing, pack, packed_weights
-from gft_train.trainer import GFTPolicy, aggregation
+from gft_train.packing import PackedBatch, check_packing, pack
+from gft_train.trainer import GFTPolicy, aggregation, run_loss
 
 
 def _batch(vocab, lengths=(5, 9, 7), prompt=(2, 3, 1), adv=(1.0, -0.5, 2.0), seed=1):
@@ -46,36 +46,13 @@ def test_pack_lays_the_sequences_out_in_one_row_and_predicts_within_each():
     assert (m.n_valid, m.n_seqs, m.adv.abs().sum().item()) == (0, 0, 0.0)
 
 
-def test_packed_weights_count_each_sequence_apart():
-    valid = torch.tensor([[True, True, False, True, False, True, True, True, False]])
-    seq = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
-    w = packed_weights(valid, seq, "seq-mean-token-mean", None, torch.float64)
-    torch.testing.assert_close(
-        w, torch.tensor([1 / 2, 1 / 2, 0, 1, 0, 1 / 3, 1 / 3, 1 / 3, 0], dtype=torch.float64) / 3
-    )
-    w = packed_weights(valid, seq, "seq-mean-token-sum", 4.0, torch.float64)
-    torch.testing.assert_close(w, valid.reshape(-1).double() / 4)
-    with pytest.raises(ValueError, match="reduction must be a 'seq-' reduction, got 'mean'"):
-        packed_weights(valid, seq, "mean", None, torch.float64)
-
-
 def _loss_and_grads(model, batch, name, entropy_coef=0.0, backward=True):
     """The trainer's module on one micro-batch, with the trainer's reduction and normalizer."""
-    policy = GFTPolicy(model)
+    policy = GFTPolicy(model, run_loss(Optimization(tau=0.7, loss_aggregation=name, entropy_coef=entropy_coef)))
     model.zero_grad(set_to_none=True)
-    reduction, normalizer = aggregation(name, batch.n_valid, batch.n_seqs, 16)
+    _, normalizer = aggregation(name, batch.n_valid, batch.n_seqs, 16)
     with torch.set_grad_enabled(backward):
-        loss, sums = policy(
-            batch.input_ids,
-            batch.attention_mask,
-            batch.labels,
-            batch.adv,
-            0.7,
-            normalizer,
-            reduction,
-            entropy_coef,
-            **getattr(batch, "forward_kwargs", {}),
-        )
+        loss, sums = policy(batch, normalizer)
     if backward:
         loss.backward()
     return loss.detach(), sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -417,14 +417,13 @@ def test_trainer_loss_aggregations_on_the_model_logits(tmp_path, name):
     the global counts the trainer passes (one process here)."""
     from gft_train.demo.model import build_model
     from gft_train.lm import encode
-    from gft_train.trainer import GFTPolicy, aggregation, load_model
+    from gft_train.trainer import GFTPolicy, aggregation, load_model, run_loss
 
     model, tok = load_model(str(build_model(tmp_path / "m")))
     batch = encode(tok, [("12+7=", "19", 1.5), ("3+4=", "8", -0.7), ("20+20=", "40", 0.3)], 16)
-    reduction, normalizer = aggregation(name, batch.n_valid, batch.n_seqs, 16)
-    loss, sums = GFTPolicy(model)(
-        batch.input_ids, batch.attention_mask, batch.labels, batch.adv, 0.7, normalizer, reduction, 0.01
-    )
+    _, normalizer = aggregation(name, batch.n_valid, batch.n_seqs, 16)
+    loss_fn = run_loss(config_mod.Optimization(tau=0.7, loss_aggregation=name, entropy_coef=0.01))
+    loss, sums = GFTPolicy(model, loss_fn)(batch, normalizer)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
     targets = batch.labels[:, 1:]
     log_probs = logits.log_softmax(-1)
