@@ -164,7 +164,7 @@ def launcher_peak(
     all-gathers the full weight, runs the unsharded op on it and reduce-scatters its full dW into
     the shard's gradient (both buffers counted in the peak). ``resident_mib`` is the inputs the
     rank holds (hidden states and its weight shard); ``rank_total_mib`` adds the op's peak."""
-    from gft_kernels.triton_ops import launch
+    from gft_kernels.triton_ops import launch, plans, runners
 
     group = _FakeGroup(v, shards) if shards > 1 else None
     rows = group.sizes[0] if group else v
@@ -175,23 +175,23 @@ def launcher_peak(
     adv[: int(zero_adv_frac * n)] = 0.0
     cuda = torch.device("cuda")
     patched = (
-        "gft_forward_kernel",
-        "gft_backward_kernel",
-        "gft_dlogits_kernel",
-        "tiles",
-        "_sm_count",
-        "_mm_into",
-        "_addmm_fp32",
-        "_logits_into",
-        "DEFAULT_OPTIONS",
+        (runners, "gft_forward_kernel"),
+        (runners, "gft_backward_kernel"),
+        (runners, "gft_dlogits_kernel"),
+        (launch, "tiles"),
+        (plans, "_sm_count"),
+        (runners, "_mm_into"),
+        (runners, "_addmm_fp32"),
+        (runners, "_logits_into"),
+        (launch, "DEFAULT_OPTIONS"),
     )
-    saved = {name: getattr(launch, name) for name in patched}
-    launch.gft_forward_kernel = launch.gft_backward_kernel = launch.gft_dlogits_kernel = _NoKernel()
-    launch._mm_into = launch._addmm_fp32 = launch._logits_into = _no_product  # the cuBLAS products
-    launch.tiles = lambda device, dt, plain=False, options=launch.DEFAULT_OPTIONS: saved["tiles"](
+    saved = {(module, name): getattr(module, name) for module, name in patched}
+    runners.gft_forward_kernel = runners.gft_backward_kernel = runners.gft_dlogits_kernel = _NoKernel()
+    runners._mm_into = runners._addmm_fp32 = runners._logits_into = _no_product  # the cuBLAS products
+    launch.tiles = lambda device, dt, plain=False, options=launch.DEFAULT_OPTIONS: saved[launch, "tiles"](
         cuda, dt, plain, options
     )
-    launch._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
+    plans._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
     if design == "cublas":  # the cuBLAS plans, forward and backward (fp32 logits chunks)
         launch.DEFAULT_OPTIONS = launch.LaunchOptions(forward_design="cublas", backward_design="cublas")
     elif design is not None:
@@ -212,8 +212,8 @@ def launcher_peak(
                 extra = dict(vocab_parallel_group=group, vocab_start=0) if group else {}
                 gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, **options, **extra)[0].backward()
     finally:
-        for name, value in saved.items():
-            setattr(launch, name, value)
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
         for name, value in saved_dist.items():
             setattr(dist, name, value)
     bound = (hidden.numel() + weight.numel()) * hidden.element_size()
