@@ -154,9 +154,11 @@ def launcher_peak(
     design: str | None = None,
     shards: int = 1,
     gathered: bool = False,
+    memory: str = "fast",
 ) -> dict:
     """Peak bytes the Triton engine allocates for forward + backward at this shape (see above),
-    with the launcher's default backward design or ``design``.
+    with the launcher's default backward design or ``design``, planned for ``memory``
+    (``LaunchOptions.memory``: "fast", the default, or "min").
 
     ``shards > 1``: one rank of an lm_head split by vocabulary over ``shards`` ranks (the largest
     shard, ``ceil(v / shards)`` rows), with ``vocab_parallel_group`` (the collectives are
@@ -193,9 +195,10 @@ def launcher_peak(
     )
     plans._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
     if design == "cublas":  # the cuBLAS plans, forward and backward (fp32 logits chunks)
-        launch.DEFAULT_OPTIONS = launch.LaunchOptions(forward_design="cublas", backward_design="cublas")
-    elif design is not None:
-        launch.DEFAULT_OPTIONS = launch.LaunchOptions(backward_design=design)
+        launch.DEFAULT_OPTIONS = launch.LaunchOptions(forward_design="cublas", backward_design="cublas", memory=memory)
+    elif design is not None or memory != launch.DEFAULT_OPTIONS.memory:
+        design = design or launch.DEFAULT_OPTIONS.backward_design
+        launch.DEFAULT_OPTIONS = launch.LaunchOptions(backward_design=design, memory=memory)
     fakes, dist = _fake_collectives(group) if group and not gathered else ({}, None)
     saved_dist = {name: getattr(dist, name) for name in fakes}
     for name, fn in fakes.items():
@@ -222,6 +225,7 @@ def launcher_peak(
         v=v,
         h=h,
         dtype=str(dtype).replace("torch.", ""),
+        memory=memory,
         shards=shards,
         mode="gathered" if group and gathered else "vocab-parallel" if group else "unsharded",
         peak_mib=round(tracker.peak / 2**20, 1),
@@ -337,6 +341,9 @@ def main(argv=None) -> None:
     ap.add_argument("--launcher", action="store_true", help="the Triton launcher's planned peak at the GPU shapes")
     ap.add_argument("--design", choices=["split", "atomic", "cublas"], help="with --launcher: this design's plan")
     ap.add_argument(
+        "--memory", choices=["fast", "min"], default="fast", help="with --launcher: LaunchOptions.memory of the plan"
+    )
+    ap.add_argument(
         "--vocab-parallel",
         action="store_true",
         help="per-rank planned peaks at Llama-3.1-8B, N=8192: unsharded, vocab-parallel and gathered-weight "
@@ -365,7 +372,8 @@ def main(argv=None) -> None:
 
         for model, (h, v) in MODELS.items():
             for n in TOKENS:
-                print(json.dumps(dict(model=model, design=args.design, **launcher_peak(n, v, h, design=args.design))))
+                row = launcher_peak(n, v, h, design=args.design, memory=args.memory)
+                print(json.dumps(dict(model=model, design=args.design, **row)))
         return
     if args.inner:
         print(json.dumps(_measure_here(args.provider, args.n, args.v, args.h, args.calls)))

@@ -68,10 +68,15 @@ class LaunchOptions:
     """How the Triton engine plans and launches (``gft_loss(..., launch_options=...)``; tuning
     and tests hand in others). The defaults are the measured choices (README, "Measured")."""
 
+    # What the plans may hold beyond the gradients. "fast": the fastest exact plan whose peak is
+    # within about 1.15x of the gradients' own bytes (the split and cublas designs' scratch
+    # within split_scratch_fraction, widened to split_widened_fraction where that saves a
+    # product: see plan_split). "min": every design's scratch within scratch_fraction, a peak
+    # within 1.05x (users at the edge of memory).
+    memory: str = "fast"
     # The backward design (backward.py): "split" (dz chunks + cuBLAS products, 4 products, no
-    # atomics) where its scratch fits split_scratch_fraction of the gradients' bytes, else
-    # "atomic"; "atomic" forces the atomic design (bounded scratch at any size: users at the
-    # edge of memory).
+    # atomics) where its scratch fits its budget (``memory``; plan_split), else "atomic";
+    # "atomic" forces the atomic design (bounded scratch at any size).
     backward_design: str = "split"
     # "cublas": the split design with each dz chunk formed from logits that cuBLAS computed
     # (h_active @ W[chunk]^T into scratch, read by the dz kernel): all four products by cuBLAS,
@@ -90,6 +95,10 @@ class LaunchOptions:
     # Largest fp32 scratch of the atomic design, as a fraction of the gradients' bytes.
     scratch_fraction: float = 0.04
     split_scratch_fraction: float = 0.09
+    # memory="fast": the split and cublas designs' budget where dH's whole fp32 accumulator and a
+    # dz chunk fit it but not split_scratch_fraction (N x H x 4 bytes is most of it at H 3584-4096,
+    # 8k tokens); the rest of the op's peak (forward partials, rounding pieces) stays under 1%.
+    split_widened_fraction: float = 0.14
     # Vocabulary columns per split chunk: as many as the budget allows, within these bounds
     # (fewer columns make the products too thin to run at the matmul rate), a multiple of
     # split_step; split_cols fixes it (tuning).
@@ -139,6 +148,7 @@ _CHOICES = {
     "backward_design": ("split", "atomic", "cublas"),
     "forward_design": ("fused", "cublas"),
     "logits_dtype": ("fp32", "input"),
+    "memory": ("fast", "min"),
 }
 DEFAULT_OPTIONS = LaunchOptions()
 _CONFIG_FIELDS = tuple(f.name for f in fields(Config))
@@ -218,7 +228,16 @@ class SplitPlan:
 def plan_split(
     n, n_active, v, h_dim, dtype, need_dh, need_dw, options: LaunchOptions = DEFAULT_OPTIONS, logits_bytes: int = 0
 ) -> SplitPlan | None:
-    """The split design's chunking, or None when its scratch exceeds the budget.
+    """The split design's chunking, or None when its scratch exceeds every budget it may take.
+
+    The budget, a fraction of the gradients' bytes, follows ``options.memory``. "min":
+    ``scratch_fraction``. "fast": the fastest plan within the larger budget, judged without a GPU
+    by fewer products first, then wider chunks: ``split_scratch_fraction``, or, where that gives
+    two sweeps (5 products) or none and ``split_widened_fraction`` gives one sweep (4: dH's whole
+    fp32 accumulator beside a dz chunk, at H 3584-4096 and 8k tokens), the widened budget. Where
+    the 9% budget already gives one sweep it stays (its chunk width was timed on an H100); where
+    even the widened one cannot hold one sweep, two sweeps within 9%. The GPU check
+    (``benchmarks/tune.py``) times both budgets and ``memory="min"`` at the target shapes.
 
     Scratch: dz ``[rows, Vc]`` in the input dtype; the fp32 dH accumulator (``[n_active, H]``
     when one sweep does both products, else ``[rows_per_chunk, H]`` in a second sweep over
@@ -230,7 +249,22 @@ def plan_split(
     logits: 4 bytes, computed in pieces; 0 when dz is written over them), and its row sweep
     gathers each row chunk of h for its product.
     """
-    frac, cols = options.split_scratch_fraction, options.split_cols
+    shape = (n, n_active, v, h_dim, dtype, need_dh, need_dw, options, logits_bytes)
+    if options.memory == "min":
+        return _plan_split_within(options.scratch_fraction, *shape)
+    plan = _plan_split_within(options.split_scratch_fraction, *shape)
+    if plan is None or not plan.fused:
+        widened = _plan_split_within(options.split_widened_fraction, *shape)
+        if widened is not None and widened.fused:
+            return widened
+    return plan
+
+
+def _plan_split_within(
+    frac, n, n_active, v, h_dim, dtype, need_dh, need_dw, options: LaunchOptions, logits_bytes
+) -> SplitPlan | None:
+    """The split design's chunking within ``frac`` of the gradients' bytes (``plan_split``)."""
+    cols = options.split_cols
     elem = torch.finfo(dtype).bits // 8
     budget = frac * elem * h_dim * ((n if need_dh else 0) + (v if need_dw else 0))
     gather = need_dw and n_active < n
@@ -270,11 +304,13 @@ def logits_dtype(weight: torch.Tensor, options: LaunchOptions) -> torch.dtype:
 
 def plan_logits_cols(n, v, h_dim, weight, options: LaunchOptions) -> int | None:
     """Vc of the cublas forward's ``[N, Vc]`` logits chunk within ``split_scratch_fraction`` of
-    the gradients' bytes (as the split backward's scratch), or None where it does not fit."""
+    the gradients' bytes (as the split backward's scratch; ``scratch_fraction`` with
+    ``memory="min"``), or None where it does not fit."""
     if options.split_cols is not None:
         return min(options.split_cols, v)
     elem = torch.finfo(weight.dtype).bits // 8
-    budget = options.split_scratch_fraction * elem * h_dim * (n + v)
+    frac = options.scratch_fraction if options.memory == "min" else options.split_scratch_fraction
+    budget = frac * elem * h_dim * (n + v)
     z_bytes = torch.finfo(logits_dtype(weight, options)).bits // 8
     fit = int(budget // (max(n, 1) * z_bytes)) // options.split_step * options.split_step
     return min(fit, options.split_max_cols, v) if fit >= min(options.split_min_cols, v) else None
