@@ -3,8 +3,9 @@ design and its tile, sized by ``plans.py``, and runs it with ``runners.py``.
 
 The backward has two designs (``backward.py``). The default, "split", writes the logits'
 gradient dz one vocabulary chunk at a time and hands the two products to cuBLAS; its scratch
-(dz chunk, fp32 dH accumulator, gathered active rows) is planned against
-``LaunchOptions.split_scratch_fraction`` of the gradients' bytes, and where it does not fit (many tokens, a
+(dz chunk, fp32 dH accumulator, gathered active rows) is planned against a budget of the
+gradients' bytes that ``LaunchOptions.memory`` sets (``plans.plan_split``: 9%, widened where
+that saves a product; 4% with ``memory="min"``), and where it does not fit (many tokens, a
 small vocabulary) the "atomic" design runs. It makes one host sync, for the count of active
 rows. The atomic design, described next, makes none.
 

@@ -153,11 +153,12 @@ def test_vocab_parallel_rank_peak_follows_the_shard():
     """Per rank at Llama-3.1-8B, N = 8192, bf16, the lm_head split over 2 and 4 ranks (planned
     with the launcher probe, README "Measured"): the vocabulary-parallel op's peak stays within
     the split design's target of this rank's gradients, so the rank's memory falls with the
-    shard; the gathered-weight baseline holds the full weight and its full gradient."""
+    shard; the gathered-weight baseline holds the full weight and its full gradient. Unsharded,
+    the default widens its budget here for one sweep (its target: 1.15x)."""
     from benchmarks.cpu_memory import vocab_parallel_rows
 
     one, *rows = vocab_parallel_rows("llama-3.1-8b", 8192, ranks=(2, 4))
-    assert one["mode"] == "unsharded" and one["peak_over_bound"] <= TARGET["split"], one
+    assert one["mode"] == "unsharded" and one["peak_over_bound"] <= MEMORY_TARGET["fast"], one
     for vp, gathered in zip(rows[::2], rows[1::2]):
         k = vp["shards"]
         assert vp["mode"] == "vocab-parallel" and gathered["mode"] == "gathered"
