@@ -98,6 +98,7 @@ class LaunchOptions:
     # memory="fast": the split and cublas designs' budget where dH's whole fp32 accumulator and a
     # dz chunk fit it but not split_scratch_fraction (N x H x 4 bytes is most of it at H 3584-4096,
     # 8k tokens); the rest of the op's peak (forward partials, rounding pieces) stays under 1%.
+    # Planned (benchmarks/cpu_memory.py), not yet timed on a GPU.
     split_widened_fraction: float = 0.14
     # Vocabulary columns per split chunk: as many as the budget allows, within these bounds
     # (fewer columns make the products too thin to run at the matmul rate), a multiple of
