@@ -164,9 +164,11 @@ def launcher_peak(
     design: str | None = None,
     shards: int = 1,
     gathered: bool = False,
+    memory: str = "fast",
 ) -> dict:
     """Peak bytes the Triton engine allocates for forward + backward at this shape (see above),
-    with the launcher's default backward design or ``design``.
+    with the launcher's default backward design or ``design``, planned for ``memory``
+    (``LaunchOptions.memory``: "fast", the default, or "min").
 
     ``shards > 1``: one rank of an lm_head split by vocabulary over ``shards`` ranks (the largest
     shard, ``ceil(v / shards)`` rows), with ``vocab_parallel_group`` (the collectives are
@@ -174,7 +176,7 @@ def launcher_peak(
     all-gathers the full weight, runs the unsharded op on it and reduce-scatters its full dW into
     the shard's gradient (both buffers counted in the peak). ``resident_mib`` is the inputs the
     rank holds (hidden states and its weight shard); ``rank_total_mib`` adds the op's peak."""
-    from gft_kernels.triton_ops import launch
+    from gft_kernels.triton_ops import launch, plans, runners
 
     group = _FakeGroup(v, shards) if shards > 1 else None
     rows = group.sizes[0] if group else v
@@ -185,27 +187,28 @@ def launcher_peak(
     adv[: int(zero_adv_frac * n)] = 0.0
     cuda = torch.device("cuda")
     patched = (
-        "gft_forward_kernel",
-        "gft_backward_kernel",
-        "gft_dlogits_kernel",
-        "tiles",
-        "_sm_count",
-        "_mm_into",
-        "_addmm_fp32",
-        "_logits_into",
-        "DEFAULT_OPTIONS",
+        (runners, "gft_forward_kernel"),
+        (runners, "gft_backward_kernel"),
+        (runners, "gft_dlogits_kernel"),
+        (launch, "tiles"),
+        (plans, "_sm_count"),
+        (runners, "_mm_into"),
+        (runners, "_addmm_fp32"),
+        (runners, "_logits_into"),
+        (launch, "DEFAULT_OPTIONS"),
     )
-    saved = {name: getattr(launch, name) for name in patched}
-    launch.gft_forward_kernel = launch.gft_backward_kernel = launch.gft_dlogits_kernel = _NoKernel()
-    launch._mm_into = launch._addmm_fp32 = launch._logits_into = _no_product  # the cuBLAS products
-    launch.tiles = lambda device, dt, plain=False, options=launch.DEFAULT_OPTIONS: saved["tiles"](
+    saved = {(module, name): getattr(module, name) for module, name in patched}
+    runners.gft_forward_kernel = runners.gft_backward_kernel = runners.gft_dlogits_kernel = _NoKernel()
+    runners._mm_into = runners._addmm_fp32 = runners._logits_into = _no_product  # the cuBLAS products
+    launch.tiles = lambda device, dt, plain=False, options=launch.DEFAULT_OPTIONS: saved[launch, "tiles"](
         cuda, dt, plain, options
     )
-    launch._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
+    plans._sm_count = lambda device: H100_SMS  # the forward's vocabulary splits as on the GPU
     if design == "cublas":  # the cuBLAS plans, forward and backward (fp32 logits chunks)
-        launch.DEFAULT_OPTIONS = launch.LaunchOptions(forward_design="cublas", backward_design="cublas")
-    elif design is not None:
-        launch.DEFAULT_OPTIONS = launch.LaunchOptions(backward_design=design)
+        launch.DEFAULT_OPTIONS = launch.LaunchOptions(forward_design="cublas", backward_design="cublas", memory=memory)
+    elif design is not None or memory != launch.DEFAULT_OPTIONS.memory:
+        design = design or launch.DEFAULT_OPTIONS.backward_design
+        launch.DEFAULT_OPTIONS = launch.LaunchOptions(backward_design=design, memory=memory)
     fakes, dist = _fake_collectives(group) if group and not gathered else ({}, None)
     saved_dist = {name: getattr(dist, name) for name in fakes}
     for name, fn in fakes.items():
@@ -222,8 +225,8 @@ def launcher_peak(
                 extra = dict(vocab_parallel_group=group, vocab_start=0) if group else {}
                 gft_kernels.gft_loss(hidden, weight, targets, adv, 0.7, **options, **extra)[0].backward()
     finally:
-        for name, value in saved.items():
-            setattr(launch, name, value)
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
         for name, value in saved_dist.items():
             setattr(dist, name, value)
     bound = (hidden.numel() + weight.numel()) * hidden.element_size()
@@ -232,6 +235,7 @@ def launcher_peak(
         v=v,
         h=h,
         dtype=str(dtype).replace("torch.", ""),
+        memory=memory,
         shards=shards,
         mode="gathered" if group and gathered else "vocab-parallel" if group else "unsharded",
         peak_mib=round(tracker.peak / 2**20, 1),
@@ -356,6 +360,9 @@ def main(argv=None) -> None:
     ap.add_argument("--launcher", action="store_true", help="the Triton launcher's planned peak at the GPU shapes")
     ap.add_argument("--design", choices=["split", "atomic", "cublas"], help="with --launcher: this design's plan")
     ap.add_argument(
+        "--memory", choices=["fast", "min"], default="fast", help="with --launcher: LaunchOptions.memory of the plan"
+    )
+    ap.add_argument(
         "--vocab-parallel",
         action="store_true",
         help="per-rank planned peaks at Llama-3.1-8B, N=8192: unsharded, vocab-parallel and gathered-weight "
@@ -384,7 +391,8 @@ def main(argv=None) -> None:
 
         for model, (h, v) in MODELS.items():
             for n in TOKENS:
-                print(json.dumps(dict(model=model, design=args.design, **launcher_peak(n, v, h, design=args.design))))
+                row = launcher_peak(n, v, h, design=args.design, memory=args.memory)
+                print(json.dumps(dict(model=model, design=args.design, **row)))
         return
     if args.inner:
         print(json.dumps(_measure_here(args.provider, args.n, args.v, args.h, args.calls, args.op)))

@@ -158,6 +158,13 @@ PROVIDERS = [
         devices=("cuda",),
         note="atomic backward design (tightest memory)",
     ),
+    Provider(
+        "gft_memory_min",
+        "gft",
+        _gft("triton", memory="min"),
+        devices=("cuda",),
+        note="LaunchOptions(memory='min'): every plan within 4% of the gradients (peak within 1.05x)",
+    ),
     Provider("naive_eager", "gft", lambda: _naive_gft),
     Provider("gft_torch", "gft", _gft("torch"), note="chunked PyTorch engine (on CUDA: its path without host syncs)"),
     Provider(

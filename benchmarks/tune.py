@@ -47,6 +47,8 @@ FIELDS = [
     "logits_dtype",
     "logits_pieces",
     "split_fraction",
+    "widened_fraction",
+    "memory",
     "plan",
     "tiles",
     "group_m",
@@ -107,6 +109,8 @@ def knobs_of(
     logits_dtype: str = "fp32",
     logits_pieces: int = launch.DEFAULT_OPTIONS.logits_pieces,
     split_fraction: float = launch.DEFAULT_OPTIONS.split_scratch_fraction,
+    widened_fraction: float = launch.DEFAULT_OPTIONS.split_widened_fraction,
+    memory: str = launch.DEFAULT_OPTIONS.memory,
 ) -> dict:
     """One trial's launch knobs, as the CSV names them (``design``: the backward's)."""
     return dict(
@@ -114,6 +118,8 @@ def knobs_of(
         logits_dtype=logits_dtype,
         logits_pieces=logits_pieces,
         split_fraction=split_fraction,
+        widened_fraction=widened_fraction,
+        memory=memory,
         design=design,
         group_m=group_m,
         programs_per_sm=programs_per_sm,
@@ -130,6 +136,8 @@ def options_of(knobs: dict, tiles=None) -> launch.LaunchOptions:
         logits_dtype=knobs["logits_dtype"],
         logits_pieces=knobs["logits_pieces"],
         split_scratch_fraction=knobs["split_fraction"],
+        split_widened_fraction=knobs["widened_fraction"],
+        memory=knobs["memory"],
         backward_design=knobs["design"],
         scratch_fraction=knobs["scratch_fraction"],
         split_cols=knobs["split_cols"],
@@ -150,8 +158,13 @@ def plan_trials(default_fwd, default_bwd, base: dict) -> list[tuple[str, launch.
     out = [("matmul", default_fwd, base), ("forward", default_fwd, base)]
     out += [("forward", default_fwd, fwd_cublas), ("forward", default_fwd, dict(fwd_cublas, logits_dtype="input"))]
     out += [("backward", default_bwd, d) for d in (split, cublas, cublas_in, atomic)]
+    # memory="min" (every plan within 4%: a 1.05x peak) beside the default
+    out += [("backward", default_bwd, dict(d, memory="min")) for d in (split, cublas_in)]
     out += [("backward", default_bwd, dict(cublas, logits_pieces=k)) for k in (1, 4)]
-    # a budget where dH's fp32 accumulator fits beside the chunks at H 3584-4096 (4 products, not 5)
+    # the default widens the budget where dH's fp32 accumulator needs it (H 3584-4096: 4 products,
+    # not 5); priced against the 9% plan's two sweeps, and a 15% budget's wider chunks everywhere
+    no_widening = dict(widened_fraction=base["split_fraction"])
+    out += [("backward", default_bwd, dict(d, **no_widening)) for d in (split, cublas_in)]
     out += [("backward", default_bwd, dict(d, split_fraction=0.15)) for d in (split, cublas_in)]
     out += [("backward", default_bwd, dict(d, split_cols=c)) for d in (split, cublas) for c in (2048, 4096, 8192)]
     out += [("forward", default_fwd, dict(fwd_cublas, split_cols=c)) for c in (2048, 8192)]

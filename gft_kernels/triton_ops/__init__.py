@@ -1,7 +1,7 @@
-"""The fused Triton engine: ``forward.py`` and ``backward.py`` hold the kernels,
-``launch.py`` checks nothing (the API did), allocates, plans and launches them; its
-``LaunchOptions`` choose the backward design, budgets and tiles. Importing this package imports
-triton (which reads ``TRITON_INTERPRET`` then)."""
+"""The fused Triton engine: ``forward.py`` and ``backward.py`` hold the kernels; ``launch.py`` is
+the engine, which checks nothing (the API did) and picks a design; ``plans.py`` sizes it
+(``LaunchOptions``: the designs, budgets and tiles) and ``runners.py`` allocates and launches.
+Importing this package imports triton (which reads ``TRITON_INTERPRET`` then)."""
 
 from .launch import LaunchOptions
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from benchmarks.cpu_memory import _StorageTracker, launcher_peak, measure, torch_device_peak
-from benchmarks.shapes import MODELS, TOKENS
+from benchmarks.shapes import GPU_TARGETS, MODELS, TOKENS
+from gft_kernels.triton_ops.plans import LaunchOptions, plan_split
 
 
 @pytest.mark.slow
@@ -70,6 +71,37 @@ def test_launcher_peak_with_zero_advantages_and_fp32(design):
     assert launcher_peak(4096, 32000, 1024, dtype=torch.float32, design=design)["peak_over_bound"] <= TARGET[design]
 
 
+# LaunchOptions.memory: the default ("fast") within 1.15x of the gradients with one vocabulary
+# sweep (4 products) at the three target shapes, widening the split design's budget where dH's
+# fp32 accumulator needs it; "min" within 1.05x.
+MEMORY_TARGET = {"fast": 1.15, "min": 1.05}
+# at least: the widened budget mostly used (fast), the 4% budget mostly used (min)
+MEMORY_PLANNED = {"fast": 1.13, "min": 1.035}
+# Llama-3-8B 8k scaled down (N 4096, V 100000, H 1024): dH's fp32 accumulator and a dz chunk are
+# over the 9% budget and within the widened one; within 4%, two sweeps of the split design
+SCALED_LLAMA = (4096, 100000, 1024)
+
+
+@pytest.mark.parametrize("memory", list(MEMORY_TARGET))
+def test_the_memory_options_planned_peak_is_between_the_bounds(memory):
+    """The probe at a shape that takes the same plans as Llama-3-8B and Qwen2.5-7B 8k: the
+    default widened to one sweep, memory="min" two sweeps within 4%; each peak bounded from
+    above (the target) and below (the budget used: a plan that ignored the option misses one)."""
+    n, v, h = SCALED_LLAMA
+    plan = plan_split(n, n, v, h, torch.bfloat16, True, True, LaunchOptions(memory=memory))
+    assert plan.products == (4 if memory == "fast" else 5), plan
+    row = launcher_peak(n, v, h, memory=memory)
+    assert row["memory"] == memory and MEMORY_PLANNED[memory] <= row["peak_over_bound"] <= MEMORY_TARGET[memory], row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("memory", list(MEMORY_TARGET))
+@pytest.mark.parametrize("shape", GPU_TARGETS, ids=lambda s: s.name)
+def test_the_memory_options_planned_peak_at_the_target_shapes(shape, memory):
+    row = launcher_peak(shape.n, shape.v, shape.h, memory=memory)
+    assert row["peak_over_bound"] <= MEMORY_TARGET[memory], row
+
+
 def _device_path_bound(row):
     """The chunked engine's device path beyond the gradients, over their bytes: its chunk buffers
     (DEVICE_SCRATCH_FRACTION), the fp32 dhidden accumulator (twice dhidden's bytes), the copy of
@@ -121,11 +153,12 @@ def test_vocab_parallel_rank_peak_follows_the_shard():
     """Per rank at Llama-3.1-8B, N = 8192, bf16, the lm_head split over 2 and 4 ranks (planned
     with the launcher probe, README "Measured"): the vocabulary-parallel op's peak stays within
     the split design's target of this rank's gradients, so the rank's memory falls with the
-    shard; the gathered-weight baseline holds the full weight and its full gradient."""
+    shard; the gathered-weight baseline holds the full weight and its full gradient. Unsharded,
+    the default widens its budget here for one sweep (its target: 1.15x)."""
     from benchmarks.cpu_memory import vocab_parallel_rows
 
     one, *rows = vocab_parallel_rows("llama-3.1-8b", 8192, ranks=(2, 4))
-    assert one["mode"] == "unsharded" and one["peak_over_bound"] <= TARGET["split"], one
+    assert one["mode"] == "unsharded" and one["peak_over_bound"] <= MEMORY_TARGET["fast"], one
     for vp, gathered in zip(rows[::2], rows[1::2]):
         k = vp["shards"]
         assert vp["mode"] == "vocab-parallel" and gathered["mode"] == "gathered"
