@@ -1,21 +1,19 @@
-"""The README's snippets marked ``# tested: tests/project/test_readme.py`` run, in order, in one namespace."""
+"""The snippets marked ``# tested: tests/project/test_readme.py`` run, in order, in one namespace,
+wherever they live: the README (the front page) or a guide under docs/ (``doc_pages``)."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
-
-README = Path(__file__).resolve().parents[2] / "README.md"
+from doc_pages import page_holding, python_blocks
 
 
 def test_readme_snippets_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    tested = [b for b in blocks if b.startswith("# tested: tests/project/test_readme.py")]
+    tested = python_blocks("tests/project/test_readme.py")
     assert len(tested) == 2, "the functional op and the patched model"
     namespace = {}
-    for block in tested:
-        exec(compile(block, str(README), "exec"), namespace)
+    for block, page in tested:
+        exec(compile(block, str(page), "exec"), namespace)
     model = namespace["model"]
     assert namespace["out"].logits is None and namespace["out"].gft_stats is not None
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -43,7 +41,7 @@ def test_readme_shows_what_the_demo_prints(tmp_path):
     own, wider bound: SFT's forgetting of the probe is the figure that moves most."""
     from gft_train.demo.run import run_demo
 
-    text = README.read_text()
+    text = page_holding("<!-- demo-output -->").read_text()
     shown = re.search(r"<!-- demo-output -->\n```\n(.*?)```", text, flags=re.S).group(1)
     bound = re.search(r"<!-- demo-tolerance (\d\.\d+) sft-probe (\d\.\d+) -->", text)
     tolerance, sft_probe = float(bound.group(1)), float(bound.group(2))
