@@ -63,3 +63,24 @@ def test_readme_shows_what_the_demo_prints(tmp_path):
     for split in ("ood", "probe"):
         assert gft[split]["pass@1"] > sft[split]["pass@1"] + 0.1, split
     assert gft["kl_base_model"] < sft["kl_base_model"]
+
+
+def test_every_marked_block_is_read_by_the_test_it_names():
+    """A block marked ``# tested: KEY ... tests/<file>.py ...`` on any page (README.md, docs/*.md)
+    is read by that file through ``python_blocks("KEY")``: moving a block to another page, or
+    marking one, cannot leave it untested."""
+    from doc_pages import ROOT, pages
+
+    marked = []
+    for page in pages():
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+            first = block.split("\n", 1)[0]
+            if first.startswith("# tested:"):
+                marked.append((page.name, first))
+    assert len(marked) >= 6, marked
+    for page, first in marked:
+        key = first.removeprefix("# tested:").split()[0]
+        [test_file] = re.findall(r"tests/[\w/]+\.py", first) or [key]
+        reader = ROOT / test_file
+        assert reader.is_file(), f"{page}: {first!r} names no test file"
+        assert f'python_blocks("{key}")' in reader.read_text(), f"{page}: {test_file} does not read {key!r}"
