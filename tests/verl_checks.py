@@ -302,12 +302,12 @@ def test_fused_op_equals_verls_triton_kernel_on_cuda(dtype):  # the GPU check
 
 
 def test_readme_verl_snippet_runs():
-    import re
+    from doc_pages import python_blocks
 
-    text = (ROOT / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# tested: verl")]
+    found = python_blocks("verl")
+    blocks = [block for block, _ in found]
     assert len(blocks) == 1
-    exec(compile(blocks[0], "README.md", "exec"), {})
+    exec(compile(blocks[0], str(found[0][1]), "exec"), {})
 
 
 if __name__ == "__main__":

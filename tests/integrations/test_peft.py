@@ -130,11 +130,10 @@ def test_lora_through_the_trl_trainer_equals_the_reference_loss(tmp_path, model_
 
 
 def test_readme_peft_snippet_runs(model_dir):
-    import re
-    from pathlib import Path
+    from doc_pages import python_blocks
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# tested: peft")]
+    found = python_blocks("peft")
+    blocks = [block for block, _ in found]
     assert len(blocks) == 1
     input_ids = torch.randint(2, 19, (2, 10))
     labels = input_ids.clone()
@@ -145,7 +144,7 @@ def test_readme_peft_snippet_runs(model_dir):
         "labels": labels,
         "adv": torch.tensor([1.0, -1.0]),
     }
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(blocks[0], str(found[0][1]), "exec"), namespace)
     model = namespace["model"]
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n for n in grads)

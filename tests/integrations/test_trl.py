@@ -233,11 +233,10 @@ def test_unsupported_settings_and_bad_rows_are_refused(tmp_path, model_dir):
 
 
 def test_readme_trl_snippet_runs(tmp_path, model_dir, monkeypatch):
-    import re
-    from pathlib import Path
+    from doc_pages import python_blocks
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# tested: trl")]
+    found = python_blocks("trl")
+    blocks = [block for block, _ in found]
     assert len(blocks) == 1
     code = blocks[0]
     for old, new in (
@@ -249,7 +248,7 @@ def test_readme_trl_snippet_runs(tmp_path, model_dir, monkeypatch):
         assert old in code
         code = code.replace(old, new)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, str(found[0][1]), "exec"), namespace)
     assert namespace["trainer"].state.global_step == 2
     assert any("gft/reward/expert" in h for h in namespace["trainer"].state.log_history)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -273,17 +272,20 @@ def test_tensor_parallel_lm_head_takes_the_vocabulary_parallel_path(tmp_path):
         assert len(errs) > 5 and max(errs.values()) <= 1e-12, (rank, errs)
 
 
-def _readme_block() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    [block] = [b for b in blocks if b.startswith("# tested: tests/kernels/test_vocab_parallel.py")]
-    return block
+def _readme_block() -> tuple[str, str]:
+    """The example's code and the page that shows it."""
+    sys.path.insert(0, str(ROOT / "tests"))  # run as a script (below), tests/ is not on the path
+    from doc_pages import python_blocks
+
+    [(block, page)] = python_blocks("tests/kernels/test_vocab_parallel.py")
+    return block, str(page)
 
 
 @pytest.mark.slow
 def test_readme_vocab_parallel_example_runs():
     """The README's multi-process example: its ``main`` on 2 forked processes (its ``mp.spawn``
     would import torch again in each, the most of a minute on a busy CI machine)."""
-    assert 'if __name__ == "__main__":\n    mp.spawn(main, args=(2,), nprocs=2)' in _readme_block()
+    assert 'if __name__ == "__main__":\n    mp.spawn(main, args=(2,), nprocs=2)' in _readme_block()[0]
     assert "same as one process" in _in_fresh_process("readme")
 
 
@@ -296,5 +298,5 @@ if __name__ == "__main__":
         mp.start_processes(worker, args=(world, str(Path(out) / "init"), out), nprocs=world, start_method="fork")
     else:
         namespace = {"__name__": "readme_example"}
-        exec(compile(_readme_block(), "README.md", "exec"), namespace)
+        exec(compile(*_readme_block(), "exec"), namespace)
         mp.start_processes(namespace["main"], args=(2,), nprocs=2, start_method="fork")

@@ -1,21 +1,19 @@
-"""The README's snippets marked ``# tested: tests/project/test_readme.py`` run, in order, in one namespace."""
+"""The snippets marked ``# tested: tests/project/test_readme.py`` run, in order, in one namespace,
+wherever they live: the README (the front page) or a guide under docs/ (``doc_pages``)."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
-
-README = Path(__file__).resolve().parents[2] / "README.md"
+from doc_pages import page_holding, python_blocks
 
 
 def test_readme_snippets_run():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    tested = [b for b in blocks if b.startswith("# tested: tests/project/test_readme.py")]
+    tested = python_blocks("tests/project/test_readme.py")
     assert len(tested) == 2, "the functional op and the patched model"
     namespace = {}
-    for block in tested:
-        exec(compile(block, str(README), "exec"), namespace)
+    for block, page in tested:
+        exec(compile(block, str(page), "exec"), namespace)
     model = namespace["model"]
     assert namespace["out"].logits is None and namespace["out"].gft_stats is not None
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -43,7 +41,7 @@ def test_readme_shows_what_the_demo_prints(tmp_path):
     own, wider bound: SFT's forgetting of the probe is the figure that moves most."""
     from gft_train.demo.run import run_demo
 
-    text = README.read_text()
+    text = page_holding("<!-- demo-output -->").read_text()
     shown = re.search(r"<!-- demo-output -->\n```\n(.*?)```", text, flags=re.S).group(1)
     bound = re.search(r"<!-- demo-tolerance (\d\.\d+) sft-probe (\d\.\d+) -->", text)
     tolerance, sft_probe = float(bound.group(1)), float(bound.group(2))
@@ -65,3 +63,24 @@ def test_readme_shows_what_the_demo_prints(tmp_path):
     for split in ("ood", "probe"):
         assert gft[split]["pass@1"] > sft[split]["pass@1"] + 0.1, split
     assert gft["kl_base_model"] < sft["kl_base_model"]
+
+
+def test_every_marked_block_is_read_by_the_test_it_names():
+    """A block marked ``# tested: KEY ... tests/<file>.py ...`` on any page (README.md, docs/*.md)
+    is read by that file through ``python_blocks("KEY")``: moving a block to another page, or
+    marking one, cannot leave it untested."""
+    from doc_pages import ROOT, pages
+
+    marked = []
+    for page in pages():
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S):
+            first = block.split("\n", 1)[0]
+            if first.startswith("# tested:"):
+                marked.append((page.name, first))
+    assert len(marked) >= 6, marked
+    for page, first in marked:
+        key = first.removeprefix("# tested:").split()[0]
+        [test_file] = re.findall(r"tests/[\w/]+\.py", first) or [key]
+        reader = ROOT / test_file
+        assert reader.is_file(), f"{page}: {first!r} names no test file"
+        assert f'python_blocks("{key}")' in reader.read_text(), f"{page}: {test_file} does not read {key!r}"
