@@ -53,6 +53,19 @@ def apply_lora(model, cfg, base_name: str):
     return adapted
 
 
+def check_rollout_engine(cfg) -> None:
+    """LoRA samples with the transformers engine only: vLLM's in-memory weight sync sends whole
+    weights by their names, and an adapted model's are the base's and the adapter's apart."""
+    from . import rollout
+
+    samples = cfg.n_self or cfg.eval_every
+    if cfg.lora_r and samples and (cfg.engine == "vllm" or (cfg.engine == "auto" and rollout.vllm_available())):
+        raise NotImplementedError(
+            f"lora_r {cfg.lora_r} with the vLLM rollout engine (engine {cfg.engine!r}) is not supported: "
+            "pass --engine transformers, or train without LoRA"
+        )
+
+
 def is_adapted(model) -> bool:
     from peft import PeftModel
 

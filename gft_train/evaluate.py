@@ -148,6 +148,8 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
         cfg=cfg,
         temperature=cfg.eval_temperature,
     )
+    if cfg.revision:  # vLLM loads the id's default revision itself: it samples the weights loaded here
+        engine.load_weights(model)
     rows_by = {}
     out = {}
     try:

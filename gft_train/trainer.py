@@ -118,6 +118,7 @@ class Trainer:
         """The model with the run's LoRA adapter (``lora_r``), or as it is."""
         if not self.cfg.lora_r:
             return model
+        adapters.check_rollout_engine(self.cfg)
         return adapters.apply_lora(model, self.cfg, base_model_name(self.cfg.model))
 
     def _load_data(self):

@@ -168,3 +168,14 @@ def test_two_processes_train_the_adapter_as_one_does(s, tmp_path):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2e-5
     assert max(a[k].abs().max().item() for k in a if ".lora_B." in k) > 1e-3  # the adapter trained
+
+
+def test_lora_with_the_vllm_engine_is_refused(monkeypatch):
+    from gft_train import rollout
+    from gft_train.adapters import check_rollout_engine
+
+    monkeypatch.setattr(rollout, "vllm_available", lambda: True)
+    with pytest.raises(NotImplementedError, match="lora_r 4 with the vLLM rollout engine \\(engine 'auto'\\)"):
+        check_rollout_engine(config_mod.Config(lora_r=4, method="gft").resolved())
+    check_rollout_engine(config_mod.Config(lora_r=4, method="sft").resolved())  # no samples: no engine
+    check_rollout_engine(config_mod.Config(lora_r=4, method="gft", engine="transformers").resolved())
