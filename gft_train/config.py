@@ -100,16 +100,14 @@ class ModelAndData:
     )
     # how the model is loaded (a local folder or a Hub id, its weights' dtype) and which of its
     # weights train (all, or a LoRA adapter through PEFT)
-    revision: str = _opt(
-        "", "the Hub revision of --model (a branch, tag or commit hash); '': main (a folder ignores it)"
-    )
+    revision: str = _opt("", "the Hub revision of model (a branch, tag or commit hash); '': main (a folder ignores it)")
     trust_remote_code: bool = _opt(
-        False, "run a Hub model's own modelling code (transformers' trust_remote_code), for --model and --teacher-model"
+        False, "run a Hub model's own modelling code (transformers' trust_remote_code), for model and teacher_model"
     )
     torch_dtype: str = _opt(
         "float32",
-        "dtype of the loaded weights (--model, --teacher-model) and of the saved model: auto (the model "
-        "config's torch_dtype) | bfloat16 | float16 | float32; --bf16 adds autocast on top (README: "
+        "dtype of the loaded weights (model, teacher_model) and of the saved model: auto (the model "
+        "config's torch_dtype) | bfloat16 | float16 | float32; bf16 adds autocast on top (README: "
         "'Weights in bf16')",
     )
     lora_r: int = _opt(0, "LoRA rank: train a PEFT LoRA adapter instead of every weight (0: full fine-tuning)")
