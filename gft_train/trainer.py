@@ -12,7 +12,8 @@ Where each part lives (this module sets them up and runs the loop):
     metrics.py       metrics.jsonl, the progress bar, training.png; trackers.py: TensorBoard, wandb,
                      ... through accelerate (report_to)
     distributed.py   the Accelerator a launch asked for (DDP, FSDP1/2, ZeRO-3), prepared models
-    models.py        load_model; preflight.py: the data checked before the first step
+    models.py        load_model (a local folder or a Hub id, --torch-dtype); adapters.py: LoRA
+                     through PEFT (--lora-r); preflight.py: the data checked before the first step
 
 Self-samples are trained on the token ids the rollout engine sampled (``Response.train_input``).
 ``--resume`` continues from the newest complete checkpoint and reaches the same weights as an

@@ -84,15 +84,11 @@ def test_train_your_own_model_commands_run(tmp_path, monkeypatch, capsys):
     data/eval.jsonl (the demo's rows), with the demo's tiny model in a Hugging Face cache under
     the Hub id the commands name (HF_HUB_OFFLINE=1, tests/conftest.py: the id goes through the Hub
     code path, offline). Added to each: a few steps and short samples, to keep CI short."""
-    import sys
-
     import huggingface_hub
     import torch
     from accelerate.state import AcceleratorState
+    from hub_cache import put_in_hub_cache  # (tests/, on the path as tests/conftest.py's folder)
     from safetensors.torch import load_file
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hub_cache import put_in_hub_cache
 
     from gft_train.cli import cli
     from gft_train.demo.model import build_model
