@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_memory              # the README's rows: 1B-class width, 1 to 3 layers
     python -m benchmarks.train_memory --layers 2 --weights bfloat16 --foreach 0   # one row
+    python -m benchmarks.train_memory --variant 3                                  # one variant's rows
 
 The model is TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 32 heads, 4 key-value heads,
 vocabulary 32000, untied head) built with ``from_config``, at fewer layers than its 22: a whole
@@ -46,27 +47,37 @@ BATCH, TOKENS, PROMPT = 2, 256, 32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def step_peak(layers: int, weights: str, autocast: bool, foreach: bool, steps: int = 2) -> dict:
-    """One row: the peak live bytes of ``steps`` training steps, in this process."""
+def step_peak(
+    layers: int, weights: str, autocast: bool, foreach: bool, lora_r: int = 0, steps: int = 2, shape: dict = LLAMA_1B
+) -> dict:
+    """One row: the peak live bytes of ``steps`` training steps, in this process (``lora_r``: a
+    LoRA adapter of that rank on every linear layer but the head, as ``gft-train --lora-r``;
+    ``shape``: the config's sizes)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from benchmarks.cpu_memory import _StorageTracker
     from gft_train.step import GFTPolicy
 
     torch.manual_seed(0)
-    input_ids = torch.randint(0, LLAMA_1B["vocab_size"], (BATCH, TOKENS))
+    input_ids = torch.randint(0, shape["vocab_size"], (BATCH, TOKENS))
     labels = input_ids.clone()
     labels[:, :PROMPT] = -100
     mask = torch.ones_like(input_ids)
     adv = torch.tensor([1.0, -0.5])
     n_valid = float((labels[:, 1:] != -100).sum())
-    config = LlamaConfig(num_hidden_layers=layers, **LLAMA_1B)
+    config = LlamaConfig(num_hidden_layers=layers, **shape)
     with _StorageTracker(input_ids, labels, mask, adv) as tracker:
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[weights])
         n_params = sum(p.numel() for p in model.parameters())
         weights_bytes = tracker.live
+        if lora_r:
+            from gft_train.adapters import apply_lora
+            from gft_train.config import Config
+
+            model = apply_lora(model, Config(lora_r=lora_r), "llama-1b-shape")
         policy = GFTPolicy(model).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=foreach)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, foreach=foreach)
         start = time.perf_counter()
         for _ in range(steps):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -81,7 +92,9 @@ def step_peak(layers: int, weights: str, autocast: bool, foreach: bool, steps: i
         weights=weights,
         autocast_bf16=autocast,
         adamw_foreach=foreach,
+        lora_r=lora_r,
         params_m=round(n_params / 1e6, 1),
+        trainable_m=round(sum(p.numel() for p in trainable) / 1e6, 4),
         tokens=BATCH * TOKENS,
         weights_mib=round(weights_bytes / 2**20, 1),
         state_dtype=str(states[0].dtype).replace("torch.", ""),
@@ -92,10 +105,10 @@ def step_peak(layers: int, weights: str, autocast: bool, foreach: bool, steps: i
     )
 
 
-def measure(layers: int, weights: str, autocast: bool, foreach: bool) -> dict:
+def measure(layers: int, weights: str, autocast: bool, foreach: bool, lora_r: int = 0) -> dict:
     """``step_peak`` in a fresh process (a peak is the process's own)."""
     args = ["--layers", str(layers), "--weights", weights, "--autocast", str(int(autocast))]
-    args += ["--foreach", str(int(foreach)), "--inner"]
+    args += ["--foreach", str(int(foreach)), "--lora-r", str(lora_r), "--inner"]
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_memory", *args],
         check=True,
@@ -107,21 +120,24 @@ def measure(layers: int, weights: str, autocast: bool, foreach: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# (weights, autocast): fp32 weights, fp32 weights under --bf16 autocast, bf16 weights
-VARIANTS = (("float32", False), ("float32", True), ("bfloat16", False))
+# (weights, autocast, LoRA rank): fp32 weights, fp32 weights under --bf16 autocast, bf16 weights,
+# a rank-16 LoRA adapter on bf16 weights
+VARIANTS = (("float32", False, 0), ("float32", True, 0), ("bfloat16", False, 0), ("bfloat16", False, 16))
 
 
-def planned_rows(foreach: bool = True) -> list[dict]:
+def planned_rows(foreach: bool = True, variants=VARIANTS) -> list[dict]:
     """For each variant: the measured rows at 1, 2 and 3 layers and the planned full-depth row."""
     rows = []
-    for weights, autocast in VARIANTS:
-        measured = {n: measure(n, weights, autocast, foreach) for n in (1, 2, 3)}
+    for weights, autocast, lora_r in variants:
+        measured = {n: measure(n, weights, autocast, foreach, lora_r) for n in (1, 2, 3)}
         slope = measured[2]["peak_mib"] - measured[1]["peak_mib"]
         per_layer_params = measured[2]["params_m"] - measured[1]["params_m"]
         rows += measured.values()
         three = measured[2]["peak_mib"] + slope
         full = dict(measured[2], layers=FULL_LAYERS, planned=True, seconds_per_step=None)
         full["params_m"] = round(measured[2]["params_m"] + (FULL_LAYERS - 2) * per_layer_params, 1)
+        per_layer_trainable = measured[2]["trainable_m"] - measured[1]["trainable_m"]
+        full["trainable_m"] = round(measured[2]["trainable_m"] + (FULL_LAYERS - 2) * per_layer_trainable, 4)
         full["peak_mib"] = round(measured[2]["peak_mib"] + (FULL_LAYERS - 2) * slope, 1)
         full["peak_bytes_per_param"] = round(full["peak_mib"] * 2**20 / (full["params_m"] * 1e6), 2)
         full["weights_mib"] = round(measured[1]["weights_mib"] + (FULL_LAYERS - 1) * (
@@ -137,13 +153,15 @@ def main(argv=None) -> None:
     ap.add_argument("--weights", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--autocast", type=int, default=0, help="1: the step under bf16 autocast (--bf16)")
     ap.add_argument("--foreach", type=int, default=1, help="AdamW's for-each implementation (CUDA's default)")
+    ap.add_argument("--lora-r", type=int, default=0, help="a LoRA adapter of this rank (0: every weight trains)")
+    ap.add_argument("--variant", type=int, help="the README's rows of one variant only (an index of VARIANTS)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.inner:
-        print(json.dumps(step_peak(args.layers, args.weights, bool(args.autocast), bool(args.foreach))))
+        print(json.dumps(step_peak(args.layers, args.weights, bool(args.autocast), bool(args.foreach), args.lora_r)))
         return
     if args.layers:
-        print(json.dumps(measure(args.layers, args.weights, bool(args.autocast), bool(args.foreach))))
+        print(json.dumps(measure(args.layers, args.weights, bool(args.autocast), bool(args.foreach), args.lora_r)))
         return
     meta = dict(
         date=time.strftime("%Y-%m-%d"),
@@ -152,7 +170,8 @@ def main(argv=None) -> None:
         threads=os.environ.get("OMP_NUM_THREADS", "default"),
     )
     print(json.dumps(meta))
-    for row in planned_rows(bool(args.foreach)):
+    variants = VARIANTS if args.variant is None else VARIANTS[args.variant : args.variant + 1]
+    for row in planned_rows(bool(args.foreach), variants):
         print(json.dumps(row))
 
 
