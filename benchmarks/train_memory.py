@@ -16,9 +16,9 @@ Every storage created from the model's construction on is followed by the projec
 the optimizer's states), weights, gradients, states and activations included, which is what
 ``torch.cuda.max_memory_allocated`` reports for the same computation on a GPU, up to its
 allocator's rounding. Each row runs in a fresh process. The 22-layer figure is planned, not
-measured: the peak is linear in the layers (each layer adds its weights, gradients, states and
-saved activations), so the slope between 1 and 2 layers extends the 2-layer peak, and the
-3-layer row checks that line against a measurement.
+measured: each layer adds the same weights, gradients, states and saved activations, so the
+increment from 2 to 3 layers extends the 3-layer peak; the increment from 1 to 2 layers is shown
+beside it (it differs where the peak sits elsewhere in the step at one layer).
 """
 
 from __future__ import annotations
@@ -93,7 +93,9 @@ def step_peak(
         autocast_bf16=autocast,
         adamw_foreach=foreach,
         lora_r=lora_r,
+        params=n_params,
         params_m=round(n_params / 1e6, 1),
+        trainable=sum(p.numel() for p in trainable),
         trainable_m=round(sum(p.numel() for p in trainable) / 1e6, 4),
         tokens=BATCH * TOKENS,
         weights_mib=round(weights_bytes / 2**20, 1),
@@ -126,23 +128,26 @@ VARIANTS = (("float32", False, 0), ("float32", True, 0), ("bfloat16", False, 0),
 
 
 def planned_rows(foreach: bool = True, variants=VARIANTS) -> list[dict]:
-    """For each variant: the measured rows at 1, 2 and 3 layers and the planned full-depth row."""
+    """For each variant: the measured rows at 1, 2 and 3 layers and the planned full-depth row,
+    the 3-layer peak extended by the increment from 2 to 3 layers (both increments reported: equal
+    when the peak sits at the same point of the step at every depth)."""
     rows = []
     for weights, autocast, lora_r in variants:
         measured = {n: measure(n, weights, autocast, foreach, lora_r) for n in (1, 2, 3)}
-        slope = measured[2]["peak_mib"] - measured[1]["peak_mib"]
-        per_layer_params = measured[2]["params_m"] - measured[1]["params_m"]
         rows += measured.values()
-        three = measured[2]["peak_mib"] + slope
-        full = dict(measured[2], layers=FULL_LAYERS, planned=True, seconds_per_step=None)
-        full["params_m"] = round(measured[2]["params_m"] + (FULL_LAYERS - 2) * per_layer_params, 1)
-        per_layer_trainable = measured[2]["trainable_m"] - measured[1]["trainable_m"]
-        full["trainable_m"] = round(measured[2]["trainable_m"] + (FULL_LAYERS - 2) * per_layer_trainable, 4)
-        full["peak_mib"] = round(measured[2]["peak_mib"] + (FULL_LAYERS - 2) * slope, 1)
-        full["peak_bytes_per_param"] = round(full["peak_mib"] * 2**20 / (full["params_m"] * 1e6), 2)
-        full["weights_mib"] = round(measured[1]["weights_mib"] + (FULL_LAYERS - 1) * (
-            measured[2]["weights_mib"] - measured[1]["weights_mib"]), 1)  # fmt: skip
-        full["line_error_at_3_layers"] = round((three - measured[3]["peak_mib"]) / measured[3]["peak_mib"], 4)
+        last, more = measured[3], FULL_LAYERS - 3
+
+        def extended(key, last=last, more=more, measured=measured):
+            return last[key] + more * (last[key] - measured[2][key])
+
+        full = dict(last, layers=FULL_LAYERS, planned=True, seconds_per_step=None)
+        full.update({k: extended(k) for k in ("params", "trainable")})
+        full.update({k: round(extended(k), 1) for k in ("peak_mib", "weights_mib")})
+        full["params_m"] = round(full["params"] / 1e6, 1)
+        full["trainable_m"] = round(full["trainable"] / 1e6, 4)
+        full["peak_bytes_per_param"] = round(full["peak_mib"] * 2**20 / full["params"], 2)
+        full["increment_1_2_mib"] = round(measured[2]["peak_mib"] - measured[1]["peak_mib"], 1)
+        full["increment_2_3_mib"] = round(last["peak_mib"] - measured[2]["peak_mib"], 1)
         rows.append(full)
     return rows
 
