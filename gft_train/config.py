@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -142,6 +143,8 @@ class ModelAndData:
             if any(given.values()):
                 names = ", ".join(k for k, v in given.items() if v)
                 raise ValueError(f"{names} need lora_r > 0 (LoRA is off at lora_r 0: every weight trains)")
+        if self.lora_r and importlib.util.find_spec("peft") is None:  # said now, not after the model loads
+            raise ValueError(f"lora_r {self.lora_r} needs the peft package (pip install 'gft[peft]')")
         if self.lora_alpha is not None and not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:

@@ -70,6 +70,15 @@ def test_lora_options_are_checked():
         resolved(lora_r=4, lora_dropout=1.0)
 
 
+def test_lora_without_peft_installed_is_said_before_the_model_loads(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(ValueError, match=r"lora_r 4 needs the peft package \(pip install 'gft\[peft\]'\)"):
+        config_mod.Config(model="m", train_file="t", lora_r=4).resolved()
+
+
 def test_an_adapter_on_the_output_head_or_a_missing_module_is_refused(tmp_path):
     from gft_train.adapters import apply_lora
     from gft_train.models import load_model
