@@ -132,7 +132,11 @@ def load_checkpoint(acc, checkpoint: Path, max_steps: int, strict: bool = True) 
         raise ValueError(
             f"--resume: max_steps {max_steps} is below the checkpoint's step {state['step']} ({checkpoint})"
         )
-    acc.load_state(str(checkpoint), strict=strict)
+    from accelerate.utils import DistributedType
+
+    # strict=False where accelerate reads the weights itself (FSDP and DeepSpeed read their own, whole, state)
+    partial = not strict and acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    acc.load_state(str(checkpoint), **({"strict": False} if partial else {}))
     return Resumed(state["step"], state["pool_start"], load_groups(checkpoint / "groups.jsonl"))
 
 
