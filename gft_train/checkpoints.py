@@ -232,14 +232,19 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(acc, checkpoint: Path, max_steps: int) -> Resumed:
-    """accelerate's state loaded from ``checkpoint``; the step and groups it holds."""
+def load_checkpoint(acc, checkpoint: Path, max_steps: int, strict: bool = True) -> Resumed:
+    """accelerate's state loaded from ``checkpoint``; the step and groups it holds. ``strict=False``:
+    the checkpoint holds some of the model's weights (a LoRA adapter, checked by its own hook)."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     if state["step"] > max_steps:
         raise ValueError(
             f"--resume: max_steps {max_steps} is below the checkpoint's step {state['step']} ({checkpoint})"
         )
-    acc.load_state(str(checkpoint))
+    from accelerate.utils import DistributedType
+
+    # strict=False where accelerate reads the weights itself (FSDP and DeepSpeed read their own, whole, state)
+    partial = not strict and acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    acc.load_state(str(checkpoint), **({"strict": False} if partial else {}))
     return Resumed(state["step"], state["pool_start"], load_groups(checkpoint / "groups.jsonl"))
 
 
@@ -250,9 +255,13 @@ def save_final(acc, out: Path, cfg: config_mod.Config, model, tokenizer, state: 
     if acc.is_main_process:
         tmp = out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
+        model.save_pretrained(tmp, state_dict=state)  # (a PEFT model saves its adapter alone)
         tokenizer.save_pretrained(tmp)
         config_mod.save(cfg, tmp / "gft_config.yaml")
+        if cfg.merge_lora:
+            from .adapters import write_merged
+
+            write_merged(tmp, cfg, tokenizer)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     acc.wait_for_everyone()

@@ -38,7 +38,7 @@ def _cmd_build_groups(cfg):
     from .data import load_rows
     from .groups import build_groups, group_metrics, save_groups
     from .metrics import strict_json
-    from .models import load_model
+    from .models import load_model, model_options
     from .rewards import load_reward
     from .rollout import make_engine
 
@@ -47,13 +47,13 @@ def _cmd_build_groups(cfg):
         raise ValueError("build-groups needs --groups-file (where to write the groups)")
     rows = load_rows(cfg.train_file, cfg.columns, cfg.train_split, cfg.dataset_config, answers=cfg.uses_group_advantage)
     reward = load_reward(cfg.reward)  # (before the model: a reward that cannot load stops here)
-    model, tokenizer = load_model(cfg.model)
+    model, tokenizer = load_model(cfg.model, **model_options(cfg))
     engine = (
         make_engine(cfg.engine, model=model, tokenizer=tokenizer, model_path=cfg.model, cfg=cfg) if cfg.n_self else None
     )
     teacher = None
     if cfg.teacher_model:
-        t_model, t_tok = load_model(cfg.teacher_model)
+        t_model, t_tok = load_model(cfg.teacher_model, **model_options(cfg, teacher=True))
         teacher = make_engine(cfg.engine, model=t_model, tokenizer=t_tok, model_path=cfg.teacher_model, cfg=cfg)
     groups = build_groups(rows, cfg, engine, reward, teacher, seed=cfg.seed)
     Path(cfg.groups_file).parent.mkdir(parents=True, exist_ok=True)

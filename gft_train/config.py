@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -97,7 +98,9 @@ class ModelAndData:
         "Group Advantage Learning; --no-gal is the paper's 'GFT w/o GAL': no group, the "
         "expert demonstrations alone with A = 1 and DCR (teachers only if --n-teacher is given; no self-samples)",
     )
-    model: str = _opt("", "the transformers causal LM to train, a directory on disk (required for train)")
+    model: str = _opt(
+        "", "the transformers causal LM to train: a local folder or a Hugging Face Hub id (required for train)"
+    )
     train_file: str = _opt(
         "",
         "rows with prompt, answer, expert[, teachers]: a JSONL or Parquet file, a directory "
@@ -122,6 +125,56 @@ class ModelAndData:
         "the trained model's attention implementation as transformers names it (eager, "
         "sdpa, flex_attention, flash_attention_2, ...); '': transformers' default",
     )
+    # how the model is loaded (a local folder or a Hub id, its weights' dtype) and which of its
+    # weights train (all, or a LoRA adapter through PEFT)
+    revision: str = _opt("", "the Hub revision of model (a branch, tag or commit hash); '': main (a folder ignores it)")
+    trust_remote_code: bool = _opt(
+        False, "run a Hub model's own modelling code (transformers' trust_remote_code), for model and teacher_model"
+    )
+    torch_dtype: str = _opt(
+        "float32",
+        "dtype of the loaded weights (model, teacher_model) and of the saved model: auto (the model "
+        "config's torch_dtype) | bfloat16 | float16 | float32; bf16 adds autocast on top (README: "
+        "'Weights in bf16')",
+    )
+    lora_r: int = _opt(0, "LoRA rank: train a PEFT LoRA adapter instead of every weight (0: full fine-tuning)")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (the adapter is scaled by alpha / r); None: 2 x lora_r")
+    lora_dropout: float | None = _opt(None, "dropout on the LoRA adapter's input; None: 0.0")
+    lora_target_modules: str = _opt(
+        "",
+        "the modules LoRA adapts, comma-separated names (q_proj,v_proj); '': every linear layer of the "
+        "attention and MLP blocks, the output head excepted (PEFT's all-linear)",
+    )
+    merge_lora: bool = _opt(
+        False,
+        "with lora_r: also write output_dir/final/merged, the base model with the adapter merged in "
+        "(a plain transformers model); final/ itself holds the adapter",
+    )
+
+    def check(self) -> None:
+        # the model's loading and LoRA fields
+        from .models import TORCH_DTYPES
+
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        if not self.lora_r:
+            given = {
+                "lora_alpha": self.lora_alpha is not None,
+                "lora_dropout": self.lora_dropout is not None,
+                "lora_target_modules": bool(self.lora_target_modules),
+                "merge_lora": self.merge_lora,
+            }
+            if any(given.values()):
+                names = ", ".join(k for k, v in given.items() if v)
+                raise ValueError(f"{names} need lora_r > 0 (LoRA is off at lora_r 0: every weight trains)")
+        if self.lora_r and importlib.util.find_spec("peft") is None:  # said now, not after the model loads
+            raise ValueError(f"lora_r {self.lora_r} needs the peft package (pip install 'gft[peft]')")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -336,6 +389,7 @@ class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData)
             cfg.max_steps = 100  # (with num_epochs, the trainer sets it once the data is known)
         for group in (ModelAndData, GroupMix, Optimization, Rollout, Logging, Evaluation):
             group.check(cfg)
+        ModelAndData.check(cfg)
         if cfg.eval_every and not cfg.eval_file:
             raise ValueError("eval_every needs eval_file (the held-out rows to evaluate on)")
         return cfg
@@ -427,6 +481,7 @@ RESUMABLE = frozenset(
         "eval_kl_samples",
         "report_to",
         "eval_split",
+        "merge_lora",
     }
 )
 

@@ -68,10 +68,10 @@ def prepare(acc, policy: torch.nn.Module, optimization):
         # FSDP1 replaces the parameters (flat ones without use_orig_params): the optimizer
         # must hold the wrapped model's, or it steps weights the model no longer uses
         policy = acc.prepare(policy)
-        optimizer = adamw(policy.parameters())
+        optimizer = adamw([p for p in policy.parameters() if p.requires_grad])
         prepared = acc.prepare(optimizer)
     else:  # FSDP2 and DeepSpeed take both at once (they rebuild the optimizer's groups)
-        optimizer = adamw(policy.model.parameters())
+        optimizer = adamw([p for p in policy.model.parameters() if p.requires_grad])  # (LoRA: the adapter)
         policy, prepared = acc.prepare(policy, optimizer)
     scheduler = get_scheduler(
         optimization.lr_scheduler,

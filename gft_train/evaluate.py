@@ -134,12 +134,12 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
     eval_max_prompts, eval_kl_samples, max_new_tokens, engine, reward, seed). Returns
     ``{split: {metric: value}}``, plus ``kl_to_base`` and ``kl_base_model`` (on ``kl_split``,
     default the first split) when ``base_dir`` is given."""
-    from .models import load_model
+    from .models import load_model, model_options
     from .rewards import load_reward
     from .rollout import make_engine
 
     reward = reward_fn or load_reward(cfg.reward)  # (before the model: a reward that cannot load stops here)
-    model, tokenizer = load_model(str(model_dir))
+    model, tokenizer = load_model(str(model_dir), **model_options(cfg))
     engine = make_engine(
         cfg.engine,
         model=model,
@@ -148,6 +148,8 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
         cfg=cfg,
         temperature=cfg.eval_temperature,
     )
+    if cfg.revision:  # vLLM loads the id's default revision itself: it samples the weights loaded here
+        engine.load_weights(model)
     rows_by = {}
     out = {}
     try:
@@ -158,7 +160,7 @@ def evaluate_model(model_dir, splits: dict, cfg, *, base_dir=None, kl_split: str
             rows_by[name] = rows
             out[name] = split_accuracy(engine, rows, reward, cfg)
         if base_dir is not None:
-            base, _ = load_model(str(base_dir))
+            base, _ = load_model(str(base_dir), **model_options(cfg, teacher=True))
             base.to(model.device)
             rows = rows_by[kl_split or next(iter(rows_by))]
             out["kl_to_base"] = kl_to_base(model, base, tokenizer, rows, cfg.max_length)

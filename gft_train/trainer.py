@@ -12,7 +12,8 @@ Where each part lives (this module sets them up and runs the loop):
     metrics.py       metrics.jsonl, the progress bar, training.png; trackers.py: TensorBoard, wandb,
                      ... through accelerate (report_to)
     distributed.py   the Accelerator a launch asked for (DDP, FSDP1/2, ZeRO-3), prepared models
-    models.py        load_model; preflight.py: the data checked before the first step
+    models.py        load_model (a local folder or a Hub id, --torch-dtype); adapters.py: LoRA
+                     through PEFT (--lora-r); preflight.py: the data checked before the first step
 
 Self-samples are trained on the token ids the rollout engine sampled (``Response.train_input``).
 ``--resume`` continues from the newest complete checkpoint (or the one it names) and reaches the
@@ -33,14 +34,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, trackers
+from . import adapters, checkpoints, trackers
 from . import config as config_mod
 from .checkpoints import RUN_FILES, claim_output_dir  # noqa: F401  (re-exported: the trainer's old names)
 from .data import load_rows
 from .distributed import full_state_dict, is_sharded, make_accelerator, prepare
 from .groups import build_groups, group_metrics, load_groups
 from .metrics import MetricsLog, bar_fields, plot_metrics, trim_events  # noqa: F401  (re-exported)
-from .models import load_model, unpartitioned
+from .models import base_model_name, load_model, model_options, unpartitioned
 from .packing import check_packing
 from .pool import GroupPool
 from .preflight import check_engines, preflight
@@ -106,24 +107,29 @@ class Trainer:
         self.reward_fn = load_reward(cfg.reward) if scores else None
         set_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
-        model, self.tokenizer = load_model(cfg.model, cfg.attn_implementation)
+        model, self.tokenizer = load_model(cfg.model, cfg.attn_implementation, **model_options(cfg))
         offline = self._load_data()
         cfg = self.cfg
         if cfg.packed:  # before anything trains: a model that would mix packed sequences is refused
             # (ZeRO-3 may have loaded it partitioned, empty on this rank: the probe runs on a whole copy)
             check_packing(
-                unpartitioned(lambda: load_model(cfg.model, cfg.attn_implementation)[0]) if self.sharded else model
+                unpartitioned(lambda: load_model(cfg.model, cfg.attn_implementation, **model_options(cfg))[0])
+                if self.sharded
+                else model
             )
         preflight(cfg, self.rows, offline, self.tokenizer, model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        model = self._adapted(model)
         # sharded weights cannot generate on one process: it samples from a whole copy,
         # refreshed from the gathered weights before each rollout
         self.sampler = None
         if self.sharded and self.acc.is_main_process and (cfg.n_self or cfg.eval_every):
-            self.sampler = unpartitioned(lambda: load_model(cfg.model)[0])
+            self.sampler = unpartitioned(lambda: self._adapted(load_model(cfg.model, **model_options(cfg))[0]))
         self.loss = run_loss(cfg)  # the run's one GFTLoss: its options are checked here, once
         self.policy, self.optimizer, self.scheduler = prepare(self.acc, GFTPolicy(model, self.loss), cfg.optimization)
+        if cfg.lora_r:
+            adapters.keep_adapter_in_checkpoints(self.acc)
         self.engine = None
         self.step = 0
         self._bar = None  # the progress bar, while train() runs
@@ -131,6 +137,13 @@ class Trainer:
         self._signal = 0  # the stop signal this process received (0: none)
         save_to = self.out / "groups.jsonl" if self.acc.is_main_process else None
         self.pool = GroupPool(cfg, self.rows, self._build, save_to, offline)
+
+    def _adapted(self, model):
+        """The model with the run's LoRA adapter (``lora_r``), or as it is."""
+        if not self.cfg.lora_r:
+            return model
+        adapters.check_rollout_engine(self.cfg)
+        return adapters.apply_lora(model, self.cfg, base_model_name(self.cfg.model))
 
     def _load_data(self):
         """The prompt rows (``self.rows``) and held-out rows, checked now; returns the offline groups
@@ -190,7 +203,7 @@ class Trainer:
     def _teacher_engine(self):
         if not self.cfg.teacher_model:
             return None
-        model, tokenizer = load_model(self.cfg.teacher_model)
+        model, tokenizer = load_model(self.cfg.teacher_model, **model_options(self.cfg, teacher=True))
         return make_engine(
             self.cfg.engine, model=model, tokenizer=tokenizer, model_path=self.cfg.teacher_model, cfg=self.cfg
         )
@@ -241,7 +254,10 @@ class Trainer:
         if self.resume_from is None:
             self.acc.print(f"--resume: no complete checkpoint in {self.out / 'checkpoints'}; starting at step 0")
             return
-        resumed = checkpoints.load_checkpoint(self.acc, self.resume_from, self.cfg.max_steps)
+        # (a LoRA run's checkpoints hold the adapter alone: the frozen base is the one loaded)
+        resumed = checkpoints.load_checkpoint(
+            self.acc, self.resume_from, self.cfg.max_steps, strict=not self.cfg.lora_r
+        )
         self.step, self.pool.start, self.pool.groups = resumed.step, resumed.pool_start, resumed.groups
         if self.acc.is_main_process:  # (going back to an earlier checkpoint: what came after it goes)
             dropped = checkpoints.drop_later(self.out, self.resume_from, self.step)

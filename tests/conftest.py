@@ -15,6 +15,9 @@ def _has_cuda() -> bool:
 
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# No test reaches the network: a Hub id resolves from the local cache or stops with an error
+# (huggingface_hub reads this once, at its import)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -84,3 +84,21 @@ def test_the_benchmark_has_rows_for_the_log_prob_op(tmp_path):
     assert timed == {"logprobs", "logprobs_naive"}
     prec = {r["provider"]: r for r in rows if r["status"] == "precision"}
     assert float(prec["logprobs"]["err_dweight"]) < 1e-5 and float(prec["logprobs"]["err_loss"]) < 1e-5
+
+
+def test_train_memory_follows_the_weights_the_gradients_and_the_optimizer_states():
+    """The training-step probe of benchmarks/train_memory.py, on a small Llama shape: the peak
+    holds at least weights, gradients and two AdamW states (16 bytes a parameter in fp32, 8 in
+    bf16: the states follow the weights' dtype), and a LoRA run trains and keeps states for the
+    adapter alone."""
+    from benchmarks.train_memory import step_peak
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    fp32, bf16, lora = (
+        step_peak(1, w, False, True, lora_r=r, shape=shape)
+        for w, r in (("float32", 0), ("bfloat16", 0), ("bfloat16", 4))
+    )
+    assert (fp32["state_dtype"], bf16["state_dtype"], lora["state_dtype"]) == ("float32", "bfloat16", "float32")
+    assert fp32["peak_bytes_per_param"] >= 16 and bf16["peak_bytes_per_param"] >= 8
+    assert fp32["trainable_m"] == pytest.approx(fp32["params_m"], abs=0.05)
+    assert 0 < lora["trainable_m"] < lora["params_m"] / 4

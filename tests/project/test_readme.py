@@ -5,7 +5,7 @@ import json
 import re
 
 import pytest
-from doc_pages import page_holding, python_blocks
+from doc_pages import ROOT, page_holding, python_blocks
 
 
 def test_readme_snippets_run():
@@ -84,3 +84,60 @@ def test_every_marked_block_is_read_by_the_test_it_names():
         reader = ROOT / test_file
         assert reader.is_file(), f"{page}: {first!r} names no test file"
         assert f'python_blocks("{key}")' in reader.read_text(), f"{page}: {test_file} does not read {key!r}"
+
+
+def _readme_commands(marker: str) -> list[list[str]]:
+    """The commands of the README's bash block that starts with ``marker``, one argv each (lines
+    continued by a backslash joined)."""
+    import shlex
+
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S) if b.startswith(marker)]
+    assert len(blocks) == 1, marker
+    text = blocks[0].replace("\\\n", " ")
+    return [shlex.split(line) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow
+def test_train_your_own_model_commands_run(tmp_path, monkeypatch, capsys):
+    """The README's three commands, as they are, in a folder holding data/train.jsonl and
+    data/eval.jsonl (the demo's rows), with the demo's tiny model in a Hugging Face cache under
+    the Hub id the commands name (HF_HUB_OFFLINE=1, tests/conftest.py: the id goes through the Hub
+    code path, offline). Added to each: a few steps and short samples, to keep CI short."""
+    import huggingface_hub
+    import torch
+    from accelerate.state import AcceleratorState
+    from hub_cache import put_in_hub_cache  # (tests/, on the path as tests/conftest.py's folder)
+    from safetensors.torch import load_file
+
+    from gft_train.cli import cli
+    from gft_train.demo.model import build_model
+    from gft_train.demo.task import make_splits, write_jsonl
+
+    commands = _readme_commands("# tested: tests/project/test_readme.py::test_train_your_own_model_commands_run")
+    assert [c[:3] for c in commands] == [["gft-train", "train", "--method"]] * 2 + [["gft-train", "eval", "--model"]]
+    hub_id = commands[0][commands[0].index("--model") + 1]
+    put_in_hub_cache(build_model(tmp_path / "tiny", hidden_size=64, layers=1), hub_id, tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    splits = make_splits(seed=5, n_train=8, n_eval=4)
+    write_jsonl(splits["train"], tmp_path / "data" / "train.jsonl")
+    write_jsonl(splits["eval_id"], tmp_path / "data" / "eval.jsonl")
+    short = ["--max-new-tokens", "8", "--engine", "transformers", "--report-to", "none"]
+    for argv in commands:
+        AcceleratorState._reset_state(reset_partial_state=True)  # (one mixed precision per process state)
+        extra = short + (["--max-steps", "2", "--prompts-per-step", "2"] if argv[1] == "train" else ["--eval-n", "2"])
+        try:
+            cli(argv[1:] + extra)
+        except SystemExit as e:
+            raise AssertionError(f"{' '.join(argv)}: {capsys.readouterr().err[-2000:]}") from e
+    AcceleratorState._reset_state(reset_partial_state=True)
+    summary = json.loads(capsys.readouterr().out.split("final model:")[-1].split("\n", 1)[1])
+    assert {"pass@1", "kl_to_base"} <= set(summary)
+    for run in ("sft", "gft"):
+        final = tmp_path / "runs" / run / "final"
+        assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+        merged = load_file(str(final / "merged" / "model.safetensors"))
+        assert {v.dtype for v in merged.values()} == {torch.bfloat16}
+    base = load_file(str(tmp_path / "tiny" / "model.safetensors"))
+    gft = load_file(str(tmp_path / "runs" / "gft" / "final" / "merged" / "model.safetensors"))
+    assert any(not torch.equal(gft[k], base[k].to(torch.bfloat16)) for k in base)  # trained

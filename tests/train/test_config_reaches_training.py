@@ -52,6 +52,9 @@ NOT_TRAINING = {
     "train_split": "which split of train_file is read, like train_file (tests/train/test_datasets_sources.py)",
     "dataset_config": "which subset of a datasets Hub name is read, like train_file",
     "report_to": "the trackers the metrics go to (tests/train/test_trackers.py)",
+    "revision": "which snapshot of a Hub id is loaded, like model (tests/train/test_model_loading.py)",
+    "trust_remote_code": "whether a Hub model's own code may run (tests/train/test_model_loading.py)",
+    "merge_lora": "what the final folder holds besides the adapter (tests/train/test_lora.py)",
 }
 
 
@@ -184,6 +187,14 @@ def _check_adv_eps(run, default):
     return True
 
 
+def _lora_scaling(run) -> set:
+    return {m.scaling["default"] for m in run.trainer.model.modules() if isinstance(getattr(m, "scaling", None), dict)}
+
+
+def _lora_dropouts(run) -> set:
+    return {m.lora_dropout["default"].p for m in run.trainer.model.modules() if hasattr(m, "lora_dropout")}
+
+
 # field -> (extra Config fields, value, check(run, default)); the run is Trainer -> groups -> step.
 PROBES = {
     "method": (
@@ -292,6 +303,30 @@ PROBES = {
         lambda r, d: r.trainer.model.config._attn_implementation == "eager"
         and d.trainer.model.config._attn_implementation != "eager",
     ),
+    "torch_dtype": (
+        {},
+        "bfloat16",
+        lambda r, d: r.trainer.model.dtype == torch.bfloat16
+        and d.trainer.model.dtype == torch.float32
+        and {p.dtype for g in r.trainer.optimizer.param_groups for p in g["params"]} == {torch.bfloat16},
+    ),
+    "lora_r": (
+        {},
+        4,
+        lambda r, d: {n.split(".")[-3] for n, p in r.trainer.model.named_parameters() if p.requires_grad}
+        == {"lora_A", "lora_B"}
+        and sum(p.numel() for g in r.trainer.optimizer.param_groups for p in g["params"])
+        == sum(p.numel() for p in r.trainer.model.parameters() if p.requires_grad)
+        and r.trainer.model.peft_config["default"].r == 4,
+    ),
+    "lora_alpha": ({"lora_r": 4}, 2.0, lambda r, d: _lora_scaling(r) == {0.5}),
+    "lora_dropout": ({"lora_r": 4}, 0.25, lambda r, d: _lora_dropouts(r) == {0.25}),
+    "lora_target_modules": (
+        {"lora_r": 4},
+        "q_proj,v_proj",
+        lambda r, d: {n.split(".")[-4] for n, p in r.trainer.model.named_parameters() if p.requires_grad}
+        == {"q_proj", "v_proj"},
+    ),
     "columns": (
         {"train_file": "renamed"},
         "prompt=question",
@@ -333,7 +368,7 @@ def test_a_field_set_in_the_config_acts_in_the_run(name, data, default, tmp_path
 
         AcceleratorState._reset_state(reset_partial_state=True)
         request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
-    extra = {k: data[v] for k, v in extra.items()}
+    extra = {k: data[v] if isinstance(v, str) else v for k, v in extra.items()}
     if name == "reward":
         monkeypatch.syspath_prepend(str(data["dir"]))
     if name == "groups_file":
