@@ -151,14 +151,12 @@ class ModelAndData:
         "(a plain transformers model); final/ itself holds the adapter",
     )
 
-    def check(self) -> None:
-        # the model's loading and LoRA fields
+    def _check_loading(self) -> None:
+        """The model's loading and LoRA fields."""
         from .models import TORCH_DTYPES
 
-        if self.torch_dtype not in TORCH_DTYPES:
-            raise ValueError(f"torch_dtype must be one of {', '.join(TORCH_DTYPES)}, got {self.torch_dtype!r}")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0, got {self.lora_r}")
+        _check(self, "torch_dtype", f"one of {', '.join(TORCH_DTYPES)}", lambda v: v in TORCH_DTYPES)
+        _check(self, "lora_r", ">= 0", lambda v: v >= 0)
         if not self.lora_r:
             given = {
                 "lora_alpha": self.lora_alpha is not None,
@@ -167,14 +165,14 @@ class ModelAndData:
                 "merge_lora": self.merge_lora,
             }
             if any(given.values()):
-                names = ", ".join(k for k, v in given.items() if v)
-                raise ValueError(f"{names} need lora_r > 0 (LoRA is off at lora_r 0: every weight trains)")
+                names = ", ".join(f"--{k} {getattr(self, k)!r}" for k, v in given.items() if v)
+                raise ValueError(f"{names} need --lora_r > 0 (LoRA is off at lora_r 0: every weight trains)")
         if self.lora_r and importlib.util.find_spec("peft") is None:  # said now, not after the model loads
-            raise ValueError(f"lora_r {self.lora_r} needs the peft package (pip install 'gft[peft]')")
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        if self.lora_dropout is not None and not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise ValueError(f"--lora_r {self.lora_r} needs the peft package (pip install 'gft[peft]')")
+        if self.lora_alpha is not None:
+            _check(self, "lora_alpha", "> 0 and finite", lambda v: v > 0 and _finite(v))
+        if self.lora_dropout is not None:
+            _check(self, "lora_dropout", "in [0, 1)", lambda v: 0.0 <= v < 1.0)
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -184,6 +182,7 @@ class ModelAndData:
         parse_columns(self.columns)
         for name in ("output_dir", "train_split", "eval_split"):
             _check(self, name, "a non-empty string", bool)
+        self._check_loading()
 
 
 @dataclass

@@ -91,7 +91,11 @@ def _readme_commands(marker: str) -> list[list[str]]:
     continued by a backslash joined)."""
     import shlex
 
-    blocks = [b for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S) if b.startswith(marker)]
+    blocks = [
+        b
+        for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+        if b.startswith(marker)
+    ]
     assert len(blocks) == 1, marker
     text = blocks[0].replace("\\\n", " ")
     return [shlex.split(line) for line in text.splitlines() if line.strip() and not line.startswith("#")]

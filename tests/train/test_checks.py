@@ -103,6 +103,13 @@ BAD = {
     "eval_greedy": [({"eval_greedy": "maybe"}, "expected true or false")],
     "eval_kl_samples": [(["--eval-kl-samples", "0"], ">= 1")],
     "eval_split": [(["--eval-split", ""], "non-empty")],
+    "torch_dtype": [(["--torch-dtype", "fp8"], "one of")],
+    "trust_remote_code": [({"trust_remote_code": "maybe"}, "expected true or false")],
+    "lora_r": [(["--lora-r", "-1"], ">= 0")],
+    "lora_alpha": [(["--lora-r", "4", "--lora-alpha", "0"], "> 0"), (["--lora-alpha", "8"], "need --lora_r > 0")],
+    "lora_dropout": [(["--lora-r", "4", "--lora-dropout", "1"], "[0, 1)")],
+    "lora_target_modules": [(["--lora-target-modules", "q_proj"], "need --lora_r > 0")],
+    "merge_lora": [({"merge_lora": True}, "need --lora_r > 0")],
 }
 
 # Fields any value of their type may hold here, and where a bad one is refused.
@@ -113,6 +120,7 @@ CHECKED_WHERE_USED = {
     "groups_file": "read by load_groups, written by build-groups",
     "teacher_model": "a model folder, like model",
     "dataset_config": "the subset of a Hub dataset: datasets refuses an unknown one",
+    "revision": "a Hub revision of model: from_pretrained refuses an unknown one, in one line naming the id",
     "attn_implementation": "transformers' names, kernels-hub names among them: transformers refuses an unknown one",
 }
 

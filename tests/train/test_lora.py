@@ -62,7 +62,7 @@ def test_lora_options_are_checked():
     def resolved(**kw):
         return config_mod.Config(model="m", train_file="t", **kw).resolved()
 
-    with pytest.raises(ValueError, match="lora_alpha, merge_lora need lora_r > 0"):
+    with pytest.raises(ValueError, match="--lora_alpha 16.0, --merge_lora True need --lora_r > 0"):
         resolved(lora_alpha=16.0, merge_lora=True)
     with pytest.raises(ValueError, match="lora_r must be >= 0, got -1"):
         resolved(lora_r=-1)
