@@ -105,7 +105,7 @@ def _backbone_of(model):
     return backbone if isinstance(backbone, nn.Module) and backbone is not model else None
 
 
-def _run_backbone(model, backbone, input_ids, attention_mask, extra: dict, use_cache: bool) -> Tensor:
+def _run_backbone(backbone, input_ids, attention_mask, extra: dict, use_cache: bool) -> Tensor:
     kwargs = dict(extra, input_ids=input_ids)
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
@@ -124,7 +124,7 @@ def _backbone_verdict(model, input_ids, attention_mask, head_x: Tensor):
         return "it has no backbone module apart from itself (base_model)"
     use_cache = "use_cache" in inspect.signature(backbone.forward).parameters
     try:
-        x = _run_backbone(model, backbone, input_ids, attention_mask, {}, use_cache)
+        x = _run_backbone(backbone, input_ids, attention_mask, {}, use_cache)
     except Exception as e:
         return f"its backbone {type(backbone).__name__} fails on the probe's batch ({type(e).__name__})"
     if not isinstance(x, Tensor) or x.shape != head_x.shape or x.dtype != head_x.dtype or not torch.equal(x, head_x):
@@ -145,7 +145,7 @@ def _backbone_head_input(model, input_ids, attention_mask, extra: dict) -> Tenso
         raise UnsupportedModelError(
             f"{_arch(model)}: torch.compile cannot trace how it reaches its output head: {verdict}; run it eagerly"
         )
-    x = _run_backbone(model, _backbone_of(model), input_ids, attention_mask, extra, verdict.use_cache)
+    x = _run_backbone(_backbone_of(model), input_ids, attention_mask, extra, verdict.use_cache)
     return _checked_shape(model, x, input_ids)
 
 
