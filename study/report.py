@@ -1,120 +1,30 @@
-"""From ``results.jsonl`` to ``docs/reproduction.md`` and its plots, with a verdict per claim.
-
-Verdict rule, the same for every comparison "A beats B" on a metric: with the per-seed means
-and standard deviations, the gap ``mean(A) - mean(B)`` is compared with the noise
-``sqrt(sd(A)^2 + sd(B)^2)`` (at least 0.01): larger than the noise and in the claimed direction
--> reproduced; larger than the noise the other way -> not reproduced; otherwise inconclusive.
-Where the runs kept each prompt's score (held-out, harder split, probe), the gap is also paired
-by seed and prompt, with a 95% bootstrap interval over prompts (``paired_gap``), and a verdict
-either way needs that interval to exclude zero on its side too.
-"""
+"""From ``results.jsonl`` to ``docs/reproduction.md`` and its plots, with a verdict per claim: the
+markdown writer (and the JSON beside it); the verdicts come from ``verdicts.py``, the plots from
+``figures.py``."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import platform
-import statistics as st
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import LR_LADDER, MIN_SFT_GAIN, SEQS_PER_STEP, choose_lrs, method_of, rate_for, read_jsonl, sweep_specs
+from .figures import save_figures
+from .plan import LR_LADDER, SEQS_PER_STEP, method_of, sweep_specs
+from .verdicts import (
+    Study,
+    collect_claims,
+    combine,
+    compare,
+    load_study,
+    paired_gap,
+    precondition,
+    ratio_names,
+    tau_names,
+)
 
-
-def _agg(rows):
-    by = defaultdict(list)
-    for r in rows:
-        by[r["name"]].append(r)
-    out = {}
-    for name, rs in by.items():
-        keys = [
-            k
-            for k in rs[0]
-            if isinstance(rs[0][k], (int, float)) and k not in ("seed", "x") and all(k in r for r in rs)
-        ]
-        out[name] = {
-            k: (st.mean(r[k] for r in rs), st.pstdev([r[k] for r in rs]) if len(rs) > 1 else 0.0) for k in keys
-        }
-        out[name]["n"] = len(rs)
-        out[name]["family"] = rs[0]["family"]
-        out[name]["x"] = rs[0]["x"]
-        # each prompt's score per seed, where the runs kept them: metric -> {seed: [score per prompt]}
-        out[name]["per_prompt"] = {
-            k[: -len("_per_prompt")]: {r["seed"]: r[k] for r in rs}
-            for k in rs[0]
-            if k.endswith("_per_prompt") and all(k in r for r in rs)
-        }
-        if all("passk_curve" in r for r in rs):  # pass@k for k = 1, 2, 4, ..., mean over seeds
-            ks = sorted(rs[0]["passk_curve"], key=lambda k: int(k.split("@")[1]))
-            out[name]["passk"] = {k: st.mean(r["passk_curve"][k] for r in rs) for k in ks}
-        if "curve" in rs[0]:
-            steps = sorted({int(s) for r in rs for s in r["curve"]})
-            out[name]["curve"] = {
-                s: (
-                    st.mean(r["curve"][str(s)] for r in rs),
-                    st.pstdev([r["curve"][str(s)] for r in rs]) if len(rs) > 1 else 0.0,
-                )
-                for s in steps
-                if all(str(s) in r["curve"] for r in rs)
-            }
-            out[name]["auc"] = _auc(rs)
-    return out
-
-
-def _auc(rs):
-    """(mean, sd) over seeds of the mean accuracy over the curve's points: a learning curve as
-    one number (higher: more accuracy for the same sequences, i.e. more data-efficient)."""
-    vals = [st.mean(r["curve"].values()) for r in rs]
-    return st.mean(vals), st.pstdev(vals) if len(vals) > 1 else 0.0
-
-
-def paired_gap(agg, a, b, metric, draws: int = 2000):
-    """(gap, low, high, prompts): the mean over prompts of a's score minus b's, each prompt's
-    difference averaged over the seeds both ran (paired by seed and prompt), and its 95%
-    bootstrap interval over prompts. None where either run kept no per-prompt scores."""
-    import numpy as np
-
-    pa, pb = agg[a].get("per_prompt", {}).get(metric), agg[b].get("per_prompt", {}).get(metric)
-    seeds = sorted(set(pa or {}) & set(pb or {}))
-    if not seeds:
-        return None
-    diffs = np.mean([np.asarray(pa[s]) - np.asarray(pb[s]) for s in seeds], axis=0)
-    picks = np.random.default_rng(0).integers(0, len(diffs), size=(draws, len(diffs)))
-    low, high = np.quantile(diffs[picks].mean(axis=1), [0.025, 0.975])
-    return float(diffs.mean()), float(low), float(high), len(diffs)
-
-
-def compare(agg, a, b, metric, higher_is_better=True):
-    """(verdict word, explanation) for the claim 'a is better than b on metric'."""
-    if a not in agg or b not in agg:
-        return "inconclusive", f"{a} or {b} was not run"
-    (ma, sa), (mb, sb) = agg[a][metric], agg[b][metric]
-    gap = (ma - mb) if higher_is_better else (mb - ma)
-    noise = max(math.sqrt(sa**2 + sb**2), 0.01)
-    text = f"{a} {ma:.3f}±{sa:.3f} vs {b} {mb:.3f}±{sb:.3f} (noise {noise:.3f}"
-    above = below = True  # the paired interval's side, where there is one
-    paired = paired_gap(agg, a, b, metric)
-    if paired is not None:
-        g, low, high, n = paired
-        text += f"; paired gap {g:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}] over {n} prompts"
-        above, below = (low > 0, high < 0) if higher_is_better else (high < 0, low > 0)
-    text += ")"
-    if gap > noise and above:
-        return "reproduced", text
-    if gap < -noise and below:
-        return "not reproduced", text
-    return "inconclusive", text
-
-
-def _combine(verdicts):
-    words = [v for v, _ in verdicts]
-    if all(w == "reproduced" for w in words):
-        return "reproduced"
-    if any(w == "not reproduced" for w in words):
-        return "not reproduced"
-    return "inconclusive"
+# compare and paired_gap: the verdict rule, importable from here as well
+__all__ = ["compare", "paired_gap", "write_json", "write_report"]
 
 
 def _fmt(agg, name, metric):
@@ -131,104 +41,6 @@ def _table(agg, names, cols):
     return head + "".join(
         f"| {n} | " + " | ".join(_fmt(agg, n, m) for _, m in cols) + " |\n" for n in names if n in agg
     )
-
-
-def _curves_figure(agg, plt):
-    """Held-out pass@1 along training, each method with its seeds' spread."""
-    curves = [n for n in agg if agg[n]["family"] in ("methods", "ablation") and agg[n].get("curve")]
-    longer = {method_of(n): n for n in agg if agg[n]["family"] == "long" and agg[n].get("curve")}
-    if not curves:
-        return None
-    fig, ax = plt.subplots(figsize=(6.2, 3.8))
-    for n in curves:
-        pts = sorted(agg[n]["curve"].items())
-        xs, ms, ss = [p for p, _ in pts], [v[0] for _, v in pts], [v[1] for _, v in pts]
-        (line,) = ax.plot(xs, ms, marker="o", ms=3, label=n, ls="--" if agg[n]["family"] == "ablation" else "-")
-        if n in longer:  # its longer run (one seed), dotted in the same colour
-            pts = sorted(agg[longer[n]]["curve"].items())
-            ax.plot([p for p, _ in pts], [v[0] for _, v in pts], ls=":", color=line.get_color(), lw=1)
-        ax.fill_between(
-            xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], color=line.get_color(), alpha=0.15
-        )
-    ax.set_xlabel(f"optimizer steps ({SEQS_PER_STEP} sequences each)")
-    if longer:
-        ax.set_title("dotted: the same method, a longer run (one seed)", fontsize=8)
-    ax.set_ylabel("held-out pass@1 (temperature 0.5)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def _tau_figure(agg, plt):
-    """Accuracy and the DCR-rectified fraction against tau."""
-    taus = sorted(
-        [
-            (agg[n]["x"], n)
-            for n in agg
-            if agg[n]["x"] is not None
-            and not isinstance(agg[n]["x"], str)
-            and (agg[n]["family"] == "tau" or n in ("GFT", "GFT w/o DCR"))
-        ]
-    )
-    if len(taus) < 3:
-        return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    xs = list(range(len(taus)))
-    ax.errorbar(
-        xs,
-        [agg[n]["id"][0] for _, n in taus],
-        yerr=[agg[n]["id"][1] for _, n in taus],
-        marker="o",
-        label="held-out pass@1",
-    )
-    ax.set_xticks(xs, [str(t) for t, _ in taus])
-    ax.set_xlabel("tau")
-    ax.set_ylabel("pass@1")
-    ax2 = ax.twinx()
-    ax2.plot(xs, [agg[n]["rectified"][0] for _, n in taus], color="tab:orange", marker="s", label="rectified fraction")
-    ax2.set_ylabel("DCR-rectified fraction")
-    fig.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.12, 0.97))
-    fig.tight_layout()
-    return fig
-
-
-def _methods_figure(agg, plt):
-    """The methods side by side: accuracy, forgetting, drift."""
-    methods = [n for n in agg if agg[n]["family"] in ("methods", "ablation")]
-    if not methods:
-        return None
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    for ax, (title, m) in zip(
-        axes,
-        [
-            ("held-out pass@1", "id"),
-            ("harder (OOD) pass@1", "ood"),
-            ("digit reversal (forgetting probe)", "probe"),
-            ("KL(base || model)", "kl_base"),
-        ],
-    ):
-        ax.bar(range(len(methods)), [agg[n][m][0] for n in methods], yerr=[agg[n][m][1] for n in methods])
-        ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=7)
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def _plots(agg, docs: Path, prefix: str) -> list[str]:
-    """The report's figures that the results allow, saved under ``docs``; their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    for name, make in (("curves", _curves_figure), ("tau", _tau_figure), ("methods", _methods_figure)):
-        fig = make(agg, plt)
-        if fig is not None:
-            files.append(f"{prefix}{name}.png")
-            fig.savefig(docs / files[-1], dpi=110)
-            plt.close(fig)
-    return files
 
 
 def _curve_reading(agg, names, base_id: float) -> list[str]:
@@ -310,22 +122,6 @@ def _setup_lines(setup: dict, budget, k: str) -> list[str]:
     ]
 
 
-def precondition(setup: dict, grid: list[dict], lrs: dict) -> tuple[bool, str]:
-    """(met, the line the report prints): SFT at its best rate must lift validation pass@1 by at
-    least ``MIN_SFT_GAIN`` over the base before any verdict is read."""
-    base = setup.get("base_val")
-    best = next((g["val"] for g in grid if g["name"] == "SFT" and g["lr"] == lrs.get("SFT")), None)
-    if base is None or best is None:
-        return False, "Precondition not measured (no SFT grid run or no base validation score)."
-    met = best - base >= MIN_SFT_GAIN
-    return met, (
-        f"Precondition ({'met' if met else 'NOT met'}): SFT at its best rate ({lrs['SFT']:g}) lifts "
-        f"validation pass@1 from the base's {base:.3f} to {best:.3f} ({best - base:+.3f}; at least "
-        f"+{MIN_SFT_GAIN:.2f} is required for the set-up to have something to learn)."
-        + ("" if met else " The verdicts below are withheld: change the set-up.")
-    )
-
-
 def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict) -> None:
     """docs/reproduction.json: the set-up's accuracies and every configuration's mean metrics in
     the demo's shape (``results.<configuration>.<split>.pass@1``), and the verdicts."""
@@ -358,108 +154,8 @@ def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict)
         if a.get("passk"):
             res["test"]["pass@k"] = a["passk"]
         doc["results"][name] = res
-    doc["verdicts"] = {claim: _combine(v) if met else "withheld" for claim, v in claims}
+    doc["verdicts"] = {claim: combine(v) if met else "withheld" for claim, v in claims}
     path.write_text(json.dumps(doc, indent=1) + "\n")
-
-
-@dataclass(frozen=True)
-class Study:
-    """What a report reads: the grid, the rates it chose, the set-up, and each configuration's
-    metrics aggregated over seeds (``_agg``)."""
-
-    grid: list
-    own: list  # the grid's methods, in the order run
-    lrs: dict
-    setup: dict
-    agg: dict
-    wall: float | None
-    workers: int
-
-    @property
-    def base(self) -> dict:
-        return self.setup["accuracy"]["base"]
-
-    def names(self, *families: str) -> list[str]:
-        return [n for n in self.agg if self.agg[n]["family"] in families]
-
-
-def load_study(out: Path) -> Study:
-    grid = read_jsonl(out / "grid.jsonl")
-    own = list(dict.fromkeys(g["name"] for g in grid))
-    lrs = choose_lrs(grid, own)
-    # only runs at the rate the grid gives them now (a grid that moved left older runs behind)
-    rows = [r for r in read_jsonl(out / "results.jsonl") if r["lr"] == rate_for(r["name"], r["family"], lrs)]
-    timing = json.loads((out / "wall_seconds.json").read_text()) if (out / "wall_seconds.json").exists() else {}
-    return Study(
-        grid,
-        own,
-        lrs,
-        json.loads((out / "setup.json").read_text()),
-        _agg(rows),
-        timing.get("seconds"),
-        timing.get("workers", 1),
-    )
-
-
-def tau_names(agg) -> list[str]:
-    return [n for n in agg if agg[n]["family"] == "tau"] + [n for n in ("GFT", "GFT w/o DCR") if n in agg]
-
-
-def ratio_names(agg) -> list[str]:
-    return [n for n in agg if agg[n]["family"] == "ratio"] + (["GFT"] if "GFT" in agg else [])
-
-
-def collect_claims(agg, k: str, quick: bool) -> tuple[list, list[str]]:
-    """(claims, not run): each claim with its comparisons; the claims whose runs are missing."""
-    claims = []
-    c1 = [compare(agg, "GFT", b, "id") for b in ("SFT", "SFT(filtered teacher)", "DFT", "GRPO")]
-    claims.append(("GFT beats SFT, SFT on filtered teacher data, DFT and GRPO (Table 1): held-out pass@1", c1))
-    c1b = [compare(agg, "GFT", b, "ood") for b in ("SFT", "SFT(filtered teacher)", "DFT", "GRPO")]
-    claims.append(("... and on the harder (OOD) split", c1b))
-    c_eff = [compare(agg, "GFT", b, "auc") for b in ("SFT", "SFT(filtered teacher)", "DFT")]
-    claims.append(
-        (
-            "GFT is more data-efficient: more accuracy along the curve at equal sequences, with 1/8 "
-            "of the prompts (Figure 1, Table 1)",
-            c_eff,
-        )
-    )
-    c2 = [compare(agg, "GFT", "GFT w/o GAL", "id"), compare(agg, "GFT", "GFT w/o DCR", "id")]
-    claims.append(("Both GAL and DCR matter (Table 2, Figure 3)", c2))
-    c2b = [compare(agg, "GFT", "GFT w/o DCR", "grad_cv", higher_is_better=False)]
-    claims.append(("Without DCR the gradient norm is more volatile (Figure 3)", c2b))
-    c3 = [compare(agg, "GFT", "SFT", "kl_base", higher_is_better=False), compare(agg, "GFT", "SFT", "probe")]
-    claims.append(("GFT drifts less from the base model and forgets less than SFT (Table 3, Figure 5)", c3))
-    c4 = [compare(agg, "GFT", "GRPO", k), compare(agg, "GFT", "SFT", k)]
-    claims.append((f"GFT keeps diversity: higher {k} than GRPO and SFT (Table 4)", c4))
-    not_run = []
-    ratios = ratio_names(agg)
-    if len(ratios) >= 3:  # 1:7, 2:6 and the default 4:4
-        others = [n for n in ratios if n != "GFT 2:6"]
-        c5 = [compare(agg, "GFT 2:6", n, "id") for n in others]
-        claims.append(
-            ("Demo:sample 2:6 is the best group ratio of 1:7, 2:6 and 4:4 (Table 5; the default GFT is 4:4)", c5)
-        )
-    elif not quick:
-        not_run.append("Demo:sample 2:6 is the best group ratio (Table 5)")
-    if "SFT then GRPO" in agg and "SFT then GFT then GRPO" in agg:
-        c7 = [compare(agg, "SFT then GFT then GRPO", "SFT then GRPO", m) for m in ("id", "ood")]
-        claims.append(("GRPO gains more after SFT then GFT than after SFT alone, at equal GRPO steps (Figure 4)", c7))
-    elif not quick:
-        not_run.append("GRPO gains more after SFT then GFT than after SFT alone (Figure 4)")
-    taus = tau_names(agg)
-    if len(taus) >= 7:  # all five swept taus, GFT (0.7) and GFT w/o DCR (0)
-        c6 = [compare(agg, "GFT", "GFT w/o DCR", "id"), compare(agg, "GFT", "GFT tau=1.5", "id")]
-        # the best tau near 0.7 against the best away from it, by the same rule as every comparison
-        near = [n for n in taus if n in ("GFT", "GFT tau=0.5", "GFT tau=0.9")]
-        best_near = max(near, key=lambda n: agg[n]["id"][0])
-        best_far = max((n for n in taus if n not in near), key=lambda n: agg[n]["id"][0])
-        word, text = compare(agg, best_near, best_far, "id")
-        c6.append((word, f"best near 0.7 against best elsewhere: {text}"))
-        claims.append(("Accuracy is an inverted U in tau, best near 0.7 (Figure 6)", c6))
-    elif not quick:
-        not_run.append("Accuracy is an inverted U in tau, best near 0.7 (Figure 6)")
-    return claims, not_run
 
 
 def _header_lines(study: Study, budget, quick: bool) -> list[str]:
@@ -576,7 +272,7 @@ def _verdict_lines(precondition_line: str, met: bool, claims, not_run: list[str]
         "",
         precondition_line,
         "",
-        "Rule (from `study/report.py`): a gap larger than the seeds' noise, `sqrt(sd_a^2 + sd_b^2)` "
+        "Rule (from `study/verdicts.py`): a gap larger than the seeds' noise, `sqrt(sd_a^2 + sd_b^2)` "
         "(at least 0.01), in the claimed direction is *reproduced*; larger than the noise the other "
         "way is *not reproduced*; otherwise *inconclusive*. On held-out, harder-split and probe accuracy "
         "the gap is also paired by seed and prompt (each prompt's difference averaged over the seeds both "
@@ -588,7 +284,7 @@ def _verdict_lines(precondition_line: str, met: bool, claims, not_run: list[str]
         "|---|---|---|",
     ]
     for claim, verdicts in claims:
-        word = _combine(verdicts) if met else "withheld (precondition not met)"
+        word = combine(verdicts) if met else "withheld (precondition not met)"
         lines.append(f"| {claim} | **{word}** | " + "; ".join(f"{v}: {t}" for v, t in verdicts) + " |")
     for claim in not_run:
         lines.append(f"| {claim} | **not tested** | its sweep did not finish in this round (see the last section) |")
@@ -799,7 +495,7 @@ def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
     study's records in ``out``; section by section, in the order the report reads."""
     study = load_study(out)
     docs.mkdir(parents=True, exist_ok=True)
-    plots = _plots(study.agg, docs, "reproduction_quick_" if quick else "reproduction_")
+    plots = save_figures(study.agg, docs, "reproduction_quick_" if quick else "reproduction_")
     k = f"pass@{budget.passk_n}"
     claims, not_run = collect_claims(study.agg, k, quick)
     met, precondition_line = precondition(study.setup, study.grid, study.lrs)

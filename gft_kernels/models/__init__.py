@@ -13,6 +13,8 @@ embedding (``model.get_output_embeddings()``, a linear layer); a forward pre-hoo
 layer's input and stops the forward there. So whatever the model does before its head (a
 final norm, a rescaling of the hidden state, a prediction transform with its own parameters)
 is part of the captured input, with its autograd graph, and the head's product is never made.
+Under ``torch.compile``, which does not trace that hook, the model's backbone (``base_model``) is
+called instead, for models whose backbone output the probe saw to be exactly the head's input.
 
 What comes after the head's product (logit scales and multipliers, final softcaps, a
 vocabulary cut) is read from a table of known configuration fields (``logits_transform``) and

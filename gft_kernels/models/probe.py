@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,12 @@ def head_input(model, input_ids, attention_mask=None, **kwargs) -> Tensor:
     """The input of the model's output head, ``[B, T, H]``: the model's forward run up to its head.
 
     Keyword arguments go to the model's forward (``position_ids``, ``token_type_ids``, ...).
+    Under ``torch.compile`` the model's backbone runs instead (``model.base_model``), where the
+    probe (``check_model``) saw that its output is what the forward hands to the head: dynamo
+    traces a call, not a hook that stops a forward.
     """
+    if torch.compiler.is_compiling():
+        return _backbone_head_input(model, input_ids, attention_mask, kwargs)
     head = output_head(model)
     captured = []
 
@@ -70,13 +76,77 @@ def head_input(model, input_ids, attention_mask=None, **kwargs) -> Tensor:
             f"{arch_name(model)}: its forward does not call its output head {type(head).__name__} "
             "(it reads the weight directly or uses another head)"
         )
-    x = captured[0]
+    return _checked_shape(model, captured[0], input_ids)
+
+
+def _checked_shape(model, x: Tensor, input_ids: Tensor) -> Tensor:
     if x.dim() != 3 or tuple(x.shape[:2]) != tuple(input_ids.shape):
         raise UnsupportedModelError(
             f"{arch_name(model)}: its output head's input has shape {tuple(x.shape)}, not "
             f"[batch, tokens, hidden] = [{input_ids.shape[0]}, {input_ids.shape[1]}, H]"
         )
     return x
+
+
+@dataclass(frozen=True)
+class _BackboneCall:
+    """How the probe found the model's head input as its backbone's output: the backbone's
+    ``use_cache`` argument, decided outside a compiled region (dynamo does not trace ``inspect``)."""
+
+    use_cache: bool
+
+
+# model -> _BackboneCall, or why its backbone's output is not its head's input (a str)
+_BACKBONES: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
+
+
+def _backbone_of(model):
+    backbone = getattr(model, "base_model", None)
+    return backbone if isinstance(backbone, nn.Module) and backbone is not model else None
+
+
+def _run_backbone(backbone, input_ids, attention_mask, extra: dict, use_cache: bool) -> Tensor:
+    kwargs = dict(extra, input_ids=input_ids)
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if use_cache:
+        kwargs["use_cache"] = False
+    out = backbone(**kwargs)
+    x = getattr(out, "last_hidden_state", None)
+    return out[0] if x is None else x
+
+
+def _backbone_verdict(model, input_ids, attention_mask, head_x: Tensor):
+    """A ``_BackboneCall`` where the backbone's output equals ``head_x`` (the head's input in the
+    model's own forward on the same batch) exactly, else the reason it cannot stand in."""
+    backbone = _backbone_of(model)
+    if backbone is None:
+        return "it has no backbone module apart from itself (base_model)"
+    use_cache = "use_cache" in inspect.signature(backbone.forward).parameters
+    try:
+        x = _run_backbone(backbone, input_ids, attention_mask, {}, use_cache)
+    except Exception as e:
+        return f"its backbone {type(backbone).__name__} fails on the probe's batch ({type(e).__name__})"
+    if not isinstance(x, Tensor) or x.shape != head_x.shape or x.dtype != head_x.dtype or not torch.equal(x, head_x):
+        return (
+            f"its forward changes its backbone {type(backbone).__name__}'s output before the head "
+            "(or the backbone returns something else first)"
+        )
+    return _BackboneCall(use_cache)
+
+
+def _backbone_head_input(model, input_ids, attention_mask, extra: dict) -> Tensor:
+    verdict = _BACKBONES.get(model)
+    if verdict is None:
+        raise UnsupportedModelError(
+            f"{arch_name(model)}: not probed; call check_model(model) (or patch(model)) before torch.compile"
+        )
+    if isinstance(verdict, str):
+        raise UnsupportedModelError(
+            f"{arch_name(model)}: torch.compile cannot trace how it reaches its output head: {verdict}; run it eagerly"
+        )
+    x = _run_backbone(_backbone_of(model), input_ids, attention_mask, extra, verdict.use_cache)
+    return _checked_shape(model, x, input_ids)
 
 
 _VERDICTS: weakref.WeakKeyDictionary[nn.Module, object] = weakref.WeakKeyDictionary()
@@ -134,7 +204,8 @@ def _compare(arch: str, spec: LogitsTransform, state: dict, logits: Tensor, acc:
         )
 
 
-def _probe(model, spec: LogitsTransform) -> None:
+def _probe(model, spec: LogitsTransform):
+    """Checks ``spec`` against the model's own logits; returns its backbone's verdict (``_BACKBONES``)."""
     arch = arch_name(model)
     linear = head_linear(output_head(model))
     weight = linear.weight
@@ -163,6 +234,8 @@ def _probe(model, spec: LogitsTransform) -> None:
             synth = torch.randn(x.shape, generator=g, dtype=acc).to(device)
             peak = float(F.linear(synth, w.to(acc)).abs().max())
             x = (synth * (PROBE_AMPLITUDE / max(peak, 1e-30))).to(x.dtype)
+        else:
+            state["x"] = x
         state["ours"] = F.linear(x, w, b)
         state["dtypes"] = (w.dtype, x.dtype)
         return ((x,) + tuple(args[1:]), kw) if args else None
@@ -192,12 +265,14 @@ def _probe(model, spec: LogitsTransform) -> None:
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
         ):
             _compare(arch, spec, state, run(), acc, "natural")
+            backbone = _backbone_verdict(model, input_ids, mask, state["x"])
             state["amplify"] = True
             _compare(arch, spec, state, run(), acc, "amplified")
     finally:
         handle.remove()
         for m, training in modes:
             m.training = training
+    return backbone
 
 
 def check_model(model, *, force: bool = False) -> LogitsTransform:
@@ -211,10 +286,14 @@ def check_model(model, *, force: bool = False) -> LogitsTransform:
         if isinstance(verdict, Exception):
             raise verdict
         return verdict
+    if torch.compiler.is_compiling():
+        raise UnsupportedModelError(
+            f"{arch_name(model)}: not probed; call check_model(model) (or patch(model)) before torch.compile"
+        )
     try:
         output_head(model)
         spec = logits_transform(model)
-        _probe(model, spec)
+        _BACKBONES[model] = _probe(model, spec)
     except UnsupportedModelError as e:
         _VERDICTS[model] = e
         raise

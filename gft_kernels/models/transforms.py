@@ -174,6 +174,14 @@ def call_head(head, fn, x):
     unsharded head this is just ``fn(head.weight, head.bias, x)``. (A forward hook a user put on
     the head sees ``fn``'s result in place of logits.)"""
     linear = head_linear(head)
+    if linear is head and not _has_hooks(head):
+        # what head(x) would run; a call that dynamo traces (it does not trace the swap below)
+        return fn(linear.weight, getattr(linear, "bias", None), x)
+    if torch.compiler.is_compiling():
+        raise UnsupportedModelError(
+            f"the output head {type(head).__name__} is wrapped or has hooks (a sharding framework's or a "
+            "user's): torch.compile cannot trace the adapter's call of it; run it eagerly"
+        )
     had = "forward" in linear.__dict__
     own = linear.__dict__.get("forward")
     linear.forward = lambda inp: fn(linear.weight, getattr(linear, "bias", None), inp)
@@ -184,6 +192,22 @@ def call_head(head, fn, x):
             linear.forward = own
         else:
             del linear.forward
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its forward (the condition of ``Module.__call__``)."""
+    from torch.nn.modules import module as _module
+
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or module._backward_pre_hooks
+        or module._backward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_forward_hooks
+        or _module._global_backward_pre_hooks
+        or _module._global_backward_hooks
+    )
 
 
 def _uses_fsdp2(model) -> bool:

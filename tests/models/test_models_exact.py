@@ -14,7 +14,7 @@ from tiny_models import Skip, causal_lm_types, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import gft_kernels
-from gft_kernels.models import UnsupportedModelError, logits_transform
+from gft_kernels.models import UnsupportedModelError, head_input, logits_transform
 
 
 @pytest.mark.slow
@@ -36,6 +36,21 @@ def test_exact_or_refused(model_type):
     assert len({v for (tie, _), v in verdicts.items() if not tie}) == 1
     if verdicts[False, "torch"] == "exact":
         check_patched(model)
+        check_compiled_head_input(model)
+
+
+def check_compiled_head_input(model):
+    """Where the probe let the backbone stand in for the hook (the path under torch.compile), the
+    backbone gives the head's input exactly on a batch with padding too."""
+    from gft_kernels.models.probe import _BACKBONES, _backbone_head_input, _BackboneCall
+
+    if not isinstance(_BACKBONES.get(model), _BackboneCall):
+        return  # refused under compile; eager only
+    ids, mask, _, _ = batch(logits_transform(model).vocab or model.config.get_text_config(decoder=True).vocab_size)
+    mask[1, -2:] = 0
+    with torch.no_grad():
+        hooked = head_input(model, ids, mask)
+        torch.testing.assert_close(_backbone_head_input(model, ids, mask, {}), hooked, rtol=0, atol=0)
 
 
 def check_patched(model):

@@ -1,0 +1,232 @@
+"""The study's verdicts: its records aggregated over seeds (``load_study``), the claims and their
+comparisons (``collect_claims``), and the precondition that gates them.
+
+Verdict rule, the same for every comparison "A beats B" on a metric: with the per-seed means
+and standard deviations, the gap ``mean(A) - mean(B)`` is compared with the noise
+``sqrt(sd(A)^2 + sd(B)^2)`` (at least 0.01): larger than the noise and in the claimed direction
+-> reproduced; larger than the noise the other way -> not reproduced; otherwise inconclusive.
+Where the runs kept each prompt's score (held-out, harder split, probe), the gap is also paired
+by seed and prompt, with a 95% bootstrap interval over prompts (``paired_gap``), and a verdict
+either way needs that interval to exclude zero on its side too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics as st
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .plan import MIN_SFT_GAIN, choose_lrs, rate_for, read_jsonl
+
+
+def _agg(rows):
+    by = defaultdict(list)
+    for r in rows:
+        by[r["name"]].append(r)
+    out = {}
+    for name, rs in by.items():
+        keys = [
+            k
+            for k in rs[0]
+            if isinstance(rs[0][k], (int, float)) and k not in ("seed", "x") and all(k in r for r in rs)
+        ]
+        out[name] = {
+            k: (st.mean(r[k] for r in rs), st.pstdev([r[k] for r in rs]) if len(rs) > 1 else 0.0) for k in keys
+        }
+        out[name]["n"] = len(rs)
+        out[name]["family"] = rs[0]["family"]
+        out[name]["x"] = rs[0]["x"]
+        # each prompt's score per seed, where the runs kept them: metric -> {seed: [score per prompt]}
+        out[name]["per_prompt"] = {
+            k[: -len("_per_prompt")]: {r["seed"]: r[k] for r in rs}
+            for k in rs[0]
+            if k.endswith("_per_prompt") and all(k in r for r in rs)
+        }
+        if all("passk_curve" in r for r in rs):  # pass@k for k = 1, 2, 4, ..., mean over seeds
+            ks = sorted(rs[0]["passk_curve"], key=lambda k: int(k.split("@")[1]))
+            out[name]["passk"] = {k: st.mean(r["passk_curve"][k] for r in rs) for k in ks}
+        if "curve" in rs[0]:
+            steps = sorted({int(s) for r in rs for s in r["curve"]})
+            out[name]["curve"] = {
+                s: (
+                    st.mean(r["curve"][str(s)] for r in rs),
+                    st.pstdev([r["curve"][str(s)] for r in rs]) if len(rs) > 1 else 0.0,
+                )
+                for s in steps
+                if all(str(s) in r["curve"] for r in rs)
+            }
+            out[name]["auc"] = _auc(rs)
+    return out
+
+
+def _auc(rs):
+    """(mean, sd) over seeds of the mean accuracy over the curve's points: a learning curve as
+    one number (higher: more accuracy for the same sequences, i.e. more data-efficient)."""
+    vals = [st.mean(r["curve"].values()) for r in rs]
+    return st.mean(vals), st.pstdev(vals) if len(vals) > 1 else 0.0
+
+
+def paired_gap(agg, a, b, metric, draws: int = 2000):
+    """(gap, low, high, prompts): the mean over prompts of a's score minus b's, each prompt's
+    difference averaged over the seeds both ran (paired by seed and prompt), and its 95%
+    bootstrap interval over prompts. None where either run kept no per-prompt scores."""
+    import numpy as np
+
+    pa, pb = agg[a].get("per_prompt", {}).get(metric), agg[b].get("per_prompt", {}).get(metric)
+    seeds = sorted(set(pa or {}) & set(pb or {}))
+    if not seeds:
+        return None
+    diffs = np.mean([np.asarray(pa[s]) - np.asarray(pb[s]) for s in seeds], axis=0)
+    picks = np.random.default_rng(0).integers(0, len(diffs), size=(draws, len(diffs)))
+    low, high = np.quantile(diffs[picks].mean(axis=1), [0.025, 0.975])
+    return float(diffs.mean()), float(low), float(high), len(diffs)
+
+
+def compare(agg, a, b, metric, higher_is_better=True):
+    """(verdict word, explanation) for the claim 'a is better than b on metric'."""
+    if a not in agg or b not in agg:
+        return "inconclusive", f"{a} or {b} was not run"
+    (ma, sa), (mb, sb) = agg[a][metric], agg[b][metric]
+    gap = (ma - mb) if higher_is_better else (mb - ma)
+    noise = max(math.sqrt(sa**2 + sb**2), 0.01)
+    text = f"{a} {ma:.3f}±{sa:.3f} vs {b} {mb:.3f}±{sb:.3f} (noise {noise:.3f}"
+    above = below = True  # the paired interval's side, where there is one
+    paired = paired_gap(agg, a, b, metric)
+    if paired is not None:
+        g, low, high, n = paired
+        text += f"; paired gap {g:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}] over {n} prompts"
+        above, below = (low > 0, high < 0) if higher_is_better else (high < 0, low > 0)
+    text += ")"
+    if gap > noise and above:
+        return "reproduced", text
+    if gap < -noise and below:
+        return "not reproduced", text
+    return "inconclusive", text
+
+
+def combine(verdicts):
+    words = [v for v, _ in verdicts]
+    if all(w == "reproduced" for w in words):
+        return "reproduced"
+    if any(w == "not reproduced" for w in words):
+        return "not reproduced"
+    return "inconclusive"
+
+
+def precondition(setup: dict, grid: list[dict], lrs: dict) -> tuple[bool, str]:
+    """(met, the line the report prints): SFT at its best rate must lift validation pass@1 by at
+    least ``MIN_SFT_GAIN`` over the base before any verdict is read."""
+    base = setup.get("base_val")
+    best = next((g["val"] for g in grid if g["name"] == "SFT" and g["lr"] == lrs.get("SFT")), None)
+    if base is None or best is None:
+        return False, "Precondition not measured (no SFT grid run or no base validation score)."
+    met = best - base >= MIN_SFT_GAIN
+    return met, (
+        f"Precondition ({'met' if met else 'NOT met'}): SFT at its best rate ({lrs['SFT']:g}) lifts "
+        f"validation pass@1 from the base's {base:.3f} to {best:.3f} ({best - base:+.3f}; at least "
+        f"+{MIN_SFT_GAIN:.2f} is required for the set-up to have something to learn)."
+        + ("" if met else " The verdicts below are withheld: change the set-up.")
+    )
+
+
+@dataclass(frozen=True)
+class Study:
+    """What a report reads: the grid, the rates it chose, the set-up, and each configuration's
+    metrics aggregated over seeds (``_agg``)."""
+
+    grid: list
+    own: list  # the grid's methods, in the order run
+    lrs: dict
+    setup: dict
+    agg: dict
+    wall: float | None
+    workers: int
+
+    @property
+    def base(self) -> dict:
+        return self.setup["accuracy"]["base"]
+
+    def names(self, *families: str) -> list[str]:
+        return [n for n in self.agg if self.agg[n]["family"] in families]
+
+
+def load_study(out: Path) -> Study:
+    grid = read_jsonl(out / "grid.jsonl")
+    own = list(dict.fromkeys(g["name"] for g in grid))
+    lrs = choose_lrs(grid, own)
+    # only runs at the rate the grid gives them now (a grid that moved left older runs behind)
+    rows = [r for r in read_jsonl(out / "results.jsonl") if r["lr"] == rate_for(r["name"], r["family"], lrs)]
+    timing = json.loads((out / "wall_seconds.json").read_text()) if (out / "wall_seconds.json").exists() else {}
+    return Study(
+        grid,
+        own,
+        lrs,
+        json.loads((out / "setup.json").read_text()),
+        _agg(rows),
+        timing.get("seconds"),
+        timing.get("workers", 1),
+    )
+
+
+def tau_names(agg) -> list[str]:
+    return [n for n in agg if agg[n]["family"] == "tau"] + [n for n in ("GFT", "GFT w/o DCR") if n in agg]
+
+
+def ratio_names(agg) -> list[str]:
+    return [n for n in agg if agg[n]["family"] == "ratio"] + (["GFT"] if "GFT" in agg else [])
+
+
+def collect_claims(agg, k: str, quick: bool) -> tuple[list, list[str]]:
+    """(claims, not run): each claim with its comparisons; the claims whose runs are missing."""
+    claims = []
+    c1 = [compare(agg, "GFT", b, "id") for b in ("SFT", "SFT(filtered teacher)", "DFT", "GRPO")]
+    claims.append(("GFT beats SFT, SFT on filtered teacher data, DFT and GRPO (Table 1): held-out pass@1", c1))
+    c1b = [compare(agg, "GFT", b, "ood") for b in ("SFT", "SFT(filtered teacher)", "DFT", "GRPO")]
+    claims.append(("... and on the harder (OOD) split", c1b))
+    c_eff = [compare(agg, "GFT", b, "auc") for b in ("SFT", "SFT(filtered teacher)", "DFT")]
+    claims.append(
+        (
+            "GFT is more data-efficient: more accuracy along the curve at equal sequences, with 1/8 "
+            "of the prompts (Figure 1, Table 1)",
+            c_eff,
+        )
+    )
+    c2 = [compare(agg, "GFT", "GFT w/o GAL", "id"), compare(agg, "GFT", "GFT w/o DCR", "id")]
+    claims.append(("Both GAL and DCR matter (Table 2, Figure 3)", c2))
+    c2b = [compare(agg, "GFT", "GFT w/o DCR", "grad_cv", higher_is_better=False)]
+    claims.append(("Without DCR the gradient norm is more volatile (Figure 3)", c2b))
+    c3 = [compare(agg, "GFT", "SFT", "kl_base", higher_is_better=False), compare(agg, "GFT", "SFT", "probe")]
+    claims.append(("GFT drifts less from the base model and forgets less than SFT (Table 3, Figure 5)", c3))
+    c4 = [compare(agg, "GFT", "GRPO", k), compare(agg, "GFT", "SFT", k)]
+    claims.append((f"GFT keeps diversity: higher {k} than GRPO and SFT (Table 4)", c4))
+    not_run = []
+    ratios = ratio_names(agg)
+    if len(ratios) >= 3:  # 1:7, 2:6 and the default 4:4
+        others = [n for n in ratios if n != "GFT 2:6"]
+        c5 = [compare(agg, "GFT 2:6", n, "id") for n in others]
+        claims.append(
+            ("Demo:sample 2:6 is the best group ratio of 1:7, 2:6 and 4:4 (Table 5; the default GFT is 4:4)", c5)
+        )
+    elif not quick:
+        not_run.append("Demo:sample 2:6 is the best group ratio (Table 5)")
+    if "SFT then GRPO" in agg and "SFT then GFT then GRPO" in agg:
+        c7 = [compare(agg, "SFT then GFT then GRPO", "SFT then GRPO", m) for m in ("id", "ood")]
+        claims.append(("GRPO gains more after SFT then GFT than after SFT alone, at equal GRPO steps (Figure 4)", c7))
+    elif not quick:
+        not_run.append("GRPO gains more after SFT then GFT than after SFT alone (Figure 4)")
+    taus = tau_names(agg)
+    if len(taus) >= 7:  # all five swept taus, GFT (0.7) and GFT w/o DCR (0)
+        c6 = [compare(agg, "GFT", "GFT w/o DCR", "id"), compare(agg, "GFT", "GFT tau=1.5", "id")]
+        # the best tau near 0.7 against the best away from it, by the same rule as every comparison
+        near = [n for n in taus if n in ("GFT", "GFT tau=0.5", "GFT tau=0.9")]
+        best_near = max(near, key=lambda n: agg[n]["id"][0])
+        best_far = max((n for n in taus if n not in near), key=lambda n: agg[n]["id"][0])
+        word, text = compare(agg, best_near, best_far, "id")
+        c6.append((word, f"best near 0.7 against best elsewhere: {text}"))
+        claims.append(("Accuracy is an inverted U in tau, best near 0.7 (Figure 6)", c6))
+    elif not quick:
+        not_run.append("Accuracy is an inverted U in tau, best near 0.7 (Figure 6)")
+    return claims, not_run
