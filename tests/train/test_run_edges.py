@@ -49,9 +49,7 @@ def test_a_resume_with_another_seed_is_refused(tmp_path):
     checkpoint = _run_with_checkpoint(out, config_mod.Config(output_dir=str(out), seed=1))
     with pytest.raises(ValueError, match=r"--resume: .*seed: 1 -> 2"):
         claim_output_dir(config_mod.Config(output_dir=str(out), seed=2, resume=True))
-    more_steps = config_mod.Config(
-        output_dir=str(out), seed=1, resume=True, max_steps=config_mod.Config().max_steps + 5
-    )
+    more_steps = config_mod.Config(output_dir=str(out), seed=1, resume=True, max_steps=105)
     assert claim_output_dir(more_steps) == checkpoint
 
 
