@@ -48,6 +48,21 @@ def demo_groups(n_prompts: int, seed: int = 0) -> list[tuple[str, str, float]]:
     return seqs
 
 
+def spread_groups(n_prompts: int, lo: int, hi: int, seed: int = 0) -> list[tuple[str, str, float]]:
+    """Groups whose lengths spread: the demo's prompts, 8 responses each of random digits, each
+    sequence (prompt, response and EOS) ``lo`` to ``hi`` tokens long, uniformly."""
+    from gft_train.demo import sums
+
+    rows = sums.make_data(seed)["train"][:n_prompts]
+    rng = random.Random(seed)
+    seqs = []
+    for r in rows:
+        for _ in range(8):
+            n = max(rng.randint(lo, hi) - len(r["prompt"]) - 1, 1)  # (the tokenizer is per character)
+            seqs.append((r["prompt"], "".join(rng.choice("0123456789") for _ in range(n)), rng.gauss(0.0, 1.0)))
+    return seqs
+
+
 def recorded_groups(path: str) -> list[tuple[str, str, float]]:
     seqs = []
     for line in open(path):
@@ -58,7 +73,7 @@ def recorded_groups(path: str) -> list[tuple[str, str, float]]:
     return seqs
 
 
-def _model(hidden: int, layers: int, attn: str, vocab: int, pad: int, eos: int):
+def _model(hidden: int, layers: int, attn: str, vocab: int, pad: int, eos: int, max_length: int):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     cfg = Qwen2Config(
@@ -69,7 +84,7 @@ def _model(hidden: int, layers: int, attn: str, vocab: int, pad: int, eos: int):
         num_attention_heads=max(1, hidden // 64),
         num_key_value_heads=max(1, hidden // 64),
         head_dim=64,
-        max_position_embeddings=64,
+        max_position_embeddings=max(64, max_length),
         tie_word_embeddings=False,
         pad_token_id=pad,
         eos_token_id=eos,
@@ -80,14 +95,15 @@ def _model(hidden: int, layers: int, attn: str, vocab: int, pad: int, eos: int):
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def _step(policy, optimizer, tokenizer, seqs, micro: int, max_length: int, packed: bool) -> int:
+def _step(policy, optimizer, tokenizer, seqs, micro: int, max_length: int, packed: bool, one_row: bool) -> int:
     from gft_train.lm import encode
     from gft_train.packing import pack
     from gft_train.trainer import aggregation
 
     batches = [encode(tokenizer, seqs[i : i + micro], max_length) for i in range(0, len(seqs), micro)]
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
     if packed:
-        batches = [pack(b) for b in batches]
+        batches = [pack(b, rows=not one_row) for b in batches]
     _, normalizer = aggregation(
         "token-mean", sum(b.n_valid for b in batches), sum(b.n_seqs for b in batches), max_length
     )
@@ -96,19 +112,25 @@ def _step(policy, optimizer, tokenizer, seqs, micro: int, max_length: int, packe
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return sum(int(b.input_ids.numel()) if packed else int(b.attention_mask.sum()) for b in batches)
+    return tokens
 
 
 def measure(args) -> dict:
     from gft_train.config import Optimization
     from gft_train.demo.model import build_tokenizer
     from gft_train.lm import encode
-    from gft_train.packing import check_packing
+    from gft_train.packing import check_packing, packs_in_one_row
     from gft_train.trainer import GFTPolicy, run_loss
 
     tokenizer = build_tokenizer()
     per_step = args.prompts_per_step * 8
-    seqs = recorded_groups(args.groups) if args.groups else demo_groups(per_step * (args.steps + 3))
+    n_prompts = args.prompts_per_step * (args.steps + 3)
+    if args.groups:
+        seqs = recorded_groups(args.groups)
+    elif args.spread:
+        seqs = spread_groups(n_prompts, *args.spread)
+    else:
+        seqs = demo_groups(n_prompts)
     steps = [seqs[i : i + per_step] for i in range(0, len(seqs) - per_step + 1, per_step)]
     lengths = [int(m.sum()) for s in steps for m in encode(tokenizer, s, args.max_length).attention_mask]
     model = _model(
@@ -118,18 +140,20 @@ def measure(args) -> dict:
         len(tokenizer),
         tokenizer.pad_token_id,
         tokenizer.eos_token_id,
+        args.max_length,
     )
     check_packing(model)
+    one_row = packs_in_one_row(model)
     policy = GFTPolicy(model, run_loss(Optimization(tau=0.7, loss_aggregation="token-mean")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     runs = []
     for repeat in range(args.repeats):
         row = {"repeat": repeat}
-        for packed in (False, True):
+        for packed in (False, True) if repeat % 2 == 0 else (True, False):  # alternating which goes first
             times, tokens = [], 0
             for i, s in enumerate(steps[: args.steps + 3]):
                 t0 = time.perf_counter()
-                n = _step(policy, optimizer, tokenizer, s, args.micro_batch_size, args.max_length, packed)
+                n = _step(policy, optimizer, tokenizer, s, args.micro_batch_size, args.max_length, packed, one_row)
                 if i >= 3:  # warm-up excluded
                     times.append(time.perf_counter() - t0)
                     tokens += n
@@ -156,6 +180,10 @@ def measure(args) -> dict:
             sequences_per_step=per_step,
             max_length=args.max_length,
             steps=args.steps,
+            packed_layout="one row" if one_row else "best-fit rows",
+            sequences="recorded"
+            if args.groups
+            else (f"spread {args.spread[0]}-{args.spread[1]}" if args.spread else "demo"),
         ),
         "lengths": dict(
             min=min(lengths),
@@ -164,8 +192,15 @@ def measure(args) -> dict:
             mean=round(statistics.mean(lengths), 2),
             padding_frac=round(1 - sum(lengths) / padded_slots, 3),
         ),
+        "packed_over_padded": _spread([r["packed_over_padded"] for r in runs]),
         "runs": runs,
     }
+
+
+def _spread(values: list[float]) -> dict:
+    return dict(
+        median=round(statistics.median(values), 3), min=round(min(values), 3), max=round(max(values), 3), n=len(values)
+    )
 
 
 def main(argv=None) -> dict:
@@ -174,7 +209,12 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="timed steps per layout and repeat (after 3 warm-up)")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--micro-batch-size", type=int, default=64, help="the demo's: 64 (a step's 64 sequences at once)")
-    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None, help="32 (the demo's); the top of --spread with it")
+    p.add_argument(
+        "--spread",
+        default="",
+        help="LO-HI: groups whose sequences are LO to HI tokens long, uniformly (e.g. 10-150), instead of the demo's",
+    )
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument(
@@ -182,6 +222,16 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--groups", default="", help="a groups.jsonl a demo run saved (its sequences instead)")
     args = p.parse_args(argv)
+    if args.spread:
+        try:
+            lo, hi = (int(x) for x in args.spread.split("-"))
+        except ValueError:
+            p.error(f"--spread must be LO-HI (e.g. 10-150), got {args.spread!r}")
+        if not 1 <= lo <= hi:
+            p.error(f"--spread must have 1 <= LO <= HI, got {args.spread!r}")
+        args.spread = (lo, hi)
+    if args.max_length is None:
+        args.max_length = args.spread[1] if args.spread else 32
     result = measure(args)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
     return result
