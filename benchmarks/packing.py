@@ -146,20 +146,25 @@ def measure(args) -> dict:
     one_row = packs_in_one_row(model)
     policy = GFTPolicy(model, run_loss(Optimization(tau=0.7, loss_aggregation="token-mean")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    runs = []
+    runs, pair_ratios = [], []
     for repeat in range(args.repeats):
-        row = {"repeat": repeat}
-        for packed in (False, True) if repeat % 2 == 0 else (True, False):  # alternating which goes first
-            times, tokens = [], 0
-            for i, s in enumerate(steps[: args.steps + 3]):
+        # step by step, the two layouts alternate on the same step's sequences (which goes first
+        # alternating too): a load that comes and goes on a shared machine hits both alike
+        times = {False: [], True: []}
+        tokens = 0
+        for i, s in enumerate(steps[: args.steps + 3]):
+            for packed in (False, True) if i % 2 == 0 else (True, False):
                 t0 = time.perf_counter()
                 n = _step(policy, optimizer, tokenizer, s, args.micro_batch_size, args.max_length, packed, one_row)
                 if i >= 3:  # warm-up excluded
-                    times.append(time.perf_counter() - t0)
-                    tokens += n
-            name = "packed" if packed else "padded"
-            row[f"{name}_tokens_per_s"] = tokens / sum(times)
-            row[f"{name}_median_step_s"] = statistics.median(times)
+                    times[packed].append(time.perf_counter() - t0)
+            if i >= 3:
+                tokens += n
+                pair_ratios.append(times[False][-1] / times[True][-1])
+        row = {"repeat": repeat}
+        for packed, name in ((False, "padded"), (True, "packed")):
+            row[f"{name}_tokens_per_s"] = tokens / sum(times[packed])
+            row[f"{name}_median_step_s"] = statistics.median(times[packed])
         row["packed_over_padded"] = row["packed_tokens_per_s"] / row["padded_tokens_per_s"]
         runs.append(row)
         print(json.dumps(row))
@@ -193,14 +198,23 @@ def measure(args) -> dict:
             padding_frac=round(1 - sum(lengths) / padded_slots, 3),
         ),
         "packed_over_padded": _spread([r["packed_over_padded"] for r in runs]),
+        # the same step's padded time over its packed time, every timed step of every repeat
+        "step_pairs_padded_over_packed_time": _spread(pair_ratios),
         "runs": runs,
     }
 
 
 def _spread(values: list[float]) -> dict:
-    return dict(
-        median=round(statistics.median(values), 3), min=round(min(values), 3), max=round(max(values), 3), n=len(values)
-    )
+    """Median, quartiles, range and count."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return {
+        "median": round(statistics.median(values), 3),
+        "q1": round(q[0], 3),
+        "q3": round(q[2], 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+        "n": len(values),
+    }
 
 
 def main(argv=None) -> dict:
