@@ -1,6 +1,6 @@
-"""Training throughput, padded vs packed micro-batches, on the demo's groups.
+"""Training throughput, padded vs packed micro-batches, on the demo's groups (or spread lengths).
 
-    python -m benchmarks.packing [--repeats 2] [--steps 20] [--micro-batch-size 64]
+    python -m benchmarks.packing [--repeats 2] [--steps 20] [--micro-batch-size 64] [--spread 10-150]
                                  [--hidden 64 --layers 2] [--attn-implementation sdpa] [--groups runs/demo/.../groups.jsonl]
 
 The sequences are the demo's (``gft_train.demo``): its fine-tuning prompts (``make_data``, seed 0)
@@ -12,10 +12,16 @@ demo's character tokenizer. (Built from the task's own writers, not sampled: no 
 ``--groups`` reads a groups.jsonl a demo run saved instead.) The model is the demo's base shape
 (a Qwen2 of hidden 64, 2 layers) built from its config, float32.
 
-One measured step is the trainer's own: ``lm.encode`` (and ``packing.pack``) of each micro-batch,
-``GFTPolicy`` forward and backward, AdamW step. Tokens/s counts the sequences' tokens (prompt and
-response; padding not counted), the same numerator for both layouts. Each repeat times padded
-then packed on the same weights after 3 warm-up steps; the median step time of each is reported.
+``--spread LO-HI`` trains groups whose sequences are LO to HI tokens long instead (the demo's
+prompts, responses of random digits; max_length HI unless given).
+
+One measured step is the trainer's own: ``lm.encode`` (and ``packing.pack``, in the layout the
+trainer packs for the attention) of each micro-batch, ``GFTPolicy`` forward and backward, AdamW
+step. Tokens/s counts the sequences' tokens (prompt and response; padding not counted), the same
+numerator for both layouts. Each repeat runs 3 warm-up steps then the timed ones, each step padded
+and packed back to back on the same weights (which goes first alternating), so a load that comes
+and goes on a shared machine hits both alike; reported: each repeat's tokens/s and median step
+time, and over every timed step the padded time over the packed time (median, quartiles, range).
 """
 
 from __future__ import annotations
