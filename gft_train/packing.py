@@ -184,7 +184,7 @@ def check_packing(model, lengths: tuple[int, ...] | None = None) -> None:
     """Raises ``ValueError`` (one line: the architecture, its attention implementation, what it
     does) unless the model gives each sequence of packed rows the same head input as that
     sequence run alone, in the layout the trainer packs for its attention (``packs_in_one_row``):
-    one row, or best-fit rows (default lengths (8, 4, 3): a row of one sequence, and a row of two
+    one row, or best-fit rows (default lengths (16, 9, 6): a row of one sequence, and a row of two
     and its padding). Probed once per model (the verdict is cached), in eval mode, no grad."""
     from gft_kernels.models import head_input
     from gft_kernels.models.transforms import _arch
@@ -205,7 +205,9 @@ def check_packing(model, lengths: tuple[int, ...] | None = None) -> None:
     else:
         vocab = model.config.get_text_config(decoder=True).vocab_size
         one_row = packs_in_one_row(model)
-        lengths = lengths or ((8, 8) if one_row else (8, 4, 3))
+        # rows: [16] and [9, 6] and a token of padding, longer than a tiny config's sliding window
+        # or compression block (deepseek_v4's 8 kept rows of 8 apart and mixed longer ones)
+        lengths = lengths or ((8, 8) if one_row else (16, 9, 6))
         g = torch.Generator().manual_seed(0)
         device = next(model.parameters()).device
         seqs = [torch.randint(0, vocab, (n,), generator=g).to(device) for n in lengths]
