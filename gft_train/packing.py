@@ -11,7 +11,7 @@ start, as transformers' ``DataCollatorWithFlattening`` builds them. Two layouts:
   cut it), the rows right-padded to the longest row. So ``R <= B`` and every row is ``<= T``
   tokens: never more token slots nor more attention scores than the padded ``[B, T]``, while a
   dense block-diagonal mask over one row of every token costs ``sum(lengths)^2`` scores.
-  A row's padding is one more pseudo-sequence (its own positions 0, 1, ..., no targets).
+  A row's padding continues its last sequence's positions and has no targets.
 - one row (``pack(batch)``, the trainer's for flash-attention): ``[1, sum(lengths)]``; flash's
   varlen kernels read the boundaries as ``cu_seqlens`` and cost ``sum(length^2)``, and
   transformers reads packed position ids for flash only in a batch of one row.
@@ -51,7 +51,8 @@ class PackedBatch:
     """The sequences of a ``Batch`` packed into rows (one row, or best-fit rows and their padding)."""
 
     input_ids: torch.Tensor  # [R, L]
-    position_ids: torch.Tensor  # [R, L], 0, 1, ... restarting at each sequence (and at a row's padding)
+    position_ids: torch.Tensor  # [R, L] (or [1, L] when every row holds one sequence), 0, 1, ...
+    # restarting at each sequence
     labels: torch.Tensor  # [R, L], already shifted: the token position t predicts (IGNORE_INDEX
     # on prompt tokens, on each sequence's last position and on a row's padding)
     adv: torch.Tensor  # [R, L], each token's sequence's advantage (0 on a row's padding)
@@ -136,16 +137,18 @@ def pack(batch: Batch, rows: bool = False) -> PackedBatch:
     row = torch.repeat_interleave(row_of, n)
     col = torch.repeat_interleave(row_start, n) + pos
     shape = (len(bins), int(fill.max()))
-    # a row's padding: its own pseudo-sequence (positions from 0), no target, no advantage, and a
-    # seq_id in range for the op; its ids the padded batch's pad where it has one (any id would do:
-    # no target reads it and the sequences before it cannot attend to it)
+    # a row's padding goes on from its last sequence (its positions continue), with no target, no
+    # advantage and that sequence's seq_id; its ids the padded batch's pad where it has one. Any id
+    # and position would do: no target reads it and the sequences before it cannot attend to it;
+    # continued, a row of one sequence has positions 0, 1, ... as a padded row does
     pad_id = batch.input_ids[batch.attention_mask == 0][:1].tolist() or [0]
     columns = torch.arange(shape[1]).expand(shape)
     out_ids = torch.full(shape, pad_id[0], dtype=batch.input_ids.dtype)
-    out_pos = (columns - fill[:, None]).clamp_min(0)
+    last_of_row = torch.tensor([len(b) for b in bins]).cumsum(0) - 1
+    out_pos = columns - (fill - n[last_of_row])[:, None]
     out_labels = torch.full(shape, IGNORE_INDEX, dtype=batch.labels.dtype)
     out_adv = torch.zeros(shape, dtype=batch.adv.dtype)
-    out_seq = order[torch.tensor([len(b) for b in bins]).cumsum(0) - 1][:, None].expand(shape).clone()
+    out_seq = order[last_of_row][:, None].expand(shape).clone()
     in_sequence = columns < fill[:, None]
     out_ids[row, col] = batch.input_ids[seq, pos]
     out_pos[row, col] = pos
@@ -156,6 +159,8 @@ def pack(batch: Batch, rows: bool = False) -> PackedBatch:
     )
     out_adv[row, col] = batch.adv[seq]
     out_seq[row, col] = seq
+    if bool((out_pos == columns).all()):  # one sequence a row: the positions of any row, broadcast
+        out_pos = out_pos[:1].clone()  # (as a padded batch's; the model computes them once)
     return PackedBatch(out_ids, out_pos, out_labels, out_adv, out_seq, in_sequence, n_cut=batch.n_cut)
 
 

@@ -142,7 +142,8 @@ def test_pack_rows_lays_the_sequences_out_in_best_fit_rows_no_longer_than_the_lo
     # rows: [10] | [8, 2] | [5, 4] and one token of padding
     assert p.input_ids.shape == (3, 10) and p.attention_mask is None
     assert p.seq_ids.tolist() == [[1] * 10, [0] * 8 + [4] * 2, [2] * 5 + [3] * 4 + [3]]
-    assert p.position_ids.tolist() == [list(range(10)), list(range(8)) + [0, 1], list(range(5)) + list(range(4)) + [0]]
+    # (the padding goes on from its row's last sequence)
+    assert p.position_ids.tolist() == [list(range(10)), list(range(8)) + [0, 1], list(range(5)) + list(range(5))]
     assert p.in_sequence.tolist() == [[True] * 10, [True] * 10, [True] * 9 + [False]]
     assert p.adv.tolist() == [[-0.5] * 10, [1.0] * 8 + [-1.5] * 2, [2.0] * 5 + [0.25] * 4 + [0.0]]
     starts = {1: (0, 0), 0: (1, 0), 4: (1, 8), 2: (2, 0), 3: (2, 5)}
@@ -168,6 +169,17 @@ def test_packed_rows_give_the_padded_loss_and_gradients_on_each_attention(attn, 
     check_packing(model)
     entropy_coef = 0.1 if name == "token-mean" else 0.0
     _assert_same(model, _batch(64, ROWS_LENGTHS, ROWS_PROMPT, ROWS_ADV), name, entropy_coef, rows=True)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_rows_of_one_sequence_each_are_the_padded_rows_positions_and_all(attn):
+    """Lengths that do not pair (the demo's): one sequence a row, its padding going on from it,
+    so the positions are a padded row's, given once ([1, L]) as a padded batch's are; exact."""
+    b = _batch(64, (10, 7, 8), (2, 3, 1), (1.0, -0.5, 2.0))
+    p = pack(b, rows=True)
+    assert p.seq_ids.tolist() == [[0] * 10, [2] * 10, [1] * 10] and p.position_ids.tolist() == [list(range(10))]
+    assert p.in_sequence.sum(dim=1).tolist() == [10, 8, 7]
+    _assert_same(_llama(attn), b, "seq-mean-token-mean", rows=True)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
