@@ -121,6 +121,34 @@ def _step(policy, optimizer, tokenizer, seqs, micro: int, max_length: int, packe
     return tokens
 
 
+def _time_layouts(policy, optimizer, tokenizer, steps, args, one_row: bool) -> tuple[list, list]:
+    """Each repeat's row (tokens/s, median step time of each layout) and every timed step's
+    padded time over its packed time."""
+    runs, pair_ratios = [], []
+    for repeat in range(args.repeats):
+        # step by step, the two layouts alternate on the same step's sequences (which goes first
+        # alternating too): a load that comes and goes on a shared machine hits both alike
+        times = {False: [], True: []}
+        tokens = 0
+        for i, s in enumerate(steps[: args.steps + 3]):
+            for packed in (False, True) if i % 2 == 0 else (True, False):
+                t0 = time.perf_counter()
+                n = _step(policy, optimizer, tokenizer, s, args.micro_batch_size, args.max_length, packed, one_row)
+                if i >= 3:  # warm-up excluded
+                    times[packed].append(time.perf_counter() - t0)
+            if i >= 3:
+                tokens += n
+                pair_ratios.append(times[False][-1] / times[True][-1])
+        row = {"repeat": repeat}
+        for packed, name in ((False, "padded"), (True, "packed")):
+            row[f"{name}_tokens_per_s"] = tokens / sum(times[packed])
+            row[f"{name}_median_step_s"] = statistics.median(times[packed])
+        row["packed_over_padded"] = row["packed_tokens_per_s"] / row["padded_tokens_per_s"]
+        runs.append(row)
+        print(json.dumps(row))
+    return runs, pair_ratios
+
+
 def measure(args) -> dict:
     from gft_train.config import Optimization
     from gft_train.demo.model import build_tokenizer
@@ -149,31 +177,9 @@ def measure(args) -> dict:
         args.max_length,
     )
     check_packing(model)
-    one_row = packs_in_one_row(model)
     policy = GFTPolicy(model, run_loss(Optimization(tau=0.7, loss_aggregation="token-mean")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    runs, pair_ratios = [], []
-    for repeat in range(args.repeats):
-        # step by step, the two layouts alternate on the same step's sequences (which goes first
-        # alternating too): a load that comes and goes on a shared machine hits both alike
-        times = {False: [], True: []}
-        tokens = 0
-        for i, s in enumerate(steps[: args.steps + 3]):
-            for packed in (False, True) if i % 2 == 0 else (True, False):
-                t0 = time.perf_counter()
-                n = _step(policy, optimizer, tokenizer, s, args.micro_batch_size, args.max_length, packed, one_row)
-                if i >= 3:  # warm-up excluded
-                    times[packed].append(time.perf_counter() - t0)
-            if i >= 3:
-                tokens += n
-                pair_ratios.append(times[False][-1] / times[True][-1])
-        row = {"repeat": repeat}
-        for packed, name in ((False, "padded"), (True, "packed")):
-            row[f"{name}_tokens_per_s"] = tokens / sum(times[packed])
-            row[f"{name}_median_step_s"] = statistics.median(times[packed])
-        row["packed_over_padded"] = row["packed_tokens_per_s"] / row["padded_tokens_per_s"]
-        runs.append(row)
-        print(json.dumps(row))
+    runs, pair_ratios = _time_layouts(policy, optimizer, tokenizer, steps, args, packs_in_one_row(model))
     width = [max(lengths[i : i + args.micro_batch_size]) for i in range(0, len(lengths), args.micro_batch_size)]
     padded_slots = sum(
         w * len(lengths[i * args.micro_batch_size : (i + 1) * args.micro_batch_size]) for i, w in enumerate(width)
@@ -191,7 +197,7 @@ def measure(args) -> dict:
             sequences_per_step=per_step,
             max_length=args.max_length,
             steps=args.steps,
-            packed_layout="one row" if one_row else "best-fit rows",
+            packed_layout="one row" if packs_in_one_row(model) else "best-fit rows",
             sequences="recorded"
             if args.groups
             else (f"spread {args.spread[0]}-{args.spread[1]}" if args.spread else "demo"),
