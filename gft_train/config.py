@@ -280,8 +280,9 @@ class Optimization:
     seed: int = _opt(0, "seed of the data order and the sampling")
     packed: bool = _opt(
         False,
-        "packed (padding-free) micro-batches: each micro-batch's sequences as one row, "
-        "position_ids restarting per sequence (models that would mix the sequences are refused up front)",
+        "packed (padding-free) micro-batches: each micro-batch's sequences in best-fit rows no longer than "
+        "its longest sequence (one row with flash-attention), position_ids restarting per sequence "
+        "(models that would mix the sequences are refused up front)",
     )
 
     def check(self) -> None:

@@ -1,8 +1,20 @@
-"""Packed (padding-free) micro-batches: the sequences of a micro-batch as one row.
+"""Packed (padding-free) micro-batches: the sequences of a micro-batch laid out in rows.
 
 A padded micro-batch ``[B, T]`` spends compute on ``B x T - sum(lengths)`` pad tokens; packed,
-the same sequences are concatenated into ``[1, sum(lengths)]`` with ``position_ids`` restarting
-at 0 at each sequence start, as transformers' ``DataCollatorWithFlattening`` builds them.
+the same sequences are concatenated with ``position_ids`` restarting at 0 at each sequence
+start, as transformers' ``DataCollatorWithFlattening`` builds them. Two layouts:
+
+- rows (``pack(batch, rows=True)``, the trainer's for eager, sdpa, flex and any attention that
+  builds a mask): the sequences go into ``R`` rows by best-fit decreasing (longest first, each
+  into the row whose free space fits it most tightly, a new row when none does), each row at
+  most as long as the micro-batch's longest sequence (``T``, at most ``max_length``: ``encode``
+  cut it), the rows right-padded to the longest row. So ``R <= B`` and every row is ``<= T``
+  tokens: never more token slots nor more attention scores than the padded ``[B, T]``, while a
+  dense block-diagonal mask over one row of every token costs ``sum(lengths)^2`` scores.
+  A row's padding continues its last sequence's positions and has no targets.
+- one row (``pack(batch)``, the trainer's for flash-attention): ``[1, sum(lengths)]``; flash's
+  varlen kernels read the boundaries as ``cu_seqlens`` and cost ``sum(length^2)``, and
+  transformers reads packed position ids for flash only in a batch of one row.
 
 How the model keeps the sequences apart: with ``attention_mask=None`` and no cache,
 transformers (>= 4.53; read in 5.x ``masking_utils.find_packed_sequence_indices``) reads a
@@ -22,6 +34,7 @@ count each sequence, inside the op, as they count the rows of a padded batch.
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -35,32 +48,35 @@ from .lm import Batch
 
 @dataclass
 class PackedBatch:
-    """The sequences of a ``Batch`` concatenated into one row (padding dropped)."""
+    """The sequences of a ``Batch`` packed into rows (one row, or best-fit rows and their padding)."""
 
-    input_ids: torch.Tensor  # [1, N]
-    position_ids: torch.Tensor  # [1, N], 0, 1, ... restarting at each sequence
-    labels: torch.Tensor  # [1, N], already shifted: the token position t predicts (IGNORE_INDEX
-    # on prompt tokens and on each sequence's last position)
-    adv: torch.Tensor  # [1, N], each token's sequence's advantage
-    seq_ids: torch.Tensor  # [1, N], the index of each token's sequence in the micro-batch
+    input_ids: torch.Tensor  # [R, L]
+    position_ids: torch.Tensor  # [R, L] (or [1, L] when every row holds one sequence), 0, 1, ...
+    # restarting at each sequence
+    labels: torch.Tensor  # [R, L], already shifted: the token position t predicts (IGNORE_INDEX
+    # on prompt tokens, on each sequence's last position and on a row's padding)
+    adv: torch.Tensor  # [R, L], each token's sequence's advantage (0 on a row's padding)
+    seq_ids: torch.Tensor  # [R, L], the index of each token's sequence in the micro-batch
+    in_sequence: torch.Tensor  # [R, L] bool, False on a row's padding
     n_cut: int = 0
 
     attention_mask = None  # the model reads the sequence boundaries from position_ids
 
+    def _tensors(self) -> tuple:
+        return (self.input_ids, self.position_ids, self.labels, self.adv, self.seq_ids, self.in_sequence)
+
     def to(self, device) -> PackedBatch:
-        return PackedBatch(
-            *(x.to(device) for x in (self.input_ids, self.position_ids, self.labels, self.adv, self.seq_ids)),
-            n_cut=self.n_cut,
-        )
+        return PackedBatch(*(x.to(device) for x in self._tensors()), n_cut=self.n_cut)
 
     def masked(self) -> PackedBatch:
-        """The same row with every target ignored and no advantage (adds nothing)."""
+        """The same rows with every target ignored and no advantage (adds nothing)."""
         return PackedBatch(
             self.input_ids,
             self.position_ids,
             torch.full_like(self.labels, IGNORE_INDEX),
             torch.zeros_like(self.adv),
             self.seq_ids,
+            self.in_sequence,
             n_cut=0,
         )
 
@@ -73,18 +89,86 @@ class PackedBatch:
         """Sequences with at least one token that counts."""
         return int(self.seq_ids[self.labels != IGNORE_INDEX].unique().numel())
 
+    @property
+    def n_tokens(self) -> int:
+        """The sequences' tokens (a row's padding not counted)."""
+        return int(self.in_sequence.sum())
 
-def pack(batch: Batch) -> PackedBatch:
-    """A right-padded ``Batch`` as one row of its sequences (the same tokens, labels, advantages)."""
-    ids, pos, labels, adv, seq = [], [], [], [], []
-    for r, n in enumerate(batch.attention_mask.sum(dim=1).tolist()):
-        ids.append(batch.input_ids[r, :n])
-        pos.append(torch.arange(n))
-        # position t predicts token t + 1 of the same sequence; the last one predicts nothing
-        labels.append(torch.cat([batch.labels[r, 1:n], torch.tensor([IGNORE_INDEX])]))
-        adv.append(batch.adv[r].expand(n))
-        seq.append(torch.full((n,), r))
-    return PackedBatch(*(torch.cat(x).unsqueeze(0) for x in (ids, pos, labels, adv, seq)), n_cut=batch.n_cut)
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of at most ``capacity`` tokens: the indices of ``lengths`` in each. Longest first
+    (ties in index order), each into the bin whose free space fits it most tightly (ties: the bin
+    opened first), a new bin when none fits."""
+    bad = [n for n in lengths if not 0 < n <= capacity]
+    if bad:
+        raise ValueError(f"lengths must be in [1, capacity={capacity}], got {bad[:8]}")
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, bin index), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            space, b = free.pop(at)
+        else:
+            space, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if space > n:
+            bisect.insort(free, (space - n, b))
+    return bins
+
+
+def pack(batch: Batch, rows: bool = False) -> PackedBatch:
+    """A right-padded ``Batch`` packed (the same tokens, labels, advantages): one row of all its
+    sequences, or with ``rows`` best-fit decreasing rows, each at most as long as the longest
+    sequence (module docstring)."""
+    lengths = batch.attention_mask.sum(dim=1)
+    n_list = lengths.tolist()
+    bins = best_fit_decreasing(n_list, max(n_list)) if rows else [list(range(len(n_list)))]
+    order = torch.tensor([r for b in bins for r in b])  # the sequences, row after row
+    row_of = torch.repeat_interleave(torch.arange(len(bins)), torch.tensor([len(b) for b in bins]))
+    n = lengths[order]
+    fill = torch.zeros(len(bins), dtype=n.dtype).index_add_(0, row_of, n)  # each row's tokens
+    ends = n.cumsum(0)
+    row_start = ends - n - torch.cat([fill.new_zeros(1), fill.cumsum(0)[:-1]])[row_of]  # (in its row)
+    # each token: its sequence, its position in it, its place in the rows
+    seq = torch.repeat_interleave(order, n)
+    pos = torch.arange(int(ends[-1])) - torch.repeat_interleave(ends - n, n)
+    row = torch.repeat_interleave(row_of, n)
+    col = torch.repeat_interleave(row_start, n) + pos
+    shape = (len(bins), int(fill.max()))
+    # a row's padding goes on from its last sequence (its positions continue), with no target, no
+    # advantage and that sequence's seq_id; its ids the padded batch's pad where it has one. Any id
+    # and position would do: no target reads it and the sequences before it cannot attend to it;
+    # continued, a row of one sequence has positions 0, 1, ... as a padded row does
+    pad_id = batch.input_ids[batch.attention_mask == 0][:1].tolist() or [0]
+    columns = torch.arange(shape[1]).expand(shape)
+    out_ids = torch.full(shape, pad_id[0], dtype=batch.input_ids.dtype)
+    last_of_row = torch.tensor([len(b) for b in bins]).cumsum(0) - 1
+    out_pos = columns - (fill - n[last_of_row])[:, None]
+    out_labels = torch.full(shape, IGNORE_INDEX, dtype=batch.labels.dtype)
+    out_adv = torch.zeros(shape, dtype=batch.adv.dtype)
+    out_seq = order[last_of_row][:, None].expand(shape).clone()
+    in_sequence = columns < fill[:, None]
+    out_ids[row, col] = batch.input_ids[seq, pos]
+    out_pos[row, col] = pos
+    # position t predicts token t + 1 of the same sequence; the last one predicts nothing
+    last = pos == n.repeat_interleave(n) - 1
+    out_labels[row, col] = torch.where(
+        last, IGNORE_INDEX, batch.labels[seq, (pos + 1).clamp_max(batch.labels.shape[1] - 1)]
+    )
+    out_adv[row, col] = batch.adv[seq]
+    out_seq[row, col] = seq
+    if bool((out_pos == columns).all()):  # one sequence a row: the positions of any row, broadcast
+        out_pos = out_pos[:1].clone()  # (as a padded batch's; the model computes them once)
+    return PackedBatch(out_ids, out_pos, out_labels, out_adv, out_seq, in_sequence, n_cut=batch.n_cut)
+
+
+def packs_in_one_row(model) -> bool:
+    """Whether the model's attention takes packed sequences in one row only: flash-attention's
+    (transformers reads its packed position ids in a batch of one row, else attends causally
+    along each row across its sequences). The others take best-fit rows."""
+    return "flash" in attention_name(model)
 
 
 # ---- the probe --------------------------------------------------------------------------
@@ -101,10 +185,12 @@ def _takes_position_ids(model) -> bool:
     return "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
+def check_packing(model, lengths: tuple[int, ...] | None = None) -> None:
     """Raises ``ValueError`` (one line: the architecture, its attention implementation, what it
-    does) unless the model gives each sequence of a packed row the same head input as that
-    sequence run alone. Probed once per model (the verdict is cached), in eval mode, no grad."""
+    does) unless the model gives each sequence of packed rows the same head input as that
+    sequence run alone, in the layout the trainer packs for its attention (``packs_in_one_row``):
+    one row, or best-fit rows (default lengths (16, 9, 6): a row of one sequence, and a row of two
+    and its padding). Probed once per model (the verdict is cached), in eval mode, no grad."""
     from gft_kernels.models import head_input
     from gft_kernels.models.transforms import arch_name
 
@@ -123,6 +209,10 @@ def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
         )
     else:
         vocab = model.config.get_text_config(decoder=True).vocab_size
+        one_row = packs_in_one_row(model)
+        # rows: [16] and [9, 6] and a token of padding, longer than a tiny config's sliding window
+        # or compression block (deepseek_v4's 8 kept rows of 8 apart and mixed longer ones)
+        lengths = lengths or ((8, 8) if one_row else (16, 9, 6))
         g = torch.Generator().manual_seed(0)
         device = next(model.parameters()).device
         seqs = [torch.randint(0, vocab, (n,), generator=g).to(device) for n in lengths]
@@ -131,10 +221,11 @@ def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
         try:
             with torch.no_grad():
                 apart = [head_input(model, s[None], torch.ones_like(s[None])) for s in seqs]
-                row = torch.cat(seqs)[None]
-                pos = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-                packed = head_input(model, row, None, position_ids=pos)
-            diff = (packed[0] - torch.cat([a[0] for a in apart])).abs().max().item()
+                rows = pack(_probe_batch(seqs), rows=not one_row).to(device)
+                packed = head_input(model, rows.input_ids, None, position_ids=rows.position_ids)
+                # each sequence's tokens, in the order of the rows (one sequence's are contiguous)
+                order = rows.seq_ids[rows.in_sequence].unique_consecutive().tolist()
+            diff = (packed[rows.in_sequence] - torch.cat([apart[r][0] for r in order])).abs().max().item()
             scale = max(max(a.abs().max().item() for a in apart), 1.0)
             # float32 agreement even in float64: models compute their rotary tables in float32
             # (2e-7 seen); a leak across sequences is orders larger (1e-3 to 1 on the tiny models)
@@ -161,3 +252,14 @@ def check_packing(model, lengths: tuple[int, ...] = (8, 8)) -> None:
     _VERDICTS.setdefault(model, {})[attn] = error
     if error is not None:
         raise error
+
+
+def _probe_batch(seqs: list[torch.Tensor]) -> Batch:
+    """The probe's sequences as a right-padded ``Batch`` on the CPU (every token a target)."""
+    width = max(len(x) for x in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, x in enumerate(seqs):
+        ids[r, : len(x)] = x.cpu()
+        mask[r, : len(x)] = 1
+    return Batch(ids, mask, torch.where(mask.bool(), ids, IGNORE_INDEX), torch.zeros(len(seqs)))

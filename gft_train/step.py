@@ -65,7 +65,7 @@ class GFTPolicy(nn.Module):
         self.loss = loss
 
     def forward(self, batch, normalizer) -> tuple[Tensor, TokenSums]:
-        """The loss of one micro-batch (``lm.Batch``, or ``packing.PackedBatch``: one row of its
+        """The loss of one micro-batch (``lm.Batch``, or ``packing.PackedBatch``: rows of its
         sequences, labels already shifted per sequence) over ``normalizer``, and its token sums."""
         if isinstance(batch, PackedBatch):  # the op reduces over the row's sequences (seq_ids)
             loss, stats = causal_lm_gft_loss(
@@ -115,9 +115,12 @@ class StepBatches:
     responses: float  # responses of the step
 
 
-def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int, packed: bool = False) -> StepBatches:
-    """The step's sequences, this process's share of them in micro-batches (each as one row of its
-    sequences with ``packed``), and the global counts.
+def step_batches(
+    acc, tokenizer, groups, micro_batch_size: int, max_length: int, packed: bool = False, one_row: bool = False
+) -> StepBatches:
+    """The step's sequences, this process's share of them in micro-batches (with ``packed``, each
+    packed into best-fit rows, or into one row with ``one_row``: ``packing.packs_in_one_row``),
+    and the global counts.
     Every process gets as many micro-batches as the busiest one (FSDP and ZeRO-3 gather weights in
     every forward, a collective all processes must join, and DDP syncs once): the extra ones are a
     sequence with every label masked, no loss and zero gradients."""
@@ -128,7 +131,7 @@ def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int,
         encode(tokenizer, mine[i : i + micro_batch_size], max_length) for i in range(0, len(mine), micro_batch_size)
     ]
     if packed:
-        batches = [pack(b) for b in batches]
+        batches = [pack(b, rows=not one_row) for b in batches]
     counts = torch.tensor(
         [
             float(sum(b.n_valid for b in batches)),
@@ -142,7 +145,7 @@ def step_batches(acc, tokenizer, groups, micro_batch_size: int, max_length: int,
     n_micro = max_over_processes(acc, len(batches))
     while len(batches) < n_micro:
         extra = encode(tokenizer, seqs[:1], max_length)
-        batches.append((pack(extra) if packed else extra).masked())
+        batches.append((pack(extra, rows=not one_row) if packed else extra).masked())
     return StepBatches(batches, counts[0].item(), counts[1].item(), int(counts[2].item()), counts[3].item())
 
 

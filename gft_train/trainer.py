@@ -42,7 +42,7 @@ from .distributed import full_state_dict, is_sharded, make_accelerator, prepare
 from .groups import build_groups, group_metrics, load_groups
 from .metrics import MetricsLog, bar_fields, plot_metrics, trim_events  # noqa: F401  (re-exported)
 from .models import base_model_name, load_model, model_options, unpartitioned
-from .packing import check_packing
+from .packing import check_packing, packs_in_one_row
 from .pool import GroupPool
 from .preflight import check_engines, preflight
 from .rewards import load_reward
@@ -280,7 +280,15 @@ class Trainer:
     def train_step(self, groups) -> dict:
         """One optimizer step on ``groups`` (step.py); the step's metrics."""
         cfg = self.cfg
-        batches = step_batches(self.acc, self.tokenizer, groups, cfg.micro_batch_size, cfg.max_length, cfg.packed)
+        batches = step_batches(
+            self.acc,
+            self.tokenizer,
+            groups,
+            cfg.micro_batch_size,
+            cfg.max_length,
+            cfg.packed,
+            one_row=cfg.packed and packs_in_one_row(self.model),
+        )
         if batches.cut and not self._warned_cut:
             self._warned_cut = True  # said once; completions/cut_frac counts them every step
             warnings.warn(cut_warning(batches, self.step + 1, cfg.max_length), stacklevel=2)

@@ -63,6 +63,19 @@ def test_packing_benchmark_measures_both_layouts_on_the_demo_groups():
     assert 0 <= result["lengths"]["padding_frac"] < 1
 
 
+def test_packing_benchmark_measures_groups_whose_lengths_spread():
+    from benchmarks.packing import main as packing_main
+
+    argv = ["--steps", "1", "--repeats", "2", "--micro-batch-size", "16", "--spread", "10-60"]
+    result = packing_main(argv)
+    assert result["shape"]["max_length"] == 60 and result["shape"]["packed_layout"] == "best-fit rows"
+    assert 10 <= result["lengths"]["min"] < result["lengths"]["max"] <= 60
+    assert result["lengths"]["padding_frac"] > 0.2  # spread lengths pad a lot
+    assert result["packed_over_padded"]["n"] == 2
+    pairs = result["step_pairs_padded_over_packed_time"]  # one timed step a repeat, both layouts
+    assert pairs["n"] == 2 and 0 < pairs["min"] <= pairs["median"] <= pairs["max"]
+
+
 def test_cpu_ratio_times_both_providers_in_each_round(tmp_path):
     from benchmarks.cpu_ratio import main as ratio_main
 
