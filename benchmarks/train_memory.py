@@ -56,7 +56,9 @@ def step_peak(
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from benchmarks.cpu_memory import _StorageTracker
-    from gft_train.step import GFTPolicy
+    from gft_train.config import Config
+    from gft_train.lm import Batch
+    from gft_train.step import GFTPolicy, run_loss
 
     torch.manual_seed(0)
     input_ids = torch.randint(0, shape["vocab_size"], (BATCH, TOKENS))
@@ -72,16 +74,16 @@ def step_peak(
         weights_bytes = tracker.live
         if lora_r:
             from gft_train.adapters import apply_lora
-            from gft_train.config import Config
 
             model = apply_lora(model, Config(lora_r=lora_r), "llama-1b-shape")
-        policy = GFTPolicy(model).train()
+        policy = GFTPolicy(model, run_loss(Config(tau=0.7).resolved())).train()
+        batch = Batch(input_ids, mask, labels, adv)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=1e-5, foreach=foreach)
         start = time.perf_counter()
         for _ in range(steps):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss, _ = policy(input_ids, mask, labels, adv, 0.7, n_valid)
+                loss, _ = policy(batch, n_valid)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

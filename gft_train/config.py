@@ -347,7 +347,9 @@ class Evaluation:
         "metrics as eval/pass@1, eval/pass@k, ... (0: never)",
     )
     eval_n: int = _opt(4, "samples per held-out prompt (mean pass@1 and pass@k)")
-    eval_k: list[int] = _opt([1, 4], "the k of pass@k, as '1 4' or '1,4'")
+    eval_k: list[int] | None = _opt(
+        None, "the k of pass@k, as '1 4' or '1,4', each <= eval_n; None: 1 and 4, those <= eval_n"
+    )
     eval_max_prompts: int = _opt(0, "held-out prompts to evaluate (0: all)")
     eval_temperature: float = _opt(0.5, "sampling temperature at evaluation (the paper's 0.5)")
     eval_greedy: bool = _opt(True, "also report greedy pass@1 (one greedy completion per prompt)")
@@ -387,9 +389,10 @@ class Config(Evaluation, Logging, Optimization, Rollout, GroupMix, ModelAndData)
             cfg.refresh_every = 1 if cfg.n_self and not cfg.groups_file else 0
         if cfg.max_steps is None and not cfg.num_epochs:
             cfg.max_steps = 100  # (with num_epochs, the trainer sets it once the data is known)
+        if cfg.eval_k is None:  # the default ks that eval_n samples can report (pass@k needs k of them)
+            cfg.eval_k = [k for k in (1, 4) if k <= cfg.eval_n]
         for group in (ModelAndData, GroupMix, Optimization, Rollout, Logging, Evaluation):
             group.check(cfg)
-        ModelAndData.check(cfg)
         if cfg.eval_every and not cfg.eval_file:
             raise ValueError("eval_every needs eval_file (the held-out rows to evaluate on)")
         return cfg

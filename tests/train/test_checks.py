@@ -351,3 +351,13 @@ def test_a_reward_module_in_the_working_directory_is_imported(tmp_path, monkeypa
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     monkeypatch.delitem(sys.modules, "cwd_reward_30", raising=False)
     assert load_reward("cwd_reward_30:r")(["p"], ["c"], ["a"]) == [0.5]
+
+
+def test_the_default_eval_k_is_what_eval_n_samples_can_report():
+    """Left unset, eval_k is 1 and 4 where eval_n reaches them: `--eval-n 2` alone evaluates
+    (pass@1), it is not refused for a k the user never asked for; an explicit k above eval_n is."""
+    base = dict(model="m", train_file="t.jsonl", eval_file="e.jsonl")
+    assert config_mod.Config(**base, eval_n=2).resolved().eval_k == [1]
+    assert config_mod.Config(**base, eval_n=8).resolved().eval_k == [1, 4]
+    with pytest.raises(ValueError, match=r"--eval_k must be k <= --eval_n \(2\)"):
+        config_mod.Config(**base, eval_n=2, eval_k=[1, 4]).resolved()

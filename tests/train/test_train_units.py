@@ -331,11 +331,18 @@ def test_every_field_is_a_yaml_key_and_a_flag(tmp_path):
         str: lambda v: v + "x",
         list: lambda v: v + [16],
     }
+    import typing
+
     defaults = config_mod.Config()
+    hints = typing.get_type_hints(config_mod.Config)
     values = {}
     for f in dataclasses.fields(config_mod.Config):
         v = getattr(defaults, f.name)
-        kind = int if v is None else type(v)
+        kind = type(v)
+        if v is None:  # (an optional field: its type is the hint's other member; int | None -> int)
+            kind = next(a for a in typing.get_args(hints[f.name]) if a is not type(None))
+            kind = typing.get_origin(kind) or kind
+            v = [] if kind is list else v
         values[f.name] = other[kind](v)
     (tmp_path / "all.yaml").write_text(yaml.safe_dump(values))
     p = argparse.ArgumentParser()
