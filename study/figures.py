@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .plan import SEQS_PER_STEP, method_of
-
 
 def _curves_figure(agg, plt):
     """Held-out pass@1 along training, each method with its seeds' spread."""
     curves = [n for n in agg if agg[n]["family"] in ("methods", "ablation") and agg[n].get("curve")]
-    longer = {method_of(n): n for n in agg if agg[n]["family"] == "long" and agg[n].get("curve")}
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.2, 3.8))
@@ -18,15 +15,10 @@ def _curves_figure(agg, plt):
         pts = sorted(agg[n]["curve"].items())
         xs, ms, ss = [p for p, _ in pts], [v[0] for _, v in pts], [v[1] for _, v in pts]
         (line,) = ax.plot(xs, ms, marker="o", ms=3, label=n, ls="--" if agg[n]["family"] == "ablation" else "-")
-        if n in longer:  # its longer run (one seed), dotted in the same colour
-            pts = sorted(agg[longer[n]]["curve"].items())
-            ax.plot([p for p, _ in pts], [v[0] for _, v in pts], ls=":", color=line.get_color(), lw=1)
         ax.fill_between(
             xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], color=line.get_color(), alpha=0.15
         )
-    ax.set_xlabel(f"optimizer steps ({SEQS_PER_STEP} sequences each)")
-    if longer:
-        ax.set_title("dotted: the same method, a longer run (one seed)", fontsize=8)
+    ax.set_xlabel("optimizer steps (each run as long as its validation curve rose)")
     ax.set_ylabel("held-out pass@1 (temperature 0.5)")
     ax.legend(fontsize=7)
     fig.tight_layout()

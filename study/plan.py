@@ -1,5 +1,6 @@
-"""What the study runs: the configurations (``Spec``), the budget, the learning-rate ladder and
-how each configuration's rate is chosen. ``run.py`` runs them; ``report.py`` reads their results."""
+"""What the study runs: the regimes (``Regime``), the configurations (``Spec``), the budget, the
+learning-rate ladder and how each configuration's rate is chosen. ``run.py`` runs them;
+``report.py`` reads their results."""
 
 from __future__ import annotations
 
@@ -11,9 +12,59 @@ SEQS_PER_STEP = 64
 
 
 @dataclass(frozen=True)
+class Regime:
+    """One set-up of the study: what the base knows before fine-tuning. The regimes share the
+    recipe and every prompt; only the style of the pre-training corpus's three-number sums differs
+    (``gft_train.demo.sums.CORPUS_STYLES``), and with it what the base gets right."""
+
+    name: str
+    corpus_style: str
+    summary: str
+    # the precondition: what the set-up must show before its verdicts are read
+    base_val: tuple = (0.0, 1.0)  # the base's validation pass@1 lies in this range
+    min_sft_gain: float | None = None  # SFT at its best rate lifts validation pass@1 this much
+    max_base_ood: float | None = None  # the base leaves this much room on the harder split
+
+
+REGIMES = (
+    Regime(
+        "new-skill",
+        "no_carry",
+        "the base lacks a skill (its sums drop the last carry: right on about half), a perfect expert "
+        "supplies it in an order the base never writes",
+        min_sft_gain=0.15,
+    ),
+    Regime(
+        "competent",
+        "left_to_right",
+        "the paper's regime: a competent base (its corpus carries correctly, in the prompt's order), "
+        "the expert correct in an order the base never writes",
+        base_val=(0.85, 1.0),
+        max_base_ood=0.9,
+    ),
+    Regime(
+        "imperfect",
+        "slip",
+        "a competent but imperfect base (its corpus drops the last carry when the last addend has two "
+        "digits: right on about 3/4), so its own samples carry signal; the expert in a foreign order",
+        base_val=(0.55, 0.9),
+        min_sft_gain=0.05,
+    ),
+)
+DEFAULT_REGIME = REGIMES[0].name  # the one with the sweeps and the RL stages, and docs/reproduction.json's top level
+
+
+def regime(name: str) -> Regime:
+    for r in REGIMES:
+        if r.name == name:
+            return r
+    raise ValueError(f"regime: expected one of {[r.name for r in REGIMES]}, got {name!r}")
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
-    family: str  # methods | ablation | long | tau | ratio
+    family: str  # methods | ablation | tau | ratio | staged | rl
     overrides: dict = field(default_factory=dict)
     x: float | str | None = None  # the swept value (tau, or "demo:sample")
     data: str = "train"  # train | filtered (SFT on the correct teacher responses)
@@ -23,9 +74,14 @@ class Spec:
 GROUPS = dict(prompts_per_step=SEQS_PER_STEP // 8)  # groups of 8, online (refreshed every step)
 
 
+# SFT shown what GFT's groups show of the expert: one demonstration per group, 8 a step
+EXPOSURE = "SFT(GFT's exposure)"
+
+
 def main_specs() -> list[Spec]:
     return [
         Spec("SFT", "methods", dict(method="sft", prompts_per_step=SEQS_PER_STEP), own_lr=True),
+        Spec(EXPOSURE, "methods", dict(method="sft", prompts_per_step=SEQS_PER_STEP // 8), own_lr=True),
         Spec(
             "SFT(filtered teacher)",
             "methods",
@@ -62,11 +118,21 @@ RL_SPECS = (
 )
 
 
-def specs(quick: bool) -> list[Spec]:
+def specs(quick: bool, default_regime: bool = True) -> list[Spec]:
+    """The configurations of a regime: every regime runs the main methods and the ablations; the
+    sweeps run in the default regime only (``--quick``: SFT, SFT at GFT's exposure and GFT)."""
     main = main_specs()
     if quick:
-        return [main[0], main[4]]
-    return main + sweep_specs()
+        return [main[0], main[1], main[5]]
+    return main + (sweep_specs() if default_regime else [])
+
+
+def sequences_per_step(spec: Spec) -> int:
+    """Sequences an optimizer step trains on: a prompt's demonstration for SFT and DFT, its group
+    of 8 for GRPO and GFT (``GFT w/o GAL``: the demonstrations alone)."""
+    o = spec.overrides
+    grouped = o["method"] in ("gft", "grpo") and o.get("gal", True)
+    return o["prompts_per_step"] * (8 if grouped else 1)
 
 
 @dataclass(frozen=True)
@@ -75,13 +141,13 @@ class Budget:
     teacher_steps: int = (
         800  # the teacher: the base trained this much longer on correct scratchpads (400 left it below the base)
     )
-    steps: int = 200  # fine-tuning optimizer steps per run
-    curve_points: tuple = (25, 50, 100, 150)  # and the last step
-    lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)  # the grid every method starts from (extended: LR_LADDER)
+    steps: int = 200  # fine-tuning optimizer steps: the grid's runs, and the least a main run takes
+    max_steps: int = 600  # a main run goes on past ``steps`` while its validation curve still rises
+    rise: float = 0.01  # ... by more than this over its best earlier point
+    curve_points: tuple = (25, 50, 100, 150, 200, 300, 400, 500)  # and the last step
+    lrs: tuple = (1e-4, 3e-4, 1e-3, 3e-3)  # the default regime's grid (extended: LR_LADDER)
     seeds: int = 3
     sweep_seeds: int = 2
-    long_methods: tuple = ()  # run again at long_steps, seed 0, their own rates (none this round)
-    long_steps: int = 400
     rl_steps: int = 100  # each stage of the RL-compatibility runs (SFT -> GFT -> GRPO)
     eval_n: int = 8
     curve_n: int = 4
@@ -99,12 +165,12 @@ QUICK = Budget(
     base_steps=30,
     teacher_steps=5,
     steps=3,
-    curve_points=(2,),
+    max_steps=5,
+    rise=-1.0,  # every check "still rises": the quick runs reach max_steps
+    curve_points=(2, 3, 4),
     lrs=(1e-3,),
-    seeds=1,
+    seeds=2,
     sweep_seeds=1,
-    long_methods=("SFT",),
-    long_steps=4,
     rl_steps=2,
     eval_n=2,
     curve_n=1,
@@ -122,28 +188,12 @@ QUICK = Budget(
     ),
 )
 
-# The set-up must leave room to learn before any verdict: SFT at its best rate lifts validation
-# pass@1 this much over the base, or the report withholds its verdicts.
-MIN_SFT_GAIN = 0.15
-
-
-def long_name(name: str, budget: Budget) -> str:
-    """A longer run's name: its method's, then its steps (``method_of`` reads it back)."""
-    return f"{name}, {budget.long_steps} steps"
-
-
-def method_of(name: str) -> str:
-    """The method a configuration's name starts with: ``SFT, 800 steps`` -> ``SFT``."""
-    return name.split(",")[0]
-
 
 def rate_for(name: str, family: str, lrs: dict[str, float]) -> float:
-    """The rate a configuration runs at: a main method its own, a longer run its method's, a GRPO
-    stage GRPO's, the ablations, sweeps and GFT stages GFT's."""
+    """The rate a configuration runs at: a main method its own, a GRPO stage GRPO's, the
+    ablations, sweeps and GFT stages GFT's."""
     if family == "methods":
         return lrs[name]
-    if family == "long":
-        return lrs[method_of(name)]
     if family == "rl":
         return lrs["GRPO"]
     return lrs["GFT"]
@@ -157,6 +207,12 @@ def choose_lrs(grid_rows: list[dict], names) -> dict[str, float]:
         if rows:
             best[name] = rows[0]["lr"]
     return best
+
+
+def rates_around(lr: float, ladder=LR_LADDER) -> tuple:
+    """A rate and its neighbours on the ladder: how a regime checks the default regime's choice."""
+    i = ladder.index(lr)
+    return ladder[max(0, i - 1) : i + 2]
 
 
 def grid_extensions(grid_rows: list[dict], names, ladder=LR_LADDER) -> dict[str, float]:

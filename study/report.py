@@ -1,6 +1,6 @@
-"""From ``results.jsonl`` to ``docs/reproduction.md`` and its plots, with a verdict per claim: the
-markdown writer (and the JSON beside it); the verdicts come from ``verdicts.py``, the plots from
-``figures.py``."""
+"""From each regime's ``results.jsonl`` to ``docs/reproduction.md`` and its plots, with a verdict
+per claim and regime: the markdown writer (and the JSON beside it); the verdicts come from
+``verdicts.py``, the plots from ``figures.py``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 
 from .figures import save_figures
-from .plan import LR_LADDER, SEQS_PER_STEP, method_of, sweep_specs
+from .plan import DEFAULT_REGIME, EXPOSURE, LR_LADDER, SEQS_PER_STEP, sweep_specs
 from .verdicts import (
     Study,
     collect_claims,
@@ -24,7 +24,7 @@ from .verdicts import (
 )
 
 # compare and paired_gap: the verdict rule, importable from here as well
-__all__ = ["compare", "paired_gap", "write_json", "write_report"]
+__all__ = ["compare", "paired_gap", "write_report"]
 
 
 def _fmt(agg, name, metric):
@@ -61,7 +61,21 @@ def _curve_reading(agg, names, base_id: float) -> list[str]:
     return out
 
 
-def _setup_lines(setup: dict, budget, k: str) -> list[str]:
+# what each regime's pre-training corpus writes for a three-number sum (``sums.CORPUS_STYLES``)
+CORPUS = {
+    "no_carry": "in the prompt's order whose *last step drops its carry* (`17+5=22+9=21`): a systematic "
+    "misconception, right only where the last step does not carry (55% of the prompts). So the base can "
+    "add but has something to learn and to unlearn",
+    "left_to_right": "in the prompt's order, carried correctly (`17+5=22+9=31`): right on every prompt. "
+    "So the base is competent in its own order; the expert writes in another",
+    "slip": "in the prompt's order whose last step drops its carry *when the last addend has two digits* "
+    "(`3+8=11+15=16`, but `15+3=18+8=26`): right on 77.5% of the prompts, by a rule. So the base is "
+    "competent but imperfect, and its own right samples carry signal",
+}
+
+
+def _setup_lines(study: Study, budget, k: str) -> list[str]:
+    setup = study.setup
     acc = setup["accuracy"]
 
     def cell(a, key):
@@ -94,15 +108,14 @@ def _setup_lines(setup: dict, budget, k: str) -> list[str]:
         f"Qwen2-style model (2 layers, 64 wide, 0.13M parameters, character tokenizer), {budget.base_steps} SFT "
         "steps of 64 sequences, lr 3e-3 cosine, on a pre-training mix: every single addition a+b with "
         "a <= 59, b <= 29 (both orders, carried correctly), 3000 digit reversals, and 1000 three-number "
-        "sums (100 of them harder) in the prompt's order whose *last step drops its carry* "
-        "(`17+5=22+9=21`): a systematic misconception, right only where the last step does not carry "
-        "(55% of the prompts). So the base can add but has something to learn and to unlearn. Greedy "
+        f"sums (100 of them harder) {CORPUS[study.regime.corpus_style]}. Greedy "
         "accuracy along its training (step: validation sums / held-out reversal probe): "
         f"{curve}.",
         "- **Expert**: the task's solver. Each demonstration is the scratchpad written last addend "
         "first, carried correctly (`8+17=25+3=28`): right on "
         f"{setup['expert_train_acc']:.1%} of the fine-tuning rows, in an order the base writes on "
-        f"{setup['expert_style_in_base']:.1%} of the validation prompts where it differs from the prompt's.",
+        f"{setup['expert_style_in_base']:.1%} of the validation prompts where it differs from the prompt's."
+        + _under_base(setup),
         f"- **Teacher**: a real model, the base trained {budget.teacher_steps} steps longer on 1000 other "
         "prompts with correct scratchpads in two orders (the prompt's and reversed); 7 samples per "
         "fine-tuning prompt at temperature 1, offline: right "
@@ -122,10 +135,28 @@ def _setup_lines(setup: dict, budget, k: str) -> list[str]:
     ]
 
 
-def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict) -> None:
-    """docs/reproduction.json: the set-up's accuracies and every configuration's mean metrics in
-    the demo's shape (``results.<configuration>.<split>.pass@1``), and the verdicts."""
+def _under_base(setup: dict) -> str:
+    e = setup.get("expert_under_base")
+    if not e:
+        return ""
+    carrying = (
+        f" ({e['below_tau_carrying']:.1%} on the prompts whose last step carries)"
+        if e.get("below_tau_carrying") is not None
+        else ""
+    )
+    return (
+        f" Under the base, the median probability of a demonstration's first token is "
+        f"{e['first_token_median']:.2g}, and {e['below_tau']:.1%} of its tokens{carrying} are below "
+        f"tau = {e['tau']}: DCR scales those tokens' gradients by their probability."
+    )
+
+
+def _json_doc(study: Study, claims, best_claims, met: bool) -> dict:
+    """A regime's part of docs/reproduction.json: the set-up's accuracies, every configuration's
+    mean metrics in the demo's shape (``results.<configuration>.<split>.pass@1``), and the
+    verdicts (at the end and at each run's best validation step, with their evidence)."""
     splits = {"test": "id", "ood": "ood", "probe": "probe"}
+    setup, agg = study.setup, study.agg
 
     def model(a):
         return {split: {"pass@1": a.get(key), "greedy_pass@1": a.get(f"{key}_greedy")} for split, key in splits.items()}
@@ -136,8 +167,10 @@ def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict)
     }
     doc["setup"]["base"]["val_pass1_grid_measure"] = setup.get("base_val")
     doc["setup"]["base_curve"] = setup["base_curve"]
+    if "expert_under_base" in setup:
+        doc["setup"]["expert"]["under_base"] = setup["expert_under_base"]
     doc["precondition_met"] = met
-    doc["learning_rates"] = lrs
+    doc["learning_rates"] = study.lrs
     doc["results"] = {}
     for name, a in agg.items():
         res = {
@@ -149,26 +182,38 @@ def write_json(path: Path, setup: dict, agg: dict, claims, met: bool, lrs: dict)
             for split, key in splits.items()
             if key in a
         }
-        res.update({m: a[m][0] for m in ("kl_base", "kl", "rectified", "grad_cv", "lr") if m in a})
+        for split, key in splits.items():
+            if split in res and key in study.agg_best.get(name, {}):
+                res[split]["pass@1_at_best_step"] = study.agg_best[name][key][0]
+        keep = ("kl_base", "kl", "rectified", "grad_cv", "lr", "steps", "best_step", "distinct_prompts", "sequences")
+        res.update({m: a[m][0] for m in keep if m in a})
         res["seeds"] = a["n"]
         if a.get("passk"):
             res["test"]["pass@k"] = a["passk"]
         doc["results"][name] = res
-    doc["verdicts"] = {claim: combine(v) if met else "withheld" for claim, v in claims}
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    best = dict(best_claims)
+    doc["verdicts"] = {
+        claim: {
+            "verdict": combine(v) if met else "withheld",
+            "at_best_step": (combine(best[claim]) if met else "withheld") if claim in best else None,
+            "comparisons": [{"verdict": w, "evidence": t} for w, t in v],
+        }
+        for claim, v in claims
+    }
+    return doc
 
 
-def _header_lines(study: Study, budget, quick: bool) -> list[str]:
-    seeds = max(a["n"] for a in study.agg.values())
-    setup, wall = study.setup, study.wall
+def _header_lines(studies: dict, timing: dict, quick: bool) -> list[str]:
+    seeds = max(a["n"] for st in studies.values() for a in st.agg.values())
+    wall = timing.get("seconds")
     return [
-        "# The paper's claims, reproduced in a fair miniature",
+        "# The paper's claims, reproduced in a fair miniature, in three regimes",
         "",
         f"Generated by `python -m study{' --quick' if quick else ''}` on {dt.date.today().isoformat()}, "
         f"on {platform.machine()} CPU ({seeds} seed(s) per main configuration"
         + (
-            f"; {(wall + setup.get('seconds', 0)) / 60:.0f} min of wall time, {setup.get('seconds', 0) / 60:.0f} of "
-            f"them for the set-up, {study.workers} one-thread process(es) side by side"
+            f"; {wall / 60:.0f} min of wall time for every regime, set-ups included, "
+            f"{timing.get('workers', 1)} one-thread process(es) side by side"
             if wall
             else ""
         )
@@ -177,20 +222,62 @@ def _header_lines(study: Study, budget, quick: bool) -> list[str]:
     ]
 
 
+def _summary_lines(studies: dict, read: dict) -> list[str]:
+    """The one table the report opens with: claims as rows, regimes as columns."""
+    names = list(studies)
+    claims = list(dict.fromkeys(c for n in names for c, _ in read[n]["claims"]))
+    lines = [
+        "## Verdicts by regime",
+        "",
+        "Each cell: the verdict at the end of the runs, then (after /) at each run's best validation "
+        "step where that differs. The regimes:",
+        "",
+    ]
+    for n, st in studies.items():
+        base = st.base
+        lines.append(
+            f"- **{n}**: {st.regime.summary}. Base held-out pass@1 {base['id']:.3f}, harder split "
+            f"{base['ood']:.3f}; precondition {'met' if read[n]['met'] else 'NOT met (verdicts withheld)'}."
+        )
+    lines += ["", "| claim | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for claim in claims:
+        cells = []
+        for n in names:
+            end = dict(read[n]["claims"]).get(claim)
+            if end is None:
+                cells.append("not run" + (" (default regime only)" if n != DEFAULT_REGIME else ""))
+                continue
+            if not read[n]["met"]:
+                cells.append("withheld")
+                continue
+            word, best = combine(end), dict(read[n]["best"]).get(claim)
+            cells.append(word if best is None or combine(best) == word else f"{word} / {combine(best)}")
+        lines.append(f"| {claim} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _optimization_lines(study: Study, budget) -> list[str]:
     setup, grid, lrs = study.setup, study.grid, study.lrs
     tried = sorted({g["lr"] for g in grid})
+    first = (
+        f"each main method tried {', '.join(f'{x:g}' for x in budget.lrs)}"
+        if study.regime.name == DEFAULT_REGIME
+        else f"each main method tried the rate the {DEFAULT_REGIME} regime chose for it and one rung either side"
+    )
     lines = [
         "## Optimization",
         "",
-        f"Every run: {budget.steps} optimizer steps of {SEQS_PER_STEP} sequences, AdamW at a constant "
-        "rate, from the same base. SFT and DFT see 64 prompts x 1 demonstration per step; SFT on "
-        "filtered teacher data 64 correct teacher responses; GRPO 8 prompts x 8 self-samples; GFT 8 x "
-        "(1 expert + 3 teacher + 4 self-samples, sampled every step with the current weights); GFT w/o "
-        "GAL (the paper's ablation: the demonstrations with DCR, A = 1) 64 x 1. The group methods see "
-        "1/8 of the prompts at equal sequences, as in the paper's 10k x 8 vs 100k.",
+        f"Every run: optimizer steps of {SEQS_PER_STEP} sequences, AdamW at a constant rate, from the same "
+        "base. SFT and DFT see 64 prompts x 1 demonstration per step; SFT on filtered teacher data 64 "
+        f"correct teacher responses; {EXPOSURE} 8 prompts x 1 demonstration (the expert sequences GFT's "
+        "groups hold); GRPO 8 prompts x 8 self-samples; GFT 8 x (1 expert + 3 teacher + 4 self-samples, "
+        "sampled every step with the current weights); GFT w/o GAL (the paper's ablation: the "
+        "demonstrations with DCR, A = 1) 64 x 1. Length: seed 0 of each configuration trains "
+        f"{budget.steps} steps and goes on, up to {budget.max_steps}, while its validation pass@1 still "
+        f"rises (by more than {budget.rise:g} over its best earlier snapshot); its other seeds train as "
+        "long. Distinct prompts seen are counted per run (the methods table).",
         "",
-        f"Learning rate: each main method tried {', '.join(f'{x:g}' for x in budget.lrs)} (seed 0, "
+        f"Learning rate: {first} (seed 0, {budget.steps} steps, "
         "scored by pass@1 on the validation split at the last step); a method whose best was the lowest "
         "or highest rate it had tried went on one step (x3) further that way, until its best was inside "
         "the rates it tried. Each keeps its best; the ablations and sweeps use GFT's."
@@ -261,12 +348,15 @@ def _metrics_lines(budget, k: str) -> list[str]:
         "samples (the paper's forgetting measure) and KL(model || base) on held-out expert-style "
         "answers; the DCR-rectified fraction during training; gradient-norm volatility (std / mean "
         f"over steps). Curves: held-out pass@1 over {budget.curve_n} samples at steps "
-        f"{', '.join(map(str, budget.curve_points))} and {budget.steps}. Values are mean ± std over seeds.",
+        f"{', '.join(map(str, budget.curve_points))} (those a run reaches) and its last; the validation "
+        "split is scored at the same steps, and each run is also evaluated at its best validation step. "
+        "Values are mean ± std over seeds.",
         "",
     ]
 
 
-def _verdict_lines(precondition_line: str, met: bool, claims, not_run: list[str]) -> list[str]:
+def _verdict_lines(precondition_line: str, met: bool, claims, best_claims, not_run: list[str]) -> list[str]:
+    best = dict(best_claims)
     lines = [
         "## Verdicts",
         "",
@@ -278,16 +368,19 @@ def _verdict_lines(precondition_line: str, met: bool, claims, not_run: list[str]
         "the gap is also paired by seed and prompt (each prompt's difference averaged over the seeds both "
         "ran) with a 95% bootstrap interval over prompts, and a verdict either way also needs that "
         "interval on its side of zero. A claim with several comparisons is "
-        "reproduced only if all of them are, and not reproduced if any is.",
+        "reproduced only if all of them are, and not reproduced if any is. Each claim is read at the end "
+        "of the runs (evidence shown) and again with each run's held-out scores taken at its best "
+        "validation step (KL, pass@k and volatility stay the end's).",
         "",
-        "| claim | verdict | evidence |",
-        "|---|---|---|",
+        "| claim | at the end | at the best validation step | evidence (at the end) |",
+        "|---|---|---|---|",
     ]
     for claim, verdicts in claims:
         word = combine(verdicts) if met else "withheld (precondition not met)"
-        lines.append(f"| {claim} | **{word}** | " + "; ".join(f"{v}: {t}" for v, t in verdicts) + " |")
+        at_best = (combine(best[claim]) if met else "withheld") if claim in best else ""
+        lines.append(f"| {claim} | **{word}** | {at_best} | " + "; ".join(f"{v}: {t}" for v, t in verdicts) + " |")
     for claim in not_run:
-        lines.append(f"| {claim} | **not tested** | its sweep did not finish in this round (see the last section) |")
+        lines.append(f"| {claim} | **not tested** | | its sweep did not finish in this round (see the last section) |")
     return lines
 
 
@@ -319,7 +412,7 @@ def _methods_lines(study: Study, budget, k: str) -> list[str]:
         f"Base model: held-out {base['id']:.3f} (greedy {base['id_greedy']:.3f}), OOD {base['ood']:.3f}, "
         f"probe {base['probe']:.3f}.",
         "",
-    ]
+    ] + _length_lines(study, method_names)
     passk_names = [n for n in method_names if agg[n].get("passk")]
     if passk_names:
         ks = list(agg[passk_names[0]]["passk"])
@@ -340,6 +433,32 @@ def _methods_lines(study: Study, budget, k: str) -> list[str]:
         "",
     ]
     return lines
+
+
+def _length_lines(study: Study, names: list[str]) -> list[str]:
+    """How long each configuration trained, how much data it saw, and its accuracy at its best
+    validation step (mean over seeds)."""
+    agg, best = study.agg, study.agg_best
+    rows = [n for n in names if "steps" in agg[n]]
+    if not rows:
+        return []
+
+    def cell(a, key, fmt):
+        return format(a[key][0], fmt) if key in a else ""
+
+    lines = [
+        "Length and data (mean over seeds), and held-out accuracy at each run's best validation step:",
+        "",
+        "| configuration | steps | best validation step | sequences | distinct prompts seen | held-out pass@1 at best | OOD pass@1 at best | probe at best |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in rows:
+        a = agg[n]
+        lines.append(
+            f"| {n} | {cell(a, 'steps', '.0f')} | {cell(a, 'best_step', '.0f')} | {cell(a, 'sequences', '.0f')} | "
+            f"{cell(a, 'distinct_prompts', '.0f')} | {_fmt(best, n, 'id')} | {_fmt(best, n, 'ood')} | {_fmt(best, n, 'probe')} |"
+        )
+    return lines + [""]
 
 
 def _curve_lines(study: Study) -> list[str]:
@@ -368,44 +487,6 @@ def _curve_lines(study: Study) -> list[str]:
         + [f"- {line}" for line in _curve_reading(agg, curve_names, study.base["id"])]
         + [""]
     )
-
-
-def _long_run_lines(study: Study, budget) -> list[str]:
-    agg = study.agg
-    long_names = [n for n in study.names("long") if agg[n].get("curve")]
-    if not long_names:
-        return []
-    steps = sorted({s for n in long_names for s in agg[n]["curve"]})
-    lines = [
-        f"### Longer runs: {budget.long_steps} steps instead of {budget.steps} (one seed)",
-        "",
-        f"{', '.join(method_of(n) for n in long_names)} again at their chosen rates for "
-        f"{budget.long_steps} steps (seed 0): did the curves flatten, and does the ranking at "
-        f"{budget.steps} steps hold with more training?",
-        "",
-        "| configuration | " + " | ".join(f"step {s}" for s in steps) + " | OOD | probe | KL(base‖model) |",
-        "|---|" + "---|" * (len(steps) + 3),
-    ]
-    for n in long_names:
-        c = agg[n]["curve"]
-        lines.append(
-            f"| {n} | "
-            + " | ".join(f"{c[s][0]:.3f}" if s in c else "" for s in steps)
-            + f" | {agg[n]['ood'][0]:.3f} | {agg[n]['probe'][0]:.3f} | {agg[n]['kl_base'][0]:.3f} |"
-        )
-    lines += ["", "Reading them (one seed: a change counts when it exceeds 0.02):", ""]
-    lines += [f"- {line}" for line in _curve_reading(agg, long_names, study.base["id"])]
-
-    def order(step):
-        ranked = sorted(long_names, key=lambda n: -agg[n]["curve"][step][0])
-        return " > ".join(f"{method_of(n)} {agg[n]['curve'][step][0]:.3f}" for n in ranked)
-
-    if all(budget.steps in agg[n]["curve"] and budget.long_steps in agg[n]["curve"] for n in long_names):
-        lines += [
-            f"- Order at step {budget.steps}: {order(budget.steps)}; at step {budget.long_steps}: "
-            f"{order(budget.long_steps)}."
-        ]
-    return lines + [""]
 
 
 def _sweep_lines(agg) -> list[str]:
@@ -444,7 +525,7 @@ def _sweep_lines(agg) -> list[str]:
     return lines
 
 
-def _caveat_lines(study: Study, quick: bool) -> list[str]:
+def _caveat_lines(study: Study, quick: bool, default: bool) -> list[str]:
     """What the numbers above cannot say on their own, where the measurements call for it."""
     agg, base, lrs = study.agg, study.base, study.lrs
     lines = []
@@ -480,7 +561,7 @@ def _caveat_lines(study: Study, quick: bool) -> list[str]:
             "not 'learns the most'.",
         ]
     missing = [sp.name for sp in sweep_specs() if sp.name not in agg]
-    if missing and not quick:
+    if missing and not quick and default:
         lines += [
             "",
             f"Not run in this round: {', '.join(missing)} (`sweep_specs` in `study/plan.py`); the main "
@@ -490,42 +571,63 @@ def _caveat_lines(study: Study, quick: bool) -> list[str]:
     return lines
 
 
-def write_report(out: Path, docs: Path, budget, quick: bool = False) -> Path:
-    """``docs/reproduction.md`` (or ``reproduction_quick.md``), its plots and its JSON from the
-    study's records in ``out``; section by section, in the order the report reads."""
-    study = load_study(out)
-    docs.mkdir(parents=True, exist_ok=True)
-    plots = save_figures(study.agg, docs, "reproduction_quick_" if quick else "reproduction_")
-    k = f"pass@{budget.passk_n}"
-    claims, not_run = collect_claims(study.agg, k, quick)
-    met, precondition_line = precondition(study.setup, study.grid, study.lrs)
-    if quick and not met:  # the quick study checks the pipeline, not the set-up: verdicts stay shown
-        met, precondition_line = (
-            True,
-            precondition_line.replace(
-                " The verdicts below are withheld: change the set-up.", " (--quick: not enforced.)"
-            ),
-        )
-    print(f"[study] {precondition_line}", flush=True)
+def _regime_lines(study: Study, read: dict, budget, k: str, prefix: str, docs: Path) -> list[str]:
+    """One regime's part of the report, its headings a level below the document's."""
+    default = study.regime.name == DEFAULT_REGIME
+    plots = save_figures(study.agg, docs, prefix)
     lines = (
-        _header_lines(study, budget, quick)
-        + _setup_lines(study.setup, budget, k)
+        _setup_lines(study, budget, k)
         + _optimization_lines(study, budget)
         + _metrics_lines(budget, k)
-        + _verdict_lines(precondition_line, met, claims, not_run)
+        + _verdict_lines(read["line"], read["met"], read["claims"], read["best"], read["not_run"])
         + _methods_lines(study, budget, k)
         + _curve_lines(study)
-        + _long_run_lines(study, budget)
-        + _sweep_lines(study.agg)
+        + (_sweep_lines(study.agg) if default else [])
         + ["## Plots", ""]
         + [f"![{p}]({p})" for p in plots]
-        + ["", "## What this miniature can and cannot say", ""]
-        + LIMITS
-        + _caveat_lines(study, quick)
+        + _caveat_lines(study, read["quick"], default)
     )
-    path = docs / ("reproduction_quick.md" if quick else "reproduction.md")
+    title = f"## Regime {study.regime.name}" + (" (the default)" if default else "")
+    return ["", title, "", f"{study.regime.summary[0].upper()}{study.regime.summary[1:]}.", ""] + [
+        "#" + line if line.startswith("#") else line for line in lines
+    ]
+
+
+def write_report(out: Path, docs: Path, budget, regimes, quick: bool = False) -> Path:
+    """``docs/reproduction.md`` (or ``reproduction_quick.md``), its plots and its JSON from the
+    study's records in ``out/<regime>``: the claims-by-regime table, then each regime in turn."""
+    studies = {name: load_study(out / name) for name in regimes}
+    timing = json.loads((out / "wall_seconds.json").read_text()) if (out / "wall_seconds.json").exists() else {}
+    docs.mkdir(parents=True, exist_ok=True)
+    k = f"pass@{budget.passk_n}"
+    read = {}
+    for name, study in studies.items():
+        claims, not_run = collect_claims(study.agg, k, quick)
+        best_claims, _ = collect_claims(study.agg_best, k, quick)
+        met, line = precondition(study.setup, study.grid, study.lrs, study.regime)
+        if quick and not met:  # the quick study checks the pipeline, not the set-up: verdicts stay shown
+            met, line = (
+                True,
+                line.replace(" The verdicts below are withheld: change the set-up.", " (--quick: not enforced.)"),
+            )
+        print(f"[study] {name}: {line}", flush=True)
+        read[name] = dict(claims=claims, best=best_claims, not_run=not_run, met=met, line=line, quick=quick)
+    stem = "reproduction_quick" if quick else "reproduction"
+    lines = _header_lines(studies, timing, quick) + _summary_lines(studies, read)
+    for name, study in studies.items():
+        prefix = f"{stem}_" if name == DEFAULT_REGIME else f"{stem}_{name}_"
+        lines += _regime_lines(study, read[name], budget, k, prefix, docs)
+    lines += ["", "## What this miniature can and cannot say", ""] + LIMITS
+    path = docs / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
-    write_json(path.with_suffix(".json"), study.setup, study.agg, claims, met, study.lrs)
+    docs_json = {
+        name: _json_doc(st, read[name]["claims"], read[name]["best"], read[name]["met"]) for name, st in studies.items()
+    }
+    top = dict(docs_json.get(DEFAULT_REGIME, {}))
+    top["verdicts"] = {c: v["verdict"] for c, v in top.get("verdicts", {}).items()}  # the default regime's words
+    top["default_regime"] = DEFAULT_REGIME
+    top["regimes"] = docs_json
+    path.with_suffix(".json").write_text(json.dumps(top, indent=1) + "\n")
     return path
 
 

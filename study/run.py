@@ -1,36 +1,41 @@
-"""The reproduction study: the paper's section 4 claims, in a fair miniature.
+"""The reproduction study: the paper's section 4 claims, in a fair miniature, in three regimes.
 
-    python -m study [--quick] [--out runs/study] [--docs docs] [--workers 2]
+    python -m study [--quick] [--out runs/study] [--docs docs] [--workers 2] [--regimes a,b]
 
-Set-up (``gft_train/demo/recipe.py``, built once and cached under ``OUT/setup``): a task with
-several solution paths (the sum of three numbers as a scratchpad of partial sums, any order), a
-base model pre-trained to convergence on a corpus whose sums drop the carry in their last step
-(so it scores about half and has something to learn), the task's solver as the expert (one
-canonical order the base never writes, always right) and a real teacher model (the base trained
-longer on correct scratchpads; diverse paths, real errors, sampled offline). The report checks
-that SFT can gain before it reads any verdict (``MIN_SFT_GAIN``).
+Task and recipe (``gft_train/demo/recipe.py``): the sum of three numbers as a scratchpad of
+partial sums, any order (several correct paths); a base model pre-trained to convergence; the
+task's solver as the expert (one canonical order the base never writes, always right); a real
+teacher model (the base trained longer on correct scratchpads; diverse paths, real errors,
+sampled offline). The regimes (``study.plan.REGIMES``) differ only in the base's pre-training
+corpus, so in what the base knows:
 
-Then, at equal sequences per optimizer step (64: SFT and DFT see 64 prompts x 1 demonstration,
-GRPO and GFT 8 prompts x 8 responses) and equal steps:
+- ``new-skill``: its sums drop the last carry (right on about half): a skill to learn;
+- ``competent``: its sums are right, in the prompt's order (the paper's regime: a competent base);
+- ``imperfect``: its sums drop the last carry when the last addend has two digits (about 3/4
+  right): its own samples carry signal.
 
-1. learning-rate grid: each main method (SFT, SFT on filtered teacher data, DFT, GRPO, GFT) at
-   every rate of ``Budget.lrs``, seed 0, scored on the validation split; a method whose best rate
-   is the lowest or highest it tried goes on one rung of ``LR_LADDER`` beyond it, until its best
-   is inside what it tried (or the ladder ends); each keeps its best;
-2. the main methods at their own rate and the ablations (GFT without DCR / without GAL) at
-   GFT's, ``Budget.seeds`` seeds each, with held-out accuracy at several steps (the curves);
-3. ``Budget.long_methods`` once more at ``long_steps`` (one seed): whether the curves had flattened
-   (none this round);
-4. the tau and group-ratio sweeps at GFT's rate;
-5. RL compatibility: GFT from each SFT run, then GRPO from the SFT run and from the SFT-then-GFT
-   run, at equal GRPO steps (``RL_SPECS``).
+Each regime is built once and cached under ``OUT/<regime>/setup``. Then, at equal sequences per
+optimizer step (64: SFT and DFT see 64 prompts x 1 demonstration, GRPO and GFT 8 prompts x 8
+responses; SFT at GFT's exposure sees GFT's 8 demonstrations a step):
 
-Each run is one process with one thread; ``--workers`` runs side by side. Measured by
+1. learning rates: in the default regime each main method tries every rate of ``Budget.lrs``
+   (seed 0, ``Budget.steps`` steps, validation pass@1), going one rung of ``LR_LADDER`` further
+   while its best is at an edge; the other regimes try the default's choice and one rung either
+   side (extended the same way);
+2. the main methods at their own rate and the ablations at GFT's, ``Budget.seeds`` seeds each.
+   Seed 0 trains at least ``Budget.steps`` steps and goes on (up to ``max_steps``) while its
+   validation curve still rises; the other seeds train as long. Held-out accuracy is measured at
+   the end and at each run's best validation step;
+3. in the default regime, the tau and group-ratio sweeps at GFT's rate and length, and RL
+   compatibility: GFT from each SFT run, then GRPO from the SFT run and from the SFT-then-GFT run,
+   at equal GRPO steps (``RL_SPECS``).
+
+Each run is one process with one thread; ``--workers`` run side by side. Measured by
 ``gft_train.evaluate.evaluate_model``: mean pass@1 over n samples at temperature 0.5 and greedy
 on held-out in-distribution, harder (OOD) and probe (digit reversal, never fine-tuned: forgetting)
 prompts, pass@k and distinct correct scratchpads (diversity), KL to the base both ways.
-Results append to ``OUT/grid.jsonl`` and ``OUT/results.jsonl`` (a rerun skips finished runs);
-``docs/reproduction.md`` and its plots are regenerated from them.
+Results append to ``OUT/<regime>/grid.jsonl`` and ``OUT/<regime>/results.jsonl`` (a rerun skips
+finished runs); ``docs/reproduction.md``, its JSON and its plots are regenerated from them.
 """
 
 from __future__ import annotations
@@ -41,27 +46,30 @@ import os
 import shutil
 import statistics as st
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from gft_train.config import Config
-from gft_train.demo.recipe import BASE_SHAPE, MAX_LENGTH, MAX_NEW_TOKENS, REWARD
+from gft_train.demo.recipe import BASE_SHAPE, MAX_LENGTH, MAX_NEW_TOKENS, REWARD, SnapshotTrainer
 
 from . import report
 from .plan import (
+    DEFAULT_REGIME,
     FULL,
     QUICK,
+    REGIMES,
     RL_SPECS,
-    SEQS_PER_STEP,
     Budget,
+    Regime,
     Spec,
     append_jsonl,
     choose_lrs,
     grid_extensions,
-    long_name,
     main_specs,
     rate_for,
+    rates_around,
     read_jsonl,
+    regime,
+    sequences_per_step,
     specs,
 )
 
@@ -75,8 +83,8 @@ def _threads_one():
 
 
 # ---- the set-up ---------------------------------------------------------------------------
-def make_setup(out: Path, budget: Budget, pool=None) -> dict:
-    """Builds (or reads back) data, base, teacher and the fine-tuning rows, and measures them."""
+def make_setup(out: Path, budget: Budget, reg: Regime) -> dict:
+    """Builds (or reads back) a regime's data, base, teacher and fine-tuning rows, and measures them."""
     from gft_train.demo.model import build_model
     from gft_train.demo.recipe import build_finetune_rows, make_teacher, sft, snapshot_dirs, style_share, write_rows
     from gft_train.demo.sums import EXPERT_STYLE, make_data, reward
@@ -86,7 +94,7 @@ def make_setup(out: Path, budget: Budget, pool=None) -> dict:
         return json.loads(path.read_text())
     started = time.time()
     s = out / "setup"
-    data = make_data(seed=0, sizes=dict(budget.data_sizes))
+    data = make_data(seed=0, sizes=dict(budget.data_sizes), corpus_style=reg.corpus_style)
     files = {name: str(write_rows(rows, s / "data" / f"{name}.jsonl")) for name, rows in data.items()}
     build_model(s / "init", **BASE_SHAPE)
     points = sorted({budget.base_steps // 4, budget.base_steps // 2, 3 * budget.base_steps // 4} - {0})
@@ -97,6 +105,7 @@ def make_setup(out: Path, budget: Budget, pool=None) -> dict:
     files["filtered"] = str(write_rows(filtered or rows[:1], s / "data" / "filtered.jsonl"))
     teacher_ok = [reward([], r["teachers"], [r["answer"]] * len(r["teachers"])) for r in rows]
     info = dict(
+        regime=reg.name,
         files=files,
         base=str(base),
         teacher=str(teacher),
@@ -104,55 +113,60 @@ def make_setup(out: Path, budget: Budget, pool=None) -> dict:
         teacher_train_acc=st.mean(x for ok in teacher_ok for x in ok),
         teacher_distinct=st.mean(len(set(r["teachers"])) for r in rows),
         filtered_rows=len(filtered),
+        filtered_prompts=len({r["prompt"] for r in filtered}),
         train_rows=len(rows),
     )
-    evals = _map(
-        pool,
-        [
-            (
-                "evaluate",
-                dict(
-                    model_dir=m,
-                    base_dir=None,
-                    files=files,
-                    budget=budget,
-                    seed=0,
-                    full=False,
-                    splits=("test", "ood", "probe", "val"),
-                ),
-            )
-            for m in (base, teacher)
-        ],
-    )
-    info["accuracy"] = dict(zip(("base", "teacher"), evals))
+    splits = ("test", "ood", "probe", "val")
+    info["accuracy"] = {
+        name: evaluate(model_dir=m, base_dir=None, files=files, budget=budget, seed=0, full=False, splits=splits)
+        for name, m in (("base", base), ("teacher", teacher))
+    }
     info["accuracy"]["expert"] = solver_accuracy(files)
     # the base along its pre-training: the target task (validation) and a pre-training skill (the
     # held-out reversal probe), greedy; flat at the end = converged
     info["base_curve"] = {}
     for step, d in snapshot_dirs(s / "base", budget.base_steps).items():
-        acc = _map(
-            None,
-            [
-                (
-                    "evaluate",
-                    dict(
-                        model_dir=d,
-                        base_dir=None,
-                        files=files,
-                        budget=budget,
-                        seed=0,
-                        full=False,
-                        splits=("val", "probe"),
-                    ),
-                )
-            ],
-        )[0]
+        acc = evaluate(
+            model_dir=d, base_dir=None, files=files, budget=budget, seed=0, full=False, splits=("val", "probe")
+        )
         info["base_curve"][step] = dict(val=acc["val_greedy"], probe=acc["probe_greedy"])
     info["base_val"] = curve_accuracy(base, files, budget, 0, split="val")  # the grid's measure, before fine-tuning
     info["expert_style_in_base"] = style_share(base, data["val"], EXPERT_STYLE)
+    info["expert_under_base"] = expert_token_probs(base, data["val"])
     info["seconds"] = round(time.time() - started, 1)
     path.write_text(json.dumps(info, indent=1))
     return info
+
+
+def expert_token_probs(model_dir, rows: list[dict], tau: float = 0.7) -> dict:
+    """How the base sees the expert's demonstrations (what DCR acts on): the median probability of
+    each demonstration's first token, and the share of its tokens below tau, on all prompts and
+    on those whose last step carries."""
+    import torch
+
+    from gft_train.models import load_model
+    from gft_train.render import render
+
+    model, tok = load_model(str(model_dir))
+    model.eval()
+    firsts, below, below_carry = [], [], []
+    for r, (p_ids, r_ids) in zip(rows, render(tok, [(r["prompt"], r["expert"]) for r in rows])):
+        ids = torch.tensor([p_ids + r_ids])
+        with torch.no_grad():
+            logp = model(ids).logits[0, :-1].float().log_softmax(-1)
+        probs = logp[len(p_ids) - 1 :].gather(1, ids[0, len(p_ids) :, None])[:, 0].exp().tolist()
+        firsts.append(probs[0])
+        low = [x < tau for x in probs]
+        below += low
+        a, b, c = (int(x) for x in r["prompt"][:-1].split("+"))
+        if (a + b) % 10 + c % 10 >= 10:  # the last step carries in the prompt's order
+            below_carry += low
+    return dict(
+        tau=tau,
+        first_token_median=st.median(firsts),
+        below_tau=st.mean(below),
+        below_tau_carrying=st.mean(below_carry) if below_carry else None,
+    )
 
 
 def solver_accuracy(files: dict) -> dict:
@@ -239,11 +253,52 @@ def run_dir_for(out: Path, spec: Spec, seed: int, lr: float, grid: bool) -> Path
         spec.name.replace(" ", "_")
         .replace("/", "")
         .replace(",", "")
+        .replace("'", "")
         .replace("(", "_")
         .replace(")", "")
         .replace(":", "-")
     )
     return out / ("grid" if grid else "runs") / f"{slug}_lr{lr:g}_seed{seed}"
+
+
+class Flattened(Exception):
+    """A run's validation curve stopped rising: it ends at this step (its snapshot is its final model)."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
+class CurveTrainer(SnapshotTrainer):
+    """Snapshots at ``points``, each scored on the validation split (``val``: step -> pass@1); with
+    ``stop_from``, the run ends at the first point from that step on where the score is not above
+    every earlier point's by more than ``rise``."""
+
+    def __init__(self, cfg, points, score, stop_from: int | None, rise: float):
+        super().__init__(cfg, points)
+        self.score, self.stop_from, self.rise, self.val = score, stop_from, rise, {}
+
+    def train_step(self, groups) -> dict:
+        metrics = super().train_step(groups)
+        done = self.step + 1
+        if done in self.points and done < self.cfg.max_steps and self.acc.is_main_process:
+            earlier = max(self.val.values(), default=float("-inf"))
+            self.val[done] = self.score(self.out / "at" / f"step-{done}")
+            if self.stop_from is not None and done >= self.stop_from and self.val[done] <= earlier + self.rise:
+                raise Flattened(done)
+        return metrics
+
+
+def train_curve(cfg, points, score, stop_from, rise) -> tuple[Path, int, dict]:
+    """(final model, steps trained, validation score per snapshot step)."""
+    trainer = CurveTrainer(cfg, points, score, stop_from, rise)
+    try:
+        return trainer.train(), cfg.max_steps, trainer.val
+    except Flattened as end:
+        final = trainer.out / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(trainer.out / "at" / f"step-{end.step}", final)
+        return final, end.step, trainer.val
 
 
 def run_one(
@@ -256,14 +311,17 @@ def run_one(
     grid: bool = False,
     steps: int | None = None,
     start: str | None = None,
+    adaptive: bool = False,
 ) -> dict:
-    """One fine-tuning run from the base, or from ``start`` (another run's final model), for
-    ``steps`` (``budget.steps`` unless given), then its evaluation: validation pass@1 for a grid
-    run; otherwise the curve and ``evaluate`` (KL always to the base)."""
-    from gft_train.demo.recipe import snapshot_dirs, train_with_snapshots
+    """One fine-tuning run from the base, or from ``start`` (another run's final model), then its
+    evaluation. A grid run: ``budget.steps`` steps, validation pass@1 at the end. Otherwise
+    ``steps`` steps (``adaptive``: from ``budget.steps`` on, until the validation curve stops
+    rising, at most ``budget.max_steps``), validation and held-out pass@1 at each snapshot, and
+    ``evaluate`` at the end and at the best validation step (KL always to the base)."""
+    from gft_train.demo.recipe import snapshot_dirs
 
     files = setup["files"]
-    steps = steps or budget.steps
+    steps = budget.max_steps if adaptive else (steps or budget.steps)
     run_dir = run_dir_for(out, spec, seed, lr, grid)
     shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off earlier starts over
     cfg = Config(
@@ -274,7 +332,7 @@ def run_one(
         train_file=files[spec.data],
         max_new_tokens=MAX_NEW_TOKENS,
         max_length=MAX_LENGTH,
-        micro_batch_size=SEQS_PER_STEP,
+        micro_batch_size=64,
         lr=lr,
         lr_scheduler="constant",
         max_steps=steps,
@@ -284,39 +342,49 @@ def run_one(
         reward=REWARD,
         **spec.overrides,
     )
-    start = time.time()
-    # a longer run: the same points, then every half of budget.steps
-    later = range(budget.steps, steps, max(1, budget.steps // 2))
-    points = () if grid else sorted(p for p in {*budget.curve_points, *later} if p < steps)
-    final = train_with_snapshots(cfg, points)
+    began = time.time()
+    points = () if grid else sorted(p for p in budget.curve_points if p < steps)
+
+    def score(model_dir):
+        return curve_accuracy(model_dir, files, budget, seed, split="val")
+
+    final, steps, val = train_curve(cfg, points, score, budget.steps if adaptive else None, budget.rise)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grads = [m["grad_norm"] for m in metrics]
+    presented = steps * spec.overrides["prompts_per_step"]
+    prompts_in_file = setup.get("filtered_prompts", 0) if spec.data == "filtered" else setup["train_rows"]
     row = dict(
         name=spec.name,
         family=spec.family,
         x=spec.x,
         seed=seed,
         lr=lr,
+        steps=steps,
         rectified=st.mean(m["dcr/rectified_frac"] for m in metrics),
         grad_cv=st.pstdev(grads) / max(st.mean(grads), 1e-12),
-        sequences=cfg.max_steps * SEQS_PER_STEP,
+        sequences=steps * sequences_per_step(spec),
+        # each prompt once per pass over the data: all of them once a pass is complete
+        distinct_prompts=min(presented, prompts_in_file),
     )
     selfs = [m["reward/self_mean"] for m in metrics if "reward/self_mean" in m]
     if selfs:
         tail = max(1, len(selfs) // 10)
         row["self_reward_first"], row["self_reward_last"] = st.mean(selfs[:tail]), st.mean(selfs[-tail:])
     if grid:
-        row["val"] = curve_accuracy(final, files, budget, seed, split="val")
+        row["val"] = score(final)
     else:
-        row["curve"] = {
-            str(step): curve_accuracy(d, files, budget, seed)
-            for step, d in snapshot_dirs(run_dir, steps).items()
-            if step < steps
-        }
+        val[steps] = score(final)
+        snaps = snapshot_dirs(run_dir, steps)
+        row["val_curve"] = {str(k): v for k, v in sorted(val.items())}
+        row["curve"] = {str(k): curve_accuracy(d, files, budget, seed) for k, d in snaps.items() if k < steps}
         row.update(evaluate(final, setup["base"], files, budget, seed))
         row["curve"][str(steps)] = row["id"]
+        best = max(sorted(val), key=lambda k: val[k])  # (ties: the earliest)
+        row["best_step"] = best
+        at_best = row if best == steps else evaluate(snaps[best], None, files, budget, seed, full=False)
+        row["at_best"] = {k: at_best[k] for k in at_best if k.split("_")[0] in ("id", "ood", "probe")}
         shutil.rmtree(run_dir / "at", ignore_errors=True)  # snapshots served their purpose
-    row["seconds"] = round(time.time() - start, 1)
+    row["seconds"] = round(time.time() - began, 1)
     return row
 
 
@@ -324,19 +392,11 @@ def run_one(
 def _job(job):
     kind, kw = job
     _threads_one()
-    from gft_train.demo.recipe import sft
-
-    if kind == "sft":
-        return sft(**kw)
-    if kind == "evaluate":
-        return evaluate(**kw)
+    if kind == "setup":
+        return make_setup(**kw)
     if kind == "run":
         return run_one(**kw)
     raise ValueError(kind)
-
-
-def _map(pool, jobs):
-    return pool.map(_job, jobs, chunksize=1) if pool is not None else [_job(j) for j in jobs]
 
 
 def _imap(pool, jobs):
@@ -345,14 +405,17 @@ def _imap(pool, jobs):
     return pool.imap(_job, jobs, chunksize=1)
 
 
-def _run_all(pool, jobs, results_path: Path) -> int:
+def _run_all(pool, jobs) -> int:
+    """Runs ``jobs`` (each with its regime's folder as ``out``), appending each row to its regime's
+    results as it finishes."""
     n = 0
-    for row in _imap(pool, jobs):
+    for (_, kw), row in zip(jobs, _imap(pool, jobs)):
         n += 1
-        append_jsonl(results_path, row)
+        append_jsonl(kw["out"] / "results.jsonl", row)
         print(
-            f"[study] {row['name']} seed {row['seed']} lr {row['lr']:g}: id {row['id']:.3f} ood {row['ood']:.3f} "
-            f"probe {row['probe']:.3f} kl(base||model) {row['kl_base']:.3f} ({row['seconds']} s)",
+            f"[study] {kw['out'].name}: {row['name']} seed {row['seed']} lr {row['lr']:g}, {row['steps']} steps: "
+            f"id {row['id']:.3f} ood {row['ood']:.3f} probe {row['probe']:.3f} kl(base||model) {row['kl_base']:.3f} "
+            f"({row['seconds']} s)",
             flush=True,
         )
     return n
@@ -364,75 +427,84 @@ def _final_of(name: str, seed: int, out: Path, lrs: dict) -> Path:
     return run_dir_for(out, spec, seed, rate_for(spec.name, spec.family, lrs), grid=False) / "final"
 
 
-def run_grid(pool, own: list[Spec], out: Path, budget: Budget, setup: dict) -> int:
-    """The learning-rate grid (seed 0, validation pass@1), extended one rung at a time for every
-    method whose best rate is at an edge of what it tried. Returns the number of runs made."""
-    grid_path = out / "grid.jsonl"
-    done = {(r["name"], r["lr"]) for r in read_jsonl(grid_path)}
-    jobs = [
-        ("run", dict(spec=s, seed=0, lr=lr, out=out, budget=budget, setup=setup, grid=True))
-        for s in own
-        for lr in budget.lrs
-        if (s.name, lr) not in done
-    ]
+def run_grid(pool, regimes: dict[str, Path], own: list[Spec], budget: Budget, setups: dict, start: dict) -> int:
+    """The learning-rate grids (seed 0, validation pass@1), one per regime, side by side:
+    ``start[regime]`` gives each method's first rates; a method whose best rate is at an edge of
+    what it tried goes one rung further, round by round. Returns the number of runs made."""
     ran = 0
-    while True:
-        for row in _imap(pool, jobs):
-            ran += 1
-            append_jsonl(grid_path, row)
-            print(f"[study] grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} ({row['seconds']} s)", flush=True)
-        # a best rate at the edge of the grid: one rung further (rounds, all methods at once);
-        # also where a resumed study finds the starting grid done
-        beyond = grid_extensions(read_jsonl(grid_path), [s.name for s in own])
-        jobs = [
-            ("run", dict(spec=s, seed=0, lr=beyond[s.name], out=out, budget=budget, setup=setup, grid=True))
+
+    def missing(name, rates):
+        done = {(r["name"], r["lr"]) for r in read_jsonl(regimes[name] / "grid.jsonl")}
+        return [
+            ("run", dict(spec=s, seed=0, lr=lr, out=regimes[name], budget=budget, setup=setups[name], grid=True))
             for s in own
-            if s.name in beyond
+            for lr in rates[s.name]
+            if (s.name, lr) not in done
         ]
+
+    jobs = [j for name in regimes for j in missing(name, start[name])]
+    while True:
+        for (_, kw), row in zip(jobs, _imap(pool, jobs)):
+            ran += 1
+            append_jsonl(kw["out"] / "grid.jsonl", row)
+            print(
+                f"[study] {kw['out'].name}: grid {row['name']} lr {row['lr']:g}: val {row['val']:.3f} "
+                f"({row['seconds']} s)",
+                flush=True,
+            )
+        # a best rate at the edge of what was tried: one rung further (rounds, all methods at
+        # once); also where a resumed study finds the starting grid done
+        jobs = []
+        for name, folder in regimes.items():
+            beyond = grid_extensions(read_jsonl(folder / "grid.jsonl"), [s.name for s in own])
+            jobs += missing(name, {s.name: [beyond[s.name]] if s.name in beyond else [] for s in own})
         if not jobs:
             return ran
 
 
-def run_configurations(pool, chosen: list[Spec], lrs: dict, out: Path, budget: Budget, setup: dict) -> int:
-    """The main methods and ablations first, then the longer runs and the sweeps, each seed by seed
-    (a study cut short then has every configuration at the same number of seeds)."""
-    results_path = out / "results.jsonl"
-    # a finished run counts only at the rate it would get now (a grid that moved reruns it)
-    done = {(r["name"], r["seed"], r["lr"]) for r in read_jsonl(results_path)}
-    main = [(s, seed) for seed in range(budget.seeds) for s in chosen if s.family in ("methods", "ablation")]
-    longer = [
-        (replace(s, name=long_name(s.name, budget), family="long", own_lr=False), 0)
-        for s in chosen
-        if s.name in budget.long_methods
-    ]
-    sweeps = [
-        (s, seed) for seed in range(budget.sweep_seeds) for s in chosen if s.family not in ("methods", "ablation")
-    ]
-    jobs = [
-        (
-            "run",
-            dict(
-                spec=s,
-                seed=seed,
-                lr=rate_for(s.name, s.family, lrs),
-                out=out,
-                budget=budget,
-                setup=setup,
-                steps=budget.long_steps if s.family == "long" else None,
-            ),
-        )
-        for s, seed in main + longer + sweeps
-        if (s.name, seed, rate_for(s.name, s.family, lrs)) not in done
-    ]
-    return _run_all(pool, jobs, results_path)
+def _lrs(folder: Path, own: list[Spec]) -> dict:
+    return choose_lrs(read_jsonl(folder / "grid.jsonl"), [s.name for s in own])
 
 
-def run_rl_stages(pool, lrs: dict, out: Path, budget: Budget, setup: dict) -> int:
+def _steps_of(folder: Path, name: str) -> int | None:
+    """The length seed 0 of configuration ``name`` trained to (where it has run)."""
+    return next(
+        (r["steps"] for r in read_jsonl(folder / "results.jsonl") if r["name"] == name and r["seed"] == 0), None
+    )
+
+
+def run_configurations(pool, regimes: dict, chosen: dict, lrs: dict, budget: Budget, setups: dict) -> int:
+    """The main methods and ablations of every regime: seed 0 first, each as long as its
+    validation curve rises; then the other seeds as long as seed 0 was, and the sweeps (at GFT's
+    rate and length). Longest first, so the two workers finish together."""
+
+    def job(name, s, seed, **kw):
+        lr = rate_for(s.name, s.family, lrs[name])
+        done = {(r["name"], r["seed"], r["lr"]) for r in read_jsonl(regimes[name] / "results.jsonl")}
+        if (s.name, seed, lr) in done:
+            return []
+        return [("run", dict(spec=s, seed=seed, lr=lr, out=regimes[name], budget=budget, setup=setups[name], **kw))]
+
+    def main_family(s):
+        return s.family in ("methods", "ablation")
+
+    first = [j for name in regimes for s in chosen[name] if main_family(s) for j in job(name, s, 0, adaptive=True)]
+    ran = _run_all(pool, first)
+    later = []
+    for name, folder in regimes.items():
+        for s in chosen[name]:
+            length = _steps_of(folder, s.name if main_family(s) else "GFT")
+            seeds = range(1, budget.seeds) if main_family(s) else range(budget.sweep_seeds)
+            later += [j for seed in seeds for j in job(name, s, seed, steps=length)]
+    later.sort(key=lambda j: -(j[1]["steps"] or 0))
+    return ran + _run_all(pool, later)
+
+
+def run_rl_stages(pool, folder: Path, lrs: dict, budget: Budget, setup: dict) -> int:
     """RL compatibility, in its stages: each starts from the previous stage's model, same seed."""
-    results_path = out / "results.jsonl"
     ran = 0
     for family in ("staged", "rl"):
-        done = {(r["name"], r["seed"], r["lr"]) for r in read_jsonl(results_path)}
+        done = {(r["name"], r["seed"], r["lr"]) for r in read_jsonl(folder / "results.jsonl")}
         jobs = [
             (
                 "run",
@@ -440,18 +512,18 @@ def run_rl_stages(pool, lrs: dict, out: Path, budget: Budget, setup: dict) -> in
                     spec=s,
                     seed=seed,
                     lr=rate_for(s.name, s.family, lrs),
-                    out=out,
+                    out=folder,
                     budget=budget,
                     setup=setup,
                     steps=budget.rl_steps,
-                    start=str(_final_of(s.x, seed, out, lrs)),
+                    start=str(_final_of(s.x, seed, folder, lrs)),
                 ),
             )
             for seed in range(budget.seeds)
             for s in RL_SPECS
             if s.family == family and (s.name, seed, rate_for(s.name, s.family, lrs)) not in done
         ]
-        ran += _run_all(pool, jobs, results_path)
+        ran += _run_all(pool, jobs)
     return ran
 
 
@@ -465,7 +537,7 @@ def _record_wall_time(out: Path, started: float, ran: int, workers: int) -> None
 
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(prog="python -m study", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="two methods, one seed, one rate, a few steps (CI)")
+    ap.add_argument("--quick", action="store_true", help="three methods, two seeds, one rate, a few steps (CI)")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--docs", default="docs")
     ap.add_argument(
@@ -474,10 +546,19 @@ def main(argv=None) -> Path:
         default=None,
         help="runs side by side, one thread each; 1: in this process (default: 2, --quick 1)",
     )
+    ap.add_argument(
+        "--regimes",
+        default=",".join(r.name for r in REGIMES),
+        help=f"the regimes to run, comma-separated (default: all; {DEFAULT_REGIME} first)",
+    )
     args = ap.parse_args(argv)
     budget = QUICK if args.quick else FULL
+    names = [regime(n).name for n in args.regimes.split(",")]
+    if DEFAULT_REGIME not in names:
+        raise SystemExit(f"--regimes: the default regime {DEFAULT_REGIME!r} must be among them (it sets the rates)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    regimes = {name: out / name for name in names}
     _threads_one()
     pool = None
     workers = args.workers or (1 if args.quick else 2)
@@ -487,17 +568,34 @@ def main(argv=None) -> Path:
         pool = mp.get_context("spawn").Pool(workers, maxtasksperchild=1)
     started = time.time()
     try:
-        setup = make_setup(out, budget, pool)
-        chosen = specs(args.quick)
-        own = [s for s in chosen if s.own_lr]
-        ran = run_grid(pool, own, out, budget, setup)
-        lrs = choose_lrs(read_jsonl(out / "grid.jsonl"), [s.name for s in own])
-        ran += run_configurations(pool, chosen, lrs, out, budget, setup)
-        if {"SFT", "GFT", "GRPO"} <= set(lrs):
-            ran += run_rl_stages(pool, lrs, out, budget, setup)
+        setups = dict(
+            zip(
+                regimes, _imap(pool, [("setup", dict(out=f, budget=budget, reg=regime(n))) for n, f in regimes.items()])
+            )
+        )
+        chosen = {n: specs(args.quick, default_regime=n == DEFAULT_REGIME) for n in regimes}
+        own = [s for s in chosen[DEFAULT_REGIME] if s.own_lr]
+        ran = run_grid(
+            pool,
+            {DEFAULT_REGIME: regimes[DEFAULT_REGIME]},
+            own,
+            budget,
+            setups,
+            {DEFAULT_REGIME: {s.name: budget.lrs for s in own}},
+        )
+        lrs = {DEFAULT_REGIME: _lrs(regimes[DEFAULT_REGIME], own)}
+        others = {n: f for n, f in regimes.items() if n != DEFAULT_REGIME}
+        # (a grid of one rate, as --quick's, stays one rate)
+        around = rates_around if len(budget.lrs) > 1 else (lambda lr: (lr,))
+        start = {n: {s.name: around(lrs[DEFAULT_REGIME][s.name]) for s in own} for n in others}
+        ran += run_grid(pool, others, own, budget, setups, start)
+        lrs.update({n: _lrs(f, own) for n, f in others.items()})
+        ran += run_configurations(pool, regimes, chosen, lrs, budget, setups)
+        if {"SFT", "GFT", "GRPO"} <= set(lrs[DEFAULT_REGIME]):
+            ran += run_rl_stages(pool, regimes[DEFAULT_REGIME], lrs[DEFAULT_REGIME], budget, setups[DEFAULT_REGIME])
     finally:
         if pool is not None:
             pool.close()
             pool.join()
     _record_wall_time(out, started, ran, workers)
-    return report.write_report(out, Path(args.docs), budget, quick=args.quick)
+    return report.write_report(out, Path(args.docs), budget, names, quick=args.quick)

@@ -9,14 +9,18 @@ The reward reads only the final number (after the last "="), so every order is r
 models of the recipe (``gft_train.demo.recipe``) write it in these styles:
 
 - ``no_carry``: the addends in the prompt's order, the last partial sum added digit by digit
-  *without carrying* (``17+5=22+9=21``): the base model's pre-training corpus, a systematic
-  misconception. It is right only where the last step does not carry (55% of the prompts), so
-  the base has room to gain and something to unlearn;
+  *without carrying* (``17+5=22+9=21``): the base model's pre-training corpus in the new-skill
+  regime, a systematic misconception. It is right only where the last step does not carry (55%
+  of the prompts), so the base has room to gain and something to unlearn;
+- ``slip``: the prompt's order, the last step's carry dropped only when the last addend has two
+  digits (``3+8=11+15=16``, but ``15+3=18+8=26``): the corpus of the imperfect regime, right on
+  77.5% of the prompts (a rule a base can learn, not random noise);
 - ``reversed``: the addends last to first, carried correctly (``8+17=25+3=28``): the expert's
   canonical style, written by the task's own solver (always right). The base never writes this
   order, so its tokens start at low probability under the base (what DCR rectifies);
-- ``left_to_right``: carried correctly, in the prompt's order; the teacher model learns on half
-  of its rows in this style and half ``reversed`` (two paths, and its own errors);
+- ``left_to_right``: carried correctly, in the prompt's order: the corpus of the competent regime
+  (the base is right in its own order, the expert writes in another); the teacher model learns on
+  half of its rows in this style and half ``reversed`` (two paths, and its own errors);
 - ``descending`` and ``shuffled``: largest addend first / a random order per response.
 
 Other pre-training skills: single additions ``a+b=`` (carried correctly: the base knows how to
@@ -52,12 +56,18 @@ def scratchpad(order, carry_last: bool = True) -> str:
     return text
 
 
+# the styles a pre-training corpus may write its three-number sums in (``make_data``)
+CORPUS_STYLES = ("no_carry", "slip", "left_to_right")
+
+
 def write(numbers, style: str, rng: random.Random | None = None) -> str:
     numbers = list(numbers)
     if style == "left_to_right":
         return scratchpad(numbers)
     if style == "no_carry":
         return scratchpad(numbers, carry_last=False)
+    if style == "slip":
+        return scratchpad(numbers, carry_last=numbers[-1] < 10)
     if style == "reversed":
         return scratchpad(numbers[::-1])
     if style == "descending":
@@ -95,12 +105,12 @@ def reward(prompts, completions, answers) -> list[float]:
     return [1.0 if final_answer(c) == a else 0.0 for c, a in zip(completions, answers)]
 
 
-def make_data(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict]]:
+def make_data(seed: int = 0, sizes: dict | None = None, corpus_style: str = "no_carry") -> dict[str, list[dict]]:
     """Every split, from one seed; no prompt appears in two of them.
 
     pretrain: all single additions a+b (a <= 59, b <= 29, both orders, carried), digit reversals,
-    and three-number sums in the ``no_carry`` style (in-distribution, and a few harder ones so
-    the base is not at zero on the harder split); teacher_train: the prompts the teacher model
+    and three-number sums in ``corpus_style`` (in-distribution, and a few harder ones so the
+    base is not at zero on the harder split; the regimes differ only in this style); teacher_train: the prompts the teacher model
     learns on (half ``left_to_right``, half ``reversed``); train: the fine-tuning prompts, with
     the expert's demonstration (``reversed``); val: to choose learning rates; test / ood /
     probe: held out (their ``expert`` is the solver's answer, for KL measures)."""
@@ -116,6 +126,8 @@ def make_data(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict]]
         probe=300,
     )
     s.update(sizes or {})
+    if corpus_style not in CORPUS_STYLES:
+        raise ValueError(f"corpus_style: expected one of {CORPUS_STYLES}, got {corpus_style!r}")
     rng = random.Random(seed)
     triples = [(a, b, c) for a in range(ADDEND_MAX + 1) for b in range(ADDEND_MAX + 1) for c in range(ADDEND_MAX + 1)]
     rng.shuffle(triples)
@@ -140,7 +152,7 @@ def make_data(seed: int = 0, sizes: dict | None = None) -> dict[str, list[dict]]
         start += s[name]
     corpus = out.pop("pretrain_sums") + hard[s["ood"] : s["ood"] + s["pretrain_hard_sums"]]
     pretrain = (
-        [sum_row(t, "no_carry") for t in corpus]
+        [sum_row(t, corpus_style) for t in corpus]
         + [addition_row(a, b) for a, b in sorted(pairs)]
         + [reversal_row(d) for d in digits[: s["pretrain_reversal"]]]
     )
