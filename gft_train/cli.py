@@ -97,10 +97,19 @@ def main(argv=None) -> None:
         epilog="`gft-train COMMAND --help` lists the command's flags, each with its help and default. Every "
         "config field is a flag and a YAML key (--config); flags given override the YAML.",
     )
+    from .demo.sums import REGIMES
+
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="the embedded demo on a CPU (the default)")
     demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller demo, as the tests run it (default: off)")
+    demo.add_argument(
+        "--regime",
+        default="new-skill",
+        choices=tuple(REGIMES),
+        help="what the base knows before fine-tuning: new-skill (it lacks the skill the expert shows), "
+        "competent (the paper's regime), imperfect (right on about 3/4) (default: new-skill)",
+    )
     demo.add_argument("--debug", action="store_true", help="on an error, show the traceback (default: off)")
     for name, help_ in (
         ("build-groups", "build groups once (offline) and save them to --groups-file"),
@@ -124,7 +133,11 @@ def main(argv=None) -> None:
     if args.command in (None, "demo"):
         from .demo.run import run_demo
 
-        run_demo(Path(getattr(args, "output_dir", "runs/demo")), quick=getattr(args, "quick", False))
+        run_demo(
+            Path(getattr(args, "output_dir", "runs/demo")),
+            quick=getattr(args, "quick", False),
+            regime=getattr(args, "regime", "new-skill"),
+        )
         return
     cfg = config_mod.from_args(args)
     if args.command == "build-groups":

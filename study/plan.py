@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gft_train.demo.sums import REGIMES as CORPUS
+
 SEQS_PER_STEP = 64
 
 
@@ -15,41 +17,27 @@ SEQS_PER_STEP = 64
 class Regime:
     """One set-up of the study: what the base knows before fine-tuning. The regimes share the
     recipe and every prompt; only the style of the pre-training corpus's three-number sums differs
-    (``gft_train.demo.sums.CORPUS_STYLES``), and with it what the base gets right."""
+    (``gft_train.demo.sums.REGIMES``, where each has its style and summary), and with it what the
+    base gets right. Here: what each must show before its verdicts are read."""
 
     name: str
-    corpus_style: str
-    summary: str
-    # the precondition: what the set-up must show before its verdicts are read
     base_val: tuple = (0.0, 1.0)  # the base's validation pass@1 lies in this range
     min_sft_gain: float | None = None  # SFT at its best rate lifts validation pass@1 this much
     max_base_ood: float | None = None  # the base leaves this much room on the harder split
 
+    @property
+    def corpus_style(self) -> str:
+        return CORPUS[self.name][0]
+
+    @property
+    def summary(self) -> str:
+        return CORPUS[self.name][1]
+
 
 REGIMES = (
-    Regime(
-        "new-skill",
-        "no_carry",
-        "the base lacks a skill (its sums drop the last carry: right on about half), a perfect expert "
-        "supplies it in an order the base never writes",
-        min_sft_gain=0.15,
-    ),
-    Regime(
-        "competent",
-        "left_to_right",
-        "the paper's regime: a competent base (its corpus carries correctly, in the prompt's order), "
-        "the expert correct in an order the base never writes",
-        base_val=(0.85, 1.0),
-        max_base_ood=0.9,
-    ),
-    Regime(
-        "imperfect",
-        "slip",
-        "a competent but imperfect base (its corpus drops the last carry when the last addend has two "
-        "digits: right on about 3/4), so its own samples carry signal; the expert in a foreign order",
-        base_val=(0.55, 0.9),
-        min_sft_gain=0.05,
-    ),
+    Regime("new-skill", min_sft_gain=0.15),
+    Regime("competent", base_val=(0.85, 1.0), max_base_ood=0.9),
+    Regime("imperfect", base_val=(0.55, 0.9), min_sft_gain=0.05),
 )
 DEFAULT_REGIME = REGIMES[0].name  # the one with the sweeps and the RL stages, and docs/reproduction.json's top level
 

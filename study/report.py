@@ -69,7 +69,7 @@ CORPUS = {
     "left_to_right": "in the prompt's order, carried correctly (`17+5=22+9=31`): right on every prompt. "
     "So the base is competent in its own order; the expert writes in another",
     "slip": "in the prompt's order whose last step drops its carry *when the last addend has two digits* "
-    "(`3+8=11+15=16`, but `15+3=18+8=26`): right on 77.5% of the prompts, by a rule. So the base is "
+    "(`3+8=11+19=20`, but `15+3=18+8=26`): right on 77.5% of the prompts, by a rule. So the base is "
     "competent but imperfect, and its own right samples carry signal",
 }
 

@@ -269,6 +269,13 @@ class Flattened(Exception):
         self.step = step
 
 
+def still_rising(val: dict, step: int, rise: float) -> bool:
+    """Whether the validation score at ``step`` is above every earlier snapshot's by more than
+    ``rise`` (the first snapshot always is)."""
+    earlier = [v for s, v in val.items() if s < step]
+    return not earlier or val[step] > max(earlier) + rise
+
+
 class CurveTrainer(SnapshotTrainer):
     """Snapshots at ``points``, each scored on the validation split (``val``: step -> pass@1); with
     ``stop_from``, the run ends at the first point from that step on where the score is not above
@@ -282,9 +289,8 @@ class CurveTrainer(SnapshotTrainer):
         metrics = super().train_step(groups)
         done = self.step + 1
         if done in self.points and done < self.cfg.max_steps and self.acc.is_main_process:
-            earlier = max(self.val.values(), default=float("-inf"))
             self.val[done] = self.score(self.out / "at" / f"step-{done}")
-            if self.stop_from is not None and done >= self.stop_from and self.val[done] <= earlier + self.rise:
+            if self.stop_from is not None and done >= self.stop_from and not still_rising(self.val, done, self.rise):
                 raise Flattened(done)
         return metrics
 
@@ -559,6 +565,8 @@ def main(argv=None) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     regimes = {name: out / name for name in names}
+    for folder in regimes.values():
+        folder.mkdir(exist_ok=True)
     _threads_one()
     pool = None
     workers = args.workers or (1 if args.quick else 2)

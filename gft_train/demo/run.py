@@ -20,7 +20,7 @@ from pathlib import Path
 from ..config import Config
 from . import recipe
 from .model import build_model
-from .sums import make_data
+from .sums import REGIMES, make_data
 
 SEQS_PER_STEP = 64
 METHODS = ("sft", "gft")
@@ -35,13 +35,16 @@ class DemoSize:
     base_steps: int = 2000  # pre-training steps that make the base model (the study: 3000)
     teacher_steps: int = 800
     steps: int = 200  # SFT and GFT fine-tuning steps, 64 sequences each
-    sft_lr: float = 1e-3  # each method's rate (see README: the study's grid)
-    gft_lr: float = 1e-4
     seeds: tuple = (0, 1)
     eval_n: int = 8
     workers: int = 2
     sizes: tuple = (("train", 2000), ("test", 300), ("ood", 300), ("probe", 300))
 
+
+# (SFT, GFT) learning rates per regime (``sums.REGIMES``): the study's grid choices there
+# (docs/reproduction.md, "Optimization" in each regime)
+RATES = {"new-skill": (1e-3, 1e-4), "competent": (1e-3, 1e-4), "imperfect": (1e-3, 1e-4)}
+STUDY_TABLE = "docs/reproduction.md"  # the study's verdicts by regime
 
 FULL = DemoSize()
 QUICK = DemoSize(
@@ -64,7 +67,9 @@ QUICK = DemoSize(
 )
 
 
-def fine_tune_config(method: str, base: Path, train_file: Path, out: Path, size: DemoSize, seed: int = 0) -> Config:
+def fine_tune_config(
+    method: str, base: Path, train_file: Path, out: Path, size: DemoSize, seed: int = 0, regime: str = "new-skill"
+) -> Config:
     """SFT: 64 prompts x 1 demonstration a step; GFT: 8 prompts x (1 expert + 3 teacher + 4
     self-samples, refreshed every step). Equal sequences per step and equal steps."""
     groups = dict(prompts_per_step=SEQS_PER_STEP) if method == "sft" else dict(prompts_per_step=SEQS_PER_STEP // 8)
@@ -74,7 +79,7 @@ def fine_tune_config(method: str, base: Path, train_file: Path, out: Path, size:
         output_dir=str(out),
         train_file=str(train_file),
         max_steps=size.steps,
-        lr=size.sft_lr if method == "sft" else size.gft_lr,
+        lr=RATES[regime][0] if method == "sft" else RATES[regime][1],
         lr_scheduler="constant",
         micro_batch_size=SEQS_PER_STEP,
         max_new_tokens=recipe.MAX_NEW_TOKENS,
@@ -226,21 +231,29 @@ def plot(results: dict, size: DemoSize, png: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict:
+def run_demo(out: Path = Path("runs/demo"), quick: bool = False, regime: str = "new-skill") -> dict:
     from ..evaluate import evaluate_model
 
+    if regime not in REGIMES:
+        raise ValueError(f"--regime: expected one of {', '.join(REGIMES)}, got {regime!r}")
     size = QUICK if quick else FULL
     start = time.time()
     out = Path(out)
     for name in OWN:
         shutil.rmtree(out / name, ignore_errors=True)
     _one_thread()
-    data = make_data(seed=0, sizes=dict(size.sizes))
+    style, summary = REGIMES[regime]
+    print(
+        f"[demo] regime {regime}: {summary}. The study's verdicts in each regime: {STUDY_TABLE}"
+        + ("" if regime != "new-skill" else f" (other regimes: --regime {' or '.join(list(REGIMES)[1:])})"),
+        flush=True,
+    )
+    data = make_data(seed=0, sizes=dict(size.sizes), corpus_style=style)
     files = {name: recipe.write_rows(rows, out / "data" / f"{name}.jsonl") for name, rows in data.items()}
     build_model(out / "init", **recipe.BASE_SHAPE)
     print(
         f"[demo] pre-training ({size.base_steps} steps: single additions, digit reversal, three-number sums "
-        "whose last step drops its carry) makes the base model",
+        f"in the '{style}' style) makes the base model",
         flush=True,
     )
     base = recipe.sft(out / "init", files["pretrain"], out / "base", size.base_steps, 3e-3)
@@ -261,7 +274,7 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict:
     evals = {split: files[split] for split in SPLITS}
     runs = [(m, s) for m in METHODS for s in size.seeds]
     jobs = [
-        (fine_tune_config(m, base, train_file, out / "runs" / f"{m}-seed{s}", size, s), evals, size, base)
+        (fine_tune_config(m, base, train_file, out / "runs" / f"{m}-seed{s}", size, s, regime), evals, size, base)
         for m, s in runs
     ]
     per_run = _map(jobs, size.workers)
@@ -270,7 +283,13 @@ def run_demo(out: Path = Path("runs/demo"), quick: bool = False) -> dict:
         results[m.upper()] = summarize([r for (mm, _), r in zip(runs, per_run) if mm == m])
     text = table(results, size, eval_config(size).eval_temperature)
     print(text)
-    result = {"results": results, "seconds": round(time.time() - start, 1), "size": size.__dict__}
+    result = {
+        "results": results,
+        "regime": regime,
+        "rates": dict(zip(("sft", "gft"), RATES[regime])),
+        "seconds": round(time.time() - start, 1),
+        "size": size.__dict__,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.txt").write_text(text + "\n")
     plot(results, size, out / "demo.png")

@@ -13,7 +13,7 @@ models of the recipe (``gft_train.demo.recipe``) write it in these styles:
   regime, a systematic misconception. It is right only where the last step does not carry (55%
   of the prompts), so the base has room to gain and something to unlearn;
 - ``slip``: the prompt's order, the last step's carry dropped only when the last addend has two
-  digits (``3+8=11+15=16``, but ``15+3=18+8=26``): the corpus of the imperfect regime, right on
+  digits (``3+8=11+19=20``, but ``15+3=18+8=26``): the corpus of the imperfect regime, right on
   77.5% of the prompts (a rule a base can learn, not random noise);
 - ``reversed``: the addends last to first, carried correctly (``8+17=25+3=28``): the expert's
   canonical style, written by the task's own solver (always right). The base never writes this
@@ -56,8 +56,26 @@ def scratchpad(order, carry_last: bool = True) -> str:
     return text
 
 
-# the styles a pre-training corpus may write its three-number sums in (``make_data``)
-CORPUS_STYLES = ("no_carry", "slip", "left_to_right")
+# The regimes of the study and the demo: what the base knows before fine-tuning, set by the style
+# its pre-training corpus writes three-number sums in (``make_data``); name -> (style, summary).
+REGIMES = {
+    "new-skill": (
+        "no_carry",
+        "the base lacks a skill (its sums drop the last carry: right on about half), a perfect expert "
+        "supplies it in an order the base never writes",
+    ),
+    "competent": (
+        "left_to_right",
+        "the paper's regime: a competent base (its sums are right, in the prompt's order), the expert "
+        "correct in an order the base never writes",
+    ),
+    "imperfect": (
+        "slip",
+        "a competent but imperfect base (its sums drop the last carry when the last addend has two "
+        "digits: right on about 3/4), so its own samples carry signal; the expert in a foreign order",
+    ),
+}
+CORPUS_STYLES = tuple(style for style, _ in REGIMES.values())
 
 
 def write(numbers, style: str, rng: random.Random | None = None) -> str:

@@ -326,6 +326,25 @@ def test_demo_prints_the_same_table_twice(tmp_path):
     assert (tmp_path / "demo" / "results.txt").read_text() == first
 
 
+def test_demo_names_its_regime_and_runs_another_on_request(tmp_path, capsys):
+    """The demo says which regime it shows and where the study's per-regime verdicts are; --regime
+    competent pre-trains the base on correct sums (the paper's regime) and trains at that regime's rates."""
+    from gft_train.cli import main as cli
+    from gft_train.demo.run import RATES
+
+    cli(["demo", "--quick", "--regime", "competent", "--output-dir", str(tmp_path / "demo")])
+    printed = capsys.readouterr().out
+    assert "[demo] regime competent: the paper's regime" in printed and "docs/reproduction.md" in printed
+    result = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert result["regime"] == "competent" and result["rates"] == dict(zip(("sft", "gft"), RATES["competent"]))
+    pretrain = [json.loads(x) for x in (tmp_path / "demo" / "data" / "pretrain.jsonl").read_text().splitlines()]
+    sums = [r for r in pretrain if r["prompt"].count("+") == 2]
+    assert sums and all(r["expert"].rsplit("=", 1)[1] == r["answer"] for r in sums)  # carried: right
+    with pytest.raises(SystemExit):
+        cli(["demo", "--quick", "--regime", "expert"])
+    assert "invalid choice: 'expert'" in capsys.readouterr().err
+
+
 def test_demo_runs_end_to_end(tmp_path, capsys):
     from gft_train.demo.run import SPLITS, run_demo
 
