@@ -529,17 +529,25 @@ def _caveat_lines(study: Study, quick: bool, default: bool) -> list[str]:
     """What the numbers above cannot say on their own, where the measurements call for it."""
     agg, base, lrs = study.agg, study.base, study.lrs
     lines = []
-    if "GFT" in agg and "SFT" in agg and agg["GFT"].get("curve") and agg["SFT"].get("curve"):
-        g, f = sorted(agg["GFT"]["curve"].items()), sorted(agg["SFT"]["curve"].items())
-        if g[0][1][0] > g[-1][1][0] and f[0][1][0] < f[-1][1][0]:
-            lines += [
-                "",
-                "The data-efficiency verdict reads the curve mean, and here it rewards keeping the "
-                f"base's accuracy: GFT starts near the base ({g[0][1][0]:.3f} at step {g[0][0]}) and declines "
-                f"({g[-1][1][0]:.3f} at step {g[-1][0]}), while SFT starts low (the switch to the expert's "
-                f"style costs accuracy first: {f[0][1][0]:.3f}) and rises ({f[-1][1][0]:.3f}). So it says GFT "
-                "loses less on the way, not that it learns more from fewer prompts.",
-            ]
+    seen = [n for n in ("SFT", EXPOSURE, "GFT") if n in agg and "distinct_prompts" in agg[n] and "sequences" in agg[n]]
+    if len(seen) == 3:
+        rows = study.setup.get("train_rows", 0)
+        lines += [
+            "",
+            "Data, as the paper counts it (distinct prompts, not steps): "
+            + "; ".join(
+                f"{n} trained on {agg[n]['distinct_prompts'][0]:.0f} distinct prompts in "
+                f"{agg[n]['sequences'][0]:.0f} sequences"
+                + (
+                    f" ({agg[n]['sequences'][0] / rows:.1f} passes over the {rows} fine-tuning rows)"
+                    if n == "SFT" and rows
+                    else ""
+                )
+                for n in seen
+            )
+            + f". {EXPOSURE} sees the expert demonstrations GFT's groups hold, on as many prompts: the "
+            "comparison that separates what GFT's groups add from how much of the expert each method sees.",
+        ]
     gft_rates = sorted(g["lr"] for g in study.grid if g["name"] == "GFT")
     if (
         "GFT" in agg
@@ -585,8 +593,10 @@ def _regime_lines(study: Study, read: dict, budget, k: str, prefix: str, docs: P
         + (_sweep_lines(study.agg) if default else [])
         + ["## Plots", ""]
         + [f"![{p}]({p})" for p in plots]
-        + _caveat_lines(study, read["quick"], default)
     )
+    caveats = _caveat_lines(study, read["quick"], default)
+    if caveats:
+        lines += ["", "## Reading the numbers"] + caveats
     title = f"## Regime {study.regime.name}" + (" (the default)" if default else "")
     return ["", title, "", f"{study.regime.summary[0].upper()}{study.regime.summary[1:]}.", ""] + [
         "#" + line if line.startswith("#") else line for line in lines
@@ -632,21 +642,23 @@ def write_report(out: Path, docs: Path, budget, regimes, quick: bool = False) ->
 
 
 LIMITS = [
-    "It can say how the methods compare when each is tuned, on a task where the claims have "
-    "something to act on: a skill the base lacks and the demonstrations carry (carrying in the last "
-    "step: the base is right on about half the prompts, the expert on all), several correct "
-    "scratchpads per prompt (diversity, group learning), an expert order the base starts at low "
-    "probability (what DCR rectifies), a harder split (generalization), and a pre-training skill "
-    "to lose (forgetting). The "
-    "learning rates come from a grid on a validation split, not from one shared value, and the "
-    "curves show whether the runs had flattened.",
+    "It can say how the methods compare when each is tuned, in three regimes that differ only in what "
+    "the base knows: a skill it lacks and the demonstrations carry (new-skill: carrying in the last "
+    "step, the base right on about half the prompts, the expert on all), a competent base whose "
+    "accuracy fine-tuning can only keep or lose (the paper's regime), and a base right on about 3/4 "
+    "whose own samples carry signal. In each: several correct scratchpads per prompt (diversity, "
+    "group learning), an expert order the base starts at low probability (what DCR rectifies), a "
+    "harder split (generalization), and a pre-training skill to lose (forgetting). The learning rates "
+    "come from a grid on a validation split, not from one shared value, and each run trains until its "
+    "validation curve stops rising (up to a cap), read at the end and at its best validation step.",
     "",
     "It cannot say what happens at the paper's scale: a model of 0.13M parameters with a "
     "19-token vocabulary, a synthetic task whose 'reasoning' is two additions, a few hundred "
     "fine-tuning steps, on a CPU. Effects that rest on a large model's prior (a broad, "
     "pre-trained distribution over solution styles, long chains where one low-probability token "
     "derails a proof) are present here only in small form, so a verdict here is about this "
-    "scale and this task only. The learning-rate grid has one seed per rate, about x3 apart; the sweeps "
-    "fewer seeds than the main methods; the noise rule counts a gap as real only when it "
-    "exceeds the spread of the seeds, which with 2-3 seeds is itself a rough estimate.",
+    "scale and this task only. The learning-rate grid has one seed per rate, about x3 apart (the "
+    "other regimes check the default's choice one rung either side); the sweeps run in the default "
+    "regime only, with fewer seeds than the main methods; the noise rule counts a gap as real only "
+    "when it exceeds the spread of the seeds, which with 2-3 seeds is itself a rough estimate.",
 ]
