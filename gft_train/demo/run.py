@@ -43,7 +43,7 @@ class DemoSize:
 
 # (SFT, GFT) learning rates per regime (``sums.REGIMES``): the study's grid choices there
 # (docs/reproduction.md, "Optimization" in each regime)
-RATES = {"new-skill": (1e-3, 1e-4), "competent": (1e-3, 1e-4), "imperfect": (1e-3, 1e-4)}
+RATES = {"new-skill": (1e-3, 1e-4), "competent": (1e-3, 1e-5), "imperfect": (3e-4, 3e-4)}
 STUDY_TABLE = "docs/reproduction.md"  # the study's verdicts by regime
 
 FULL = DemoSize()
