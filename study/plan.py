@@ -115,14 +115,6 @@ def specs(quick: bool, default_regime: bool = True) -> list[Spec]:
     return main + (sweep_specs() if default_regime else [])
 
 
-def sequences_per_step(spec: Spec) -> int:
-    """Sequences an optimizer step trains on: a prompt's demonstration for SFT and DFT, its group
-    of 8 for GRPO and GFT (``GFT w/o GAL``: the demonstrations alone)."""
-    o = spec.overrides
-    grouped = o["method"] in ("gft", "grpo") and o.get("gal", True)
-    return o["prompts_per_step"] * (8 if grouped else 1)
-
-
 @dataclass(frozen=True)
 class Budget:
     base_steps: int = 3000  # pre-training (the base); cosine, lr 3e-3

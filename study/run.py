@@ -69,7 +69,6 @@ from .plan import (
     rates_around,
     read_jsonl,
     regime,
-    sequences_per_step,
     specs,
 )
 
@@ -357,7 +356,9 @@ def run_one(
     final, steps, val = train_curve(cfg, points, score, budget.steps if adaptive else None, budget.rise)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grads = [m["grad_norm"] for m in metrics]
-    presented = steps * spec.overrides["prompts_per_step"]
+    resolved = cfg.resolved()  # the method's preset: its group size
+    per_step = resolved.prompts_per_step * resolved.group_size
+    presented = steps * resolved.prompts_per_step
     prompts_in_file = setup.get("filtered_prompts", 0) if spec.data == "filtered" else setup["train_rows"]
     row = dict(
         name=spec.name,
@@ -368,7 +369,7 @@ def run_one(
         steps=steps,
         rectified=st.mean(m["dcr/rectified_frac"] for m in metrics),
         grad_cv=st.pstdev(grads) / max(st.mean(grads), 1e-12),
-        sequences=steps * sequences_per_step(spec),
+        sequences=steps * per_step,
         # each prompt once per pass over the data: all of them once a pass is complete
         distinct_prompts=min(presented, prompts_in_file),
     )
@@ -559,9 +560,12 @@ def main(argv=None) -> Path:
     )
     args = ap.parse_args(argv)
     budget = QUICK if args.quick else FULL
-    names = [regime(n).name for n in args.regimes.split(",")]
+    try:
+        names = [regime(n).name for n in args.regimes.split(",")]
+    except ValueError as e:
+        ap.error(f"--regimes: {e}")
     if DEFAULT_REGIME not in names:
-        raise SystemExit(f"--regimes: the default regime {DEFAULT_REGIME!r} must be among them (it sets the rates)")
+        ap.error(f"--regimes: the default regime {DEFAULT_REGIME!r} must be among them (it sets the rates)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     regimes = {name: out / name for name in names}

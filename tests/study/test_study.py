@@ -132,14 +132,13 @@ def test_without_gal_is_the_papers_ablation():
 def test_every_configuration_trains_on_equal_sequences_per_step():
     """64 sequences a step, but for SFT at GFT's exposure: GFT's expert sequences, 8 a step."""
     from gft_train.config import Config
-    from study.plan import EXPOSURE, SEQS_PER_STEP, sequences_per_step, specs
+    from study.plan import EXPOSURE, SEQS_PER_STEP, specs
 
     gft = Config(**next(s for s in specs(False) if s.name == "GFT").overrides).resolved()
     for spec in specs(False):
         cfg = Config(**spec.overrides).resolved()
-        assert cfg.prompts_per_step * cfg.group_size == sequences_per_step(spec), spec.name
         expected = gft.prompts_per_step * gft.n_expert if spec.name == EXPOSURE else SEQS_PER_STEP
-        assert sequences_per_step(spec) == expected, spec.name
+        assert cfg.prompts_per_step * cfg.group_size == expected, spec.name
     assert specs(False, default_regime=False) == [s for s in specs(False) if s.family in ("methods", "ablation")]
 
 
@@ -319,3 +318,13 @@ def test_the_report_opens_with_claims_by_regime():
     assert "| claim | new-skill | competent | imperfect |" in lines
     assert f"| {claim} | reproduced / not reproduced | not reproduced | withheld |" in lines
     assert f"| {sweep} | not reproduced | not run (default regime only) | not run (default regime only) |" in lines
+
+
+def test_a_bad_regime_is_one_line(capsys):
+    for bad in ("competent,expert", "competent"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--quick", "--regimes", bad])
+        assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--regimes: regime: expected one of" in err and "'expert'" in err
+    assert "the default regime 'new-skill' must be among them" in err
