@@ -306,6 +306,16 @@ def train_curve(cfg, points, score, stop_from, rise) -> tuple[Path, int, dict]:
         return final, end.step, trainer.val
 
 
+def data_seen(cfg: Config, spec: Spec, setup: dict, steps: int) -> dict:
+    """The sequences a run trained on and the distinct prompts among them, from its resolved
+    config (the method's preset: its group size)."""
+    resolved = cfg.resolved()
+    presented = steps * resolved.prompts_per_step
+    prompts_in_file = setup.get("filtered_prompts", 0) if spec.data == "filtered" else setup["train_rows"]
+    # each prompt once per pass over the data: all of them once a pass is complete
+    return dict(sequences=presented * resolved.group_size, distinct_prompts=min(presented, prompts_in_file))
+
+
 def run_one(
     spec: Spec,
     seed: int,
@@ -356,10 +366,6 @@ def run_one(
     final, steps, val = train_curve(cfg, points, score, budget.steps if adaptive else None, budget.rise)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     grads = [m["grad_norm"] for m in metrics]
-    resolved = cfg.resolved()  # the method's preset: its group size
-    per_step = resolved.prompts_per_step * resolved.group_size
-    presented = steps * resolved.prompts_per_step
-    prompts_in_file = setup.get("filtered_prompts", 0) if spec.data == "filtered" else setup["train_rows"]
     row = dict(
         name=spec.name,
         family=spec.family,
@@ -369,9 +375,7 @@ def run_one(
         steps=steps,
         rectified=st.mean(m["dcr/rectified_frac"] for m in metrics),
         grad_cv=st.pstdev(grads) / max(st.mean(grads), 1e-12),
-        sequences=steps * per_step,
-        # each prompt once per pass over the data: all of them once a pass is complete
-        distinct_prompts=min(presented, prompts_in_file),
+        **data_seen(cfg, spec, setup, steps),
     )
     selfs = [m["reward/self_mean"] for m in metrics if "reward/self_mean" in m]
     if selfs:
