@@ -211,7 +211,9 @@ def equal_exposure(agg) -> list:
     step = round(gft["steps"][0])
     at = f"{EXPOSURE} at step {step}"
     verdict = compare({"GFT": gft, at: {"id": exp["curve"][step]}}, "GFT", at, "id")
-    seen = f"GFT and {at}: {gft['distinct_prompts'][0]:.0f} distinct prompts, {gft['sequences'][0] / 8:.0f} expert sequences"
+    # one demonstration per prompt: SFT at GFT's exposure's sequences per step are GFT's expert sequences
+    expert = exp["sequences"][0] / exp["steps"][0] * step
+    seen = f"GFT and {at}: {gft['distinct_prompts'][0]:.0f} distinct prompts, {expert:.0f} expert sequences"
     if "SFT" in agg and "distinct_prompts" in agg["SFT"]:
         sft = agg["SFT"]
         seen += f"; SFT {sft['distinct_prompts'][0]:.0f} prompts in {sft['sequences'][0]:.0f} sequences"
